@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make run` (the main job) and `make test`. Both create .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Hermetic runs: no hub downloads, Prefect state in a temporary folder, no telemetry.
+export HF_HUB_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+
+.PHONY: venv run test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The main job. Until the curation pipeline lands, it is the paper's synthetic benchmark (table, CSV, plot).
+run: $(STAMP)
+	PREFECT_HOME=$$(mktemp -d) $(BIN)/skmm bench synthetic --out bench/out/synthetic
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	PREFECT_HOME=$$(mktemp -d) $(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/moment_matching_step.py
+	$(BIN)/python bench/skmm_end_to_end.py
+	$(BIN)/python bench/sketch_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache bench/out

@@ -1,0 +1,1 @@
+"""Prefect flows chaining the tasks, and the ``skmm`` command line."""

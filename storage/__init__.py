@@ -1,0 +1,1 @@
+"""Artifact store (fsspec), Parquet datasets with content-hash sample ids, and the DuckDB lineage index."""

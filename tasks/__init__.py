@@ -1,0 +1,1 @@
+"""Prefect tasks: thin, cached wrappers over skmm/ and storage/ (the curation pipeline's stages)."""
