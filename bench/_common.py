@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import platform
 import resource
@@ -13,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-OUT = pathlib.Path(__file__).resolve().parent / "out"
+OUT = pathlib.Path(os.environ.get("SKMM_BENCH_OUT", pathlib.Path(__file__).resolve().parent / "out"))
 
 
 def best_of(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
