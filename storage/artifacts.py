@@ -1,0 +1,353 @@
+"""Content-addressed, immutable artifacts on any fsspec filesystem (local folder by default, s3://, memory://).
+
+An artifact is identified by a small :class:`ArtifactRef` — (uri, sha256, size, kind) — which is all that
+tasks pass around. Objects live at ``<root>/objects/<kind>/<sha256><suffix>``:
+
+- **writes** are staged (a temporary file beside the target on a local disk, a local temporary file for
+  remote stores), hashed while written, then published in one step (``os.replace`` locally, a single PUT or
+  completed multipart upload on S3), so a reader never sees a partial object and a killed writer leaves none;
+- **nothing is overwritten**: publishing bytes that already exist is a no-op (same address, same content);
+- **reads verify** the sha256 and size and fail loudly, naming the artifact, on mismatch or absence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pathlib
+import re
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from storage.errors import (
+    ArtifactCorruptedError,
+    ArtifactNotFoundError,
+    MalformedRecordError,
+    StorageError,
+    StoreUnavailableError,
+    redact,
+)
+
+__all__ = ["ArtifactRef", "ArtifactStore", "sha256_bytes", "sha256_file"]
+
+_KIND = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_SUFFIX = re.compile(r"^(\.[A-Za-z0-9]{1,16}){0,2}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 4 * 2**20
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
+    """(sha256 hex, size) of a local file, read in 4 MiB chunks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """What tasks exchange instead of data: where the object is, what it hashes to, its size and kind."""
+
+    uri: str
+    sha256: str
+    size: int
+    kind: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ArtifactRef:
+        """Parse and validate a ref (e.g. from a lineage record); raises MalformedRecordError."""
+        if not isinstance(data, dict) or set(data) != {"uri", "sha256", "size", "kind"}:
+            raise MalformedRecordError(f"an artifact ref needs exactly uri, sha256, size, kind; got {data!r:.200}")
+        uri, sha, size, kind = data["uri"], data["sha256"], data["size"], data["kind"]
+        if not isinstance(uri, str) or not uri:
+            raise MalformedRecordError(f"artifact ref has a bad uri: {uri!r:.200}")
+        if not isinstance(sha, str) or not _SHA.match(sha):
+            raise MalformedRecordError(f"artifact ref {uri} has a bad sha256: {sha!r:.80}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise MalformedRecordError(f"artifact ref {uri} has a bad size: {size!r:.40}")
+        if not isinstance(kind, str) or not _KIND.match(kind):
+            raise MalformedRecordError(f"artifact ref {uri} has a bad kind: {kind!r:.80}")
+        return cls(uri, sha, size, kind)
+
+
+def _translate(exc: BaseException, what: str) -> StorageError:
+    """Map filesystem/botocore errors to our one-line errors."""
+    if isinstance(exc, StorageError):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
+        return StoreUnavailableError(f"bucket does not exist for {what}")
+    if isinstance(exc, FileNotFoundError):
+        return ArtifactNotFoundError(f"not found: {what}")
+    if isinstance(exc, PermissionError):
+        return StoreUnavailableError(f"access denied to {what}")
+    lowered = text.lower()
+    if any(s in lowered for s in ("connect", "timeout", "timed out", "endpoint", "name or service")):
+        return StoreUnavailableError(f"cannot reach the store for {what} ({type(exc).__name__})")
+    if "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+        return StoreUnavailableError(f"bucket does not exist for {what}")
+    return StorageError(f"storage error on {what}: {type(exc).__name__}")
+
+
+class ArtifactStore:
+    """A content-addressed artifact store rooted at an fsspec URL.
+
+    ``url``: a local path or ``file://`` URL (default ``./skmm-store``), ``s3://bucket/prefix``,
+    ``memory://name``, or anything fsspec speaks; ``storage_options`` go to the filesystem (e.g.
+    ``endpoint_url``, ``key``, ``secret`` for S3) and are never logged.
+    """
+
+    def __init__(self, url: str | os.PathLike = "./skmm-store", storage_options: dict[str, Any] | None = None):
+        text = os.fspath(url)
+        if "://" not in text or text.startswith("file://"):
+            local = text[len("file://"):] if text.startswith("file://") else text
+            text = "file://" + str(pathlib.Path(local).expanduser().resolve())
+        self.url = text.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        except (ImportError, ValueError) as exc:
+            raise StoreUnavailableError(f"cannot open store {self.url}: {exc}") from None
+        self.root = self.root.rstrip("/")
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._scheme = self.url.split("://", 1)[0]
+
+    # ------------------------------------------------------------------ addressing
+    def __repr__(self) -> str:
+        return f"ArtifactStore({redact(self.url)!r})"
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def uri(self, rel: str) -> str:
+        """The full URL of a path relative to the store root."""
+        return f"{self._scheme}://{self._path(rel)}" if self._scheme != "file" else f"file://{self._path(rel)}"
+
+    def _rel_from_uri(self, uri: str) -> str:
+        prefix = self.uri("")
+        if not uri.startswith(prefix):
+            raise ArtifactNotFoundError(f"artifact {uri} is not in store {self.url}")
+        return uri[len(prefix):]
+
+    @staticmethod
+    def _check_kind(kind: str, suffix: str) -> None:
+        if not isinstance(kind, str) or not _KIND.match(kind):
+            raise ValueError(f"artifact kind must match {_KIND.pattern}; got {kind!r}")
+        if not _SUFFIX.match(suffix):
+            raise ValueError(f"artifact suffix must look like '.parquet' or '.tar.gz'; got {suffix!r}")
+
+    # ------------------------------------------------------------------ writing
+    def check(self) -> None:
+        """Fail fast with StoreUnavailableError if the store cannot be reached (bucket missing, endpoint down)."""
+        try:
+            if self.is_local:
+                os.makedirs(self.root, exist_ok=True)
+            else:
+                self.fs.ls(self.root.split("/", 1)[0], detail=False)
+        except Exception as exc:
+            raise _translate(exc, self.url) from None
+
+    @contextlib.contextmanager
+    def writer(self, kind: str, suffix: str = "") -> Iterator[IO[bytes]]:
+        """Write an artifact through a file object; it is published when the block exits cleanly.
+
+        On any exception the staged bytes are deleted and nothing becomes visible. The ref is available as
+        ``handle.ref`` after the block.
+        """
+        self._check_kind(kind, suffix)
+        staging_dir = self._path("tmp") if self.is_local else None
+        if staging_dir:
+            os.makedirs(staging_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{uuid.uuid4().hex}-", dir=staging_dir)
+        handle = _HashingWriter(os.fdopen(fd, "wb"))
+        try:
+            yield handle
+            handle.close()
+            handle.ref = self._publish(tmp, handle.sha256, handle.size, kind, suffix)
+        finally:
+            handle.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def put_bytes(self, data: bytes, kind: str, suffix: str = "") -> ArtifactRef:
+        """Store ``data``; returns its ref (the same ref for the same bytes, kind and suffix)."""
+        with self.writer(kind, suffix) as fh:
+            fh.write(data)
+        return fh.ref
+
+    def put_file(self, path: str | os.PathLike, kind: str, suffix: str = "") -> ArtifactRef:
+        """Store a local file's bytes (streamed, never loaded whole)."""
+        with self.writer(kind, suffix) as out, open(path, "rb") as src:
+            while chunk := src.read(_CHUNK):
+                out.write(chunk)
+        return out.ref
+
+    def _publish(self, tmp: str, sha: str, size: int, kind: str, suffix: str) -> ArtifactRef:
+        rel = f"objects/{kind}/{sha}{suffix}"
+        ref = ArtifactRef(self.uri(rel), sha, size, kind)
+        target = self._path(rel)
+        try:
+            if self.fs.exists(target):
+                existing = self.fs.size(target)
+                if existing != size:
+                    raise ArtifactCorruptedError(f"artifact {ref.uri} exists with size {existing}, expected {size}; "
+                                                 "refusing to overwrite it")
+                return ref  # same address, same bytes: immutable, nothing to do
+            if self.is_local:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, target)  # atomic on one filesystem
+            else:
+                self.fs.put_file(tmp, target)  # one PUT (or one completed multipart upload): atomic on S3
+                self.fs.invalidate_cache(os.path.dirname(target))
+        except Exception as exc:
+            raise _translate(exc, ref.uri) from None
+        return ref
+
+    def put_immutable(self, rel: str, data: bytes) -> str:
+        """Write ``data`` at a fixed relative path that must not exist yet (e.g. a lineage event); return its URI."""
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise ValueError(f"bad relative path {rel!r}")
+        target = self._path(rel)
+        uri = self.uri(rel)
+        try:
+            if self.fs.exists(target):
+                raise StorageError(f"refusing to overwrite {uri}")
+            if self.is_local:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(target))
+                try:
+                    with os.fdopen(fd, "wb") as fh:
+                        fh.write(data)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    os.link(tmp, target)  # fails if target appeared meanwhile: never overwrites
+                finally:
+                    os.unlink(tmp)
+            else:
+                self.fs.pipe_file(target, data)
+        except FileExistsError:
+            raise StorageError(f"refusing to overwrite {uri}") from None
+        except Exception as exc:
+            raise _translate(exc, uri) from None
+        return uri
+
+    # ------------------------------------------------------------------ reading
+    def get_bytes(self, ref: ArtifactRef) -> bytes:
+        """The artifact's bytes, verified against its sha256 and size."""
+        try:
+            data = self.fs.cat_file(self._path(self._rel_from_uri(ref.uri)))
+        except Exception as exc:
+            raise _translate(exc, f"artifact {ref.uri}") from None
+        self._verify(ref, hashlib.sha256(data).hexdigest(), len(data))
+        return data
+
+    @contextlib.contextmanager
+    def local_path(self, ref: ArtifactRef) -> Iterator[pathlib.Path]:
+        """A verified local file holding the artifact (the object itself on a local store, else a temp copy)."""
+        target = self._path(self._rel_from_uri(ref.uri))
+        if self.is_local:
+            if not os.path.exists(target):
+                raise ArtifactNotFoundError(f"not found: artifact {ref.uri}")
+            self._verify(ref, *sha256_file(target))
+            yield pathlib.Path(target)
+            return
+        with tempfile.TemporaryDirectory(prefix="skmm-artifact-") as tmpdir:
+            local = os.path.join(tmpdir, os.path.basename(target))
+            try:
+                self.fs.get_file(target, local)
+            except Exception as exc:
+                raise _translate(exc, f"artifact {ref.uri}") from None
+            self._verify(ref, *sha256_file(local))
+            yield pathlib.Path(local)
+
+    def verify(self, ref: ArtifactRef) -> None:
+        """Raise unless the artifact exists and hashes to its ref."""
+        with self.local_path(ref):
+            pass
+
+    def exists(self, ref: ArtifactRef) -> bool:
+        try:
+            return bool(self.fs.exists(self._path(self._rel_from_uri(ref.uri))))
+        except ArtifactNotFoundError:
+            return False
+        except Exception as exc:
+            raise _translate(exc, f"artifact {ref.uri}") from None
+
+    def list_paths(self, rel_prefix: str, pattern: str = "**") -> list[str]:
+        """Relative paths under ``rel_prefix`` (fresh listing: caches are invalidated first)."""
+        try:
+            self.fs.invalidate_cache()
+            base = self._path(rel_prefix.rstrip("/"))
+            if not self.fs.exists(base):
+                return []
+            found = self.fs.glob(f"{base}/{pattern}")
+        except Exception as exc:
+            raise _translate(exc, self.uri(rel_prefix)) from None
+        start = len(self.root) + 1
+        return sorted(p[start:] for p in found if not os.path.basename(p).startswith(".")
+                      and not self.fs.isdir(p))
+
+    def read_rel(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self._path(rel))
+        except Exception as exc:
+            raise _translate(exc, self.uri(rel)) from None
+
+    @staticmethod
+    def _verify(ref: ArtifactRef, sha: str, size: int) -> None:
+        if size != ref.size or sha != ref.sha256:
+            raise ArtifactCorruptedError(f"artifact {ref.uri} is corrupted: expected sha256 {ref.sha256[:12]}… "
+                                         f"({ref.size} bytes), found {sha[:12]}… ({size} bytes)")
+
+
+class _HashingWriter:
+    """A write-only binary file that hashes what passes through it."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._fh = fh
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.ref: ArtifactRef | None = None
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        return self._fh.write(data)
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._fh.closed
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()

@@ -1,0 +1,45 @@
+"""Storage errors: one line that names the artifact or URL (credentials redacted), never a traceback soup."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "ArtifactCorruptedError",
+    "ArtifactNotFoundError",
+    "MalformedRecordError",
+    "StorageError",
+    "StoreUnavailableError",
+    "redact",
+]
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:x-amz-[a-z-]*|signature|sig|token|secret|password|key|access_key)=)[^&\s]*")
+
+
+def redact(text: str) -> str:
+    """Remove credentials from URLs in ``text``: user:secret@ and secret-looking query parameters."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\g<scheme>***@", str(text)))
+
+
+class StorageError(Exception):
+    """Base class; the message is already redacted."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
+
+
+class ArtifactNotFoundError(StorageError):
+    """The artifact's object does not exist in the store."""
+
+
+class ArtifactCorruptedError(StorageError):
+    """The object exists but its bytes do not hash to the ref's sha256 (or its size differs)."""
+
+
+class StoreUnavailableError(StorageError):
+    """The store cannot be reached: missing bucket, unreachable endpoint, refused credentials."""
+
+
+class MalformedRecordError(StorageError):
+    """A ref, lineage record or manifest does not have the expected shape."""

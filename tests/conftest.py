@@ -1,0 +1,59 @@
+"""Shared fixtures: a real S3 protocol server (moto, on a free loopback port) and stores on local disk and S3.
+
+Tests that take ``store`` run once against each backend with the same body.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from helpers import free_port, s3_options
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Dummy credentials for moto only; nothing here reaches a real cloud.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (or an endpoint given by SKMM_TEST_S3_ENDPOINT, e.g. from .ci/run)."""
+    given = os.environ.get("SKMM_TEST_S3_ENDPOINT")
+    if given:
+        yield given
+        return
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket on the S3 server; returns (bucket name, storage options)."""
+    import boto3
+
+    name = f"skmm-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=name)
+    return name, s3_options(s3_endpoint)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """An ArtifactStore on a temporary folder, then on a fresh S3 bucket: same test body for both."""
+    from storage.artifacts import ArtifactStore
+
+    if request.param == "local":
+        return ArtifactStore(tmp_path / "store")
+    name, options = request.getfixturevalue("s3_bucket")
+    return ArtifactStore(f"s3://{name}/store", storage_options=options)
