@@ -155,16 +155,18 @@ def write_report(result: dict[str, Any], out_dir: str | pathlib.Path) -> dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for method in methods:
         pts = [s for s in summary if s["method"] == method]
         ns = [s["n"] for s in pts]
-        ax.errorbar(ns, [s["mean"] for s in pts], yerr=[s["std"] for s in pts], label=method, marker="o",
-                    capsize=2, linewidth=1)
+        means = np.array([s["mean"] for s in pts])
+        stds = np.array([s["std"] for s in pts])
+        lower = np.minimum(stds, 0.9 * means)  # a log axis cannot show mean − std <= 0
+        ax.errorbar(ns, means, yerr=[lower, stds], label=method, marker="o", capsize=2, linewidth=1)
     ax.axhline(result["full_data_risk"], color="k", linestyle=":", label="full data")
     ax.set(xscale="log", yscale="log", xlabel="budget n", ylabel="risk L_D(θ_S)",
            title=f"Synthetic GMM (N={result['config']['n_samples']}, r={result['config']['dim']})")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     tmp = paths["plot"].with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)

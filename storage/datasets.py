@@ -1,0 +1,500 @@
+"""Datasets as sorted Parquet shards keyed by content-hash sample ids, and vector tables keyed the same way.
+
+Why content hashes: a positional index ("row 17") changes meaning when a pool is re-listed, re-shuffled or
+re-sharded, and a digest over the first N rows misses edits further down. Here
+
+- a **sample id** is the sha256 of the sample's canonical bytes (:func:`sample_id`), so the same image or
+  embedding row has the same id wherever it came from;
+- a **dataset version** is the sha256 over *every* row's (sample_id, label, split), sorted by sample id
+  (:func:`dataset_version`), so it ignores input order and sharding and changes when any label or split does;
+- a dataset on the store is a set of Parquet shards (kind ``"samples"``) plus a small JSON manifest (kind
+  ``"dataset"``); tasks pass the tiny :class:`DatasetRef` (manifest ref + version + row count);
+- embeddings and sketches are Parquet tables of (sample_id, vector) whose producer (model + weights tag, or a
+  ``SketchSpec.to_dict()``) travels in the file's schema metadata and in the :class:`VectorTableRef`, so tables
+  from different producers are never silently mixed (:func:`combine_vectors`).
+
+Everything read back is verified against its sha256 by :class:`~storage.artifacts.ArtifactStore`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.errors import MalformedRecordError
+
+__all__ = [
+    "SAMPLE_SCHEMA",
+    "SCHEMA_VERSION",
+    "SPLITS",
+    "DatasetManifest",
+    "DatasetRef",
+    "VectorTableRef",
+    "combine_vectors",
+    "dataset_version",
+    "load_manifest",
+    "producer_digest",
+    "read_samples",
+    "read_vectors",
+    "sample_id",
+    "vector_sample_id",
+    "write_samples",
+    "write_vectors",
+]
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+VECTOR_KINDS = ("embeddings", "sketch")
+DEFAULT_SHARD_ROWS = 65_536
+_VERSION_HEADER = b"skmm-dataset-version/1\n"
+_PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3}  # pinned: same rows → same bytes
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+#: The sample table. ``label`` is a *string* (class names and integer classes alike; integers are stored in
+#: decimal, so ``3`` and ``"3"`` are the same label) and is null for unlabelled pools; ``split`` is one of
+#: :data:`SPLITS` or null; ``data`` holds the sample's canonical bytes, or null when the sample is only
+#: referenced by ``source_uri``.
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("data", pa.binary()),
+    ],
+    metadata={"skmm.table": "samples", "skmm.schema_version": str(SCHEMA_VERSION)},
+)
+
+
+# ---------------------------------------------------------------------------------------------- identities
+def sample_id(data: bytes) -> str:
+    """The sample's id: sha256 hex of its canonical bytes.
+
+    For an image, the canonical bytes are the file's raw bytes as stored (not decoded pixels: re-encoding makes
+    a new sample). For an embedding row, they are the float32 little-endian bytes of the vector — see
+    :func:`vector_sample_id`.
+    """
+    return hashlib.sha256(bytes(data)).hexdigest()
+
+
+def vector_sample_id(vector: Any) -> str:
+    """The id of a sample that *is* a vector: sha256 of its float32 little-endian bytes (1-D, C order)."""
+    arr = np.ascontiguousarray(np.asarray(vector, dtype="<f4").reshape(-1))
+    return sample_id(arr.tobytes())
+
+
+def dataset_version(rows: Iterable[tuple[str, str | None, str | None]]) -> str:
+    """sha256 over every (sample_id, label, split), sorted by sample id.
+
+    Canonical encoding: the header ``b"skmm-dataset-version/1\\n"``, then one line per row, in ascending
+    sample-id order, ``json.dumps([sample_id, label, split], separators=(",", ":"), ensure_ascii=True)``
+    followed by ``\\n`` (null for a missing label or split). JSON quoting makes the encoding unambiguous (a label
+    containing a comma or newline cannot imitate another row). Source URIs and bytes are *not* part of the
+    version: the same samples fetched from a mirror are the same dataset.
+    """
+    h = hashlib.sha256(_VERSION_HEADER)
+    for row in sorted(rows, key=lambda r: r[0]):
+        h.update(json.dumps(list(row), separators=(",", ":"), ensure_ascii=True).encode("ascii"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def producer_digest(producer: Mapping[str, Any]) -> str:
+    """sha256 of the producer's canonical JSON (sorted keys, no whitespace, ASCII).
+
+    The same encoding as ``SketchSpec.to_json``, so ``producer_digest(spec.to_dict()) == spec.digest``.
+    """
+    return hashlib.sha256(_canonical_json(producer).encode("ascii")).hexdigest()
+
+
+def _canonical_json(obj: Any) -> str:
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"producer must be plain JSON (dicts, lists, str, finite numbers): {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------- refs
+def _want(cond: bool, message: str) -> None:
+    if not cond:
+        raise MalformedRecordError(message)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_sha(value: Any) -> bool:
+    return isinstance(value, str) and bool(_SHA.match(value))
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One Parquet shard of a dataset: its artifact and row count."""
+
+    artifact: ArtifactRef
+    num_rows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"artifact": self.artifact.to_dict(), "num_rows": self.num_rows}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ShardRef:
+        _want(isinstance(data, dict) and set(data) == {"artifact", "num_rows"},
+              f"a shard entry needs exactly artifact, num_rows; got {data!r:.200}")
+        _want(_is_count(data["num_rows"]) and data["num_rows"] > 0, f"shard has a bad num_rows: {data!r:.200}")
+        return cls(ArtifactRef.from_dict(data["artifact"]), data["num_rows"])
+
+
+@dataclass(frozen=True)
+class DatasetManifest:
+    """The manifest artifact's content: shards in sample-id order, total rows, version, schema version."""
+
+    version: str
+    num_rows: int
+    shards: tuple[ShardRef, ...]
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "skmm.dataset", "schema_version": self.schema_version, "version": self.version,
+                "num_rows": self.num_rows, "shards": [s.to_dict() for s in self.shards]}
+
+    def to_json(self) -> bytes:
+        """Canonical bytes (sorted keys, no whitespace): equal manifests are equal artifacts."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode("ascii")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DatasetManifest:
+        """Parse and validate; raises MalformedRecordError (also when the shard rows do not add up)."""
+        keys = {"format", "schema_version", "version", "num_rows", "shards"}
+        _want(isinstance(data, dict) and set(data) == keys,
+              f"a dataset manifest needs exactly {sorted(keys)}; got {data!r:.200}")
+        _want(data["format"] == "skmm.dataset", f"not a dataset manifest: format {data['format']!r:.80}")
+        _want(data["schema_version"] == SCHEMA_VERSION and not isinstance(data["schema_version"], bool),
+              f"unsupported dataset schema version {data['schema_version']!r:.40} (this code reads {SCHEMA_VERSION})")
+        _want(_is_sha(data["version"]), f"dataset manifest has a bad version: {data['version']!r:.80}")
+        _want(_is_count(data["num_rows"]) and data["num_rows"] > 0,
+              f"dataset manifest has a bad num_rows: {data['num_rows']!r:.40}")
+        _want(isinstance(data["shards"], list) and data["shards"], "dataset manifest lists no shards")
+        shards = tuple(ShardRef.from_dict(s) for s in data["shards"])
+        total = sum(s.num_rows for s in shards)
+        _want(total == data["num_rows"], f"dataset manifest says {data['num_rows']} rows but its shards hold {total}")
+        return cls(data["version"], data["num_rows"], shards, data["schema_version"])
+
+    @classmethod
+    def from_json(cls, text: bytes | str) -> DatasetManifest:
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MalformedRecordError(f"dataset manifest is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """What tasks pass around for a dataset: the manifest's artifact ref, the dataset version, the row count."""
+
+    manifest: ArtifactRef
+    version: str
+    num_rows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"manifest": self.manifest.to_dict(), "version": self.version, "num_rows": self.num_rows}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DatasetRef:
+        _want(isinstance(data, dict) and set(data) == {"manifest", "version", "num_rows"},
+              f"a dataset ref needs exactly manifest, version, num_rows; got {data!r:.200}")
+        _want(_is_sha(data["version"]), f"dataset ref has a bad version: {data['version']!r:.80}")
+        _want(_is_count(data["num_rows"]) and data["num_rows"] > 0,
+              f"dataset ref has a bad num_rows: {data['num_rows']!r:.40}")
+        manifest = ArtifactRef.from_dict(data["manifest"])
+        _want(manifest.kind == "dataset", f"dataset ref points at a {manifest.kind!r} artifact, not a manifest")
+        return cls(manifest, data["version"], data["num_rows"])
+
+
+@dataclass(frozen=True)
+class VectorTableRef:
+    """A stored (sample_id, vector) table: its artifact, kind, producer spec and digest, shape."""
+
+    artifact: ArtifactRef
+    kind: str
+    producer: dict[str, Any] = field(hash=False)
+    producer_digest: str
+    num_rows: int
+    dim: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"artifact": self.artifact.to_dict(), "kind": self.kind, "producer": self.producer,
+                "producer_digest": self.producer_digest, "num_rows": self.num_rows, "dim": self.dim}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> VectorTableRef:
+        """Parse and validate (the digest must match the producer); raises MalformedRecordError."""
+        keys = {"artifact", "kind", "producer", "producer_digest", "num_rows", "dim"}
+        _want(isinstance(data, dict) and set(data) == keys, f"a vector table ref needs exactly {sorted(keys)}; "
+                                                             f"got {data!r:.200}")
+        _want(data["kind"] in VECTOR_KINDS, f"vector table ref has a bad kind: {data['kind']!r:.40}")
+        _want(isinstance(data["producer"], dict), f"vector table producer must be a dict: {data['producer']!r:.80}")
+        try:
+            digest = producer_digest(data["producer"])
+        except ValueError as exc:
+            raise MalformedRecordError(str(exc)) from None
+        _want(data["producer_digest"] == digest, f"vector table producer digest {data['producer_digest']!r:.80} "
+                                                 f"does not match its producer ({digest})")
+        _want(_is_count(data["num_rows"]) and data["num_rows"] > 0, f"bad num_rows: {data['num_rows']!r:.40}")
+        _want(_is_count(data["dim"]) and data["dim"] > 0, f"bad dim: {data['dim']!r:.40}")
+        artifact = ArtifactRef.from_dict(data["artifact"])
+        _want(artifact.kind == data["kind"], f"vector table ref kind {data['kind']} != artifact kind {artifact.kind}")
+        return cls(artifact, data["kind"], data["producer"], digest, data["num_rows"], data["dim"])
+
+
+# ---------------------------------------------------------------------------------------------- samples
+_COLUMNS = tuple(SAMPLE_SCHEMA.names)
+
+
+def _records_to_columns(table_or_records: pa.Table | Iterable[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Input as Python lists per column; ``sample_id`` may be omitted where ``data`` is given."""
+    if isinstance(table_or_records, pa.Table):
+        unknown = set(table_or_records.column_names) - set(_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown sample column(s) {sorted(unknown)}; expected {list(_COLUMNS)}")
+        n = table_or_records.num_rows
+        return {c: table_or_records.column(c).to_pylist() if c in table_or_records.column_names else [None] * n
+                for c in _COLUMNS}
+    cols: dict[str, list[Any]] = {c: [] for c in _COLUMNS}
+    for i, rec in enumerate(table_or_records):
+        if not isinstance(rec, Mapping):
+            raise ValueError(f"sample record {i} is a {type(rec).__name__}, not a mapping")
+        unknown = set(rec) - set(_COLUMNS)
+        if unknown:
+            raise ValueError(f"sample record {i} has unknown field(s) {sorted(unknown)}; expected {list(_COLUMNS)}")
+        for c in _COLUMNS:
+            cols[c].append(rec.get(c))
+    return cols
+
+
+def _normalise(cols: dict[str, list[Any]]) -> None:
+    """Fill and check ids, labels, splits and source URIs in place; raises ValueError naming the row."""
+    for i in range(len(cols["sample_id"])):
+        sid, data, label, split, uri = (cols[c][i] for c in ("sample_id", "data", "label", "split", "source_uri"))
+        if data is not None:
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise ValueError(f"sample row {i}: data must be bytes, got {type(data).__name__}")
+            data = cols["data"][i] = bytes(data)
+            if sid is None:
+                sid = cols["sample_id"][i] = sample_id(data)
+            elif sid != sample_id(data):
+                raise ValueError(f"sample row {i}: sample_id {sid} is not the sha256 of its data")
+        if not _is_sha(sid):
+            raise ValueError(f"sample row {i}: sample_id must be 64 lowercase hex digits (or give data); got {sid!r}")
+        if isinstance(label, numbers.Integral) and not isinstance(label, bool):
+            cols["label"][i] = str(int(label))
+        elif label is not None and not isinstance(label, str):
+            raise ValueError(f"sample {sid}: label must be a string, an integer or None; got {type(label).__name__}")
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"sample {sid}: split must be one of {SPLITS} or None; got {split!r}")
+        if not isinstance(uri, str) or not uri:
+            raise ValueError(f"sample {sid}: source_uri must be a non-empty string; got {uri!r}")
+
+
+def _deduplicate(cols: dict[str, list[Any]]) -> list[int]:
+    """Row indices to keep, sorted by sample id: exact duplicates collapse to their first occurrence.
+
+    Two rows with one id but a different label (or split) are an error, not a choice: keeping either would make
+    the dataset depend on input order, and a sample in two splits leaks between them.
+    """
+    first: dict[str, int] = {}
+    for i, sid in enumerate(cols["sample_id"]):
+        j = first.setdefault(sid, i)
+        if j == i:
+            continue
+        for col in ("label", "split"):
+            if cols[col][i] != cols[col][j]:
+                raise ValueError(f"sample {sid} appears twice with conflicting {col}s {cols[col][j]!r} "
+                                 f"({cols['source_uri'][j]}) and {cols[col][i]!r} ({cols['source_uri'][i]})")
+    return [first[sid] for sid in sorted(first)]
+
+
+def _parquet_bytes(table: pa.Table, row_group_size: int) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=row_group_size, **_PARQUET_OPTIONS)
+    return sink.getvalue().to_pybytes()
+
+
+def write_samples(store: ArtifactStore, table_or_records: pa.Table | Iterable[Mapping[str, Any]],
+                  shard_rows: int = DEFAULT_SHARD_ROWS) -> DatasetRef:
+    """Validate, deduplicate and sort samples, store them as Parquet shards plus a manifest; return the ref.
+
+    ``table_or_records``: a pyarrow Table or mappings with the columns of :data:`SAMPLE_SCHEMA`; ``sample_id``
+    may be omitted where ``data`` is given (and, where both are given, must be the data's sha256). Rows with the
+    same id collapse to the first one (its ``source_uri`` and ``data`` are kept); the same id with different
+    labels or splits raises ValueError naming the id. Rows are sorted by sample id and cut into shards of
+    ``shard_rows`` rows (one Parquet row group each; a shard is built in memory, so keep it small when rows
+    carry image bytes). The same samples in any order give the same shards, manifest and ref.
+    """
+    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows <= 0:
+        raise ValueError(f"shard_rows must be a positive integer; got {shard_rows!r}")
+    cols = _records_to_columns(table_or_records)
+    if not cols["sample_id"]:
+        raise ValueError("cannot write an empty dataset: no samples given")
+    _normalise(cols)
+    keep = _deduplicate(cols)
+    table = pa.table({c: [cols[c][i] for i in keep] for c in _COLUMNS}, schema=SAMPLE_SCHEMA)
+    version = dataset_version(zip(table["sample_id"].to_pylist(), table["label"].to_pylist(),
+                                  table["split"].to_pylist(), strict=True))
+    shards = []
+    for start in range(0, table.num_rows, shard_rows):
+        shard = table.slice(start, shard_rows)
+        ref = store.put_bytes(_parquet_bytes(shard, shard_rows), "samples", ".parquet")
+        shards.append(ShardRef(ref, shard.num_rows))
+    manifest = DatasetManifest(version, table.num_rows, tuple(shards))
+    return DatasetRef(store.put_bytes(manifest.to_json(), "dataset", ".json"), version, table.num_rows)
+
+
+def load_manifest(store: ArtifactStore, dataset_ref: DatasetRef) -> DatasetManifest:
+    """The verified manifest of ``dataset_ref``; MalformedRecordError if it disagrees with the ref."""
+    manifest = DatasetManifest.from_json(store.get_bytes(dataset_ref.manifest))
+    _want(manifest.version == dataset_ref.version and manifest.num_rows == dataset_ref.num_rows,
+          f"dataset manifest {dataset_ref.manifest.uri} (version {manifest.version[:12]}…, {manifest.num_rows} rows) "
+          f"does not match its ref (version {dataset_ref.version[:12]}…, {dataset_ref.num_rows} rows)")
+    return manifest
+
+
+def read_samples(store: ArtifactStore, dataset_ref: DatasetRef, columns: Sequence[str] | None = None) -> pa.Table:
+    """All rows of the dataset, in sample-id order, as one Table (optionally only ``columns``).
+
+    Every shard is verified against its sha256 first: a corrupted or missing shard raises
+    ArtifactCorruptedError / ArtifactNotFoundError naming it.
+    """
+    if columns is not None:
+        columns = list(columns)
+        unknown = set(columns) - set(_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown sample column(s) {sorted(unknown)}; expected some of {list(_COLUMNS)}")
+    schema = pa.schema([SAMPLE_SCHEMA.field(c) for c in (columns if columns is not None else _COLUMNS)],
+                       metadata=SAMPLE_SCHEMA.metadata)
+    parts = []
+    for shard in load_manifest(store, dataset_ref).shards:
+        part = pq.read_table(pa.BufferReader(store.get_bytes(shard.artifact)), columns=columns)
+        _want(part.num_rows == shard.num_rows and part.schema.equals(schema),
+              f"shard {shard.artifact.uri} does not hold {shard.num_rows} sample rows of the expected schema")
+        parts.append(part)
+    return pa.concat_tables(parts)
+
+
+# ---------------------------------------------------------------------------------------------- vectors
+def _check_ids(ids: Sequence[str], what: str) -> list[str]:
+    ids = list(ids)
+    bad = next((s for s in ids if not _is_sha(s)), None)
+    if bad is not None:
+        raise ValueError(f"{what}: sample ids must be 64 lowercase hex digits; got {bad!r:.80}")
+    return ids
+
+
+def write_vectors(store: ArtifactStore, sample_ids: Sequence[str], matrix: Any, producer: Mapping[str, Any],
+                  kind: Literal["embeddings", "sketch"] = "embeddings") -> VectorTableRef:
+    """Store an N×k matrix of per-sample vectors as a Parquet table (sample_id, vector: fixed_size_list<float32>).
+
+    ``producer`` says what made the vectors (e.g. ``{"model": "ViT-B-32", "pretrained": "openai"}`` or a
+    ``SketchSpec.to_dict()``); it is written into the Parquet schema metadata and the ref, with its digest
+    (:func:`producer_digest`). Rows are sorted by sample id, so the same vectors in any order give the same
+    artifact. Floating input is stored as float32; ids must be unique and the values finite.
+    """
+    if kind not in VECTOR_KINDS:
+        raise ValueError(f"vector table kind must be one of {VECTOR_KINDS}; got {kind!r}")
+    if not isinstance(producer, Mapping) or not producer:
+        raise ValueError("producer must be a non-empty dict describing what made the vectors")
+    producer = json.loads(_canonical_json(dict(producer)))  # a plain-JSON copy, exactly what is stored
+    digest = producer_digest(producer)
+    ids = _check_ids(sample_ids, "write_vectors")
+    mat = np.asarray(matrix)
+    if mat.ndim != 2 or not np.issubdtype(mat.dtype, np.floating):
+        raise ValueError(f"matrix must be a 2-D floating array; got shape {mat.shape} dtype {mat.dtype}")
+    n, k = mat.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"cannot write an empty vector table (shape {mat.shape})")
+    if n != len(ids):
+        raise ValueError(f"{len(ids)} sample ids for a matrix of {n} rows")
+    if len(set(ids)) != n:
+        dup = next(s for s in ids if ids.count(s) > 1)
+        raise ValueError(f"sample id {dup} appears more than once in write_vectors")
+    mat = mat.astype(np.float32, copy=False)
+    if not np.isfinite(mat).all():
+        row = int(np.flatnonzero(~np.isfinite(mat).all(axis=1))[0])
+        raise ValueError(f"vector for sample {ids[row]} has non-finite values")
+    order = np.argsort(np.asarray(ids), kind="stable")
+    flat = pa.array(np.ascontiguousarray(mat[order]).reshape(-1), type=pa.float32())
+    schema = pa.schema([pa.field("sample_id", pa.string(), nullable=False),
+                        pa.field("vector", pa.list_(pa.float32(), k), nullable=False)],
+                       metadata={"skmm.table": kind, "skmm.schema_version": str(SCHEMA_VERSION),
+                                 "skmm.producer": _canonical_json(producer), "skmm.producer_digest": digest})
+    table = pa.table([pa.array([ids[i] for i in order], pa.string()), pa.FixedSizeListArray.from_arrays(flat, k)],
+                     schema=schema)
+    ref = store.put_bytes(_parquet_bytes(table, DEFAULT_SHARD_ROWS), kind, ".parquet")
+    return VectorTableRef(ref, kind, producer, digest, n, k)
+
+
+def read_vectors(store: ArtifactStore, ref: VectorTableRef,
+                 sample_ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """(ids, float32 matrix) of a verified vector table: in stored (sample-id) order, or in the order of
+    ``sample_ids`` — ValueError naming the missing ids if some are not in the table."""
+    table = pq.read_table(pa.BufferReader(store.get_bytes(ref.artifact)))
+    meta = table.schema.metadata or {}
+    _want(meta.get(b"skmm.producer_digest", b"").decode() == ref.producer_digest and table.num_rows == ref.num_rows
+          and table.schema.names == ["sample_id", "vector"] and table.schema.field("vector").type.list_size == ref.dim,
+          f"vector table {ref.artifact.uri} does not match its ref (producer, rows or dim)")
+    ids = table["sample_id"].to_pylist()
+    vectors = table["vector"].combine_chunks()
+    mat = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), ref.dim)
+    if sample_ids is None:
+        return ids, mat
+    wanted = _check_ids(sample_ids, "read_vectors")
+    index = {s: i for i, s in enumerate(ids)}
+    missing = [s for s in wanted if s not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(wanted)} requested sample ids are not in vector table "
+                         f"{ref.artifact.uri}: {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}")
+    return wanted, mat[[index[s] for s in wanted]]
+
+
+def combine_vectors(store: ArtifactStore, refs: Sequence[VectorTableRef]) -> VectorTableRef:
+    """Concatenate vector tables (shards) of one producer into one stored table; return its ref.
+
+    Refuses, with a ValueError naming both digests, tables whose producers (or kinds, or dims) differ. A sample
+    present in several shards collapses if its vectors are identical and is an error otherwise.
+    """
+    refs = list(refs)
+    if not refs:
+        raise ValueError("combine_vectors needs at least one vector table")
+    head = refs[0]
+    for other in refs[1:]:
+        if other.producer_digest != head.producer_digest:
+            raise ValueError(f"refusing to combine vector tables of different producers: {head.artifact.uri} has "
+                             f"producer digest {head.producer_digest} and {other.artifact.uri} has "
+                             f"{other.producer_digest}")
+        if (other.kind, other.dim) != (head.kind, head.dim):
+            raise ValueError(f"refusing to combine a {head.kind} table of dim {head.dim} with a {other.kind} table "
+                             f"of dim {other.dim}")
+    if len(refs) == 1:
+        return head
+    seen: dict[str, np.ndarray] = {}
+    for ref in refs:
+        ids, mat = read_vectors(store, ref)
+        for sid, vec in zip(ids, mat, strict=True):
+            prev = seen.setdefault(sid, vec)
+            if prev is not vec and not np.array_equal(prev, vec):
+                raise ValueError(f"sample {sid} has different vectors in two tables of producer "
+                                 f"{head.producer_digest}")
+    ids = sorted(seen)
+    return write_vectors(store, ids, np.stack([seen[s] for s in ids]), head.producer, head.kind)  # type: ignore[arg-type]
