@@ -1,5 +1,7 @@
 """The ``skmm`` command line.
 
+    skmm curate [SOURCE] [--budgets 50,100,200] [--methods skmm_best,uniform] [--store ./skmm-store]
+    skmm lineage rebuild | samples-of-model | models-of-sample | provenance | diff | failed
     skmm bench synthetic [--seeds 8] [--budgets 48,64,...] [--out DIR]   the paper's synthetic table
 """
 
@@ -17,6 +19,15 @@ bench_app = typer.Typer(help="Benchmarks from the paper.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 
+def _register_lineage() -> None:
+    from flows.lineage_cli import lineage_app
+
+    app.add_typer(lineage_app, name="lineage")
+
+
+_register_lineage()
+
+
 def _int_list(text: str, name: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -25,6 +36,80 @@ def _int_list(text: str, name: str) -> list[int]:
     if not values or any(v <= 0 for v in values):
         raise typer.BadParameter(f"{name} must be positive integers; got {text!r}")
     return values
+
+
+def _source_config(source: str, embeddings: bool, image_size: int, seed: int) -> dict:
+    """digits | a folder of class subfolders | a manifest (.csv/.tsv/.parquet) | --embeddings table."""
+    if source == "digits":
+        return {"kind": "digits", "image_size": image_size, "seed": seed}
+    if embeddings:
+        return {"kind": "embeddings", "path": source, "seed": seed}
+    is_dir = "://" not in source and pathlib.Path(source).is_dir()
+    is_table = source.lower().endswith((".csv", ".tsv", ".parquet"))
+    if not is_dir and not is_table and "://" not in source and not pathlib.Path(source).exists():
+        raise typer.BadParameter(f"source {source!r} does not exist (expected 'digits', a folder or a manifest)")
+    return {"kind": "folder" if is_dir else "manifest", "path": source, "image_size": image_size, "seed": seed}
+
+
+@app.command("curate")
+def curate_cmd(
+    source: Annotated[str, typer.Argument(help="'digits' (bundled), an image folder with class subfolders, or a "
+                                               "manifest (.csv/.tsv/.parquet with path,label[,split]).")] = "digits",
+    budgets: Annotated[str, typer.Option(help="Comma-separated budgets n.")] = "50,100,200",
+    methods: Annotated[str, typer.Option(help="Comma-separated selection methods.")] = "skmm_best,uniform",
+    seeds: Annotated[str, typer.Option(help="Comma-separated selection seeds.")] = "0",
+    model: Annotated[str, typer.Option(help="open_clip model name.")] = "skmm-tiny-vit",
+    pretrained: Annotated[str | None, typer.Option(help="Pretrained tag, weights file, or local-dir:PATH "
+                                                        "(default: random init).")] = None,
+    init_seed: Annotated[int, typer.Option(min=0, help="Seed of a random-init tower.")] = 0,
+    image_size: Annotated[int, typer.Option(min=8, help="Render size for the digits source.")] = 32,
+    sketch_dim: Annotated[int, typer.Option(min=1, help="Sketch dimension m.")] = 64,
+    class_balanced: Annotated[bool, typer.Option(help="Spread budgets evenly over classes.")] = False,
+    embeddings: Annotated[bool, typer.Option(help="SOURCE is a Parquet table of precomputed embeddings.")] = False,
+    split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val/test split.")] = 0,
+    store: Annotated[str, typer.Option(help="Artifact store URL (local path, s3://bucket/prefix, ...).")] = (
+        "./skmm-store"),
+    endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (credentials from the environment).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
+) -> None:
+    """Select, finetune and evaluate on a pool: the whole curation flow, run under Prefect."""
+    import json
+
+    try:
+        from pydantic import ValidationError
+
+        from flows.curate import ModelConfig, SourceConfig, curate
+
+        src = SourceConfig(**_source_config(source, embeddings, image_size, split_seed))
+        mdl = ModelConfig(name=model, pretrained=pretrained, init_seed=init_seed)
+        result = curate(source=src, budgets=_int_list(budgets, "--budgets"),
+                        methods=[m.strip() for m in methods.split(",") if m.strip()],
+                        seeds=[int(x) for x in seeds.split(",") if x.strip()], model=mdl, sketch_dim=sketch_dim,
+                        class_balanced=class_balanced, store_url=store, endpoint_url=endpoint_url)
+    except (ValueError, ValidationError, FileNotFoundError) as exc:  # ValidationError is a ValueError too
+        first = str(exc).strip().splitlines()
+        typer.echo(f"error: {' '.join(first[:3]) if first else type(exc).__name__}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:  # storage errors and the like: one line, no traceback soup
+        from storage.errors import StorageError
+
+        if isinstance(exc, StorageError):
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        raise
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    typer.echo(result["report"]["markdown"])
+    typer.echo(f"\nrun id:      {result['run_id']}")
+    typer.echo(f"store:       {result['store']}")
+    typer.echo(f"report:      {result['report']['report']['uri']}")
+    typer.echo(f"plot:        {result['report']['plot']['uri']}")
+    for r in result["results"]:
+        typer.echo(f"{r['method']:>12} n={r['n']:<5} seed={r['seed']}  selection {r['selection']['uri']}")
+        typer.echo(f"{'':>12} {'':<15} model     {r['model']['uri']}")
+    if result["quarantined"]:
+        typer.echo(f"quarantined: {result['quarantined']} unreadable file(s) (see the ingest stage's lineage)")
 
 
 @bench_app.command("synthetic")

@@ -99,7 +99,7 @@ def _translate(exc: BaseException, what: str) -> StorageError:
         return StoreUnavailableError(f"access denied to {what}")
     lowered = text.lower()
     if any(s in lowered for s in ("connect", "timeout", "timed out", "endpoint", "name or service")):
-        return StoreUnavailableError(f"cannot reach the store for {what} ({type(exc).__name__})")
+        return StoreUnavailableError(f"cannot reach the store for {what} ({type(exc).__name__})", transient=True)
     if "nosuchbucket" in lowered or "bucket does not exist" in lowered:
         return StoreUnavailableError(f"bucket does not exist for {what}")
     return StorageError(f"storage error on {what}: {type(exc).__name__}")

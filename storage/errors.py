@@ -23,10 +23,11 @@ def redact(text: str) -> str:
 
 
 class StorageError(Exception):
-    """Base class; the message is already redacted."""
+    """Base class; the message is already redacted. ``transient`` marks errors worth retrying (I/O hiccups)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, transient: bool = False) -> None:
         super().__init__(redact(message))
+        self.transient = transient
 
 
 class ArtifactNotFoundError(StorageError):

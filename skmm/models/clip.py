@@ -1,0 +1,701 @@
+"""Image features from open_clip: the logic behind the pipeline's "embed" stage (no Prefect here).
+
+    spec = ClipSpec("ViT-B-32", pretrained="laion2b_s34b_b79k")          # a tag: needs network or a local cache
+    spec = ClipSpec("ViT-B-32", pretrained="/models/vit-b-32.safetensors")  # a local weights file
+    spec = ClipSpec("ViT-S-32", init_seed=0)                                 # random init, reproducible
+    X = embed_images(png_bytes_list, spec)                                   # (N, embed_dim) float32, unit rows
+
+A :class:`ClipSpec` names everything that determines the features; store ``spec.to_dict()`` (and ``digest``)
+next to every vector table. ``open_clip`` (~4 s to import) and ``torch`` are imported on first use only, so that
+flows can build and compare specs cheaply.
+
+Decisions:
+
+- **Never a 50-second retry loop.** A pretrained *tag* is first looked up in the local caches (Hugging Face hub
+  cache, ``~/.cache/clip``) without any network call. If it is not cached and ``HF_HUB_OFFLINE`` (or
+  ``TRANSFORMERS_OFFLINE``) is set, :func:`load_clip` raises at once. If it is not set, we do *not* flip the
+  variable (huggingface_hub reads it once, at import, so setting it inside a call would not work, and it would
+  change the process for everyone else); instead one TCP connection to the download host is tried with a 3 s
+  limit (skipped behind an ``HTTPS_PROXY``) and an unreachable host fails at once with the same clear error.
+  Downloads happen only when the host answers.
+- **Random init is reproducible and private**: the towers are built under ``torch.random.fork_rng`` with
+  ``torch.manual_seed(init_seed)``, so the caller's global RNG is left as it was.
+- Weights always load strictly; a mismatch names the first missing/unexpected/mis-shaped keys. Tags whose
+  weights were trained with QuickGELU (``openai``) get the matching activation, as open_clip's ``-quickgelu``
+  model names do (plain open_clip only warns and then computes different features).
+- Precision is ``"fp32"`` only, and means IEEE fp32 on CUDA too (TF32 is switched off for the duration of a
+  call and restored after), so features agree across batch sizes, row order and devices.
+- Images are decoded with Pillow and converted to RGB; EXIF orientation is *not* applied (as in open_clip's own
+  pipelines), so the bytes alone determine the features.
+- :func:`embed_images` keeps the last two loaded models in memory (keyed by spec, device and the weights file's
+  size and mtime), so embedding shard after shard does not rebuild the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import io
+import json
+import logging
+import os
+import pathlib
+import re
+import sys
+import threading
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = [
+    "CONFIGS_DIR",
+    "TINY_MODEL",
+    "ClipSpec",
+    "clear_model_cache",
+    "embed_images",
+    "embed_shards",
+    "load_clip",
+    "resolve_device",
+]
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+TINY_MODEL = "skmm-tiny-vit"
+PRECISIONS = ("fp32",)
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+# open_clip's preference order for the checkpoint inside a local-dir export.
+DIR_CHECKPOINTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                   "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.safetensors",
+                   "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+PROBE_TIMEOUT_S = 3.0
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+# --------------------------------------------------------------------------------------------------- the spec
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Everything that determines the image features: the embedding producer's identity.
+
+    ``model``: an open_clip model name (``open_clip.list_models()``) or ``"skmm-tiny-vit"`` (our registered tiny
+    config). ``pretrained``: ``None`` (random init seeded by ``init_seed``), a tag (``"laion2b_s34b_b79k"``,
+    ``"openai"``), a local weights file (``.safetensors``/``.bin``/``.pt``), or ``"local-dir:/dir"`` (an open_clip
+    export: ``open_clip_config.json`` + weights; its config defines the architecture and ``model`` must agree
+    with it when it is a registered name). ``ClipSpec("local-dir:/dir")`` is normalised to that form with
+    ``model="local-dir"``. ``init_seed`` matters only for random init. ``image_size`` is the square input size;
+    ``None`` is filled from the model's config when it can be read without importing open_clip, and a size that
+    differs from the model's own resizes the position embeddings (open_clip's ``force_image_size``).
+    ``weights_sha256`` (optional; see :meth:`with_weights_digest`) pins a local weights file by content: loading
+    checks it, and the digest then uses it instead of the path, so moving the file keeps the identity.
+    """
+
+    model: str
+    pretrained: str | None = None
+    init_seed: int = 0
+    image_size: int | None = None
+    precision: str = "fp32"
+    weights_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"ClipSpec model must be a non-empty open_clip model name; got {self.model!r}")
+        if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained.strip()):
+            raise ValueError(f"ClipSpec pretrained must be None or a non-empty string; got {self.pretrained!r}")
+        if self.model.startswith(LOCAL_DIR):
+            if self.pretrained is not None:
+                raise ValueError(f"ClipSpec: model {self.model!r} already names its weights; pretrained must be None")
+            object.__setattr__(self, "pretrained", self.model)
+            object.__setattr__(self, "model", "local-dir")
+        if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or self.init_seed < 0:
+            raise ValueError(f"ClipSpec init_seed must be a non-negative integer; got {self.init_seed!r}")
+        if self.image_size is not None and (
+            isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0
+        ):
+            raise ValueError(f"ClipSpec image_size must be None or a positive integer; got {self.image_size!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"ClipSpec precision must be one of {PRECISIONS}; got {self.precision!r}")
+        if self.weights_sha256 is not None:
+            if not isinstance(self.weights_sha256, str) or not _SHA256.fullmatch(self.weights_sha256):
+                raise ValueError(
+                    f"ClipSpec weights_sha256 must be 64 lowercase hex digits; got {self.weights_sha256!r}"
+                )
+            if _pretrained_kind(self.pretrained) not in ("file", "local-dir"):
+                raise ValueError("ClipSpec weights_sha256 applies only to a local weights file or a local-dir")
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", _native_image_size(self.model, self.pretrained))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (round-trips through :meth:`from_dict`)."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClipSpec:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
+        known = {"model", "pretrained", "init_seed", "image_size", "precision", "weights_sha256"}
+        extra = set(data) - known
+        if extra:
+            raise ValueError(f"unknown ClipSpec field(s): {sorted(extra)}")
+        return cls(**data)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of what determines the features: ``init_seed`` counts only for random init, and a pinned
+        ``weights_sha256`` stands in for the weights' path."""
+        ident = self.to_dict()
+        if self.pretrained is not None:
+            ident["init_seed"] = None
+        if self.weights_sha256 is not None:
+            ident["pretrained"] = f"sha256:{self.weights_sha256}"
+        del ident["weights_sha256"]
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def with_weights_digest(self) -> ClipSpec:
+        """A copy with ``weights_sha256`` set from the local weights file's bytes (reads the whole file)."""
+        kind = _pretrained_kind(self.pretrained)
+        if kind not in ("file", "local-dir"):
+            raise ValueError(
+                f"with_weights_digest needs a local weights file or local-dir; pretrained={self.pretrained!r}"
+            )
+        return replace(self, weights_sha256=_sha256_file(_local_weights_path(self)))
+
+
+def _pretrained_kind(pretrained: str | None) -> str:
+    """'random', 'local-dir', 'hf-hub', 'file' (looks like a path) or 'tag'."""
+    if pretrained is None:
+        return "random"
+    if pretrained.startswith(LOCAL_DIR):
+        return "local-dir"
+    if pretrained.startswith(HF_HUB):
+        return "hf-hub"
+    p = pretrained
+    if os.sep in p or "/" in p or p.startswith(("~", ".")) or p.lower().endswith(WEIGHT_SUFFIXES):
+        return "file"
+    return "tag"
+
+
+def _local_dir(pretrained: str) -> pathlib.Path:
+    return pathlib.Path(pretrained[len(LOCAL_DIR):]).expanduser()
+
+
+def _local_weights_path(spec: ClipSpec) -> pathlib.Path:
+    """The weights file a 'file' or 'local-dir' spec loads; ValueError when it does not exist."""
+    assert spec.pretrained is not None
+    if _pretrained_kind(spec.pretrained) == "local-dir":
+        directory = _local_dir(spec.pretrained)
+        if not directory.is_dir():
+            raise ValueError(f"local-dir weights directory not found: {directory}")
+        for name in DIR_CHECKPOINTS:
+            if (directory / name).is_file():
+                return directory / name
+        found = sorted(p for s in WEIGHT_SUFFIXES for p in directory.glob(f"*{s}"))
+        if not found:
+            raise ValueError(f"no weights file (*.safetensors, *.bin, *.pth) in local-dir {directory}")
+        return found[0]
+    path = pathlib.Path(spec.pretrained).expanduser()
+    if path.is_dir():
+        raise ValueError(
+            f"weights path {path} is a directory; for an open_clip export use pretrained='local-dir:{path}'"
+        )
+    if not path.is_file():
+        raise ValueError(f"weights file not found: {path}")
+    return path
+
+
+def _sha256_file(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _square(size: Any) -> int | None:
+    if isinstance(size, int):
+        return size
+    if isinstance(size, list | tuple) and len(size) == 2 and size[0] == size[1]:
+        return int(size[0])
+    return None
+
+
+def _native_image_size(model: str, pretrained: str | None) -> int | None:
+    """The model config's image size, read from JSON without importing open_clip; None if not found."""
+    try:
+        if pretrained is not None and pretrained.startswith(LOCAL_DIR):
+            cfg = json.loads((_local_dir(pretrained) / "open_clip_config.json").read_text())["model_cfg"]
+        elif "open_clip" in sys.modules:
+            _open_clip()  # make sure our configs are registered
+            cfg = sys.modules["open_clip"].get_model_config(model.replace("/", "-"))
+        else:
+            cfg = None
+            path = CONFIGS_DIR / f"{model}.json"
+            if not path.is_file():
+                import importlib.util
+
+                found = importlib.util.find_spec("open_clip")
+                roots = list(found.submodule_search_locations or []) if found else []
+                path = pathlib.Path(roots[0]) / "model_configs" / f"{model.replace('/', '-')}.json" if roots else path
+            if path.is_file():
+                cfg = json.loads(path.read_text())
+        return _square(cfg["vision_cfg"]["image_size"]) if cfg else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+_REGISTER_LOCK = threading.Lock()
+_REGISTERED = False
+
+
+def _open_clip():
+    """Import open_clip (lazily: ~4 s) and register our configs directory once."""
+    global _REGISTERED
+    import open_clip
+
+    if not _REGISTERED:
+        with _REGISTER_LOCK:
+            if not _REGISTERED:
+                open_clip.add_model_config(CONFIGS_DIR)
+                _REGISTERED = True
+    return open_clip
+
+
+def resolve_device(device: Any = None) -> torch.device:
+    """``None`` → CUDA when available, else CPU."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_model_name(open_clip, name: str) -> None:
+    if name.startswith(HF_HUB) or open_clip.get_model_config(name.replace("/", "-")) is not None:
+        return
+    names = open_clip.list_models()
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    examples = [n for n in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-S-32", TINY_MODEL) if n in names]
+    raise ValueError(
+        f"unknown open_clip model {name!r}; {hint}valid names include {', '.join(examples)} "
+        f"({len(names)} in open_clip.list_models())"
+    )
+
+
+def _hub_offline() -> bool:
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().upper()
+    if env in {"1", "ON", "YES", "TRUE"}:
+        return True
+    constants = sys.modules.get("huggingface_hub.constants")
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """One TCP connect (DNS included) bounded by ``timeout`` seconds; True behind an HTTPS proxy (not probed)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    import socket
+
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
+
+
+def _offline_error(spec: ClipSpec, why: str) -> ValueError:
+    return ValueError(
+        f"pretrained tag {spec.pretrained!r} for model {spec.model!r} is not in the local cache and {why}; "
+        "tags need network access or a local cache (download once where there is network, then set "
+        "HF_HUB_OFFLINE=1), or pass a local weights file: pretrained='/path/to/weights.safetensors' "
+        "or 'local-dir:/dir'"
+    )
+
+
+def _cached_tag_file(open_clip, tag_cfg: dict) -> str | None:
+    """The locally cached weights for a tag's config, found without any network call."""
+    if tag_cfg.get("file"):
+        return tag_cfg["file"] if os.path.isfile(tag_cfg["file"]) else None
+    if tag_cfg.get("hf_hub"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo, filename = os.path.split(tag_cfg["hf_hub"])
+            filename = filename or "open_clip_pytorch_model.bin"
+            candidates = [filename]
+            if filename == "open_clip_pytorch_model.bin":
+                candidates.insert(0, "open_clip_model.safetensors")
+            elif filename.endswith((".bin", ".pth")):
+                candidates.insert(0, filename[:-4] + ".safetensors")
+            for name in candidates:
+                hit = try_to_load_from_cache(repo_id=repo, filename=name)
+                if isinstance(hit, str) and os.path.isfile(hit):
+                    return hit
+    if tag_cfg.get("url"):
+        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(tag_cfg["url"]))
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _tag_weights(open_clip, spec: ClipSpec, tag_cfg: dict) -> str:
+    """A tag's weights file: from the cache, or downloaded when the network is there; fails fast otherwise."""
+    cached = _cached_tag_file(open_clip, tag_cfg)
+    if cached:
+        return cached
+    if _hub_offline():
+        raise _offline_error(spec, "HF_HUB_OFFLINE is set")
+    if tag_cfg.get("hf_hub"):
+        host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    else:
+        host = urllib.parse.urlparse(tag_cfg.get("url", "")).hostname
+    if not host or not _reachable(host):
+        raise _offline_error(spec, f"{host or 'the download host'} cannot be reached (no network?)")
+    try:
+        return open_clip.download_pretrained(tag_cfg)
+    except Exception as e:  # network errors come in many types
+        raise ValueError(f"could not download weights for tag {spec.pretrained!r} of {spec.model!r}: {e}") from e
+
+
+def _first(keys: Iterable[str], k: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:k]) + (f" (+{len(keys) - k} more)" if len(keys) > k else "")
+
+
+def _load_weights(open_clip, model, path: pathlib.Path, name: str) -> None:
+    """Strictly load ``path`` into ``model``; one-line ValueErrors for unreadable or mismatched weights."""
+    try:
+        open_clip.load_checkpoint(model, str(path), strict=True)
+        return
+    except Exception as e:
+        error = e
+    from open_clip.factory import load_state_dict
+
+    try:
+        state = load_state_dict(str(path))
+    except Exception as e:
+        raise ValueError(f"could not read weights at {path}: {type(e).__name__}: {e}") from e
+    own = model.state_dict()
+    parts = []
+    if missing := set(own) - set(state):
+        parts.append(f"missing keys {_first(missing)}")
+    if unexpected := set(state) - set(own):
+        parts.append(f"unexpected keys {_first(unexpected)}")
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(getattr(state[k], "shape", ())))
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model "
+                     f"{tuple(own[k].shape)}")
+    detail = "; ".join(parts) or str(error).strip().splitlines()[0]
+    raise ValueError(f"weights at {path} do not match model {name}: {detail}") from error
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip logs "No pretrained weights loaded" on the root logger even when we load the weights ourselves."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def load_clip(spec: ClipSpec, device: Any = None):
+    """Build the model ``spec`` names, in eval mode on ``device``; returns ``(model, preprocess)``.
+
+    ``preprocess`` is open_clip's evaluation transform (PIL image → CHW float tensor). Every user error (unknown
+    model, missing/unreadable/mismatched weights, a tag that cannot be fetched) is a one-line ValueError.
+    """
+    if not isinstance(spec, ClipSpec):
+        raise TypeError(f"load_clip expects a ClipSpec; got {type(spec).__name__}")
+    import torch
+
+    dev = resolve_device(device)
+    open_clip = _open_clip()
+    kind = _pretrained_kind(spec.pretrained)
+    kwargs: dict[str, Any] = {"precision": "fp32", "pretrained_image": False, "pretrained_text": False}
+    weights: pathlib.Path | None = None
+    arch = spec.model
+
+    if kind == "local-dir":
+        assert spec.pretrained is not None
+        directory = _local_dir(spec.pretrained)
+        config = directory / "open_clip_config.json"
+        if not config.is_file():
+            raise ValueError(f"local-dir {directory}: open_clip_config.json not found (is it an open_clip export?)")
+        try:
+            model_cfg = json.loads(config.read_text())["model_cfg"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"local-dir {directory}: open_clip_config.json has no valid 'model_cfg' ({e})") from e
+        registered = open_clip.get_model_config(spec.model) if spec.model != "local-dir" else None
+        if registered is not None and (registered.get("embed_dim"), registered.get("vision_cfg")) != (
+            model_cfg.get("embed_dim"), model_cfg.get("vision_cfg")
+        ):
+            raise ValueError(f"local-dir {directory} holds a different architecture than model {spec.model!r}")
+        weights = _local_weights_path(spec)
+        arch = f"{LOCAL_DIR}{directory}"
+        kwargs["load_weights"] = False  # we load (and diagnose) the weights ourselves
+    elif kind == "hf-hub":
+        _check_model_name(open_clip, spec.model)
+        if _hub_offline():
+            raise _offline_error(spec, "HF_HUB_OFFLINE is set")
+        if not _reachable(urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname):
+            raise _offline_error(spec, "huggingface.co cannot be reached (no network?)")
+        kwargs["pretrained"] = spec.pretrained
+    else:
+        _check_model_name(open_clip, spec.model)
+        if kind == "file":
+            weights = _local_weights_path(spec)
+        elif kind == "tag":
+            assert spec.pretrained is not None
+            tag_cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
+            if not tag_cfg and os.path.isfile(spec.pretrained):  # a bare file name in the working directory
+                tag_cfg, weights = {}, pathlib.Path(spec.pretrained)
+            elif not tag_cfg:
+                tags = open_clip.list_pretrained_tags_by_model(spec.model)
+                raise ValueError(
+                    f"pretrained {spec.pretrained!r} is neither a weights file nor a known tag for model "
+                    f"{spec.model!r} (tags: {', '.join(tags) if tags else 'none'})"
+                )
+            if weights is None:
+                weights = pathlib.Path(_tag_weights(open_clip, spec, tag_cfg))
+            for ours, theirs in (("image_mean", "mean"), ("image_std", "std"),
+                                 ("image_interpolation", "interpolation"), ("image_resize_mode", "resize_mode")):
+                if tag_cfg.get(theirs) is not None:
+                    kwargs[ours] = tag_cfg[theirs]
+            kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+
+    if spec.weights_sha256 is not None and weights is not None:
+        actual = _sha256_file(weights)
+        if actual != spec.weights_sha256:
+            raise ValueError(
+                f"weights at {weights} have sha256 {actual[:12]}…, the spec pins {spec.weights_sha256[:12]}…"
+            )
+    native = _native_size_of(open_clip, arch, kwargs)
+    if spec.image_size is not None and spec.image_size != native:
+        kwargs["force_image_size"] = spec.image_size
+
+    # Build on the CPU under a private, seeded RNG: reproducible towers, caller's RNG untouched.
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+        torch.manual_seed(spec.init_seed)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, device="cpu", **kwargs)
+        except (RuntimeError, FileNotFoundError, ImportError) as e:
+            raise ValueError(f"could not build open_clip model {spec.model!r}: {str(e).strip().splitlines()[0]}") from e
+    if weights is not None:
+        _load_weights(open_clip, model, weights, spec.model)
+    model = model.to(dev).eval()
+    return model, preprocess
+
+
+def _native_size_of(open_clip, arch: str, kwargs: dict) -> int | None:
+    if arch.startswith(LOCAL_DIR):
+        return _native_image_size("local-dir", arch)
+    if arch.startswith(HF_HUB):
+        return None
+    cfg = open_clip.get_model_config(arch.replace("/", "-"))
+    return _square(cfg["vision_cfg"].get("image_size")) if cfg else None
+
+
+# ------------------------------------------------------------------------------------------------ embedding
+
+_CACHE: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 2
+
+
+def clear_model_cache() -> None:
+    """Forget the models :func:`embed_images` keeps between calls."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _weights_stamp(spec: ClipSpec) -> tuple | None:
+    if _pretrained_kind(spec.pretrained) not in ("file", "local-dir"):
+        return None
+    try:
+        path = _local_weights_path(spec)
+        st = path.stat()
+        return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except (ValueError, OSError):
+        return None
+
+
+def _cached_model(spec: ClipSpec, device: torch.device):
+    key = (spec, str(device), _weights_stamp(spec))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    loaded = load_clip(spec, device)
+    with _CACHE_LOCK:
+        _CACHE[key] = loaded
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return loaded
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Use ``n`` intra-op threads for the block, then restore the previous count."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device) -> Iterator[None]:
+    """No TF32 on CUDA for the block (then restored): fp32 features that agree across batch sizes and devices."""
+    import torch
+
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def _decode(data: Any, index: int, preprocess):
+    from PIL import Image
+
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"image {index}: expected encoded image bytes, got {type(data).__name__}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = im.convert("RGB")
+    except Exception as e:  # Pillow raises many types for bad input
+        raise ValueError(f"image {index} could not be decoded ({len(data)} bytes): {type(e).__name__}: {e}") from e
+    return preprocess(rgb)
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _embed_dim(model, spec: ClipSpec, device: torch.device) -> int:
+    import torch
+
+    dim = getattr(getattr(model, "visual", None), "output_dim", None)
+    if isinstance(dim, int):
+        return dim
+    size = spec.image_size or 224
+    with torch.inference_mode():
+        return int(model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1])
+
+
+def embed_images(
+    images: Iterable[bytes],
+    spec: ClipSpec,
+    *,
+    batch_size: int = 64,
+    device: Any = None,
+    progress: bool = False,
+    normalize: bool = True,
+    num_threads: int | None = None,
+) -> np.ndarray:
+    """Embed encoded images (PNG/JPEG/… bytes) with ``spec``'s image tower: an (N, embed_dim) float32 array.
+
+    Images stream through in batches of ``batch_size`` (an iterator is never materialised), are decoded with
+    Pillow as RGB, preprocessed, and encoded under ``torch.inference_mode()``; rows are L2-normalised when
+    ``normalize``. Row i depends only on image i's bytes: batch size and order do not change it (to 1e-5).
+    ``device=None`` picks CUDA when available. ``num_threads`` sets torch's intra-op threads for this call only
+    (use 1 per worker when shards run in parallel processes). A bad image raises ValueError naming its index.
+    """
+    import torch
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    if num_threads is not None and (
+        isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads <= 0
+    ):
+        raise ValueError(f"num_threads must be None or a positive integer; got {num_threads!r}")
+    if isinstance(images, bytes | bytearray | memoryview):
+        raise TypeError("images must be an iterable of encoded images, not a single bytes object (wrap it in a list)")
+    dev = resolve_device(device)
+    model, preprocess = _cached_model(spec, dev)
+    total = len(images) if hasattr(images, "__len__") else None
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="img", desc=f"embed {spec.model}")
+    rows: list[np.ndarray] = []
+    index = 0
+    try:
+        with _torch_threads(num_threads), _ieee_fp32(dev), torch.inference_mode():
+            for batch in _batches(images, batch_size):
+                pixels = torch.stack([_decode(b, index + i, preprocess) for i, b in enumerate(batch)])
+                features = model.encode_image(pixels.to(dev, non_blocking=True)).float()
+                if normalize:
+                    features = torch.nn.functional.normalize(features, dim=-1)
+                rows.append(features.cpu().numpy())
+                index += len(batch)
+                if bar is not None:
+                    bar.update(len(batch))
+            if not rows:
+                return np.zeros((0, _embed_dim(model, spec, dev)), dtype=np.float32)
+    finally:
+        if bar is not None:
+            bar.close()
+    return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
+
+
+def embed_shards(shards: Iterable[Iterable[bytes]], spec: ClipSpec, **kwargs: Any) -> list[np.ndarray]:
+    """Embed each shard independently (one array per shard, same options as :func:`embed_images`).
+
+    Shards share nothing but the cached model, so they can equally be sent to parallel workers one by one; the
+    rows do not depend on how the images were split.
+    """
+    return [embed_images(shard, spec, **kwargs) for shard in shards]

@@ -1,0 +1,125 @@
+"""The curation flow end to end with real components: Prefect (test server), the tiny open_clip tower,
+scikit-learn's digits, the local store and moto's S3, and the DuckDB lineage index."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.curate import ModelConfig, SourceConfig, curate
+from storage.index import LineageIndex
+from tasks.store import open_store, store_spec
+
+FAST = {"budgets": [20], "methods": ["skmm_best", "uniform"], "seeds": [0], "sketch_dim": 16}
+
+
+def task_states(flow_state) -> dict[str, list[str]]:
+    """Task name → state names of one flow run's task runs."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    out: dict[str, list[str]] = {}
+    for tr in runs:
+        out.setdefault(tr.name.rsplit("-", 1)[0], []).append(tr.state.name)  # run name = "<task name>-<3 hex>"
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def state_names(flow_state) -> list[str]:
+    return sorted(s for names in task_states(flow_state).values() for s in names)
+
+
+def object_mtimes(store_dir: pathlib.Path) -> dict[str, float]:
+    objects = store_dir / "objects"
+    return {str(p.relative_to(objects)): p.stat().st_mtime_ns for p in objects.rglob("*") if p.is_file()}
+
+
+def test_curate_digits_local_cache_and_audit(prefect_server, tmp_path):
+    store_dir = tmp_path / "store"
+    args = {**FAST, "store_url": str(store_dir)}
+    first = curate(**args, return_state=True)
+    result = first.result()
+    assert {r["method"] for r in result["results"]} == {"skmm_best", "uniform"}
+    for r in result["results"]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["n_test"] > 100
+    before = object_mtimes(store_dir)
+
+    # Rerun: every stage is a cache hit, no artifact rewritten.
+    second = curate(**args, return_state=True)
+    names = state_names(second)
+    assert names and set(names) == {"Cached"}, task_states(second)
+    assert object_mtimes(store_dir) == before
+
+    # Only the budget changes: ingest/embed/sketch hit, select/finetune/evaluate run.
+    third = curate(**{**args, "budgets": [30]}, return_state=True)
+    states = task_states(third)
+    for stage in ("ingest", "embed", "gradients-sketch"):
+        assert states[stage] == ["Cached"], (stage, states)
+    for stage in ("select", "finetune-linear-probe", "evaluate"):
+        assert all(s == "Completed" for s in states[stage]), (stage, states)
+
+    # Audit: the model's training samples are exactly its selection's ids.
+    st = open_store(store_spec(store_dir))
+    index = LineageIndex(tmp_path / "lineage.duckdb")
+    index.rebuild(st)
+    from storage.artifacts import ArtifactRef
+    from storage.selections import read_selection
+
+    for r in third.result()["results"]:
+        ids = sorted(read_selection(st, ArtifactRef.from_dict(r["selection"])).column("sample_id").to_pylist())
+        got = sorted(index.samples_for_model(r["model"]["sha256"]).column("sample_id").to_pylist())
+        assert got == ids and len(ids) == 30
+
+
+def test_same_bytes_at_a_new_path_hit_the_ingest_cache(prefect_server, tmp_path):
+    from sklearn.datasets import load_digits
+
+    from storage.sources import render_digit_png
+
+    digits = load_digits()
+    src = tmp_path / "pool"
+    for i in range(120):
+        folder = src / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.png").write_bytes(render_digit_png(digits.images[i], 32, "nearest"))
+    args = {**FAST, "budgets": [10], "methods": ["uniform"], "store_url": str(tmp_path / "store")}
+    curate(source=SourceConfig(kind="folder", path=str(src)), **args)
+    moved = tmp_path / "moved" / "elsewhere"
+    shutil.copytree(src, moved)
+    again = curate(source=SourceConfig(kind="folder", path=str(moved)), **args, return_state=True)
+    assert task_states(again)["ingest"] == ["Cached"]
+
+
+def test_curate_on_s3(prefect_server, s3_bucket, monkeypatch):
+    name, options = s3_bucket
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    result = curate(**{**FAST, "methods": ["uniform"]}, store_url=f"s3://{name}/curation",
+                    endpoint_url=options["endpoint_url"])
+    assert result["store"].startswith("s3://") and result["results"][0]["accuracy"] > 0
+
+
+def test_bad_input_fails_at_the_right_stage(prefect_server, tmp_path):
+    store_dir = tmp_path / "store"
+    with pytest.raises(Exception, match=r"does not exist|not found|missing"):
+        curate(source=SourceConfig(kind="folder", path=str(tmp_path / "nope")), **FAST, store_url=str(store_dir))
+    with pytest.raises(Exception, match="larger than the pool"):
+        curate(**{**FAST, "budgets": [100_000]}, store_url=str(store_dir))
+    st = open_store(store_spec(store_dir))
+    index = LineageIndex(tmp_path / "lineage.duckdb")
+    index.rebuild(st)
+    failed = index.failed_runs().to_pylist()
+    stages = sorted(row["stage"] for row in failed)
+    assert stages[0] == "ingest" and any(s.startswith("select.") for s in stages), failed
+
+
+def test_unknown_model_and_method_are_clear_errors(prefect_server, tmp_path):
+    with pytest.raises(Exception, match="unknown selection method"):
+        curate(**{**FAST, "methods": ["nope"]}, store_url=str(tmp_path / "s"))
+    with pytest.raises(Exception, match=r"unknown open_clip model .no-such-model."):
+        curate(**FAST, model=ModelConfig(name="no-such-model"), store_url=str(tmp_path / "s"))
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -1,0 +1,124 @@
+"""``skmm lineage …`` over a small recorded store: table, JSON and Parquet outputs, S3 through --endpoint-url,
+and one-line errors (exit code 2) that never show credentials."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import free_port
+from typer.testing import CliRunner
+
+from flows.lineage_cli import lineage_app
+from storage.artifacts import ArtifactStore
+from storage.lineage import LineageRecorder
+from storage.selections import write_selection
+
+runner = CliRunner()
+
+
+def _record(store: ArtifactStore) -> dict:
+    ids_a = [hashlib.sha256(f"s{i}".encode()).hexdigest() for i in range(12)]
+    ids_b = [*ids_a[4:], "extra-1", "extra-2"]
+    out = {"ids_a": ids_a, "ids_b": ids_b}
+    for tag, ids in (("a", ids_a), ("b", ids_b)):
+        rec = LineageRecorder(store, config={"tag": tag})
+        dataset = store.put_bytes(b"dataset", "dataset", ".parquet")
+        with rec.stage("select", [dataset]):
+            sel = write_selection(store, ids, method="skmm")
+            rec.complete("select", selection=sel)
+        with rec.stage("train", [sel]):
+            model = store.put_bytes(f"model {tag}".encode(), "model", ".pt")
+            rec.complete("train", [model], model=model, metrics={"accuracy": 0.8})
+        out[tag] = {"run_id": rec.run_id, "model": model}
+    bad = LineageRecorder(store, config={})
+    with pytest.raises(RuntimeError), bad.stage("embed"):
+        raise RuntimeError("CUDA out of memory")
+    out["failed"] = bad.run_id
+    return out
+
+
+@pytest.fixture
+def local(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    data = _record(store)
+    result = runner.invoke(lineage_app, ["rebuild", "--store", str(tmp_path / "store")])
+    assert result.exit_code == 0, result.output
+    assert "runs" in result.stdout
+    assert (tmp_path / "store" / "lineage.duckdb").is_file()  # default index beside a local store
+    return {"args": ["--store", str(tmp_path / "store")], **data}
+
+
+def test_samples_of_model_table_json_and_parquet(local, tmp_path):
+    model = local["a"]["model"]
+    table = runner.invoke(lineage_app, ["samples-of-model", model.sha256, *local["args"]])
+    assert table.exit_code == 0, table.output
+    assert all(i in table.stdout for i in local["ids_a"]) and "12 rows" in table.stdout
+    as_json = runner.invoke(lineage_app, ["samples-of-model", model.sha256[:10], "--json", *local["args"]])
+    assert as_json.exit_code == 0, as_json.output
+    rows = json.loads(as_json.stdout)
+    assert [r["sample_id"] for r in rows] == local["ids_a"] and [r["rank"] for r in rows] == list(range(12))
+    out = tmp_path / "samples.parquet"
+    written = runner.invoke(lineage_app, ["samples-of-model", model.uri, "--parquet", str(out), *local["args"]])
+    assert written.exit_code == 0, written.output
+    assert pq.read_table(out).column("sample_id").to_pylist() == local["ids_a"]
+
+
+def test_other_commands(local):
+    shared = local["ids_a"][5]
+    models = json.loads(runner.invoke(lineage_app, ["models-of-sample", shared, "--json", *local["args"]]).stdout)
+    assert {m["run_id"] for m in models} == {local["a"]["run_id"], local["b"]["run_id"]}
+    assert models[0]["trained_at"].endswith("+00:00")
+
+    prov = runner.invoke(lineage_app, ["provenance", local["a"]["run_id"], "--json", *local["args"]])
+    assert prov.exit_code == 0, prov.output
+    roles = [(r["stage"], r["role"]) for r in json.loads(prov.stdout)]
+    assert roles.index(("select", "selection")) < roles.index(("train", "model")) < roles.index(("train", "metric"))
+    assert "provenance of run" in runner.invoke(lineage_app, ["provenance", local["a"]["run_id"],
+                                                              *local["args"]]).stdout
+
+    diff = runner.invoke(lineage_app, ["diff", local["a"]["run_id"], local["b"]["run_id"], "--summary", "--json",
+                                       *local["args"]])
+    assert json.loads(diff.stdout) == [{"change": "added", "samples": 2}, {"change": "removed", "samples": 4},
+                                       {"change": "kept", "samples": 8}]
+
+    failed = runner.invoke(lineage_app, ["failed", *local["args"]])
+    assert failed.exit_code == 0 and local["failed"] in failed.stdout and "CUDA out of memory" in failed.stdout
+    runs = json.loads(runner.invoke(lineage_app, ["runs", "--json", *local["args"]]).stdout)
+    assert sorted(r["status"] for r in runs) == ["completed", "completed", "failed"]
+
+
+def test_clear_errors(local, tmp_path):
+    unknown = runner.invoke(lineage_app, ["samples-of-model", "0" * 64, *local["args"]])
+    assert unknown.exit_code == 2 and unknown.stderr.startswith("error: no model") and "Traceback" not in unknown.output
+    run = runner.invoke(lineage_app, ["provenance", "nope", *local["args"]])
+    assert run.exit_code == 2 and "no run 'nope'" in run.stderr
+    missing = runner.invoke(lineage_app, ["failed", "--db", str(tmp_path / "none.duckdb"), *local["args"]])
+    assert missing.exit_code == 2 and "no lineage index" in missing.stderr and "skmm lineage rebuild" in missing.stderr
+    no_store = runner.invoke(lineage_app, ["rebuild", "--store", str(tmp_path / "absent")])
+    assert no_store.exit_code == 2 and "does not exist" in no_store.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+
+
+def test_s3_store_with_endpoint_and_env_credentials(s3_bucket, s3_endpoint, tmp_path, monkeypatch):
+    name, options = s3_bucket
+    data = _record(ArtifactStore(f"s3://{name}/lineage-test", storage_options=options))
+    monkeypatch.chdir(tmp_path)  # the default index for a remote store is ./skmm-lineage.duckdb
+    args = ["--store", f"s3://{name}/lineage-test", "--endpoint-url", s3_endpoint]
+    built = runner.invoke(lineage_app, ["rebuild", "--json", *args])
+    assert built.exit_code == 0, built.output
+    assert json.loads(built.stdout)["runs"] == 3 and (tmp_path / "skmm-lineage.duckdb").is_file()
+    rows = json.loads(runner.invoke(lineage_app, ["samples-of-model", data["b"]["model"].sha256, "--json",
+                                                  *args]).stdout)
+    assert sorted(r["sample_id"] for r in rows) == sorted(data["ids_b"])
+
+
+def test_unreachable_store_never_prints_credentials(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sup3r-s3cret-value")
+    result = runner.invoke(lineage_app, ["rebuild", "--store", "s3://bucket/prefix", "--endpoint-url",
+                                         f"http://127.0.0.1:{free_port()}", "--db", str(tmp_path / "x.duckdb")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: cannot reach the store")
+    assert "sup3r-s3cret-value" not in result.output

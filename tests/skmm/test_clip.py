@@ -1,0 +1,257 @@
+"""open_clip image features: the tiny registered model, determinism, local weights, and clear errors offline."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from skmm.models import TINY_MODEL, ClipSpec, clear_model_cache, embed_images, embed_shards, load_clip
+from skmm.models import clip as clip_module
+
+TINY = ClipSpec(TINY_MODEL)
+
+
+def png(seed: int, size: tuple[int, int] = (40, 32), mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4}.get(mode)
+    shape = (size[1], size[0], channels) if channels else (size[1], size[0])
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    # Mixed sizes and modes: decoding must convert everything to RGB and the preprocess must resize.
+    modes = ["RGB", "L", "RGBA"]
+    return [png(i, (30 + i % 5, 32 + i % 3), modes[i % 3]) for i in range(23)]
+
+
+@pytest.fixture(scope="module")
+def open_clip_loaded():
+    load_clip(TINY)  # pays the one-off ~4 s open_clip import
+    import open_clip
+
+    return open_clip
+
+
+def save_safetensors(model: torch.nn.Module, path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+
+
+# --------------------------------------------------------------------------------------------------- spec
+
+
+def test_spec_round_trip_digest_and_validation():
+    spec = ClipSpec(TINY_MODEL, init_seed=3)
+    assert spec.image_size == 32  # read from our config without importing anything heavy
+    assert ClipSpec.from_dict(json.loads(spec.to_json())) == spec
+    assert spec.digest == ClipSpec(TINY_MODEL, init_seed=3).digest
+    assert spec.digest != ClipSpec(TINY_MODEL, init_seed=4).digest
+    assert ClipSpec("ViT-S-32").image_size == 224
+    # init_seed does not change pretrained features, so it does not change their identity.
+    assert ClipSpec("ViT-B-32", "openai", init_seed=1).digest == ClipSpec("ViT-B-32", "openai", init_seed=2).digest
+    local = ClipSpec("local-dir:/models/x")
+    assert (local.model, local.pretrained) == ("local-dir", "local-dir:/models/x")
+    with pytest.raises(ValueError, match="precision"):
+        ClipSpec(TINY_MODEL, precision="fp16")
+    with pytest.raises(ValueError, match="init_seed"):
+        ClipSpec(TINY_MODEL, init_seed=-1)
+    with pytest.raises(ValueError, match="unknown ClipSpec field"):
+        ClipSpec.from_dict({"model": TINY_MODEL, "seed": 1})
+    with pytest.raises(ValueError, match="weights_sha256 applies only"):
+        ClipSpec(TINY_MODEL, weights_sha256="0" * 64)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def test_tiny_model_loads_well_under_a_second(open_clip_loaded):
+    start = time.perf_counter()
+    model, preprocess = load_clip(TINY, device="cpu")
+    assert time.perf_counter() - start < 0.5
+    assert not model.training
+    assert preprocess(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+
+
+def test_random_init_does_not_touch_the_global_rng(open_clip_loaded):
+    state = torch.get_rng_state()
+    load_clip(ClipSpec(TINY_MODEL, init_seed=11), device="cpu")
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_unknown_model_name_is_a_clear_error(open_clip_loaded):
+    with pytest.raises(ValueError, match=r"unknown open_clip model 'ViT-B-33'; did you mean .*ViT-B-32") as info:
+        load_clip(ClipSpec("ViT-B-33"))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_unreadable_weights_files(open_clip_loaded, tmp_path):
+    with pytest.raises(ValueError, match=r"weights file not found: .*nope.safetensors"):
+        load_clip(ClipSpec(TINY_MODEL, str(tmp_path / "nope.safetensors")))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match=r"could not read weights at .*junk.safetensors"):
+        load_clip(ClipSpec(TINY_MODEL, str(junk)))
+    with pytest.raises(ValueError, match=r"is a directory; .* use pretrained='local-dir:"):
+        load_clip(ClipSpec(TINY_MODEL, str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [({"layers": 3}, "unexpected keys visual.transformer.resblocks.2"), ({"width": 96}, "shape mismatch")],
+)
+def test_weights_of_another_config_are_a_clear_mismatch(open_clip_loaded, tmp_path, change, expected):
+    open_clip = open_clip_loaded
+    cfg = open_clip.get_model_config(TINY_MODEL)
+    other = open_clip.CLIP(cfg["embed_dim"], {**cfg["vision_cfg"], **change}, cfg["text_cfg"])
+    path = tmp_path / "other.safetensors"
+    save_safetensors(other, path)
+    pattern = rf"weights at .*other\.safetensors do not match model {TINY_MODEL}: .*{expected}"
+    with pytest.raises(ValueError, match=pattern):
+        load_clip(ClipSpec(TINY_MODEL, str(path)))
+
+
+def test_pretrained_tag_offline_fails_fast_and_clearly(open_clip_loaded, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"tags need network access or a local cache.*local weights file"):
+        load_clip(ClipSpec("ViT-B-32", "laion2b_s34b_b79k"))
+    assert time.perf_counter() - start < 5
+
+
+def test_pretrained_tag_without_offline_flag_fails_fast_when_unreachable(open_clip_loaded, monkeypatch):
+    # HF_HUB_OFFLINE unset: one bounded reachability probe (stubbed here: no network in tests) instead of ~50 s
+    # of huggingface_hub retries.
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    probed = []
+    monkeypatch.setattr(clip_module, "_reachable", lambda host, *a, **k: probed.append(host) or False)
+    with pytest.raises(ValueError, match=r"huggingface.co cannot be reached"):
+        load_clip(ClipSpec("ViT-B-32", "laion2b_s34b_b79k"))
+    assert probed == ["huggingface.co"]
+
+
+def test_unknown_tag_lists_the_known_ones(open_clip_loaded):
+    with pytest.raises(ValueError, match=r"neither a weights file nor a known tag for model 'ViT-B-32'.*openai"):
+        load_clip(ClipSpec("ViT-B-32", "laion9000"))
+
+
+# --------------------------------------------------------------------------------------------------- embedding
+
+
+def test_shape_dtype_finite_unit_norm(images):
+    X = embed_images(images, TINY, device="cpu")
+    assert X.shape == (len(images), 32) and X.dtype == np.float32 and X.flags.c_contiguous
+    assert np.isfinite(X).all()
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-5)
+    raw = embed_images(images, TINY, device="cpu", normalize=False)
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), X, atol=1e-6)
+    assert embed_images([], TINY, device="cpu").shape == (0, 32)
+
+
+def test_batch_size_order_and_iterator_invariance(images):
+    reference = embed_images(images, TINY, batch_size=64, device="cpu")
+    for batch_size in (1, 7):
+        X = embed_images(images, TINY, batch_size=batch_size, device="cpu")
+        np.testing.assert_allclose(X, reference, atol=1e-5)
+    order = np.random.default_rng(0).permutation(len(images))
+    shuffled = embed_images(iter([images[i] for i in order]), TINY, batch_size=7, device="cpu")
+    np.testing.assert_allclose(shuffled, reference[order], atol=1e-5)
+    shards = embed_shards([images[:10], images[10:]], TINY, batch_size=4, device="cpu")
+    np.testing.assert_allclose(np.concatenate(shards), reference, atol=1e-5)
+
+
+def test_init_seed_reproducible_and_distinct(images):
+    a = embed_images(images, ClipSpec(TINY_MODEL, init_seed=5), device="cpu")
+    clear_model_cache()  # rebuild from scratch
+    b = embed_images(images, ClipSpec(TINY_MODEL, init_seed=5), device="cpu")
+    c = embed_images(images, ClipSpec(TINY_MODEL, init_seed=6), device="cpu")
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-2
+
+
+def test_local_weights_file_and_local_dir_round_trip(images, tmp_path):
+    source = ClipSpec(TINY_MODEL, init_seed=3)
+    model, _ = load_clip(source, device="cpu")
+    path = tmp_path / "tiny.safetensors"
+    save_safetensors(model, path)
+    expected = embed_images(images, source, device="cpu")
+
+    from_file = ClipSpec(TINY_MODEL, str(path), init_seed=99)  # init_seed is irrelevant with weights
+    np.testing.assert_array_equal(embed_images(images, from_file, device="cpu"), expected)
+
+    export = tmp_path / "export"
+    export.mkdir()
+    import open_clip
+
+    config = {"model_cfg": open_clip.get_model_config(TINY_MODEL), "preprocess_cfg": {}}
+    (export / "open_clip_config.json").write_text(json.dumps(config))
+    save_safetensors(model, export / "open_clip_model.safetensors")
+    for spec in (ClipSpec(f"local-dir:{export}"), ClipSpec(TINY_MODEL, f"local-dir:{export}")):
+        assert spec.image_size == 32
+        np.testing.assert_array_equal(embed_images(images, spec, device="cpu"), expected)
+
+
+def test_pinned_weights_digest_follows_content_not_path(tmp_path):
+    model, _ = load_clip(ClipSpec(TINY_MODEL, init_seed=1), device="cpu")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_safetensors(model, a)
+    b.write_bytes(a.read_bytes())
+    pinned_a = ClipSpec(TINY_MODEL, str(a)).with_weights_digest()
+    pinned_b = ClipSpec(TINY_MODEL, str(b)).with_weights_digest()
+    assert pinned_a.weights_sha256 == pinned_b.weights_sha256 and pinned_a.digest == pinned_b.digest
+    assert pinned_a.digest != ClipSpec(TINY_MODEL, str(a)).digest
+    load_clip(pinned_a, device="cpu")  # the check passes
+    save_safetensors(load_clip(ClipSpec(TINY_MODEL, init_seed=2), device="cpu")[0], a)
+    with pytest.raises(ValueError, match="the spec pins"):
+        load_clip(pinned_a, device="cpu")
+
+
+def test_image_size_override(images):
+    X = embed_images(images[:3], ClipSpec(TINY_MODEL, image_size=48), device="cpu")
+    assert X.shape == (3, 32) and np.isfinite(X).all()
+
+
+def test_bad_inputs_name_the_index(images):
+    bad = [*images[:2], b"\x89PNG\r\n\x1a\n truncated", images[3]]
+    with pytest.raises(ValueError, match=r"image 2 could not be decoded \(18 bytes\)"):
+        embed_images(bad, TINY, batch_size=2, device="cpu")
+    with pytest.raises(TypeError, match="image 1: expected encoded image bytes, got str"):
+        embed_images([images[0], "cat.png"], TINY, device="cpu")
+    with pytest.raises(TypeError, match="not a single bytes object"):
+        embed_images(images[0], TINY, device="cpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        embed_images(images, TINY, batch_size=0, device="cpu")
+
+
+def test_progress_bar_and_thread_count_restored(images, capsys):
+    threads = torch.get_num_threads()
+    X = embed_images(images, TINY, device="cpu", progress=True, num_threads=1)
+    assert X.shape == (len(images), 32)
+    assert torch.get_num_threads() == threads
+    assert "img" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_and_is_batch_invariant(images):
+    cpu = embed_images(images, TINY, device="cpu")
+    gpu = embed_images(images, TINY, device="cuda", batch_size=64)
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+    np.testing.assert_allclose(embed_images(images, TINY, device="cuda", batch_size=7), gpu, atol=1e-5)
+    assert embed_images(images, TINY).shape == gpu.shape  # device=None picks CUDA
