@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench bench-synthetic clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-# The main job. Until the curation pipeline lands, it is the paper's synthetic benchmark (table, CSV, plot).
+# The main job: curate the bundled digits pool with the embedded defaults (local store ./skmm-store, local
+# DuckDB lineage, a temporary Prefect server). PREFECT_HOME defaults to a folder in the checkout.
+PREFECT_HOME ?= $(CURDIR)/.prefect
 run: $(STAMP)
-	PREFECT_HOME=$$(mktemp -d) $(BIN)/skmm bench synthetic --out bench/out/synthetic
+	PREFECT_HOME=$(PREFECT_HOME) $(BIN)/skmm curate digits
+	$(BIN)/skmm lineage rebuild --store ./skmm-store > /dev/null && echo "lineage index: skmm-store/lineage.duckdb"
+
+# The paper's synthetic experiment (~20 minutes on 2 cores): table, CSV and plot under bench/out/synthetic.
+bench-synthetic: $(STAMP)
+	$(BIN)/skmm bench synthetic --out bench/out/synthetic
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -33,6 +40,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/moment_matching_step.py
 	$(BIN)/python bench/skmm_end_to_end.py
 	$(BIN)/python bench/sketch_throughput.py
+	$(BIN)/python bench/lineage_index.py
+	$(BIN)/python bench/digits_curate.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache bench/out
+	rm -rf $(VENV) .pytest_cache .ruff_cache bench/out .prefect

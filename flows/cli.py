@@ -47,7 +47,7 @@ def _source_config(source: str, embeddings: bool, image_size: int, seed: int) ->
     is_dir = "://" not in source and pathlib.Path(source).is_dir()
     is_table = source.lower().endswith((".csv", ".tsv", ".parquet"))
     if not is_dir and not is_table and "://" not in source and not pathlib.Path(source).exists():
-        raise typer.BadParameter(f"source {source!r} does not exist (expected 'digits', a folder or a manifest)")
+        raise ValueError(f"source {source!r} does not exist (expected 'digits', a folder or a manifest)")
     return {"kind": "folder" if is_dir else "manifest", "path": source, "image_size": image_size, "seed": seed}
 
 
@@ -58,7 +58,8 @@ def curate_cmd(
     budgets: Annotated[str, typer.Option(help="Comma-separated budgets n.")] = "50,100,200",
     methods: Annotated[str, typer.Option(help="Comma-separated selection methods.")] = "skmm_best,uniform",
     seeds: Annotated[str, typer.Option(help="Comma-separated selection seeds.")] = "0",
-    model: Annotated[str, typer.Option(help="open_clip model name.")] = "skmm-tiny-vit",
+    model: Annotated[str, typer.Option(help="open_clip model name ('skmm-tiny-vit': a tiny tower for tests).")] = (
+        "ViT-S-32"),
     pretrained: Annotated[str | None, typer.Option(help="Pretrained tag, weights file, or local-dir:PATH "
                                                         "(default: random init).")] = None,
     init_seed: Annotated[int, typer.Option(min=0, help="Seed of a random-init tower.")] = 0,
@@ -156,6 +157,10 @@ def bench_synthetic(
 
 def main() -> None:
     """Console-script entry point."""
+    import os
+
+    # Offline machines: Prefect's temporary server would log a telemetry error on every start.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     app(prog_name="skmm")
 
 

@@ -54,9 +54,12 @@ class SourceConfig(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    """The open_clip image tower. ``pretrained`` None = random init from ``init_seed`` (no download needed)."""
+    """The open_clip image tower. ``pretrained`` None = random init from ``init_seed`` (no download needed).
 
-    name: str = "skmm-tiny-vit"
+    The default, a random-init ViT-S-32, runs offline on a CPU and gives honest features (see bench/README.md);
+    with network access or a local file, use a pretrained tower (e.g. ViT-B-32 / laion2b_s34b_b79k)."""
+
+    name: str = "ViT-S-32"
     pretrained: str | None = None
     init_seed: int = Field(0, ge=0)
 

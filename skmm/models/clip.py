@@ -116,6 +116,10 @@ class ClipSpec:
                 raise ValueError(f"ClipSpec: model {self.model!r} already names its weights; pretrained must be None")
             object.__setattr__(self, "pretrained", self.model)
             object.__setattr__(self, "model", "local-dir")
+        if self.pretrained is not None and self.pretrained.startswith(HF_HUB):
+            raise ValueError(f"ClipSpec: pass a hub model as model={self.pretrained!r}, with pretrained=None")
+        if self.model.startswith(HF_HUB) and self.pretrained is not None:
+            raise ValueError(f"ClipSpec: model {self.model!r} already names its weights; pretrained must be None")
         if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or self.init_seed < 0:
             raise ValueError(f"ClipSpec init_seed must be a non-negative integer; got {self.init_seed!r}")
         if self.image_size is not None and (
@@ -174,13 +178,11 @@ class ClipSpec:
 
 
 def _pretrained_kind(pretrained: str | None) -> str:
-    """'random', 'local-dir', 'hf-hub', 'file' (looks like a path) or 'tag'."""
+    """'random', 'local-dir', 'file' (looks like a path) or 'tag'."""
     if pretrained is None:
         return "random"
     if pretrained.startswith(LOCAL_DIR):
         return "local-dir"
-    if pretrained.startswith(HF_HUB):
-        return "hf-hub"
     p = pretrained
     if os.sep in p or "/" in p or p.startswith(("~", ".")) or p.lower().endswith(WEIGHT_SUFFIXES):
         return "file"
@@ -325,12 +327,25 @@ def _reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) -> 
     return bool(result and result[0])
 
 
+def _hub_cached(repo: str) -> bool:
+    """Whether an hf-hub model's config is in the local Hugging Face cache (no network call)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id=repo, filename="open_clip_config.json"), str)
+    except Exception:  # malformed repo ids and the like: let open_clip report them
+        return False
+
+
 def _offline_error(spec: ClipSpec, why: str) -> ValueError:
+    if spec.model.startswith(HF_HUB):
+        what = f"hub model {spec.model!r}"
+    else:
+        what = f"pretrained tag {spec.pretrained!r} for model {spec.model!r}"
     return ValueError(
-        f"pretrained tag {spec.pretrained!r} for model {spec.model!r} is not in the local cache and {why}; "
-        "tags need network access or a local cache (download once where there is network, then set "
-        "HF_HUB_OFFLINE=1), or pass a local weights file: pretrained='/path/to/weights.safetensors' "
-        "or 'local-dir:/dir'"
+        f"{what} cannot be loaded: {why}; tags and hub models need network access or a local cache (download "
+        "once where there is network, then set HF_HUB_OFFLINE=1), or pass a local weights file: "
+        "pretrained='/path/to/weights.safetensors' or 'local-dir:/dir'"
     )
 
 
@@ -368,13 +383,13 @@ def _tag_weights(open_clip, spec: ClipSpec, tag_cfg: dict) -> str:
     if cached:
         return cached
     if _hub_offline():
-        raise _offline_error(spec, "HF_HUB_OFFLINE is set")
+        raise _offline_error(spec, "it is not in the local cache and HF_HUB_OFFLINE is set")
     if tag_cfg.get("hf_hub"):
         host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
     else:
         host = urllib.parse.urlparse(tag_cfg.get("url", "")).hostname
     if not host or not _reachable(host):
-        raise _offline_error(spec, f"{host or 'the download host'} cannot be reached (no network?)")
+        raise _offline_error(spec, f"it is not in the local cache and {host or 'its host'} cannot be reached")
     try:
         return open_clip.download_pretrained(tag_cfg)
     except Exception as e:  # network errors come in many types
@@ -466,13 +481,13 @@ def load_clip(spec: ClipSpec, device: Any = None):
         weights = _local_weights_path(spec)
         arch = f"{LOCAL_DIR}{directory}"
         kwargs["load_weights"] = False  # we load (and diagnose) the weights ourselves
-    elif kind == "hf-hub":
-        _check_model_name(open_clip, spec.model)
-        if _hub_offline():
-            raise _offline_error(spec, "HF_HUB_OFFLINE is set")
-        if not _reachable(urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname):
-            raise _offline_error(spec, "huggingface.co cannot be reached (no network?)")
-        kwargs["pretrained"] = spec.pretrained
+    elif spec.model.startswith(HF_HUB):
+        repo = spec.model[len(HF_HUB):]
+        host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
+        if _hub_offline() and not _hub_cached(repo):
+            raise _offline_error(spec, "it is not in the local cache and HF_HUB_OFFLINE is set")
+        if not _hub_offline() and not _reachable(host):
+            raise _offline_error(spec, f"{host} cannot be reached (with a cached copy, set HF_HUB_OFFLINE=1)")
     else:
         _check_model_name(open_clip, spec.model)
         if kind == "file":
@@ -502,7 +517,7 @@ def load_clip(spec: ClipSpec, device: Any = None):
             raise ValueError(
                 f"weights at {weights} have sha256 {actual[:12]}…, the spec pins {spec.weights_sha256[:12]}…"
             )
-    native = _native_size_of(open_clip, arch, kwargs)
+    native = _native_size_of(open_clip, arch)
     if spec.image_size is not None and spec.image_size != native:
         kwargs["force_image_size"] = spec.image_size
 
@@ -519,7 +534,7 @@ def load_clip(spec: ClipSpec, device: Any = None):
     return model, preprocess
 
 
-def _native_size_of(open_clip, arch: str, kwargs: dict) -> int | None:
+def _native_size_of(open_clip, arch: str) -> int | None:
     if arch.startswith(LOCAL_DIR):
         return _native_image_size("local-dir", arch)
     if arch.startswith(HF_HUB):

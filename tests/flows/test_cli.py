@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -29,3 +34,37 @@ def test_bench_synthetic_bad_options(tmp_path):
                                   "--methods", "uniform", "--out", str(tmp_path)])
     assert too_big.exit_code == 2 and "larger than the pool" in too_big.output
     assert not any(tmp_path.iterdir())  # nothing half-written on failure
+
+
+def test_curate_command_on_digits(prefect_server, tmp_path):
+    store = tmp_path / "store"
+    result = runner.invoke(app, ["curate", "digits", "--model", "skmm-tiny-vit", "--budgets", "20",
+                                 "--methods", "skmm,uniform", "--sketch-dim", "16", "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "| skmm |" in result.stdout and "| uniform |" in result.stdout
+    assert "run id:" in result.stdout and f"file://{store}" in result.stdout
+    assert (store / "objects" / "model").is_dir() and (store / "lineage" / "events").is_dir()
+
+
+def run_cli(*args: str, tmp_path) -> subprocess.CompletedProcess:
+    """The real ``skmm`` console script in a subprocess, talking to the session's Prefect test server."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "CRITICAL"}
+    return subprocess.run([str(pathlib.Path(sys.executable).with_name("skmm")), *args], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def test_curate_command_bad_input_is_one_line(prefect_server, tmp_path):
+    missing = runner.invoke(app, ["curate", str(tmp_path / "nope"), "--store", str(tmp_path / "s")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, expected in (([str(empty)], "is empty"),
+                           (["digits", "--budgets", "99999", "--methods", "uniform"], "larger than the pool")):
+        proc = run_cli("curate", *args, "--model", "skmm-tiny-vit", "--store", str(tmp_path / "s"),
+                       tmp_path=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and expected in last, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stdout

@@ -15,7 +15,8 @@ from flows.curate import ModelConfig, SourceConfig, curate
 from storage.index import LineageIndex
 from tasks.store import open_store, store_spec
 
-FAST = {"budgets": [20], "methods": ["skmm_best", "uniform"], "seeds": [0], "sketch_dim": 16}
+FAST = {"budgets": [20], "methods": ["skmm_best", "uniform"], "seeds": [0], "sketch_dim": 16,
+        "model": ModelConfig(name="skmm-tiny-vit")}
 
 
 def task_states(flow_state) -> dict[str, list[str]]:
@@ -121,5 +122,5 @@ def test_unknown_model_and_method_are_clear_errors(prefect_server, tmp_path):
     with pytest.raises(Exception, match="unknown selection method"):
         curate(**{**FAST, "methods": ["nope"]}, store_url=str(tmp_path / "s"))
     with pytest.raises(Exception, match=r"unknown open_clip model .no-such-model."):
-        curate(**FAST, model=ModelConfig(name="no-such-model"), store_url=str(tmp_path / "s"))
+        curate(**{**FAST, "model": ModelConfig(name="no-such-model")}, store_url=str(tmp_path / "s"))
     assert os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -126,7 +126,8 @@ def test_weights_of_another_config_are_a_clear_mismatch(open_clip_loaded, tmp_pa
 def test_pretrained_tag_offline_fails_fast_and_clearly(open_clip_loaded, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    with pytest.raises(ValueError, match=r"tags need network access or a local cache.*local weights file"):
+    expected = r"not in the local cache and HF_HUB_OFFLINE is set; tags and hub models need network.*local weights"
+    with pytest.raises(ValueError, match=expected):
         load_clip(ClipSpec("ViT-B-32", "laion2b_s34b_b79k"))
     assert time.perf_counter() - start < 5
 
@@ -141,9 +142,19 @@ def test_pretrained_tag_without_offline_flag_fails_fast_when_unreachable(open_cl
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     probed = []
     monkeypatch.setattr(clip_module, "_reachable", lambda host, *a, **k: probed.append(host) or False)
-    with pytest.raises(ValueError, match=r"huggingface.co cannot be reached"):
+    with pytest.raises(ValueError, match=r"not in the local cache and huggingface\.co cannot be reached"):
         load_clip(ClipSpec("ViT-B-32", "laion2b_s34b_b79k"))
     assert probed == ["huggingface.co"]
+
+
+def test_hub_model_offline_fails_fast(open_clip_loaded, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"hub model 'hf-hub:org/nothing-here' cannot be loaded: .*HF_HUB_OFFLINE"):
+        load_clip(ClipSpec("hf-hub:org/nothing-here"))
+    assert time.perf_counter() - start < 5
+    with pytest.raises(ValueError, match="pass a hub model as model="):
+        ClipSpec("ViT-B-32", "hf-hub:org/nothing-here")
 
 
 def test_unknown_tag_lists_the_known_ones(open_clip_loaded):
