@@ -1,6 +1,7 @@
 """The ``skmm`` command line.
 
-    skmm curate [SOURCE] [--budgets 50,100,200] [--methods skmm_best,uniform] [--store ./skmm-store]
+    skmm curate [SOURCE] [--budgets 50,100,200] [--methods skmm_best,uniform] [--store ./skmm-store] [--json]
+    skmm reselect RUN.json --budgets 20,40      skmm reevaluate RUN.json
     skmm lineage rebuild | samples-of-model | models-of-sample | provenance | diff | failed
     skmm bench synthetic [--seeds 8] [--budgets 48,64,...] [--out DIR]   the paper's synthetic table
 """
@@ -74,11 +75,7 @@ def curate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
 ) -> None:
     """Select, finetune and evaluate on a pool: the whole curation flow, run under Prefect."""
-    import json
-
     try:
-        from pydantic import ValidationError
-
         from flows.curate import ModelConfig, SourceConfig, curate
 
         src = SourceConfig(**_source_config(source, embeddings, image_size, split_seed))
@@ -87,17 +84,80 @@ def curate_cmd(
                         methods=[m.strip() for m in methods.split(",") if m.strip()],
                         seeds=[int(x) for x in seeds.split(",") if x.strip()], model=mdl, sketch_dim=sketch_dim,
                         class_balanced=class_balanced, store_url=store, endpoint_url=endpoint_url)
-    except (ValueError, ValidationError, FileNotFoundError) as exc:  # ValidationError is a ValueError too
-        first = str(exc).strip().splitlines()
-        typer.echo(f"error: {' '.join(first[:3]) if first else type(exc).__name__}", err=True)
-        raise typer.Exit(2) from None
-    except Exception as exc:  # storage errors and the like: one line, no traceback soup
-        from storage.errors import StorageError
+    except Exception as exc:
+        _fail(exc)
+    _print_result(result, as_json)
 
-        if isinstance(exc, StorageError):
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        raise
+
+def _fail(exc: BaseException) -> None:
+    """Bad input and storage errors: one line on stderr, exit code 2. Anything else is a bug: re-raise."""
+    from storage.errors import StorageError
+
+    if isinstance(exc, ValueError | FileNotFoundError | StorageError):  # pydantic's ValidationError included
+        lines = str(exc).strip().splitlines()
+        typer.echo(f"error: {' '.join(lines[:3]) if lines else type(exc).__name__}", err=True)
+        raise typer.Exit(2) from None
+    raise exc
+
+
+def _load_run(path: pathlib.Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"run file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"run file {path} is not JSON ({exc.msg}); save it with 'skmm curate --json'") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"run file {path} does not hold a curate result")
+    return data
+
+
+@app.command("reselect")
+def reselect_cmd(
+    run_file: Annotated[pathlib.Path, typer.Argument(help="A curate result saved with 'skmm curate --json'.")],
+    budgets: Annotated[str, typer.Option(help="Comma-separated budgets n.")] = "50,100,200",
+    methods: Annotated[str, typer.Option(help="Comma-separated selection methods.")] = "skmm_best,uniform",
+    seeds: Annotated[str, typer.Option(help="Comma-separated selection seeds.")] = "0",
+    class_balanced: Annotated[bool, typer.Option(help="Spread budgets evenly over classes.")] = False,
+    store: Annotated[str, typer.Option(help="Artifact store URL.")] = "./skmm-store",
+    endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
+) -> None:
+    """Select again from an earlier run's sketch (no source needed), finetune and evaluate."""
+    try:
+        from flows.rerun import reselect
+
+        result = reselect(run=_load_run(run_file), budgets=_int_list(budgets, "--budgets"),
+                          methods=[m.strip() for m in methods.split(",") if m.strip()],
+                          seeds=[int(x) for x in seeds.split(",") if x.strip()], class_balanced=class_balanced,
+                          store_url=store, endpoint_url=endpoint_url)
+    except Exception as exc:
+        _fail(exc)
+    _print_result(result, as_json)
+
+
+@app.command("reevaluate")
+def reevaluate_cmd(
+    run_file: Annotated[pathlib.Path, typer.Argument(help="A curate result saved with 'skmm curate --json'.")],
+    store: Annotated[str, typer.Option(help="Artifact store URL.")] = "./skmm-store",
+    endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
+) -> None:
+    """Evaluate an earlier run's models again on the test split."""
+    try:
+        from flows.rerun import reevaluate
+
+        result = reevaluate(run=_load_run(run_file), store_url=store, endpoint_url=endpoint_url)
+    except Exception as exc:
+        _fail(exc)
+    _print_result(result, as_json)
+
+
+def _print_result(result: dict, as_json: bool) -> None:
+    import json
+
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -161,6 +221,8 @@ def main() -> None:
 
     # Offline machines: Prefect's temporary server would log a telemetry error on every start.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A loaded 2-core machine can take longer than Prefect's 20 s default to start the temporary server.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     app(prog_name="skmm")
 
 

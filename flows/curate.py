@@ -71,6 +71,40 @@ def _methods_known(methods: list[str]) -> list[str]:
     return methods
 
 
+def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, dataset: dict, emb: dict, sk: dict,
+                             methods: list[str], budgets: list[int], seeds: list[int],
+                             class_balanced: bool = False) -> list[dict[str, Any]]:
+    """For each (method, budget, seed): select → linear probe → evaluate, each a recorded stage."""
+    emb_ref = VectorTableRef.from_dict(emb).artifact
+    sk_ref = VectorTableRef.from_dict(sk).artifact
+    results = []
+    for method, n, seed in itertools.product(methods, budgets, seeds):
+        tag = f"{method}.n{n}.s{seed}"
+        with rec.stage(f"select.{tag}", [sk_ref]):
+            sel = select.with_options(**opts)(sk, dataset, store, method, n, seed, class_balanced=class_balanced)
+            sel_ref = ArtifactRef.from_dict(sel["selection"])
+            rec.complete(f"select.{tag}", selection=sel_ref)
+        with rec.stage(f"finetune.{tag}", [sel_ref, emb_ref]):
+            fit = linear_probe.with_options(**opts)(emb, dataset, sel["selection"], store)
+            model_ref = ArtifactRef.from_dict(fit["model"])
+            rec.complete(f"finetune.{tag}", selection=sel_ref, model=model_ref)
+        with rec.stage(f"evaluate.{tag}", [model_ref]):
+            metrics = evaluate.with_options(**opts)(fit["model"], emb, dataset, store)
+            rec.complete(f"evaluate.{tag}", metrics=metrics)
+        results.append({"method": method, "n": n, "seed": seed, **metrics,
+                        "selection": sel["selection"], "model": fit["model"]})
+    return results
+
+
+def report_stage(rec: LineageRecorder, opts: dict, store: dict, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report stage: plot + table in the store, published as Prefect artifacts."""
+    with rec.stage("report"):
+        rep = report.with_options(**opts)(results, store, metric="accuracy")
+        publish(results, rep)
+        rec.complete("report", outputs=[ArtifactRef.from_dict(rep["plot"]), ArtifactRef.from_dict(rep["report"])])
+    return rep
+
+
 @flow(name="curate", log_prints=True)
 def curate(
     source: SourceConfig = SourceConfig(),  # noqa: B008 - pydantic defaults are immutable in practice
@@ -120,27 +154,8 @@ def curate(
         sk_ref = VectorTableRef.from_dict(sk).artifact
         rec.complete("sketch", outputs=[sk_ref])
 
-    results = []
-    for method, n, seed in itertools.product(methods, budgets, seeds):
-        tag = f"{method}.n{n}.s{seed}"
-        with rec.stage(f"select.{tag}", [sk_ref]):
-            sel = select.with_options(**opts)(sk, ing["dataset"], store, method, n, seed,
-                                              class_balanced=class_balanced)
-            sel_ref = ArtifactRef.from_dict(sel["selection"])
-            rec.complete(f"select.{tag}", selection=sel_ref)
-        with rec.stage(f"finetune.{tag}", [sel_ref, emb_ref]):
-            fit = linear_probe.with_options(**opts)(emb, ing["dataset"], sel["selection"], store)
-            model_ref = ArtifactRef.from_dict(fit["model"])
-            rec.complete(f"finetune.{tag}", selection=sel_ref, model=model_ref)
-        with rec.stage(f"evaluate.{tag}", [model_ref]):
-            metrics = evaluate.with_options(**opts)(fit["model"], emb, ing["dataset"], store)
-            rec.complete(f"evaluate.{tag}", metrics=metrics)
-        results.append({"method": method, "n": n, "seed": seed, **metrics,
-                        "selection": sel["selection"], "model": fit["model"]})
-
-    with rec.stage("report"):
-        rep = report.with_options(**opts)(results, store, metric="accuracy")
-        publish(results, rep)
-        rec.complete("report", outputs=[ArtifactRef.from_dict(rep["plot"]), ArtifactRef.from_dict(rep["report"])])
+    results = select_finetune_evaluate(rec, opts, store, ing["dataset"], emb, sk, methods, budgets, seeds,
+                                       class_balanced)
+    rep = report_stage(rec, opts, store, results)
     return {"run_id": rec.run_id, "store": st.url, "dataset": ing["dataset"], "quarantined": ing["n_quarantined"],
             "embeddings": emb, "sketch": sk, "results": results, "report": rep}

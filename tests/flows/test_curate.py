@@ -124,3 +124,24 @@ def test_unknown_model_and_method_are_clear_errors(prefect_server, tmp_path):
     with pytest.raises(Exception, match=r"unknown open_clip model .no-such-model."):
         curate(**{**FAST, "model": ModelConfig(name="no-such-model")}, store_url=str(tmp_path / "s"))
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_reselect_and_reevaluate_from_an_earlier_run(prefect_server, tmp_path):
+    from flows.rerun import reevaluate, reselect
+
+    store = str(tmp_path / "store")
+    first = curate(**{**FAST, "methods": ["uniform"]}, store_url=store)
+    again = reselect(run=first, budgets=[25], methods=["skmm"], store_url=store, return_state=True)
+    states = task_states(again)
+    assert set(states) == {"select", "finetune-linear-probe", "evaluate", "report"}  # no ingest/embed/sketch
+    (row,) = again.result()["results"]
+    assert row["method"] == "skmm" and row["n"] == 25 and 0 <= row["accuracy"] <= 1
+    redo = reevaluate(run=first, store_url=store)
+    assert [r["accuracy"] for r in redo["results"]] == [r["accuracy"] for r in first["results"]]
+
+    gone = tmp_path / "store" / "objects" / "sketch"
+    shutil.rmtree(gone)
+    with pytest.raises(Exception, match="missing"):
+        reselect(run=first, budgets=[25], methods=["uniform"], store_url=store)
+    with pytest.raises(Exception, match="no 'sketch'"):
+        reselect(run={"dataset": first["dataset"], "embeddings": first["embeddings"]}, budgets=[5], store_url=store)

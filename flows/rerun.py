@@ -1,0 +1,94 @@
+"""Smaller flows that start from existing artifacts instead of the source: re-select and re-evaluate.
+
+Both take the refs a ``curate`` run returned (``skmm curate --json > run.json``), check that every referenced
+artifact is still in the store (a clear error names any that is missing), and record their own lineage run.
+
+    reselect:   dataset + embeddings + sketch → for each (method, budget, seed): select → finetune → evaluate
+    reevaluate: each result's model + embeddings + dataset → evaluate (e.g. after a test-split fix)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import PositiveInt
+
+from flows.curate import _methods_known, report_stage, select_finetune_evaluate
+from storage.artifacts import ArtifactRef
+from storage.datasets import DatasetRef, VectorTableRef
+from storage.errors import ArtifactNotFoundError
+from storage.lineage import LineageRecorder, git_commit
+from tasks.evaluate import evaluate
+from tasks.store import DEFAULT_STORE, open_store, result_storage_path, store_spec
+
+__all__ = ["reevaluate", "reselect"]
+
+
+def _check_run(run: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if key not in run:
+            raise ValueError(f"the earlier run's result has no {key!r}: pass what 'skmm curate --json' printed")
+
+
+def _require(st: Any, refs: list[ArtifactRef]) -> None:
+    missing = [r.uri for r in refs if not st.exists(r)]
+    if missing:
+        raise ArtifactNotFoundError(f"{len(missing)} artifact(s) of the earlier run are missing, e.g. {missing[0]}")
+
+
+def _start(store_url: str, endpoint_url: str | None, config: dict) -> tuple[dict, Any, dict, LineageRecorder]:
+    store = store_spec(store_url, endpoint_url)
+    st = open_store(store)
+    st.check()
+    rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=git_commit(), config=config)
+    return store, st, {"result_storage": result_storage_path(store)}, rec
+
+
+@flow(name="reselect", log_prints=True)
+def reselect(
+    run: dict[str, Any],
+    budgets: list[PositiveInt],
+    methods: list[str] = ["skmm_best", "uniform"],  # noqa: B006
+    seeds: list[int] = [0],  # noqa: B006
+    class_balanced: bool = False,
+    store_url: str = DEFAULT_STORE,
+    endpoint_url: str | None = None,
+) -> dict[str, Any]:
+    """Select again from an earlier run's sketch (``run`` = a curate result), finetune, evaluate, report."""
+    _methods_known(methods)
+    _check_run(run, ("dataset", "embeddings", "sketch"))
+    dataset, emb, sk = DatasetRef.from_dict(run["dataset"]), run["embeddings"], run["sketch"]
+    store, st, opts, rec = _start(store_url, endpoint_url, {"reselect": run.get("run_id"), "budgets": budgets,
+                                                            "methods": methods, "seeds": seeds})
+    get_run_logger().info("run %s: re-selecting from run %s", rec.run_id, run.get("run_id"))
+    with rec.stage("check-inputs"):
+        inputs = [dataset.manifest, VectorTableRef.from_dict(emb).artifact, VectorTableRef.from_dict(sk).artifact]
+        _require(st, inputs)
+        rec.complete("check-inputs", outputs=inputs)
+    results = select_finetune_evaluate(rec, opts, store, run["dataset"], emb, sk, methods, budgets, seeds,
+                                       class_balanced)
+    rep = report_stage(rec, opts, store, results)
+    return {"run_id": rec.run_id, "store": st.url, "dataset": run["dataset"], "quarantined": 0,
+            "embeddings": emb, "sketch": sk, "results": results, "report": rep}
+
+
+@flow(name="reevaluate", log_prints=True)
+def reevaluate(run: dict[str, Any], store_url: str = DEFAULT_STORE, endpoint_url: str | None = None) -> dict[str, Any]:
+    """Evaluate an earlier run's models again on its dataset's test split, and report."""
+    _check_run(run, ("dataset", "embeddings", "results"))
+    store, st, opts, rec = _start(store_url, endpoint_url, {"reevaluate": run.get("run_id")})
+    emb_ref = VectorTableRef.from_dict(run["embeddings"]).artifact
+    results = []
+    for r in run["results"]:
+        tag = f"{r['method']}.n{r['n']}.s{r['seed']}"
+        model_ref = ArtifactRef.from_dict(r["model"])
+        with rec.stage(f"evaluate.{tag}", [model_ref, emb_ref]):
+            _require(st, [model_ref, emb_ref, DatasetRef.from_dict(run["dataset"]).manifest])
+            metrics = evaluate.with_options(**opts)(r["model"], run["embeddings"], run["dataset"], store)
+            rec.complete(f"evaluate.{tag}", metrics=metrics)
+        results.append({**{k: r[k] for k in ("method", "n", "seed", "selection", "model")}, **metrics})
+    rep = report_stage(rec, opts, store, results)
+    return {"run_id": rec.run_id, "store": st.url, "dataset": run["dataset"], "quarantined": 0,
+            "embeddings": run["embeddings"], "sketch": run.get("sketch"), "results": results, "report": rep}

@@ -1,0 +1,312 @@
+"""FT-mode gradients of an open_clip image tower: the pipeline's "gradients + sketch" stage for finetuning.
+
+SkMM's FT setting (SKMM.md §2): per-sample cross-entropy gradients, with uniformly random pseudo-labels, of the
+parameters that finetuning will train, at the weights finetuning starts from; projected batch by batch with ONE
+seeded projector, so the N×r gradient matrix never exists.
+
+    G̃, producer = ft_gradient_sketch(png_bytes, sample_ids, ClipSpec("ViT-B-32", "openai"),
+                                      k=1, num_classes=196, sketch_dim=512, seed=0)
+
+The model and the trained layer set are shared with :class:`skmm.finetune.LastLayersFinetuner`, so the gradients
+are taken exactly at the finetuner's starting point θ0 when both use the same spec, k, class count and seed.
+
+Decisions:
+
+- **Model**: ``VisualWithHead(visual, head)``: logits = head(normalize(visual(x))), a linear head on the
+  **L2-normalised** image features (the CLIP convention, and the features of the LP mode and of every other
+  stage). Only open_clip ``VisionTransformer`` towers (``transformer.resblocks``) are supported.
+- **Head init**: seeded Gaussian, weight ~ N(0, 1/d), bias 0 (:func:`init_head`). *Not* zero: with a zero head
+  the logits do not depend on the tower, so every gradient w.r.t. the tower's blocks is exactly 0 and the sketch
+  would only see the head. With N(0, 1/d) rows (norm ≈ 1) the logits start near 0 (p ≈ uniform) and the block
+  and head gradients have comparable scales.
+- **Trained layer set** (:func:`ft_parameter_names`): the last ``k`` residual blocks, everything of the tower
+  *after* them (``ln_post``, ``proj``, attention pooling if any) and the head. Freezing ``ln_post``/``proj``
+  between trained blocks and a trained head would not be "the last layers"; they are tiny next to a block.
+- **Cost**: the frozen prefix (patch embedding and the first L−k blocks) runs once per batch as an ordinary
+  batched forward without autograd; only the trained suffix goes through ``vmap(grad)``
+  (:func:`skmm.gradients.per_sample_gradients`). Memory grows as batch_size × r.
+- fp32 throughout; TF32 off on CUDA during the call (as in embedding), so rows agree across batch sizes,
+  orders and devices to ~1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skmm._validation import check_positive_int
+from skmm.gradients.features import pseudo_labels
+from skmm.gradients.finetune import gradient_dim, last_k_parameter_names, per_sample_gradients
+
+__all__ = [
+    "FEATURES",
+    "HEAD_INIT",
+    "PROJECTOR_KINDS",
+    "VisualWithHead",
+    "build_ft_model",
+    "decode_images",
+    "ft_gradient_sketch",
+    "ft_parameter_names",
+    "init_head",
+]
+
+FEATURES = "l2-normalised"
+HEAD_INIT = "normal(0,1/d),bias=0"
+PROJECTOR_KINDS = ("gaussian", "rademacher", "sjlt")
+BLOCKS = "visual.transformer.resblocks"
+# Modules of an open_clip VisionTransformer that run after the residual blocks (plus the `proj` parameter).
+_POST_MODULES = ("attn_pool", "attn_pool_contrastive", "ln_post")
+_VMAP_FALLBACK = r"There is a performance drop because we have not yet implemented the batching rule"
+
+
+def _check_vit(visual: nn.Module) -> None:
+    ok = (all(hasattr(visual, a) for a in ("_embeds", "_pool", "proj", "transformer"))
+          and isinstance(getattr(visual.transformer, "resblocks", None), nn.ModuleList))
+    if not ok:
+        raise ValueError(f"FT mode needs an open_clip VisionTransformer image tower (transformer.resblocks); "
+                         f"{type(visual).__name__} towers (ResNet, timm) are not supported")
+
+
+class VisualWithHead(nn.Module):
+    """An open_clip ViT image tower and a linear head on its L2-normalised features: ``forward(pixels) -> logits``.
+
+    :meth:`prefix` and :meth:`suffix` split the same computation at block ``L - k`` (``forward`` is
+    ``suffix(prefix(x, k), k)`` for every k), so the frozen prefix can run once, batched and without autograd.
+    """
+
+    def __init__(self, visual: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        _check_vit(visual)
+        self.visual = visual
+        self.head = head
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    def _check_k(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= self.num_blocks:
+            raise ValueError(f"k must be an integer in [0, {self.num_blocks}] (the tower's blocks); got {k!r}")
+        return int(k)
+
+    def prefix(self, pixels: torch.Tensor, k: int) -> torch.Tensor:
+        """Tokens entering block ``L - k``, batch first: (batch, tokens, width)."""
+        k = self._check_k(k)
+        v = self.visual
+        x = v._embeds(pixels)
+        blocks = list(v.transformer.resblocks)[:self.num_blocks - k]
+        if blocks:
+            batch_first = getattr(v.transformer, "batch_first", True)
+            if not batch_first:
+                x = x.transpose(0, 1)
+            for block in blocks:
+                x = block(x)
+            if not batch_first:
+                x = x.transpose(0, 1)
+        return x
+
+    def features(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """The last ``k`` blocks, pooling and projection: unnormalised image features (batch, embed_dim)."""
+        k = self._check_k(k)
+        v = self.visual
+        x = tokens
+        blocks = list(v.transformer.resblocks)[self.num_blocks - k:]
+        if blocks:
+            batch_first = getattr(v.transformer, "batch_first", True)
+            if not batch_first:
+                x = x.transpose(0, 1)
+            for block in blocks:
+                x = block(x)
+            if not batch_first:
+                x = x.transpose(0, 1)
+        pooled, _ = v._pool(x)
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return pooled
+
+    def suffix(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """Logits from the tokens entering block ``L - k``."""
+        return self.head(F.normalize(self.features(tokens, k), dim=-1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.suffix(self.prefix(pixels, 0), 0)
+
+
+class _Suffix(VisualWithHead):
+    """The same tower and head (shared, same parameter names) whose forward is ``suffix(tokens, k)``."""
+
+    def __init__(self, model: VisualWithHead, k: int) -> None:
+        super().__init__(model.visual, model.head)
+        self.k = self._check_k(k)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.suffix(tokens, self.k)
+
+
+def init_head(embed_dim: int, num_classes: int, seed: int) -> nn.Linear:
+    """The head every FT model starts from: weight ~ N(0, 1/embed_dim) drawn on the CPU from ``seed``, bias 0."""
+    embed_dim = check_positive_int(embed_dim, "embed_dim")
+    num_classes = _check_num_classes(num_classes)
+    seed = _check_seed(seed)
+    head = nn.Linear(embed_dim, num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(num_classes, embed_dim, generator=gen) / math.sqrt(embed_dim))
+        head.bias.zero_()
+    return head
+
+
+def build_ft_model(spec: Any, num_classes: int, seed: int = 0, device: Any = None) -> tuple[VisualWithHead, Any]:
+    """``(model, preprocess)``: a fresh ``VisualWithHead`` (eval mode, fp32, on ``device``: CUDA when available)
+    for ``spec``'s image tower with an :func:`init_head` head, and open_clip's evaluation transform."""
+    from skmm.models.clip import ClipSpec, load_clip, resolve_device
+
+    if isinstance(spec, dict):
+        spec = ClipSpec.from_dict(spec)
+    dev = resolve_device(device)
+    clip, preprocess = load_clip(spec, "cpu")
+    visual = clip.visual
+    _check_vit(visual)
+    dim = getattr(visual, "output_dim", None)
+    if not isinstance(dim, int):
+        raise ValueError(f"could not read the image tower's output dimension for {spec.model!r}")
+    model = VisualWithHead(visual, init_head(dim, num_classes, seed))
+    return model.to(dev).eval(), preprocess
+
+
+def ft_parameter_names(model: VisualWithHead, k: int) -> list[str]:
+    """The FT layer set: the last ``k`` blocks, the tower's modules after them, and the head.
+
+    In ``model.named_parameters()`` order. ValueError for k < 1 or k above the number of blocks.
+    """
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be a positive integer; got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1 (the number of last blocks to train); got {k}")
+    if k > model.num_blocks:
+        raise ValueError(f"k={k} is more than the {model.num_blocks} blocks of the image tower")
+    chosen = set(last_k_parameter_names(model, int(k), head="head", blocks=BLOCKS))
+    post = tuple(f"visual.{m}." for m in _POST_MODULES)
+    return [n for n, _ in model.named_parameters() if n in chosen or n == "visual.proj" or n.startswith(post)]
+
+
+def decode_images(images: Sequence[Any], preprocess: Any, offset: int = 0) -> torch.Tensor:
+    """Decode encoded images (bytes) with Pillow as RGB and preprocess them: a (batch, 3, H, W) tensor."""
+    from skmm.models.clip import _decode
+
+    return torch.stack([_decode(b, offset + i, preprocess) for i, b in enumerate(images)])
+
+
+def _check_num_classes(num_classes: Any) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"num_classes must be an integer >= 2; got {num_classes!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2 (cross-entropy over one class has zero gradient); "
+                         f"got {num_classes}")
+    return int(num_classes)
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+    return int(seed)
+
+
+def _check_images(images: Any, name: str = "images") -> list[Any]:
+    if isinstance(images, bytes | bytearray | memoryview | str):
+        raise TypeError(f"{name} must be a sequence of encoded images, not a single {type(images).__name__}")
+    return list(images)
+
+
+def ft_gradient_sketch(
+    images: Sequence[bytes],
+    sample_ids: Sequence[str],
+    spec: Any,
+    *,
+    k: int = 1,
+    num_classes: int,
+    sketch_dim: int | None,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: Any = None,
+    projector_kind: str = "gaussian",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Sketched per-sample FT gradients of a pool: ``(G̃ (N, m) float32, producer)``, rows in input order.
+
+    ``images``: encoded images (PNG/JPEG bytes); ``sample_ids``: one key per image (the content-hash ids).
+    Sample i's pseudo-label is ``pseudo_labels([sample_ids[i]], num_classes, seed)``; its row is the
+    cross-entropy gradient of ``build_ft_model(spec, num_classes, seed)`` w.r.t. :func:`ft_parameter_names`
+    (r entries), projected by ``make_projector(projector_kind, r, sketch_dim, seed)``: one projector for the
+    whole pool. A row depends only on the image, its id and the arguments, never on batch size or order.
+    ``sketch_dim=None`` or ``>= r`` returns the unsketched gradients (N, r) with ``producer["sketch"] = None``.
+    The producer records everything that determines the rows; store it with them.
+    """
+    from skmm.models.clip import ClipSpec, _ieee_fp32, resolve_device
+    from skmm.sketch import make_projector
+
+    if isinstance(spec, dict):
+        spec = ClipSpec.from_dict(spec)
+    if not isinstance(spec, ClipSpec):
+        raise TypeError(f"spec must be a ClipSpec or its dict; got {type(spec).__name__}")
+    images = _check_images(images)
+    if isinstance(sample_ids, str):
+        raise TypeError("sample_ids must be a sequence of ids, not a single string")
+    ids = list(sample_ids)
+    if not images:
+        raise ValueError("images is empty: there is no sample to compute gradients for")
+    if len(ids) != len(images):
+        raise ValueError(f"sample_ids must name every image: {len(ids)} ids for {len(images)} images")
+    C = _check_num_classes(num_classes)
+    seed = _check_seed(seed)
+    batch_size = check_positive_int(batch_size, "batch_size")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be a positive integer; got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1 (the number of last blocks to train); got {k}")
+    if projector_kind not in PROJECTOR_KINDS:
+        raise ValueError(f"projector_kind must be one of {PROJECTOR_KINDS}; got {projector_kind!r}")
+    if sketch_dim is not None:
+        sketch_dim = check_positive_int(sketch_dim, "sketch_dim")
+    labels = torch.from_numpy(pseudo_labels(ids, C, seed))
+
+    dev = resolve_device(device)
+    model, preprocess = build_ft_model(spec, C, seed, dev)
+    names = ft_parameter_names(model, k)
+    r = gradient_dim(model, names)
+    projector = None
+    if sketch_dim is not None and sketch_dim < r:
+        projector = make_projector(projector_kind, r, sketch_dim, seed)
+    suffix = _Suffix(model, int(k))
+
+    rows: list[np.ndarray] = []
+    with _ieee_fp32(dev), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_VMAP_FALLBACK)
+        for lo in range(0, len(images), batch_size):
+            pixels = decode_images(images[lo:lo + batch_size], preprocess, lo).to(dev)
+            with torch.no_grad():
+                tokens = model.prefix(pixels, int(k))
+            grads = per_sample_gradients(suffix, tokens, labels[lo:lo + len(pixels)], names)
+            out = projector.project(grads) if projector is not None else grads
+            rows.append(out.detach().float().cpu().numpy())
+            del grads
+    producer = {
+        "mode": "ft",
+        "model": spec.to_dict(),
+        "k": int(k),
+        "params": names,
+        "r": int(r),
+        "num_classes": C,
+        "pseudo_label_seed": seed,
+        "head": {"init": HEAD_INIT, "seed": seed, "features": FEATURES},
+        "loss": "cross_entropy",
+        "sketch": projector.spec.to_dict() if projector is not None else None,
+    }
+    return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32), producer
