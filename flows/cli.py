@@ -66,6 +66,12 @@ def curate_cmd(
     init_seed: Annotated[int, typer.Option(min=0, help="Seed of a random-init tower.")] = 0,
     image_size: Annotated[int, typer.Option(min=8, help="Render size for the digits source.")] = 32,
     sketch_dim: Annotated[int, typer.Option(min=1, help="Sketch dimension m.")] = 64,
+    gradients: Annotated[str, typer.Option(help="'lp': normalised features; 'ft': per-sample gradients of the "
+                                                "last --ft-layers tower blocks (pseudo-labels).")] = "lp",
+    finetune: Annotated[str, typer.Option(help="'linear_probe' on frozen features, or 'last_layers' of the "
+                                               "tower + a head.")] = "linear_probe",
+    ft_layers: Annotated[int, typer.Option(min=1, help="Tower blocks to finetune / differentiate (FT).")] = 1,
+    ft_epochs: Annotated[int, typer.Option(min=1, help="Epochs of last-layers finetuning.")] = 5,
     class_balanced: Annotated[bool, typer.Option(help="Spread budgets evenly over classes.")] = False,
     embeddings: Annotated[bool, typer.Option(help="SOURCE is a Parquet table of precomputed embeddings.")] = False,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val/test split.")] = 0,
@@ -76,14 +82,16 @@ def curate_cmd(
 ) -> None:
     """Select, finetune and evaluate on a pool: the whole curation flow, run under Prefect."""
     try:
-        from flows.curate import ModelConfig, SourceConfig, curate
+        from flows.curate import FinetuneConfig, ModelConfig, SourceConfig, curate
 
         src = SourceConfig(**_source_config(source, embeddings, image_size, split_seed))
         mdl = ModelConfig(name=model, pretrained=pretrained, init_seed=init_seed)
         result = curate(source=src, budgets=_int_list(budgets, "--budgets"),
                         methods=[m.strip() for m in methods.split(",") if m.strip()],
                         seeds=[int(x) for x in seeds.split(",") if x.strip()], model=mdl, sketch_dim=sketch_dim,
-                        class_balanced=class_balanced, store_url=store, endpoint_url=endpoint_url)
+                        class_balanced=class_balanced, store_url=store, endpoint_url=endpoint_url,
+                        gradients=gradients, finetune=FinetuneConfig(kind=finetune, layers=ft_layers,
+                                                                     epochs=ft_epochs))
     except Exception as exc:
         _fail(exc)
     _print_result(result, as_json)

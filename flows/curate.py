@@ -22,14 +22,14 @@ from storage.datasets import DatasetRef, VectorTableRef
 from storage.lineage import LineageRecorder, git_commit
 from tasks.embed import embed
 from tasks.evaluate import evaluate
-from tasks.finetune import linear_probe
+from tasks.finetune import finetune_last_layers, linear_probe
 from tasks.ingest import ingest
 from tasks.report import publish, report
 from tasks.select import select
 from tasks.sketch import sketch
 from tasks.store import DEFAULT_STORE, open_store, result_storage_path, store_spec
 
-__all__ = ["ModelConfig", "SourceConfig", "curate"]
+__all__ = ["FinetuneConfig", "ModelConfig", "SourceConfig", "curate"]
 
 
 class SourceConfig(BaseModel):
@@ -71,10 +71,22 @@ def _methods_known(methods: list[str]) -> list[str]:
     return methods
 
 
+class FinetuneConfig(BaseModel):
+    """How the selected samples are used: a linear probe on frozen features, or the last k tower blocks + head."""
+
+    kind: Literal["linear_probe", "last_layers"] = "linear_probe"
+    layers: PositiveInt = 1
+    epochs: PositiveInt = 5
+    lr: float = Field(1e-4, gt=0)
+    head_lr: float = Field(1e-2, gt=0)
+
+
 def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, dataset: dict, emb: dict, sk: dict,
                              methods: list[str], budgets: list[int], seeds: list[int],
-                             class_balanced: bool = False) -> list[dict[str, Any]]:
-    """For each (method, budget, seed): select → linear probe → evaluate, each a recorded stage."""
+                             class_balanced: bool = False, finetune: FinetuneConfig | None = None,
+                             model: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """For each (method, budget, seed): select → finetune → evaluate, each a recorded stage."""
+    finetune = finetune or FinetuneConfig()
     emb_ref = VectorTableRef.from_dict(emb).artifact
     sk_ref = VectorTableRef.from_dict(sk).artifact
     results = []
@@ -85,7 +97,12 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
             sel_ref = ArtifactRef.from_dict(sel["selection"])
             rec.complete(f"select.{tag}", selection=sel_ref)
         with rec.stage(f"finetune.{tag}", [sel_ref, emb_ref]):
-            fit = linear_probe.with_options(**opts)(emb, dataset, sel["selection"], store)
+            if finetune.kind == "last_layers":
+                fit = finetune_last_layers.with_options(**opts)(
+                    dataset, sel["selection"], store, model, k=finetune.layers, epochs=finetune.epochs,
+                    lr=finetune.lr, head_lr=finetune.head_lr, seed=seed)
+            else:
+                fit = linear_probe.with_options(**opts)(emb, dataset, sel["selection"], store)
             model_ref = ArtifactRef.from_dict(fit["model"])
             rec.complete(f"finetune.{tag}", selection=sel_ref, model=model_ref)
         with rec.stage(f"evaluate.{tag}", [model_ref]):
@@ -113,13 +130,18 @@ def curate(
     seeds: list[int] = [0],  # noqa: B006
     model: ModelConfig = ModelConfig(),  # noqa: B008
     sketch_dim: PositiveInt | None = 64,
+    gradients: Literal["lp", "ft"] = "lp",
+    finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
     class_balanced: bool = False,
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
     batch_size: PositiveInt = 64,
 ) -> dict[str, Any]:
-    """Select ``budgets`` samples with each method and seed, finetune a linear probe on each selection, evaluate
-    on the test split, and report. Returns refs and metrics (small JSON)."""
+    """Select ``budgets`` samples with each method and seed, finetune on each selection (a linear probe, or the
+    last layers of the tower), evaluate on the test split, and report. Returns refs and metrics (small JSON).
+
+    ``gradients``: "lp" (normalised features) or "ft" (per-sample gradients of the last ``finetune.layers``
+    tower blocks with random pseudo-labels); the sketch uses the first seed, selections every seed."""
     logger = get_run_logger()
     _methods_known(methods)
     store = store_spec(store_url, endpoint_url)
@@ -128,7 +150,8 @@ def curate(
     results_path = result_storage_path(store)
     opts = {"result_storage": results_path}
     config = {"source": source.model_dump(), "budgets": budgets, "methods": methods, "seeds": seeds,
-              "model": model.model_dump(), "sketch_dim": sketch_dim, "class_balanced": class_balanced}
+              "model": model.model_dump(), "sketch_dim": sketch_dim, "class_balanced": class_balanced,
+              "gradients": gradients, "finetune": finetune.model_dump()}
     rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=git_commit(), config=config)
     logger.info("run %s: store %s", rec.run_id, st)
 
@@ -150,12 +173,13 @@ def curate(
         rec.complete("embed", outputs=[emb_ref])
 
     with rec.stage("sketch", [emb_ref]):
-        sk = sketch.with_options(**opts)(emb, ing["dataset"], store, sketch_dim=sketch_dim, seed=seeds[0])
+        sk = sketch.with_options(**opts)(emb, ing["dataset"], store, sketch_dim=sketch_dim, seed=seeds[0],
+                                         mode=gradients, model=model.model_dump(), k=finetune.layers)
         sk_ref = VectorTableRef.from_dict(sk).artifact
         rec.complete("sketch", outputs=[sk_ref])
 
     results = select_finetune_evaluate(rec, opts, store, ing["dataset"], emb, sk, methods, budgets, seeds,
-                                       class_balanced)
+                                       class_balanced, finetune, model.model_dump())
     rep = report_stage(rec, opts, store, results)
     return {"run_id": rec.run_id, "store": st.url, "dataset": ing["dataset"], "quarantined": ing["n_quarantined"],
             "embeddings": emb, "sketch": sk, "results": results, "report": rep}

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import PositiveInt
 
-from flows.curate import _methods_known, report_stage, select_finetune_evaluate
+from flows.curate import FinetuneConfig, ModelConfig, _methods_known, report_stage, select_finetune_evaluate
 from storage.artifacts import ArtifactRef
 from storage.datasets import DatasetRef, VectorTableRef
 from storage.errors import ArtifactNotFoundError
@@ -53,6 +53,8 @@ def reselect(
     methods: list[str] = ["skmm_best", "uniform"],  # noqa: B006
     seeds: list[int] = [0],  # noqa: B006
     class_balanced: bool = False,
+    finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
+    model: ModelConfig = ModelConfig(),  # noqa: B008 - used by finetune.kind == "last_layers"
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
 ) -> dict[str, Any]:
@@ -68,7 +70,7 @@ def reselect(
         _require(st, inputs)
         rec.complete("check-inputs", outputs=inputs)
     results = select_finetune_evaluate(rec, opts, store, run["dataset"], emb, sk, methods, budgets, seeds,
-                                       class_balanced)
+                                       class_balanced, finetune, model.model_dump())
     rep = report_stage(rec, opts, store, results)
     return {"run_id": rec.run_id, "store": st.url, "dataset": run["dataset"], "quarantined": 0,
             "embeddings": emb, "sketch": sk, "results": results, "report": rep}

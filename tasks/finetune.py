@@ -1,25 +1,29 @@
-"""Stage "finetune": a linear probe on the selected samples' features, saved as safetensors with its hash.
+"""Stage "finetune": on the selected samples only — a linear probe on their features (LP), or the last k blocks
+of the open_clip image tower with a head (FT). Weights are saved as deterministic safetensors with their hash.
 
-The probe's strength C is chosen on the validation split (never the test split) from a small grid.
+The probe's strength C, and the FT epoch, are chosen on the validation split (never the test split).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import task
 
-from skmm.finetune import LinearProbe
+from skmm.finetune import LastLayersFinetuner, LinearProbe
 from skmm.gradients import normalize_features
 from storage.artifacts import ArtifactRef
-from storage.datasets import DatasetRef, VectorTableRef, read_vectors
+from storage.datasets import DatasetRef, VectorTableRef, read_samples, read_vectors
 from storage.selections import read_selection
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
-from tasks.sketch import pool_ids
+from tasks.sketch import clip_spec, pool_ids
 from tasks.store import open_store
 
-__all__ = ["STRENGTHS", "linear_probe", "run_linear_probe"]
+__all__ = ["STRENGTHS", "finetune_last_layers", "linear_probe", "run_finetune_last_layers", "run_linear_probe"]
 
 CODE_VERSION = "finetune-lp-1"
+FT_CODE_VERSION = "finetune-ft-1"
 STRENGTHS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
@@ -59,3 +63,42 @@ def linear_probe(embeddings: dict, dataset: dict, selection: dict, store: dict,
                  strengths: list[float] | None = None, task: str = "classification") -> dict:
     """Prefect task wrapper of :func:`run_linear_probe`."""
     return run_linear_probe(embeddings, dataset, selection, store, strengths, task)
+
+
+def _selected_images(st: Any, ds: DatasetRef, chosen: list[str]) -> tuple[list[bytes], list[str], list, list]:
+    table = read_samples(st, ds, columns=["sample_id", "data", "label", "split"])
+    rows = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
+    splits, labels, data = (table.column(c).to_pylist() for c in ("split", "label", "data"))
+    missing = [s for s in chosen if s not in rows or splits[rows[s]] != "train"]
+    if missing:
+        raise ValueError(f"{len(missing)} selected samples are not in the dataset's train split (first {missing[0]})")
+    images, ys = [data[rows[s]] for s in chosen], [labels[rows[s]] for s in chosen]
+    if any(y is None for y in ys):
+        raise ValueError("selected samples have no label: finetuning needs labels for the coreset")
+    val = [i for i, s in enumerate(splits) if s == "val"]
+    return images, ys, [data[i] for i in val], [labels[i] for i in val]
+
+
+def run_finetune_last_layers(dataset: dict, selection: dict, store: dict, model: dict[str, Any], k: int = 1,
+                             epochs: int = 5, lr: float = 1e-4, head_lr: float = 1e-2, batch_size: int = 32,
+                             seed: int = 0, device: str | None = None) -> dict:
+    """Train the last ``k`` tower blocks + head on the selection; keep the best epoch on the val split."""
+    st = open_store(store)
+    ds = DatasetRef.from_dict(dataset)
+    chosen = read_selection(st, ArtifactRef.from_dict(selection)).column("sample_id").to_pylist()
+    images, ys, val_images, val_ys = _selected_images(st, ds, chosen)
+    ft = LastLayersFinetuner(clip_spec(model), k=k, epochs=epochs, lr=lr, head_lr=head_lr, batch_size=batch_size,
+                             seed=seed, device=device)
+    ft.fit(images, ys, val_images or None, val_ys or None)
+    ref = st.put_bytes(ft.state_bytes(), "model", ".safetensors")
+    return {"model": ref.to_dict(), "best_epoch": ft.best_epoch_, "best_val_accuracy": ft.best_val_accuracy_}
+
+
+@task(name="finetune-last-layers", cache_policy=ContentCache(code_version=FT_CODE_VERSION, ignore=("device",)),
+      persist_result=True, result_serializer="json", **RETRY)
+def finetune_last_layers(dataset: dict, selection: dict, store: dict, model: dict[str, Any], k: int = 1,
+                         epochs: int = 5, lr: float = 1e-4, head_lr: float = 1e-2, batch_size: int = 32,
+                         seed: int = 0, device: str | None = None) -> dict:
+    """Prefect task wrapper of :func:`run_finetune_last_layers`."""
+    return run_finetune_last_layers(dataset, selection, store, model, k, epochs, lr, head_lr, batch_size, seed,
+                                    device)

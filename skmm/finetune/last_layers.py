@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import numbers
 import struct
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -207,8 +206,7 @@ class LastLayersFinetuner:
         gen = torch.Generator().manual_seed(self.seed)
         history: list[dict[str, Any]] = []
         best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-        with _ieee_fp32(dev), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="enable_nested_tensor")
+        with _ieee_fp32(dev):
             tokens = self._tokens(images)
             val_tokens = self._tokens(val_images) if val_images is not None else None
             for epoch in range(1, self.epochs + 1):

@@ -145,3 +145,23 @@ def test_reselect_and_reevaluate_from_an_earlier_run(prefect_server, tmp_path):
         reselect(run=first, budgets=[25], methods=["uniform"], store_url=store)
     with pytest.raises(Exception, match="no 'sketch'"):
         reselect(run={"dataset": first["dataset"], "embeddings": first["embeddings"]}, budgets=[5], store_url=store)
+
+
+def test_curate_ft_mode_gradients_and_last_layers(prefect_server, tmp_path):
+    from flows.curate import FinetuneConfig
+
+    result = curate(**{**FAST, "methods": ["skmm", "uniform"], "budgets": [30]}, gradients="ft",
+                    finetune=FinetuneConfig(kind="last_layers", layers=1, epochs=2),
+                    store_url=str(tmp_path / "store"), return_state=True)
+    from skmm.finetune import model_format
+    from storage.artifacts import ArtifactRef
+    from storage.datasets import VectorTableRef
+
+    out = result.result()
+    st = open_store(store_spec(tmp_path / "store"))
+    producer = VectorTableRef.from_dict(out["sketch"]).producer
+    assert producer["mode"] == "ft" and producer["k"] == 1 and producer["sketch"]["output_dim"] == 16
+    for r in out["results"]:
+        assert model_format(st.get_bytes(ArtifactRef.from_dict(r["model"]))) == "skmm-last-layers/1"
+        assert 0.0 <= r["accuracy"] <= 1.0
+    assert "finetune-last-layers" in task_states(result)

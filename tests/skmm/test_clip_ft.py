@@ -55,7 +55,7 @@ def test_shape_producer_and_layer_set(pool, sketched):
     assert producer == {
         "mode": "ft", "model": TINY.to_dict(), "k": 1, "params": names, "r": r, "num_classes": 10,
         "pseudo_label_seed": 3, "head": {"init": "normal(0,1/d),bias=0", "seed": 3, "features": "l2-normalised"},
-        "loss": "cross_entropy", "sketch": make_projector("gaussian", r, 16, 3).spec.to_dict(),
+        "loss": "cross_entropy", "sketch": make_projector("sjlt", r, 16, 3).spec.to_dict(),
     }
     # The last block, the layers after it and the head; never the first block or the patch embedding.
     assert any(n.startswith("visual.transformer.resblocks.1.") for n in names)
@@ -84,8 +84,12 @@ def test_sketch_is_one_projector_applied_to_the_exact_gradients(pool, sketched):
     G, prod_raw = ft_gradient_sketch(images[:4], ids[:4], TINY, k=1, num_classes=10, sketch_dim=None, seed=3,
                                      batch_size=3, device="cpu")
     assert prod_raw["sketch"] is None and G.shape == (4, producer["r"])
-    proj = make_projector("gaussian", producer["r"], 16, 3)
-    np.testing.assert_allclose(proj.project(G), S[:4], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(make_projector("sjlt", producer["r"], 16, 3).project(G), S[:4], rtol=1e-5, atol=1e-5)
+    S_gauss, prod_gauss = ft_gradient_sketch(images[:4], ids[:4], TINY, k=1, num_classes=10, sketch_dim=16, seed=3,
+                                             device="cpu", projector_kind="gaussian")
+    gauss = make_projector("gaussian", producer["r"], 16, 3)
+    assert prod_gauss["sketch"] == gauss.spec.to_dict()
+    np.testing.assert_allclose(gauss.project(G), S_gauss, rtol=1e-5, atol=1e-5)
 
     model, preprocess = build_ft_model(TINY, 10, 3, "cpu")
     names = producer["params"]

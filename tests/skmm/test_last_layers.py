@@ -82,6 +82,10 @@ def test_round_trip_gives_identical_predictions(digits, fitted):
     assert again.state_bytes() == data
     assert (again.k, again.best_epoch_, again.seed, again.lr, again.head_lr) == (1, fitted.best_epoch_, 0, 1e-3, 1e-2)
     assert list(again.classes_) == list(fitted.classes_)
+    # The base tower may be named anew (e.g. the same weights moved): the stored tensors go on top of it.
+    other = LastLayersFinetuner.from_bytes(data, spec=ClipSpec(TINY_MODEL, init_seed=1), device="cpu")
+    assert other.spec.init_seed == 1 and other.state_bytes() != data
+    assert not np.array_equal(other.decision_function(images[:8]), fitted.decision_function(images[:8]))
 
 
 def test_only_the_trained_tensors_are_stored(fitted):
