@@ -41,6 +41,7 @@ class SourceConfig(BaseModel):
     val_fraction: float = Field(0.15, ge=0, lt=1)
     test_fraction: float = Field(0.15, gt=0, lt=1)
     seed: int = Field(0, ge=0)
+    shard_rows: PositiveInt = 2048  # rows per Parquet shard: the unit the embed stage runs in parallel
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceConfig:
@@ -168,7 +169,7 @@ def curate(
         if ing.get("vectors"):
             emb = ing["vectors"]
         else:
-            emb = embed.with_options(**opts)(ing["dataset"], model.model_dump(), store, batch_size=batch_size)
+            emb = embed(ing["dataset"], model.model_dump(), store, opts, batch_size=batch_size)
         emb_ref = VectorTableRef.from_dict(emb).artifact
         rec.complete("embed", outputs=[emb_ref])
 

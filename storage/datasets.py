@@ -39,12 +39,14 @@ __all__ = [
     "SPLITS",
     "DatasetManifest",
     "DatasetRef",
+    "ShardRef",
     "VectorTableRef",
     "combine_vectors",
     "dataset_version",
     "load_manifest",
     "producer_digest",
     "read_samples",
+    "read_shard",
     "read_vectors",
     "sample_id",
     "vector_sample_id",
@@ -377,6 +379,11 @@ def read_samples(store: ArtifactStore, dataset_ref: DatasetRef, columns: Sequenc
     Every shard is verified against its sha256 first: a corrupted or missing shard raises
     ArtifactCorruptedError / ArtifactNotFoundError naming it.
     """
+    return pa.concat_tables([read_shard(store, shard, columns) for shard in load_manifest(store, dataset_ref).shards])
+
+
+def read_shard(store: ArtifactStore, shard: ShardRef, columns: Sequence[str] | None = None) -> pa.Table:
+    """One verified shard's rows (optionally only ``columns``): the unit that stages can process in parallel."""
     if columns is not None:
         columns = list(columns)
         unknown = set(columns) - set(_COLUMNS)
@@ -384,13 +391,10 @@ def read_samples(store: ArtifactStore, dataset_ref: DatasetRef, columns: Sequenc
             raise ValueError(f"unknown sample column(s) {sorted(unknown)}; expected some of {list(_COLUMNS)}")
     schema = pa.schema([SAMPLE_SCHEMA.field(c) for c in (columns if columns is not None else _COLUMNS)],
                        metadata=SAMPLE_SCHEMA.metadata)
-    parts = []
-    for shard in load_manifest(store, dataset_ref).shards:
-        part = pq.read_table(pa.BufferReader(store.get_bytes(shard.artifact)), columns=columns)
-        _want(part.num_rows == shard.num_rows and part.schema.equals(schema),
-              f"shard {shard.artifact.uri} does not hold {shard.num_rows} sample rows of the expected schema")
-        parts.append(part)
-    return pa.concat_tables(parts)
+    part = pq.read_table(pa.BufferReader(store.get_bytes(shard.artifact)), columns=columns)
+    _want(part.num_rows == shard.num_rows and part.schema.equals(schema),
+          f"shard {shard.artifact.uri} does not hold {shard.num_rows} sample rows of the expected schema")
+    return part
 
 
 # ---------------------------------------------------------------------------------------------- vectors

@@ -57,7 +57,7 @@ def source_fingerprint(source: dict[str, Any]) -> dict[str, Any]:
 def run_ingest(source: dict[str, Any], store: dict) -> dict:
     kind = source.get("kind", "digits")
     st = open_store(store)
-    split = {k: source[k] for k in ("val_fraction", "test_fraction", "seed") if k in source}
+    split = {k: source[k] for k in ("val_fraction", "test_fraction", "seed", "shard_rows") if k in source}
     if kind == "digits":
         result = sources.ingest_digits(st, image_size=source.get("image_size", 32), **split)
     elif kind == "folder":

@@ -102,32 +102,24 @@ class VisualWithHead(nn.Module):
         """Tokens entering block ``L - k``, batch first: (batch, tokens, width)."""
         k = self._check_k(k)
         v = self.visual
-        x = v._embeds(pixels)
-        blocks = list(v.transformer.resblocks)[:self.num_blocks - k]
-        if blocks:
-            batch_first = getattr(v.transformer, "batch_first", True)
-            if not batch_first:
-                x = x.transpose(0, 1)
-            for block in blocks:
-                x = block(x)
-            if not batch_first:
-                x = x.transpose(0, 1)
-        return x
+        return self._run_blocks(v._embeds(pixels), list(v.transformer.resblocks)[:self.num_blocks - k])
+
+    def _run_blocks(self, x: torch.Tensor, blocks: list) -> torch.Tensor:
+        """Tokens (batch first) through ``blocks``, in the layout the transformer expects."""
+        if not blocks:
+            return x
+        batch_first = getattr(self.visual.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in blocks:
+            x = block(x)
+        return x if batch_first else x.transpose(0, 1)
 
     def features(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
         """The last ``k`` blocks, pooling and projection: unnormalised image features (batch, embed_dim)."""
         k = self._check_k(k)
         v = self.visual
-        x = tokens
-        blocks = list(v.transformer.resblocks)[self.num_blocks - k:]
-        if blocks:
-            batch_first = getattr(v.transformer, "batch_first", True)
-            if not batch_first:
-                x = x.transpose(0, 1)
-            for block in blocks:
-                x = block(x)
-            if not batch_first:
-                x = x.transpose(0, 1)
+        x = self._run_blocks(tokens, list(v.transformer.resblocks)[self.num_blocks - k:])
         pooled, _ = v._pool(x)
         if v.proj is not None:
             pooled = pooled @ v.proj

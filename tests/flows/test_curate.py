@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 
+import numpy as np
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -165,3 +166,19 @@ def test_curate_ft_mode_gradients_and_last_layers(prefect_server, tmp_path):
         assert model_format(st.get_bytes(ArtifactRef.from_dict(r["model"]))) == "skmm-last-layers/1"
         assert 0.0 <= r["accuracy"] <= 1.0
     assert "finetune-last-layers" in task_states(result)
+
+
+def test_embedding_is_sharded_and_independent_of_the_shard_count(prefect_server, tmp_path):
+    args = {**FAST, "methods": ["uniform"], "store_url": str(tmp_path / "store")}
+    one = curate(source=SourceConfig(kind="digits"), **args)
+    three = curate(source=SourceConfig(kind="digits", shard_rows=700), **args, return_state=True)
+    assert len(task_states(three)["embed"]) == 3  # one task per shard (run concurrently)
+    # Same samples, same features whatever the shard count (to float32 round-off: batches differ in makeup).
+    from storage.datasets import VectorTableRef, read_vectors
+
+    assert three.result()["dataset"]["version"] == one["dataset"]["version"]
+    st = open_store(store_spec(tmp_path / "store"))
+    ids_a, a = read_vectors(st, VectorTableRef.from_dict(one["embeddings"]))
+    ids_b, b = read_vectors(st, VectorTableRef.from_dict(three.result()["embeddings"]))
+    assert ids_a == ids_b
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
