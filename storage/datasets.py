@@ -22,6 +22,8 @@ import hashlib
 import json
 import numbers
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -382,19 +384,37 @@ def read_samples(store: ArtifactStore, dataset_ref: DatasetRef, columns: Sequenc
     return pa.concat_tables([read_shard(store, shard, columns) for shard in load_manifest(store, dataset_ref).shards])
 
 
+_SHARD_CACHE: OrderedDict[tuple[str, str], pa.Table] = OrderedDict()
+_SHARD_CACHE_BYTES = 256 * 2**20
+_SHARD_LOCK = threading.Lock()
+
+
 def read_shard(store: ArtifactStore, shard: ShardRef, columns: Sequence[str] | None = None) -> pa.Table:
-    """One verified shard's rows (optionally only ``columns``): the unit that stages can process in parallel."""
+    """One verified shard's rows (optionally only ``columns``): the unit that stages can process in parallel.
+
+    Verified shards are memoised per process by (store, sha256) up to 256 MiB: a shard never changes, and the
+    stages of one run read the same sample table several times.
+    """
     if columns is not None:
         columns = list(columns)
         unknown = set(columns) - set(_COLUMNS)
         if unknown:
             raise ValueError(f"unknown sample column(s) {sorted(unknown)}; expected some of {list(_COLUMNS)}")
-    schema = pa.schema([SAMPLE_SCHEMA.field(c) for c in (columns if columns is not None else _COLUMNS)],
-                       metadata=SAMPLE_SCHEMA.metadata)
-    part = pq.read_table(pa.BufferReader(store.get_bytes(shard.artifact)), columns=columns)
-    _want(part.num_rows == shard.num_rows and part.schema.equals(schema),
-          f"shard {shard.artifact.uri} does not hold {shard.num_rows} sample rows of the expected schema")
-    return part
+    key = (store.url, shard.artifact.sha256)
+    with _SHARD_LOCK:
+        table = _SHARD_CACHE.get(key)
+        if table is not None:
+            _SHARD_CACHE.move_to_end(key)
+    if table is None:
+        table = pq.read_table(pa.BufferReader(store.get_bytes(shard.artifact)))
+        _want(table.num_rows == shard.num_rows and table.schema.equals(SAMPLE_SCHEMA),
+              f"shard {shard.artifact.uri} does not hold {shard.num_rows} sample rows of the expected schema")
+        with _SHARD_LOCK:
+            if table.nbytes <= _SHARD_CACHE_BYTES:
+                _SHARD_CACHE[key] = table
+                while sum(t.nbytes for t in _SHARD_CACHE.values()) > _SHARD_CACHE_BYTES:
+                    _SHARD_CACHE.popitem(last=False)
+    return table.select(columns) if columns is not None else table
 
 
 # ---------------------------------------------------------------------------------------------- vectors

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import MalformedRecordError
+from storage.lineage import canonical_json
 
 __all__ = ["SELECTION_KIND", "SELECTION_SCHEMA", "read_selection", "selection_metadata", "write_selection"]
 
@@ -30,10 +31,6 @@ _META_METHOD = b"skmm.method"
 _META_PARAMS = b"skmm.params"
 _META_FORMAT = b"skmm.format"
 _FORMAT = b"selection/1"
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def write_selection(store: ArtifactStore, sample_ids: Sequence[str], ranks: Sequence[int] | None = None,
@@ -64,7 +61,7 @@ def write_selection(store: ArtifactStore, sample_ids: Sequence[str], ranks: Sequ
     if not isinstance(method, str):
         raise ValueError("method must be a string")
     try:
-        params_json = _canonical(dict(params or {}))
+        params_json = canonical_json(dict(params or {}))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"selection params must be JSON-serialisable with finite numbers: {exc}") from None
 

@@ -512,6 +512,16 @@ def _source_uri(target: str) -> str:
     return redact(target) if _is_url(target) else pathlib.Path(target).as_uri()
 
 
+def manifest_targets(manifest_path_or_url: str | os.PathLike, *, base_dir: str | os.PathLike | None = None,
+                     storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The files a manifest lists, resolved exactly as :func:`ingest_manifest` resolves them (for cache keys)."""
+    url = os.fspath(manifest_path_or_url)
+    columns, rows = _read_manifest_rows(url, dict(storage_options or {}))
+    path_col = next((c for c in ("path", "url") if c in columns), None)
+    base = _manifest_base(url, base_dir)
+    return [_resolve_entry(str(row.get(path_col) or ""), base) for row in rows] if path_col else []
+
+
 def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLike, *,
                     base_dir: str | os.PathLike | None = None, val_fraction: float = 0.15,
                     test_fraction: float = 0.15, seed: int = 0, shard_rows: int = DEFAULT_SHARD_ROWS,

@@ -34,9 +34,17 @@ def _file_sha(path: str) -> str:
     return h.hexdigest()
 
 
+def _sha_or_missing(path: str) -> str:
+    try:
+        return _file_sha(path)
+    except (FileNotFoundError, OSError):
+        return "missing"
+
+
 def source_fingerprint(source: dict[str, Any]) -> dict[str, Any]:
-    """What identifies a source's content: for a folder, the sorted (class, file sha256) pairs; for a file
-    source, its bytes' sha256; for digits, nothing but the parameters."""
+    """What identifies a source's content: for a folder, the sorted (class, file sha256) pairs; for a manifest,
+    its bytes plus the bytes of every file it lists (a listed file can change in place); for an embeddings
+    table, its bytes; for digits, nothing but the parameters."""
     params = {k: v for k, v in source.items() if k != "path"}
     kind, path = source.get("kind"), source.get("path")
     if kind == "folder":
@@ -48,9 +56,16 @@ def source_fingerprint(source: dict[str, Any]) -> dict[str, Any]:
         return {**params, "files": entries}
     if kind in ("manifest", "embeddings"):
         try:
-            return {**params, "sha256": _file_sha(path)}
+            digest = _file_sha(path)
         except (FileNotFoundError, OSError):
             return {**params, "missing": str(path)}
+        if kind == "embeddings":
+            return {**params, "sha256": digest}
+        try:
+            files = [_sha_or_missing(t) for t in sources.manifest_targets(path)]
+        except ValueError:  # unreadable manifest: the task raises the clear error
+            files = []
+        return {**params, "sha256": digest, "files": files}
     return params
 
 

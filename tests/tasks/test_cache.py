@@ -54,3 +54,13 @@ def test_folder_fingerprint_ignores_the_path(tmp_path):
     assert fa == fb and "path" not in fa
     (tmp_path / "b/c/cat/1.png").write_bytes(b"other bytes")
     assert source_fingerprint({"kind": "folder", "path": str(tmp_path / "b/c"), "seed": 0}) != fa
+
+
+def test_manifest_fingerprint_follows_the_listed_files(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"one")
+    manifest = tmp_path / "pool.csv"
+    manifest.write_text("path,label\na.png,cat\n")
+    source = {"kind": "manifest", "path": str(manifest), "seed": 0}
+    before = source_fingerprint(source)
+    (tmp_path / "a.png").write_bytes(b"changed in place")  # same manifest bytes, new image bytes
+    assert source_fingerprint(source) != before
