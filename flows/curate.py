@@ -82,14 +82,15 @@ class FinetuneConfig(BaseModel):
     head_lr: float = Field(1e-2, gt=0)
 
 
-def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, dataset: dict, emb: dict, sk: dict,
+def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, dataset: dict, emb: dict | None, sk: dict,
                              methods: list[str], budgets: list[int], seeds: list[int],
                              class_balanced: bool = False, finetune: FinetuneConfig | None = None,
                              model: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """For each (method, budget, seed): select → finetune → evaluate, each a recorded stage."""
     finetune = finetune or FinetuneConfig()
-    emb_ref = VectorTableRef.from_dict(emb).artifact
+    features = [VectorTableRef.from_dict(emb).artifact] if emb is not None else []
     sk_ref = VectorTableRef.from_dict(sk).artifact
+    head_seed = seeds[0]  # FT: finetune from the head the sketched gradients were taken at
     results = []
     for method, n, seed in itertools.product(methods, budgets, seeds):
         tag = f"{method}.n{n}.s{seed}"
@@ -97,11 +98,11 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
             sel = select.with_options(**opts)(sk, dataset, store, method, n, seed, class_balanced=class_balanced)
             sel_ref = ArtifactRef.from_dict(sel["selection"])
             rec.complete(f"select.{tag}", selection=sel_ref)
-        with rec.stage(f"finetune.{tag}", [sel_ref, emb_ref]):
+        with rec.stage(f"finetune.{tag}", [sel_ref, *features]):
             if finetune.kind == "last_layers":
                 fit = finetune_last_layers.with_options(**opts)(
                     dataset, sel["selection"], store, model, k=finetune.layers, epochs=finetune.epochs,
-                    lr=finetune.lr, head_lr=finetune.head_lr, seed=seed)
+                    lr=finetune.lr, head_lr=finetune.head_lr, seed=head_seed)
             else:
                 fit = linear_probe.with_options(**opts)(emb, dataset, sel["selection"], store)
             model_ref = ArtifactRef.from_dict(fit["model"])
@@ -165,15 +166,18 @@ def curate(
     if ing["n_quarantined"]:
         logger.warning("%d file(s) quarantined (unreadable); see %s", ing["n_quarantined"], ing["quarantine"]["uri"])
 
-    with rec.stage("embed", [dataset.manifest]):
-        if ing.get("vectors"):
-            emb = ing["vectors"]
-        else:
-            emb = embed(ing["dataset"], model.model_dump(), store, opts, batch_size=batch_size)
-        emb_ref = VectorTableRef.from_dict(emb).artifact
-        rec.complete("embed", outputs=[emb_ref])
+    needs_features = gradients == "lp" or finetune.kind == "linear_probe"
+    emb, emb_inputs = None, [dataset.manifest]
+    if needs_features:  # FT gradients + last-layers finetuning work on the images alone
+        with rec.stage("embed", [dataset.manifest]):
+            if ing.get("vectors"):
+                emb = ing["vectors"]
+            else:
+                emb = embed(ing["dataset"], model.model_dump(), store, opts, batch_size=batch_size)
+            emb_inputs = [VectorTableRef.from_dict(emb).artifact]
+            rec.complete("embed", outputs=emb_inputs)
 
-    with rec.stage("sketch", [emb_ref]):
+    with rec.stage("sketch", emb_inputs):
         sk = sketch.with_options(**opts)(emb, ing["dataset"], store, sketch_dim=sketch_dim, seed=seeds[0],
                                          mode=gradients, model=model.model_dump(), k=finetune.layers)
         sk_ref = VectorTableRef.from_dict(sk).artifact

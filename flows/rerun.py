@@ -66,7 +66,9 @@ def reselect(
                                                             "methods": methods, "seeds": seeds})
     get_run_logger().info("run %s: re-selecting from run %s", rec.run_id, run.get("run_id"))
     with rec.stage("check-inputs"):
-        inputs = [dataset.manifest, VectorTableRef.from_dict(emb).artifact, VectorTableRef.from_dict(sk).artifact]
+        inputs = [dataset.manifest, VectorTableRef.from_dict(sk).artifact]
+        if emb is not None:  # None when the earlier run used FT gradients + last-layers finetuning
+            inputs.append(VectorTableRef.from_dict(emb).artifact)
         _require(st, inputs)
         rec.complete("check-inputs", outputs=inputs)
     results = select_finetune_evaluate(rec, opts, store, run["dataset"], emb, sk, methods, budgets, seeds,
@@ -81,13 +83,13 @@ def reevaluate(run: dict[str, Any], store_url: str = DEFAULT_STORE, endpoint_url
     """Evaluate an earlier run's models again on its dataset's test split, and report."""
     _check_run(run, ("dataset", "embeddings", "results"))
     store, st, opts, rec = _start(store_url, endpoint_url, {"reevaluate": run.get("run_id")})
-    emb_ref = VectorTableRef.from_dict(run["embeddings"]).artifact
+    features = [VectorTableRef.from_dict(run["embeddings"]).artifact] if run["embeddings"] else []
     results = []
     for r in run["results"]:
         tag = f"{r['method']}.n{r['n']}.s{r['seed']}"
         model_ref = ArtifactRef.from_dict(r["model"])
-        with rec.stage(f"evaluate.{tag}", [model_ref, emb_ref]):
-            _require(st, [model_ref, emb_ref, DatasetRef.from_dict(run["dataset"]).manifest])
+        with rec.stage(f"evaluate.{tag}", [model_ref, *features]):
+            _require(st, [model_ref, *features, DatasetRef.from_dict(run["dataset"]).manifest])
             metrics = evaluate.with_options(**opts)(r["model"], run["embeddings"], run["dataset"], store)
             rec.complete(f"evaluate.{tag}", metrics=metrics)
         results.append({**{k: r[k] for k in ("method", "n", "seed", "selection", "model")}, **metrics})

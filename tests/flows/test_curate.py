@@ -165,7 +165,9 @@ def test_curate_ft_mode_gradients_and_last_layers(prefect_server, tmp_path):
     for r in out["results"]:
         assert model_format(st.get_bytes(ArtifactRef.from_dict(r["model"]))) == "skmm-last-layers/1"
         assert 0.0 <= r["accuracy"] <= 1.0
-    assert "finetune-last-layers" in task_states(result)
+    states = task_states(result)
+    assert "finetune-last-layers" in states and "embed" not in states  # FT + last layers need no features
+    assert out["embeddings"] is None
 
 
 def test_embedding_is_sharded_and_independent_of_the_shard_count(prefect_server, tmp_path):
