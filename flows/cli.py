@@ -72,6 +72,8 @@ def curate_cmd(
                                                "tower + a head.")] = "linear_probe",
     ft_layers: Annotated[int, typer.Option(min=1, help="Tower blocks to finetune / differentiate (FT).")] = 1,
     ft_epochs: Annotated[int, typer.Option(min=1, help="Epochs of last-layers finetuning.")] = 5,
+    task: Annotated[str, typer.Option(help="'classification', or 'regression' for numeric labels (ridge, MAE).")] = (
+        "classification"),
     class_balanced: Annotated[bool, typer.Option(help="Spread budgets evenly over classes.")] = False,
     embeddings: Annotated[bool, typer.Option(help="SOURCE is a Parquet table of precomputed embeddings.")] = False,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val/test split.")] = 0,
@@ -91,7 +93,7 @@ def curate_cmd(
                         seeds=[int(x) for x in seeds.split(",") if x.strip()], model=mdl, sketch_dim=sketch_dim,
                         class_balanced=class_balanced, store_url=store, endpoint_url=endpoint_url,
                         gradients=gradients, finetune=FinetuneConfig(kind=finetune, layers=ft_layers,
-                                                                     epochs=ft_epochs))
+                                                                     epochs=ft_epochs), task=task)
     except Exception as exc:
         _fail(exc)
     _print_result(result, as_json)

@@ -85,7 +85,8 @@ class FinetuneConfig(BaseModel):
 def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, dataset: dict, emb: dict | None, sk: dict,
                              methods: list[str], budgets: list[int], seeds: list[int],
                              class_balanced: bool = False, finetune: FinetuneConfig | None = None,
-                             model: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                             model: dict[str, Any] | None = None,
+                             task: str = "classification") -> list[dict[str, Any]]:
     """For each (method, budget, seed): select → finetune → evaluate, each a recorded stage."""
     finetune = finetune or FinetuneConfig()
     features = [VectorTableRef.from_dict(emb).artifact] if emb is not None else []
@@ -104,7 +105,7 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
                     dataset, sel["selection"], store, model, k=finetune.layers, epochs=finetune.epochs,
                     lr=finetune.lr, head_lr=finetune.head_lr, seed=head_seed)
             else:
-                fit = linear_probe.with_options(**opts)(emb, dataset, sel["selection"], store)
+                fit = linear_probe.with_options(**opts)(emb, dataset, sel["selection"], store, task=task)
             model_ref = ArtifactRef.from_dict(fit["model"])
             rec.complete(f"finetune.{tag}", selection=sel_ref, model=model_ref)
         with rec.stage(f"evaluate.{tag}", [model_ref]):
@@ -116,9 +117,10 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
 
 
 def report_stage(rec: LineageRecorder, opts: dict, store: dict, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The report stage: plot + table in the store, published as Prefect artifacts."""
+    """The report stage: plot + table in the store, published as Prefect artifacts (accuracy, or MAE)."""
+    metric = "accuracy" if all("accuracy" in r for r in results) else "mae"
     with rec.stage("report"):
-        rep = report.with_options(**opts)(results, store, metric="accuracy")
+        rep = report.with_options(**opts)(results, store, metric=metric)
         publish(results, rep)
         rec.complete("report", outputs=[ArtifactRef.from_dict(rep["plot"]), ArtifactRef.from_dict(rep["report"])])
     return rep
@@ -134,6 +136,7 @@ def curate(
     sketch_dim: PositiveInt | None = 64,
     gradients: Literal["lp", "ft"] = "lp",
     finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
+    task: Literal["classification", "regression"] = "classification",
     class_balanced: bool = False,
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
@@ -142,10 +145,13 @@ def curate(
     """Select ``budgets`` samples with each method and seed, finetune on each selection (a linear probe, or the
     last layers of the tower), evaluate on the test split, and report. Returns refs and metrics (small JSON).
 
-    ``gradients``: "lp" (normalised features) or "ft" (per-sample gradients of the last ``finetune.layers``
+    ``task``: "classification" (logistic probe; accuracy, macro-F1) or "regression" (numeric labels; ridge probe;
+    MAE). ``gradients``: "lp" (normalised features) or "ft" (per-sample gradients of the last ``finetune.layers``
     tower blocks with random pseudo-labels); the sketch uses the first seed, selections every seed."""
     logger = get_run_logger()
     _methods_known(methods)
+    if task == "regression" and (class_balanced or finetune.kind != "linear_probe"):
+        raise ValueError("regression labels need finetune kind 'linear_probe' (a ridge probe) and no class balancing")
     store = store_spec(store_url, endpoint_url)
     st = open_store(store)
     st.check()
@@ -153,7 +159,7 @@ def curate(
     opts = {"result_storage": results_path}
     config = {"source": source.model_dump(), "budgets": budgets, "methods": methods, "seeds": seeds,
               "model": model.model_dump(), "sketch_dim": sketch_dim, "class_balanced": class_balanced,
-              "gradients": gradients, "finetune": finetune.model_dump()}
+              "gradients": gradients, "finetune": finetune.model_dump(), "task": task}
     rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=git_commit(), config=config)
     logger.info("run %s: store %s", rec.run_id, st)
 
@@ -184,7 +190,7 @@ def curate(
         rec.complete("sketch", outputs=[sk_ref])
 
     results = select_finetune_evaluate(rec, opts, store, ing["dataset"], emb, sk, methods, budgets, seeds,
-                                       class_balanced, finetune, model.model_dump())
+                                       class_balanced, finetune, model.model_dump(), task)
     rep = report_stage(rec, opts, store, results)
     return {"run_id": rec.run_id, "store": st.url, "dataset": ing["dataset"], "quarantined": ing["n_quarantined"],
             "embeddings": emb, "sketch": sk, "results": results, "report": rep}

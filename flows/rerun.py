@@ -55,6 +55,7 @@ def reselect(
     class_balanced: bool = False,
     finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
     model: ModelConfig = ModelConfig(),  # noqa: B008 - used by finetune.kind == "last_layers"
+    task: str = "classification",
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
 ) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def reselect(
         _require(st, inputs)
         rec.complete("check-inputs", outputs=inputs)
     results = select_finetune_evaluate(rec, opts, store, run["dataset"], emb, sk, methods, budgets, seeds,
-                                       class_balanced, finetune, model.model_dump())
+                                       class_balanced, finetune, model.model_dump(), task)
     rep = report_stage(rec, opts, store, results)
     return {"run_id": rec.run_id, "store": st.url, "dataset": run["dataset"], "quarantined": 0,
             "embeddings": emb, "sketch": sk, "results": results, "report": rep}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import numbers
 import re
 import threading
@@ -304,8 +305,12 @@ def _normalise(cols: dict[str, list[Any]]) -> None:
             raise ValueError(f"sample row {i}: sample_id must be 64 lowercase hex digits (or give data); got {sid!r}")
         if isinstance(label, numbers.Integral) and not isinstance(label, bool):
             cols["label"][i] = str(int(label))
+        elif isinstance(label, numbers.Real) and not isinstance(label, bool) and math.isfinite(label):
+            # as storage.sources does: integral floats are integers (a pandas int column with gaps arrives as
+            # float); other numbers are regression targets, in their shortest round-trip decimal text
+            cols["label"][i] = str(int(label)) if float(label).is_integer() else repr(float(label))
         elif label is not None and not isinstance(label, str):
-            raise ValueError(f"sample {sid}: label must be a string, an integer or None; got {type(label).__name__}")
+            raise ValueError(f"sample {sid}: label must be a string, a number or None; got {type(label).__name__}")
         if split is not None and split not in SPLITS:
             raise ValueError(f"sample {sid}: split must be one of {SPLITS} or None; got {split!r}")
         if not isinstance(uri, str) or not uri:

@@ -242,7 +242,8 @@ def _decode_problem(data: bytes) -> str | None:
 
 
 def _norm_label(value: Any, where: str) -> str:
-    """A label as a string: text stripped, integers (and integral floats) in decimal; empty → SourceError."""
+    """A label as a string: text stripped, integers (and integral floats) in decimal, other finite numbers (regression
+    targets) as their shortest round-trip decimal text; empty → SourceError."""
     if isinstance(value, str):
         text = value.strip()
     elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
@@ -250,11 +251,13 @@ def _norm_label(value: Any, where: str) -> str:
     elif isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
             and float(value).is_integer():
         text = str(int(value))  # a pandas int column with gaps arrives as float
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        text = repr(float(value))
     elif value is None or (isinstance(value, float) and math.isnan(value)):
         text = ""
     else:
         raise SourceError(f"{where} has a label of type {type(value).__name__} ({value!r:.40}); "
-                          "labels must be strings or integers")
+                          "labels must be strings or numbers")
     if not text:
         raise SourceError(f"{where} has an empty label (every sample needs one)")
     return text

@@ -71,12 +71,18 @@ class LinearProbe:
                              f"{np.unique(y).size}")
         if len(strengths) > 1 and (X_val is None or y_val is None):
             raise ValueError("choosing among several strengths needs a validation split (X_val, y_val)")
+        if self.task == "regression":
+            try:
+                y = y.astype(np.float64)
+                y_val = None if y_val is None else np.asarray(y_val).astype(np.float64)
+            except ValueError as exc:
+                raise ValueError(f"regression needs numeric labels: {exc}") from None
         scaler = StandardScaler().fit(X)
         Z = scaler.transform(X)
         best = None
         scores = {}
         for s in strengths:
-            head = self._make(s).fit(Z, y if self.task == "classification" else y.astype(float))
+            head = self._make(s).fit(Z, y)
             if len(strengths) == 1:
                 best = (s, head)
                 break

@@ -184,3 +184,23 @@ def test_embedding_is_sharded_and_independent_of_the_shard_count(prefect_server,
     ids_b, b = read_vectors(st, VectorTableRef.from_dict(three.result()["embeddings"]))
     assert ids_a == ids_b
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_regression_labels_from_precomputed_embeddings(prefect_server, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_diabetes
+
+    X, y = load_diabetes(return_X_y=True)
+    table = pa.table({"embedding": pa.array(list(X.astype("float32")), type=pa.list_(pa.float32())),
+                      "label": pa.array(y.astype(float))})
+    pq.write_table(table, tmp_path / "pool.parquet")
+    out = curate(source=SourceConfig(kind="embeddings", path=str(tmp_path / "pool.parquet")),
+                 budgets=[60], methods=["skmm", "uniform"], seeds=[0], sketch_dim=8, task="regression",
+                 store_url=str(tmp_path / "store"))
+    for r in out["results"]:
+        assert "mae" in r and "accuracy" not in r and 20 < r["mae"] < 100  # diabetes targets span 25–346
+    assert "**mae**" in out["report"]["markdown"]
+    with pytest.raises(Exception, match="regression labels need"):
+        curate(source=SourceConfig(kind="embeddings", path=str(tmp_path / "pool.parquet")), budgets=[60],
+               task="regression", class_balanced=True, store_url=str(tmp_path / "store"))

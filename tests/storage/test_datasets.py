@@ -180,7 +180,12 @@ def test_empty_and_invalid_inputs_are_clear_errors(store):
     with pytest.raises(ValueError, match="unknown field"):
         write_samples(store, [dict(good, extra=1)])
     with pytest.raises(ValueError, match="label must be"):
-        write_samples(store, [dict(good, label=3.0)])
+        write_samples(store, [dict(good, label=True)])
+    with pytest.raises(ValueError, match="label must be"):
+        write_samples(store, [dict(good, label=[3])])
+    # numbers are labels too: integral floats as integers, other numbers (regression targets) as decimal text
+    assert read_samples(store, write_samples(store, [dict(good, label=3.0)])).column("label").to_pylist() == ["3"]
+    assert read_samples(store, write_samples(store, [dict(good, label=2.5)])).column("label").to_pylist() == ["2.5"]
     with pytest.raises(ValueError, match="shard_rows"):
         write_samples(store, [good], shard_rows=0)
 
