@@ -23,7 +23,7 @@ from tasks.store import open_store
 __all__ = ["STRENGTHS", "finetune_last_layers", "linear_probe", "run_finetune_last_layers", "run_linear_probe"]
 
 CODE_VERSION = "finetune-lp-1"
-FT_CODE_VERSION = "finetune-ft-1"
+FT_CODE_VERSION = "finetune-ft-2"
 STRENGTHS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
@@ -41,15 +41,14 @@ def run_linear_probe(embeddings: dict, dataset: dict, selection: dict, store: di
     y = [label_of[s] for s in chosen]
     if any(label is None for label in y):
         raise ValueError("selected samples have no label: the linear probe needs labels for the coreset")
-    _, X = read_vectors(st, emb, sample_ids=chosen)
     val_ids, val_labels = pool_ids(st, ds, "val")
     grid = list(strengths or STRENGTHS)
-    X_val = None
-    if len(grid) > 1:
-        if not val_ids:
-            raise ValueError("choosing the probe strength needs a val split; pass a single strength instead")
-        _, X_val = read_vectors(st, emb, sample_ids=val_ids)
-        X_val = normalize_features(X_val)
+    if len(grid) > 1 and not val_ids:
+        raise ValueError("choosing the probe strength needs a val split; pass a single strength instead")
+    wanted = chosen + (val_ids if len(grid) > 1 else [])
+    _, vectors = read_vectors(st, emb, sample_ids=wanted)  # one read for the coreset and the val rows
+    X = vectors[:len(chosen)]
+    X_val = normalize_features(vectors[len(chosen):]) if len(grid) > 1 else None
     probe = LinearProbe(task=task, strengths=grid).fit(normalize_features(X), y, X_val,
                                                         val_labels if X_val is not None else None)
     ref = st.put_bytes(probe.to_bytes(), "model", ".safetensors")
@@ -65,7 +64,7 @@ def linear_probe(embeddings: dict, dataset: dict, selection: dict, store: dict,
     return run_linear_probe(embeddings, dataset, selection, store, strengths, task)
 
 
-def _selected_images(st: Any, ds: DatasetRef, chosen: list[str]) -> tuple[list[bytes], list[str], list, list]:
+def _selected_images(st: Any, ds: DatasetRef, chosen: list[str]) -> tuple[list[bytes], list[str], list, list, list]:
     table = read_samples(st, ds, columns=["sample_id", "data", "label", "split"])
     rows = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
     splits, labels, data = (table.column(c).to_pylist() for c in ("split", "label", "data"))
@@ -76,7 +75,8 @@ def _selected_images(st: Any, ds: DatasetRef, chosen: list[str]) -> tuple[list[b
     if any(y is None for y in ys):
         raise ValueError("selected samples have no label: finetuning needs labels for the coreset")
     val = [i for i, s in enumerate(splits) if s == "val"]
-    return images, ys, [data[i] for i in val], [labels[i] for i in val]
+    classes = sorted({label for label in labels if label is not None})
+    return images, ys, [data[i] for i in val], [labels[i] for i in val], classes
 
 
 def run_finetune_last_layers(dataset: dict, selection: dict, store: dict, model: dict[str, Any], k: int = 1,
@@ -86,10 +86,10 @@ def run_finetune_last_layers(dataset: dict, selection: dict, store: dict, model:
     st = open_store(store)
     ds = DatasetRef.from_dict(dataset)
     chosen = read_selection(st, ArtifactRef.from_dict(selection)).column("sample_id").to_pylist()
-    images, ys, val_images, val_ys = _selected_images(st, ds, chosen)
+    images, ys, val_images, val_ys, classes = _selected_images(st, ds, chosen)
     ft = LastLayersFinetuner(clip_spec(model), k=k, epochs=epochs, lr=lr, head_lr=head_lr, batch_size=batch_size,
                              seed=seed, device=device)
-    ft.fit(images, ys, val_images or None, val_ys or None)
+    ft.fit(images, ys, val_images or None, val_ys or None, classes=classes)  # the head the gradients saw
     ref = st.put_bytes(ft.state_bytes(), "model", ".safetensors")
     return {"model": ref.to_dict(), "best_epoch": ft.best_epoch_, "best_val_accuracy": ft.best_val_accuracy_}
 

@@ -172,8 +172,12 @@ class LastLayersFinetuner:
 
     # ------------------------------------------------------------------------------------------ fit / predict
     def fit(self, images: Sequence[bytes], labels: Sequence[Any], val_images: Sequence[bytes] | None = None,
-            val_labels: Sequence[Any] | None = None) -> LastLayersFinetuner:
-        """Train on encoded images and their labels; keep the best epoch by val accuracy when a val split is given."""
+            val_labels: Sequence[Any] | None = None, classes: Sequence[Any] | None = None) -> LastLayersFinetuner:
+        """Train on encoded images and their labels; keep the best epoch by val accuracy when a val split is given.
+
+        ``classes``: the full label set (e.g. the dataset's), so the head has one output per class even when the
+        coreset misses some — then it starts exactly at the head the FT-mode gradients were taken at.
+        """
         from skmm.models.clip import _ieee_fp32
 
         images = _check_images(images)
@@ -182,7 +186,14 @@ class LastLayersFinetuner:
         y_list = _check_labels(labels, len(images), "labels")
         if len({type(v) for v in y_list}) > 1:
             raise TypeError("labels mix strings and integers; use one kind")
-        classes = sorted(set(y_list))
+        if classes is not None:
+            known = set(_check_labels(classes, len(classes), "classes"))
+            unknown = sorted(set(y_list) - known, key=repr)
+            if unknown:
+                raise ValueError(f"labels {unknown[:5]!r} are not among the given classes")
+            classes = sorted(known)
+        else:
+            classes = sorted(set(y_list))
         if len(classes) < 2:
             raise ValueError(f"finetuning a classifier needs at least 2 classes among the samples; got {len(classes)}")
         if (val_images is None) != (val_labels is None):

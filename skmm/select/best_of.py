@@ -15,11 +15,14 @@ from skmm.select.moment_matching import SkMM, sketch_pool
 __all__ = ["SkMMBest", "variance_proxy"]
 
 
-def variance_proxy(S: np.ndarray, indices: np.ndarray, ridge: float = 1e-6) -> float:
-    """tr(Σ̃ (Σ̃_S + εI)⁻¹) / m with ε = ridge · tr(Σ̃)/m: how poorly the coreset covers the pool's moments."""
+def variance_proxy(S: np.ndarray, indices: np.ndarray, ridge: float = 1e-6, pool: np.ndarray | None = None) -> float:
+    """tr(Σ̃ (Σ̃_S + εI)⁻¹) / m with ε = ridge · tr(Σ̃)/m: how poorly the coreset covers the pool's moments.
+
+    ``pool``: Σ̃ = SᵀS/N when already computed (it depends on S alone)."""
     S = np.asarray(S, dtype=np.float64)
     m = S.shape[1]
-    pool = S.T @ S / S.shape[0]
+    if pool is None:
+        pool = S.T @ S / S.shape[0]
     core = S[indices].T @ S[indices] / len(indices)
     eps = ridge * max(float(np.trace(pool)) / m, 1e-300)
     return float(np.trace(np.linalg.solve(core + eps * np.eye(m), pool))) / m
@@ -51,7 +54,9 @@ class SkMMBest(BaseSelector):
         seed = int(rng.integers(2**31))
         convex = SkMM(self.n, None, self.c_s, self.max_iter, self.discretization, seed).fit(S, y)
         greedy = SkMMv2(self.n, None, self.block_size, self.temperature, self.ridge, random_state=seed).fit(S)
-        proxies = {"skmm": variance_proxy(S, convex.indices_), "skmm_v2": variance_proxy(S, greedy.indices_)}
+        pool = S.T.astype(np.float64) @ S.astype(np.float64) / S.shape[0]
+        proxies = {"skmm": variance_proxy(S, convex.indices_, pool=pool),
+                   "skmm_v2": variance_proxy(S, greedy.indices_, pool=pool)}
         winner = convex if proxies["skmm"] <= proxies["skmm_v2"] else greedy
         info = {"sketch": spec, "variance_proxy": proxies, "chosen": winner.method}
         return winner.indices_, winner.weights_, winner.scores_, info

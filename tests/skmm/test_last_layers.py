@@ -187,3 +187,16 @@ def test_cuda_training_round_trips_and_matches_cpu_closely(digits):
                                rtol=1e-3, atol=1e-3)
     again = LastLayersFinetuner.from_bytes(gpu.state_bytes(), device="cuda")
     np.testing.assert_array_equal(again.predict(images[:48]), gpu.predict(images[:48]))
+
+
+def test_given_classes_size_the_head_even_when_the_coreset_misses_some(digits):
+    images, labels = digits
+    few = [i for i, y in enumerate(labels[:120]) if y in ("0", "1", "2")][:30]
+    all_classes = sorted(set(labels))
+    ft = LastLayersFinetuner(TINY, **{**FIT, "epochs": 1}).fit([images[i] for i in few], [labels[i] for i in few],
+                                                               classes=all_classes)
+    assert list(ft.classes_) == all_classes and len(all_classes) == 10
+    assert ft.decision_function(images[:3]).shape == (3, 10)
+    with pytest.raises(ValueError, match="not among the given classes"):
+        LastLayersFinetuner(TINY, **FIT).fit([images[i] for i in few], [labels[i] for i in few],
+                                             classes=["0", "1"])
