@@ -383,6 +383,19 @@ def _read_and_check(path: pathlib.Path) -> tuple[bytes | None, str | None]:
     return (None, problem) if problem else (data, None)
 
 
+def _collect(entries: Iterable[tuple[str, str, str | None]], checked: Sequence[tuple[bytes | None, str | None]],
+             ) -> tuple[list[_Row], list[tuple[str, str]]]:
+    """Pair (uri, label, split) entries with their read results: readable ones become rows, the rest quarantine."""
+    rows: list[_Row] = []
+    quarantined: list[tuple[str, str]] = []
+    for (uri, label, split), (data, problem) in zip(entries, checked, strict=True):
+        if data is None:
+            quarantined.append((uri, problem or "unreadable"))
+        else:
+            rows.append(_Row(sample_id(data), uri, label, split, data))
+    return rows, quarantined
+
+
 def ingest_image_folder(store: ArtifactStore, folder: str | os.PathLike, *, val_fraction: float = 0.15,
                         test_fraction: float = 0.15, seed: int = 0,
                         shard_rows: int = DEFAULT_SHARD_ROWS) -> IngestResult:
@@ -425,14 +438,7 @@ def ingest_image_folder(store: ArtifactStore, folder: str | os.PathLike, *, val_
         log.info("image folder %s: ignored %d non-image file(s)", root, n_ignored)
     with ThreadPoolExecutor(max_workers=_READ_WORKERS) as pool:
         checked = list(pool.map(_read_and_check, (p for p, _ in files)))
-    rows: list[_Row] = []
-    quarantined: list[tuple[str, str]] = []
-    for (path, label), (data, problem) in zip(files, checked, strict=True):
-        uri = path.as_uri()
-        if data is None:
-            quarantined.append((uri, problem or "unreadable"))
-        else:
-            rows.append(_Row(sample_id(data), uri, label, None, data))
+    rows, quarantined = _collect(((path.as_uri(), label, None) for path, label in files), checked)
     prepared = _prepare(rows, quarantined, source=f"image folder {root}", seed=seed, val_fraction=val_fraction,
                         test_fraction=test_fraction)
     return _write(store, prepared, quarantined, shard_rows=shard_rows, source=root.as_uri())
@@ -568,14 +574,7 @@ def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLik
         entries.append((_resolve_entry(raw.strip(), base), label, split))
     with ThreadPoolExecutor(max_workers=_READ_WORKERS) as pool:
         checked = list(pool.map(lambda e: _fetch_and_check(e[0], opts), entries))
-    rows: list[_Row] = []
-    quarantined: list[tuple[str, str]] = []
-    for (target, label, split), (data, problem) in zip(entries, checked, strict=True):
-        uri = _source_uri(target)
-        if data is None:
-            quarantined.append((uri, problem or "unreadable"))
-        else:
-            rows.append(_Row(sample_id(data), uri, label, split, data))
+    rows, quarantined = _collect(((_source_uri(t), label, split) for t, label, split in entries), checked)
     prepared = _prepare(rows, quarantined, source=f"manifest {shown}", seed=seed, val_fraction=val_fraction,
                         test_fraction=test_fraction)
     return _write(store, prepared, quarantined, shard_rows=shard_rows,

@@ -7,10 +7,10 @@ from prefect import task
 from skmm.finetune import LastLayersFinetuner, LinearProbe, evaluate_predictions, model_format
 from skmm.gradients import normalize_features
 from storage.artifacts import ArtifactRef
-from storage.datasets import DatasetRef, VectorTableRef, read_samples, read_vectors
+from storage.datasets import DatasetRef, VectorTableRef, read_vectors
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
-from tasks.sketch import pool_ids
+from tasks.sketch import split_columns
 from tasks.store import open_store
 
 __all__ = ["evaluate", "run_evaluate"]
@@ -23,14 +23,13 @@ def run_evaluate(model: dict, embeddings: dict, dataset: dict, store: dict) -> d
     st = open_store(store)
     data = st.get_bytes(ArtifactRef.from_dict(model))
     ds = DatasetRef.from_dict(dataset)
-    ids, labels = pool_ids(st, ds, "test")
+    last_layers = model_format(data) == "skmm-last-layers/1"
+    test = split_columns(st, ds, "test", ["sample_id", "label", *(["data"] if last_layers else [])])
+    ids, labels = test["sample_id"], test["label"]
     if not ids:
         raise ValueError("the dataset has no test split to evaluate on")
-    if model_format(data) == "skmm-last-layers/1":
-        table = read_samples(st, ds, columns=["sample_id", "data", "split"])
-        images = [d for d, s in zip(table.column("data").to_pylist(), table.column("split").to_pylist(),
-                                    strict=True) if s == "test"]
-        pred = LastLayersFinetuner.from_bytes(data).predict(images)
+    if last_layers:
+        pred = LastLayersFinetuner.from_bytes(data).predict(test["data"])
         return {**evaluate_predictions("classification", labels, pred), "n_test": len(ids)}
     probe = LinearProbe.from_bytes(data)
     _, X = read_vectors(st, VectorTableRef.from_dict(embeddings), sample_ids=ids)

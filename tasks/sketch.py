@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 from prefect import task
 
 from skmm.gradients import normalize_features
@@ -29,12 +30,17 @@ CODE_VERSION = "sketch-2"
 MODES = ("lp", "ft")
 
 
+def split_columns(store: Any, dataset: DatasetRef, split: str, columns: list[str]) -> dict[str, list]:
+    """``columns`` of the rows of one split, as lists, in the dataset's (sorted) order."""
+    table = read_samples(store, dataset, columns=sorted({*columns, "split"}))
+    rows = table.filter(pc.equal(table.column("split"), split))
+    return {c: rows.column(c).to_pylist() for c in columns}
+
+
 def pool_ids(store: Any, dataset: DatasetRef, split: str = "train") -> tuple[list[str], list[str | None]]:
     """Sample ids and labels of one split, in the dataset's (sorted) order."""
-    table = read_samples(store, dataset, columns=["sample_id", "label", "split"])
-    ids, labels, splits = (table.column(c).to_pylist() for c in ("sample_id", "label", "split"))
-    keep = [i for i, s in enumerate(splits) if s == split]
-    return [ids[i] for i in keep], [labels[i] for i in keep]
+    cols = split_columns(store, dataset, split, ["sample_id", "label"])
+    return cols["sample_id"], cols["label"]
 
 
 def clip_spec(model: dict[str, Any]) -> ClipSpec:
@@ -49,14 +55,13 @@ def run_ft_sketch(dataset: dict, store: dict, model: dict[str, Any], sketch_dim:
         raise ValueError("FT gradients have millions of coordinates: give a sketch_dim")
     st = open_store(store)
     ds = DatasetRef.from_dict(dataset)
-    table = read_samples(st, ds, columns=["sample_id", "data", "label", "split"])
-    rows = [i for i, s in enumerate(table.column("split").to_pylist()) if s == "train"]
-    if not rows:
+    train = split_columns(st, ds, "train", ["sample_id", "data"])
+    ids, images = train["sample_id"], train["data"]
+    if not ids:
         raise ValueError("the dataset has no train split to select from")
-    ids = [table.column("sample_id")[i].as_py() for i in rows]
-    images = [table.column("data")[i].as_py() for i in rows]
     # The class count shapes the head; it is metadata of the dataset, not a per-sample label.
-    num_classes = len({label for label in table.column("label").to_pylist() if label is not None})
+    labels = read_samples(st, ds, columns=["label"]).column("label").to_pylist()
+    num_classes = len({label for label in labels if label is not None})
     grads, producer = ft_gradient_sketch(images, ids, clip_spec(model), k=k, num_classes=max(num_classes, 2),
                                          sketch_dim=sketch_dim, seed=seed, batch_size=batch_size, device=device)
     return write_vectors(st, ids, grads, producer, kind="sketch").to_dict()
