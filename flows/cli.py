@@ -1,7 +1,7 @@
 """The ``skmm`` command line.
 
     skmm curate [SOURCE] [--budgets 50,100,200] [--methods skmm_best,uniform] [--store ./skmm-store] [--json]
-    skmm reselect RUN.json --budgets 20,40      skmm reevaluate RUN.json
+    skmm reselect RUN --budgets 20,40      skmm reevaluate RUN      (RUN: a run id or prefix, or a JSON file)
     skmm lineage rebuild | samples-of-model | models-of-sample | provenance | diff | failed
     skmm bench synthetic [--seeds 8] [--budgets 48,64,...] [--out DIR]   the paper's synthetic table
 """
@@ -75,12 +75,17 @@ def curate_cmd(
     task: Annotated[str, typer.Option(help="'classification', or 'regression' for numeric labels (ridge, MAE).")] = (
         "classification"),
     class_balanced: Annotated[bool, typer.Option(help="Spread budgets evenly over classes.")] = False,
+    variant_choice: Annotated[str, typer.Option(help="How skmm_best picks convex SkMM or greedy SkMMv2: 'val' (the "
+                                                     "better finetuned model on the val split) or 'proxy' "
+                                                     "(label-free variance proxy).")] = "val",
     embeddings: Annotated[bool, typer.Option(help="SOURCE is a Parquet table of precomputed embeddings.")] = False,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val/test split.")] = 0,
     store: Annotated[str, typer.Option(help="Artifact store URL (local path, s3://bucket/prefix, ...).")] = (
         "./skmm-store"),
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (credentials from the environment).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Embedding progress bars on "
+                                                  "stderr (default: when stderr is a terminal).")] = None,
 ) -> None:
     """Select, finetune and evaluate on a pool: the whole curation flow, run under Prefect."""
     try:
@@ -93,7 +98,9 @@ def curate_cmd(
                         seeds=[int(x) for x in seeds.split(",") if x.strip()], model=mdl, sketch_dim=sketch_dim,
                         class_balanced=class_balanced, store_url=store, endpoint_url=endpoint_url,
                         gradients=gradients, finetune=FinetuneConfig(kind=finetune, layers=ft_layers,
-                                                                     epochs=ft_epochs), task=task)
+                                                                     epochs=ft_epochs), task=task,
+                        variant_choice=variant_choice,
+                        progress=sys.stderr.isatty() if progress is None else progress)
     except Exception as exc:
         _fail(exc)
     _print_result(result, as_json)
@@ -110,13 +117,23 @@ def _fail(exc: BaseException) -> None:
     raise exc
 
 
-def _load_run(path: pathlib.Path) -> dict:
+def _load_run(run: str, store: str, endpoint_url: str | None) -> dict | str:
+    """RUN: a JSON file (``skmm curate --json``) → its dict; else a run id or unique prefix in ``store`` → the
+    full run id (checked now, so a missing or ambiguous id fails before any flow starts)."""
     import json
 
+    from storage.runs import looks_like_run_id
+
+    path = pathlib.Path(run)
+    if not path.is_file():
+        if not looks_like_run_id(run):
+            raise ValueError(f"run {run!r} is neither a file nor a run id (a UUID or a unique prefix of one)")
+        from storage.runs import read_run_result
+        from tasks.store import open_store, store_spec
+
+        return read_run_result(open_store(store_spec(store, endpoint_url)), run)["run_id"]
     try:
         data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"run file {path} does not exist") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"run file {path} is not JSON ({exc.msg}); save it with 'skmm curate --json'") from None
     if not isinstance(data, dict):
@@ -124,13 +141,20 @@ def _load_run(path: pathlib.Path) -> dict:
     return data
 
 
+_RUN_HELP = ("An earlier run: its run id (or a unique prefix) in --store, e.g. from 'skmm lineage runs' or a "
+             "scheduled run, or its result saved with 'skmm curate --json'.")
+
+
 @app.command("reselect")
 def reselect_cmd(
-    run_file: Annotated[pathlib.Path, typer.Argument(help="A curate result saved with 'skmm curate --json'.")],
+    run: Annotated[str, typer.Argument(metavar="RUN", help=_RUN_HELP)],
     budgets: Annotated[str, typer.Option(help="Comma-separated budgets n.")] = "50,100,200",
     methods: Annotated[str, typer.Option(help="Comma-separated selection methods.")] = "skmm_best,uniform",
     seeds: Annotated[str, typer.Option(help="Comma-separated selection seeds.")] = "0",
     class_balanced: Annotated[bool, typer.Option(help="Spread budgets evenly over classes.")] = False,
+    variant_choice: Annotated[str, typer.Option(help="How skmm_best picks convex SkMM or greedy SkMMv2: 'val' (the "
+                                                     "better finetuned model on the val split) or 'proxy' "
+                                                     "(label-free variance proxy).")] = "val",
     store: Annotated[str, typer.Option(help="Artifact store URL.")] = "./skmm-store",
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
@@ -139,10 +163,10 @@ def reselect_cmd(
     try:
         from flows.rerun import reselect
 
-        result = reselect(run=_load_run(run_file), budgets=_int_list(budgets, "--budgets"),
+        result = reselect(run=_load_run(run, store, endpoint_url), budgets=_int_list(budgets, "--budgets"),
                           methods=[m.strip() for m in methods.split(",") if m.strip()],
                           seeds=[int(x) for x in seeds.split(",") if x.strip()], class_balanced=class_balanced,
-                          store_url=store, endpoint_url=endpoint_url)
+                          variant_choice=variant_choice, store_url=store, endpoint_url=endpoint_url)
     except Exception as exc:
         _fail(exc)
     _print_result(result, as_json)
@@ -150,7 +174,7 @@ def reselect_cmd(
 
 @app.command("reevaluate")
 def reevaluate_cmd(
-    run_file: Annotated[pathlib.Path, typer.Argument(help="A curate result saved with 'skmm curate --json'.")],
+    run: Annotated[str, typer.Argument(metavar="RUN", help=_RUN_HELP)],
     store: Annotated[str, typer.Option(help="Artifact store URL.")] = "./skmm-store",
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
@@ -159,7 +183,7 @@ def reevaluate_cmd(
     try:
         from flows.rerun import reevaluate
 
-        result = reevaluate(run=_load_run(run_file), store_url=store, endpoint_url=endpoint_url)
+        result = reevaluate(run=_load_run(run, store, endpoint_url), store_url=store, endpoint_url=endpoint_url)
     except Exception as exc:
         _fail(exc)
     _print_result(result, as_json)

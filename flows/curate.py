@@ -10,6 +10,7 @@ cache still records which artifacts its stages used.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -20,6 +21,7 @@ from skmm.select import SELECTORS
 from storage.artifacts import ArtifactRef
 from storage.datasets import DatasetRef, VectorTableRef
 from storage.lineage import LineageRecorder, git_commit
+from storage.runs import record_run_result
 from tasks.embed import embed
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune_last_layers, linear_probe
@@ -27,7 +29,7 @@ from tasks.ingest import ingest
 from tasks.report import publish, report
 from tasks.select import select
 from tasks.sketch import sketch
-from tasks.store import DEFAULT_STORE, open_store, result_storage_path, store_spec
+from tasks.store import DEFAULT_STORE, open_store, result_storage, store_spec
 
 __all__ = ["FinetuneConfig", "ModelConfig", "SourceConfig", "curate"]
 
@@ -82,37 +84,100 @@ class FinetuneConfig(BaseModel):
     head_lr: float = Field(1e-2, gt=0)
 
 
+VARIANTS = ("skmm", "skmm_v2")  # what "skmm_best" chooses between
+
+
+@dataclass
+class _Stages:
+    """One run's recorded select / finetune / evaluate stages (each a cached Prefect task)."""
+
+    rec: LineageRecorder
+    opts: dict
+    store: dict
+    dataset: dict
+    emb: dict | None
+    sk: dict
+    class_balanced: bool
+    finetune: FinetuneConfig
+    model: dict[str, Any] | None
+    head_seed: int  # FT: finetune from the head the sketched gradients were taken at
+
+    def select(self, tag: str, method: str, n: int, seed: int) -> dict:
+        sk_ref = VectorTableRef.from_dict(self.sk).artifact
+        with self.rec.stage(f"select.{tag}", [sk_ref]):
+            sel = select.with_options(**self.opts)(self.sk, self.dataset, self.store, method, n, seed,
+                                                   class_balanced=self.class_balanced)
+            self.rec.complete(f"select.{tag}", selection=ArtifactRef.from_dict(sel["selection"]))
+        return sel["selection"]
+
+    def fit(self, tag: str, selection: dict, task: str) -> dict:
+        sel_ref = ArtifactRef.from_dict(selection)
+        features = [VectorTableRef.from_dict(self.emb).artifact] if self.emb is not None else []
+        with self.rec.stage(f"finetune.{tag}", [sel_ref, *features]):
+            ft = self.finetune
+            if ft.kind == "last_layers":
+                fit = finetune_last_layers.with_options(**self.opts)(
+                    self.dataset, selection, self.store, self.model, k=ft.layers, epochs=ft.epochs, lr=ft.lr,
+                    head_lr=ft.head_lr, seed=self.head_seed)
+            else:
+                fit = linear_probe.with_options(**self.opts)(self.emb, self.dataset, selection, self.store, task=task)
+            self.rec.complete(f"finetune.{tag}", selection=sel_ref, model=ArtifactRef.from_dict(fit["model"]))
+        return fit["model"]
+
+    def evaluate(self, tag: str, model: dict, split: str = "test") -> dict:
+        stage = f"{'evaluate' if split == 'test' else 'validate'}.{tag}"
+        with self.rec.stage(stage, [ArtifactRef.from_dict(model)]):
+            metrics = evaluate.with_options(**self.opts)(model, self.emb, self.dataset, self.store, split=split)
+            self.rec.complete(stage, metrics=metrics)
+        return metrics
+
+    def choose_on_validation(self, tag: str, n: int, seed: int, task: str) -> tuple[dict, dict]:
+        """skmm_best's variant chosen on the val split: select with each variant, finetune, score on val, keep the
+        best (higher accuracy, or lower MAE; ties go to the convex form). The test split plays no part."""
+        candidates = {}
+        for variant in VARIANTS:
+            ctag = f"{tag}.{variant}"
+            selection = self.select(ctag, variant, n, seed)
+            candidates[variant] = (selection, self.evaluate(ctag, self.fit(ctag, selection, task), split="val"))
+
+        def score(variant: str) -> tuple[float, ...]:
+            val = candidates[variant][1]
+            return (-val["mae"],) if "mae" in val else (val["accuracy"], val["macro_f1"])
+
+        chosen = max(VARIANTS, key=score)  # max keeps the first (convex) on ties
+        info = {"chosen": chosen, "rule": "val", "val": {v: candidates[v][1] for v in VARIANTS}}
+        with self.rec.stage(f"select.{tag}", [ArtifactRef.from_dict(c[0]) for c in candidates.values()]):
+            flat = {f"{v}.val_{k}": x for v in VARIANTS for k, x in candidates[v][1].items()}
+            self.rec.complete(f"select.{tag}", selection=ArtifactRef.from_dict(candidates[chosen][0]),
+                              metrics={"chosen": chosen, **flat})
+        return candidates[chosen][0], info
+
+
 def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, dataset: dict, emb: dict | None, sk: dict,
                              methods: list[str], budgets: list[int], seeds: list[int],
                              class_balanced: bool = False, finetune: FinetuneConfig | None = None,
-                             model: dict[str, Any] | None = None,
-                             task: str = "classification") -> list[dict[str, Any]]:
-    """For each (method, budget, seed): select → finetune → evaluate, each a recorded stage."""
-    finetune = finetune or FinetuneConfig()
-    features = [VectorTableRef.from_dict(emb).artifact] if emb is not None else []
-    sk_ref = VectorTableRef.from_dict(sk).artifact
-    head_seed = seeds[0]  # FT: finetune from the head the sketched gradients were taken at
+                             model: dict[str, Any] | None = None, task: str = "classification",
+                             variant_choice: str = "val") -> list[dict[str, Any]]:
+    """For each (method, budget, seed): select → finetune → evaluate on the test split, each a recorded stage.
+
+    ``variant_choice``: how ``skmm_best`` picks between convex SkMM and greedy SkMMv2 — "val" (finetune on both
+    selections, keep the better on the val split) or "proxy" (the label-free variance proxy, before finetuning)."""
+    if variant_choice not in ("val", "proxy"):
+        raise ValueError(f"variant_choice must be 'val' or 'proxy'; got {variant_choice!r}")
+    stages = _Stages(rec, opts, store, dataset, emb, sk, class_balanced, finetune or FinetuneConfig(), model,
+                     head_seed=seeds[0])
     results = []
     for method, n, seed in itertools.product(methods, budgets, seeds):
         tag = f"{method}.n{n}.s{seed}"
-        with rec.stage(f"select.{tag}", [sk_ref]):
-            sel = select.with_options(**opts)(sk, dataset, store, method, n, seed, class_balanced=class_balanced)
-            sel_ref = ArtifactRef.from_dict(sel["selection"])
-            rec.complete(f"select.{tag}", selection=sel_ref)
-        with rec.stage(f"finetune.{tag}", [sel_ref, *features]):
-            if finetune.kind == "last_layers":
-                fit = finetune_last_layers.with_options(**opts)(
-                    dataset, sel["selection"], store, model, k=finetune.layers, epochs=finetune.epochs,
-                    lr=finetune.lr, head_lr=finetune.head_lr, seed=head_seed)
-            else:
-                fit = linear_probe.with_options(**opts)(emb, dataset, sel["selection"], store, task=task)
-            model_ref = ArtifactRef.from_dict(fit["model"])
-            rec.complete(f"finetune.{tag}", selection=sel_ref, model=model_ref)
-        with rec.stage(f"evaluate.{tag}", [model_ref]):
-            metrics = evaluate.with_options(**opts)(fit["model"], emb, dataset, store)
-            rec.complete(f"evaluate.{tag}", metrics=metrics)
-        results.append({"method": method, "n": n, "seed": seed, **metrics,
-                        "selection": sel["selection"], "model": fit["model"]})
+        extra: dict[str, Any] = {}
+        if method == "skmm_best" and variant_choice == "val":
+            selection, extra = stages.choose_on_validation(tag, n, seed, task)
+        else:
+            selection = stages.select(tag, method, n, seed)
+        model_ref = stages.fit(tag, selection, task)
+        metrics = stages.evaluate(tag, model_ref)
+        results.append({"method": method, "n": n, "seed": seed, **metrics, **extra,
+                        "selection": selection, "model": model_ref})
     return results
 
 
@@ -138,16 +203,21 @@ def curate(
     finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
     task: Literal["classification", "regression"] = "classification",
     class_balanced: bool = False,
+    variant_choice: Literal["val", "proxy"] = "val",
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
     batch_size: PositiveInt = 64,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Select ``budgets`` samples with each method and seed, finetune on each selection (a linear probe, or the
     last layers of the tower), evaluate on the test split, and report. Returns refs and metrics (small JSON).
 
     ``task``: "classification" (logistic probe; accuracy, macro-F1) or "regression" (numeric labels; ridge probe;
     MAE). ``gradients``: "lp" (normalised features) or "ft" (per-sample gradients of the last ``finetune.layers``
-    tower blocks with random pseudo-labels); the sketch uses the first seed, selections every seed."""
+    tower blocks with random pseudo-labels); the sketch uses the first seed, selections every seed.
+    ``variant_choice``: how ``skmm_best`` picks convex SkMM or greedy SkMMv2 per budget — "val" (the better
+    finetuned model on the val split) or "proxy" (the label-free variance proxy). ``progress``: a progress bar
+    per embedded shard on stderr (the CLI turns it on in a terminal)."""
     logger = get_run_logger()
     _methods_known(methods)
     if task == "regression" and (class_balanced or finetune.kind != "linear_probe"):
@@ -155,11 +225,11 @@ def curate(
     store = store_spec(store_url, endpoint_url)
     st = open_store(store)
     st.check()
-    results_path = result_storage_path(store)
-    opts = {"result_storage": results_path}
+    opts = {"result_storage": result_storage(store)}
     config = {"source": source.model_dump(), "budgets": budgets, "methods": methods, "seeds": seeds,
               "model": model.model_dump(), "sketch_dim": sketch_dim, "class_balanced": class_balanced,
-              "gradients": gradients, "finetune": finetune.model_dump(), "task": task}
+              "gradients": gradients, "finetune": finetune.model_dump(), "task": task,
+              "variant_choice": variant_choice}
     rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=git_commit(), config=config)
     logger.info("run %s: store %s", rec.run_id, st)
 
@@ -179,7 +249,8 @@ def curate(
             if ing.get("vectors"):
                 emb = ing["vectors"]
             else:
-                emb = embed(ing["dataset"], model.model_dump(), store, opts, batch_size=batch_size)
+                emb = embed(ing["dataset"], model.model_dump(), store, opts, batch_size=batch_size,
+                            progress=progress)
             emb_inputs = [VectorTableRef.from_dict(emb).artifact]
             rec.complete("embed", outputs=emb_inputs)
 
@@ -190,7 +261,9 @@ def curate(
         rec.complete("sketch", outputs=[sk_ref])
 
     results = select_finetune_evaluate(rec, opts, store, ing["dataset"], emb, sk, methods, budgets, seeds,
-                                       class_balanced, finetune, model.model_dump(), task)
+                                       class_balanced, finetune, model.model_dump(), task, variant_choice)
     rep = report_stage(rec, opts, store, results)
-    return {"run_id": rec.run_id, "store": st.url, "dataset": ing["dataset"], "quarantined": ing["n_quarantined"],
-            "embeddings": emb, "sketch": sk, "results": results, "report": rep}
+    # The result also goes to the store (runs/<run_id>.json), so a scheduled run can be re-selected by its id.
+    return record_run_result(rec, {"run_id": rec.run_id, "store": st.url, "dataset": ing["dataset"],
+                                   "quarantined": ing["n_quarantined"], "embeddings": emb, "sketch": sk,
+                                   "results": results, "report": rep})

@@ -1,7 +1,9 @@
 """Smaller flows that start from existing artifacts instead of the source: re-select and re-evaluate.
 
-Both take the refs a ``curate`` run returned (``skmm curate --json > run.json``), check that every referenced
-artifact is still in the store (a clear error names any that is missing), and record their own lineage run.
+Both take an earlier run: its id (or a unique prefix of one), read from the result every curate / reselect /
+reevaluate run writes to the store (``runs/<run_id>.json``, see :mod:`storage.runs`), or the result dict itself
+(``skmm curate --json > run.json``). They check that every referenced artifact is still in the store (a clear
+error names any that is missing), record their own lineage run, and write their own result the same way.
 
     reselect:   dataset + embeddings + sketch → for each (method, budget, seed): select → finetune → evaluate
     reevaluate: each result's model + embeddings + dataset → evaluate (e.g. after a test-split fix)
@@ -9,27 +11,29 @@ artifact is still in the store (a clear error names any that is missing), and re
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import PositiveInt
 
 from flows.curate import FinetuneConfig, ModelConfig, _methods_known, report_stage, select_finetune_evaluate
-from storage.artifacts import ArtifactRef
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.datasets import DatasetRef, VectorTableRef
 from storage.errors import ArtifactNotFoundError
 from storage.lineage import LineageRecorder, git_commit
+from storage.runs import read_run_result, record_run_result
 from tasks.evaluate import evaluate
-from tasks.store import DEFAULT_STORE, open_store, result_storage_path, store_spec
+from tasks.store import DEFAULT_STORE, open_store, result_storage, store_spec
 
 __all__ = ["reevaluate", "reselect"]
 
 
 def _check_run(run: dict[str, Any], keys: tuple[str, ...]) -> None:
-    for key in keys:
-        if key not in run:
-            raise ValueError(f"the earlier run's result has no {key!r}: pass what 'skmm curate --json' printed")
+    for key in keys:  # embeddings may be None (FT gradients + last-layers finetuning need none)
+        if key not in run or (run[key] is None and key != "embeddings"):
+            raise ValueError(f"the earlier run's result has no {key!r}: pass its run id or what 'skmm curate "
+                             "--json' printed")
 
 
 def _require(st: Any, refs: list[ArtifactRef]) -> None:
@@ -38,17 +42,28 @@ def _require(st: Any, refs: list[ArtifactRef]) -> None:
         raise ArtifactNotFoundError(f"{len(missing)} artifact(s) of the earlier run are missing, e.g. {missing[0]}")
 
 
-def _start(store_url: str, endpoint_url: str | None, config: dict) -> tuple[dict, Any, dict, LineageRecorder]:
+def _open(store_url: str, endpoint_url: str | None) -> tuple[dict, ArtifactStore]:
     store = store_spec(store_url, endpoint_url)
     st = open_store(store)
     st.check()
+    return store, st
+
+
+def _earlier(st: ArtifactStore, run: dict[str, Any] | str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The earlier run's result: ``run`` itself, or the one stored for run id (or unique prefix) ``run``."""
+    found = read_run_result(st, run) if isinstance(run, str) else run
+    _check_run(found, keys)
+    return found
+
+
+def _recorder(st: ArtifactStore, store: dict, config: dict) -> tuple[dict, LineageRecorder]:
     rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=git_commit(), config=config)
-    return store, st, {"result_storage": result_storage_path(store)}, rec
+    return {"result_storage": result_storage(store)}, rec
 
 
 @flow(name="reselect", log_prints=True)
 def reselect(
-    run: dict[str, Any],
+    run: dict[str, Any] | str,
     budgets: list[PositiveInt],
     methods: list[str] = ["skmm_best", "uniform"],  # noqa: B006
     seeds: list[int] = [0],  # noqa: B006
@@ -56,15 +71,18 @@ def reselect(
     finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
     model: ModelConfig = ModelConfig(),  # noqa: B008 - used by finetune.kind == "last_layers"
     task: str = "classification",
+    variant_choice: Literal["val", "proxy"] = "val",
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
 ) -> dict[str, Any]:
-    """Select again from an earlier run's sketch (``run`` = a curate result), finetune, evaluate, report."""
+    """Select again from an earlier run's sketch, finetune, evaluate, report. ``run``: the earlier run's id (or a
+    unique prefix of one) in the store, or its result dict."""
     _methods_known(methods)
-    _check_run(run, ("dataset", "embeddings", "sketch"))
+    store, st = _open(store_url, endpoint_url)
+    run = _earlier(st, run, ("dataset", "embeddings", "sketch"))
     dataset, emb, sk = DatasetRef.from_dict(run["dataset"]), run["embeddings"], run["sketch"]
-    store, st, opts, rec = _start(store_url, endpoint_url, {"reselect": run.get("run_id"), "budgets": budgets,
-                                                            "methods": methods, "seeds": seeds})
+    opts, rec = _recorder(st, store, {"reselect": run.get("run_id"), "budgets": budgets, "methods": methods,
+                                      "seeds": seeds, "variant_choice": variant_choice})
     get_run_logger().info("run %s: re-selecting from run %s", rec.run_id, run.get("run_id"))
     with rec.stage("check-inputs"):
         inputs = [dataset.manifest, VectorTableRef.from_dict(sk).artifact]
@@ -73,17 +91,21 @@ def reselect(
         _require(st, inputs)
         rec.complete("check-inputs", outputs=inputs)
     results = select_finetune_evaluate(rec, opts, store, run["dataset"], emb, sk, methods, budgets, seeds,
-                                       class_balanced, finetune, model.model_dump(), task)
+                                       class_balanced, finetune, model.model_dump(), task, variant_choice)
     rep = report_stage(rec, opts, store, results)
-    return {"run_id": rec.run_id, "store": st.url, "dataset": run["dataset"], "quarantined": 0,
-            "embeddings": emb, "sketch": sk, "results": results, "report": rep}
+    return record_run_result(rec, {"run_id": rec.run_id, "store": st.url, "dataset": run["dataset"],
+                                   "quarantined": 0, "embeddings": emb, "sketch": sk, "results": results,
+                                   "report": rep})
 
 
 @flow(name="reevaluate", log_prints=True)
-def reevaluate(run: dict[str, Any], store_url: str = DEFAULT_STORE, endpoint_url: str | None = None) -> dict[str, Any]:
-    """Evaluate an earlier run's models again on its dataset's test split, and report."""
-    _check_run(run, ("dataset", "embeddings", "results"))
-    store, st, opts, rec = _start(store_url, endpoint_url, {"reevaluate": run.get("run_id")})
+def reevaluate(run: dict[str, Any] | str, store_url: str = DEFAULT_STORE,
+               endpoint_url: str | None = None) -> dict[str, Any]:
+    """Evaluate an earlier run's models again on its dataset's test split, and report. ``run``: the earlier run's
+    id (or a unique prefix of one) in the store, or its result dict."""
+    store, st = _open(store_url, endpoint_url)
+    run = _earlier(st, run, ("dataset", "embeddings", "results"))
+    opts, rec = _recorder(st, store, {"reevaluate": run.get("run_id")})
     features = [VectorTableRef.from_dict(run["embeddings"]).artifact] if run["embeddings"] else []
     results = []
     for r in run["results"]:
@@ -95,5 +117,6 @@ def reevaluate(run: dict[str, Any], store_url: str = DEFAULT_STORE, endpoint_url
             rec.complete(f"evaluate.{tag}", metrics=metrics)
         results.append({**{k: r[k] for k in ("method", "n", "seed", "selection", "model")}, **metrics})
     rep = report_stage(rec, opts, store, results)
-    return {"run_id": rec.run_id, "store": st.url, "dataset": run["dataset"], "quarantined": 0,
-            "embeddings": run["embeddings"], "sketch": run.get("sketch"), "results": results, "report": rep}
+    return record_run_result(rec, {"run_id": rec.run_id, "store": st.url, "dataset": run["dataset"],
+                                   "quarantined": 0, "embeddings": run["embeddings"], "sketch": run.get("sketch"),
+                                   "results": results, "report": rep})

@@ -74,8 +74,10 @@ def combine_embeddings(parts: list[dict], store: dict) -> dict:
     return run_combine(parts, store)
 
 
-def embed(dataset: dict, model: dict[str, Any], store: dict, opts: dict, batch_size: int = 64) -> dict:
-    """Submit one ``embed`` task per shard (they run concurrently), then combine: call inside a flow."""
-    futures = [embed_shard.with_options(**opts).submit(sh, model, store, batch_size=batch_size)
+def embed(dataset: dict, model: dict[str, Any], store: dict, opts: dict, batch_size: int = 64,
+          progress: bool = False) -> dict:
+    """Submit one ``embed`` task per shard (they run concurrently), then combine: call inside a flow.
+    ``progress`` shows a bar per shard (not part of the cache key)."""
+    futures = [embed_shard.with_options(**opts).submit(sh, model, store, batch_size=batch_size, progress=progress)
                for sh in shards_of(dataset, store)]
     return combine_embeddings.with_options(**opts)([f.result() for f in futures], store)

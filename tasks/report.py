@@ -12,7 +12,7 @@ from prefect import task
 from tasks.cache import ContentCache
 from tasks.store import open_store
 
-__all__ = ["publish", "report", "summarize_metrics"]
+__all__ = ["choices", "publish", "report", "summarize_metrics"]
 
 
 def summarize_metrics(results: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -35,6 +35,17 @@ def markdown(summary: list[dict[str, Any]], metric: str) -> str:
     return f"**{metric}** on the test split (mean ± std over seeds)\n\n" + "\n".join(lines)
 
 
+def choices(results: list[dict[str, Any]]) -> str:
+    """Which variant skmm_best kept per budget (chosen on the val split), e.g. "n=50: skmm ×3, skmm_v2 ×2"."""
+    picked: dict[int, list[str]] = defaultdict(list)
+    for r in results:
+        if r.get("chosen"):
+            picked[r["n"]].append(r["chosen"])
+    parts = [f"n={n}: " + ", ".join(f"{v} ×{picks.count(v)}" for v in sorted(set(picks)))
+             for n, picks in sorted(picked.items())]
+    return ("skmm_best kept (chosen on the val split): " + "; ".join(parts)) if parts else ""
+
+
 def plot_png(summary: list[dict[str, Any]], metric: str) -> bytes:
     import matplotlib
 
@@ -55,13 +66,15 @@ def plot_png(summary: list[dict[str, Any]], metric: str) -> bytes:
     return buf.getvalue()
 
 
-@task(name="report", cache_policy=ContentCache(code_version="report-1"), persist_result=True,
+@task(name="report", cache_policy=ContentCache(code_version="report-2"), persist_result=True,
       result_serializer="json")
 def report(results: list[dict[str, Any]], store: dict, metric: str = "accuracy") -> dict[str, Any]:
     """Write the plot and the markdown table to the store (the flow publishes them as Prefect artifacts)."""
     st = open_store(store)
     summary = summarize_metrics(results, metric)
     table_md = markdown(summary, metric)
+    if note := choices(results):
+        table_md += "\n\n" + note
     plot = st.put_bytes(plot_png(summary, metric), "report", ".png")
     text = st.put_bytes((table_md + f"\n\nPlot: {plot.uri}\n").encode(), "report", ".md")
     return {"summary": summary, "markdown": table_md, "plot": plot.to_dict(), "report": text.to_dict()}

@@ -6,13 +6,19 @@ so they never enter Prefect parameters, task inputs, cache keys, logs or lineage
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pathlib
-from typing import Any
+import urllib.parse
+from typing import TYPE_CHECKING, Any
 
 from storage.artifacts import ArtifactStore
 
-__all__ = ["DEFAULT_STORE", "open_store", "result_storage_path", "store_spec"]
+if TYPE_CHECKING:
+    from prefect.filesystems import WritableFileSystem
+
+__all__ = ["DEFAULT_STORE", "open_store", "result_storage", "store_spec"]
 
 DEFAULT_STORE = "./skmm-store"
 
@@ -24,6 +30,8 @@ def store_spec(url: str | os.PathLike = DEFAULT_STORE, endpoint_url: str | None 
         text = "file://" + str(pathlib.Path(text).expanduser().resolve())
     if "@" in text.split("://", 1)[1].split("/", 1)[0]:
         raise ValueError("put credentials in the environment (AWS_ACCESS_KEY_ID, ...), not in the store URL")
+    if endpoint_url and "@" in urllib.parse.urlsplit(endpoint_url).netloc:
+        raise ValueError("put credentials in the environment, not in the endpoint URL (it is saved in a Prefect block)")
     return {"url": text, "endpoint_url": endpoint_url}
 
 
@@ -35,13 +43,43 @@ def open_store(spec: dict[str, Any]) -> ArtifactStore:
     return ArtifactStore(spec["url"], storage_options=options)
 
 
-def result_storage_path(spec: dict[str, Any]) -> pathlib.Path:
-    """Where Prefect persists cached task results (small JSON refs): inside a local store, so a cache lives as
-    long as the artifacts it points to; for remote stores, a per-store folder in the user's cache directory."""
+def result_storage(spec: dict[str, Any]) -> pathlib.Path | WritableFileSystem:
+    """What tasks get as Prefect ``result_storage``: a folder *inside the store*, so cached results (small JSON
+    refs) live as long as the artifacts they point to, and every machine using the same store shares one cache.
+
+    Local stores give ``<store>/prefect-results`` as a Path. Remote stores give a ``RemoteFileSystem`` on
+    ``<store url>/prefect-results``, saved as a Prefect block (tasks refuse unsaved blocks) under a name derived
+    from its settings, so every run reuses one block document. Its settings hold only the endpoint URL:
+    credentials stay in the environment.
+    """
     url = spec["url"]
     if url.startswith("file://"):
         return pathlib.Path(url[len("file://"):]) / "prefect-results"
-    import hashlib
+    name, block = _results_block(spec)
+    return _save_block(block, name)
 
-    base = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
-    return base / "skmm" / "prefect-results" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+def _results_block(spec: dict[str, Any]) -> tuple[str, WritableFileSystem]:
+    """The (deterministic block name, unsaved block) for a remote store's results folder."""
+    from prefect.filesystems import RemoteFileSystem
+
+    settings = {"endpoint_url": spec["endpoint_url"]} if spec.get("endpoint_url") else {}
+    basepath = spec["url"].rstrip("/") + "/prefect-results"
+    digest = hashlib.sha256(json.dumps([basepath, settings], sort_keys=True).encode()).hexdigest()[:16]
+    return f"skmm-results-{digest}", RemoteFileSystem(basepath=basepath, settings=settings)
+
+
+def _save_block(block: WritableFileSystem, name: str, attempts: int = 3) -> WritableFileSystem:
+    """Save ``block`` as ``name`` (overwrite: the name fixes the content). Processes racing to create the same
+    name are safe: the loser of the create updates the winner's document with identical values; a document
+    deleted between that process's lookup and update is retried."""
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    for attempt in range(attempts):
+        try:
+            block.save(name, overwrite=True)
+            break
+        except (ObjectAlreadyExists, ObjectNotFound):
+            if attempt == attempts - 1:
+                raise
+    return block

@@ -39,8 +39,10 @@ def test_bench_synthetic_bad_options(tmp_path):
 def test_curate_command_on_digits(prefect_server, tmp_path):
     store = tmp_path / "store"
     result = runner.invoke(app, ["curate", "digits", "--model", "skmm-tiny-vit", "--budgets", "20",
-                                 "--methods", "skmm,uniform", "--sketch-dim", "16", "--store", str(store)])
+                                 "--methods", "skmm,uniform", "--sketch-dim", "16", "--store", str(store),
+                                 "--progress"])
     assert result.exit_code == 0, result.output
+    assert "embed skmm-tiny-vit" in result.stderr  # the embedding progress bar
     assert "| skmm |" in result.stdout and "| uniform |" in result.stdout
     assert "run id:" in result.stdout and f"file://{store}" in result.stdout
     assert (store / "objects" / "model").is_dir() and (store / "lineage" / "events").is_dir()

@@ -9,30 +9,11 @@ import shutil
 
 import numpy as np
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from flow_helpers import FAST, state_names, task_states
 
 from flows.curate import ModelConfig, SourceConfig, curate
 from storage.index import LineageIndex
 from tasks.store import open_store, store_spec
-
-FAST = {"budgets": [20], "methods": ["skmm_best", "uniform"], "seeds": [0], "sketch_dim": 16,
-        "model": ModelConfig(name="skmm-tiny-vit")}
-
-
-def task_states(flow_state) -> dict[str, list[str]]:
-    """Task name → state names of one flow run's task runs."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
-    out: dict[str, list[str]] = {}
-    for tr in runs:
-        out.setdefault(tr.name.rsplit("-", 1)[0], []).append(tr.state.name)  # run name = "<task name>-<3 hex>"
-    return {k: sorted(v) for k, v in out.items()}
-
-
-def state_names(flow_state) -> list[str]:
-    return sorted(s for names in task_states(flow_state).values() for s in names)
 
 
 def object_mtimes(store_dir: pathlib.Path) -> dict[str, float]:
@@ -62,7 +43,10 @@ def test_curate_digits_local_cache_and_audit(prefect_server, tmp_path):
     for stage in ("ingest", "embed", "gradients-sketch"):
         assert states[stage] == ["Cached"], (stage, states)
     for stage in ("select", "finetune-linear-probe", "evaluate"):
-        assert all(s == "Completed" for s in states[stage]), (stage, states)
+        assert "Completed" in states[stage], (stage, states)
+    # (skmm_best's kept model is its candidate's own: the repeated finetune call in the same run is Cached.)
+    ran = {stage for stage, names in states.items() if "Completed" in names}
+    assert ran == {"select", "finetune-linear-probe", "evaluate", "report"}, states
 
     # Audit: the model's training samples are exactly its selection's ids.
     st = open_store(store_spec(store_dir))
@@ -204,3 +188,32 @@ def test_regression_labels_from_precomputed_embeddings(prefect_server, tmp_path)
     with pytest.raises(Exception, match="regression labels need"):
         curate(source=SourceConfig(kind="embeddings", path=str(tmp_path / "pool.parquet")), budgets=[60],
                task="regression", class_balanced=True, store_url=str(tmp_path / "store"))
+
+
+def test_s3_cache_is_shared_by_machines_through_the_store(prefect_server, s3_bucket, monkeypatch, tmp_path):
+    """Two "machines" (own home and cache folders) on one s3:// store: the second run is all cache hits, served
+    from JSON result records under the store's prefect-results/, and neither run writes results under a home."""
+    import json
+
+    import fsspec
+
+    name, options = s3_bucket
+    args = {**FAST, "methods": ["uniform"], "store_url": f"s3://{name}/curation",
+            "endpoint_url": options["endpoint_url"]}
+    runs = []
+    for machine in ("a", "b"):
+        home = tmp_path / machine
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+        runs.append(curate(**args, return_state=True))
+        assert not (home / ".cache" / "skmm").exists() and not list(tmp_path.rglob("prefect-results"))
+    first, second = (state_names(r) for r in runs)
+    assert first and "Cached" not in first, task_states(runs[0])
+    assert set(second) == {"Cached"} and len(second) == len(first), task_states(runs[1])
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    records = fs.find(f"{name}/curation/prefect-results")
+    assert len(records) == len(first)  # one record per task run (each has its own key)
+    for path in records:
+        record = json.loads(fs.cat_file(path))
+        assert record["metadata"]["serializer"]["type"] == "json"

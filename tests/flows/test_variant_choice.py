@@ -1,0 +1,50 @@
+"""skmm_best's variant chosen on the val split, through the real curate flow (tiny tower, digits, local store)."""
+
+from __future__ import annotations
+
+import pytest
+from flow_helpers import FAST, task_states
+
+from flows.curate import VARIANTS, curate
+from storage.index import LineageIndex
+from tasks.store import open_store, store_spec
+
+
+def test_skmm_best_keeps_the_variant_with_the_better_val_score(prefect_server, tmp_path):
+    store_dir = tmp_path / "store"
+    args = {**FAST, "methods": ["skmm_best", *VARIANTS], "budgets": [20, 40], "store_url": str(store_dir)}
+    state = curate(**args, return_state=True)
+    results = state.result()["results"]
+    by = {(r["method"], r["n"]): r for r in results}
+    for n in (20, 40):
+        best = by[("skmm_best", n)]
+        assert best["chosen"] in VARIANTS
+        val = best["val"]
+        assert set(val) == set(VARIANTS) and all(v["n_val"] > 50 for v in val.values())
+        other = next(v for v in VARIANTS if v != best["chosen"])
+        assert (val[best["chosen"]]["accuracy"], val[best["chosen"]]["macro_f1"]) >= (
+            val[other]["accuracy"], val[other]["macro_f1"])
+        # The kept coreset and model are exactly the chosen variant's own (same content, same artifact).
+        assert best["selection"]["sha256"] == by[(best["chosen"], n)]["selection"]["sha256"]
+        assert best["model"]["sha256"] == by[(best["chosen"], n)]["model"]["sha256"]
+        assert best["accuracy"] == by[(best["chosen"], n)]["accuracy"]
+    states = task_states(state)
+    # skmm_best's candidates are the same tasks with the same inputs as the plain variants: cache hits.
+    assert states["select"].count("Cached") == 4, states
+    assert "report" in states
+
+    st = open_store(store_spec(store_dir))
+    index = LineageIndex(tmp_path / "lineage.duckdb")
+    index.rebuild(st)
+    for r in results:
+        got = index.samples_for_model(r["model"]["sha256"]).column("sample_id").to_pylist()
+        assert len(got) == r["n"] and len(set(got)) == r["n"]
+    assert "skmm_best kept (chosen on the val split): n=20: " in state.result()["report"]["markdown"]
+
+
+def test_proxy_rule_and_bad_choice(prefect_server, tmp_path):
+    out = curate(**{**FAST, "methods": ["skmm_best"], "variant_choice": "proxy", "store_url": str(tmp_path / "s")})
+    assert "chosen" not in out["results"][0] and "val" not in out["results"][0]
+    assert "skmm_best kept" not in out["report"]["markdown"]
+    with pytest.raises(Exception, match="variant_choice"):
+        curate(**{**FAST, "variant_choice": "test", "store_url": str(tmp_path / "s")})
