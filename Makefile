@@ -29,6 +29,12 @@ run: $(STAMP)
 bench-synthetic: $(STAMP)
 	$(BIN)/skmm bench synthetic --out bench/out/synthetic
 
+# Register the scheduled curation on the standing Prefect server at PREFECT_API_URL (deployments/README.md);
+# options via DEPLOY_ARGS, e.g. DEPLOY_ARGS='--cron "30 1 * * *" --timezone Europe/Berlin'.
+.PHONY: deploy
+deploy: $(STAMP)
+	PREFECT_HOME=$(PREFECT_HOME) $(BIN)/python -m deployments.curate_nightly deploy $(DEPLOY_ARGS)
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	PREFECT_HOME=$$(mktemp -d) $(BIN)/pytest -q $(PYTEST_ARGS)

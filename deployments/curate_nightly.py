@@ -1,0 +1,201 @@
+"""The nightly curation deployment and on-demand re-runs, for a standing Prefect server.
+
+    python -m deployments.curate_nightly deploy [options]   # process work pool (if missing) + deployments at
+                                                            # PREFECT_API_URL; `prefect worker start` runs them
+    python -m deployments.curate_nightly serve [options]    # the same deployments, run by this process
+
+    curate/nightly        the ``curate`` flow on a cron schedule (default 02:00 UTC), one run at a time
+    reselect/on-demand    no schedule: select again from an earlier run (parameters ``run`` and ``budgets``)
+    reevaluate/on-demand  no schedule: evaluate an earlier run's models again (parameter ``run``)
+
+``run`` is the earlier run's id (every curate, reselect and reevaluate run, scheduled ones included, writes its
+result to ``runs/<run_id>.json`` in the store) or that result as JSON.
+
+The code is loaded from a local checkout (``flow.from_source(<checkout>, "flows.curate.curate")``): the runs
+start in that folder (so lineage records its git commit) with the worker's Python, so a ``process`` worker
+started from the project's venv needs no image and no remote storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import pathlib
+import zoneinfo
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from prefect import deploy, flow, serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron, Interval, Schedule
+
+from flows.curate import ModelConfig, SourceConfig
+from skmm.select import SELECTORS
+from tasks.store import DEFAULT_STORE
+
+__all__ = ["CRON", "NIGHTLY", "POOL", "TIMEZONE", "build_deployments", "ensure_process_pool", "main",
+           "nightly_parameters", "nightly_schedule", "register", "source_config"]
+
+POOL = "skmm-process"
+NIGHTLY = "nightly"
+CRON = "0 2 * * *"  # every day at 02:00
+TIMEZONE = "UTC"
+TAGS = ["skmm", "curation"]
+ENTRYPOINTS = {"curate": "flows.curate.curate", "reselect": "flows.rerun.reselect",
+               "reevaluate": "flows.rerun.reevaluate"}
+NIGHTLY_DESCRIPTION = ("Nightly curation: ingest the pool (new files only are embedded again), sketch, select each "
+                       "budget with each method and seed, finetune, evaluate and report. Results, models and "
+                       "lineage events land in the store (parameter store_url).")
+TABLES = (".csv", ".tsv", ".parquet")
+
+
+def _local(path: str) -> str:
+    return path if "://" in path else str(pathlib.Path(path).expanduser().resolve())
+
+
+def source_config(source: str = "digits", embeddings: bool = False, image_size: int = 32) -> SourceConfig:
+    """'digits', an image folder, a manifest (.csv/.tsv/.parquet) or, with ``embeddings``, a vector table.
+
+    Local paths are made absolute, so every scheduled run reads the same pool whatever its working folder."""
+    if source == "digits":
+        return SourceConfig(image_size=image_size)
+    path = _local(source)
+    if embeddings:
+        return SourceConfig(kind="embeddings", path=path)
+    is_dir = "://" not in path and pathlib.Path(path).is_dir()
+    if not is_dir and not path.lower().endswith(TABLES) and ("://" in path or not pathlib.Path(path).exists()):
+        raise ValueError(f"source {source!r}: expected 'digits', an existing image folder or a manifest {TABLES}")
+    return SourceConfig(kind="folder" if is_dir else "manifest", path=path, image_size=image_size)
+
+
+def nightly_parameters(source: SourceConfig | None = None, store_url: str = DEFAULT_STORE,
+                       budgets: Sequence[int] = (50, 100, 200), methods: Sequence[str] = ("skmm_best", "uniform"),
+                       seeds: Sequence[int] = (0,), model: ModelConfig | None = None, sketch_dim: int = 64,
+                       endpoint_url: str | None = None) -> dict[str, Any]:
+    """The ``curate`` parameters the deployment stores (plain JSON; checked now rather than at 2 am)."""
+    unknown = sorted(set(methods) - set(SELECTORS))
+    if unknown:
+        raise ValueError(f"unknown selection method(s) {unknown}; expected some of {sorted(SELECTORS)}")
+    if not budgets or min(budgets) <= 0 or not seeds or sketch_dim <= 0:
+        raise ValueError("budgets and seeds must be non-empty, budgets and sketch_dim positive")
+    return {"source": (source or SourceConfig()).model_dump(mode="json"), "budgets": list(budgets),
+            "methods": list(methods), "seeds": list(seeds), "model": (model or ModelConfig()).model_dump(mode="json"),
+            "sketch_dim": sketch_dim, "store_url": _local(store_url), "endpoint_url": endpoint_url}
+
+
+def nightly_schedule(cron: str = CRON, timezone: str = TIMEZONE, interval_s: float | None = None) -> Schedule:
+    """A cron schedule in an IANA timezone (daylight saving handled by the server), or every ``interval_s``."""
+    zoneinfo.ZoneInfo(timezone)  # an unknown zone fails here, not on the server
+    if interval_s is not None:
+        if interval_s <= 0:
+            raise ValueError(f"interval must be positive seconds; got {interval_s}")
+        return Interval(dt.timedelta(seconds=interval_s), timezone=timezone)
+    return Cron(cron, timezone=timezone)
+
+
+def build_deployments(parameters: dict[str, Any], schedule: Schedule, work_pool: str | None = POOL,
+                      name: str = NIGHTLY, checkout: str | os.PathLike | None = None) -> list[RunnerDeployment]:
+    """curate/<name> on ``schedule`` with ``parameters``, plus reselect/ and reevaluate/on-demand on the same
+    store. ``work_pool`` None: for ``serve``. ``checkout``: the folder the runs start in (default: cwd)."""
+    source = str(pathlib.Path(checkout or os.getcwd()).resolve())
+    nightly = flow.from_source(source, ENTRYPOINTS["curate"]).to_deployment(
+        name, schedules=[schedule], parameters=parameters, description=NIGHTLY_DESCRIPTION,
+        tags=[*TAGS, "scheduled"], work_pool_name=work_pool,
+        # Tonight's run is dropped, not queued, while yesterday's is still going.
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW))
+    store = {"store_url": parameters["store_url"], "endpoint_url": parameters.get("endpoint_url")}
+    reruns = [
+        flow.from_source(source, ENTRYPOINTS[kind]).to_deployment(
+            "on-demand", parameters=store, tags=[*TAGS, "on-demand"], work_pool_name=work_pool, description=text)
+        for kind, text in (
+            ("reselect", "Select again from an earlier run's sketch (parameters run = its run id, whose result is "
+                         "in the store under runs/<run_id>.json, or that JSON result; budgets), then finetune, "
+                         "evaluate and report."),
+            ("reevaluate", "Evaluate an earlier run's models again (parameter run = its run id, whose result is in "
+                           "the store under runs/<run_id>.json, or that JSON result)."))]
+    return [nightly, *reruns]
+
+
+def ensure_process_pool(name: str = POOL) -> bool:
+    """Create the ``process`` work pool ``name`` unless it exists (an existing one is left as configured).
+    Returns True when it was created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(
+                name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template(),
+                description=f"skmm curation runs in local processes (start: prefect worker start --pool {name})"))
+            return True
+    if pool.type != "process":
+        raise ValueError(f"work pool {name!r} exists with type {pool.type!r}; these deployments need 'process'")
+    return False
+
+
+def register(deployments: Sequence[RunnerDeployment], work_pool: str = POOL) -> list[UUID]:
+    """Create or update ``deployments`` on the server at PREFECT_API_URL, in work pool ``work_pool``."""
+    ensure_process_pool(work_pool)
+    return deploy(*deployments, work_pool_name=work_pool, print_next_steps_message=False, ignore_warnings=True)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m deployments.curate_nightly", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["deploy", "serve"],
+                   help="deploy: to a process work pool on the server at PREFECT_API_URL; serve: run them here")
+    p.add_argument("--pool", default=POOL, help="work pool for 'deploy' (created as type process if missing)")
+    p.add_argument("--name", default=NIGHTLY, help="name of the scheduled curate deployment")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--cron", default=CRON, help="cron schedule (default: %(default)s)")
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS instead of on a cron")
+    p.add_argument("--timezone", default=TIMEZONE, help="IANA timezone of the schedule (default: %(default)s)")
+    p.add_argument("--source", default="digits", help="'digits', an image folder, or a manifest (.csv/.tsv/.parquet)")
+    p.add_argument("--embeddings", action="store_true", help="the source is a table of precomputed embeddings")
+    p.add_argument("--store", default=DEFAULT_STORE, help="store folder or URL (s3://...); local paths made absolute")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (credentials: worker environment)")
+    p.add_argument("--budgets", type=_ints, default=[50, 100, 200], help="comma-separated budgets")
+    p.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m], default=["skmm_best", "uniform"])
+    p.add_argument("--seeds", type=_ints, default=[0])
+    p.add_argument("--model", default=ModelConfig().name, help="open_clip model name")
+    p.add_argument("--pretrained", default=None, help="pretrained tag or local weights (default: random init)")
+    p.add_argument("--sketch-dim", type=int, default=64)
+    p.add_argument("--checkout", default=None, help="folder the runs start in (default: current folder)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Register (``deploy``) or ``serve`` the deployments, as the command line asks."""
+    from prefect.settings import get_current_settings
+
+    args = _parser().parse_args(argv)
+    if not get_current_settings().api.url:
+        raise SystemExit("PREFECT_API_URL is not set: point it at a standing server (prefect server start), e.g. "
+                         "export PREFECT_API_URL=http://127.0.0.1:4200/api. A temporary server never fires schedules.")
+    params = nightly_parameters(source_config(args.source, args.embeddings), args.store, args.budgets, args.methods,
+                                args.seeds, ModelConfig(name=args.model, pretrained=args.pretrained),
+                                args.sketch_dim, args.endpoint_url)
+    schedule = nightly_schedule(args.cron, args.timezone, args.interval)
+    pool = args.pool if args.command == "deploy" else None
+    deployments = build_deployments(params, schedule, pool, args.name, args.checkout)
+    if args.command == "deploy":
+        ids = register(deployments, pool)
+        print(f"registered {len(ids)} deployment(s) in work pool {pool!r}; start a worker: "
+              f"prefect worker start --pool {pool}")
+    else:
+        serve(*deployments)
+
+
+if __name__ == "__main__":
+    main()
