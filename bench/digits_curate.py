@@ -3,6 +3,7 @@
 Budgets n = 50, 100, 200; 5 selection seeds; accuracy and macro-F1 on the held-out test split. The acceptance
 bar: SkMM no worse than uniform by more than one standard deviation at each budget. Run:
     .venv/bin/python bench/digits_curate.py [--model ViT-S-32] [--methods skmm_best,skmm,uniform]
+        [--variant-choice val|proxy]
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--sketch-dim", type=int, default=64)
     parser.add_argument("--class-balanced", action="store_true")
+    parser.add_argument("--variant-choice", default="val", choices=["val", "proxy"],
+                        help="how skmm_best picks convex SkMM or SkMMv2 (val split, or the variance proxy)")
     parser.add_argument("--store", default=None, help="store URL (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -38,9 +41,10 @@ def main() -> None:
     start = time.perf_counter()
     result = curate(budgets=[int(b) for b in args.budgets.split(",")], methods=args.methods.split(","),
                     seeds=list(range(args.seeds)), model=ModelConfig(name=args.model), sketch_dim=args.sketch_dim,
-                    class_balanced=args.class_balanced, store_url=store)
+                    class_balanced=args.class_balanced, variant_choice=args.variant_choice, store_url=store)
     wall = time.perf_counter() - start
-    rows = [{k: r[k] for k in ("method", "n", "seed", "accuracy", "macro_f1")} for r in result["results"]]
+    rows = [{**{k: r[k] for k in ("method", "n", "seed", "accuracy", "macro_f1")},
+             **({"chosen": r["chosen"]} if "chosen" in r else {})} for r in result["results"]]
     acc, f1 = summarize_metrics(rows, "accuracy"), summarize_metrics(rows, "macro_f1")
     print(markdown(acc, "accuracy"))
     print(markdown(f1, "macro_f1"))
@@ -50,8 +54,10 @@ def main() -> None:
         for s in acc:
             if s["n"] == n and s["method"].startswith("skmm"):
                 verdict[f"{s['method']}@{n}"] = bool(s["mean"] >= uni["mean"] - uni["std"])
-    record(f"digits_curate_{args.model}{'_balanced' if args.class_balanced else ''}", {
+    name = f"digits_curate_{args.model}{'_balanced' if args.class_balanced else ''}"
+    record(name + ("_proxy" if args.variant_choice == "proxy" else ""), {
         "model": args.model, "sketch_dim": args.sketch_dim, "class_balanced": args.class_balanced,
+        "variant_choice": args.variant_choice,
         "wall_s": round(wall, 1), "accuracy": acc, "macro_f1": f1,
         "skmm_not_worse_than_uniform_minus_1std": verdict, "runs": rows})
 
