@@ -28,7 +28,7 @@ from tasks.store import open_store
 
 __all__ = ["combine_embeddings", "embed", "embed_shard", "run_embed", "run_embed_shard", "shards_of"]
 
-CODE_VERSION = "embed-2"
+CODE_VERSION = "embed-3"  # embed-3: fixed-shape blocks (bitwise batch-invariant features)
 
 
 def shards_of(dataset: dict, store: dict) -> list[dict]:

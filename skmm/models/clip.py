@@ -24,7 +24,19 @@ Decisions:
   weights were trained with QuickGELU (``openai``) get the matching activation, as open_clip's ``-quickgelu``
   model names do (plain open_clip only warns and then computes different features).
 - Precision is ``"fp32"`` only, and means IEEE fp32 on CUDA too (TF32 is switched off for the duration of a
-  call and restored after), so features agree across batch sizes, row order and devices.
+  call and restored after), so CPU and GPU features agree to float32 round-off (3e-5 measured), not bitwise.
+- **Bitwise batch invariance.** On one machine and build, an image's features are the same bits whatever the
+  batch size, shard split, row order or thread count: :func:`embed_images` encodes in blocks of exactly
+  ``BLOCK_ROWS`` images (the last one zero-padded, pad rows dropped). Why: MKL's sgemm picks its kernel, hence
+  its summation order, from the matrix shape (measured: a 384×384 product with 1–3, 5–7 or 9 rows rounds those
+  rows differently than a 64-row product), so a shard's short last batch changed the last bits of its rows.
+  With one shape, every block runs the same kernels; no layer mixes images, so pad rows and neighbours change
+  nothing. Padding the caller's batches instead fixes shard counts but not batch sizes;
+  ``torch.use_deterministic_algorithms`` and oneDNN off change nothing on the CPU. On CUDA the fixed shape
+  should make cuBLAS bitwise too (it is deterministic per shape and GPU); not yet checked on a GPU. Cost: the
+  last block's pad rows only (under 64 images a call, none for a 2 048-row shard): ViT-S-32 on the 2-core CPU
+  ran 0.87–1.05× as fast as before on 500 images (``bench/embed_batch_invariance.py``; noise of a shared
+  machine), but a call with a few images pays for a whole block.
 - Images are decoded with Pillow and converted to RGB; EXIF orientation is *not* applied (as in open_clip's own
   pipelines), so the bytes alone determine the features.
 - :func:`embed_images` keeps the last two loaded models in memory (keyed by spec, device and the weights file's
@@ -77,6 +89,10 @@ DIR_CHECKPOINTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safet
                    "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.safetensors",
                    "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 PROBE_TIMEOUT_S = 3.0
+# Images per forward pass, whatever the caller's batch size (see embed_images): the former default batch, so
+# memory and speed stay as measured (blocks of 32 were no faster for ViT-S-32 on the CPU, slower for the tiny
+# tower).
+BLOCK_ROWS = 64
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -638,6 +654,27 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+def _encode_block(model, pixels: list[torch.Tensor], rows: int, device: torch.device, normalize: bool) -> np.ndarray:
+    """Encode up to ``rows`` preprocessed images as one zero-padded block of exactly ``rows`` images.
+
+    Every forward pass then has the same shapes, so the math library picks the same kernels (and summation
+    order) for every block: an image's features do not depend on how many images share its call. The pad rows
+    are dropped; no layer mixes rows (attention is within an image), so they cannot change the real ones.
+    """
+    import torch
+
+    n = len(pixels)
+    if n == rows:
+        block = torch.stack(pixels)
+    else:
+        block = pixels[0].new_zeros((rows, *pixels[0].shape))
+        block[:n] = torch.stack(pixels)
+    features = model.encode_image(block.to(device, non_blocking=True)).float()
+    if normalize:
+        features = torch.nn.functional.normalize(features, dim=-1)
+    return features[:n].cpu().numpy()
+
+
 def _embed_dim(model, spec: ClipSpec, device: torch.device) -> int:
     import torch
 
@@ -661,11 +698,14 @@ def embed_images(
 ) -> np.ndarray:
     """Embed encoded images (PNG/JPEG/… bytes) with ``spec``'s image tower: an (N, embed_dim) float32 array.
 
-    Images stream through in batches of ``batch_size`` (an iterator is never materialised), are decoded with
-    Pillow as RGB, preprocessed, and encoded under ``torch.inference_mode()``; rows are L2-normalised when
-    ``normalize``. Row i depends only on image i's bytes: batch size and order do not change it (to 1e-5).
-    ``device=None`` picks CUDA when available. ``num_threads`` sets torch's intra-op threads for this call only
-    (use 1 per worker when shards run in parallel processes). A bad image raises ValueError naming its index.
+    Images stream through (an iterator is never materialised): they are decoded with Pillow as RGB and
+    preprocessed ``batch_size`` at a time, encoded under ``torch.inference_mode()`` in fixed blocks of
+    ``BLOCK_ROWS`` (64) images (the last block zero-padded), and L2-normalised when ``normalize``. Row i is
+    bitwise a function of image i's bytes (on one machine and build): batch size, row order, shard split and
+    thread count change no bit, because every forward pass has the same shape. ``batch_size`` only sets how
+    many images are decoded at a time; it no longer changes the arithmetic. ``device=None`` picks
+    CUDA when available. ``num_threads`` sets torch's intra-op threads for this call only (use 1 per worker
+    when shards run in parallel processes). A bad image raises ValueError naming its index.
     """
     import torch
 
@@ -679,6 +719,7 @@ def embed_images(
         raise TypeError("images must be an iterable of encoded images, not a single bytes object (wrap it in a list)")
     dev = resolve_device(device)
     model, preprocess = _cached_model(spec, dev)
+    rows = BLOCK_ROWS
     total = len(images) if hasattr(images, "__len__") else None
 
     bar = None
@@ -686,31 +727,35 @@ def embed_images(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, unit="img", desc=f"embed {spec.model}")
-    rows: list[np.ndarray] = []
+    out: list[np.ndarray] = []
+    pending: list[torch.Tensor] = []  # decoded images waiting for a full block
     index = 0
     try:
         with _torch_threads(num_threads), _ieee_fp32(dev), torch.inference_mode():
             for batch in _batches(images, batch_size):
-                pixels = torch.stack([_decode(b, index + i, preprocess) for i, b in enumerate(batch)])
-                features = model.encode_image(pixels.to(dev, non_blocking=True)).float()
-                if normalize:
-                    features = torch.nn.functional.normalize(features, dim=-1)
-                rows.append(features.cpu().numpy())
+                pending.extend(_decode(b, index + i, preprocess) for i, b in enumerate(batch))
                 index += len(batch)
+                while len(pending) >= rows:
+                    out.append(_encode_block(model, pending[:rows], rows, dev, normalize))
+                    del pending[:rows]
+                    if bar is not None:
+                        bar.update(rows)
+            if pending:
+                out.append(_encode_block(model, pending, rows, dev, normalize))
                 if bar is not None:
-                    bar.update(len(batch))
-            if not rows:
+                    bar.update(len(pending))
+            if not out:
                 return np.zeros((0, _embed_dim(model, spec, dev)), dtype=np.float32)
     finally:
         if bar is not None:
             bar.close()
-    return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
 def embed_shards(shards: Iterable[Iterable[bytes]], spec: ClipSpec, **kwargs: Any) -> list[np.ndarray]:
     """Embed each shard independently (one array per shard, same options as :func:`embed_images`).
 
     Shards share nothing but the cached model, so they can equally be sent to parallel workers one by one; the
-    rows do not depend on how the images were split.
+    rows are bitwise the same however the images were split (fixed-shape blocks, see :func:`embed_images`).
     """
     return [embed_images(shard, spec, **kwargs) for shard in shards]

@@ -175,16 +175,32 @@ def test_shape_dtype_finite_unit_norm(images):
     assert embed_images([], TINY, device="cpu").shape == (0, 32)
 
 
-def test_batch_size_order_and_iterator_invariance(images):
-    reference = embed_images(images, TINY, batch_size=64, device="cpu")
-    for batch_size in (1, 7):
-        X = embed_images(images, TINY, batch_size=batch_size, device="cpu")
-        np.testing.assert_allclose(X, reference, atol=1e-5)
-    order = np.random.default_rng(0).permutation(len(images))
-    shuffled = embed_images(iter([images[i] for i in order]), TINY, batch_size=7, device="cpu")
-    np.testing.assert_allclose(shuffled, reference[order], atol=1e-5)
-    shards = embed_shards([images[:10], images[10:]], TINY, batch_size=4, device="cpu")
-    np.testing.assert_allclose(np.concatenate(shards), reference, atol=1e-5)
+@pytest.fixture(scope="module")
+def pool() -> list[bytes]:
+    # More images than one compute block, so blocks are full, partial and padded depending on the split.
+    modes = ["RGB", "L", "RGBA"]
+    return [png(1000 + i, (28 + i % 7, 30 + i % 4), modes[i % 3]) for i in range(75)]
+
+
+def test_features_are_bitwise_independent_of_batch_size_order_and_iterator(pool):
+    # Row i is a function of image i's bytes alone: any batch size, order or iterator gives the same bits.
+    reference = embed_images(pool, TINY, batch_size=64, device="cpu")
+    for batch_size in (1, 7, 64, 100):
+        assert np.array_equal(embed_images(pool, TINY, batch_size=batch_size, device="cpu"), reference), batch_size
+    order = np.random.default_rng(0).permutation(len(pool))
+    shuffled = embed_images(iter([pool[i] for i in order]), TINY, batch_size=7, device="cpu")
+    assert np.array_equal(shuffled, reference[order])
+    assert np.array_equal(embed_images(pool[5:6], TINY, device="cpu"), reference[5:6])  # alone
+    raw = embed_images(pool, TINY, batch_size=64, device="cpu", normalize=False)
+    assert np.array_equal(embed_images(pool[::-1], TINY, batch_size=1, device="cpu", normalize=False), raw[::-1])
+
+
+@pytest.mark.parametrize("shards", [3, 7])
+def test_features_are_bitwise_independent_of_the_shard_count(pool, shards):
+    reference = embed_shards([pool], TINY, device="cpu")[0]
+    parts = embed_shards([list(p) for p in np.array_split(np.array(pool, dtype=object), shards)], TINY, device="cpu")
+    assert [len(p) for p in parts] == [len(p) for p in np.array_split(np.arange(len(pool)), shards)]
+    assert np.array_equal(np.concatenate(parts), reference)
 
 
 def test_init_seed_reproducible_and_distinct(images):
