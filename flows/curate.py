@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, PositiveInt, model_validator
 
+from skmm.models.clip import check_model_name
 from skmm.select import SELECTORS
 from storage.artifacts import ArtifactRef
 from storage.datasets import DatasetRef, VectorTableRef
@@ -232,6 +233,11 @@ def curate(
               "variant_choice": variant_choice}
     rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=git_commit(), config=config)
     logger.info("run %s: store %s", rec.run_id, st)
+
+    if source.kind != "embeddings":  # the tower will be loaded: an unknown name fails before any ingest work
+        with rec.stage("check-inputs"):
+            check_model_name(model.name)
+            rec.complete("check-inputs")
 
     with rec.stage("ingest"):
         ing = ingest.with_options(**opts)(source.model_dump(), store)

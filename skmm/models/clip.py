@@ -71,6 +71,7 @@ __all__ = [
     "CONFIGS_DIR",
     "TINY_MODEL",
     "ClipSpec",
+    "check_model_name",
     "clear_model_cache",
     "embed_images",
     "embed_shards",
@@ -312,6 +313,26 @@ def _check_model_name(open_clip, name: str) -> None:
         f"unknown open_clip model {name!r}; {hint}valid names include {', '.join(examples)} "
         f"({len(names)} in open_clip.list_models())"
     )
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast on a model name open_clip does not know, with the same ValueError as loading would raise.
+
+    The common case costs no open_clip import (~4 s): a name found among open_clip's bundled configs or ours
+    passes at once. Anything else (including names registered at run time with ``open_clip.add_model_config``)
+    goes to the full check, which imports open_clip and suggests close names."""
+    if name == "local-dir" or name.startswith(HF_HUB):
+        return
+    if "open_clip" not in sys.modules:
+        import importlib.util
+
+        known = {p.stem for p in CONFIGS_DIR.glob("*.json")}
+        spec = importlib.util.find_spec("open_clip")
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            known |= {p.stem for p in pathlib.Path(location, "model_configs").glob("*.json")}
+        if name.replace("/", "-") in known:
+            return
+    _check_model_name(_open_clip(), name)
 
 
 def _hub_offline() -> bool:

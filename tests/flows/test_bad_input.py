@@ -151,14 +151,15 @@ ERROR_CASES = [
      r"budget n=1000 is larger than the pool \(the train split holds \d+ samples\)", "select.uniform.n1000.s0",
      {"samples", "dataset", "embeddings", "sketch"}),
     ("unknown_model", lambda p: {"source": folder(p["good"]), "model": ModelConfig(name="no-such-model")},
-     r"unknown open_clip model 'no-such-model'; .*\(\d+ in open_clip\.list_models\(\)\)", "embed",
-     {"samples", "dataset"}),
+     r"unknown open_clip model 'no-such-model'; .*\(\d+ in open_clip\.list_models\(\)\)", "check-inputs",
+     set()),  # checked before any ingest work
     ("weights_of_another_model", lambda p: {"source": folder(p["good"]),
                                             "model": ModelConfig(name=TINY_MODEL, pretrained=str(p["weights"]))},
      rf"weights at /\S+/other\.safetensors do not match model {TINY_MODEL}: "
      r"unexpected keys visual\.transformer\.resblocks\.2\..*", "embed", {"samples", "dataset"}),
 ]
-PREVIOUS = {"ingest": [], "embed": ["ingest"], "select": ["ingest", "embed", "sketch"]}
+PREVIOUS = {"check-inputs": [], "ingest": ["check-inputs"], "embed": ["check-inputs", "ingest"],
+            "select": ["check-inputs", "ingest", "embed", "sketch"]}
 
 
 @pytest.mark.parametrize(("case", "args", "message", "stage", "kinds"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -14,7 +16,15 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from skmm.models import TINY_MODEL, ClipSpec, clear_model_cache, embed_images, embed_shards, load_clip
+from skmm.models import (
+    TINY_MODEL,
+    ClipSpec,
+    check_model_name,
+    clear_model_cache,
+    embed_images,
+    embed_shards,
+    load_clip,
+)
 from skmm.models import clip as clip_module
 
 TINY = ClipSpec(TINY_MODEL)
@@ -282,3 +292,15 @@ def test_cuda_matches_cpu_and_is_batch_invariant(images):
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
     np.testing.assert_allclose(embed_images(images, TINY, device="cuda", batch_size=7), gpu, atol=1e-5)
     assert embed_images(images, TINY).shape == gpu.shape  # device=None picks CUDA
+
+
+def test_check_model_name_fails_fast_without_importing_open_clip():
+    """Known names (open_clip's bundled configs and ours) pass without the ~4 s open_clip import; an unknown
+    name raises the loader's own error, with close names suggested."""
+    code = ("import sys; from skmm.models import check_model_name; check_model_name('ViT-S-32'); "
+            "check_model_name('skmm-tiny-vit'); check_model_name('hf-hub:org/model'); "
+            "print('open_clip' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
+    with pytest.raises(ValueError, match=r"unknown open_clip model 'ViT-S-33'; did you mean ViT-S-32"):
+        check_model_name("ViT-S-33")
