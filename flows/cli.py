@@ -200,6 +200,8 @@ def _print_result(result: dict, as_json: bool) -> None:
     typer.echo(f"store:       {result['store']}")
     typer.echo(f"report:      {result['report']['report']['uri']}")
     typer.echo(f"plot:        {result['report']['plot']['uri']}")
+    if result.get("result"):
+        typer.echo(f"result:      {result['result']['uri']}  (skmm reselect|reevaluate {result['run_id'][:8]})")
     for r in result["results"]:
         typer.echo(f"{r['method']:>12} n={r['n']:<5} seed={r['seed']}  selection {r['selection']['uri']}")
         typer.echo(f"{'':>12} {'':<15} model     {r['model']['uri']}")

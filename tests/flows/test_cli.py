@@ -45,6 +45,7 @@ def test_curate_command_on_digits(prefect_server, tmp_path):
     assert "embed skmm-tiny-vit" in result.stderr  # the embedding progress bar
     assert "| skmm |" in result.stdout and "| uniform |" in result.stdout
     assert "run id:" in result.stdout and f"file://{store}" in result.stdout
+    assert f"result:      file://{store}/runs/" in result.stdout
     assert (store / "objects" / "model").is_dir() and (store / "lineage" / "events").is_dir()
 
 
