@@ -8,7 +8,7 @@ import fsspec
 import pytest
 from prefect import task
 
-from tasks.store import result_storage, store_spec
+from tasks.store import JsonResultsFileSystem, result_storage, store_spec
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_remote_results_are_a_saved_block_under_the_store_without_credentials(pr
 
     from prefect.filesystems import RemoteFileSystem
 
-    loaded = RemoteFileSystem.load(block._block_document_name)
+    loaded = JsonResultsFileSystem.load(block._block_document_name)
     assert "key-must-not-be-saved" not in loaded.model_dump_json()
     double.with_options(result_storage=block)  # accepted: Prefect refuses only unsaved blocks
     with pytest.raises(TypeError, match="persisted server-side"):
@@ -105,3 +105,42 @@ def test_task_results_land_in_the_bucket_as_json(prefect_api, s3_bucket):
     fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
     record = json.loads(fs.cat_file(f"{name}/store/prefect-results/double-21"))
     assert json.loads(record["result"]) == {"x": 42} and record["metadata"]["serializer"]["type"] == "json"
+
+
+class _Planted:
+    """Unpickling this writes a marker file: proof that a planted record's code ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_record_in_a_shared_store_is_never_loaded(prefect_api, s3_bucket, tmp_path):
+    """Prefect picks the decoder named inside a record; a record naming pickle must read as a miss (the task runs
+    again and writes a clean JSON record), never be unpickled."""
+    from prefect import flow
+    from prefect.results import ResultStore
+    from prefect.serializers import PickleSerializer
+
+    name, options = s3_bucket
+    block = result_storage(store_spec(f"s3://{name}/shared", options["endpoint_url"]))
+    marker = tmp_path / "code-ran"
+    planted = ResultStore(serializer=PickleSerializer()).create_result_record(_Planted(str(marker)), key="k")
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    fs.pipe_file(f"{name}/shared/prefect-results/double-key", planted.serialize())
+    with pytest.raises(ValueError, match=r"names serializer 'pickle'.*refusing to load it"):
+        block.read_path("double-key")
+
+    keyed = double.with_options(result_storage=block, cache_key_fn=lambda *_: "double-key")
+
+    @flow
+    def run() -> dict:
+        return keyed(4, return_state=True)
+
+    state = run()
+    assert state.name == "Completed" and state.result() == {"x": 8}  # ran again: not served from the plant
+    assert not marker.exists()
+    assert block.read_path("double-key")  # overwritten by a clean record, which reads back
+    assert run().name == "Cached"
