@@ -32,8 +32,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron, Interval, Schedule
 
-from flows.curate import ModelConfig, SourceConfig
-from skmm.select import SELECTORS
+from flows.curate import ModelConfig, SourceConfig, check_methods
 from tasks.store import DEFAULT_STORE
 
 __all__ = ["CRON", "NIGHTLY", "POOL", "TIMEZONE", "build_deployments", "ensure_process_pool", "main",
@@ -46,9 +45,9 @@ TIMEZONE = "UTC"
 TAGS = ["skmm", "curation"]
 ENTRYPOINTS = {"curate": "flows.curate.curate", "reselect": "flows.rerun.reselect",
                "reevaluate": "flows.rerun.reevaluate"}
-NIGHTLY_DESCRIPTION = ("Nightly curation: ingest the pool (new files only are embedded again), sketch, select each "
-                       "budget with each method and seed, finetune, evaluate and report. Results, models and "
-                       "lineage events land in the store (parameter store_url).")
+NIGHTLY_DESCRIPTION = ("Nightly curation: ingest the pool (unchanged shards hit the embedding cache), sketch, "
+                       "select each budget with each method and seed, finetune, evaluate and report. Results, models "
+                       "and lineage events land in the store (parameter store_url).")
 TABLES = (".csv", ".tsv", ".parquet")
 
 
@@ -76,9 +75,7 @@ def nightly_parameters(source: SourceConfig | None = None, store_url: str = DEFA
                        seeds: Sequence[int] = (0,), model: ModelConfig | None = None, sketch_dim: int = 64,
                        endpoint_url: str | None = None) -> dict[str, Any]:
     """The ``curate`` parameters the deployment stores (plain JSON; checked now rather than at 2 am)."""
-    unknown = sorted(set(methods) - set(SELECTORS))
-    if unknown:
-        raise ValueError(f"unknown selection method(s) {unknown}; expected some of {sorted(SELECTORS)}")
+    check_methods(list(methods))
     if not budgets or min(budgets) <= 0 or not seeds or sketch_dim <= 0:
         raise ValueError("budgets and seeds must be non-empty, budgets and sketch_dim positive")
     return {"source": (source or SourceConfig()).model_dump(mode="json"), "budgets": list(budgets),

@@ -32,7 +32,7 @@ from tasks.select import select
 from tasks.sketch import sketch
 from tasks.store import DEFAULT_STORE, open_store, result_storage, store_spec
 
-__all__ = ["FinetuneConfig", "ModelConfig", "SourceConfig", "curate"]
+__all__ = ["FinetuneConfig", "ModelConfig", "SourceConfig", "check_methods", "curate", "select_finetune_evaluate"]
 
 
 class SourceConfig(BaseModel):
@@ -68,7 +68,7 @@ class ModelConfig(BaseModel):
     init_seed: int = Field(0, ge=0)
 
 
-def _methods_known(methods: list[str]) -> list[str]:
+def check_methods(methods: list[str]) -> list[str]:
     unknown = sorted(set(methods) - set(SELECTORS))
     if unknown:
         raise ValueError(f"unknown selection method(s) {unknown}; expected some of {sorted(SELECTORS)}")
@@ -220,7 +220,7 @@ def curate(
     finetuned model on the val split) or "proxy" (the label-free variance proxy). ``progress``: a progress bar
     per embedded shard on stderr (the CLI turns it on in a terminal)."""
     logger = get_run_logger()
-    _methods_known(methods)
+    check_methods(methods)
     if task == "regression" and (class_balanced or finetune.kind != "linear_probe"):
         raise ValueError("regression labels need finetune kind 'linear_probe' (a ridge probe) and no class balancing")
     store = store_spec(store_url, endpoint_url)
@@ -247,6 +247,10 @@ def curate(
                                                          "quarantined": ing["n_quarantined"]})
     if ing["n_quarantined"]:
         logger.warning("%d file(s) quarantined (unreadable); see %s", ing["n_quarantined"], ing["quarantine"]["uri"])
+
+    if variant_choice == "val" and "skmm_best" in methods and not ing["split_counts"].get("val"):
+        logger.warning("the dataset has no val split: skmm_best picks its variant with the label-free proxy")
+        variant_choice = "proxy"
 
     needs_features = gradients == "lp" or finetune.kind == "linear_probe"
     emb, emb_inputs = None, [dataset.manifest]

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import PositiveInt
 
-from flows.curate import FinetuneConfig, ModelConfig, _methods_known, report_stage, select_finetune_evaluate
+from flows.curate import FinetuneConfig, ModelConfig, check_methods, report_stage, select_finetune_evaluate
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.datasets import DatasetRef, VectorTableRef
 from storage.errors import ArtifactNotFoundError
@@ -77,7 +77,7 @@ def reselect(
 ) -> dict[str, Any]:
     """Select again from an earlier run's sketch, finetune, evaluate, report. ``run``: the earlier run's id (or a
     unique prefix of one) in the store, or its result dict."""
-    _methods_known(methods)
+    check_methods(methods)
     store, st = _open(store_url, endpoint_url)
     run = _earlier(st, run, ("dataset", "embeddings", "sketch"))
     dataset, emb, sk = DatasetRef.from_dict(run["dataset"]), run["embeddings"], run["sketch"]
@@ -115,7 +115,8 @@ def reevaluate(run: dict[str, Any] | str, store_url: str = DEFAULT_STORE,
             _require(st, [model_ref, *features, DatasetRef.from_dict(run["dataset"]).manifest])
             metrics = evaluate.with_options(**opts)(r["model"], run["embeddings"], run["dataset"], store)
             rec.complete(f"evaluate.{tag}", metrics=metrics)
-        results.append({**{k: r[k] for k in ("method", "n", "seed", "selection", "model")}, **metrics})
+        kept = ("method", "n", "seed", "selection", "model", "chosen", "val")  # chosen/val: skmm_best's choice
+        results.append({**{k: r[k] for k in kept if k in r}, **metrics})
     rep = report_stage(rec, opts, store, results)
     return record_run_result(rec, {"run_id": rec.run_id, "store": st.url, "dataset": run["dataset"],
                                    "quarantined": 0, "embeddings": run["embeddings"], "sketch": run.get("sketch"),

@@ -1,7 +1,8 @@
 """Stage "embed": open_clip image features of every sample, one task per dataset shard, then one table.
 
 Each shard is its own cached task (keyed by the shard's content hash and the model spec), so shards run in
-parallel under Prefect's task runner and a dataset that grows by a shard re-embeds only the new one. The
+parallel under Prefect's task runner and an unchanged shard is never embedded twice (shards are cut from the
+rows sorted by sample id, so new samples shift the boundaries after the first of them). The
 shards' tables are combined into one features table keyed by sample id, whose producer is the model spec.
 """
 

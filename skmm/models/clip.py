@@ -321,7 +321,7 @@ def check_model_name(name: str) -> None:
     The common case costs no open_clip import (~4 s): a name found among open_clip's bundled configs or ours
     passes at once. Anything else (including names registered at run time with ``open_clip.add_model_config``)
     goes to the full check, which imports open_clip and suggests close names."""
-    if name == "local-dir" or name.startswith(HF_HUB):
+    if name == "local-dir" or name.startswith((LOCAL_DIR, HF_HUB)):  # resolved (and checked) when loaded
         return
     if "open_clip" not in sys.modules:
         import importlib.util

@@ -41,6 +41,13 @@ def test_skmm_best_keeps_the_variant_with_the_better_val_score(prefect_server, t
         assert len(got) == r["n"] and len(set(got)) == r["n"]
     assert "skmm_best kept (chosen on the val split): n=20: " in state.result()["report"]["markdown"]
 
+    from flows.rerun import reevaluate
+
+    again = reevaluate(run=state.result()["run_id"], store_url=str(store_dir))
+    assert [(r["chosen"], r["val"]) for r in again["results"] if r["method"] == "skmm_best"] == [
+        (r["chosen"], r["val"]) for r in results if r["method"] == "skmm_best"]
+    assert "skmm_best kept (chosen on the val split)" in again["report"]["markdown"]
+
 
 def test_proxy_rule_and_bad_choice(prefect_server, tmp_path):
     out = curate(**{**FAST, "methods": ["skmm_best"], "variant_choice": "proxy", "store_url": str(tmp_path / "s")})
@@ -48,3 +55,14 @@ def test_proxy_rule_and_bad_choice(prefect_server, tmp_path):
     assert "skmm_best kept" not in out["report"]["markdown"]
     with pytest.raises(Exception, match="variant_choice"):
         curate(**{**FAST, "variant_choice": "test", "store_url": str(tmp_path / "s")})
+
+
+def test_no_val_split_falls_back_to_the_proxy_rule(prefect_server, tmp_path):
+    """Last-layers finetuning works without a val split; skmm_best then decides with the label-free proxy
+    instead of failing after ingest, embed and sketch."""
+    from flows.curate import FinetuneConfig, SourceConfig
+
+    out = curate(**{**FAST, "methods": ["skmm_best"], "source": SourceConfig(val_fraction=0),
+                    "finetune": FinetuneConfig(kind="last_layers", epochs=1), "gradients": "ft",
+                    "store_url": str(tmp_path / "s")})
+    assert out["results"][0]["n"] == 20 and "chosen" not in out["results"][0]

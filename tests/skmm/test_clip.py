@@ -192,7 +192,7 @@ def pool() -> list[bytes]:
     return [png(1000 + i, (28 + i % 7, 30 + i % 4), modes[i % 3]) for i in range(75)]
 
 
-def test_features_are_bitwise_independent_of_batch_size_order_and_iterator(pool):
+def test_features_are_bitwise_independent_of_batch_size_order_iterator_and_threads(pool):
     # Row i is a function of image i's bytes alone: any batch size, order or iterator gives the same bits.
     reference = embed_images(pool, TINY, batch_size=64, device="cpu")
     for batch_size in (1, 7, 64, 100):
@@ -201,6 +201,8 @@ def test_features_are_bitwise_independent_of_batch_size_order_and_iterator(pool)
     shuffled = embed_images(iter([pool[i] for i in order]), TINY, batch_size=7, device="cpu")
     assert np.array_equal(shuffled, reference[order])
     assert np.array_equal(embed_images(pool[5:6], TINY, device="cpu"), reference[5:6])  # alone
+    for threads in (1, 3):  # the intra-op thread count changes no bit either
+        assert np.array_equal(embed_images(pool, TINY, device="cpu", num_threads=threads), reference), threads
     raw = embed_images(pool, TINY, batch_size=64, device="cpu", normalize=False)
     assert np.array_equal(embed_images(pool[::-1], TINY, batch_size=1, device="cpu", normalize=False), raw[::-1])
 
@@ -299,6 +301,7 @@ def test_check_model_name_fails_fast_without_importing_open_clip():
     name raises the loader's own error, with close names suggested."""
     code = ("import sys; from skmm.models import check_model_name; check_model_name('ViT-S-32'); "
             "check_model_name('skmm-tiny-vit'); check_model_name('hf-hub:org/model'); "
+            "check_model_name('local-dir:/models/export'); "
             "print('open_clip' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
