@@ -110,11 +110,18 @@ def _results_block(spec: dict[str, Any]) -> tuple[str, WritableFileSystem]:
 
 
 def _save_block(block: WritableFileSystem, name: str, attempts: int = 3) -> WritableFileSystem:
-    """Save ``block`` as ``name`` (overwrite: the name fixes the content). Processes racing to create the same
+    """The saved document ``name`` when it already holds ``block``'s settings, else save ``block`` as ``name``
+    (overwrite: the name fixes the content). Processes racing to create the same
     name are safe: the loser of the create updates the winner's document with identical values; a document
     deleted between that process's lookup and update is retried."""
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+    try:  # the common case, every run after the first: one read, no write
+        saved = type(block).load(name)
+        if (saved.basepath, saved.settings) == (block.basepath, block.settings):
+            return saved
+    except (ValueError, ObjectNotFound):  # not saved yet on this server
+        pass
     for attempt in range(attempts):
         try:
             block.save(name, overwrite=True)
