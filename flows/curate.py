@@ -111,11 +111,15 @@ class _Stages:
             self.rec.complete(f"select.{tag}", selection=ArtifactRef.from_dict(sel["selection"]))
         return sel["selection"]
 
-    def fit(self, tag: str, selection: dict, task: str) -> dict:
+    def fit(self, tag: str, selection: dict, task: str, trained: dict | None = None) -> dict:
+        """Finetune on ``selection``; ``trained``: the model already trained on it (recorded, not retrained)."""
         sel_ref = ArtifactRef.from_dict(selection)
         features = [VectorTableRef.from_dict(self.emb).artifact] if self.emb is not None else []
         with self.rec.stage(f"finetune.{tag}", [sel_ref, *features]):
             ft = self.finetune
+            if trained is not None:
+                self.rec.complete(f"finetune.{tag}", selection=sel_ref, model=ArtifactRef.from_dict(trained))
+                return trained
             if ft.kind == "last_layers":
                 fit = finetune_last_layers.with_options(**self.opts)(
                     self.dataset, selection, self.store, self.model, k=ft.layers, epochs=ft.epochs, lr=ft.lr,
@@ -132,14 +136,16 @@ class _Stages:
             self.rec.complete(stage, metrics=metrics)
         return metrics
 
-    def choose_on_validation(self, tag: str, n: int, seed: int, task: str) -> tuple[dict, dict]:
+    def choose_on_validation(self, tag: str, n: int, seed: int, task: str) -> tuple[dict, dict, dict]:
         """skmm_best's variant chosen on the val split: select with each variant, finetune, score on val, keep the
-        best (higher accuracy, or lower MAE; ties go to the convex form). The test split plays no part."""
+        best (higher accuracy, or lower MAE; ties go to the convex form). The test split plays no part.
+        Returns the kept (selection, model trained on it, info)."""
         candidates = {}
         for variant in VARIANTS:
             ctag = f"{tag}.{variant}"
             selection = self.select(ctag, variant, n, seed)
-            candidates[variant] = (selection, self.evaluate(ctag, self.fit(ctag, selection, task), split="val"))
+            model = self.fit(ctag, selection, task)
+            candidates[variant] = (selection, self.evaluate(ctag, model, split="val"), model)
 
         def score(variant: str) -> tuple[float, ...]:
             val = candidates[variant][1]
@@ -151,7 +157,7 @@ class _Stages:
             flat = {f"{v}.val_{k}": x for v in VARIANTS for k, x in candidates[v][1].items()}
             self.rec.complete(f"select.{tag}", selection=ArtifactRef.from_dict(candidates[chosen][0]),
                               metrics={"chosen": chosen, **flat})
-        return candidates[chosen][0], info
+        return candidates[chosen][0], candidates[chosen][2], info
 
 
 def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, dataset: dict, emb: dict | None, sk: dict,
@@ -171,11 +177,12 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
     for method, n, seed in itertools.product(methods, budgets, seeds):
         tag = f"{method}.n{n}.s{seed}"
         extra: dict[str, Any] = {}
+        trained = None
         if method == "skmm_best" and variant_choice == "val":
-            selection, extra = stages.choose_on_validation(tag, n, seed, task)
+            selection, trained, extra = stages.choose_on_validation(tag, n, seed, task)
         else:
             selection = stages.select(tag, method, n, seed)
-        model_ref = stages.fit(tag, selection, task)
+        model_ref = stages.fit(tag, selection, task, trained)
         metrics = stages.evaluate(tag, model_ref)
         results.append({"method": method, "n": n, "seed": seed, **metrics, **extra,
                         "selection": selection, "model": model_ref})

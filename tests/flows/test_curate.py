@@ -44,7 +44,6 @@ def test_curate_digits_local_cache_and_audit(prefect_server, tmp_path):
         assert states[stage] == ["Cached"], (stage, states)
     for stage in ("select", "finetune-linear-probe", "evaluate"):
         assert "Completed" in states[stage], (stage, states)
-    # (skmm_best's kept model is its candidate's own: the repeated finetune call in the same run is Cached.)
     ran = {stage for stage, names in states.items() if "Completed" in names}
     assert ran == {"select", "finetune-linear-probe", "evaluate", "report"}, states
 

@@ -31,6 +31,8 @@ def test_skmm_best_keeps_the_variant_with_the_better_val_score(prefect_server, t
     states = task_states(state)
     # skmm_best's candidates are the same tasks with the same inputs as the plain variants: cache hits.
     assert states["select"].count("Cached") == 4, states
+    # Each coreset's model is trained once: the kept one is recorded, not finetuned again.
+    assert sorted(states["finetune-linear-probe"]) == ["Cached"] * 4 + ["Completed"] * 4, states
     assert "report" in states
 
     st = open_store(store_spec(store_dir))
