@@ -1,25 +1,4 @@
 """Feature extractors for the pipeline's "embed" stage (open_clip image towers; imported lazily)."""
 
-from skmm.models.clip import (
-    CONFIGS_DIR,
-    TINY_MODEL,
-    ClipSpec,
-    check_model_name,
-    clear_model_cache,
-    embed_images,
-    embed_shards,
-    load_clip,
-    resolve_device,
-)
-
-__all__ = [
-    "CONFIGS_DIR",
-    "TINY_MODEL",
-    "ClipSpec",
-    "check_model_name",
-    "clear_model_cache",
-    "embed_images",
-    "embed_shards",
-    "load_clip",
-    "resolve_device",
-]
+from skmm.models.clip import *  # noqa: F403 - the public names are clip's own
+from skmm.models.clip import __all__  # noqa: F401 - one list, kept in clip.py
