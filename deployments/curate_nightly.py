@@ -32,6 +32,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron, Interval, Schedule
 
+from flows import curate as curate_flow
 from flows.curate import ModelConfig, SourceConfig, check_methods
 from tasks.store import DEFAULT_STORE
 
@@ -48,7 +49,6 @@ ENTRYPOINTS = {"curate": "flows.curate.curate", "reselect": "flows.rerun.reselec
 NIGHTLY_DESCRIPTION = ("Nightly curation: ingest the pool (unchanged shards hit the embedding cache), sketch, "
                        "select each budget with each method and seed, finetune, evaluate and report. Results, models "
                        "and lineage events land in the store (parameter store_url).")
-TABLES = (".csv", ".tsv", ".parquet")
 
 
 def _local(path: str) -> str:
@@ -56,18 +56,9 @@ def _local(path: str) -> str:
 
 
 def source_config(source: str = "digits", embeddings: bool = False, image_size: int = 32) -> SourceConfig:
-    """'digits', an image folder, a manifest (.csv/.tsv/.parquet) or, with ``embeddings``, a vector table.
-
-    Local paths are made absolute, so every scheduled run reads the same pool whatever its working folder."""
-    if source == "digits":
-        return SourceConfig(image_size=image_size)
-    path = _local(source)
-    if embeddings:
-        return SourceConfig(kind="embeddings", path=path)
-    is_dir = "://" not in path and pathlib.Path(path).is_dir()
-    if not is_dir and not path.lower().endswith(TABLES) and ("://" in path or not pathlib.Path(path).exists()):
-        raise ValueError(f"source {source!r}: expected 'digits', an existing image folder or a manifest {TABLES}")
-    return SourceConfig(kind="folder" if is_dir else "manifest", path=path, image_size=image_size)
+    """The CLI's source rule (:func:`flows.curate.source_config`) with local paths made absolute, so every
+    scheduled run reads the same pool whatever its working folder."""
+    return curate_flow.source_config(source, embeddings, image_size, absolute=True)
 
 
 def nightly_parameters(source: SourceConfig | None = None, store_url: str = DEFAULT_STORE,

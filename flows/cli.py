@@ -39,19 +39,6 @@ def _int_list(text: str, name: str) -> list[int]:
     return values
 
 
-def _source_config(source: str, embeddings: bool, image_size: int, seed: int) -> dict:
-    """digits | a folder of class subfolders | a manifest (.csv/.tsv/.parquet) | --embeddings table."""
-    if source == "digits":
-        return {"kind": "digits", "image_size": image_size, "seed": seed}
-    if embeddings:
-        return {"kind": "embeddings", "path": source, "seed": seed}
-    is_dir = "://" not in source and pathlib.Path(source).is_dir()
-    is_table = source.lower().endswith((".csv", ".tsv", ".parquet"))
-    if not is_dir and not is_table and "://" not in source and not pathlib.Path(source).exists():
-        raise ValueError(f"source {source!r} does not exist (expected 'digits', a folder or a manifest)")
-    return {"kind": "folder" if is_dir else "manifest", "path": source, "image_size": image_size, "seed": seed}
-
-
 @app.command("curate")
 def curate_cmd(
     source: Annotated[str, typer.Argument(help="'digits' (bundled), an image folder with class subfolders, or a "
@@ -89,9 +76,9 @@ def curate_cmd(
 ) -> None:
     """Select, finetune and evaluate on a pool: the whole curation flow, run under Prefect."""
     try:
-        from flows.curate import FinetuneConfig, ModelConfig, SourceConfig, curate
+        from flows.curate import FinetuneConfig, ModelConfig, curate, source_config
 
-        src = SourceConfig(**_source_config(source, embeddings, image_size, split_seed))
+        src = source_config(source, embeddings, image_size, split_seed)
         mdl = ModelConfig(name=model, pretrained=pretrained, init_seed=init_seed)
         result = curate(source=src, budgets=_int_list(budgets, "--budgets"),
                         methods=[m.strip() for m in methods.split(",") if m.strip()],

@@ -10,6 +10,7 @@ cache still records which artifacts its stages used.
 from __future__ import annotations
 
 import itertools
+import pathlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,7 +33,8 @@ from tasks.select import select
 from tasks.sketch import sketch
 from tasks.store import DEFAULT_STORE, open_store, result_storage, store_spec
 
-__all__ = ["FinetuneConfig", "ModelConfig", "SourceConfig", "check_methods", "curate", "select_finetune_evaluate"]
+__all__ = ["FinetuneConfig", "ModelConfig", "SourceConfig", "check_methods", "curate", "select_finetune_evaluate",
+           "source_config"]
 
 
 class SourceConfig(BaseModel):
@@ -55,6 +57,27 @@ class SourceConfig(BaseModel):
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave a train split")
         return self
+
+
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet")
+
+
+def source_config(source: str = "digits", embeddings: bool = False, image_size: int = 32, seed: int = 0,
+                  absolute: bool = False) -> SourceConfig:
+    """The SourceConfig a command-line source names: 'digits', an image folder, a manifest (.csv/.tsv/.parquet,
+    or an existing local file) or, with ``embeddings``, a vector table. ``absolute`` resolves a local path (for
+    scheduled runs, whatever their working folder)."""
+    if source == "digits":
+        return SourceConfig(image_size=image_size, seed=seed)
+    local = "://" not in source
+    path = str(pathlib.Path(source).expanduser().resolve()) if local and absolute else source
+    if embeddings:
+        return SourceConfig(kind="embeddings", path=path, seed=seed)
+    is_dir = local and pathlib.Path(path).is_dir()
+    if not is_dir and not path.lower().endswith(MANIFEST_SUFFIXES) and not (local and pathlib.Path(path).exists()):
+        raise ValueError(f"source {source!r} does not exist or is no manifest (expected 'digits', an image folder "
+                         f"or a manifest {MANIFEST_SUFFIXES})")
+    return SourceConfig(kind="folder" if is_dir else "manifest", path=path, image_size=image_size, seed=seed)
 
 
 class ModelConfig(BaseModel):
