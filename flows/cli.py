@@ -104,9 +104,9 @@ def _fail(exc: BaseException) -> None:
     raise exc
 
 
-def _load_run(run: str, store: str, endpoint_url: str | None) -> dict | str:
-    """RUN: a JSON file (``skmm curate --json``) → its dict; else a run id or unique prefix in ``store`` → the
-    full run id (checked now, so a missing or ambiguous id fails before any flow starts)."""
+def _load_run(run: str, store: str, endpoint_url: str | None) -> dict:
+    """RUN: a JSON file (``skmm curate --json``), or a run id or unique prefix in ``store`` → that run's result
+    (read once, now: a missing or ambiguous id fails before any flow starts)."""
     import json
 
     from storage.runs import looks_like_run_id
@@ -118,7 +118,7 @@ def _load_run(run: str, store: str, endpoint_url: str | None) -> dict | str:
         from storage.runs import read_run_result
         from tasks.store import open_store, store_spec
 
-        return read_run_result(open_store(store_spec(store, endpoint_url)), run)["run_id"]
+        return read_run_result(open_store(store_spec(store, endpoint_url)), run)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
