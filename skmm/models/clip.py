@@ -277,6 +277,7 @@ def _native_image_size(model: str, pretrained: str | None) -> int | None:
 # ------------------------------------------------------------------------------------------------ loading
 
 _REGISTER_LOCK = threading.Lock()
+_SEEDED_BUILD_LOCK = threading.Lock()  # see load_clip: seeded random init uses the process-wide RNG
 _REGISTERED = False
 
 
@@ -558,8 +559,10 @@ def load_clip(spec: ClipSpec, device: Any = None):
     if spec.image_size is not None and spec.image_size != native:
         kwargs["force_image_size"] = spec.image_size
 
-    # Build on the CPU under a private, seeded RNG: reproducible towers, caller's RNG untouched.
-    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+    # Build on the CPU under a private, seeded RNG: reproducible towers, caller's RNG untouched. torch's default
+    # generator is process-wide, so seeded builds in concurrent threads (shards embedded in parallel) would
+    # interleave their draws: one build at a time.
+    with _SEEDED_BUILD_LOCK, torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(spec.init_seed)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(arch, device="cpu", **kwargs)
@@ -584,6 +587,7 @@ def _native_size_of(open_clip, arch: str) -> int | None:
 
 _CACHE: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
+_LOAD_LOCK = threading.Lock()
 _CACHE_SIZE = 2
 
 
@@ -610,7 +614,11 @@ def _cached_model(spec: ClipSpec, device: torch.device):
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    loaded = load_clip(spec, device)
+    with _LOAD_LOCK:  # threads missing the cache together load the tower once
+        with _CACHE_LOCK:
+            if key in _CACHE:
+                return _CACHE[key]
+        loaded = load_clip(spec, device)
     with _CACHE_LOCK:
         _CACHE[key] = loaded
         while len(_CACHE) > _CACHE_SIZE:
