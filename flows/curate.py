@@ -30,7 +30,7 @@ from tasks.finetune import finetune_last_layers, linear_probe
 from tasks.ingest import ingest
 from tasks.report import publish, report
 from tasks.select import select
-from tasks.sketch import sketch
+from tasks.sketch import gradients_sketch
 from tasks.store import DEFAULT_STORE, open_store, result_storage, store_spec
 
 __all__ = ["FinetuneConfig", "ModelConfig", "SourceConfig", "check_methods", "curate", "select_finetune_evaluate",
@@ -295,8 +295,8 @@ def curate(
             rec.complete("embed", outputs=emb_inputs)
 
     with rec.stage("sketch", emb_inputs):
-        sk = sketch.with_options(**opts)(emb, ing["dataset"], store, sketch_dim=sketch_dim, seed=seeds[0],
-                                         mode=gradients, model=model.model_dump(), k=finetune.layers)
+        sk = gradients_sketch(emb, ing["dataset"], store, opts, sketch_dim=sketch_dim, seed=seeds[0], mode=gradients,
+                              model=model.model_dump(), k=finetune.layers, num_classes=len(ing["classes"]))
         sk_ref = VectorTableRef.from_dict(sk).artifact
         rec.complete("sketch", outputs=[sk_ref])
 

@@ -19,14 +19,25 @@ from skmm.gradients import normalize_features
 from skmm.gradients.clip_ft import ft_gradient_sketch
 from skmm.models.clip import ClipSpec
 from skmm.sketch import GaussianProjector
-from storage.datasets import DatasetRef, VectorTableRef, read_samples, read_vectors, write_vectors
+from storage.datasets import (
+    DatasetRef,
+    ShardRef,
+    VectorTableRef,
+    combine_vectors,
+    load_manifest,
+    read_samples,
+    read_shard,
+    read_vectors,
+    write_vectors,
+)
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
 from tasks.store import open_store
 
-__all__ = ["run_sketch", "sketch"]
+__all__ = ["combine_sketches", "ft_sketch_shard", "gradients_sketch", "run_ft_sketch_shard", "run_sketch", "sketch"]
 
 CODE_VERSION = "sketch-2"
+FT_CODE_VERSION = "ft-sketch-1"  # FT gradients shard by shard
 MODES = ("lp", "ft")
 
 
@@ -48,34 +59,58 @@ def clip_spec(model: dict[str, Any]) -> ClipSpec:
     return ClipSpec(model=model["name"], pretrained=model.get("pretrained"), init_seed=model.get("init_seed", 0))
 
 
+def dataset_num_classes(store: Any, dataset: DatasetRef) -> int:
+    """The number of distinct labels of the dataset (the FT head's width), read from the label column."""
+    labels = read_samples(store, dataset, columns=["label"]).column("label")
+    return max(len(pc.unique(labels.drop_null())), 2)
+
+
+def run_ft_sketch_shard(shard: dict, store: dict, model: dict[str, Any], num_classes: int, sketch_dim: int,
+                        seed: int = 0, k: int = 1, batch_size: int = 32, device: str | None = None) -> dict | None:
+    """FT mode, one dataset shard: the sketched gradients of its train rows (None when it has none).
+
+    A row depends on its image, id, the model, class count, seed and k, and on the batch it was computed in
+    only through float rounding (~1e-7): the shards are fixed by the dataset, so a rerun, or the same shards
+    on other workers, give the same rows."""
+    st = open_store(store)
+    table = read_shard(st, ShardRef.from_dict(shard), columns=["sample_id", "split", "data"])
+    train = table.filter(pc.equal(table.column("split"), "train"))
+    if train.num_rows == 0:
+        return None
+    ids = train.column("sample_id").to_pylist()
+    grads, producer = ft_gradient_sketch(train.column("data").to_pylist(), ids, clip_spec(model), k=k,
+                                         num_classes=num_classes, sketch_dim=sketch_dim, seed=seed,
+                                         batch_size=batch_size, device=device)
+    return write_vectors(st, ids, grads, producer, kind="sketch").to_dict()
+
+
 def run_ft_sketch(dataset: dict, store: dict, model: dict[str, Any], sketch_dim: int, seed: int = 0, k: int = 1,
-                  batch_size: int = 32, device: str | None = None) -> dict:
-    """FT mode: sketched per-sample gradients of the last ``k`` tower blocks + head (label-free)."""
+                  batch_size: int = 32, device: str | None = None, num_classes: int | None = None) -> dict:
+    """FT mode: sketched per-sample gradients of the last ``k`` tower blocks + head (label-free), shard by shard
+    (one shard's images in memory at a time), combined into one table."""
     if sketch_dim is None:
         raise ValueError("FT gradients have millions of coordinates: give a sketch_dim")
     st = open_store(store)
     ds = DatasetRef.from_dict(dataset)
-    train = split_columns(st, ds, "train", ["sample_id", "data"])
-    ids, images = train["sample_id"], train["data"]
-    if not ids:
+    classes = num_classes or dataset_num_classes(st, ds)  # metadata of the dataset, not a per-sample label
+    parts = [run_ft_sketch_shard(sh.to_dict(), store, model, classes, sketch_dim, seed, k, batch_size, device)
+             for sh in load_manifest(st, ds).shards]
+    parts = [p for p in parts if p is not None]
+    if not parts:
         raise ValueError("the dataset has no train split to select from")
-    # The class count shapes the head; it is metadata of the dataset, not a per-sample label.
-    labels = read_samples(st, ds, columns=["label"]).column("label").to_pylist()
-    num_classes = len({label for label in labels if label is not None})
-    grads, producer = ft_gradient_sketch(images, ids, clip_spec(model), k=k, num_classes=max(num_classes, 2),
-                                         sketch_dim=sketch_dim, seed=seed, batch_size=batch_size, device=device)
-    return write_vectors(st, ids, grads, producer, kind="sketch").to_dict()
+    return combine_vectors(st, [VectorTableRef.from_dict(p) for p in parts]).to_dict()
 
 
 def run_sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | None = 64, seed: int = 0,
                mode: str = "lp", model: dict[str, Any] | None = None, k: int = 1, batch_size: int = 32,
-               device: str | None = None) -> dict:
+               device: str | None = None, num_classes: int | None = None) -> dict:
+    """The stage as a plain function: LP (normalised features, Gaussian sketch) or FT (shard by shard)."""
     if mode not in MODES:
         raise ValueError(f"gradient mode must be one of {MODES}; got {mode!r}")
     if mode == "ft":
         if model is None:
             raise ValueError("FT gradients need the model config")
-        return run_ft_sketch(dataset, store, model, sketch_dim, seed, k, batch_size, device)
+        return run_ft_sketch(dataset, store, model, sketch_dim, seed, k, batch_size, device, num_classes)
     st = open_store(store)
     ds = DatasetRef.from_dict(dataset)
     emb = VectorTableRef.from_dict(embeddings)
@@ -100,5 +135,43 @@ def run_sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | N
 def sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | None = 64, seed: int = 0,
            mode: str = "lp", model: dict[str, Any] | None = None, k: int = 1, batch_size: int = 32,
            device: str | None = None) -> dict:
-    """Prefect task wrapper of :func:`run_sketch`."""
+    """Prefect task wrapper of :func:`run_sketch` (the LP stage; FT runs per shard, see :func:`gradients_sketch`)."""
     return run_sketch(embeddings, dataset, store, sketch_dim, seed, mode, model, k, batch_size, device)
+
+
+@task(name="gradients-sketch-shard",
+      cache_policy=ContentCache(code_version=FT_CODE_VERSION, ignore=("batch_size", "device")),
+      persist_result=True, result_serializer="json", **RETRY)
+def ft_sketch_shard(shard: dict, store: dict, model: dict[str, Any], num_classes: int, sketch_dim: int,
+                    seed: int = 0, k: int = 1, batch_size: int = 32, device: str | None = None) -> dict | None:
+    """Prefect task: one shard's sketched FT gradients (a unit a Dask worker can take)."""
+    return run_ft_sketch_shard(shard, store, model, num_classes, sketch_dim, seed, k, batch_size, device)
+
+
+@task(name="gradients-sketch-combine", cache_policy=ContentCache(code_version=FT_CODE_VERSION), persist_result=True,
+      result_serializer="json", **RETRY)
+def combine_sketches(parts: list[dict], store: dict) -> dict:
+    """Prefect task: the shards' sketch tables as one table (the one select reads)."""
+    if not parts:
+        raise ValueError("the dataset has no train split to select from")
+    return combine_vectors(open_store(store), [VectorTableRef.from_dict(p) for p in parts]).to_dict()
+
+
+def gradients_sketch(embeddings: dict | None, dataset: dict, store: dict, opts: dict, *, sketch_dim: int | None,
+                     seed: int, mode: str, model: dict[str, Any], k: int = 1, num_classes: int | None = None,
+                     batch_size: int = 32) -> dict:
+    """The gradients + sketch stage inside a flow: LP as one task; FT as one task per dataset shard, submitted
+    concurrently (on the flow's task runner: threads, or Dask workers), then combined."""
+    if mode != "ft":
+        return sketch.with_options(**opts)(embeddings, dataset, store, sketch_dim=sketch_dim, seed=seed, mode=mode,
+                                           model=model, k=k)
+    if sketch_dim is None:
+        raise ValueError("FT gradients have millions of coordinates: give a sketch_dim")
+    st = open_store(store)
+    ds = DatasetRef.from_dict(dataset)
+    classes = num_classes or dataset_num_classes(st, ds)
+    futures = [ft_sketch_shard.with_options(**opts).submit(sh.to_dict(), store, model, classes, sketch_dim, seed, k,
+                                                           batch_size=batch_size)
+               for sh in load_manifest(st, ds).shards]
+    parts = [p for p in (f.result() for f in futures) if p is not None]
+    return combine_sketches.with_options(**opts)(parts, store)

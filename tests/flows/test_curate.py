@@ -135,6 +135,7 @@ def test_curate_ft_mode_gradients_and_last_layers(prefect_server, tmp_path):
     from flows.curate import FinetuneConfig
 
     result = curate(**{**FAST, "methods": ["skmm", "uniform"], "budgets": [30]}, gradients="ft",
+                    source=SourceConfig(shard_rows=700),
                     finetune=FinetuneConfig(kind="last_layers", layers=1, epochs=2),
                     store_url=str(tmp_path / "store"), return_state=True)
     from skmm.finetune import model_format
@@ -150,6 +151,7 @@ def test_curate_ft_mode_gradients_and_last_layers(prefect_server, tmp_path):
         assert 0.0 <= r["accuracy"] <= 1.0
     states = task_states(result)
     assert "finetune-last-layers" in states and "embed" not in states  # FT + last layers need no features
+    assert states["gradients-sketch-shard"] == ["Completed"] * 3  # one task per dataset shard
     assert out["embeddings"] is None
 
 
