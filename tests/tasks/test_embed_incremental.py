@@ -1,0 +1,163 @@
+"""Incremental embedding: a grown pool embeds only its new samples, and its features stay bitwise those of a
+from-scratch run (the tiny open_clip tower, real stores on local disk and moto's S3, a real Prefect flow)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tasks.embed as embed_module
+from storage.datasets import VectorTableRef, read_vectors, write_samples
+from tasks.embed import run_combine, run_embed, run_embed_shard, shards_of
+from tasks.store import open_store, store_spec
+
+MODEL = {"name": "skmm-tiny-vit", "pretrained": None, "init_seed": 0}
+SHARD_ROWS = 8
+
+
+def png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def records(n: int) -> list[dict]:
+    return [{"data": png(i), "label": str(i % 2), "source_uri": f"mem://pool/{i}.png"} for i in range(n)]
+
+
+POOL = sorted(records(43), key=lambda r: hashlib.sha256(r["data"]).hexdigest())
+NEW = (20, 30, 41)  # positions in id order: the first two shards stay as they were, the four after them change
+BASE = [r for i, r in enumerate(POOL) if i not in NEW]
+
+
+@pytest.fixture
+def embedded_rows(monkeypatch) -> list[int]:
+    """How many images each call of the real embed_images received (it still runs: a spy, not a mock)."""
+    calls: list[int] = []
+    real = embed_module.embed_images
+
+    def counting(images, spec, **kwargs):
+        images = list(images)
+        calls.append(len(images))
+        return real(images, spec, **kwargs)
+
+    monkeypatch.setattr(embed_module, "embed_images", counting)
+    return calls
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_of(request, tmp_path):
+    """A factory of fresh store specs (local folder or a prefix of a fresh moto bucket)."""
+    def make(name: str) -> dict:
+        if request.param == "local":
+            return store_spec(tmp_path / name)
+        bucket, options = request.getfixturevalue("s3_bucket")
+        return store_spec(f"s3://{bucket}/{name}", options["endpoint_url"])
+    return make
+
+
+def table(store: dict, ref: dict) -> tuple[str, list[str], np.ndarray]:
+    vectors = VectorTableRef.from_dict(ref)
+    ids, mat = read_vectors(open_store(store), vectors)
+    return vectors.artifact.sha256, ids, mat
+
+
+def test_a_grown_pool_embeds_only_its_new_samples_bitwise_as_from_scratch(store_of, embedded_rows):
+    store = store_of("store")
+    first = write_samples(open_store(store), BASE, shard_rows=SHARD_ROWS)
+    run_embed(first.to_dict(), MODEL, store)
+    assert sum(embedded_rows) == 40
+    embedded_rows.clear()
+
+    grown = write_samples(open_store(store), POOL, shard_rows=SHARD_ROWS)
+    old = {sh["artifact"]["sha256"] for sh in shards_of(first.to_dict(), store)}
+    changed = [sh for sh in shards_of(grown.to_dict(), store) if sh["artifact"]["sha256"] not in old]
+    assert len(changed) == 4  # the new ids shifted the boundaries of several shards
+    incremental = run_embed(grown.to_dict(), MODEL, store)
+    assert sum(embedded_rows) == 3  # only the new samples went through the tower
+    embedded_rows.clear()
+
+    # The counts say the same; a changed shard run again (no task cache here) now reuses every sample.
+    again = [run_embed_shard(sh, MODEL, store) for sh in changed]
+    assert [(r["embedded"], r["reused"]) for r in again] == [(0, sh["num_rows"]) for sh in changed]
+    assert embedded_rows == []  # not even the tower was loaded for them
+    assert run_combine(again, store) == run_combine([r["vectors"] for r in again], store)  # older result shape
+
+    fresh = store_of("fresh")
+    scratch_ds = write_samples(open_store(fresh), POOL, shard_rows=SHARD_ROWS)
+    scratch = run_embed(scratch_ds.to_dict(), MODEL, fresh)
+    sha, ids, mat = table(store, incremental)
+    sha_s, ids_s, mat_s = table(fresh, scratch)
+    assert ids == ids_s and np.array_equal(mat, mat_s)
+    assert sha == sha_s  # the same bytes: the combined table is the from-scratch artifact
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """The flow tests' session test server when it is up (test servers must not nest), else one for this module."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    running = SubprocessASGIServer._instances.get(None)
+    if running is not None and get_current_settings().api.url == running.api_url:
+        yield
+        return
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_in_a_flow_changed_shards_reuse_features_and_unchanged_ones_hit_the_cache(prefect_api, tmp_path,
+                                                                                   embedded_rows):
+    from flow_helpers import task_states
+    from prefect import flow
+
+    from tasks.embed import embed_with_counts
+    from tasks.store import result_storage
+
+    @flow(name="embed-incremental-test")
+    def embed_flow(dataset: dict, store: dict) -> tuple[dict, dict]:
+        return embed_with_counts(dataset, MODEL, store, {"result_storage": result_storage(store)})
+
+    store = store_spec(tmp_path / "store")
+    first = write_samples(open_store(store), BASE, shard_rows=SHARD_ROWS)
+    embed_flow(first.to_dict(), store)
+    assert sum(embedded_rows) == 40
+    embedded_rows.clear()
+
+    grown = write_samples(open_store(store), POOL, shard_rows=SHARD_ROWS)
+    state = embed_flow(grown.to_dict(), store, return_state=True)
+    combined, counts = state.result()
+    assert task_states(state)["embed"] == ["Cached"] * 2 + ["Completed"] * 4  # unchanged shards hit the cache
+    assert sum(embedded_rows) == 3, embedded_rows
+    assert counts == {"shards": 6, "shards_cached": 2, "samples_cached": 16, "samples_embedded": 3,
+                      "samples_reused": 24}
+
+    fresh = store_spec(tmp_path / "fresh")
+    scratch = run_embed(write_samples(open_store(fresh), POOL, shard_rows=SHARD_ROWS).to_dict(), MODEL, fresh)
+    assert table(store, combined)[0] == table(fresh, scratch)[0]
+
+    # A rerun is all cache hits and embeds nothing.
+    embedded_rows.clear()
+    rerun = embed_flow(grown.to_dict(), store, return_state=True)
+    assert set(task_states(rerun)["embed"]) == {"Cached"} and embedded_rows == []
+    assert rerun.result() == (combined, {**counts, "shards_cached": 6, "samples_cached": 43, "samples_embedded": 0,
+                                         "samples_reused": 0})
+
+
+def test_features_of_another_producer_are_never_reused(tmp_path, embedded_rows):
+    store = store_spec(tmp_path / "store")
+    dataset = write_samples(open_store(store), POOL, shard_rows=SHARD_ROWS).to_dict()
+    run_embed(dataset, MODEL, store)
+    embedded_rows.clear()
+    other = run_embed(dataset, {**MODEL, "init_seed": 1}, store)  # another random init: other features
+    assert sum(embedded_rows) == len(POOL)
+    fresh = store_spec(tmp_path / "fresh")
+    scratch = run_embed(write_samples(open_store(fresh), POOL, shard_rows=SHARD_ROWS).to_dict(),
+                        {**MODEL, "init_seed": 1}, fresh)
+    assert table(store, other)[0] == table(fresh, scratch)[0]
