@@ -40,13 +40,14 @@ __all__ = ["FinetuneConfig", "ModelConfig", "SourceConfig", "check_methods", "cu
 class SourceConfig(BaseModel):
     """Where the pool comes from. ``digits`` is the bundled default (scikit-learn's 1 797 handwritten digits)."""
 
-    kind: Literal["digits", "folder", "manifest", "embeddings"] = "digits"
+    kind: Literal["digits", "folder", "manifest", "webdataset", "embeddings"] = "digits"
     path: str | None = None
     image_size: PositiveInt = 32
     val_fraction: float = Field(0.15, ge=0, lt=1)
     test_fraction: float = Field(0.15, gt=0, lt=1)
     seed: int = Field(0, ge=0)
     shard_rows: PositiveInt = 2048  # rows per Parquet shard: the unit the embed stage runs in parallel
+    max_pixels: PositiveInt = 89_478_485  # larger images are quarantined (Pillow's default MAX_IMAGE_PIXELS)
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceConfig:
@@ -62,22 +63,39 @@ class SourceConfig(BaseModel):
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet")
 
 
+def _is_webdataset(path: str, local: bool) -> bool:
+    """A .tar shard, a brace pattern or glob of them (local or URL), or a local folder of .tar files only."""
+    if path.lower().endswith((".tar", ".tar}")):
+        return True
+    folder = pathlib.Path(path)
+    if not local or not folder.is_dir():
+        return False
+    visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return any(p.name.lower().endswith(".tar") and p.is_file() for p in visible) and not any(
+        p.is_dir() for p in visible)
+
+
 def source_config(source: str = "digits", embeddings: bool = False, image_size: int = 32, seed: int = 0,
-                  absolute: bool = False) -> SourceConfig:
-    """The SourceConfig a command-line source names: 'digits', an image folder, a manifest (.csv/.tsv/.parquet,
-    or an existing local file) or, with ``embeddings``, a vector table. ``absolute`` resolves a local path (for
-    scheduled runs, whatever their working folder)."""
+                  absolute: bool = False, max_pixels: int = 89_478_485) -> SourceConfig:
+    """The SourceConfig a command-line source names: 'digits', an image folder, WebDataset shards (a .tar file,
+    a folder of .tar files, a brace pattern like ``shards-{000000..000009}.tar`` or a glob like
+    ``s3://bucket/pool/*.tar``), a manifest (.csv/.tsv/.parquet, or an existing local file) or, with
+    ``embeddings``, a vector table. ``absolute`` resolves a local path (for scheduled runs, whatever their
+    working folder); ``max_pixels``: larger images are quarantined."""
     if source == "digits":
         return SourceConfig(image_size=image_size, seed=seed)
     local = "://" not in source
     path = str(pathlib.Path(source).expanduser().resolve()) if local and absolute else source
     if embeddings:
         return SourceConfig(kind="embeddings", path=path, seed=seed)
+    if _is_webdataset(path, local):
+        return SourceConfig(kind="webdataset", path=path, seed=seed, max_pixels=max_pixels)
     is_dir = local and pathlib.Path(path).is_dir()
     if not is_dir and not path.lower().endswith(MANIFEST_SUFFIXES) and not (local and pathlib.Path(path).exists()):
-        raise ValueError(f"source {source!r} does not exist or is no manifest (expected 'digits', an image folder "
-                         f"or a manifest {MANIFEST_SUFFIXES})")
-    return SourceConfig(kind="folder" if is_dir else "manifest", path=path, image_size=image_size, seed=seed)
+        raise ValueError(f"source {source!r} does not exist or is no manifest (expected 'digits', an image folder, "
+                         f"WebDataset .tar shards or a manifest {MANIFEST_SUFFIXES})")
+    return SourceConfig(kind="folder" if is_dir else "manifest", path=path, image_size=image_size, seed=seed,
+                        max_pixels=max_pixels)
 
 
 class ModelConfig(BaseModel):

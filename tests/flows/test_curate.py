@@ -63,7 +63,7 @@ def test_curate_digits_local_cache_and_audit(prefect_server, tmp_path):
 def test_same_bytes_at_a_new_path_hit_the_ingest_cache(prefect_server, tmp_path):
     from sklearn.datasets import load_digits
 
-    from storage.sources import render_digit_png
+    from storage.ingest import render_digit_png
 
     digits = load_digits()
     src = tmp_path / "pool"

@@ -25,7 +25,7 @@ from skmm.gradients.clip_ft import (
 from skmm.models import TINY_MODEL, ClipSpec, load_clip
 from skmm.sketch import make_projector
 from storage.datasets import sample_id
-from storage.sources import render_digit_png
+from storage.ingest import render_digit_png
 
 TINY = ClipSpec(TINY_MODEL)
 N = 20

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from skmm.models.clip import ClipSpec, clear_model_cache, embed_images, load_clip
-from storage.sources import render_digit_png
+from storage.ingest import render_digit_png
 
 
 def _weights(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 from skmm.finetune import LastLayersFinetuner, LinearProbe, model_format
 from skmm.gradients.clip_ft import build_ft_model, ft_parameter_names
 from skmm.models import TINY_MODEL, ClipSpec
-from storage.sources import render_digit_png
+from storage.ingest import render_digit_png
 
 TINY = ClipSpec(TINY_MODEL)
 FIT = dict(k=1, epochs=8, lr=1e-3, head_lr=1e-2, batch_size=16, seed=0, device="cpu")

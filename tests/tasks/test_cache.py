@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -46,9 +47,10 @@ def test_uncacheable_input_raises_instead_of_returning_none():
 
 
 def test_folder_fingerprint_ignores_the_path(tmp_path):
-    for root in ("a", "b/c"):
-        (tmp_path / root / "cat").mkdir(parents=True)
-        (tmp_path / root / "cat" / "1.png").write_bytes(b"same bytes")
+    """A pool moved or copied with its timestamps (cp -a) keeps its key: relative paths, sizes, mtimes."""
+    (tmp_path / "a" / "cat").mkdir(parents=True)
+    (tmp_path / "a" / "cat" / "1.png").write_bytes(b"same bytes")
+    shutil.copytree(tmp_path / "a", tmp_path / "b/c")  # copy2: timestamps kept
     fa = source_fingerprint({"kind": "folder", "path": str(tmp_path / "a"), "seed": 0})
     fb = source_fingerprint({"kind": "folder", "path": str(tmp_path / "b/c"), "seed": 0})
     assert fa == fb and "path" not in fa

@@ -18,7 +18,7 @@ MODEL = {"name": "skmm-tiny-vit", "pretrained": None, "init_seed": 0}
 
 @pytest.fixture
 def pool(tmp_path):
-    from storage.sources import render_digit_png
+    from storage.ingest import render_digit_png
 
     digits = load_digits()
     splits = ["train", "train", "val", "test", "train"]
@@ -47,7 +47,7 @@ def test_sharded_ft_sketch_equals_one_pass_over_the_train_rows(pool):
 
 
 def test_a_shard_without_train_rows_gives_no_table(tmp_path):
-    from storage.sources import render_digit_png
+    from storage.ingest import render_digit_png
 
     digits = load_digits()
     store = store_spec(tmp_path / "store")

@@ -1,0 +1,368 @@
+"""The streaming dataset writer: a pool of any size becomes sample shards in memory bounded by O(shard).
+
+Every source kind feeds one :class:`DatasetWriter` — ``add()`` per usable sample, ``quarantine()`` per rejected
+input, in the source's own order — then calls ``finish()``.
+
+**Pass 1** (``add``): each sample's bytes are spilled to a temporary folder, bucketed by the first two hex digits
+of the sample id (256 Arrow IPC stream files; rows buffered up to :data:`SPILL_BUFFER_BYTES` in all, then
+appended), and only per-sample *bookkeeping* stays in memory: sample id (32 bytes) → (label index, split). That is
+enough to collapse duplicates across the whole pool as they arrive (the first occurrence in source order is kept;
+later copies are counted, never spilled), to stop on the same content under two labels or two explicit splits
+(naming both places: the first one's URI is looked up in the spill), and to run the pool-level checks (classes,
+splits, train classes) before anything is published. Spills are Arrow IPC rather than Parquet: they are appended
+in many small batches and read back once, whole, and the image bytes in them are already compressed.
+
+**Pass 2** (``finish``, only after validation passed): buckets are read back in id order, one at a time, sorted by
+sample id, and cut into shards of exactly ``shard_rows`` rows across bucket boundaries; a bucket larger than
+:data:`BUCKET_BYTES` is first split again by the next two hex digits (and so on), so a bucket in memory stays
+bounded whatever N is. Shards are written with :func:`storage.datasets.write_samples`' Parquet settings, streamed
+into the store's staging file, so the shard and manifest artifacts are **byte-identical** to ``write_samples`` of
+the same rows (a test holds them to it), and so is the dataset version (computed while the sorted rows stream
+past, with ``dataset_version``'s encoding).
+
+**Nothing half-written becomes visible**: the quarantine table and the shards are content-addressed objects
+nobody references until the manifest — written last — names them; if anything fails before, the shards already
+written are unreferenced and harmless (a retry reuses them). The spill folder is removed in every case (the
+writer is a context manager). It lives beside a local store's staging files (``<store>/tmp/.<hex>-ingest-*``, on
+the store's disk, named like them so that a killed run's spill is swept by the store's staging cleanup) or, for a
+remote store, in the system temporary folder (``TMPDIR``); it needs room for the pool's bytes.
+
+Memory: O(``SPILL_BUFFER_BYTES`` + ``BUCKET_BYTES`` + one shard) for the bytes, plus ~100–150 bytes of
+bookkeeping per unique sample and the quarantine list (one short line per rejected input).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from types import TracebackType
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.datasets import (
+    SAMPLE_SCHEMA,
+    SPLITS,
+    DatasetManifest,
+    DatasetRef,
+    ShardRef,
+    VectorTableRef,
+)
+from storage.errors import redact
+from storage.ingest.common import QUARANTINE_SCHEMA, IngestResult, SourceError, split_of
+
+__all__ = ["BUCKET_BYTES", "SPILL_BUFFER_BYTES", "DatasetWriter"]
+
+log = logging.getLogger(__name__)
+
+SPILL_BUFFER_BYTES = 16 * 2**20  # pass 1: rows buffered (all buckets together) before they are appended
+BUCKET_BYTES = 64 * 2**20  # pass 2: a larger bucket is split again before it is read into memory
+
+_PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3}  # write_samples' own (tested byte-equal)
+_VERSION_HEADER = b"skmm-dataset-version/1\n"  # storage.datasets.dataset_version's encoding (tested equal)
+_SPILL_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), pa.field("source_uri", pa.string()),
+                           pa.field("data", pa.binary())])
+_FANOUT = 256
+_TOUCH_EVERY_S = 600.0
+_ROW_OVERHEAD = 128  # bytes a spilled row costs beyond its URI and data (id, offsets, buffer slack)
+_SPLIT_CODES = {None: 0, "train": 1, "val": 2, "test": 3}
+_SPLIT_NAMES = (None, "train", "val", "test")
+
+
+class _Spill:
+    """256 append-only Arrow IPC files, one per value of the id's hex digits ``[2·level, 2·level + 2)``."""
+
+    def __init__(self, directory: str, level: int, buffer_bytes: int) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.directory, self.level, self.buffer_bytes = directory, level, buffer_bytes
+        self.sizes = [0] * _FANOUT
+        self.rows = [0] * _FANOUT
+        self._buffers: dict[int, tuple[list[str], list[str], list[bytes | None]]] = {}
+        self._buffered = 0
+        self._writers: dict[int, tuple[pa.NativeFile, pa.ipc.RecordBatchStreamWriter]] = {}
+
+    def _path(self, bucket: int) -> str:
+        return os.path.join(self.directory, f"{bucket:02x}.arrows")
+
+    def add(self, sid: str, uri: str, data: bytes | None) -> None:
+        bucket = int(sid[2 * self.level: 2 * self.level + 2], 16)
+        ids, uris, blobs = self._buffers.setdefault(bucket, ([], [], []))
+        ids.append(sid)
+        uris.append(uri)
+        blobs.append(data)
+        size = _ROW_OVERHEAD + len(uri) + (len(data) if data is not None else 0)
+        self.sizes[bucket] += size
+        self.rows[bucket] += 1
+        self._buffered += size
+        if self._buffered >= self.buffer_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        for bucket, (ids, uris, blobs) in self._buffers.items():
+            if bucket not in self._writers:
+                sink = pa.OSFile(self._path(bucket), "wb")
+                self._writers[bucket] = (sink, pa.ipc.new_stream(sink, _SPILL_SCHEMA))
+            batch = pa.record_batch([pa.array(ids, pa.string()), pa.array(uris, pa.string()),
+                                     pa.array(blobs, pa.binary())], schema=_SPILL_SCHEMA)
+            self._writers[bucket][1].write_batch(batch)
+        self._buffers.clear()
+        self._buffered = 0
+
+    def close(self) -> None:
+        """Flush and close every file (idempotent); the files can then be read."""
+        self.flush()
+        for sink, writer in self._writers.values():
+            writer.close()
+            sink.close()
+        self._writers.clear()
+
+    def batches(self, bucket: int) -> Iterator[pa.RecordBatch]:
+        with pa.OSFile(self._path(bucket), "rb") as source:
+            yield from pa.ipc.open_stream(source)
+
+    def read(self, bucket: int) -> pa.Table:
+        with pa.OSFile(self._path(bucket), "rb") as source:
+            return pa.ipc.open_stream(source).read_all()
+
+    def remove(self, bucket: int) -> None:
+        os.unlink(self._path(bucket))
+
+    def find_uri(self, sid: str) -> str:
+        """The spilled URI of ``sid`` (error path only: closes the spill)."""
+        self.close()
+        bucket = int(sid[2 * self.level: 2 * self.level + 2], 16)
+        if not self.rows[bucket]:
+            return "?"
+        table = self.read(bucket)
+        mask = pc.equal(table["sample_id"], sid)
+        found = table.filter(mask)["source_uri"].to_pylist()
+        return found[0] if found else "?"
+
+
+class _ShardCutter:
+    """Takes sorted row tables; writes shards of exactly ``shard_rows`` rows; hashes the dataset version."""
+
+    def __init__(self, store: ArtifactStore, shard_rows: int) -> None:
+        self.store, self.shard_rows = store, shard_rows
+        self.shards: list[ShardRef] = []
+        self.num_rows = 0
+        self._pending: deque[pa.Table] = deque()
+        self._n_pending = 0
+        self._version = hashlib.sha256(_VERSION_HEADER)
+
+    def add(self, table: pa.Table) -> None:
+        for row in zip(*(table[c].to_pylist() for c in ("sample_id", "label", "split")), strict=True):
+            self._version.update(json.dumps(list(row), separators=(",", ":"), ensure_ascii=True).encode("ascii"))
+            self._version.update(b"\n")
+        self._pending.append(table)
+        self._n_pending += table.num_rows
+        while self._n_pending >= self.shard_rows:
+            self._cut(self.shard_rows)
+
+    def _cut(self, n: int) -> None:
+        parts, need = [], n
+        while need:
+            head = self._pending[0]
+            if head.num_rows <= need:
+                parts.append(self._pending.popleft())
+                need -= head.num_rows
+            else:
+                parts.append(head.slice(0, need))
+                self._pending[0] = head.slice(need)
+                need = 0
+        shard = pa.concat_tables(parts).combine_chunks()
+        with self.store.writer("samples", ".parquet") as out:  # streamed to staging: no second copy in memory
+            pq.write_table(shard, out, row_group_size=self.shard_rows, **_PARQUET_OPTIONS)
+        self.shards.append(ShardRef(out.ref, shard.num_rows))
+        self.num_rows += shard.num_rows
+        self._n_pending -= n
+
+    def finish(self) -> DatasetRef:
+        if self._n_pending:
+            self._cut(self._n_pending)
+        version = self._version.hexdigest()
+        manifest = DatasetManifest(version, self.num_rows, tuple(self.shards))
+        return DatasetRef(self.store.put_bytes(manifest.to_json(), "dataset", ".json"), version, self.num_rows)
+
+
+def _spill_root(store: ArtifactStore) -> str | None:
+    if store.is_local:
+        root = os.path.join(store.root, "tmp")
+        os.makedirs(root, exist_ok=True)
+        return root
+    return None  # the system temporary folder
+
+
+class DatasetWriter:
+    """Streams one pool into a dataset (see the module docstring). Use as a context manager::
+
+        with DatasetWriter(store, source_name="image folder /pool", ...) as writer:
+            writer.add(sid, uri, label, None, data)      # or writer.quarantine(uri, reason)
+            result = writer.finish(source="file:///pool")
+
+    ``source_name`` starts every pool-level error message (e.g. ``image folder /pool has no usable samples``).
+    """
+
+    def __init__(self, store: ArtifactStore, *, source_name: str, shard_rows: int, seed: int, val_fraction: float,
+                 test_fraction: float, buffer_bytes: int = SPILL_BUFFER_BYTES,
+                 bucket_bytes: int = BUCKET_BYTES) -> None:
+        self.store = store
+        self.source_name = source_name
+        self.shard_rows, self.seed = shard_rows, seed
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.bucket_bytes = bucket_bytes
+        self.quarantined: list[tuple[str, str]] = []
+        self.n_duplicates = 0
+        self._seen: dict[bytes, int] = {}  # sample id digest → label index · 4 + split code
+        self._label_index: dict[str, int] = {}
+        self._labels: list[str] = []
+        # named like the store's other staging debris (".<32 hex>-"), so a killed run's spill is swept with it
+        self._dir = tempfile.mkdtemp(prefix=f".{uuid.uuid4().hex}-ingest-", dir=_spill_root(store))
+        self._spill = _Spill(os.path.join(self._dir, "spill"), 0, buffer_bytes)
+        self._touched = time.monotonic()
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the spill folder (idempotent)."""
+        try:
+            self._spill.close()
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ pass 1
+    def add(self, sid: str, uri: str, label: str, split: str | None, data: bytes | None) -> None:
+        """One usable sample, in source order. Duplicates collapse to the first; conflicts raise SourceError."""
+        index = self._label_index.get(label)
+        if index is None:
+            index = self._label_index[label] = len(self._labels)
+            self._labels.append(label)
+        key = bytes.fromhex(sid)
+        split_code = _SPLIT_CODES[split]
+        prev = self._seen.get(key)
+        if prev is None:
+            self._seen[key] = index << 2 | split_code
+            self._spill.add(sid, uri, data)
+            self._keep_alive()
+            return
+        prev_label, prev_split = self._labels[prev >> 2], _SPLIT_NAMES[prev & 3]
+        if prev_label != label:
+            raise SourceError(f"the same sample ({sid[:12]}…) has conflicting labels {prev_label!r} at "
+                              f"{self._spill.find_uri(sid)} and {label!r} at {uri}")
+        if prev_split and split and prev_split != split:
+            raise SourceError(f"the same sample ({sid[:12]}…) has conflicting splits {prev_split!r} at "
+                              f"{self._spill.find_uri(sid)} and {split!r} at {uri}")
+        if prev_split is None and split is not None:
+            self._seen[key] = prev | split_code  # an explicit split wins over a hashed one, whichever came first
+        self.n_duplicates += 1
+
+    def _keep_alive(self) -> None:
+        """Refresh the spill folder's mtime now and then: a cleaner removes only staging debris older than a day,
+        and an ingest of millions of files may run longer than that."""
+        now = time.monotonic()
+        if now - self._touched > _TOUCH_EVERY_S:
+            self._touched = now
+            os.utime(self._dir)
+
+    def quarantine(self, uri: str, reason: str) -> None:
+        """One rejected input (kept in source order; the table is sorted when written)."""
+        self.quarantined.append((uri, reason))
+
+    # ------------------------------------------------------------------ checks
+    def _validate(self) -> tuple[tuple[str, ...], dict[str, int]]:
+        """Assign hashed splits and check the pool; SourceError before anything is published."""
+        quarantined = self.quarantined
+        bad = (f"; {len(quarantined)} input(s) quarantined, e.g. {quarantined[0][0]}: {quarantined[0][1]}"
+               if quarantined else "")
+        if not self._seen:
+            raise SourceError(f"{self.source_name} has no usable samples{bad}")
+        classes = tuple(sorted({self._labels[code >> 2] for code in self._seen.values()}))
+        if len(classes) < 2:
+            raise SourceError(f"{self.source_name} needs at least 2 classes with usable samples; found "
+                              f"{len(classes)} ({', '.join(map(repr, classes))}){bad}")
+        counts: Counter[str] = Counter()
+        train_labels: set[int] = set()
+        for key, code in self._seen.items():
+            split = _SPLIT_NAMES[code & 3] or split_of(key.hex(), self.seed, self.val_fraction, self.test_fraction)
+            self._seen[key] = (code & ~3) | _SPLIT_CODES[split]
+            counts[split] += 1
+            if split == "train":
+                train_labels.add(code >> 2)
+        if len(train_labels) < 2:
+            names = sorted(self._labels[i] for i in train_labels)
+            raise SourceError(f"{self.source_name}: the train split holds {len(names)} class(es) "
+                              f"({', '.join(map(repr, names))}); it needs at least 2 — add samples, "
+                              "lower val_fraction/test_fraction, or try another seed")
+        split_counts = {s: counts.get(s, 0) for s in SPLITS}
+        for s in ("val", "test"):
+            if split_counts[s] == 0:
+                log.warning("%s: the %s split is empty (%d samples)", redact(self.source_name), s, len(self._seen))
+        return classes, split_counts
+
+    # ------------------------------------------------------------------ pass 2
+    def _rows(self, table: pa.Table) -> pa.Table:
+        """A sorted spill table (id, uri, data) as sample rows (labels and splits from the bookkeeping)."""
+        codes = [self._seen[bytes.fromhex(sid)] for sid in table["sample_id"].to_pylist()]
+        labels = pa.array([self._labels[c >> 2] for c in codes], pa.string())
+        splits = pa.array([_SPLIT_NAMES[c & 3] for c in codes], pa.string())
+        return pa.table([table["sample_id"], table["source_uri"], labels, splits, table["data"]],
+                        schema=SAMPLE_SCHEMA)
+
+    def _drain(self, spill: _Spill, cutter: _ShardCutter) -> None:
+        spill.close()
+        for bucket in range(_FANOUT):
+            if not spill.rows[bucket]:
+                continue
+            if spill.sizes[bucket] > self.bucket_bytes and spill.rows[bucket] > 1 and spill.level < 31:
+                sub = _Spill(os.path.join(spill.directory, f"{bucket:02x}"), spill.level + 1, spill.buffer_bytes)
+                for batch in spill.batches(bucket):
+                    for sid, uri, data in zip(*(col.to_pylist() for col in batch.columns), strict=True):
+                        sub.add(sid, uri, data)
+                spill.remove(bucket)
+                self._drain(sub, cutter)
+                shutil.rmtree(sub.directory, ignore_errors=True)
+                continue
+            table = spill.read(bucket)
+            spill.remove(bucket)
+            cutter.add(self._rows(table.take(pc.sort_indices(table["sample_id"]))))
+
+    def finish(self, source: str, vectors: Callable[[], VectorTableRef] | None = None) -> IngestResult:
+        """Validate, then write quarantine, shards, manifest (and ``vectors()``, if given); the result."""
+        classes, split_counts = self._validate()
+        qref = self._write_quarantine()
+        cutter = _ShardCutter(self.store, self.shard_rows)
+        self._drain(self._spill, cutter)
+        dataset = cutter.finish()
+        result = IngestResult(dataset=dataset, quarantine=qref, n_samples=dataset.num_rows,
+                              n_duplicates_collapsed=self.n_duplicates, n_quarantined=len(self.quarantined),
+                              classes=classes, split_counts=split_counts,
+                              vectors=vectors() if vectors is not None else None, source=redact(source))
+        log.info("ingested %s: %d samples, %d classes, splits %s, %d duplicates collapsed, %d quarantined",
+                 result.source, result.n_samples, len(result.classes), result.split_counts,
+                 result.n_duplicates_collapsed, result.n_quarantined)
+        return result
+
+    def _write_quarantine(self) -> ArtifactRef | None:
+        if not self.quarantined:
+            return None
+        rows = sorted(self.quarantined)
+        table = pa.table({"source_uri": [r[0] for r in rows], "reason": [r[1] for r in rows]},
+                         schema=QUARANTINE_SCHEMA)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **_PARQUET_OPTIONS)
+        return self.store.put_bytes(sink.getvalue().to_pybytes(), "quarantine", ".parquet")
