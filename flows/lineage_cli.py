@@ -1,6 +1,6 @@
 """``skmm lineage …``: build the lineage index from a store and answer audit questions.
 
-    skmm lineage rebuild                      [--store URL] [--db PATH] [--skip-malformed] [--verify-sha256]
+    skmm lineage rebuild                      [--store URL] [--db PATH] [--skip-malformed] [--fast]
     skmm lineage samples-of-model MODEL       the samples (id, rank, weight) that trained a model
     skmm lineage models-of-sample SAMPLE_ID   the models a sample helped train
     skmm lineage provenance RUN_ID            dataset → embeddings → sketch → selection → model → metrics
@@ -11,7 +11,12 @@
 Every command takes ``--store`` (default ./skmm-store; s3://bucket/prefix with ``--endpoint-url`` and the standard
 AWS_* environment variables for credentials), ``--db`` (default <store>/lineage.duckdb for a local store, else
 ./skmm-lineage.duckdb), and prints a table, or JSON with ``--json``, or writes Parquet with ``--parquet PATH``.
-Errors are one line on stderr with exit code 2; credentials are never printed.
+Errors are one line on stderr with exit code 2; credentials are never printed. The store is opened like the
+flows open it (:func:`tasks.store.open_store`: the same timeouts on object stores).
+
+``rebuild`` re-hashes every artifact the events name (``--fast``: existence and size only, except selections,
+which are always hashed because the index loads their sample ids); events naming a missing or corrupt artifact
+are left out of the audit tables, and each such artifact is reported on stderr.
 """
 
 from __future__ import annotations
@@ -44,15 +49,9 @@ DEFAULT_STORE = "./skmm-store"
 
 
 def _open_store(url: str, endpoint_url: str | None):
-    from storage.artifacts import ArtifactStore
+    from tasks.store import open_store, store_spec
 
-    options: dict[str, Any] = {}
-    if url.startswith(("s3://", "s3a://")):
-        options["config_kwargs"] = {"connect_timeout": 10, "read_timeout": 60,
-                                    "retries": {"max_attempts": 3, "mode": "standard"}}
-        if endpoint_url:
-            options["endpoint_url"] = endpoint_url
-    return ArtifactStore(url, storage_options=options)
+    return open_store(store_spec(url, endpoint_url))
 
 
 def _index(store_url: str, db: pathlib.Path | None, endpoint_url: str | None):
@@ -128,7 +127,9 @@ def rebuild(
     endpoint_url: EndpointOpt = None,
     skip_malformed: Annotated[bool, typer.Option(help="Record malformed events in the index instead of failing.")]
     = False,
-    verify_sha256: Annotated[bool, typer.Option(help="Re-hash every referenced artifact (slower).")] = False,
+    verify_sha256: Annotated[bool, typer.Option(
+        "--verify-sha256/--fast", help="Re-hash every referenced artifact (the default), or only check that each "
+                                       "exists with its size (--fast; selections are always hashed).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Rebuild the index from the store's lineage events (atomically replaces the old index)."""
@@ -140,6 +141,9 @@ def rebuild(
             raise ValueError(f"store {art.url} does not exist")
         index = _index(store, db, endpoint_url)
         stats = index.rebuild(art, skip_malformed=skip_malformed, verify_sha256=verify_sha256)
+        for row in index.unusable_artifacts().to_pylist():
+            typer.echo(f"warning: {row['kind']} {row['uri']} cannot be used ({row['reason']}); the {row['events']} "
+                       "lineage event(s) naming it are left out of the index", err=True)
         if as_json:
             typer.echo(json.dumps(stats, indent=2))
         else:

@@ -35,7 +35,17 @@ class ArtifactNotFoundError(StorageError):
 
 
 class ArtifactCorruptedError(StorageError):
-    """The object exists but its bytes do not hash to the ref's sha256 (or its size differs)."""
+    """The object exists but its bytes do not hash to the ref's sha256 (or its size differs).
+
+    The message ends with what to do (:attr:`ADVICE`): a rerun alone cannot repair the object, because
+    publishing bytes to an address that is already taken is a no-op, so the damaged object must go first."""
+
+    ADVICE = "delete that object, then rerun: the stage that wrote it writes it again"
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        if self.ADVICE not in message:
+            message = f"{message.rstrip(' .;')}; {self.ADVICE}"
+        super().__init__(message, transient)
 
 
 class StoreUnavailableError(StorageError):

@@ -6,15 +6,18 @@ recreates from them at any time. A rebuild writes a *new* database file beside t
 index, and DuckDB's one-writer-per-file rule never bites: each rebuild writes its own file.
 
 While building, every artifact an event names is checked for existence and size against a fresh listing (one
-per ``objects/<kind>/`` folder, not one request per artifact); ``verify_sha256=True`` also re-hashes them.
-Events naming a missing, truncated or unreadable artifact go to the ``dangling`` table and are left out of every
-audit table; malformed event objects raise MalformedRecordError naming the object, or land in the ``malformed``
-table with ``skip_malformed=True``.
+per ``objects/<kind>/`` folder, not one request per artifact) and, by default, re-hashed (``verify_sha256=False``
+skips the hashing of everything but selections: the index loads every selection's sample ids, so a damaged one
+would put wrong ids in the audit answers; each is read once, hashed and loaded from the same local bytes).
+Events naming a missing, truncated, corrupt or unreadable artifact go to the ``dangling`` table and are left out
+of every audit table; a query about a model they name fails naming the damaged artifact. Malformed event objects
+raise MalformedRecordError naming the object, or land in the ``malformed`` table with ``skip_malformed=True``.
 
 Tables: ``meta``, ``events``, ``io`` (inputs/outputs of valid events), ``artifacts``, ``dangling``, ``malformed``,
 ``stages`` (latest state of each run's stage), ``runs``, ``selection_files``, ``samples`` (sample id dictionary),
 ``selections`` (sel_id, sample_key, rank, weight; ordered by sel_id so one selection is a contiguous range),
-``run_selections``, ``models``, ``metrics``. All query SQL is parameterised.
+``run_selections``, ``models``, ``metrics``; ``dangling`` also names the model of each left-out event. All query
+SQL is parameterised.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import pathlib
 import re
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -35,7 +39,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.artifacts import ArtifactRef, ArtifactStore, sha256_file
 from storage.artifacts import _translate as _translate_storage_error
 from storage.errors import (
     ArtifactCorruptedError,
@@ -48,7 +52,7 @@ from storage.lineage import EVENTS_PREFIX, event_refs, parse_event
 
 __all__ = ["INDEX_VERSION", "IndexNotFoundError", "LineageIndex", "UnknownIdError"]
 
-INDEX_VERSION = "1"
+INDEX_VERSION = "2"  # 2: dangling names the left-out events' models and the bad artifacts' kinds
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
 _RUN_DIR = re.compile(r"^lineage/events/([^/]+)/[^/]+\.json$")
 
@@ -85,7 +89,7 @@ MODELS_SCHEMA = pa.schema([("object", _S), ("run_id", _S), ("stage", _S), ("trai
 ARTIFACTS_SCHEMA = pa.schema([("uri", _S), ("sha256", _S), ("size", pa.int64()), ("kind", _S),
                              ("present", pa.bool_()), ("reason", _S)])
 DANGLING_SCHEMA = pa.schema([("object", _S), ("run_id", _S), ("stage", _S), ("event_type", _S), ("uri", _S),
-                            ("reason", _S)])
+                            ("kind", _S), ("reason", _S), ("model_uri", _S), ("model_sha256", _S)])
 MALFORMED_SCHEMA = pa.schema([("object", _S), ("error", _S)])
 SELFILES_SCHEMA = pa.schema([("sel_id", pa.int32()), ("uri", _S), ("sha256", _S), ("size", pa.int64()),
                             ("path", _S)])
@@ -119,6 +123,39 @@ def _open_index(path: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def _verified_local_copy(store: ArtifactStore, ref: ArtifactRef, rel: str, folder: str) -> str:
+    """A local file holding ``ref``'s verified bytes: the object itself in a local store, else one download into
+    ``folder``. Raises ArtifactCorruptedError / ArtifactNotFoundError / StoreUnavailableError."""
+    if store.is_local:
+        local = f"{store.root}/{rel}"
+    else:
+        local = os.path.join(folder, f"{ref.sha256}-{os.path.basename(rel)}")
+        try:
+            store.fs.get_file(f"{store.root}/{rel}", local)
+        except Exception as exc:
+            raise _translate_storage_error(exc, ref.uri) from None
+    try:
+        sha, size = sha256_file(local)
+    except FileNotFoundError:
+        raise ArtifactNotFoundError(f"not found: artifact {ref.uri}") from None
+    if (sha, size) != (ref.sha256, ref.size):
+        raise ArtifactCorruptedError(f"artifact {ref.uri} is corrupted")
+    return local
+
+
+def _damaged(subject: str, artifact: tuple) -> StorageError:
+    """The error for an audit question whose answer rests on an artifact the rebuild found unusable: it names
+    that artifact (uri, kind, reason) instead of answering from, or pretending not to know, damaged lineage."""
+    uri, kind, reason = artifact
+    if reason in ("missing", "not in this store"):
+        return ArtifactNotFoundError(f"{subject} is left out of the lineage index: the {kind} {uri} it rests on is "
+                                     f"{'missing from the store' if reason == 'missing' else reason}; rerun the "
+                                     "run that wrote it, then `skmm lineage rebuild`")
+    return ArtifactCorruptedError(f"{subject} is left out of the lineage index: the {kind} {uri} it rests on is "
+                                  f"corrupted ({reason}), so its sample ids cannot be trusted; "
+                                  f"{ArtifactCorruptedError.ADVICE}, then `skmm lineage rebuild`")
+
+
 class LineageIndex:
     """A DuckDB lineage index at ``db_path`` (created by :meth:`rebuild`; queries open it read-only)."""
 
@@ -129,10 +166,11 @@ class LineageIndex:
         return f"LineageIndex({str(self.db_path)!r})"
 
     # ================================================================== building
-    def rebuild(self, store: ArtifactStore, *, skip_malformed: bool = False, verify_sha256: bool = False,
+    def rebuild(self, store: ArtifactStore, *, skip_malformed: bool = False, verify_sha256: bool = True,
                 ) -> dict[str, Any]:
         """Recreate the index from every lineage event in ``store``; returns counts and timings.
 
+        ``verify_sha256=False`` hashes only the selections (the rest is checked for existence and size).
         Raises MalformedRecordError naming the first bad event object unless ``skip_malformed``;
         StoreUnavailableError if the store cannot be listed or read.
         """
@@ -141,22 +179,21 @@ class LineageIndex:
             store.check()  # an unreachable endpoint or a missing bucket is an error, not an empty index
         events, malformed = self._read_events(store, skip_malformed)
         t_read = time.perf_counter()
-        artifacts = self._check_artifacts(store, events, verify_sha256)
-        t_check = time.perf_counter()
-
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.db_path.with_name(f".{self.db_path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            con = duckdb.connect(str(tmp))
-            try:
-                if not store.is_local:
-                    con.register_filesystem(store.fs)
-                stats = self._build(con, store, events, malformed, artifacts)
-                con.execute("INSERT INTO meta VALUES ('version', ?), ('store', ?), ('built_at', ?)",
-                            [INDEX_VERSION, redact(store.url), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())])
-                con.execute("CHECKPOINT")
-            finally:
-                con.close()
+            with tempfile.TemporaryDirectory(prefix=".skmm-selections-", dir=self.db_path.parent) as fetched:
+                artifacts = self._check_artifacts(store, events, verify_sha256, fetched)
+                t_check = time.perf_counter()
+                con = duckdb.connect(str(tmp))
+                try:
+                    stats = self._build(con, store, events, malformed, artifacts)
+                    con.execute("INSERT INTO meta VALUES ('version', ?), ('store', ?), ('built_at', ?)",
+                                [INDEX_VERSION, redact(store.url), time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                 time.gmtime())])
+                    con.execute("CHECKPOINT")
+                finally:
+                    con.close()
             _drop_cached(str(self.db_path))  # this process's readers reopen the new file on their next query
             os.replace(tmp, self.db_path)  # atomic: readers see the old index or the new one, never a partial one
         finally:
@@ -220,8 +257,11 @@ class LineageIndex:
         return events, malformed
 
     @staticmethod
-    def _check_artifacts(store: ArtifactStore, events: list[dict], verify_sha256: bool) -> dict[str, dict]:
-        """uri → {ref, present, reason} for every artifact any event names, from one listing of the store."""
+    def _check_artifacts(store: ArtifactStore, events: list[dict], verify_sha256: bool, fetched: str,
+                         ) -> dict[str, dict]:
+        """uri → {ref, present, reason} for every artifact any event names, from one listing of the store; each
+        usable selection also gets ``local``, a verified local file of its bytes (remote ones fetched once into
+        the folder ``fetched``)."""
         refs: dict[str, ArtifactRef] = {}
         for ev in events:
             r = ev["_refs"]
@@ -258,17 +298,19 @@ class LineageIndex:
                             "reason": f"size {sizes[rel]} but the record says {ref.size}"}
             else:
                 out[uri] = {"ref": ref, "present": True, "reason": None, "path": rel}
-        if verify_sha256:
-            def check(item: dict) -> None:
-                try:
+        def check(item: dict) -> None:
+            try:
+                if item["ref"].kind == "selection":
+                    item["local"] = _verified_local_copy(store, item["ref"], item["path"], fetched)
+                elif verify_sha256:
                     store.verify(item["ref"])
-                except ArtifactCorruptedError:
-                    item.update(present=False, reason="sha256 mismatch")
-                except ArtifactNotFoundError:
-                    item.update(present=False, reason="missing")
+            except ArtifactCorruptedError:
+                item.update(present=False, reason="sha256 mismatch")
+            except ArtifactNotFoundError:
+                item.update(present=False, reason="missing")
 
-            with concurrent.futures.ThreadPoolExecutor(8) as pool:
-                list(pool.map(check, [v for v in out.values() if v["present"]]))
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(check, [v for v in out.values() if v["present"]]))
         return out
 
     def _build(self, con: duckdb.DuckDBPyConnection, store: ArtifactStore, events: list[dict],
@@ -282,10 +324,8 @@ class LineageIndex:
             if ref.sha256 in seen_sha:  # the same bytes under another suffix: load once
                 continue
             seen_sha.add(ref.sha256)
-            rel = artifacts[uri]["path"]
-            path = f"{store.root}/{rel}" if store.is_local else store.uri(rel)
             sel_rows.append({"sel_id": len(sel_rows), "uri": uri, "sha256": ref.sha256, "size": ref.size,
-                             "path": path})
+                             "path": artifacts[uri]["local"]})
         sel_rows = self._load_selections(con, sel_rows, artifacts)
 
         # ---- events, dangling, io, models, metrics
@@ -298,7 +338,7 @@ class LineageIndex:
         for ev in events:
             run_id, stage, etype, obj = ev["run"]["runId"], ev["job"]["name"], ev["eventType"], ev["_object"]
             refs = ev["_refs"]
-            bad = [(ref.uri, artifacts[ref.uri]["reason"]) for ref in
+            bad = [ref for ref in
                    {r.uri: r for r in [*refs["inputs"], *refs["outputs"], refs["selection"], refs["model"]] if r}
                    .values() if not artifacts[ref.uri]["present"]]
             facets = ev["run"].get("facets", {})
@@ -307,8 +347,11 @@ class LineageIndex:
                             "flow_run_id": facets.get("flow_run_id"), "git_commit": facets.get("git_commit"),
                             "config_hash": facets.get("config_hash"), "error": ev["skmm"].get("error")})
             if bad:
-                dangling.extend({"object": obj, "run_id": run_id, "stage": stage, "event_type": etype, "uri": u,
-                                 "reason": why} for u, why in bad)
+                model = refs["model"]
+                dangling.extend({"object": obj, "run_id": run_id, "stage": stage, "event_type": etype,
+                                 "uri": ref.uri, "kind": ref.kind, "reason": artifacts[ref.uri]["reason"],
+                                 "model_uri": model.uri if model else None,
+                                 "model_sha256": model.sha256 if model else None} for ref in bad)
                 continue
             valid_events.append(obj)
             for role, items in (("input", refs["inputs"]), ("output", refs["outputs"])):
@@ -506,6 +549,15 @@ class LineageIndex:
     def _arrow(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pa.Table:
         return con.sql(sql, params=params or None).to_arrow_table()
 
+    def unusable_artifacts(self) -> pa.Table:
+        """The artifacts the events name that are missing, corrupt or unreadable: uri, kind, reason, and how many
+        events (left out of the audit tables) name each."""
+        with self._connect() as con:
+            return self._arrow(con, """
+                SELECT a.uri, a.kind, a.reason, count(DISTINCT d.object) AS events
+                FROM artifacts a LEFT JOIN dangling d ON d.uri = a.uri
+                WHERE NOT a.present GROUP BY a.uri, a.kind, a.reason ORDER BY a.uri""")
+
     def stats(self) -> dict[str, Any]:
         """Row counts of the index's tables and its metadata."""
         with self._connect() as con:
@@ -540,6 +592,16 @@ class LineageIndex:
         else:
             rows = []
         if not rows:
+            if "://" in model:
+                left_out = con.execute("SELECT DISTINCT model_sha256, uri, kind, reason FROM dangling "
+                                       "WHERE model_uri = ? ORDER BY uri", [model]).fetchall()
+            elif _HEX.match(model.lower()):
+                left_out = con.execute("SELECT DISTINCT model_sha256, uri, kind, reason FROM dangling "
+                                       "WHERE starts_with(model_sha256, ?) ORDER BY uri", [model.lower()]).fetchall()
+            else:
+                left_out = []
+            if left_out:
+                raise _damaged(f"model {left_out[0][0]}", left_out[0][1:])
             raise UnknownIdError(f"no model {model!r:.100} in the lineage index (give its sha256, a prefix of at "
                                  "least 8 hex characters, or its uri)")
         return rows
@@ -565,6 +627,10 @@ class LineageIndex:
         row = _one(con, """SELECT sel_id, selection_sha256 FROM run_selections WHERE run_id = ?
                              ORDER BY (role = 'output') DESC, event_time DESC LIMIT 1""", [key])
         if row is None:
+            left_out = _one(con, "SELECT uri, kind, reason FROM dangling WHERE run_id = ? AND kind = 'selection' "
+                                 "ORDER BY uri LIMIT 1", [key])
+            if left_out is not None:
+                raise _damaged(f"run {key}'s selection", left_out)
             cls._run(con, key)  # raises "no run" for unknown ids
             raise UnknownIdError(f"run {key} has no recorded selection")
         return row
@@ -577,6 +643,13 @@ class LineageIndex:
             rows = self._models(con, model)
             sels = sorted({(r[2], r[3]) for r in rows if r[2] is not None})
             if not sels:
+                left_out = _one(con, """
+                    SELECT uri, kind, reason FROM artifacts WHERE list_contains(?, sha256) AND NOT present
+                    UNION ALL
+                    SELECT uri, kind, reason FROM dangling WHERE list_contains(?, run_id) AND kind = 'selection'
+                    LIMIT 1""", [sorted({r[3] for r in rows if r[3]}), sorted({r[4] for r in rows})])
+                if left_out is not None:  # its selection was left out: name it, never "no selection"
+                    raise _damaged(f"model {rows[0][0]}", left_out)
                 raise UnknownIdError(f"model {rows[0][0]} has no recorded selection")
             parts = [self._arrow(con, """
                 SELECT s.sample_id, x.rank, x.weight, ?::VARCHAR AS selection_sha256

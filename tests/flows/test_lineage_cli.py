@@ -32,7 +32,7 @@ def _record(store: ArtifactStore) -> dict:
         with rec.stage("train", [sel]):
             model = store.put_bytes(f"model {tag}".encode(), "model", ".pt")
             rec.complete("train", [model], model=model, metrics={"accuracy": 0.8})
-        out[tag] = {"run_id": rec.run_id, "model": model}
+        out[tag] = {"run_id": rec.run_id, "model": model, "selection": sel}
     bad = LineageRecorder(store, config={})
     with pytest.raises(RuntimeError), bad.stage("embed"):
         raise RuntimeError("CUDA out of memory")
@@ -122,3 +122,23 @@ def test_unreachable_store_never_prints_credentials(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: cannot reach the store")
     assert "sup3r-s3cret-value" not in result.output
+
+
+@pytest.mark.parametrize("flag", [[], ["--fast"], ["--verify-sha256"]])
+def test_rebuild_reports_a_corrupt_selection_and_never_answers_from_it(local, tmp_path, flag):
+    sel = local["a"]["selection"]
+    path = tmp_path / "store" / sel.uri.split("/store/", 1)[1]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1  # one flipped byte: same size, only its hash tells
+    path.write_bytes(bytes(data))
+
+    rebuilt = runner.invoke(lineage_app, ["rebuild", *flag, *local["args"]])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert f"warning: selection {sel.uri} cannot be used (sha256 mismatch)" in rebuilt.stderr
+    answer = runner.invoke(lineage_app, ["samples-of-model", local["a"]["model"].sha256, "--json", *local["args"]])
+    assert answer.exit_code == 2 and not answer.stdout.strip()
+    (line,) = answer.stderr.strip().splitlines()
+    assert sel.uri in line and "corrupted" in line and "no model" not in line
+    assert not any(i in answer.output for i in local["ids_a"])
+    diff = runner.invoke(lineage_app, ["diff", local["a"]["run_id"], local["b"]["run_id"], *local["args"]])
+    assert diff.exit_code == 2 and sel.uri in diff.stderr

@@ -12,7 +12,12 @@ import pytest
 from helpers import free_port, s3_options
 
 from storage.artifacts import ArtifactStore
-from storage.errors import MalformedRecordError, StoreUnavailableError
+from storage.errors import (
+    ArtifactCorruptedError,
+    ArtifactNotFoundError,
+    MalformedRecordError,
+    StoreUnavailableError,
+)
 from storage.index import IndexNotFoundError, LineageIndex, UnknownIdError
 from storage.lineage import EVENTS_PREFIX, LineageRecorder
 from storage.selections import read_selection, selection_metadata, write_selection
@@ -234,26 +239,53 @@ def test_missing_or_truncated_artifacts_are_dangling_and_excluded(recorded):
     reasons = {r["uri"]: r["reason"] for r in dangling}
     assert reasons[a["model"].uri] == "missing" and reasons[b["sel"].uri].startswith("size 9")
     assert stats["dangling"] == len(dangling)
-    with pytest.raises(UnknownIdError):  # the audit queries never point at a missing artifact
+    with pytest.raises(ArtifactNotFoundError, match=a["model"].uri):  # never answered from a missing artifact
         index.samples_for_model(a["model"].sha256)
-    with pytest.raises(UnknownIdError):
+    with pytest.raises(ArtifactCorruptedError, match=b["sel"].uri):
         index.selection_diff(a["run_id"], b["run_id"])
     present = index.table("io").column("uri").to_pylist()
     assert a["model"].uri not in present and b["sel"].uri not in present
     assert {r["run_id"]: r["status"] for r in index.table("runs").to_pylist()}[a["run_id"]] == "started"
 
 
-def test_verify_sha256_catches_same_size_corruption(tmp_path):
+def _flip_a_byte(store: ArtifactStore, ref) -> None:
+    path = store._path(store._rel_from_uri(ref.uri))
+    data = bytearray(store.fs.cat_file(path))
+    data[len(data) // 2] ^= 1
+    store.fs.pipe_file(path, bytes(data))
+    store.fs.invalidate_cache()
+
+
+def test_rebuild_hashes_what_it_indexes_by_default(tmp_path):
     store = ArtifactStore(tmp_path / "store")
     run = _pipeline(store, _ids(5), "x")
-    path = store._path(store._rel_from_uri(run["model"].uri))
-    data = bytearray(store.fs.cat_file(path))
-    data[0] ^= 1
-    store.fs.pipe_file(path, bytes(data))
+    _flip_a_byte(store, run["model"])
     index = LineageIndex(tmp_path / "lineage.duckdb")
-    assert index.rebuild(store)["dangling"] == 0  # the default check is existence + size
-    assert index.rebuild(store, verify_sha256=True)["dangling"] == 1
+    assert index.rebuild(store, verify_sha256=False)["dangling"] == 0  # fast: existence + size of a model
+    assert index.rebuild(store)["dangling"] == 1
     assert index.table("dangling").to_pylist()[0]["reason"] == "sha256 mismatch"
+    with pytest.raises(ArtifactCorruptedError, match=f"{run['model'].uri} it rests on is corrupted"):
+        index.samples_for_model(run["model"].sha256)
+    assert index.unusable_artifacts().to_pylist() == [{"uri": run["model"].uri, "kind": "model",
+                                                      "reason": "sha256 mismatch", "events": 1}]
+
+
+@pytest.mark.parametrize("verify_sha256", [True, False])
+def test_a_corrupt_selection_never_yields_sample_ids(store, tmp_path, verify_sha256):
+    ids = _ids(30)
+    run = _pipeline(store, ids, "x")
+    _flip_a_byte(store, run["sel"])  # same size: only its hash tells
+    index = LineageIndex(tmp_path / "lineage.duckdb")
+    assert index.rebuild(store, verify_sha256=verify_sha256)["dangling"] == 2  # select COMPLETE, train START
+    with pytest.raises(ArtifactCorruptedError, match=run["sel"].uri) as info:
+        index.samples_for_model(run["model"].sha256)
+    assert "no model" not in str(info.value) and "delete that object" in str(info.value)
+    with pytest.raises(ArtifactCorruptedError, match=run["sel"].uri):
+        index.selection_diff(run["run_id"], run["run_id"])
+    for sample_id in ids:
+        with pytest.raises(UnknownIdError):
+            index.models_for_sample(sample_id)
+    assert index.table("samples").num_rows == 0
 
 
 @pytest.mark.parametrize("evil", ["x' OR '1'='1", "'; DROP TABLE runs; --", 'a" OR 1=1 --', "%", "*"])

@@ -8,23 +8,8 @@ import fsspec
 import pytest
 from prefect import task
 
-from tasks.store import JsonResultsFileSystem, result_storage, store_spec
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    """A Prefect API to save blocks in: the flow tests' session test server when it is up (test servers must not
-    nest), else one for this module."""
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import get_current_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    running = SubprocessASGIServer._instances.get(None)
-    if running is not None and get_current_settings().api.url == running.api_url:
-        yield
-        return
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+from tasks.cache import JsonLocalResultsFileSystem, JsonResultsFileSystem
+from tasks.store import result_storage, store_spec
 
 
 @task(persist_result=True, result_serializer="json")
@@ -42,8 +27,12 @@ def test_store_spec_resolves_local_paths_and_refuses_credentials_in_urls(tmp_pat
         store_spec("s3://b/x", "http://key:secret@127.0.0.1:9")
 
 
-def test_local_results_live_inside_the_store(tmp_path):
-    assert result_storage(store_spec(tmp_path / "store")) == tmp_path / "store" / "prefect-results"
+def test_local_results_are_a_saved_guarded_block_inside_the_store(prefect_api, tmp_path):
+    block = result_storage(store_spec(tmp_path / "store"))
+    assert isinstance(block, JsonLocalResultsFileSystem) and block._block_document_id is not None
+    assert block.basepath == str(tmp_path.resolve() / "store" / "prefect-results")
+    assert result_storage(store_spec(tmp_path / "store"))._block_document_id == block._block_document_id
+    assert result_storage(store_spec(tmp_path / "other"))._block_document_id != block._block_document_id
 
 
 def test_remote_results_are_a_saved_block_under_the_store_without_credentials(prefect_api, s3_endpoint,
