@@ -12,8 +12,12 @@
 result to ``runs/<run_id>.json`` in the store) or that result as JSON.
 
 The code is loaded from a local checkout (``flow.from_source(<checkout>, "flows.curate.curate")``): the runs
-start in that folder (so lineage records its git commit) with the worker's Python, so a ``process`` worker
-started from the project's venv needs no image and no remote storage.
+start in that folder with the worker's Python, so a ``process`` worker started from the project's venv needs no
+image and no remote storage. Lineage records the code that ran (the skmm version, and the commit of the source
+tree its packages were imported from), whatever the folder.
+
+Bad options (a missing source folder, an unknown timezone or method, no PREFECT_API_URL) stop with one line on
+stderr, ``error: ...``, and exit code 2.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import argparse
 import datetime as dt
 import os
 import pathlib
+import sys
 import zoneinfo
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 from uuid import UUID
 
 from prefect import deploy, flow, serve
@@ -163,18 +168,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(message: str) -> NoReturn:
+    """One line on stderr and exit code 2 (argparse's code for bad usage)."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Register (``deploy``) or ``serve`` the deployments, as the command line asks."""
     from prefect.settings import get_current_settings
 
     args = _parser().parse_args(argv)
+    try:  # everything checkable is checked before the server is involved
+        params = nightly_parameters(source_config(args.source, args.embeddings), args.store, args.budgets,
+                                    args.methods, args.seeds, ModelConfig(name=args.model, pretrained=args.pretrained),
+                                    args.sketch_dim, args.endpoint_url)
+        schedule = nightly_schedule(args.cron, args.timezone, args.interval)
+    except zoneinfo.ZoneInfoNotFoundError:
+        _fail(f"--timezone {args.timezone!r} is not an IANA timezone (e.g. UTC, Europe/Berlin)")
+    except (ValueError, FileNotFoundError) as exc:  # pydantic's ValidationError is a ValueError
+        _fail(str(exc))
     if not get_current_settings().api.url:
-        raise SystemExit("PREFECT_API_URL is not set: point it at a standing server (prefect server start), e.g. "
-                         "export PREFECT_API_URL=http://127.0.0.1:4200/api. A temporary server never fires schedules.")
-    params = nightly_parameters(source_config(args.source, args.embeddings), args.store, args.budgets, args.methods,
-                                args.seeds, ModelConfig(name=args.model, pretrained=args.pretrained),
-                                args.sketch_dim, args.endpoint_url)
-    schedule = nightly_schedule(args.cron, args.timezone, args.interval)
+        _fail("PREFECT_API_URL is not set: point it at a standing server (prefect server start), e.g. export "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api. A temporary server never fires schedules.")
     pool = args.pool if args.command == "deploy" else None
     deployments = build_deployments(params, schedule, pool, args.name, args.checkout)
     if args.command == "deploy":

@@ -4,20 +4,73 @@
     skmm reselect RUN --budgets 20,40      skmm reevaluate RUN      (RUN: a run id or prefix, or a JSON file)
     skmm lineage rebuild | samples-of-model | models-of-sample | provenance | diff | failed
     skmm bench synthetic [--seeds 8] [--budgets 48,64,...] [--out DIR]   the paper's synthetic table
+    skmm store gc [--store URL] [--older-than HOURS] [--dry-run]        staging leftovers of killed runs
+
+Errors are one line on stderr (``error: ...``; exit 2 for bad input, 1 for a bug); ``skmm --debug ...`` (or
+SKMM_DEBUG=1) prints the full traceback too. The failing flow's traceback is always in Prefect's run logs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
 import sys
-from typing import Annotated
+import traceback
+from collections.abc import Iterator
+from typing import Annotated, NoReturn
 
 import typer
+
+from skmm.models.clip import MAX_PIXELS  # Pillow's default limit, PIL.Image.MAX_IMAGE_PIXELS
 
 app = typer.Typer(help="skmm: fast, provable data selection for finetuning (Sketchy Moment Matching).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 bench_app = typer.Typer(help="Benchmarks from the paper.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+store_app = typer.Typer(help="Maintenance of an artifact store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+_DEBUG = {"on": False}  # --debug of this invocation (set by the app's callback before any command runs)
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", envvar="SKMM_DEBUG", help="Print full tracebacks "
+                                                  "(Prefect's and skmm's) besides the one-line error.")] = False,
+             ) -> None:
+    """skmm: fast, provable data selection for finetuning (Sketchy Moment Matching)."""
+    _DEBUG["on"] = debug
+
+
+def _debug() -> bool:
+    return _DEBUG["on"]
+
+
+class _NoRunErrors(logging.Filter):
+    """Keeps flow- and task-run errors (and their tracebacks) off the console; the CLI prints one line instead.
+    Installed on the console handlers only: Prefect's API handler, on the run loggers, still sends them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or not record.name.startswith(("prefect.flow_runs",
+                                                                              "prefect.task_runs"))
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Around a flow call: Prefect's console shows no run errors (unless --debug); they stay in the run logs."""
+    if _debug():
+        yield
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    quiet = _NoRunErrors()
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def _register_lineage() -> None:
@@ -29,14 +82,25 @@ def _register_lineage() -> None:
 _register_lineage()
 
 
-def _int_list(text: str, name: str) -> list[int]:
+def _int_list(text: str, name: str, allow_zero: bool = False) -> list[int]:
+    """A comma-separated option of positive (``allow_zero``: non-negative) integers; ValueError naming the
+    option otherwise."""
+    items = _items(text, name)
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in items]
     except ValueError:
-        raise typer.BadParameter(f"{name} must be comma-separated integers; got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise typer.BadParameter(f"{name} must be positive integers; got {text!r}")
+        raise ValueError(f"{name} must be comma-separated integers; got {text!r}") from None
+    if any(v < 0 or (v == 0 and not allow_zero) for v in values):
+        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'} integers; got {text!r}")
     return values
+
+
+def _items(text: str, name: str) -> list[str]:
+    """The non-empty items of a comma-separated option; ValueError naming the option if there are none."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"{name} lists nothing (got {text!r}); give at least one value, comma-separated")
+    return items
 
 
 @app.command("curate")
@@ -67,6 +131,8 @@ def curate_cmd(
                                                      "(label-free variance proxy).")] = "val",
     embeddings: Annotated[bool, typer.Option(help="SOURCE is a Parquet table of precomputed embeddings.")] = False,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val/test split.")] = 0,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Largest image (width × height) ingested; larger ones are "
+                                                        "quarantined (default: Pillow's limit).")] = MAX_PIXELS,
     store: Annotated[str, typer.Option(help="Artifact store URL (local path, s3://bucket/prefix, ...).")] = (
         "./skmm-store"),
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (credentials from the environment).")] = None,
@@ -76,32 +142,39 @@ def curate_cmd(
 ) -> None:
     """Select, finetune and evaluate on a pool: the whole curation flow, run under Prefect."""
     try:
+        budget_list, method_list = _int_list(budgets, "--budgets"), _items(methods, "--methods")
+        seed_list = _int_list(seeds, "--seeds", allow_zero=True)
         from flows.curate import FinetuneConfig, ModelConfig, curate, source_config
 
-        src = source_config(source, embeddings, image_size, split_seed)
+        src = source_config(source, embeddings, image_size, split_seed, max_pixels=max_pixels)
         mdl = ModelConfig(name=model, pretrained=pretrained, init_seed=init_seed)
-        result = curate(source=src, budgets=_int_list(budgets, "--budgets"),
-                        methods=[m.strip() for m in methods.split(",") if m.strip()],
-                        seeds=[int(x) for x in seeds.split(",") if x.strip()], model=mdl, sketch_dim=sketch_dim,
-                        class_balanced=class_balanced, store_url=store, endpoint_url=endpoint_url,
-                        gradients=gradients, finetune=FinetuneConfig(kind=finetune, layers=ft_layers,
-                                                                     epochs=ft_epochs), task=task,
-                        variant_choice=variant_choice,
-                        progress=sys.stderr.isatty() if progress is None else progress)
+        with _one_line_errors():
+            result = curate(source=src, budgets=budget_list, methods=method_list, seeds=seed_list, model=mdl,
+                            sketch_dim=sketch_dim, class_balanced=class_balanced, store_url=store,
+                            endpoint_url=endpoint_url, gradients=gradients,
+                            finetune=FinetuneConfig(kind=finetune, layers=ft_layers, epochs=ft_epochs), task=task,
+                            variant_choice=variant_choice,
+                            progress=sys.stderr.isatty() if progress is None else progress)
     except Exception as exc:
         _fail(exc)
     _print_result(result, as_json)
 
 
-def _fail(exc: BaseException) -> None:
-    """Bad input and storage errors: one line on stderr, exit code 2. Anything else is a bug: re-raise."""
+def _fail(exc: BaseException) -> NoReturn:
+    """One line on stderr: bad input and storage errors exit 2; anything else is a bug and exits 1. With
+    --debug, the traceback first."""
     from storage.errors import StorageError
 
+    if _debug():
+        traceback.print_exception(exc, file=sys.stderr)
+    lines = str(exc).strip().splitlines()
+    text = " ".join(lines[:3]) if lines else type(exc).__name__
     if isinstance(exc, ValueError | FileNotFoundError | StorageError):  # pydantic's ValidationError included
-        lines = str(exc).strip().splitlines()
-        typer.echo(f"error: {' '.join(lines[:3]) if lines else type(exc).__name__}", err=True)
+        typer.echo(f"error: {text}", err=True)
         raise typer.Exit(2) from None
-    raise exc
+    typer.echo(f"error: unexpected {type(exc).__name__}: {text} (a bug: run again with --debug for the traceback, "
+               "or see the run's logs in Prefect)", err=True)
+    raise typer.Exit(1) from None
 
 
 def _load_run(run: str, store: str, endpoint_url: str | None) -> dict:
@@ -148,12 +221,15 @@ def reselect_cmd(
 ) -> None:
     """Select again from an earlier run's sketch (no source needed), finetune and evaluate."""
     try:
+        budget_list, method_list = _int_list(budgets, "--budgets"), _items(methods, "--methods")
+        seed_list = _int_list(seeds, "--seeds", allow_zero=True)
         from flows.rerun import reselect
 
-        result = reselect(run=_load_run(run, store, endpoint_url), budgets=_int_list(budgets, "--budgets"),
-                          methods=[m.strip() for m in methods.split(",") if m.strip()],
-                          seeds=[int(x) for x in seeds.split(",") if x.strip()], class_balanced=class_balanced,
-                          variant_choice=variant_choice, store_url=store, endpoint_url=endpoint_url)
+        earlier = _load_run(run, store, endpoint_url)
+        with _one_line_errors():
+            result = reselect(run=earlier, budgets=budget_list, methods=method_list, seeds=seed_list,
+                              class_balanced=class_balanced, variant_choice=variant_choice, store_url=store,
+                              endpoint_url=endpoint_url)
     except Exception as exc:
         _fail(exc)
     _print_result(result, as_json)
@@ -170,7 +246,9 @@ def reevaluate_cmd(
     try:
         from flows.rerun import reevaluate
 
-        result = reevaluate(run=_load_run(run, store, endpoint_url), store_url=store, endpoint_url=endpoint_url)
+        earlier = _load_run(run, store, endpoint_url)
+        with _one_line_errors():
+            result = reevaluate(run=earlier, store_url=store, endpoint_url=endpoint_url)
     except Exception as exc:
         _fail(exc)
     _print_result(result, as_json)
@@ -212,8 +290,12 @@ def bench_synthetic(
     """Run the paper's synthetic experiment (SKMM.md §6) and print the risk table."""
     from skmm.synthetic.benchmark import SyntheticConfig, markdown_table, run_synthetic, summarize, write_report
 
+    try:
+        budget_list = _int_list(budgets, "--budgets")
+    except ValueError as exc:
+        _fail(exc)
     config = SyntheticConfig(n_samples=n_samples, dim=dim, sketch_dim=sketch_dim, generator_seed=generator_seed,
-                             budgets=_int_list(budgets, "--budgets"), seeds=tuple(range(seeds)))
+                             budgets=budget_list, seeds=tuple(range(seeds)))
     if methods:
         from skmm.select import SELECTORS
 
@@ -236,6 +318,34 @@ def bench_synthetic(
     paths = write_report(result, out)
     typer.echo(markdown_table(summarize(result["rows"]), result["full_data_risk"], list(config.methods)))
     typer.echo(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+
+
+@store_app.command("gc")
+def store_gc(
+    store: Annotated[str, typer.Option(help="Artifact store URL (local path, s3://bucket/prefix, ...).")] = (
+        "./skmm-store"),
+    endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (credentials from the environment).")] = None,
+    older_than: Annotated[float, typer.Option(min=0, help="Remove only leftovers older than HOURS (a younger one "
+                                                          "may belong to a running writer).", metavar="HOURS")] = 24.0,
+    dry_run: Annotated[bool, typer.Option(help="List what would be removed; remove nothing.")] = False,
+) -> None:
+    """Remove staging leftovers of killed runs (the store's tmp/.* files; for a remote store, this machine's
+    staging folder). Published artifacts, records and results are never touched."""
+    try:
+        from tasks.store import open_store, store_spec
+
+        st = open_store(store_spec(store, endpoint_url))
+        if st.is_local and not pathlib.Path(st.root).is_dir():
+            raise FileNotFoundError(f"store {st.root} does not exist; check --store")
+        gone = st.clean_staging(older_than * 3600.0, dry_run=dry_run)
+    except Exception as exc:
+        _fail(exc)
+    for entry in gone:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {entry.path}  ({entry.size} bytes, "
+                   f"{entry.age_s / 3600:.1f} h old)")
+    size = sum(e.size for e in gone)
+    typer.echo(f"{'would remove' if dry_run else 'removed'} {len(gone)} staging leftover(s), {size} bytes, "
+               f"older than {older_than:g} h (staging folder: {st.staging_dir() or 'none'})")
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from skmm.models.clip import check_model_name
 from skmm.select import SELECTORS
 from storage.artifacts import ArtifactRef
 from storage.datasets import DatasetRef, VectorTableRef
-from storage.lineage import LineageRecorder, git_commit
+from storage.lineage import LineageRecorder, code_provenance
 from storage.runs import record_run_result
 from tasks.embed import embed
 from tasks.evaluate import evaluate
@@ -274,12 +274,16 @@ def curate(
     store = store_spec(store_url, endpoint_url)
     st = open_store(store)
     st.check()
+    for gone in st.clean_staging():  # debris of killed writers (a young file may be live)
+        logger.info("removed staging leftover %s (%d bytes)", gone.path, gone.size)
     opts = {"result_storage": result_storage(store)}
     config = {"source": source.model_dump(), "budgets": budgets, "methods": methods, "seeds": seeds,
               "model": model.model_dump(), "sketch_dim": sketch_dim, "class_balanced": class_balanced,
               "gradients": gradients, "finetune": finetune.model_dump(), "task": task,
               "variant_choice": variant_choice}
-    rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=git_commit(), config=config)
+    code = code_provenance()  # the code that runs, never the caller's working folder
+    rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=code.git_commit, skmm_version=code.version,
+                          config=config)
     logger.info("run %s: store %s", rec.run_id, st)
 
     if source.kind != "embeddings":  # the tower will be loaded: an unknown name fails before any ingest work

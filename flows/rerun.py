@@ -21,7 +21,7 @@ from flows.curate import FinetuneConfig, ModelConfig, check_methods, report_stag
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.datasets import DatasetRef, VectorTableRef
 from storage.errors import ArtifactNotFoundError
-from storage.lineage import LineageRecorder, git_commit
+from storage.lineage import LineageRecorder, code_provenance
 from storage.runs import read_run_result, record_run_result
 from tasks.evaluate import evaluate
 from tasks.store import DEFAULT_STORE, open_store, result_storage, store_spec
@@ -46,6 +46,8 @@ def _open(store_url: str, endpoint_url: str | None) -> tuple[dict, ArtifactStore
     store = store_spec(store_url, endpoint_url)
     st = open_store(store)
     st.check()
+    for gone in st.clean_staging():  # debris of killed writers (a young file may be live)
+        get_run_logger().info("removed staging leftover %s (%d bytes)", gone.path, gone.size)
     return store, st
 
 
@@ -57,7 +59,9 @@ def _earlier(st: ArtifactStore, run: dict[str, Any] | str, keys: tuple[str, ...]
 
 
 def _recorder(st: ArtifactStore, store: dict, config: dict) -> tuple[dict, LineageRecorder]:
-    rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=git_commit(), config=config)
+    code = code_provenance()  # the code that runs, never the caller's working folder
+    rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=code.git_commit, skmm_version=code.version,
+                          config=config)
     return {"result_storage": result_storage(store)}, rec
 
 

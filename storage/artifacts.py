@@ -3,9 +3,11 @@
 An artifact is identified by a small :class:`ArtifactRef` — (uri, sha256, size, kind) — which is all that
 tasks pass around. Objects live at ``<root>/objects/<kind>/<sha256><suffix>``:
 
-- **writes** are staged (a temporary file beside the target on a local disk, a local temporary file for
-  remote stores), hashed while written, then published in one step (``os.replace`` locally, a single PUT or
-  completed multipart upload on S3), so a reader never sees a partial object and a killed writer leaves none;
+- **writes** are staged (a hidden file ``.<uuid>-…`` in ``<root>/tmp`` on a local disk, in this user's
+  ``<system temp>/skmm-staging-<uid>`` for remote stores), hashed while written, then published in one step
+  (``os.replace`` locally, a single PUT or completed multipart upload on S3), so a reader never sees a partial
+  object and a killed writer leaves none; what a killed writer leaves in staging is removed by
+  :meth:`ArtifactStore.clean_staging` once it is older than a safe age (24 h by default);
 - **nothing is overwritten**: publishing bytes that already exist is a no-op (same address, same content);
 - **reads verify** the sha256 and size and fail loudly, naming the artifact, on mismatch or absence.
 """
@@ -17,7 +19,10 @@ import hashlib
 import os
 import pathlib
 import re
+import shutil
+import stat
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -35,12 +40,58 @@ from storage.errors import (
     redact,
 )
 
-__all__ = ["ArtifactRef", "ArtifactStore", "sha256_bytes", "sha256_file"]
+__all__ = ["STAGING_MAX_AGE_S", "ArtifactRef", "ArtifactStore", "StagingEntry", "sha256_bytes", "sha256_file",
+           "staging_max_age_s"]
 
 _KIND = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _SUFFIX = re.compile(r"^(\.[A-Za-z0-9]{1,16}){0,2}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 4 * 2**20
+# Staging: every temporary file or folder this module creates is named ".<uuid4 hex>-..." (see _staging_name).
+_STAGED = re.compile(r"^\.[0-9a-f]{32}-")
+STAGING_MAX_AGE_S = 24 * 3600.0  # staging debris younger than this may belong to a live writer: never removed
+STAGING_AGE_ENV = "SKMM_STAGING_MAX_AGE_HOURS"
+
+
+def staging_max_age_s() -> float:
+    """The age (seconds) above which staging leftovers are removed at the start of a run: 24 h, or
+    ``$SKMM_STAGING_MAX_AGE_HOURS``."""
+    text = os.environ.get(STAGING_AGE_ENV, "").strip()
+    if not text:
+        return STAGING_MAX_AGE_S
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = -1.0
+    if not hours > 0 or hours == float("inf"):
+        raise ValueError(f"{STAGING_AGE_ENV} must be a positive number of hours; got {text!r}")
+    return hours * 3600.0
+
+
+def _staging_name() -> str:
+    return f".{uuid.uuid4().hex}-"
+
+
+def _remote_staging_dir() -> str | None:
+    """This user's private staging folder in the system temp dir (created 0700), or None if it cannot be
+    trusted (not a real folder of ours: then staging falls back to the temp dir itself and is never cleaned)."""
+    path = os.path.join(tempfile.gettempdir(), f"skmm-staging-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return path if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() else None
+
+
+@dataclass(frozen=True)
+class StagingEntry:
+    """A staging leftover: its local path, size in bytes (a folder: its files') and age in seconds."""
+
+    path: str
+    size: int
+    age_s: float
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -163,6 +214,61 @@ class ArtifactStore:
         except Exception as exc:
             raise _translate(exc, self.url) from None
 
+    # ------------------------------------------------------------------ staging
+    def staging_dir(self) -> str | None:
+        """Where writes are staged: ``<root>/tmp`` for a local store (same filesystem, so publishing is a
+        rename), this user's ``<system temp>/skmm-staging-<uid>`` for remote ones (None: the temp dir itself)."""
+        return self._path("tmp") if self.is_local else _remote_staging_dir()
+
+    def _staging(self) -> str | None:
+        """The staging folder, created if needed."""
+        folder = self.staging_dir()
+        if self.is_local:
+            os.makedirs(folder, exist_ok=True)
+        return folder
+
+    def clean_staging(self, older_than_s: float | None = None, dry_run: bool = False) -> list[StagingEntry]:
+        """Remove staging leftovers (files or folders named ``.<uuid>-…``, left by killed writers and readers)
+        last modified more than ``older_than_s`` seconds ago (None: :func:`staging_max_age_s`, 24 h unless
+        ``$SKMM_STAGING_MAX_AGE_HOURS`` says otherwise); younger ones may be in use and are kept. Only the
+        staging folder is looked at, so nothing published (nothing a ref or record can name) is ever touched.
+        A remote store's staging folder is this machine's and user's, shared by every remote store they use.
+        Returns what was (``dry_run``: would be) removed."""
+        if older_than_s is None:
+            older_than_s = staging_max_age_s()
+        if isinstance(older_than_s, bool) or not isinstance(older_than_s, int | float) or not older_than_s >= 0:
+            raise ValueError(f"older_than_s must be a non-negative number of seconds; got {older_than_s!r}")
+        folder = self.staging_dir()
+        if folder is None or not os.path.isdir(folder):
+            return []
+        now, removed = time.time(), []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    found = self._stale(entry, now, older_than_s)
+                    if found is not None and (dry_run or _remove(entry)):
+                        removed.append(found)
+        except OSError as exc:
+            raise StorageError(f"cannot clean the staging folder {folder}: {type(exc).__name__}: "
+                               f"{exc.strerror or exc}") from None
+        return removed
+
+    @staticmethod
+    def _stale(entry: os.DirEntry, now: float, older_than_s: float) -> StagingEntry | None:
+        if not _STAGED.match(entry.name) or entry.is_symlink():
+            return None
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:  # removed meanwhile (its writer finished, or another cleaner)
+            return None
+        size, newest = info.st_size, info.st_mtime
+        if entry.is_dir(follow_symlinks=False):  # a reader's folder: as young as the newest file in it
+            size, newest = _tree_stats(entry.path, newest)
+        age = now - newest
+        if age <= older_than_s:  # a future mtime (clock skew) is young too
+            return None
+        return StagingEntry(entry.path, size, age)
+
     @contextlib.contextmanager
     def writer(self, kind: str, suffix: str = "") -> Iterator[IO[bytes]]:
         """Write an artifact through a file object; it is published when the block exits cleanly.
@@ -171,10 +277,7 @@ class ArtifactStore:
         ``handle.ref`` after the block.
         """
         self._check_kind(kind, suffix)
-        staging_dir = self._path("tmp") if self.is_local else None
-        if staging_dir:
-            os.makedirs(staging_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{uuid.uuid4().hex}-", dir=staging_dir)
+        fd, tmp = tempfile.mkstemp(prefix=_staging_name(), dir=self._staging())
         handle = _HashingWriter(os.fdopen(fd, "wb"))
         try:
             yield handle
@@ -232,7 +335,7 @@ class ArtifactStore:
                 raise StorageError(f"refusing to overwrite {uri}")
             if self.is_local:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(target))
+                fd, tmp = tempfile.mkstemp(prefix=_staging_name(), dir=self._staging())
                 try:
                     with os.fdopen(fd, "wb") as fh:
                         fh.write(data)
@@ -269,7 +372,7 @@ class ArtifactStore:
             self._verify(ref, *sha256_file(target))
             yield pathlib.Path(target)
             return
-        with tempfile.TemporaryDirectory(prefix="skmm-artifact-") as tmpdir:
+        with tempfile.TemporaryDirectory(prefix=_staging_name(), dir=self._staging()) as tmpdir:
             local = os.path.join(tmpdir, os.path.basename(target))
             try:
                 self.fs.get_file(target, local)
@@ -316,6 +419,30 @@ class ArtifactStore:
         if size != ref.size or sha != ref.sha256:
             raise ArtifactCorruptedError(f"artifact {ref.uri} is corrupted: expected sha256 {ref.sha256[:12]}… "
                                          f"({ref.size} bytes), found {sha[:12]}… ({size} bytes)")
+
+
+def _tree_stats(path: str, newest: float) -> tuple[int, float]:
+    """(total size of the files under ``path``, the newest mtime among them and ``newest``)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(root, name))
+                total += info.st_size
+                newest = max(newest, info.st_mtime)
+    return total, newest
+
+
+def _remove(entry: os.DirEntry) -> bool:
+    """Delete a staging file or folder; False if it was already gone."""
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class _HashingWriter:

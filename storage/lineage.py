@@ -10,7 +10,8 @@ An event looks like an OpenLineage RunEvent::
 
     {"eventType": "COMPLETE", "eventTime": "2026-01-01T00:00:00.000000Z",
      "producer": "skmm", "schemaURL": "https://openlineage.io/spec/2-0-2/OpenLineage.json#/definitions/RunEvent",
-     "run": {"runId": "<uuid>", "facets": {"flow_run_id": ..., "git_commit": ..., "config_hash": ...}},
+     "run": {"runId": "<uuid>", "facets": {"flow_run_id": ..., "git_commit": ..., "skmm_version": ...,
+                                           "config_hash": ...}},
      "job": {"namespace": "skmm", "name": "<stage>"},
      "inputs": [{"namespace": "file", "name": "<uri>", "facets": {"sha256": ..., "size": ..., "kind": ...}}],
      "outputs": [...],
@@ -27,14 +28,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import math
+import os
+import pathlib
 import re
 import subprocess
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from storage.artifacts import ArtifactRef, ArtifactStore
@@ -43,12 +50,15 @@ from storage.errors import ArtifactNotFoundError, MalformedRecordError, redact
 __all__ = [
     "EVENTS_PREFIX",
     "EVENT_TYPES",
+    "CodeProvenance",
     "LineageRecorder",
     "canonical_json",
+    "code_provenance",
     "config_hash",
     "event_refs",
     "git_commit",
     "parse_event",
+    "source_commit",
 ]
 
 EVENTS_PREFIX = "lineage/events"
@@ -78,15 +88,60 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def git_commit(cwd: str | None = None) -> str | None:
-    """The current ``git rev-parse HEAD`` (40 hex), or None outside a git checkout or without git."""
+@dataclass(frozen=True)
+class CodeProvenance:
+    """The code that is running: the installed ``skmm`` distribution's version, and the git commit of the
+    source tree its packages were imported from (None for a wheel install, or outside a git checkout)."""
+
+    version: str | None
+    git_commit: str | None
+
+
+@functools.cache
+def code_provenance(package: str = "skmm") -> CodeProvenance:
+    """The running code's provenance (computed once per process: the code in memory does not change).
+
+    Never the caller's working folder: the commit is that of the folder ``package`` was imported from."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5,
-                             check=False)
-    except (OSError, subprocess.SubprocessError):
+        version = importlib.metadata.version("skmm")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return CodeProvenance(version, source_commit(locations[0]) if locations else None)
+
+
+def git_commit() -> str | None:
+    """The git commit of the running code's source tree (see :func:`code_provenance`), or None."""
+    return code_provenance().git_commit
+
+
+def source_commit(package_dir: str | os.PathLike) -> str | None:
+    """``HEAD`` of the git work tree holding ``package_dir``, if the package is tracked there (a checkout, an
+    editable install), else None (a wheel in site-packages, even in a venv inside a checkout; no git).
+
+    Git's repository-redirecting environment (``GIT_DIR``, ``GIT_WORK_TREE``, ...) is ignored: the answer
+    depends on where the package lies, never on the caller's folder or shell."""
+    folder = pathlib.Path(package_dir).resolve()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=5,
+                                 check=False, env=env, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    if not folder.is_dir():
         return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and _COMMIT.match(commit) else None
+    top = git("rev-parse", "--show-toplevel")
+    if not top or not folder.is_relative_to(pathlib.Path(top).resolve()):
+        return None
+    if not git("ls-files", "--", "."):  # nothing of the package is tracked: installed files inside a checkout
+        return None
+    commit = git("rev-parse", "--verify", "--quiet", "HEAD")
+    return commit if commit and _COMMIT.match(commit) else None
 
 
 def _now() -> str:
@@ -134,12 +189,13 @@ class LineageRecorder:
     """Record one run's stages as immutable events in ``store``.
 
     ``run_id`` (a UUID string; a fresh uuid4 by default — pass an existing one to resume a run),
-    ``flow_run_id`` (Prefect's), ``git_commit`` (see :func:`git_commit`; None records no commit) and ``config``
-    (hashed, never stored) describe the run.
+    ``flow_run_id`` (Prefect's), ``git_commit`` and ``skmm_version`` (the running code: see
+    :func:`code_provenance`; None records none) and ``config`` (hashed, never stored) describe the run.
     """
 
     def __init__(self, store: ArtifactStore, run_id: str | None = None, flow_run_id: str | None = None,
-                 git_commit: str | None = None, config: Mapping[str, Any] | None = None) -> None:
+                 git_commit: str | None = None, config: Mapping[str, Any] | None = None,
+                 skmm_version: str | None = None) -> None:
         self.store = store
         if run_id is None:
             self.run_id = str(uuid.uuid4())
@@ -157,8 +213,12 @@ class LineageRecorder:
             raise ValueError(f"flow_run_id must be a short string; got {flow_run_id!r:.80}")
         if git_commit is not None and (not isinstance(git_commit, str) or not _COMMIT.match(git_commit)):
             raise ValueError(f"git_commit must be 7-64 lowercase hex characters; got {git_commit!r:.80}")
+        if skmm_version is not None and (not isinstance(skmm_version, str) or not skmm_version
+                                         or len(skmm_version) > _MAX_ID):
+            raise ValueError(f"skmm_version must be a short string; got {skmm_version!r:.80}")
         self.flow_run_id = str(flow_run_id) if flow_run_id is not None else None
         self.git_commit = git_commit
+        self.skmm_version = skmm_version
         self.config_hash = config_hash(config or {})
         self._lock = threading.Lock()  # stages of one run may record from several threads
 
@@ -242,6 +302,7 @@ class LineageRecorder:
             "producer": PRODUCER,
             "schemaURL": SCHEMA_URL,
             "run": {"runId": self.run_id, "facets": {"flow_run_id": self.flow_run_id, "git_commit": self.git_commit,
+                                                     "skmm_version": self.skmm_version,
                                                      "config_hash": self.config_hash}},
             "job": {"namespace": NAMESPACE, "name": stage},
             "inputs": [_dataset(r) for r in inputs],
@@ -302,7 +363,7 @@ def parse_event(data: bytes, name: str = "<event>") -> dict[str, Any]:
     except ValueError:
         raise _fail(name, f"run.runId must be a UUID; got {run.get('runId')!r:.60}") from None
     facets = run.get("facets", {})
-    for key in ("flow_run_id", "git_commit"):
+    for key in ("flow_run_id", "git_commit", "skmm_version"):
         if facets.get(key) is not None and not isinstance(facets.get(key), str):
             raise _fail(name, f"run.facets.{key} must be a string or null")
     if not isinstance(facets.get("config_hash"), str) or not _SHA.match(facets["config_hash"]):

@@ -37,8 +37,15 @@ Decisions:
   last block's pad rows only (under 64 images a call, none for a 2 048-row shard): ViT-S-32 on the 2-core CPU
   ran 0.87–1.05× as fast as before on 500 images (``bench/embed_batch_invariance.py``; noise of a shared
   machine), but a call with a few images pays for a whole block.
-- Images are decoded with Pillow and converted to RGB; EXIF orientation is *not* applied (as in open_clip's own
-  pipelines), so the bytes alone determine the features.
+- Images are decoded with Pillow and converted to 8-bit RGB by one rule (:func:`_to_rgb`): 16-bit samples keep
+  their high byte (``v >> 8``, as Pillow itself reads 16-bit RGB(A) PNGs), 32-bit integer (``I``) samples are
+  taken as 16-bit (clipped to 0–65 535, then ``>> 8``), floats (``F``) as 0.0–1.0 intensities (× 255, rounded,
+  clipped; NaN → 0), alpha is dropped (as open_clip's own ``convert("RGB")`` does: LA, PA, RGBA, P with
+  transparency), and every other mode (1, L, P, RGB, CMYK, YCbCr, ...) goes through Pillow's ``convert("RGB")``
+  as before. So an 8-bit picture and its 16-bit, 32-bit or float rendering embed the same; before, Pillow
+  clipped I;16 / I / F to 255 (white). EXIF orientation is *not* applied (as in open_clip's own pipelines),
+  so the bytes alone determine the features. An image above ``max_pixels`` (width × height; Pillow's
+  default limit, 89 478 485) is refused with an error naming the sample (its sha256, the sample id).
 - :func:`embed_images` keeps the last two loaded models in memory (keyed by spec, device and the weights file's
   size and mtime), so embedding shard after shard does not rebuild the model.
 """
@@ -69,6 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "CONFIGS_DIR",
+    "MAX_PIXELS",
     "TINY_MODEL",
     "ClipSpec",
     "check_model_name",
@@ -94,6 +102,8 @@ PROBE_TIMEOUT_S = 3.0
 # memory and speed stay as measured (blocks of 32 were no faster for ViT-S-32 on the CPU, slower for the tiny
 # tower).
 BLOCK_ROWS = 64
+# The largest image decoded (width × height): Pillow's default decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS.
+MAX_PIXELS = 89_478_485
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -659,16 +669,46 @@ def _ieee_fp32(device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
-def _decode(data: Any, index: int, preprocess):
+def _to_rgb(im):
+    """``im`` as 8-bit RGB by the module's one rule (see the module docstring, "Decisions")."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "I" or mode.startswith("I;16"):
+        levels = np.clip(np.asarray(im).astype(np.int64), 0, 65535) >> 8
+        return Image.fromarray(levels.astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        levels = np.rint(np.clip(values, 0.0, 1.0) * 255.0)
+        return Image.fromarray(levels.astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in im.info:  # via RGBA: same colours, without Pillow's warning
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")
+
+
+def _too_large(data: Any, index: int, size: tuple[int, int] | None, max_pixels: int) -> ValueError:
+    dims = f"{size[0]}×{size[1]} = {size[0] * size[1]} pixels" if size else "over twice Pillow's own pixel limit"
+    return ValueError(f"image {index} (sample {hashlib.sha256(data).hexdigest()}) is {dims}, above the limit of "
+                      f"{max_pixels} pixels (skmm curate --max-pixels); ingest quarantines such images")
+
+
+def _decode(data: Any, index: int, preprocess, max_pixels: int = MAX_PIXELS):
+    """Encoded image bytes → the preprocessed tensor; ValueError naming the image (and, when it is too large,
+    the sample) if it cannot be decoded or has more than ``max_pixels`` pixels (checked before decoding)."""
     from PIL import Image
 
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"image {index}: expected encoded image bytes, got {type(data).__name__}")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            rgb = im.convert("RGB")
+            size = im.size
+            rgb = _to_rgb(im) if size[0] * size[1] <= max_pixels else None
+    except Image.DecompressionBombError:
+        raise _too_large(data, index, None, max_pixels) from None
     except Exception as e:  # Pillow raises many types for bad input
         raise ValueError(f"image {index} could not be decoded ({len(data)} bytes): {type(e).__name__}: {e}") from e
+    if rgb is None:
+        raise _too_large(data, index, size, max_pixels)
     return preprocess(rgb)
 
 
@@ -724,6 +764,7 @@ def embed_images(
     progress: bool = False,
     normalize: bool = True,
     num_threads: int | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
     """Embed encoded images (PNG/JPEG/… bytes) with ``spec``'s image tower: an (N, embed_dim) float32 array.
 
@@ -734,7 +775,8 @@ def embed_images(
     thread count change no bit, because every forward pass has the same shape. ``batch_size`` only sets how
     many images are decoded at a time; it no longer changes the arithmetic. ``device=None`` picks
     CUDA when available. ``num_threads`` sets torch's intra-op threads for this call only (use 1 per worker
-    when shards run in parallel processes). A bad image raises ValueError naming its index.
+    when shards run in parallel processes). A bad image raises ValueError naming its index; an image of more
+    than ``max_pixels`` pixels (width × height) raises ValueError naming its sample (sha256) before decoding.
     """
     import torch
 
@@ -744,6 +786,8 @@ def embed_images(
         isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads <= 0
     ):
         raise ValueError(f"num_threads must be None or a positive integer; got {num_threads!r}")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive integer; got {max_pixels!r}")
     if isinstance(images, bytes | bytearray | memoryview):
         raise TypeError("images must be an iterable of encoded images, not a single bytes object (wrap it in a list)")
     dev = resolve_device(device)
@@ -762,7 +806,7 @@ def embed_images(
     try:
         with _torch_threads(num_threads), _ieee_fp32(dev), torch.inference_mode():
             for batch in _batches(images, batch_size):
-                pending.extend(_decode(b, index + i, preprocess) for i, b in enumerate(batch))
+                pending.extend(_decode(b, index + i, preprocess, max_pixels) for i, b in enumerate(batch))
                 index += len(batch)
                 while len(pending) >= rows:
                     out.append(_encode_block(model, pending[:rows], rows, dev, normalize))

@@ -174,7 +174,7 @@ def assert_outputs_in_store(store_dir: pathlib.Path, flow_run_id: UUID, tmp_path
     index = LineageIndex(tmp_path / "lineage.duckdb")
     index.rebuild(st)
     (run,) = [r for r in index.table("runs").to_pylist() if r["flow_run_id"] == str(flow_run_id)]
-    assert run["status"] == "completed" and run["git_commit"] == git_commit(cwd=str(REPO)), run
+    assert run["status"] == "completed" and run["git_commit"] == git_commit(), run
     models = [m for m in index.table("models").to_pylist() if m["run_id"] == run["run_id"]]
     assert {m["stage"].split(".")[1] for m in models} >= {"skmm_best", "uniform"}, models
     for m in models:
@@ -291,9 +291,27 @@ def test_prefect_yaml_registers_what_the_python_definitions_do(server, tmp_path)
             assert params == {k: v for k, v in want.parameters.items() if k not in ("source", "model")}, want.name
 
 
-def test_refuses_to_run_without_a_standing_server(tmp_path):
-    with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(SystemExit, match="PREFECT_API_URL"):
+def test_refuses_to_run_without_a_standing_server(tmp_path, capsys):
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(SystemExit) as info:
         main(["deploy", "--store", str(tmp_path / "store")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: PREFECT_API_URL is not set: point it at a standing server")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--source", "{tmp}/missing-pool"], "error: source '{tmp}/missing-pool' does not exist or is no manifest "),
+    (["--timezone", "Mars/Olympus_Mons"], "error: --timezone 'Mars/Olympus_Mons' is not an IANA timezone"),
+    (["--methods", "skmm_best,nope"], "error: unknown selection method(s) ['nope']"),
+])
+def test_bad_deploy_options_are_one_line_and_exit_2(tmp_path, args, message):
+    """The real module run as a user runs it: one line on stderr, no traceback, before any server is contacted
+    (PREFECT_API_URL points at a port where nothing listens)."""
+    env = prefect_env(tmp_path / "home", f"http://127.0.0.1:{free_port()}/api")
+    cmd = [sys.executable, "-m", "deployments.curate_nightly", "deploy", *[a.format(tmp=tmp_path) for a in args]]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message.format(tmp=tmp_path)), proc.stderr
+    assert proc.stdout == ""
 
 
 def test_bad_schedules_and_parameters_fail_at_registration():
@@ -315,3 +333,4 @@ def test_sources_are_stored_with_absolute_paths(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="expected 'digits'"):
         source_config("no-such-folder")
     assert nightly_parameters(store_url="rel/store")["store_url"] == str(tmp_path / "rel" / "store")
+

@@ -235,3 +235,18 @@ def test_cli_bad_input_is_one_line_on_stderr_and_exit_2(prefect_server, pools, t
         assert len(lines) == 1 and re.fullmatch(expected, lines[0]), result.stderr
         assert "Traceback" not in result.output
         assert_nothing_half_written(tmp_path / f"s{i}")
+
+
+def test_cli_max_pixels_quarantines_larger_images(prefect_server, pools, tmp_path):
+    """``--max-pixels`` reaches the ingest: an image above it is quarantined (32×32 images pass at 1 024)."""
+    pool = tmp_path / "pool"
+    shutil.copytree(pools["good"], pool)
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (32, 33, 3), dtype=np.uint8)).save(pool / "cats" / "wide.png")
+    store = tmp_path / "s"
+    result = CliRunner().invoke(app, ["curate", str(pool), "--model", TINY_MODEL, "--budgets", "6", "--methods",
+                                      "uniform", "--sketch-dim", "8", "--max-pixels", "1024", "--store", str(store),
+                                      "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert json.loads(result.stdout)["quarantined"] == 1
+    assert_nothing_half_written(store)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -307,3 +308,90 @@ def test_check_model_name_fails_fast_without_importing_open_clip():
     assert out.stdout.strip() == "False"
     with pytest.raises(ValueError, match=r"unknown open_clip model 'ViT-S-33'; did you mean ViT-S-32"):
         check_model_name("ViT-S-33")
+
+
+# --------------------------------------------------------------------------------------------------- decoding modes
+
+
+def encoded(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def picture() -> np.ndarray:
+    """An 8-bit grey picture (a ramp with noise, every level 0–255 present): the reference of the mode tests."""
+    rng = np.random.default_rng(7)
+    ramp = np.linspace(0, 255, 40 * 32).reshape(32, 40)
+    return np.clip(ramp + rng.integers(-20, 21, ramp.shape), 0, 255).astype(np.uint8)
+
+
+# mode → (how the same picture is stored in that mode, file format). 16-bit samples are v * 257 (the usual 8 → 16
+# expansion) or v * 256 + noise in the low byte: both read back as v (the high byte).
+MODE_CASES = {
+    "I;16 png": (lambda p: Image.fromarray(p.astype(np.uint16) * 257), "PNG"),
+    "I;16 tiff, low byte noise": (lambda p: Image.fromarray(p.astype(np.uint16) * 256 + p[::-1]), "TIFF"),
+    "I;16B tiff": (lambda p: Image.frombytes("I;16B", p.shape[::-1], (p.astype(">u2") * 257).tobytes()), "TIFF"),
+    "I tiff": (lambda p: Image.fromarray(p.astype(np.int32) * 257), "TIFF"),
+    "F tiff": (lambda p: Image.fromarray(p.astype(np.float32) / 255), "TIFF"),
+    "LA png": (lambda p: Image.fromarray(np.stack([p, p[::-1]], -1), "LA"), "PNG"),
+    "PA tiff": (lambda p: Image.fromarray(p).convert("PA"), "TIFF"),
+    "CMYK tiff": (lambda p: Image.fromarray(p).convert("RGB").convert("CMYK"), "TIFF"),
+}
+
+
+def _p_with_transparency(p: np.ndarray) -> Image.Image:
+    im = Image.fromarray(p).convert("P")  # grey palette: index i is grey level i
+    im.info["transparency"] = bytes(range(256))  # per-entry alpha: Pillow's RGB conversion would warn
+    return im
+
+
+MODE_CASES["P with transparency png"] = (_p_with_transparency, "PNG")
+
+
+@pytest.mark.parametrize("case", list(MODE_CASES))
+def test_every_mode_embeds_like_its_8_bit_picture(picture, case):
+    """16-bit, 32-bit integer and float images, alpha modes and CMYK decode to the 8-bit picture they hold."""
+    make, fmt = MODE_CASES[case]
+    data = encoded(make(picture), fmt)
+    with Image.open(io.BytesIO(data)) as im, warnings.catch_warnings():
+        warnings.simplefilter("error")  # silently: no warning per image
+        assert im.mode == case.split()[0], im.mode  # the file really holds that mode
+        rgb = np.asarray(clip_module._to_rgb(im))
+    assert rgb.dtype == np.uint8 and rgb.shape == (*picture.shape, 3)
+    assert np.array_equal(rgb, np.repeat(picture[..., None], 3, -1)), np.abs(rgb[..., 0] - picture.astype(int)).max()
+    reference = encoded(Image.fromarray(picture))  # the same picture as an 8-bit L PNG
+    features = embed_images([reference, data], TINY)
+    assert np.array_equal(features[0], features[1])
+
+
+def test_one_bit_images_embed_like_black_and_white_8_bit(picture):
+    bits = picture > 127
+    features = embed_images([encoded(Image.fromarray(bits)), encoded(Image.fromarray(bits.astype(np.uint8) * 255))],
+                            TINY)
+    assert np.array_equal(features[0], features[1])
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "1", "CMYK", "LA"])
+def test_8_bit_modes_decode_exactly_as_before(mode):
+    """The decoding rule changes nothing for modes Pillow already converted faithfully (same pixels, so the same
+    features as before): only I;16*, I and F are new (and P with transparency, which is only quieter)."""
+    rng = np.random.default_rng(3)
+    im = Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).convert(mode)
+    with Image.open(io.BytesIO(encoded(im, "TIFF" if mode == "CMYK" else "PNG"))) as decoded:
+        assert np.array_equal(np.asarray(clip_module._to_rgb(decoded)), np.asarray(decoded.convert("RGB")))
+
+
+def test_images_above_the_pixel_limit_name_the_sample():
+    import hashlib
+
+    small, large = png(1, (10, 10)), png(2, (40, 30))
+    assert embed_images([small], TINY, max_pixels=100).shape == (1, 32)  # at the limit: fine
+    with pytest.raises(ValueError) as info:
+        embed_images([small, large], TINY, max_pixels=100)
+    message = str(info.value)
+    assert message.startswith(f"image 1 (sample {hashlib.sha256(large).hexdigest()}) is 40×30 = 1200 pixels, "
+                              "above the limit of 100 pixels"), message
+    assert "--max-pixels" in message
+    assert clip_module.MAX_PIXELS == Image.MAX_IMAGE_PIXELS == 89_478_485  # the default is Pillow's

@@ -8,13 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import uuid
 
 import pytest
 from helpers import free_port, s3_options
 
-from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.artifacts import STAGING_MAX_AGE_S, ArtifactRef, ArtifactStore, staging_max_age_s
 from storage.errors import (
     ArtifactCorruptedError,
     ArtifactNotFoundError,
@@ -167,3 +169,80 @@ def test_writer_killed_mid_write_leaves_no_visible_artifact(tmp_path):
     assert store.list_paths("objects") == []
     ref = store.put_bytes(b"a" * 1_000_000, "blob")
     assert store.get_bytes(ref) == b"a" * 1_000_000
+    # The killed writer's staging file is debris: kept while it might still be written, removed once old.
+    (leftover,) = (root / "tmp").iterdir()
+    assert leftover.stat().st_size == 1_000_000 and store.clean_staging() == []
+    _age(leftover, STAGING_MAX_AGE_S + 60)
+    (gone,) = store.clean_staging()
+    assert (gone.path, gone.size) == (str(leftover), 1_000_000) and not leftover.exists()
+    assert store.get_bytes(ref) == b"a" * 1_000_000
+
+
+def _age(path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """The system temp dir, for this test only (remote stores stage there, in a per-user folder)."""
+    folder = tmp_path / "system-tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_clean_staging_removes_only_old_staging_leftovers(store, private_tmp):
+    ref = store.put_bytes(b"published", "blob")
+    staging = store.staging_dir()
+    assert staging == (store._path("tmp") if store.is_local else str(private_tmp / f"skmm-staging-{os.getuid()}"))
+    os.makedirs(staging, exist_ok=True)
+    old_file = os.path.join(staging, f".{uuid.uuid4().hex}-killed-writer")
+    old_dir = os.path.join(staging, f".{uuid.uuid4().hex}-killed-reader")  # a remote read's local copy
+    fresh = os.path.join(staging, f".{uuid.uuid4().hex}-live-writer")
+    busy_dir = os.path.join(staging, f".{uuid.uuid4().hex}-live-reader")  # old folder, file still being written
+    foreign = os.path.join(staging, "not-a-staging-name")
+    os.mkdir(old_dir)
+    os.mkdir(busy_dir)
+    for path, size in ((old_file, 300), (os.path.join(old_dir, "copy"), 200), (fresh, 100),
+                       (os.path.join(busy_dir, "copy"), 100), (foreign, 50)):
+        with open(path, "wb") as fh:
+            fh.write(b"x" * size)
+    for path in (old_file, os.path.join(old_dir, "copy"), old_dir, busy_dir, foreign):
+        _age(path, 2 * 3600)
+
+    listed = store.clean_staging(3600, dry_run=True)
+    assert sorted((e.path, e.size) for e in listed) == sorted([(old_file, 300), (old_dir, 200)])
+    assert all(e.age_s > 3600 for e in listed) and os.path.exists(old_file) and os.path.exists(old_dir)
+    assert store.clean_staging() == []  # the default age (24 h): nothing is old enough
+    removed = store.clean_staging(3600)
+    assert sorted(e.path for e in removed) == sorted([old_file, old_dir])
+    assert not os.path.exists(old_file) and not os.path.exists(old_dir)
+    assert os.path.exists(fresh) and os.path.exists(foreign) and os.path.exists(busy_dir)
+    assert store.get_bytes(ref) == b"published"  # published objects are never staging
+    assert store.clean_staging(3600) == []
+
+
+def test_staging_age_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SKMM_STAGING_MAX_AGE_HOURS", raising=False)
+    assert staging_max_age_s() == STAGING_MAX_AGE_S == 24 * 3600
+    monkeypatch.setenv("SKMM_STAGING_MAX_AGE_HOURS", "2.5")
+    assert staging_max_age_s() == 9000
+    for bad in ("soon", "0", "-1", "nan", "inf"):
+        monkeypatch.setenv("SKMM_STAGING_MAX_AGE_HOURS", bad)
+        with pytest.raises(ValueError, match="SKMM_STAGING_MAX_AGE_HOURS must be a positive number of hours"):
+            staging_max_age_s()
+
+
+def test_writes_stage_in_the_staging_folder_only(store, private_tmp):
+    """Objects and fixed-path records (lineage events) stage in the one folder that clean_staging looks at,
+    never beside their target; nothing stays there after a write."""
+    store.put_bytes(b"object", "blob")
+    store.put_immutable("lineage/events/run/a.json", b"{}")
+    with store.local_path(store.put_bytes(b"read me", "blob")) as path:
+        assert path.read_bytes() == b"read me"
+    if store.is_local:
+        files = [p for p in os.listdir(store.root) if p != "tmp"]
+        assert sorted(files) == ["lineage", "objects"]
+        assert not any(name.startswith(".") for _, _, names in os.walk(store.root) for name in names)
+    assert os.listdir(store.staging_dir()) == []

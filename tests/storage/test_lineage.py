@@ -19,7 +19,16 @@ import pytest
 from storage.artifacts import ArtifactStore
 from storage.errors import ArtifactNotFoundError, MalformedRecordError
 from storage.index import LineageIndex
-from storage.lineage import EVENTS_PREFIX, LineageRecorder, config_hash, event_refs, git_commit, parse_event
+from storage.lineage import (
+    EVENTS_PREFIX,
+    LineageRecorder,
+    code_provenance,
+    config_hash,
+    event_refs,
+    git_commit,
+    parse_event,
+    source_commit,
+)
 from storage.selections import write_selection
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,7 +46,7 @@ def _events(store: ArtifactStore, run_id: str) -> list[dict]:
 
 def test_events_round_trip_openlineage_shape(store):
     config = {"budget": 64, "method": "skmm", "nested": {"b": 2, "a": 1}}
-    rec = LineageRecorder(store, flow_run_id="flow-123", git_commit="a" * 40, config=config)
+    rec = LineageRecorder(store, flow_run_id="flow-123", git_commit="a" * 40, config=config, skmm_version="1.2.3")
     dataset = store.put_bytes(b"dataset bytes", "dataset", ".parquet")
     with rec.stage("select", [dataset]):
         sel = write_selection(store, _ids(5), method="skmm", params={"m": 8})
@@ -54,7 +63,7 @@ def test_events_round_trip_openlineage_shape(store):
     assert [e["eventType"] for e in events] == ["START", "COMPLETE", "START", "COMPLETE"]
     first, last = events[0], events[-1]
     assert first["run"]["runId"] == rec.run_id and uuid.UUID(rec.run_id).version == 4
-    assert first["run"]["facets"] == {"flow_run_id": "flow-123", "git_commit": "a" * 40,
+    assert first["run"]["facets"] == {"flow_run_id": "flow-123", "git_commit": "a" * 40, "skmm_version": "1.2.3",
                                       "config_hash": config_hash(config)}
     assert first["job"] == {"namespace": "skmm", "name": "select"}
     assert first["eventTime"].endswith("Z")
@@ -135,10 +144,58 @@ def test_parse_event_rejects_bad_fields(tmp_path):
             parse_event(json.dumps(event).encode(), "obj.json")
 
 
-def test_git_commit_helper(tmp_path):
-    assert git_commit(cwd=str(tmp_path)) is None  # not a checkout
-    commit = git_commit(cwd=REPO)
-    assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
+def _git(cwd, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.org")
+    return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=True,
+                          env=env).stdout.strip()
+
+
+def _repo_with_commit(root) -> str:
+    """A fresh git repository at ``root`` with one commit (of ``pkg/__init__.py``); returns its HEAD."""
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "__init__.py").write_text("")
+    _git(root, "init", "-q")
+    _git(root, "add", "pkg/__init__.py")
+    _git(root, "commit", "-q", "-m", "other code")
+    return _git(root, "rev-parse", "HEAD")
+
+
+def _this_checkout() -> str | None:
+    """This checkout's HEAD, if the tests run from a git checkout whose skmm package is tracked."""
+    try:
+        return _git(REPO, "rev-parse", "HEAD") if _git(REPO, "ls-files", "skmm/__init__.py") else None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def test_source_commit_is_the_package_folders_not_the_callers(tmp_path):
+    other = _repo_with_commit(tmp_path / "other")
+    assert source_commit(tmp_path / "other" / "pkg") == other  # tracked: a checkout or an editable install
+    (tmp_path / "other" / "site" / "pkg").mkdir(parents=True)  # untracked, like a wheel in a venv inside a checkout
+    (tmp_path / "other" / "site" / "pkg" / "__init__.py").write_text("")
+    assert source_commit(tmp_path / "other" / "site" / "pkg") is None
+    (tmp_path / "plain").mkdir()
+    assert source_commit(tmp_path / "plain") is None  # no git work tree at all
+    assert source_commit(tmp_path / "missing") is None
+
+
+def test_code_provenance_ignores_the_working_folder_and_git_environment(tmp_path, monkeypatch):
+    """Run from inside another repository (cwd and GIT_DIR pointing at it): the recorded commit is still the one
+    of the tree skmm was imported from, and the version is the installed distribution's."""
+    import importlib.metadata
+
+    other = _repo_with_commit(tmp_path / "other")
+    monkeypatch.chdir(tmp_path / "other")
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "other" / ".git"))
+    code_provenance.cache_clear()
+    try:
+        code = code_provenance()
+        assert code.git_commit == git_commit() == _this_checkout() != other
+        assert code.version == importlib.metadata.version("skmm")
+    finally:
+        code_provenance.cache_clear()
 
 
 def test_resumed_run_continues_the_sequence(tmp_path):
