@@ -41,7 +41,7 @@ from flows import curate as curate_flow
 from flows.curate import ModelConfig, SourceConfig, check_methods
 from tasks.store import DEFAULT_STORE
 
-__all__ = ["CRON", "NIGHTLY", "POOL", "TIMEZONE", "build_deployments", "ensure_process_pool", "main",
+__all__ = ["CRON", "NIGHTLY", "POOL", "TIMEZONE", "build_deployments", "dask_env", "ensure_process_pool", "main",
            "nightly_parameters", "nightly_schedule", "register", "source_config"]
 
 POOL = "skmm-process"
@@ -89,14 +89,28 @@ def nightly_schedule(cron: str = CRON, timezone: str = TIMEZONE, interval_s: flo
     return Cron(cron, timezone=timezone)
 
 
+def dask_env(workers: int | None = None, address: str | None = None, gpus: str | None = None) -> dict[str, str]:
+    """The job environment that puts a scheduled curate run's shard stages on Dask (:mod:`flows.runners`):
+    a local cluster of ``workers`` processes, the cluster at ``address``, or one worker per GPU id in ``gpus``.
+    Empty when none is given; checked now (ValueError), not at 2 am."""
+    from flows.runners import task_runner_from_env
+
+    env = {key: str(value) for key, value in (("SKMM_DASK_WORKERS", workers), ("SKMM_DASK_ADDRESS", address),
+                                              ("SKMM_DASK_GPUS", gpus)) if value}
+    task_runner_from_env(env)  # builds the runner (starts nothing): bad or conflicting values fail here
+    return env
+
+
 def build_deployments(parameters: dict[str, Any], schedule: Schedule, work_pool: str | None = POOL,
-                      name: str = NIGHTLY, checkout: str | os.PathLike | None = None) -> list[RunnerDeployment]:
+                      name: str = NIGHTLY, checkout: str | os.PathLike | None = None,
+                      env: dict[str, str] | None = None) -> list[RunnerDeployment]:
     """curate/<name> on ``schedule`` with ``parameters``, plus reselect/ and reevaluate/on-demand on the same
-    store. ``work_pool`` None: for ``serve``. ``checkout``: the folder the runs start in (default: cwd)."""
+    store. ``work_pool`` None: for ``serve``. ``checkout``: the folder the runs start in (default: cwd). ``env``:
+    environment of the scheduled run's job (e.g. :func:`dask_env`), a work pool's job variable."""
     source = str(pathlib.Path(checkout or os.getcwd()).resolve())
     nightly = flow.from_source(source, ENTRYPOINTS["curate"]).to_deployment(
         name, schedules=[schedule], parameters=parameters, description=NIGHTLY_DESCRIPTION,
-        tags=[*TAGS, "scheduled"], work_pool_name=work_pool,
+        tags=[*TAGS, "scheduled"], work_pool_name=work_pool, job_variables={"env": env} if env else None,
         # Tonight's run is dropped, not queued, while yesterday's is still going.
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW))
     store = {"store_url": parameters["store_url"], "endpoint_url": parameters.get("endpoint_url")}
@@ -165,6 +179,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="pretrained tag or local weights (default: random init)")
     p.add_argument("--sketch-dim", type=int, default=64)
     p.add_argument("--checkout", default=None, help="folder the runs start in (default: current folder)")
+    dask = p.add_mutually_exclusive_group()
+    dask.add_argument("--dask-workers", type=int, default=None,
+                      help="run the shard stages on a local Dask cluster of N worker processes")
+    dask.add_argument("--dask-address", default=None, help="... or on the Dask cluster at this scheduler address")
+    dask.add_argument("--dask-gpus", default=None, help="... or on a local cluster with one worker per GPU (0,1,..)")
     return p
 
 
@@ -184,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                     args.methods, args.seeds, ModelConfig(name=args.model, pretrained=args.pretrained),
                                     args.sketch_dim, args.endpoint_url)
         schedule = nightly_schedule(args.cron, args.timezone, args.interval)
+        env = dask_env(args.dask_workers, args.dask_address, args.dask_gpus)
     except zoneinfo.ZoneInfoNotFoundError:
         _fail(f"--timezone {args.timezone!r} is not an IANA timezone (e.g. UTC, Europe/Berlin)")
     except (ValueError, FileNotFoundError) as exc:  # pydantic's ValidationError is a ValueError
@@ -192,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail("PREFECT_API_URL is not set: point it at a standing server (prefect server start), e.g. export "
               "PREFECT_API_URL=http://127.0.0.1:4200/api. A temporary server never fires schedules.")
     pool = args.pool if args.command == "deploy" else None
-    deployments = build_deployments(params, schedule, pool, args.name, args.checkout)
+    if pool is None:  # serve: flow runs are subprocesses of this one, and inherit its environment
+        os.environ.update(env)
+    deployments = build_deployments(params, schedule, pool, args.name, args.checkout, env if pool else None)
     if args.command == "deploy":
         ids = register(deployments, pool)
         print(f"registered {len(ids)} deployment(s) in work pool {pool!r}; start a worker: "

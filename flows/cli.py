@@ -139,12 +139,25 @@ def curate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Embedding progress bars on "
                                                   "stderr (default: when stderr is a terminal).")] = None,
+    dask_workers: Annotated[int | None, typer.Option(min=1, help="Run the shard stages (embed, FT gradients) on a "
+                                                     "local Dask cluster of N worker processes.")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="... or on the existing Dask cluster at this scheduler "
+                                                     "address (tcp://host:8786).")] = None,
+    dask_gpus: Annotated[str | None, typer.Option(help="... or on a local Dask cluster with one worker per GPU "
+                                                  "(comma-separated device ids, e.g. 0,1,2,3).")] = None,
 ) -> None:
     """Select, finetune and evaluate on a pool: the whole curation flow, run under Prefect."""
     try:
         budget_list, method_list = _int_list(budgets, "--budgets"), _items(methods, "--methods")
         seed_list = _int_list(seeds, "--seeds", allow_zero=True)
         from flows.curate import FinetuneConfig, ModelConfig, curate, source_config
+
+        if dask_workers or dask_address or dask_gpus:
+            from flows.runners import dask_task_runner
+
+            gpus = _items(dask_gpus, "--dask-gpus") if dask_gpus else None
+            runner = dask_task_runner(workers=dask_workers, address=dask_address, gpus=gpus)
+            curate = curate.with_options(task_runner=runner)  # this run's flow: its shard tasks go to Dask
 
         src = source_config(source, embeddings, image_size, split_seed, max_pixels=max_pixels)
         mdl = ModelConfig(name=model, pretrained=pretrained, init_seed=init_seed)

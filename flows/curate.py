@@ -18,13 +18,14 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, PositiveInt, model_validator
 
+from flows.runners import task_runner_from_env
 from skmm.models.clip import check_model_name
 from skmm.select import SELECTORS
 from storage.artifacts import ArtifactRef
 from storage.datasets import DatasetRef, VectorTableRef
 from storage.lineage import LineageRecorder, code_provenance
 from storage.runs import record_run_result
-from tasks.embed import embed
+from tasks.embed import embed_with_counts
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune_last_layers, linear_probe
 from tasks.ingest import ingest
@@ -240,7 +241,9 @@ def report_stage(rec: LineageRecorder, opts: dict, store: dict, results: list[di
     return rep
 
 
-@flow(name="curate", log_prints=True)
+# The task runner: Prefect's thread pool, unless SKMM_DASK_* in the environment (e.g. a deployment's job variables)
+# ask for Dask (flows.runners); the CLI's --dask-* options set it per run with curate.with_options.
+@flow(name="curate", log_prints=True, task_runner=task_runner_from_env())
 def curate(
     source: SourceConfig = SourceConfig(),  # noqa: B008 - pydantic defaults are immutable in practice
     budgets: list[PositiveInt] = [50, 100, 200],  # noqa: B006
@@ -308,13 +311,14 @@ def curate(
     emb, emb_inputs = None, [dataset.manifest]
     if needs_features:  # FT gradients + last-layers finetuning work on the images alone
         with rec.stage("embed", [dataset.manifest]):
+            counts = None  # precomputed embeddings: nothing to count
             if ing.get("vectors"):
                 emb = ing["vectors"]
             else:
-                emb = embed(ing["dataset"], model.model_dump(), store, opts, batch_size=batch_size,
-                            progress=progress)
+                emb, counts = embed_with_counts(ing["dataset"], model.model_dump(), store, opts,
+                                                batch_size=batch_size, progress=progress)
             emb_inputs = [VectorTableRef.from_dict(emb).artifact]
-            rec.complete("embed", outputs=emb_inputs)
+            rec.complete("embed", outputs=emb_inputs, metrics=counts)
 
     with rec.stage("sketch", emb_inputs):
         sk = gradients_sketch(emb, ing["dataset"], store, opts, sketch_dim=sketch_dim, seed=seeds[0], mode=gradients,

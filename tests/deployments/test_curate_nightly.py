@@ -302,6 +302,7 @@ def test_refuses_to_run_without_a_standing_server(tmp_path, capsys):
     (["--source", "{tmp}/missing-pool"], "error: source '{tmp}/missing-pool' does not exist or is no manifest "),
     (["--timezone", "Mars/Olympus_Mons"], "error: --timezone 'Mars/Olympus_Mons' is not an IANA timezone"),
     (["--methods", "skmm_best,nope"], "error: unknown selection method(s) ['nope']"),
+    (["--dask-address", "127.0.0.1:8786"], "error: --dask-address must be a scheduler URL"),
 ])
 def test_bad_deploy_options_are_one_line_and_exit_2(tmp_path, args, message):
     """The real module run as a user runs it: one line on stderr, no traceback, before any server is contacted
@@ -334,3 +335,17 @@ def test_sources_are_stored_with_absolute_paths(tmp_path, monkeypatch):
         source_config("no-such-folder")
     assert nightly_parameters(store_url="rel/store")["store_url"] == str(tmp_path / "rel" / "store")
 
+
+def test_dask_options_become_the_nightly_job_environment(tmp_path):
+    """--dask-* options reach the scheduled run as job variables (env), which flows.runners reads at import."""
+    from deployments.curate_nightly import dask_env
+
+    assert dask_env() == {}
+    env = dask_env(workers=4)
+    assert env == {"SKMM_DASK_WORKERS": "4"}
+    with pytest.raises(ValueError, match="exactly one"):
+        dask_env(workers=2, address="tcp://127.0.0.1:8786")
+    nightly, *reruns = build_deployments(nightly_parameters(store_url=str(tmp_path / "store")), nightly_schedule(),
+                                         env=env)
+    assert nightly.job_variables == {"env": {"SKMM_DASK_WORKERS": "4"}}
+    assert all(not d.job_variables for d in reruns)  # re-runs have no shard stages

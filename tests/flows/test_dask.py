@@ -78,3 +78,23 @@ def test_gpu_cluster_gives_each_worker_one_device():
     assert sorted(names) == ["gpu-0", "gpu-1"]
     with pytest.raises(ValueError, match="at least one device"):
         gpu_cluster([])
+
+
+def test_cli_runs_the_shard_stages_on_a_local_dask_cluster(prefect_server, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["curate", "digits", "--model", "skmm-tiny-vit", "--budgets", "20", "--methods", "uniform",
+            "--sketch-dim", "16", "--no-progress", "--json"]
+    plain = CliRunner().invoke(app, [*args, "--store", str(tmp_path / "a")])
+    on_dask = CliRunner().invoke(app, [*args, "--store", str(tmp_path / "b"), "--dask-workers", "2"])
+    assert plain.exit_code == 0 and on_dask.exit_code == 0, on_dask.output
+    a, b = (json.loads(r.stdout) for r in (plain, on_dask))
+    assert a["embeddings"]["artifact"]["sha256"] == b["embeddings"]["artifact"]["sha256"]
+    assert a["results"][0]["accuracy"] == b["results"][0]["accuracy"]
+
+    both = CliRunner().invoke(app, [*args, "--dask-workers", "2", "--dask-address", "tcp://127.0.0.1:1"])
+    assert both.exit_code == 2 and "exactly one of --dask-workers, --dask-address, --dask-gpus" in both.stderr
