@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flow_helpers import task_states
+from helpers import tar_bytes
 from PIL import Image
 
 from flows.curate import ModelConfig, SourceConfig, curate
@@ -112,18 +113,6 @@ def test_s3_manifest_without_credentials(prefect_server, s3_bucket, tmp_path, mo
     assert "computing cache key" not in caplog.text
 
 
-def tar_of(members: list[tuple[str, bytes]]) -> bytes:
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_source_config_recognises_webdataset_shards_and_passes_max_pixels(tmp_path):
     from flows.curate import source_config
 
@@ -151,8 +140,8 @@ def test_webdataset_source_through_the_flow_and_max_pixels_in_the_key(prefect_se
         members += [(f"{i:06d}.png", image_bytes(i)), (f"{i:06d}.cls", str(i % 2).encode())]
     members += [("big.png", image_bytes(999, size=64)), ("big.cls", b"1")]  # 64×64 = 4096 pixels
     (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / "pool-000000.tar").write_bytes(tar_of(members[:24]))
-    (tmp_path / "shards" / "pool-000001.tar").write_bytes(tar_of(members[24:]))
+    (tmp_path / "shards" / "pool-000000.tar").write_bytes(tar_bytes(members[:24]))
+    (tmp_path / "shards" / "pool-000001.tar").write_bytes(tar_bytes(members[24:]))
     store_dir = str(tmp_path / "store")
     small = source_config(str(tmp_path / "shards" / "pool-{000000..000001}.tar"), max_pixels=32 * 32)
 

@@ -97,21 +97,6 @@ def test_a_grown_pool_embeds_only_its_new_samples_bitwise_as_from_scratch(store_
     assert sha == sha_s  # the same bytes: the combined table is the from-scratch artifact
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    """The flow tests' session test server when it is up (test servers must not nest), else one for this module."""
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import get_current_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    running = SubprocessASGIServer._instances.get(None)
-    if running is not None and get_current_settings().api.url == running.api_url:
-        yield
-        return
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_in_a_flow_changed_shards_reuse_features_and_unchanged_ones_hit_the_cache(prefect_api, tmp_path,
                                                                                    embedded_rows):
     from flow_helpers import task_states

@@ -4,13 +4,12 @@ quarantine of corrupt members and damaged tars, a clear error for a sample witho
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import fsspec
 import pytest
+from helpers import tar_bytes
 from ingest_pools import image_bytes, make_pool, quarantine_of, rows_of, written
 
 from storage.artifacts import ArtifactStore
@@ -18,16 +17,6 @@ from storage.datasets import read_samples
 from storage.ingest import SourceError, SourceNotFoundError, ingest_image_folder, ingest_webdataset
 from storage.ingest.reading import SourceFiles
 from storage.ingest.webdataset import expand_braces, resolve_shards
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def shard_members(start: int, n: int, label_kind: str = "cls") -> list[tuple[str, bytes]]:
