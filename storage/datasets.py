@@ -33,10 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.artifacts import ArtifactRef, ArtifactStore
-from storage.errors import MalformedRecordError
+from storage.artifacts import ArtifactRef, ArtifactStore, _translate
+from storage.errors import MalformedRecordError, StorageError
 
 __all__ = [
+    "ID_DTYPE",
     "SAMPLE_SCHEMA",
     "SCHEMA_VERSION",
     "SPLITS",
@@ -50,10 +51,13 @@ __all__ = [
     "producer_digest",
     "read_samples",
     "read_shard",
+    "read_vector_matrix",
     "read_vectors",
     "sample_id",
+    "sample_id_array",
     "vector_sample_id",
     "write_samples",
+    "write_vector_chunks",
     "write_vectors",
 ]
 
@@ -306,7 +310,7 @@ def _normalise(cols: dict[str, list[Any]]) -> None:
         if isinstance(label, numbers.Integral) and not isinstance(label, bool):
             cols["label"][i] = str(int(label))
         elif isinstance(label, numbers.Real) and not isinstance(label, bool) and math.isfinite(label):
-            # as storage.sources does: integral floats are integers (a pandas int column with gaps arrives as
+            # as storage.ingest does: integral floats are integers (a pandas int column with gaps arrives as
             # float); other numbers are regression targets, in their shortest round-trip decimal text
             cols["label"][i] = str(int(label)) if float(label).is_integer() else repr(float(label))
         elif label is not None and not isinstance(label, str):
@@ -423,12 +427,177 @@ def read_shard(store: ArtifactStore, shard: ShardRef, columns: Sequence[str] | N
 
 
 # ---------------------------------------------------------------------------------------------- vectors
+# A stored vector table is one Parquet file of (sample_id, vector) rows sorted by sample id, in row groups of
+# DEFAULT_SHARD_ROWS rows. Pools reach 10^7 rows (2.6 GB of float32 at dim 64), so tables are streamed: written
+# row group by row group straight into the store, read row group by row group while the bytes are hashed (one
+# pass), and matched to wanted ids by binary search on fixed-width id arrays — never a per-sample Python object.
+_ID_LEN = 64
+ID_DTYPE = np.dtype(f"S{_ID_LEN}")  #: sample ids as fixed-width ASCII bytes: sortable, searchable, 64 B each
+_READ_CHUNK = 8 * 2**20
+_HEX = np.zeros(256, dtype=bool)
+_HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = True
+
+
 def _check_ids(ids: Sequence[str], what: str) -> list[str]:
     ids = list(ids)
     bad = next((s for s in ids if not _is_sha(s)), None)
     if bad is not None:
         raise ValueError(f"{what}: sample ids must be 64 lowercase hex digits; got {bad!r:.80}")
     return ids
+
+
+def _string_ids(values: pa.Array) -> np.ndarray:
+    """Zero-copy ``ID_DTYPE`` view of an Arrow string array whose values are all 64 characters long."""
+    if values.null_count:
+        raise ValueError("sample ids must not be null")
+    n = len(values)
+    if n == 0:
+        return np.empty(0, ID_DTYPE)
+    _, offsets_buf, data_buf = values.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int32, count=n + 1, offset=values.offset * 4)
+    if int(offsets[-1]) - int(offsets[0]) != n * _ID_LEN or np.any(np.diff(offsets) != _ID_LEN):
+        raise ValueError("sample ids must be 64 lowercase hex digits; some have another length")
+    return np.frombuffer(data_buf, ID_DTYPE, count=n, offset=int(offsets[0]))
+
+
+def sample_id_array(ids: Any) -> np.ndarray:
+    """Sample ids as a 1-D ``ID_DTYPE`` array (64 ASCII bytes each), the form vector tables are matched on.
+
+    Accepts such an array (returned as is), an Arrow string array or chunked array (one copy of the id bytes, no
+    Python objects), or a sequence of str (each checked to be 64 lowercase hex digits)."""
+    if isinstance(ids, np.ndarray) and ids.dtype == ID_DTYPE:
+        return ids
+    if isinstance(ids, pa.ChunkedArray):
+        chunks = [_string_ids(c) for c in ids.chunks]
+        return np.concatenate(chunks) if chunks else np.empty(0, ID_DTYPE)
+    if isinstance(ids, pa.Array):
+        return _string_ids(ids).copy()
+    return np.array(_check_ids(ids, "sample ids"), dtype=ID_DTYPE).reshape(-1)
+
+
+def _check_id_block(ids: np.ndarray, what: str) -> None:
+    """Raise unless every id is 64 lowercase hex digits (checked in blocks: bounded temporaries)."""
+    for lo in range(0, len(ids), DEFAULT_SHARD_ROWS):
+        block = ids[lo:lo + DEFAULT_SHARD_ROWS]
+        ok = _HEX[block.view(np.uint8).reshape(-1, _ID_LEN)].all(axis=1)
+        if not ok.all():
+            bad = block[int(np.flatnonzero(~ok)[0])]
+            raise ValueError(f"{what}: sample ids must be 64 lowercase hex digits; got {bad!r:.80}")
+
+
+def _vector_schema(kind: str, dim: int, producer: dict[str, Any], digest: str) -> pa.Schema:
+    return pa.schema([pa.field("sample_id", pa.string(), nullable=False),
+                      pa.field("vector", pa.list_(pa.float32(), dim), nullable=False)],
+                     metadata={"skmm.table": kind, "skmm.schema_version": str(SCHEMA_VERSION),
+                               "skmm.producer": _canonical_json(producer), "skmm.producer_digest": digest})
+
+
+def _vector_producer(producer: Mapping[str, Any], kind: str) -> tuple[dict[str, Any], str]:
+    """(plain-JSON copy of the producer, its digest), after checking kind and producer."""
+    if kind not in VECTOR_KINDS:
+        raise ValueError(f"vector table kind must be one of {VECTOR_KINDS}; got {kind!r}")
+    if not isinstance(producer, Mapping) or not producer:
+        raise ValueError("producer must be a non-empty dict describing what made the vectors")
+    plain = json.loads(_canonical_json(dict(producer)))  # a plain-JSON copy, exactly what is stored
+    return plain, producer_digest(plain)
+
+
+class _TellingSink:
+    """The store's staging file as a Parquet sink: adds ``tell`` and keeps pyarrow from closing it."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh, self._pos, self.closed = fh, 0, False
+
+    def write(self, data: Any) -> int:
+        self._pos += memoryview(data).nbytes
+        return self._fh.write(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:  # the store's writer closes (and publishes) the file
+        pass
+
+
+def _ids_to_arrow(ids: np.ndarray) -> pa.StringArray:
+    offsets = np.arange(len(ids) + 1, dtype=np.int32) * _ID_LEN
+    return pa.StringArray.from_buffers(len(ids), pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(ids)))
+
+
+def _rows_table(schema: pa.Schema, ids: np.ndarray, rows: np.ndarray) -> pa.Table:
+    flat = pa.array(np.ascontiguousarray(rows, dtype=np.float32).reshape(-1), type=pa.float32())
+    return pa.Table.from_arrays([_ids_to_arrow(ids), pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])],
+                                schema=schema)
+
+
+def write_vector_chunks(store: ArtifactStore, chunks: Iterable[tuple[Any, Any]], producer: Mapping[str, Any],
+                        kind: Literal["embeddings", "sketch"] = "embeddings") -> VectorTableRef:
+    """Store (ids, float matrix) chunks whose ids ascend strictly across all chunks as one vector table.
+
+    The streaming form of :func:`write_vectors`, with byte-identical output for the same rows: only one row group
+    (DEFAULT_SHARD_ROWS rows) is buffered, and the Parquet bytes go straight into the store's staging file, so a
+    table of 10^7 rows is written without holding it. ids: anything :func:`sample_id_array` takes."""
+    producer, digest = _vector_producer(producer, kind)
+    schema: pa.Schema | None = None
+    dim = num_rows = 0
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    pending_rows = 0
+    last = None
+    with store.writer(kind, ".parquet") as fh:
+        writer: pq.ParquetWriter | None = None
+
+        def flush(rows: int) -> None:
+            nonlocal pending, pending_rows
+            ids = np.concatenate([c[0] for c in pending]) if len(pending) > 1 else pending[0][0]
+            mat = np.concatenate([c[1] for c in pending]) if len(pending) > 1 else pending[0][1]
+            writer.write_table(_rows_table(schema, ids[:rows], mat[:rows]), row_group_size=DEFAULT_SHARD_ROWS)
+            pending = [(ids[rows:], mat[rows:])] if rows < len(ids) else []
+            pending_rows = len(ids) - rows
+
+        try:
+            for raw_ids, raw_mat in chunks:
+                ids = sample_id_array(raw_ids)
+                mat = np.asarray(raw_mat)
+                if mat.ndim != 2 or not np.issubdtype(mat.dtype, np.floating) or 0 in mat.shape:
+                    raise ValueError(f"each chunk needs a non-empty 2-D floating matrix; got shape {mat.shape} "
+                                     f"dtype {mat.dtype}")
+                if len(ids) != len(mat):
+                    raise ValueError(f"{len(ids)} sample ids for a chunk of {len(mat)} rows")
+                if schema is None:
+                    dim = mat.shape[1]
+                    schema = _vector_schema(kind, dim, producer, digest)
+                    writer = pq.ParquetWriter(_TellingSink(fh), schema, **_PARQUET_OPTIONS)
+                elif mat.shape[1] != dim:
+                    raise ValueError(f"chunk of dim {mat.shape[1]} after chunks of dim {dim}")
+                _check_id_block(ids, "write_vector_chunks")
+                if np.any(ids[1:] <= ids[:-1]) or (last is not None and ids[0] <= last):
+                    raise ValueError("write_vector_chunks needs sample ids in strictly ascending order across "
+                                     "chunks (sort them, or use write_vectors)")
+                mat = mat.astype(np.float32, copy=False)
+                finite = np.isfinite(mat).all(axis=1)
+                if not finite.all():
+                    raise ValueError(f"vector for sample {ids[np.flatnonzero(~finite)[0]].decode()} has non-finite "
+                                     "values")
+                last = ids[-1]
+                pending.append((ids, mat))
+                pending_rows += len(ids)
+                num_rows += len(ids)
+                while pending_rows >= DEFAULT_SHARD_ROWS:
+                    flush(DEFAULT_SHARD_ROWS)
+            if writer is None:
+                raise ValueError("cannot write an empty vector table: no rows given")
+            if pending_rows:
+                flush(pending_rows)
+        finally:
+            if writer is not None:
+                writer.close()
+    return VectorTableRef(fh.ref, kind, producer, digest, num_rows, dim)
 
 
 def write_vectors(store: ArtifactStore, sample_ids: Sequence[str], matrix: Any, producer: Mapping[str, Any],
@@ -440,12 +609,7 @@ def write_vectors(store: ArtifactStore, sample_ids: Sequence[str], matrix: Any, 
     (:func:`producer_digest`). Rows are sorted by sample id, so the same vectors in any order give the same
     artifact. Floating input is stored as float32; ids must be unique and the values finite.
     """
-    if kind not in VECTOR_KINDS:
-        raise ValueError(f"vector table kind must be one of {VECTOR_KINDS}; got {kind!r}")
-    if not isinstance(producer, Mapping) or not producer:
-        raise ValueError("producer must be a non-empty dict describing what made the vectors")
-    producer = json.loads(_canonical_json(dict(producer)))  # a plain-JSON copy, exactly what is stored
-    digest = producer_digest(producer)
+    producer, digest = _vector_producer(producer, kind)
     ids = _check_ids(sample_ids, "write_vectors")
     mat = np.asarray(matrix)
     if mat.ndim != 2 or not np.issubdtype(mat.dtype, np.floating):
@@ -455,53 +619,233 @@ def write_vectors(store: ArtifactStore, sample_ids: Sequence[str], matrix: Any, 
         raise ValueError(f"cannot write an empty vector table (shape {mat.shape})")
     if n != len(ids):
         raise ValueError(f"{len(ids)} sample ids for a matrix of {n} rows")
-    if len(set(ids)) != n:
-        dup = next(s for s in ids if ids.count(s) > 1)
-        raise ValueError(f"sample id {dup} appears more than once in write_vectors")
+    id_bytes = np.array(ids, dtype=ID_DTYPE)
+    order = np.argsort(id_bytes, kind="stable")
+    sorted_ids = id_bytes[order]
+    dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+    if dup.size:
+        raise ValueError(f"sample id {sorted_ids[dup[0]].decode()} appears more than once in write_vectors")
     mat = mat.astype(np.float32, copy=False)
-    if not np.isfinite(mat).all():
-        row = int(np.flatnonzero(~np.isfinite(mat).all(axis=1))[0])
-        raise ValueError(f"vector for sample {ids[row]} has non-finite values")
-    order = np.argsort(np.asarray(ids), kind="stable")
-    flat = pa.array(np.ascontiguousarray(mat[order]).reshape(-1), type=pa.float32())
-    schema = pa.schema([pa.field("sample_id", pa.string(), nullable=False),
-                        pa.field("vector", pa.list_(pa.float32(), k), nullable=False)],
-                       metadata={"skmm.table": kind, "skmm.schema_version": str(SCHEMA_VERSION),
-                                 "skmm.producer": _canonical_json(producer), "skmm.producer_digest": digest})
-    table = pa.table([pa.array([ids[i] for i in order], pa.string()), pa.FixedSizeListArray.from_arrays(flat, k)],
-                     schema=schema)
-    ref = store.put_bytes(_parquet_bytes(table, DEFAULT_SHARD_ROWS), kind, ".parquet")
-    return VectorTableRef(ref, kind, producer, digest, n, k)
+    finite = np.isfinite(mat).all(axis=1)
+    if not finite.all():
+        raise ValueError(f"vector for sample {ids[int(np.flatnonzero(~finite)[0])]} has non-finite values")
+    table = _rows_table(_vector_schema(kind, k, producer, digest), sorted_ids, mat[order])
+    with store.writer(kind, ".parquet") as fh, pq.ParquetWriter(_TellingSink(fh), table.schema,
+                                                                **_PARQUET_OPTIONS) as writer:
+        writer.write_table(table, row_group_size=DEFAULT_SHARD_ROWS)
+    return VectorTableRef(fh.ref, kind, producer, digest, n, k)
+
+
+class _WindowFile:
+    """A read-only file for pyarrow: reads inside the current window come from memory, others from ``fh``."""
+
+    def __init__(self, fh: Any, size: int) -> None:
+        self._fh, self._size, self._pos = fh, size, 0
+        self.window_start, self.window = 0, b""
+        self.closed = False
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = pos if whence == 0 else self._pos + pos if whence == 1 else self._size + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, nbytes: int = -1) -> bytes:
+        start = self._pos
+        end = self._size if nbytes is None or nbytes < 0 else min(start + nbytes, self._size)
+        self._pos = end
+        lo = start - self.window_start
+        if 0 <= lo and end - self.window_start <= len(self.window):
+            return self.window[lo:end - self.window_start]
+        self._fh.seek(start)
+        return self._fh.read(end - start)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _row_group_span(meta: pq.FileMetaData, i: int) -> tuple[int, int]:
+    """[start, end) byte range of row group ``i``'s column chunks."""
+    rg = meta.row_group(i)
+    starts, ends = [], []
+    for j in range(rg.num_columns):
+        col = rg.column(j)
+        start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+        starts.append(start)
+        ends.append(start + col.total_compressed_size)
+    return min(starts), max(ends)
+
+
+def _check_vector_schema(ref: VectorTableRef, schema: pa.Schema, num_rows: int) -> None:
+    meta = schema.metadata or {}
+    _want(meta.get(b"skmm.producer_digest", b"").decode() == ref.producer_digest and num_rows == ref.num_rows
+          and schema.names == ["sample_id", "vector"] and pa.types.is_fixed_size_list(schema.field("vector").type)
+          and schema.field("vector").type.list_size == ref.dim,
+          f"vector table {ref.artifact.uri} does not match its ref (producer, rows or dim)")
+
+
+def _scan_vectors(store: ArtifactStore, ref: VectorTableRef) -> Iterable[tuple[pa.Array, np.ndarray, np.ndarray]]:
+    """Yield (ids as Arrow strings, ids as ``ID_DTYPE`` view, float32 rows) per row group, in stored order.
+
+    The bytes are read once, in order, and hashed as they stream by; the sha256 and size are checked after the
+    last row group (ArtifactCorruptedError naming the artifact), and a table that does not decode is reported as
+    corrupted when its bytes do not match, as malformed otherwise. Ids must ascend strictly."""
+    what = f"artifact {ref.artifact.uri}"
+    path = store._path(store._rel_from_uri(ref.artifact.uri))
+    hasher, pos, size = hashlib.sha256(), 0, ref.artifact.size
+    try:
+        seq, rand = store.fs.open(path, "rb"), store.fs.open(path, "rb")
+    except Exception as exc:
+        raise _translate(exc, what) from None
+
+    def advance(to: int) -> bytes:
+        nonlocal pos
+        try:
+            data = seq.read(to - pos) if to > pos else b""
+        except Exception as exc:
+            raise _translate(exc, what) from None
+        hasher.update(data)
+        pos += len(data)
+        return data
+
+    def verify() -> None:
+        while pos < size and advance(min(pos + _READ_CHUNK, size)):
+            pass
+        while advance(pos + _READ_CHUNK if pos > size else pos + 1):  # a longer object is not the ref's bytes
+            pass
+        ArtifactStore._verify(ref.artifact, hasher.hexdigest(), pos)
+
+    with seq, rand:
+        try:
+            source = _WindowFile(rand, size)
+            parquet = pq.ParquetFile(source)
+            _check_vector_schema(ref, parquet.schema_arrow, parquet.metadata.num_rows)
+            last = None
+            for i in range(parquet.num_row_groups):
+                start, end = _row_group_span(parquet.metadata, i)
+                _want(start >= pos, f"vector table {ref.artifact.uri} has overlapping row groups")
+                while pos < start:
+                    advance(min(start, pos + _READ_CHUNK))
+                source.window_start, source.window = start, advance(end)
+                group = parquet.read_row_group(i, use_threads=False)
+                source.window = b""
+                ids = group.column(0).combine_chunks()
+                vectors = group.column(1).combine_chunks()
+                _want(vectors.null_count == 0, f"vector table {ref.artifact.uri} has null vectors")
+                id_view = _string_ids(ids)
+                _want(bool(np.all(id_view[1:] > id_view[:-1])) and (last is None or id_view[:1] > last),
+                      f"vector table {ref.artifact.uri} is not sorted by sample id")
+                last = id_view[-1:]
+                rows = vectors.flatten().to_numpy(zero_copy_only=True).reshape(len(ids), ref.dim)
+                yield ids, id_view, rows
+        except (StorageError, OSError, ValueError, pa.ArrowException) as exc:
+            verify()  # damaged bytes explain a decode error or a bad table best: ArtifactCorruptedError
+            if isinstance(exc, StorageError):
+                raise
+            raise MalformedRecordError(f"vector table {ref.artifact.uri} cannot be read: {exc}") from None
+        verify()
+
+
+def read_vector_matrix(store: ArtifactStore, ref: VectorTableRef, sample_ids: Any = None) -> np.ndarray:
+    """The float32 vectors of a verified vector table: all rows in stored (sample-id) order, or the rows of
+    ``sample_ids`` in their order (ValueError naming the missing ids if some are not in the table).
+
+    One output array is the only N × dim allocation: row groups are decoded one at a time and placed by binary
+    search on sorted ids. ``sample_ids``: anything :func:`sample_id_array` takes; already sorted and unique ids
+    (a dataset split) need no further copy, others cost one sort and a final reordering copy."""
+    if sample_ids is None:
+        out = np.empty((ref.num_rows, ref.dim), np.float32)
+        lo = 0
+        for _, _, rows in _scan_vectors(store, ref):
+            out[lo:lo + len(rows)] = rows
+            lo += len(rows)
+        return out
+    wanted = sample_id_array(sample_ids)
+    inverse = None
+    if not np.all(wanted[1:] > wanted[:-1]):
+        wanted, inverse = np.unique(wanted, return_inverse=True)
+    out = np.empty((len(wanted), ref.dim), np.float32)
+    found = np.zeros(len(wanted), dtype=bool)
+    for _, ids, rows in _scan_vectors(store, ref):
+        lo, hi = np.searchsorted(wanted, ids[0]), np.searchsorted(wanted, ids[-1], side="right")
+        if hi - lo == len(ids) and np.array_equal(wanted[lo:hi], ids):
+            out[lo:hi], found[lo:hi] = rows, True  # the common case: the split is the table
+            continue
+        pos = np.minimum(np.searchsorted(ids, wanted[lo:hi]), len(ids) - 1)
+        hit = ids[pos] == wanted[lo:hi]
+        out[lo:hi][hit] = rows[pos[hit]]
+        found[lo:hi] |= hit
+    if not found.all():
+        requested = sample_id_array(sample_ids)
+        lost = ~found if inverse is None else ~found[inverse]
+        missing = [s.decode() for s in requested[lost][:3]]
+        raise ValueError(f"{int(lost.sum())} of {len(requested)} requested sample ids are not in vector table "
+                         f"{ref.artifact.uri}: {', '.join(missing)}{' …' if lost.sum() > 3 else ''}")
+    return out if inverse is None else out[inverse]
 
 
 def read_vectors(store: ArtifactStore, ref: VectorTableRef,
                  sample_ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
     """(ids, float32 matrix) of a verified vector table: in stored (sample-id) order, or in the order of
-    ``sample_ids`` — ValueError naming the missing ids if some are not in the table."""
-    table = pq.read_table(pa.BufferReader(store.get_bytes(ref.artifact)))
-    meta = table.schema.metadata or {}
-    _want(meta.get(b"skmm.producer_digest", b"").decode() == ref.producer_digest and table.num_rows == ref.num_rows
-          and table.schema.names == ["sample_id", "vector"] and table.schema.field("vector").type.list_size == ref.dim,
-          f"vector table {ref.artifact.uri} does not match its ref (producer, rows or dim)")
-    ids = table["sample_id"].to_pylist()
-    vectors = table["vector"].combine_chunks()
-    mat = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), ref.dim)
+    ``sample_ids`` — ValueError naming the missing ids if some are not in the table. For large pools prefer
+    :func:`read_vector_matrix`, which takes and gives no per-sample Python objects."""
     if sample_ids is None:
-        return ids, mat
+        ids: list[str] = []
+        out = np.empty((ref.num_rows, ref.dim), np.float32)
+        for arrow_ids, _, rows in _scan_vectors(store, ref):
+            out[len(ids):len(ids) + len(rows)] = rows
+            ids.extend(arrow_ids.to_pylist())
+        return ids, out
     wanted = _check_ids(sample_ids, "read_vectors")
-    index = {s: i for i, s in enumerate(ids)}
-    missing = [s for s in wanted if s not in index]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(wanted)} requested sample ids are not in vector table "
-                         f"{ref.artifact.uri}: {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}")
-    return wanted, mat[[index[s] for s in wanted]]
+    return wanted, read_vector_matrix(store, ref, np.array(wanted, dtype=ID_DTYPE).reshape(-1))
+
+
+def _table_id_range(store: ArtifactStore, ref: VectorTableRef) -> tuple[bytes, bytes] | None:
+    """(first id, last id) of a stored vector table from its Parquet footer alone, or None if it lacks them."""
+    try:
+        with store.fs.open(store._path(store._rel_from_uri(ref.artifact.uri)), "rb") as fh:
+            meta = pq.ParquetFile(_WindowFile(fh, ref.artifact.size)).metadata
+    except Exception:
+        return None  # unreadable here: the verified read reports it properly
+    stats = [meta.row_group(i).column(0).statistics for i in range(meta.num_row_groups)]
+    if not stats or any(s is None or not s.has_min_max for s in stats):
+        return None
+    return str(stats[0].min).encode(), str(stats[-1].max).encode()
+
+
+def _merged_rows(store: ArtifactStore, refs: Sequence[VectorTableRef], digest: str
+                 ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """The sorted union of overlapping tables (read in ``refs`` order): identical duplicates collapse to the
+    first table's row, different ones raise ValueError naming the sample."""
+    parts = [(ids.copy(), rows.copy()) for ref in refs for _, ids, rows in _scan_vectors(store, ref)]
+    ids = np.concatenate([p[0] for p in parts])
+    rows = np.concatenate([p[1] for p in parts])
+    del parts
+    order = np.argsort(ids, kind="stable")  # stable: among equal ids the earliest table comes first
+    ids, rows = ids[order], rows[order]
+    same = ids[1:] == ids[:-1]
+    conflict = np.flatnonzero(same & ~(rows[1:] == rows[:-1]).all(axis=1))
+    if conflict.size:
+        raise ValueError(f"sample {ids[conflict[0]].decode()} has different vectors in two tables of producer "
+                         f"{digest}")
+    keep = np.concatenate([[True], ~same])
+    yield ids[keep], rows[keep]
 
 
 def combine_vectors(store: ArtifactStore, refs: Sequence[VectorTableRef]) -> VectorTableRef:
     """Concatenate vector tables (shards) of one producer into one stored table; return its ref.
 
     Refuses, with a ValueError naming both digests, tables whose producers (or kinds, or dims) differ. A sample
-    present in several shards collapses if its vectors are identical and is an error otherwise.
+    present in several shards collapses if its vectors are identical and is an error otherwise. The output is
+    the same artifact as :func:`write_vectors` of the union; shards whose id ranges do not overlap (a dataset's
+    shards, in any order) are streamed one row group at a time, and only overlapping ones are merged in memory.
     """
     refs = list(refs)
     if not refs:
@@ -517,13 +861,24 @@ def combine_vectors(store: ArtifactStore, refs: Sequence[VectorTableRef]) -> Vec
                              f"of dim {other.dim}")
     if len(refs) == 1:
         return head
-    seen: dict[str, np.ndarray] = {}
-    for ref in refs:
-        ids, mat = read_vectors(store, ref)
-        for sid, vec in zip(ids, mat, strict=True):
-            prev = seen.setdefault(sid, vec)
-            if prev is not vec and not np.array_equal(prev, vec):
-                raise ValueError(f"sample {sid} has different vectors in two tables of producer "
-                                 f"{head.producer_digest}")
-    ids = sorted(seen)
-    return write_vectors(store, ids, np.stack([seen[s] for s in ids]), head.producer, head.kind)  # type: ignore[arg-type]
+    ranges = [_table_id_range(store, ref) for ref in refs]
+    if any(r is None for r in ranges):
+        groups = [list(range(len(refs)))]
+    else:
+        groups = []
+        top = b""
+        for i in sorted(range(len(refs)), key=lambda i: (ranges[i], i)):
+            if groups and ranges[i][0] <= top:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+            top = max(top, ranges[i][1])
+
+    def rows() -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        for group in groups:
+            if len(group) == 1:
+                yield from ((ids, rows) for _, ids, rows in _scan_vectors(store, refs[group[0]]))
+            else:
+                yield from _merged_rows(store, [refs[i] for i in sorted(group)], head.producer_digest)
+
+    return write_vector_chunks(store, rows(), head.producer, head.kind)  # type: ignore[arg-type]

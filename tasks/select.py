@@ -1,23 +1,40 @@
-"""Stage "select": choose ``n`` samples of the pool with SkMM or a baseline; store them as a selection table."""
+"""Stage "select": choose ``n`` samples of the pool with SkMM or a baseline; store them as a selection table.
+
+Built for pools of 10^7 samples: the train split's ids are one fixed-width byte array (64 B per sample, no
+Python object each), the sketch is read straight into one float32 N × m array in the split's order (row group
+by row group, matched on the sorted ids), and labels are decoded only for a selector that uses them. With SkMM,
+the sketch and its moment matrix P are the only N × m arrays (two copies of the sketch; see "The select stage
+at N = 10^7" in bench/README.md).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 
 from skmm.select import make_selector
-from storage.datasets import DatasetRef, VectorTableRef, read_vectors
+from storage.artifacts import ArtifactStore
+from storage.datasets import (
+    ID_DTYPE,
+    DatasetRef,
+    VectorTableRef,
+    load_manifest,
+    read_shard,
+    read_vector_matrix,
+    sample_id_array,
+)
 from storage.selections import write_selection
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
-from tasks.sketch import pool_ids
 from tasks.store import open_store
 
-__all__ = ["run_select", "select"]
+__all__ = ["label_array", "run_select", "select", "train_split"]
 
-CODE_VERSION = "select-1"
+CODE_VERSION = "select-1"  # selections are unchanged by the streaming read: cached ones stay valid
 
 # With class_balanced=True every method that can use labels spreads the budget evenly over classes
 # (the authors' per-class top-n on real data); otherwise selection is label-free, as before labelling.
@@ -28,22 +45,47 @@ CLASS_BALANCED: dict[str, dict[str, Any]] = {
 }
 
 
+def train_split(store: ArtifactStore, dataset: DatasetRef) -> tuple[np.ndarray, pa.ChunkedArray]:
+    """The train split's sample ids (sorted ``ID_DTYPE`` array) and labels (Arrow strings), shard by shard."""
+    ids: list[np.ndarray] = []
+    labels: list[pa.Array] = []
+    for shard in load_manifest(store, dataset).shards:
+        rows = read_shard(store, shard, columns=["sample_id", "label", "split"])
+        train = rows.filter(pc.equal(rows.column("split"), "train"))
+        ids.append(sample_id_array(train.column("sample_id")))
+        labels.extend(train.column("label").chunks)
+    return (np.concatenate(ids) if ids else np.empty(0, ID_DTYPE)), pa.chunked_array(labels, pa.string())
+
+
+def label_array(labels: pa.ChunkedArray) -> np.ndarray | None:
+    """Labels as an object array whose entries share one str per class (8 bytes a sample), or None when some
+    sample has no label."""
+    if labels.null_count:
+        return None
+    encoded = pc.dictionary_encode(labels.combine_chunks())
+    classes = np.empty(len(encoded.dictionary), dtype=object)
+    classes[:] = encoded.dictionary.to_pylist()
+    return classes[encoded.indices.to_numpy()]
+
+
 def run_select(sketch: dict, dataset: dict, store: dict, method: str, n: int, seed: int = 0,
                params: dict | None = None, class_balanced: bool = False) -> dict:
     st = open_store(store)
     ds = DatasetRef.from_dict(dataset)
     sk = VectorTableRef.from_dict(sketch)
-    ids, labels = pool_ids(st, ds, "train")
+    ids, labels = train_split(st, ds)
     if n > len(ids):
         raise ValueError(f"budget n={n} is larger than the pool (the train split holds {len(ids)} samples)")
-    _, S = read_vectors(st, sk, sample_ids=ids)
     merged = {**(CLASS_BALANCED.get(method, {}) if class_balanced else {}), **(params or {})}
     selector = make_selector(method, n, random_state=seed, **merged)
-    y = np.asarray(labels, dtype=object) if all(label is not None for label in labels) else None
+    y = label_array(labels) if selector.needs_labels else None  # no selector reads labels it does not need
+    del labels
     if selector.needs_labels and y is None:
         raise ValueError(f"{method} with class balancing needs a label for every pool sample")
+    S = read_vector_matrix(st, sk, ids)
     selector.fit(S, y)
-    chosen = [ids[i] for i in selector.indices_]
+    del S, y
+    chosen = [s.decode("ascii") for s in ids[selector.indices_]]
     ref = write_selection(st, chosen, ranks=np.arange(len(chosen)), weights=selector.weights_, method=method,
                           params={**selector.get_params(), "random_state": seed})
     return {"selection": ref.to_dict(), "method": method, "n": n, "seed": seed}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from skmm.select.base import BaseSelector
@@ -9,15 +11,26 @@ from skmm.select.base import BaseSelector
 __all__ = ["AdaptiveSampling", "randomly_pivoted_rows"]
 
 
+def _rows_float64(X: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], block_rows: int) -> np.ndarray:
+    """fn applied to X in row blocks upcast to float64, concatenated: float64 arithmetic without a float64 copy."""
+    return np.concatenate([fn(X[lo:lo + block_rows].astype(np.float64)) for lo in range(0, X.shape[0], block_rows)])
+
+
 def randomly_pivoted_rows(
-    X: np.ndarray, k: int, rng: np.random.Generator, exclude: np.ndarray | None = None
+    X: np.ndarray, k: int, rng: np.random.Generator, exclude: np.ndarray | None = None,
+    block_rows: int | None = None,
 ) -> tuple[list[int], np.ndarray]:
     """Pick k rows by randomly pivoted sampling; return (rows, orthonormal basis of their span, k' × d).
 
     Residual norms are updated in place (O(N) memory); the residual matrix is never formed. When every
     residual vanishes (rank exhausted) the remaining rows are drawn uniformly from the unpicked ones.
+    ``block_rows``: compute in float64 on row blocks of a float32 X (as if X were float64, with no float64 copy
+    of it); None computes in X's own dtype, as the adaptive-sampling baseline always has.
     """
-    residual = np.einsum("ij,ij->i", X, X).astype(np.float64)
+    if block_rows is None:
+        residual = np.einsum("ij,ij->i", X, X).astype(np.float64)
+    else:
+        residual = _rows_float64(X, lambda b: np.einsum("ij,ij->i", b, b), block_rows)
     if exclude is not None:
         residual[exclude] = 0.0
     picked: list[int] = []
@@ -43,7 +56,9 @@ def randomly_pivoted_rows(
         residual[p] = 0.0
         if norm > 0:
             basis[rank] = q / norm
-            residual = np.maximum(residual - (X @ basis[rank]) ** 2, 0.0)
+            direction = basis[rank]
+            along = X @ direction if block_rows is None else _rows_float64(X, lambda b, d=direction: b @ d, block_rows)
+            residual = np.maximum(residual - along**2, 0.0)
             residual[picked] = 0.0
             rank += 1
     return picked, basis[:rank]

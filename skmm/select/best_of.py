@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from skmm.select.base import BaseSelector
-from skmm.select.greedy_moment_matching import SkMMv2
-from skmm.select.moment_matching import SkMM, sketch_pool
+from skmm.select.greedy_moment_matching import BLOCK_ROWS, SkMMv2
+from skmm.select.moment_matching import SkMM, gram, sketch_pool
 
 __all__ = ["SkMMBest", "variance_proxy"]
 
@@ -18,12 +18,14 @@ __all__ = ["SkMMBest", "variance_proxy"]
 def variance_proxy(S: np.ndarray, indices: np.ndarray, ridge: float = 1e-6, pool: np.ndarray | None = None) -> float:
     """tr(Σ̃ (Σ̃_S + εI)⁻¹) / m with ε = ridge · tr(Σ̃)/m: how poorly the coreset covers the pool's moments.
 
-    ``pool``: Σ̃ = SᵀS/N when already computed (it depends on S alone)."""
-    S = np.asarray(S, dtype=np.float64)
+    ``pool``: Σ̃ = SᵀS/N when already computed (it depends on S alone). Only the coreset's rows are upcast to
+    float64: a float32 pool is never copied."""
+    S = np.asarray(S)
     m = S.shape[1]
     if pool is None:
-        pool = S.T @ S / S.shape[0]
-    core = S[indices].T @ S[indices] / len(indices)
+        pool = gram(S, BLOCK_ROWS) / S.shape[0]
+    rows = np.asarray(S[indices], dtype=np.float64)
+    core = rows.T @ rows / len(indices)
     eps = ridge * max(float(np.trace(pool)) / m, 1e-300)
     return float(np.trace(np.linalg.solve(core + eps * np.eye(m), pool))) / m
 
@@ -54,7 +56,7 @@ class SkMMBest(BaseSelector):
         seed = int(rng.integers(2**31))
         convex = SkMM(self.n, None, self.c_s, self.max_iter, self.discretization, seed).fit(S, y)
         greedy = SkMMv2(self.n, None, self.block_size, self.temperature, self.ridge, random_state=seed).fit(S)
-        pool = S.T.astype(np.float64) @ S.astype(np.float64) / S.shape[0]
+        pool = gram(S, BLOCK_ROWS) / S.shape[0]  # float64 block by block: no float64 copy of the sketch
         proxies = {"skmm": variance_proxy(S, convex.indices_, pool=pool),
                    "skmm_v2": variance_proxy(S, greedy.indices_, pool=pool)}
         winner = convex if proxies["skmm"] <= proxies["skmm_v2"] else greedy

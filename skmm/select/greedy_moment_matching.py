@@ -1,14 +1,17 @@
 """SkMMv2: greedy sketchy moment matching (SKMM.md §4), a V-optimal design in the sketched space.
 
-On the sketch S = XΓ (N × m), with pool moment Σ̃ = SᵀS/N = RᵀR/N (R from QR of S):
+On the sketch S = XΓ (N × m), with pool moment Σ̃ = SᵀS/N:
 1. seed min(n, m) rows by randomly pivoted sampling (∝ residual squared norm, orthogonalising as we go);
 2. then add ``block_size`` rows per step, each scored by the drop it brings to the variance term
    tr(Σ̃ A⁻¹), A = S_selᵀS_sel + εI (Sherman–Morrison):
 
-       score_i = ‖R A⁻¹ s_i‖² / (1 + s_iᵀ A⁻¹ s_i)     ("residual · Rᵀ" over "1 + cross-leverage")
+       score_i = s_iᵀA⁻¹Σ̃A⁻¹s_i / (1 + s_iᵀA⁻¹s_i)     ("residual" over "1 + cross-leverage")
 
-   sampled by a softmax at ``temperature`` on the scores relative to the best (0 = greedy). The N × m state
-   W = S A⁻¹ and U = W Rᵀ is updated by rank-one (Woodbury) steps in O(N·m) per row — never recomputed.
+   sampled by a softmax at ``temperature`` on the scores relative to the best (0 = greedy).
+
+Memory is the sketch plus O(N): numerator and leverage are kept per row and updated by the rank-one
+(Sherman–Morrison) recurrences, so a step is one pass over S — two float64 products S·(A⁻¹s_p) and
+S·(A⁻¹Σ̃A⁻¹s_p), computed on float64 row blocks of the (float32) sketch — and never an N × m state.
 """
 
 from __future__ import annotations
@@ -18,9 +21,47 @@ import numpy as np
 from skmm._validation import check_positive_int
 from skmm.select.adaptive import randomly_pivoted_rows
 from skmm.select.base import BaseSelector
-from skmm.select.moment_matching import sketch_pool
+from skmm.select.moment_matching import gram, sketch_pool
 
-__all__ = ["SkMMv2"]
+__all__ = ["SkMMv2", "top_k"]
+
+BLOCK_ROWS = 4096  # float64 row blocks of the sketch: 2 MiB at m = 64, cache-sized and below BLAS threading
+
+
+def _products(S: np.ndarray, M: np.ndarray, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+    """S @ M in float64 (M: m × k), over float64 row blocks of S (N × k)."""
+    out = np.empty((S.shape[0], M.shape[1]))
+    M = np.ascontiguousarray(M, dtype=np.float64)
+    block = np.empty((min(block_rows, S.shape[0]), S.shape[1]))
+    for lo in range(0, S.shape[0], block_rows):
+        rows = block[:min(block_rows, S.shape[0] - lo)]
+        rows[...] = S[lo:lo + block_rows]
+        np.matmul(rows, M, out=out[lo:lo + block_rows])
+    return out
+
+
+def top_k(score: np.ndarray, k: int) -> np.ndarray:
+    """The k largest entries' indices, as ``np.argsort(-score, kind="stable")[:k]`` (ties by index) in O(N)."""
+    if k >= score.size:
+        return np.argsort(-score, kind="stable")[:k]
+    if k == 1:
+        return np.array([int(np.argmax(score))])
+    kth = np.partition(score, score.size - k)[score.size - k]  # the k-th largest value
+    above = np.flatnonzero(score > kth)
+    rows = np.sort(np.concatenate([above, np.flatnonzero(score == kth)[:k - above.size]]))
+    return rows[np.argsort(-score[rows], kind="stable")]
+
+
+def _initial_scores(S: np.ndarray, A: np.ndarray, sigma: np.ndarray,
+                    block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: numerator s_iᵀA⁻¹Σ̃A⁻¹s_i and leverage s_iᵀA⁻¹s_i, block by block."""
+    num, lev = np.empty(S.shape[0]), np.empty(S.shape[0])
+    for lo in range(0, S.shape[0], block_rows):
+        block = S[lo:lo + block_rows].astype(np.float64)
+        W = np.linalg.solve(A, block.T).T  # block A⁻¹ (A symmetric)
+        lev[lo:lo + block_rows] = np.einsum("ij,ij->i", W, block)
+        num[lo:lo + block_rows] = np.einsum("ij,ij->i", W @ sigma, W)
+    return num, lev
 
 
 class SkMMv2(BaseSelector):
@@ -54,31 +95,33 @@ class SkMMv2(BaseSelector):
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
         S, spec = sketch_pool(X, self.sketch_dim, int(rng.integers(2**31)))
-        S = S.astype(np.float64)
         N, m = S.shape
-        R = np.linalg.qr(S / np.sqrt(N), mode="r")  # RᵀR = Σ̃
-        eps = self.ridge * max(float(np.trace(R.T @ R)) / m, 1e-300)
+        sigma = gram(S, BLOCK_ROWS) / N  # Σ̃
+        eps = self.ridge * max(float(np.trace(sigma)) / m, 1e-300)
 
-        seeds, _ = randomly_pivoted_rows(S, min(self.n, m), rng)
+        seeds, _ = randomly_pivoted_rows(S, min(self.n, m), rng, block_rows=BLOCK_ROWS)
         chosen = np.zeros(N, dtype=bool)
         chosen[seeds] = True
         order = list(seeds)
-        A = S[seeds].T @ S[seeds] + eps * np.eye(m)
-        W = np.linalg.solve(A, S.T).T  # S A⁻¹ (A symmetric)
-        U = W @ R.T
-        lev = np.einsum("ij,ij->i", W, S)
+        seeded = S[seeds].astype(np.float64)
+        A = seeded.T @ seeded + eps * np.eye(m)
+        num, lev = _initial_scores(S, A, sigma)
 
         while len(order) < self.n:
-            score = np.einsum("ij,ij->i", U, U) / (1.0 + lev)
+            score = num / (1.0 + lev)
             score[chosen] = -np.inf
             take = min(block, self.n - len(order))
             picks = self._pick(score, take, rng)
-            for p in picks:  # rank-b update as b rank-one Woodbury steps
-                Sw = S @ W[p]  # S A⁻¹ s_p
+            del score
+            for p in picks:  # rank-b update as b rank-one Sherman–Morrison steps
+                s_p = S[p].astype(np.float64)
+                a = np.linalg.solve(A, s_p)  # A⁻¹ s_p
+                Sw, t = _products(S, np.column_stack([a, np.linalg.solve(A, sigma @ a)])).T
                 denom = 1.0 + lev[p]
-                U -= np.outer(Sw, U[p] / denom)
-                W -= np.outer(Sw, W[p] / denom)
+                # u_i ← u_i − Sw_i·u_p/denom (u_i = Σ̃^½A⁻¹s_i), so ‖u_i‖² gains Sw_i·(Sw_i‖u_p‖²/denom − 2t_i)/denom
+                num += Sw * (Sw * (num[p] / denom) - 2.0 * t) / denom
                 lev -= Sw**2 / denom
+                A += np.outer(s_p, s_p)
                 chosen[p] = True
                 order.append(int(p))
         return np.array(order), None, None, {"sketch": spec, "seeded": len(seeds)}
@@ -87,12 +130,12 @@ class SkMMv2(BaseSelector):
         valid = np.flatnonzero(np.isfinite(score))
         s = score[valid]
         if self.temperature == 0:
-            return valid[np.argsort(-s, kind="stable")[:k]]
+            return valid[top_k(s, k)]
         top = s.max()
         logits = (s / top - 1.0) / self.temperature if top > 0 else np.zeros_like(s)
         p = np.exp(logits - logits.max())
         p /= p.sum()
         nonzero = int(np.count_nonzero(p))
         if nonzero < k:
-            return valid[np.argsort(-s, kind="stable")[:k]]
+            return valid[top_k(s, k)]
         return valid[rng.choice(valid.size, size=k, replace=False, p=p)]

@@ -21,7 +21,7 @@ from skmm.select.base import BaseSelector, discretize
 from skmm.select.projection import project_capped_simplex
 from skmm.sketch import GaussianProjector
 
-__all__ = ["SkMM", "moment_matching_weights", "sketch_pool"]
+__all__ = ["SkMM", "gram", "moment_matching_weights", "sketch_pool"]
 
 
 def sketch_pool(
@@ -38,14 +38,18 @@ def sketch_pool(
     return out, proj.spec.to_dict()
 
 
-def _eigen_moments(S: np.ndarray, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs (descending) of Σ̃ = SᵀS/N, accumulated in float64 batch by batch."""
-    N, m = S.shape
-    sigma = np.zeros((m, m))
-    for lo in range(0, N, batch_rows):
+def gram(S: np.ndarray, batch_rows: int = 65536) -> np.ndarray:
+    """SᵀS accumulated in float64 batch by batch: never a float64 copy of S."""
+    sigma = np.zeros((S.shape[1], S.shape[1]))
+    for lo in range(0, S.shape[0], batch_rows):
         block = S[lo:lo + batch_rows].astype(np.float64)
         sigma += block.T @ block
-    lam, V = np.linalg.eigh(sigma / N)
+    return sigma
+
+
+def _eigen_moments(S: np.ndarray, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs (descending) of Σ̃ = SᵀS/N, accumulated in float64 batch by batch."""
+    lam, V = np.linalg.eigh(gram(S, batch_rows) / S.shape[0])
     order = np.argsort(-lam)
     return np.maximum(lam[order], 0.0), V[:, order]
 

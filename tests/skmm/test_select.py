@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -23,7 +24,9 @@ from skmm.select import (
     make_selector,
     project_capped_simplex,
 )
+from skmm.select.adaptive import randomly_pivoted_rows
 from skmm.select.best_of import variance_proxy
+from skmm.select.greedy_moment_matching import top_k
 from skmm.select.leverage import ridge_leverage_scores
 from skmm.select.moment_matching import moment_matching_weights, sketch_pool
 
@@ -684,3 +687,107 @@ def test_uniform_is_uniform():
         counts[Uniform(3, random_state=s).fit(X).indices_] += 1
     assert counts.sum() == 900
     assert counts.min() > 60 and counts.max() < 120  # expectation 90 each
+
+
+# ------------------------------------------------------------------------------------- memory at pool scale
+
+
+def _skmm_v2_with_n_by_m_state(X, n, sketch_dim=None, block_size=1, temperature=0.0, ridge=0.1, random_state=0):
+    """SkMMv2 as it was: float64 copy of the sketch, QR, and N × m states W = SA⁻¹, U = WRᵀ updated in place."""
+    sel = SkMMv2(n, sketch_dim, block_size, temperature, ridge, random_state)
+    X, _ = sel._validate(X, None)
+    rng = np.random.default_rng(random_state)
+    S, _ = sketch_pool(X, sketch_dim, int(rng.integers(2**31)))
+    S = S.astype(np.float64)
+    N, m = S.shape
+    R = np.linalg.qr(S / np.sqrt(N), mode="r")
+    eps = ridge * max(float(np.trace(R.T @ R)) / m, 1e-300)
+    seeds, _ = randomly_pivoted_rows(S, min(n, m), rng)
+    chosen = np.zeros(N, dtype=bool)
+    chosen[seeds] = True
+    order = list(seeds)
+    A = S[seeds].T @ S[seeds] + eps * np.eye(m)
+    W = np.linalg.solve(A, S.T).T
+    U = W @ R.T
+    lev = np.einsum("ij,ij->i", W, S)
+    while len(order) < n:
+        score = np.einsum("ij,ij->i", U, U) / (1.0 + lev)
+        score[chosen] = -np.inf
+        for p in sel._pick(score, min(block_size, n - len(order)), rng):
+            Sw = S @ W[p]
+            denom = 1.0 + lev[p]
+            U -= np.outer(Sw, U[p] / denom)
+            W -= np.outer(Sw, W[p] / denom)
+            lev -= Sw**2 / denom
+            chosen[p] = True
+            order.append(int(p))
+    return np.array(order)
+
+
+V2_CASES = [(seed, shape, dtype, params) for seed in range(3) for shape in [(120, 40), (400, 12), (80, 6)]
+            for dtype in (np.float64, np.float32)
+            for params in [{"n": 10}, {"n": 40, "block_size": 3, "ridge": 1e-6}, {"n": 30, "temperature": 0.1},
+                           {"n": 25, "block_size": 2, "sketch_dim": 5}]]
+
+
+@pytest.mark.parametrize("seed,shape,dtype,params", V2_CASES)
+def test_skmm_v2_selects_what_the_n_by_m_state_version_selected(seed, shape, dtype, params):
+    X = _pool(seed, *shape).astype(dtype)
+    assert np.array_equal(SkMMv2(random_state=seed, **params).fit(X).indices_,
+                          _skmm_v2_with_n_by_m_state(X, random_state=seed, **params))
+
+
+def test_skmm_v2_and_best_unchanged_across_row_blocks_and_clusters():
+    X, _ = _clustered(2, N=9000, d=10)  # more rows than one float64 block (4096)
+    X = X.astype(np.float32)
+    assert np.array_equal(SkMMv2(60, random_state=1).fit(X).indices_, _skmm_v2_with_n_by_m_state(X, 60, random_state=1))
+    for seed, d in [(0, 8), (1, 30), (4, 30)]:  # the SkMMBest fixtures: both branches win somewhere
+        Y = np.random.default_rng(seed).normal(size=(150, d)) * np.random.default_rng(seed).uniform(0.1, 3, size=d)
+        best = SkMMBest(15, random_state=seed).fit(Y)
+        rng = np.random.default_rng(seed)
+        rng.integers(2**31)
+        inner = int(rng.integers(2**31))
+        convex = SkMM(15, random_state=inner).fit(Y).indices_
+        greedy = _skmm_v2_with_n_by_m_state(Y, 15, random_state=inner)
+        full = Y.T @ Y / 150
+        proxies = {"skmm": variance_proxy(Y, convex, pool=full), "skmm_v2": variance_proxy(Y, greedy, pool=full)}
+        expected = convex if proxies["skmm"] <= proxies["skmm_v2"] else greedy
+        assert np.array_equal(best.indices_, expected)
+        assert best.selection_.info["variance_proxy"] == pytest.approx(proxies, rel=1e-9)
+
+
+def test_skmm_v2_holds_no_n_by_m_state():
+    """Defect: SkMMv2 held a float64 copy of the sketch and two float64 N × m states (8x a float32 sketch)."""
+    S = np.random.default_rng(0).standard_normal((100_000, 64)).astype(np.float32)
+    SkMMv2(70, random_state=0).fit(S[:5000])  # first use
+    tracemalloc.start()
+    try:
+        SkMMv2(70, random_state=0).fit(S)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.75 * S.nbytes, peak / S.nbytes
+
+
+def test_variance_proxy_copies_only_the_coreset():
+    """Defect: variance_proxy upcast the whole pool to float64 (2x a float32 sketch) to read n of its rows."""
+    S = np.random.default_rng(0).standard_normal((100_000, 64)).astype(np.float32)
+    rows = np.arange(0, 100_000, 1000)
+    tracemalloc.start()
+    try:
+        value = variance_proxy(S, rows)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * S.nbytes, peak / S.nbytes
+    S64 = S.astype(np.float64)
+    assert value == pytest.approx(variance_proxy(S64, rows, pool=S64.T @ S64 / len(S64)), rel=1e-9)
+
+
+def test_top_k_is_the_stable_argsort_prefix():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        N = int(rng.integers(1, 40))
+        score = rng.integers(-2, 3, N) * rng.choice([1.0, -0.0, 0.5]) if rng.random() < 0.7 else rng.normal(size=N)
+        k = int(rng.integers(1, N + 1))
+        assert np.array_equal(top_k(score, k), np.argsort(-score, kind="stable")[:k])

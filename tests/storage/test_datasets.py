@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import tracemalloc
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
+import storage.datasets
 from skmm.sketch.spec import SketchSpec
 from storage.artifacts import ArtifactRef
 from storage.datasets import (
@@ -22,10 +24,13 @@ from storage.datasets import (
     load_manifest,
     producer_digest,
     read_samples,
+    read_vector_matrix,
     read_vectors,
     sample_id,
+    sample_id_array,
     vector_sample_id,
     write_samples,
+    write_vector_chunks,
     write_vectors,
 )
 from storage.errors import ArtifactCorruptedError, MalformedRecordError
@@ -298,3 +303,171 @@ def test_vector_corruption_and_bad_inputs(store):
     tampered = {**ref.to_dict(), "producer": {**CLIP, "pretrained": "openai"}}
     with pytest.raises(MalformedRecordError, match="does not match its producer"):
         VectorTableRef.from_dict(tampered)
+
+
+# ---------------------------------------------------------------------------------------------- vectors at scale
+def test_write_vectors_bytes_are_pinned(store):
+    """Every cached embeddings and sketch artifact in users' stores depends on these exact bytes."""
+    ids, mat = vectors(20, 6)
+    assert write_vectors(store, ids, mat, CLIP).artifact.sha256 == \
+        "0974b6d968e9df4135549f7fc7d1c5f68f4794b60dcdd031029de66cafa34450"
+    many = np.random.default_rng(7).standard_normal((70_000, 3)).astype(np.float32)  # two row groups
+    hashed = [f"{(i * 2654435761) % (1 << 64):064x}" for i in range(70_000)]
+    ref = write_vectors(store, hashed, many, CLIP)
+    assert (ref.artifact.sha256, ref.artifact.size) == \
+        ("c42144418e0cc6442b1b596294111449a510a773e247ded39445c10c05995c51", 1648609)
+    chunks = ((np.sort(np.array(hashed, dtype="S64"))[lo:lo + 9999], many[np.argsort(hashed)][lo:lo + 9999])
+              for lo in range(0, 70_000, 9999))
+    assert write_vector_chunks(store, chunks, CLIP) == ref  # streamed in odd-sized chunks: the same artifact
+
+
+def _combine_as_before(store, refs):
+    """combine_vectors as it was: a dict of every sample's vector, then write_vectors."""
+    seen = {}
+    for ref in refs:
+        ids, mat = read_vectors(store, ref)
+        for sid, vec in zip(ids, mat, strict=True):
+            prev = seen.setdefault(sid, vec)
+            if prev is not vec and not np.array_equal(prev, vec):
+                raise ValueError(f"sample {sid} has different vectors in two tables of producer "
+                                 f"{refs[0].producer_digest}")
+    ids = sorted(seen)
+    return write_vectors(store, ids, np.stack([seen[s] for s in ids]), refs[0].producer, refs[0].kind)
+
+
+def test_combine_vectors_streams_the_artifact_the_dict_merge_wrote(store, monkeypatch):
+    monkeypatch.setattr(storage.datasets, "DEFAULT_SHARD_ROWS", 8)  # many row groups per table
+    spec = SketchSpec(kind="gaussian", input_dim=64, output_dim=5, seed=3).to_dict()
+    ids, mat = vectors(60, 5)
+    order = np.argsort(ids)
+    ids, mat = [ids[i] for i in order], mat[order]
+    mat[7] = -0.0  # equal to +0.0 below: an identical duplicate by value, not by bits
+    signed = mat.copy()
+    signed[7] = 0.0
+
+    def table(rows, values=mat):
+        return write_vectors(store, [ids[i] for i in rows], values[rows], spec, kind="sketch")
+
+    a, b, c = table(range(0, 25)), table(range(25, 41)), table(range(41, 60))
+    cases = {
+        "disjoint, in order": [a, b, c],
+        "disjoint, out of order": [c, a, b],
+        "overlapping, identical": [table(range(0, 30)), table(range(20, 60))],
+        "interleaved": [table(range(0, 60, 2)), table(range(1, 60, 2)), b],
+        "repeated": [b, b],
+        "first copy wins": [table(range(0, 10), signed), a, c, b],
+    }
+    for name, refs in cases.items():
+        assert combine_vectors(store, refs) == _combine_as_before(store, refs), name
+    changed = mat.copy()
+    changed[30, 2] += 1.0
+    with pytest.raises(ValueError, match=f"sample {ids[30]} has different vectors in two tables"):
+        combine_vectors(store, [a, b, table(range(28, 33), changed), c])
+
+
+def test_combine_vectors_of_a_corrupted_table_publishes_nothing(store):
+    ids, mat = vectors(30)
+    a = write_vectors(store, ids[:15], mat[:15], CLIP)
+    b = write_vectors(store, ids[15:], mat[15:], CLIP)
+    before = set(store.list_paths("objects/embeddings"))
+    corrupt(store, b.artifact)
+    with pytest.raises(ArtifactCorruptedError, match=b.artifact.sha256[:12]):
+        combine_vectors(store, [a, b])
+    assert set(store.list_paths("objects/embeddings")) == before
+
+
+def test_read_vector_matrix_places_rows_by_id(store):
+    ids, mat = vectors(50, 4)
+    ref = write_vectors(store, ids, mat, CLIP)
+    by_id = dict(zip(ids, mat, strict=True))
+    np.testing.assert_array_equal(read_vector_matrix(store, ref), np.stack([by_id[s] for s in sorted(ids)]))
+    wanted = [ids[3], ids[40], ids[3], ids[0]]  # any order, repeats allowed
+    for form in (wanted, pa.array(wanted), pa.chunked_array([wanted[:1], wanted[1:]]), sample_id_array(wanted)):
+        np.testing.assert_array_equal(read_vector_matrix(store, ref, form), np.stack([by_id[s] for s in wanted]))
+    subset = sorted(ids)[5:30:3]  # sorted and unique: filled in place
+    np.testing.assert_array_equal(read_vector_matrix(store, ref, subset), np.stack([by_id[s] for s in subset]))
+    missing = [sample_id(b"a"), sample_id(b"b")]
+    with pytest.raises(ValueError, match=f"3 of 5 requested sample ids are not in vector table .*{missing[0]}"):
+        read_vector_matrix(store, ref, [ids[1], missing[0], missing[1], missing[0], ids[2]])
+    with pytest.raises(ValueError, match="64 lowercase hex digits"):
+        read_vector_matrix(store, ref, [ids[0].upper()])
+
+
+def test_vector_table_with_a_damaged_footer_or_tail_is_reported_corrupted(store):
+    ids, mat = vectors(30)
+    ref = write_vectors(store, ids, mat, CLIP)
+    path = store._path(store._rel_from_uri(ref.artifact.uri))
+    data = bytearray(store.fs.cat_file(path))
+    data[-20] ^= 0x01  # inside the Parquet footer
+    store.fs.pipe_file(path, bytes(data))
+    with pytest.raises(ArtifactCorruptedError, match=ref.artifact.sha256[:12]):
+        read_vector_matrix(store, ref)
+    store.fs.pipe_file(path, bytes(data[:-100]))  # truncated
+    with pytest.raises(ArtifactCorruptedError, match=ref.artifact.sha256[:12]):
+        read_vectors(store, ref)
+    data[-20] ^= 0x01
+    store.fs.pipe_file(path, bytes(data) + b"tail")  # the right bytes, and more
+    with pytest.raises(ArtifactCorruptedError, match=rf"found .* \({ref.artifact.size + 4} bytes\)"):
+        read_vector_matrix(store, ref)
+
+
+def test_write_vector_chunks_checks_order_dims_and_values(store):
+    ids, mat = vectors(10, 3)
+    order = np.argsort(ids)
+    ids, mat = [ids[i] for i in order], mat[order]
+    assert write_vector_chunks(store, [(ids[:4], mat[:4]), (ids[4:], mat[4:])], CLIP) == \
+        write_vectors(store, ids, mat, CLIP)
+    with pytest.raises(ValueError, match="strictly ascending"):
+        write_vector_chunks(store, [(ids[4:], mat[4:]), (ids[:4], mat[:4])], CLIP)
+    with pytest.raises(ValueError, match="strictly ascending"):
+        write_vector_chunks(store, [(ids[:4] + ids[3:4], mat[:5])], CLIP)
+    with pytest.raises(ValueError, match="chunk of dim 2 after chunks of dim 3"):
+        write_vector_chunks(store, [(ids[:4], mat[:4]), (ids[4:], mat[4:, :2])], CLIP)
+    bad = mat.copy()
+    bad[6, 0] = np.inf
+    with pytest.raises(ValueError, match=f"sample {ids[6]} has non-finite"):
+        write_vector_chunks(store, [(ids, bad)], CLIP)
+    with pytest.raises(ValueError, match="empty vector table"):
+        write_vector_chunks(store, [], CLIP)
+    with pytest.raises(ValueError, match="3 sample ids for a chunk of 4 rows"):
+        write_vector_chunks(store, [(ids[:3], mat[:4])], CLIP)
+
+
+def test_read_vectors_of_a_large_pool_holds_one_copy_and_no_per_sample_objects(tmp_path, monkeypatch):
+    """Defect: reading a pool's rows by id held the file's bytes, a str and a dict entry per sample and a
+    reordered copy (~4x the matrix). Now: the output, the ids as bytes, and one (small here) row group."""
+    from storage.artifacts import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "store")
+    N, k = 100_000, 16
+    ids = [f"{(i * 2654435761) % (1 << 64):064x}" for i in range(N)]
+    mat = np.random.default_rng(0).standard_normal((N, k)).astype(np.float32)
+    with monkeypatch.context() as patch:
+        patch.setattr(storage.datasets, "DEFAULT_SHARD_ROWS", 4096)
+        ref = write_vectors(store, ids, mat, CLIP)
+    wanted = sorted(ids)
+    read_vectors(store, ref, sample_ids=wanted[:10])  # first use: lazy imports and caches
+    tracemalloc.start()
+    try:
+        got = read_vectors(store, ref, sample_ids=wanted)[1]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, mat[np.argsort(ids)])
+    assert peak < 1.25 * (mat.nbytes + N * 64), (peak / 2**20, mat.nbytes / 2**20)
+
+
+def test_vector_table_out_of_id_order_is_malformed(store):
+    """A table not written by write_vectors (ids out of order) is refused, naming it, not silently misread."""
+    import pyarrow.parquet as pq
+
+    ids, mat = vectors(6, 2)
+    ref = write_vectors(store, ids, mat, CLIP)
+    table = pq.read_table(pa.BufferReader(store.get_bytes(ref.artifact)))
+    shuffled = table.take([1, 0, 2, 3, 4, 5]).cast(table.schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(shuffled, sink)
+    bad = VectorTableRef(store.put_bytes(sink.getvalue().to_pybytes(), "embeddings", ".parquet"), ref.kind,
+                         ref.producer, ref.producer_digest, ref.num_rows, ref.dim)
+    with pytest.raises(MalformedRecordError, match=f"vector table {bad.artifact.uri} is not sorted by sample id"):
+        read_vector_matrix(store, bad)

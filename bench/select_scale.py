@@ -1,0 +1,187 @@
+"""The select stage at N = 10^5, 10^6, 10^7 (m = 64, n = 10 000): wall time and peak RSS per phase.
+
+For each N a synthetic sketch table (50 clusters, as in bench/skmm_end_to_end.py; ids random-looking 64-hex
+strings in sorted order) is written in chunks to a temporary local store by one process. Then each method runs in
+a fresh process, so that no peak hides another, through the select stage's own steps:
+
+1. ``ids``: the train split's ids as one sorted fixed-width byte array (what ``tasks.select.train_split``
+   returns; generated here, because a dataset of 10^7 sample rows is a benchmark of its own);
+2. ``read``: ``read_vector_matrix`` of those ids: verified, row group by row group, into one float32 N × m array;
+3. ``fit``: the selector on that array (convex SkMM: 500 FISTA steps; SkMMv2: one pass over the sketch per row).
+
+Peak RSS is the process's ru_maxrss after each phase (imports included: torch comes with skmm.select) and, for
+the whole process, the parent's os.wait4 rusage of the child (which exits without interpreter teardown).
+Results merge into bench/out/select_scale.json.
+Run: .venv/bin/python bench/select_scale.py [--sizes 100000,1000000] [--methods skmm,skmm_v2,skmm_best]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+CHUNK = 1 << 16
+HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+PRODUCER = {"bench": "select_scale", "clusters": 50}
+
+
+def sorted_ids(N: int, seed: int = 0) -> np.ndarray:
+    """N distinct random-looking sample ids in ascending order, as an ``S64`` array (64 bytes each)."""
+    rng = np.random.default_rng(seed)
+    heads = np.unique(rng.integers(0, 2**63, size=N + N // 100 + 16, dtype=np.uint64))[:N]
+    if len(heads) < N:
+        raise RuntimeError("id collision: raise the head range")
+    out = np.empty((N, 64), dtype=np.uint8)
+    for lo in range(0, N, CHUNK):
+        rows = min(CHUNK, N - lo)
+        raw = np.empty((rows, 32), dtype=np.uint8)
+        raw[:, :8] = heads[lo:lo + rows, None].byteswap().view(np.uint8).reshape(rows, 8)  # big-endian: sorted
+        raw[:, 8:] = rng.integers(0, 256, size=(rows, 24), dtype=np.uint8)
+        out[lo:lo + rows, 0::2] = HEX[raw >> 4]
+        out[lo:lo + rows, 1::2] = HEX[raw & 15]
+    return out.view("S64").reshape(N)
+
+
+def sketch_chunks(ids: np.ndarray, m: int, seed: int = 0):
+    """(ids, rows) chunks of a 50-cluster float32 sketch, drawn chunk by chunk."""
+    rng = np.random.default_rng(seed + 1)
+    centers = (rng.standard_normal((50, m)) * rng.uniform(0.5, 5.0, (50, 1))).astype(np.float32)
+    for lo in range(0, len(ids), CHUNK):
+        rows = min(CHUNK, len(ids) - lo)
+        yield ids[lo:lo + rows], centers[rng.integers(0, 50, rows)] + 0.3 * rng.standard_normal((rows, m), np.float32)
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def prepare(store_dir: str, N: int, m: int) -> None:
+    """Child: write the sketch table; print its ref as JSON."""
+    from storage.artifacts import ArtifactStore
+    from storage.datasets import write_vector_chunks
+
+    start = time.perf_counter()
+    ref = write_vector_chunks(ArtifactStore(store_dir), sketch_chunks(sorted_ids(N), m), PRODUCER, kind="sketch")
+    print(json.dumps({"ref": ref.to_dict(), "write_s": round(time.perf_counter() - start, 2),
+                      "file_mib": round(ref.artifact.size / 2**20, 1), "peak_rss_mib": round(peak_mib(), 1)}))
+
+
+def measure(store_dir: str, ref_json: str, method: str, n: int, max_iter: int) -> None:
+    """Child: the select stage's phases on the stored sketch; print wall time and peak RSS per phase as JSON."""
+    from skmm.select import make_selector
+    from storage.artifacts import ArtifactStore
+    from storage.datasets import VectorTableRef, read_vector_matrix
+
+    ref = VectorTableRef.from_dict(json.loads(ref_json))
+    phases: dict[str, dict[str, float]] = {}
+    result = {"rss_after_imports_mib": round(peak_mib(), 1), "phases": phases}
+
+    def phase(name: str, fn):
+        start = time.perf_counter()
+        value = fn()
+        phases[name] = {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak_mib(), 1)}
+        return value
+
+    ids = phase("ids", lambda: sorted_ids(ref.num_rows))
+    S = phase("read", lambda: read_vector_matrix(ArtifactStore(store_dir), ref, ids))
+    params = {"max_iter": max_iter} if method in ("skmm", "skmm_best") else {}
+    sel = phase("fit", lambda: make_selector(method, n, random_state=0, **params).fit(S))
+    chosen = [s.decode() for s in ids[sel.indices_]]
+    info = sel.selection_.info
+    result.update({"sketch_mib": round(S.nbytes / 2**20, 1), "ids_mib": round(ids.nbytes / 2**20, 1),
+                   "selected": len(chosen), "chosen": info.get("chosen"), "steps": info.get("steps")})
+    print(json.dumps(result))
+
+
+def run_child(args: list[str], timeout: float) -> tuple[dict, float, float]:
+    """Run this script as a child; return (its JSON line, wall seconds, its peak RSS in MiB from wait4)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([sys.executable, __file__, *args], stdout=out, text=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.2)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        lines = [line for line in out.read().splitlines() if line.startswith("{")]
+    wall = time.perf_counter() - start
+    if proc.returncode != 0 or not lines:
+        return {"error": f"exit {proc.returncode} after {wall:.0f} s"}, wall, usage.ru_maxrss / 1024.0
+    return json.loads(lines[-1]), wall, usage.ru_maxrss / 1024.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated pool sizes N")
+    parser.add_argument("--methods", default="skmm,skmm_v2,skmm_best")
+    parser.add_argument("--sketch-dim", type=int, default=64)
+    parser.add_argument("--budget", type=int, default=10_000)
+    parser.add_argument("--v2-budget", type=int, default=None,
+                        help="budget for skmm_v2 (one pass over the sketch per row: costly at 10^7)")
+    parser.add_argument("--max-iter", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
+    parser.add_argument("--store", default=None, help="folder for the sketch tables (default: a temporary one)")
+    sub = parser.add_subparsers(dest="child")
+    p = sub.add_parser("prepare")
+    p.add_argument("store_dir")
+    p.add_argument("N", type=int)
+    p.add_argument("m", type=int)
+    q = sub.add_parser("measure")
+    q.add_argument("store_dir")
+    q.add_argument("ref")
+    q.add_argument("method")
+    q.add_argument("n", type=int)
+    q.add_argument("max_iter", type=int)
+    args = parser.parse_args()
+    if args.child:
+        if args.child == "prepare":
+            prepare(args.store_dir, args.N, args.m)
+        else:
+            measure(args.store_dir, args.ref, args.method, args.n, args.max_iter)
+        sys.stdout.flush()
+        os._exit(0)  # skip interpreter teardown: tearing down torch alone adds ~125 MiB to the process's peak
+
+    # bench/_common imports torch: the parent stays small until the children are done, because a child's ru_maxrss
+    # starts from its parent's RSS at fork time
+    here = pathlib.Path(__file__).resolve().parent
+    previous = pathlib.Path(os.environ.get("SKMM_BENCH_OUT", here / "out")) / "select_scale.json"
+    runs = json.loads(previous.read_text())["runs"] if previous.exists() else []
+    with tempfile.TemporaryDirectory(prefix="skmm-select-scale-", dir=args.store) as root:
+        for N in (int(float(s)) for s in args.sizes.split(",")):
+            store_dir = os.path.join(root, f"store-{N}")
+            made, _, made_peak = run_child(["prepare", store_dir, str(N), str(args.sketch_dim)], args.timeout)
+            print(json.dumps({"N": N, "prepare": made, "prepare_peak_rss_mib": round(made_peak, 1)}), flush=True)
+            if "ref" not in made:
+                continue
+            for method in args.methods.split(","):
+                n = args.v2_budget if method == "skmm_v2" and args.v2_budget else args.budget
+                got, wall, peak = run_child(["measure", store_dir, json.dumps(made["ref"]), method, str(n),
+                                             str(args.max_iter)], args.timeout)
+                run = {"N": N, "m": args.sketch_dim, "n": n, "method": method, "child_wall_s": round(wall, 1),
+                       "peak_rss_mib": round(peak, 1), **got}
+                print(json.dumps(run), flush=True)
+                runs = [r for r in runs if (r["N"], r["method"], r["n"]) != (N, method, n)] + [run]
+    sys.path.insert(0, str(here))
+    from _common import record
+
+    record("select_scale", {"runs": sorted(runs, key=lambda r: (r["N"], r["method"], r["n"]))})
+
+
+if __name__ == "__main__":
+    main()
