@@ -316,7 +316,8 @@ def curate(
                 emb = ing["vectors"]
             else:
                 emb, counts = embed_with_counts(ing["dataset"], model.model_dump(), store, opts,
-                                                batch_size=batch_size, progress=progress)
+                                                batch_size=batch_size, progress=progress,
+                                                max_pixels=source.max_pixels)
             emb_inputs = [VectorTableRef.from_dict(emb).artifact]
             rec.complete("embed", outputs=emb_inputs, metrics=counts)
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from prefect import task
 
-from skmm.models.clip import ClipSpec, embed_images
+from skmm.models.clip import MAX_PIXELS, ClipSpec, embed_images
 from storage.artifacts import ArtifactStore
 from storage.datasets import (
     DatasetRef,
@@ -99,7 +99,8 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 def run_embed_shard(shard: dict, model: dict[str, Any], store: dict, batch_size: int = 64,
-                    device: str | None = None, progress: bool = False, catalog_run: str | None = None) -> dict:
+                    device: str | None = None, progress: bool = False, catalog_run: str | None = None,
+                    max_pixels: int = MAX_PIXELS) -> dict:
     """The features of one dataset shard, embedding only the samples the feature catalog does not hold.
 
     Returns ``{"vectors": <VectorTableRef dict>, "embedded": n, "reused": m}``."""
@@ -112,7 +113,8 @@ def run_embed_shard(shard: dict, model: dict[str, Any], store: dict, batch_size:
     catalog = feature_catalog(st, spec, catalog_run)
     known = catalog.lookup(ids)
     todo = [i for i, sid in enumerate(ids) if sid not in known.vectors]
-    fresh = (embed_images([images[i] for i in todo], spec, batch_size=batch_size, device=device, progress=progress)
+    fresh = (embed_images([images[i] for i in todo], spec, batch_size=batch_size, device=device, progress=progress,
+                          max_pixels=max_pixels)
              if todo else None)
     dim = fresh.shape[1] if fresh is not None else len(next(iter(known.vectors.values())))
     if any(len(v) != dim for v in known.vectors.values()):
@@ -157,13 +159,15 @@ def run_embed(dataset: dict, model: dict[str, Any], store: dict, batch_size: int
 
 
 @task(name="embed", cache_policy=ContentCache(code_version=CODE_VERSION,
-                                              ignore=("batch_size", "device", "progress", "catalog_run")),
+                                              ignore=("batch_size", "device", "progress", "catalog_run",
+                                                      "max_pixels")),
       persist_result=True, result_serializer="json", **RETRY)
 def embed_shard(shard: dict, model: dict[str, Any], store: dict, batch_size: int = 64, device: str | None = None,
-                progress: bool = False, catalog_run: str | None = None) -> dict:
+                progress: bool = False, catalog_run: str | None = None, max_pixels: int = MAX_PIXELS) -> dict:
     """Prefect task: the features of one dataset shard (``catalog_run``, not in the cache key, groups the shards
-    of one run so that they list the feature catalog once)."""
-    return run_embed_shard(shard, model, store, batch_size, device, progress, catalog_run)
+    of one run so that they list the feature catalog once; ``max_pixels``, not in it either, is the ingest's
+    limit: the images in the dataset passed it, and their features do not depend on it)."""
+    return run_embed_shard(shard, model, store, batch_size, device, progress, catalog_run, max_pixels)
 
 
 @task(name="embed-combine", cache_policy=ContentCache(code_version=CODE_VERSION), persist_result=True,
@@ -174,14 +178,14 @@ def combine_embeddings(parts: list[dict], store: dict) -> dict:
 
 
 def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: dict, batch_size: int = 64,
-                      progress: bool = False) -> tuple[dict, dict[str, int]]:
+                      progress: bool = False, max_pixels: int = MAX_PIXELS) -> tuple[dict, dict[str, int]]:
     """:func:`embed`, also returning what this run did: ``shards``, ``shards_cached`` (task cache hits),
     ``samples_cached`` (their rows), ``samples_embedded`` (through the tower) and ``samples_reused`` (from the
     feature catalog). Call inside a flow."""
     run = uuid.uuid4().hex
     shards = shards_of(dataset, store)
     futures = [embed_shard.with_options(**opts).submit(sh, model, store, batch_size=batch_size, progress=progress,
-                                                       catalog_run=run) for sh in shards]
+                                                       catalog_run=run, max_pixels=max_pixels) for sh in shards]
     try:
         results = [f.result() for f in futures]
     finally:  # shards that ran in this process shared one catalog; the run is over
