@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import math
@@ -27,7 +28,7 @@ import pyarrow as pa
 
 from storage.artifacts import ArtifactRef
 from storage.datasets import SPLITS, DatasetRef, VectorTableRef
-from storage.errors import redact
+from storage.errors import StorageError, redact
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -216,10 +217,42 @@ def norm_split(value: Any, where: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- decode check
 def one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line, at most ~160 characters, without object addresses."""
-    text = " ".join(str(exc).split())
+    """``Type: message`` on one line, at most ~160 characters, without object addresses or credentials (it goes
+    into quarantine tables and logs, and I/O errors quote URLs)."""
+    text = " ".join(redact(str(exc)).split())
     text = _ADDRESS.sub("<data>", text)
     return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+
+
+# A dead host (refused, unreachable, unknown name) is not transient: web-scraped manifests list many dead links,
+# and those are quarantined like missing files.
+_TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EAGAIN}
+_TRANSIENT_NAMES = ("Timeout", "ServerDisconnected", "ClientPayloadError", "ResponseStreamingError",
+                    "IncompleteRead", "SlowDown", "ServiceUnavailable", "InternalError")
+
+
+def transient_read_error(exc: BaseException) -> bool:
+    """Whether a failed read may succeed if tried again (a timeout, a reset connection, EIO, a throttled or failing
+    object store), rather than say something about the file itself (missing, unreadable, not an image)."""
+    for err in (exc, exc.__cause__, exc.__context__):
+        if err is None:
+            continue
+        if isinstance(err, ConnectionResetError | ConnectionAbortedError | BrokenPipeError | TimeoutError):
+            return True
+        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+            return True
+        if any(name in type(err).__name__ or name in str(err)[:300] for name in _TRANSIENT_NAMES):
+            return True
+    return False
+
+
+def raise_if_transient(exc: BaseException, what: str) -> None:
+    """Re-raise a transient read failure of ``what`` as a transient StorageError (so the task retries and nothing
+    is cached: the cache key is the source's metadata, which a failed read does not change); return otherwise,
+    for the caller to quarantine the input."""
+    if transient_read_error(exc):
+        raise StorageError(f"cannot read {what} ({one_line(exc)}); nothing was ingested or cached: rerun when it "
+                           "is reachable", transient=True) from None
 
 
 def decode_problem(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:

@@ -17,6 +17,7 @@ from storage.ingest.common import (
     check_common,
     decode_problem,
     one_line,
+    raise_if_transient,
     shown_path,
 )
 from storage.ingest.listing import ListedFile, open_image_folder
@@ -40,6 +41,7 @@ def read_and_check(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
     except FileNotFoundError:
         return None, None, "missing file"
     except OSError as exc:
+        raise_if_transient(exc, shown_path(path))
         return None, None, f"cannot read file: {one_line(exc)}"
     problem = decode_problem(data, max_pixels)
     return (None, None, problem) if problem else (sample_id(data), data, None)

@@ -40,6 +40,7 @@ from storage.ingest.common import (
     norm_label,
     norm_split,
     one_line,
+    raise_if_transient,
 )
 from storage.ingest.reading import CredentialsMissingError, SourceFiles, ordered_map
 from storage.ingest.writer import DatasetWriter
@@ -222,7 +223,8 @@ def fetch_and_check(target: str, files: SourceFiles,
         return None, None, "not a file (a directory)"
     except _NotRegular:
         return None, None, "not a regular file"
-    except Exception as exc:  # permissions, network, credentials: one line per file, the run goes on
+    except Exception as exc:  # permissions, credentials: one line per file, the run goes on
+        raise_if_transient(exc, redact(target))  # timeouts, resets, 5xx: retried, never cached as quarantine
         return None, None, f"cannot read file: {_reason(exc)}"
     problem = decode_problem(data, max_pixels)
     return (None, None, problem) if problem else (sample_id(data), data, None)

@@ -44,6 +44,7 @@ from storage.ingest.common import (
     is_url,
     norm_label,
     one_line,
+    raise_if_transient,
 )
 from storage.ingest.manifest import source_uri
 from storage.ingest.reading import CredentialsMissingError, SourceFiles, ordered_map
@@ -175,6 +176,7 @@ def _tar_items(shard: str, files: SourceFiles, label_from: Sequence[str], json_f
         yield tar_uri, "", None, "missing file"
         return
     except Exception as exc:
+        raise_if_transient(exc, tar_shown)
         reason = str(exc) if isinstance(exc, CredentialsMissingError) else one_line(exc)
         yield tar_uri, "", None, f"cannot read file: {reason}"
         return
@@ -205,6 +207,9 @@ def _tar_items(shard: str, files: SourceFiles, label_from: Sequence[str], json_f
                     else:
                         members.setdefault(ext, (info.name, data))
         except (tarfile.TarError, OSError, EOFError) as exc:
+            raise_if_transient(exc, tar_shown)
+            if key is not None:  # the sample being assembled when the tar broke is lost with the rest
+                yield f"{tar_uri}#{key}", "", None, "cut off by the tar's damage (see the tar's own row)"
             yield tar_uri, "", None, f"cannot read tar (after {n} samples): {one_line(exc)}"
             return
     if key is not None:

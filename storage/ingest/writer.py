@@ -25,7 +25,8 @@ nobody references until the manifest — written last — names them; if anythin
 written are unreferenced and harmless (a retry reuses them). The spill folder is removed in every case (the
 writer is a context manager). It lives beside a local store's staging files (``<store>/tmp/.<hex>-ingest-*``, on
 the store's disk, named like them so that a killed run's spill is swept by the store's staging cleanup) or, for a
-remote store, in the system temporary folder (``TMPDIR``); it needs room for the pool's bytes.
+remote store, in this user's staging folder in the system temporary folder (``TMPDIR``), swept the same way; it
+needs room for the pool's bytes.
 
 Memory: O(``SPILL_BUFFER_BYTES`` + ``BUCKET_BYTES`` + one shard) for the bytes, plus ~100–150 bytes of
 bookkeeping per unique sample and the quarantine list (one short line per rejected input).
@@ -196,11 +197,11 @@ class _ShardCutter:
 
 
 def _spill_root(store: ArtifactStore) -> str | None:
-    if store.is_local:
-        root = os.path.join(store.root, "tmp")
+    """The store's staging folder (swept of old leftovers by ``clean_staging``), created if needed."""
+    root = store.staging_dir()  # <store>/tmp, or this user's private staging folder for a remote store
+    if root is not None:
         os.makedirs(root, exist_ok=True)
-        return root
-    return None  # the system temporary folder
+    return root
 
 
 class DatasetWriter:
