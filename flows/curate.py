@@ -66,7 +66,7 @@ MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet")
 
 def _is_webdataset(path: str, local: bool) -> bool:
     """A .tar shard, a brace pattern or glob of them (local or URL), or a local folder of .tar files only."""
-    if path.lower().endswith((".tar", ".tar}")):
+    if path.lower().endswith((".tar", ".tar}", ".tar.gz", ".tar.gz}", ".tgz", ".tgz}")):
         return True
     folder = pathlib.Path(path)
     if not local or not folder.is_dir():

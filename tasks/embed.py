@@ -48,9 +48,10 @@ from tasks.store import open_store
 __all__ = ["combine_embeddings", "embed", "embed_shard", "embed_with_counts", "run_embed", "run_embed_shard",
            "shards_of"]
 
-# embed-3: fixed-shape blocks (bitwise batch-invariant features). Per-sample reuse changed no output byte, so the
-# cache keys (and every table already cached) stay valid; the catalog is scoped by this version too.
-CODE_VERSION = "embed-3"
+# embed-3: fixed-shape blocks (bitwise batch-invariant features). embed-4: 16-bit, I and F images decoded
+# faithfully (they were clipped to white), so their features changed; 8-bit images' did not. The feature catalog is
+# scoped by this version too (per-sample reuse itself changed no output byte).
+CODE_VERSION = "embed-4"
 KIND = "embeddings"
 
 _CATALOGS: OrderedDict[tuple[str, str, str], FeatureCatalog] = OrderedDict()

@@ -23,7 +23,7 @@ from tasks.store import open_store
 __all__ = ["STRENGTHS", "finetune_last_layers", "linear_probe", "run_finetune_last_layers", "run_linear_probe"]
 
 CODE_VERSION = "finetune-lp-1"
-FT_CODE_VERSION = "finetune-ft-2"
+FT_CODE_VERSION = "finetune-ft-3"  # ft-3: 16-bit, I and F images decoded faithfully (skmm.models.clip)
 STRENGTHS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
