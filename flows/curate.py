@@ -23,6 +23,7 @@ from skmm.models.clip import check_model_name
 from skmm.select import SELECTORS
 from storage.artifacts import ArtifactRef
 from storage.datasets import DatasetRef, VectorTableRef
+from storage.ingest import DEFAULT_MAX_PIXELS
 from storage.lineage import LineageRecorder, code_provenance
 from storage.runs import record_run_result
 from tasks.embed import embed_with_counts
@@ -48,7 +49,7 @@ class SourceConfig(BaseModel):
     test_fraction: float = Field(0.15, gt=0, lt=1)
     seed: int = Field(0, ge=0)
     shard_rows: PositiveInt = 2048  # rows per Parquet shard: the unit the embed stage runs in parallel
-    max_pixels: PositiveInt = 89_478_485  # larger images are quarantined (Pillow's default MAX_IMAGE_PIXELS)
+    max_pixels: PositiveInt = DEFAULT_MAX_PIXELS  # larger images are quarantined (Pillow's default limit)
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceConfig:
@@ -77,7 +78,7 @@ def _is_webdataset(path: str, local: bool) -> bool:
 
 
 def source_config(source: str = "digits", embeddings: bool = False, image_size: int = 32, seed: int = 0,
-                  absolute: bool = False, max_pixels: int = 89_478_485) -> SourceConfig:
+                  absolute: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> SourceConfig:
     """The SourceConfig a command-line source names: 'digits', an image folder, WebDataset shards (a .tar file,
     a folder of .tar files, a brace pattern like ``shards-{000000..000009}.tar`` or a glob like
     ``s3://bucket/pool/*.tar``), a manifest (.csv/.tsv/.parquet, or an existing local file) or, with

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from storage.errors import redact
-from storage.ingest.common import IMAGE_EXTENSIONS, SourceError, SourceNotFoundError, absolute, shown_path
+from storage.ingest.common import IMAGE_EXTENSIONS, SourceError, SourceNotFoundError, absolute, is_url, shown_path
 
 __all__ = ["ImageFolder", "ListedFile", "open_image_folder"]
 
@@ -115,7 +115,7 @@ def open_image_folder(folder: str | os.PathLike) -> ImageFolder:
     """Check and open ``folder/<label>/**/<image>``; raises SourceNotFoundError (missing) or SourceError (a URL,
     not a directory, empty, no class subfolders, a class name that is not UTF-8), each naming the folder."""
     text = os.fspath(folder)
-    if "://" in text and not text.startswith("file://"):
+    if is_url(text):
         raise SourceError(f"image folder must be a local folder, got {redact(text)}; list remote files in a "
                           "manifest (or pack them as WebDataset tar shards)")
     root = absolute(text)

@@ -122,19 +122,20 @@ def manifest_records(url: str, files: SourceFiles,
     except IsADirectoryError:
         raise SourceError(f"manifest {shown} is a directory, not a table") from None
     except Exception as exc:
-        raise SourceError(f"cannot read manifest {shown}: {_reason(exc)}") from None
+        raise SourceError(f"cannot read manifest {shown}: {read_problem(exc)}") from None
     with fh:
         try:
             columns, records, raw = _records(fh, fmt, codec, digest)
         except Exception as exc:
-            raise SourceError(f"cannot read manifest {shown}: {_reason(exc)}") from None
+            raise SourceError(f"cannot read manifest {shown}: {read_problem(exc)}") from None
         yield columns, _guarded(records, shown)
         if digest is not None and fmt != "parquet":
             while raw.read(4 * 2**20):  # whatever the parser left (e.g. a compressed stream's trailer)
                 pass
 
 
-def _reason(exc: BaseException) -> str:
+def read_problem(exc: BaseException) -> str:
+    """Why a source or input could not be read: the missing-credentials hint as written, else the error on one line."""
     return str(exc) if isinstance(exc, CredentialsMissingError) else one_line(exc)
 
 
@@ -144,7 +145,7 @@ def _guarded(records: Iterator[dict[str, Any]], shown: str) -> Iterator[dict[str
     except (OSError, ValueError, csv.Error, pa.ArrowException) as exc:
         if isinstance(exc, SourceError):
             raise
-        raise SourceError(f"cannot read manifest {shown}: {_reason(exc)}") from None
+        raise SourceError(f"cannot read manifest {shown}: {read_problem(exc)}") from None
 
 
 def manifest_base(url: str, base_dir: str | os.PathLike | None) -> str:
@@ -225,7 +226,7 @@ def fetch_and_check(target: str, files: SourceFiles,
         return None, None, "not a regular file"
     except Exception as exc:  # permissions, credentials: one line per file, the run goes on
         raise_if_transient(exc, redact(target))  # timeouts, resets, 5xx: retried, never cached as quarantine
-        return None, None, f"cannot read file: {_reason(exc)}"
+        return None, None, f"cannot read file: {read_problem(exc)}"
     problem = decode_problem(data, max_pixels)
     return (None, None, problem) if problem else (sample_id(data), data, None)
 

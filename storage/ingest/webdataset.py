@@ -46,8 +46,8 @@ from storage.ingest.common import (
     one_line,
     raise_if_transient,
 )
-from storage.ingest.manifest import source_uri
-from storage.ingest.reading import CredentialsMissingError, SourceFiles, ordered_map
+from storage.ingest.manifest import read_problem, source_uri
+from storage.ingest.reading import SourceFiles, ordered_map
 from storage.ingest.writer import DatasetWriter
 
 __all__ = ["LABEL_SOURCES", "expand_braces", "ingest_webdataset", "resolve_shards"]
@@ -177,8 +177,7 @@ def _tar_items(shard: str, files: SourceFiles, label_from: Sequence[str], json_f
         return
     except Exception as exc:
         raise_if_transient(exc, tar_shown)
-        reason = str(exc) if isinstance(exc, CredentialsMissingError) else one_line(exc)
-        yield tar_uri, "", None, f"cannot read file: {reason}"
+        yield tar_uri, "", None, f"cannot read file: {read_problem(exc)}"
         return
     keep = _IMAGE_EXTS | set(label_from)
     key: str | None = None
