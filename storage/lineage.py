@@ -55,6 +55,7 @@ __all__ = [
     "canonical_json",
     "code_provenance",
     "config_hash",
+    "event_record",
     "event_refs",
     "git_commit",
     "parse_event",
@@ -410,3 +411,21 @@ def event_refs(event: dict[str, Any]) -> dict[str, Any]:
     return {"inputs": refs(event.get("inputs", [])), "outputs": refs(event.get("outputs", [])),
             "selection": ArtifactRef.from_dict(sk["selection"]) if sk.get("selection") else None,
             "model": ArtifactRef.from_dict(sk["model"]) if sk.get("model") else None}
+
+
+def event_record(event: dict[str, Any]) -> dict[str, Any]:
+    """A parsed event as one flat record, whatever the event format version: the contract the index builds on.
+
+    Keys: run_id, event_type, event_time (ISO str), stage, seq, flow_run_id, attempt (int|None), git_commit,
+    skmm_version, config_hash, error, metrics (dict|None), and the refs of :func:`event_refs` (inputs, outputs,
+    selection, model).
+    """
+    facets = event["run"].get("facets", {})
+    sk = event["skmm"]
+    attempt = facets.get("attempt")
+    return {"run_id": event["run"]["runId"], "event_type": event["eventType"], "event_time": event["eventTime"],
+            "stage": event["job"]["name"], "seq": sk["seq"], "flow_run_id": facets.get("flow_run_id"),
+            "attempt": attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+            "git_commit": facets.get("git_commit"), "skmm_version": facets.get("skmm_version"),
+            "config_hash": facets.get("config_hash"), "error": sk.get("error"), "metrics": sk.get("metrics"),
+            **event_refs(event)}
