@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from skmm.canonical_json import canonical_json
 from storage.artifacts import ArtifactRef, ArtifactStore, _translate
 from storage.errors import MalformedRecordError, StorageError
 
@@ -128,7 +129,7 @@ def producer_digest(producer: Mapping[str, Any]) -> str:
 
 def _canonical_json(obj: Any) -> str:
     try:
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return canonical_json(obj, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"producer must be plain JSON (dicts, lists, str, finite numbers): {exc}") from None
 
@@ -180,7 +181,7 @@ class DatasetManifest:
 
     def to_json(self) -> bytes:
         """Canonical bytes (sorted keys, no whitespace): equal manifests are equal artifacts."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode("ascii")
+        return canonical_json(self.to_dict()).encode("ascii")
 
     @classmethod
     def from_dict(cls, data: Any) -> DatasetManifest:

@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from skmm.canonical_json import canonical_json
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.datasets import VectorTableRef, read_vectors
 from storage.errors import ArtifactNotFoundError, MalformedRecordError, StorageError
@@ -72,7 +73,7 @@ class CatalogEntry:
         """Canonical bytes (sorted keys, no whitespace): the same table gives the same entry."""
         body = {"format": ENTRY_FORMAT, "vectors": self.vectors.to_dict(), "min_id": self.min_id,
                 "max_id": self.max_id, "num_rows": self.vectors.num_rows}
-        return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+        return canonical_json(body, allow_nan=False).encode("ascii")
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> CatalogEntry:

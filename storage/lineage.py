@@ -1,27 +1,31 @@
-"""Run lineage as immutable, OpenLineage-shaped event objects in the artifact store.
+"""Run lineage as immutable OpenLineage RunEvents in the artifact store, also sent to an OpenLineage backend.
 
 Every pipeline run writes its own small JSON events — START, COMPLETE or FAIL per stage — at
 ``lineage/events/<run_id>/<seq>-<stage>-<eventType>-<uuid>.json`` with :meth:`ArtifactStore.put_immutable`.
 Nothing is ever updated in place, so any number of processes on any number of machines can record runs into the
 same store (local folder or S3) without locks; the DuckDB index (:mod:`storage.index`) is derived from these
-objects and can be rebuilt at any time.
+objects and can be rebuilt at any time. Each event is also emitted through the ``openlineage-python`` client's
+standard configuration (:mod:`storage.openlineage`; nothing is sent when none is configured).
 
-An event looks like an OpenLineage RunEvent::
+Events are built with the client's classes (format version 2). Each stage execution is an OpenLineage run of
+the job ``skmm/<stage>`` with its own runId, whose standard ``parent`` facet names the skmm run
+(job ``skmm/run``, runId = the skmm run id); datasets are named by the OpenLineage naming convention
+(:func:`dataset_naming`: a local file is namespace ``file``, name = its absolute path; ``s3://bucket/key`` is
+namespace ``s3://bucket``, name ``key``). skmm's own data ride in custom facets with ``_producer`` and
+``_schemaURL`` (schemas in ``storage/schemas/``)::
 
-    {"eventType": "COMPLETE", "eventTime": "2026-01-01T00:00:00.000000Z",
-     "producer": "skmm", "schemaURL": "https://openlineage.io/spec/2-0-2/OpenLineage.json#/definitions/RunEvent",
-     "run": {"runId": "<uuid>", "facets": {"flow_run_id": ..., "git_commit": ..., "skmm_version": ...,
-                                           "config_hash": ...}},
-     "job": {"namespace": "skmm", "name": "<stage>"},
-     "inputs": [{"namespace": "file", "name": "<uri>", "facets": {"sha256": ..., "size": ..., "kind": ...}}],
-     "outputs": [...],
-     "skmm": {"version": 1, "seq": 3, "stage": "<stage>", "selection": <ref|null>, "model": <ref|null>,
-              "metrics": {...} | null, "error": "<one line>" | null}}
+    run.facets.skmm_run = {run_id, seq, stage, flow_run_id, attempt, git_commit, skmm_version, config_hash,
+                           selection, model, metrics, error, version: 2}
+    run.facets.errorMessage                     (FAIL: the standard ErrorMessageRunFacet)
+    inputs/outputs[].facets.skmm_artifact = {uri, sha256, size, kind}   (+ the standard ``version`` = sha256)
+
+Stores written before hold format-1 events (skmm data in a top-level ``skmm`` object): :func:`parse_event`,
+:func:`event_refs` and :func:`event_record` read both.
 
 Guarantees: a COMPLETE event is written only after every artifact it names exists (a ref pointing at a missing
 artifact is refused with ArtifactNotFoundError), so a writer killed at any point leaves, at worst, a START
 without its COMPLETE — never a record pointing at nothing. Error strings are redacted; the config is recorded
-only by its hash.
+only by its hash. Null values are dropped from the events (the client's serialisation).
 """
 
 from __future__ import annotations
@@ -44,6 +48,20 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import attr
+from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
+from openlineage.client.generated.base import DatasetFacet, JobFacet, RunFacet
+from openlineage.client.generated.dataset_version_dataset import DatasetVersionDatasetFacet
+from openlineage.client.generated.error_message_run import ErrorMessageRunFacet
+from openlineage.client.generated.job_type_job import JobTypeJobFacet
+from openlineage.client.generated.parent_run import Job as ParentJob
+from openlineage.client.generated.parent_run import ParentRunFacet
+from openlineage.client.generated.parent_run import Run as ParentRun
+from openlineage.client.naming.dataset import GCS, S3, LocalFileSystem, RemoteFileSystem
+from openlineage.client.serde import Serde
+from openlineage.client.uuid import generate_new_uuid
+
+from skmm.canonical_json import canonical_json
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import ArtifactNotFoundError, MalformedRecordError, redact
 
@@ -52,22 +70,29 @@ __all__ = [
     "EVENT_TYPES",
     "CodeProvenance",
     "LineageRecorder",
-    "canonical_json",
+    "SkmmArtifactDatasetFacet",
+    "SkmmRunFacet",
+    "Stage",
     "code_provenance",
     "config_hash",
+    "dataset_naming",
     "event_record",
     "event_refs",
     "git_commit",
+    "openlineage_event",
     "parse_event",
+    "schema_url",
     "source_commit",
 ]
 
 EVENTS_PREFIX = "lineage/events"
 EVENT_TYPES = ("START", "COMPLETE", "FAIL")
-SCHEMA_URL = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/definitions/RunEvent"
-PRODUCER = "https://github.com/skmm/skmm/storage/lineage"
-NAMESPACE = "skmm"
-FORMAT_VERSION = 1
+NAMESPACE = "skmm"  # the OpenLineage job namespace of every stage, and of the parent job "run"
+PARENT_JOB = "run"
+FORMAT_VERSION = 2
+PROJECT_URL = "https://github.com/skmm/skmm"  # the project's source repository: producer and facet schema URLs
+RUN_FACET = "skmm_run"
+ARTIFACT_FACET = "skmm_artifact"
 _STAGE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _COMMIT = re.compile(r"^[0-9a-f]{7,64}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -75,15 +100,32 @@ _MAX_ERROR = 2000
 _MAX_ID = 200
 
 
-def canonical_json(obj: Any) -> str:
-    """Sorted keys, no whitespace, UTF-8 kept, NaN/Infinity refused."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+def _distribution_version() -> str | None:
+    try:
+        return importlib.metadata.version("skmm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_VERSION = _distribution_version()
+_REF = f"v{_VERSION}" if _VERSION else "main"
+PRODUCER = f"{PROJECT_URL}/tree/{_REF}"  # OpenLineage: "a git url with a given tag or sha"
+
+
+def schema_url(facet: str) -> str:
+    """The ``_schemaURL`` of one of skmm's custom facets (a JSON schema in storage/schemas/)."""
+    return f"{PROJECT_URL}/blob/{_REF}/storage/schemas/{facet}.json#/$defs/{facet}"
+
+
+def _canonical(obj: Any) -> str:
+    """Lineage's canonical JSON: sorted keys, no whitespace, UTF-8 kept, NaN/Infinity refused."""
+    return canonical_json(obj, ensure_ascii=False, allow_nan=False)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
     """sha256 hex of the config's canonical JSON."""
     try:
-        text = canonical_json(dict(config))
+        text = _canonical(dict(config))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"config must be JSON-serialisable with finite numbers: {exc}") from None
     return hashlib.sha256(text.encode()).hexdigest()
@@ -103,10 +145,7 @@ def code_provenance(package: str = "skmm") -> CodeProvenance:
     """The running code's provenance (computed once per process: the code in memory does not change).
 
     Never the caller's working folder: the commit is that of the folder ``package`` was imported from."""
-    try:
-        version = importlib.metadata.version("skmm")
-    except importlib.metadata.PackageNotFoundError:
-        version = None
+    version = _distribution_version()
     spec = importlib.util.find_spec(package)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     return CodeProvenance(version, source_commit(locations[0]) if locations else None)
@@ -154,16 +193,36 @@ def _one_line(text: str) -> str:
     return redact(line[:_MAX_ERROR])
 
 
-def _namespace(uri: str) -> str:
-    """OpenLineage dataset namespace: scheme://authority (``s3://bucket``), or the bare scheme for local files."""
-    scheme, _, rest = uri.partition("://")
-    authority = rest.split("/", 1)[0]
-    return f"{scheme}://{authority}" if authority else scheme
+_OBJECT_STORES = {"s3": "s3", "s3a": "s3", "s3n": "s3", "gs": "gs", "gcs": "gs"}
 
 
-def _dataset(ref: ArtifactRef) -> dict[str, Any]:
-    return {"namespace": _namespace(ref.uri), "name": ref.uri,
-            "facets": {"sha256": ref.sha256, "size": ref.size, "kind": ref.kind}}
+def dataset_naming(uri: str) -> tuple[str, str]:
+    """(namespace, name) of an artifact URI by the OpenLineage dataset naming convention.
+
+    A local file (``file:///abs/path`` or a bare path): ``("file", "/abs/path")``; ``s3://bucket/key`` (also
+    s3a/s3n): ``("s3://bucket", "key")``; ``gs://`` / ``gcs://``: ``("gs://bucket", "key")``; any other fsspec URL
+    with an authority (``scheme://authority/path``): ``("scheme://authority", "path")``, and without one
+    (``memory:///path``): ``("scheme", "/path")``."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"an artifact uri must be a non-empty string; got {uri!r:.80}")
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        naming: Any = LocalFileSystem(path=os.path.abspath(uri))
+        return naming.get_namespace(), naming.get_name()
+    scheme = scheme.lower()
+    authority, _, path = rest.partition("/")
+    if scheme in ("file", "local"):
+        naming = (RemoteFileSystem(host=authority, path=f"/{path}") if authority
+                  else LocalFileSystem(path=f"/{path}"))
+    elif _OBJECT_STORES.get(scheme) == "s3":
+        naming = S3(bucket_name=authority, object_key=path)
+    elif _OBJECT_STORES.get(scheme) == "gs":
+        naming = GCS(bucket_name=authority, object_key=path)
+    elif authority:
+        return f"{scheme}://{authority}", path
+    else:
+        return scheme, f"/{path}"
+    return naming.get_namespace(), naming.get_name()
 
 
 def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -186,17 +245,84 @@ def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+# ---------------------------------------------------------------------- skmm's custom OpenLineage facets
+@attr.define
+class SkmmRunFacet(RunFacet):
+    """skmm's record of one stage event (schema: storage/schemas/SkmmRunFacet.json)."""
+
+    run_id: str
+    seq: int
+    stage: str
+    config_hash: str
+    version: int = FORMAT_VERSION
+    flow_run_id: str | None = None
+    attempt: int | None = None
+    git_commit: str | None = None
+    skmm_version: str | None = None
+    selection: dict | None = None
+    model: dict | None = None
+    metrics: dict | None = None
+    error: str | None = None
+
+    @staticmethod
+    def _get_schema() -> str:
+        return schema_url("SkmmRunFacet")
+
+
+@attr.define
+class SkmmArtifactDatasetFacet(DatasetFacet):
+    """The artifact behind a dataset: its URI, sha256, size and kind (storage/schemas/SkmmArtifactDatasetFacet.json)."""
+
+    uri: str
+    sha256: str
+    size: int
+    kind: str
+
+    @staticmethod
+    def _get_schema() -> str:
+        return schema_url("SkmmArtifactDatasetFacet")
+
+
+def _ol_dataset(cls: type[InputDataset | OutputDataset], ref: ArtifactRef) -> InputDataset | OutputDataset:
+    namespace, name = dataset_naming(ref.uri)
+    return cls(namespace=namespace, name=name, facets={
+        ARTIFACT_FACET: SkmmArtifactDatasetFacet(uri=ref.uri, sha256=ref.sha256, size=ref.size, kind=ref.kind,
+                                                 producer=PRODUCER),
+        "version": DatasetVersionDatasetFacet(datasetVersion=ref.sha256, producer=PRODUCER)})
+
+
+class Stage:
+    """One open stage of a :class:`LineageRecorder` (what ``with recorder.stage(...) as s`` gives).
+
+    Set what the stage produced — ``s.outputs`` (refs), ``s.selection``, ``s.model``, ``s.metrics`` — and the
+    recorder writes COMPLETE from them when the block exits cleanly (FAIL if it raises)."""
+
+    def __init__(self, recorder: LineageRecorder, name: str) -> None:
+        self.recorder = recorder
+        self.name = name
+        self.outputs: Sequence[ArtifactRef] = ()
+        self.selection: ArtifactRef | None = None
+        self.model: ArtifactRef | None = None
+        self.metrics: Mapping[str, Any] | None = None
+        self.completed = False  # set once COMPLETE is written (an explicit recorder.complete() inside the block)
+
+    def __repr__(self) -> str:
+        return f"Stage({self.name!r}, completed={self.completed})"
+
+
 class LineageRecorder:
-    """Record one run's stages as immutable events in ``store``.
+    """Record one run's stages as immutable events in ``store``, and emit them to OpenLineage.
 
     ``run_id`` (a UUID string; a fresh uuid4 by default — pass an existing one to resume a run),
-    ``flow_run_id`` (Prefect's), ``git_commit`` and ``skmm_version`` (the running code: see
-    :func:`code_provenance`; None records none) and ``config`` (hashed, never stored) describe the run.
+    ``flow_run_id`` (Prefect's), ``attempt`` (which try of that flow run this is: Prefect's run count, 1 first),
+    ``git_commit`` and ``skmm_version`` (the running code: see :func:`code_provenance`; None records none) and
+    ``config`` (hashed, never stored) describe the run. ``emitter``: where events also go
+    (default: :meth:`storage.openlineage.OpenLineageEmitter.from_environment`).
     """
 
     def __init__(self, store: ArtifactStore, run_id: str | None = None, flow_run_id: str | None = None,
                  git_commit: str | None = None, config: Mapping[str, Any] | None = None,
-                 skmm_version: str | None = None) -> None:
+                 skmm_version: str | None = None, attempt: int | None = None, emitter: Any | None = None) -> None:
         self.store = store
         if run_id is None:
             self.run_id = str(uuid.uuid4())
@@ -217,11 +343,21 @@ class LineageRecorder:
         if skmm_version is not None and (not isinstance(skmm_version, str) or not skmm_version
                                          or len(skmm_version) > _MAX_ID):
             raise ValueError(f"skmm_version must be a short string; got {skmm_version!r:.80}")
+        if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1):
+            raise ValueError(f"attempt must be a positive integer; got {attempt!r:.40}")
         self.flow_run_id = str(flow_run_id) if flow_run_id is not None else None
         self.git_commit = git_commit
         self.skmm_version = skmm_version
+        self.attempt = attempt
         self.config_hash = config_hash(config or {})
+        if emitter is None:
+            from storage.openlineage import OpenLineageEmitter
+
+            emitter = OpenLineageEmitter.from_environment()
+        self.emitter = emitter
         self._lock = threading.Lock()  # stages of one run may record from several threads
+        self._stage_runs: dict[str, str] = {}  # stage → the OpenLineage runId of its current execution
+        self._open: dict[str, list[Stage]] = {}  # stage → its open `with stage()` blocks
 
     def __repr__(self) -> str:
         return f"LineageRecorder(run_id={self.run_id!r}, store={self.store!r})"
@@ -230,6 +366,8 @@ class LineageRecorder:
     def start(self, stage: str, inputs: Sequence[ArtifactRef] = ()) -> str:
         """Record that ``stage`` started reading ``inputs`` (which must exist); returns the event's URI."""
         refs = self._checked(stage, inputs, "input")
+        with self._lock:
+            self._stage_runs[stage] = str(generate_new_uuid())
         return self._emit(stage, "START", inputs=refs)
 
     def complete(self, stage: str, outputs: Sequence[ArtifactRef] = (), selection: ArtifactRef | None = None,
@@ -237,7 +375,8 @@ class LineageRecorder:
         """Record that ``stage`` produced ``outputs`` (and possibly a selection, a model, metrics).
 
         Every ref (outputs, selection, model) must already exist in the store, else ArtifactNotFoundError names
-        it and nothing is written. The selection and model are listed among the outputs too.
+        it and nothing is written. The selection and model are listed among the outputs too. Inside a
+        ``with stage(...)`` block of the same name, this replaces the COMPLETE the block would write on exit.
         """
         for name, ref in (("selection", selection), ("model", model)):
             if ref is not None and not isinstance(ref, ArtifactRef):
@@ -246,28 +385,47 @@ class LineageRecorder:
             raise ValueError(f"selection ref {selection.uri} has kind {selection.kind!r}, expected 'selection'")
         all_outputs = list(outputs) + [r for r in (selection, model) if r is not None]
         refs = self._checked(stage, all_outputs, "output")
-        return self._emit(stage, "COMPLETE", outputs=refs, selection=selection, model=model,
-                          metrics=_check_metrics(metrics))
+        uri = self._emit(stage, "COMPLETE", outputs=refs, selection=selection, model=model,
+                         metrics=_check_metrics(metrics))
+        with self._lock:
+            open_blocks = [s for s in self._open.get(stage, []) if not s.completed]
+            if open_blocks:
+                open_blocks[-1].completed = True
+            self._stage_runs.pop(stage, None)
+        return uri
 
     def fail(self, stage: str, error: str) -> str:
         """Record that ``stage`` failed with ``error`` (reduced to one redacted line)."""
         self._check_stage(stage)
-        return self._emit(stage, "FAIL", error=_one_line(error) or "unknown error")
+        uri = self._emit(stage, "FAIL", error=_one_line(error) or "unknown error")
+        with self._lock:
+            self._stage_runs.pop(stage, None)
+        return uri
 
     @contextlib.contextmanager
-    def stage(self, name: str, inputs: Sequence[ArtifactRef] = ()) -> Iterator[LineageRecorder]:
-        """``with recorder.stage("sketch", [emb]):`` writes START, and FAIL (then re-raises) if the block raises.
-
-        COMPLETE is the block's job (call :meth:`complete` once its outputs are stored).
-        """
+    def stage(self, name: str, inputs: Sequence[ArtifactRef] = ()) -> Iterator[Stage]:
+        """``with recorder.stage("sketch", [emb]) as s: ...; s.outputs = [sketch]`` writes START, then COMPLETE
+        from what the block set on ``s`` when it exits cleanly, or FAIL (and re-raises) if it raises — also if
+        the COMPLETE itself is refused (a ref to a missing artifact)."""
         self.start(name, inputs)
+        block = Stage(self, name)
+        with self._lock:
+            self._open.setdefault(name, []).append(block)
         try:
-            yield self
+            yield block
+            if not block.completed:
+                self.complete(name, block.outputs, selection=block.selection, model=block.model,
+                              metrics=block.metrics)
         except BaseException as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             with contextlib.suppress(Exception):  # never mask the original error
                 self.fail(name, f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
             raise
+        finally:
+            with self._lock:
+                self._open[name].remove(block)
+                if not self._open[name]:
+                    del self._open[name]
 
     # ------------------------------------------------------------------ internals
     @staticmethod
@@ -290,6 +448,31 @@ class LineageRecorder:
                                             f"refusing to record stage {stage!r} of run {self.run_id}")
         return list(unique.values())
 
+    def _event(self, seq: int, stage: str, event_type: str, inputs: Sequence[ArtifactRef],
+               outputs: Sequence[ArtifactRef], selection: ArtifactRef | None, model: ArtifactRef | None,
+               metrics: dict[str, Any] | None, error: str | None) -> Any:
+        """The event as the client's RunEvent."""
+        with self._lock:
+            stage_run = self._stage_runs.get(stage)
+        if stage_run is None:  # COMPLETE/FAIL without a START in this process (e.g. a resumed run)
+            stage_run = str(generate_new_uuid())
+        facets: dict[str, Any] = {
+            "parent": ParentRunFacet(run=ParentRun(runId=self.run_id),
+                                     job=ParentJob(namespace=NAMESPACE, name=PARENT_JOB), producer=PRODUCER),
+            RUN_FACET: SkmmRunFacet(
+                run_id=self.run_id, seq=seq, stage=stage, config_hash=self.config_hash,
+                flow_run_id=self.flow_run_id, attempt=self.attempt, git_commit=self.git_commit,
+                skmm_version=self.skmm_version, selection=selection.to_dict() if selection else None,
+                model=model.to_dict() if model else None, metrics=metrics, error=error, producer=PRODUCER)}
+        if error is not None:
+            facets["errorMessage"] = ErrorMessageRunFacet(
+                message=error, programmingLanguage="python", producer=PRODUCER)
+        job = Job(namespace=NAMESPACE, name=stage, facets={"jobType": JobTypeJobFacet(
+            processingType="BATCH", integration="SKMM", jobType="TASK", producer=PRODUCER)})
+        return RunEvent(eventType=RunState(event_type), eventTime=_now(), run=Run(runId=stage_run, facets=facets),
+                        job=job, inputs=[_ol_dataset(InputDataset, r) for r in inputs],
+                        outputs=[_ol_dataset(OutputDataset, r) for r in outputs], producer=PRODUCER)
+
     def _emit(self, stage: str, event_type: str, inputs: Sequence[ArtifactRef] = (),
               outputs: Sequence[ArtifactRef] = (), selection: ArtifactRef | None = None,
               model: ArtifactRef | None = None, metrics: dict[str, Any] | None = None,
@@ -297,26 +480,12 @@ class LineageRecorder:
         with self._lock:
             seq = self._seq
             self._seq += 1
-        event: dict[str, Any] = {
-            "eventType": event_type,
-            "eventTime": _now(),
-            "producer": PRODUCER,
-            "schemaURL": SCHEMA_URL,
-            "run": {"runId": self.run_id, "facets": {"flow_run_id": self.flow_run_id, "git_commit": self.git_commit,
-                                                     "skmm_version": self.skmm_version,
-                                                     "config_hash": self.config_hash}},
-            "job": {"namespace": NAMESPACE, "name": stage},
-            "inputs": [_dataset(r) for r in inputs],
-            "outputs": [_dataset(r) for r in outputs],
-            "skmm": {"version": FORMAT_VERSION, "seq": seq, "stage": stage,
-                     "selection": selection.to_dict() if selection else None,
-                     "model": model.to_dict() if model else None, "metrics": metrics, "error": error},
-        }
-        if error is not None:  # OpenLineage's standard run facet for failures
-            event["run"]["facets"]["errorMessage"] = {"message": error, "programmingLanguage": "python"}
-        data = canonical_json(event).encode()
+        event = self._event(seq, stage, event_type, inputs, outputs, selection, model, metrics, error)
+        data = _canonical(Serde.to_dict(event)).encode()
         rel = f"{EVENTS_PREFIX}/{self.run_id}/{seq:06d}-{stage}-{event_type}-{uuid.uuid4().hex}.json"
-        return self.store.put_immutable(rel, data)
+        uri = self.store.put_immutable(rel, data)
+        self.emitter.emit(event)  # best effort, after the store holds the record
+        return uri
 
 
 # ---------------------------------------------------------------------- reading events
@@ -324,26 +493,31 @@ def _fail(name: str, why: str) -> MalformedRecordError:
     return MalformedRecordError(f"malformed lineage record {name}: {why}")
 
 
-def _ref_from_dataset(item: Any, name: str, where: str) -> ArtifactRef:
-    if not isinstance(item, dict) or not isinstance(item.get("facets"), dict):
-        raise _fail(name, f"{where} entry must be an object with facets")
-    facets = item["facets"]
+def _ref(data: Any, name: str, where: str) -> ArtifactRef:
     try:
-        return ArtifactRef.from_dict({"uri": item.get("name"), "sha256": facets.get("sha256"),
-                                      "size": facets.get("size"), "kind": facets.get("kind")})
+        return ArtifactRef.from_dict(data)
     except MalformedRecordError as exc:
         raise _fail(name, f"{where}: {exc}") from None
 
 
-def parse_event(data: bytes, name: str = "<event>") -> dict[str, Any]:
-    """Decode and validate one event object; raises MalformedRecordError naming ``name`` (the object's URI).
+def _v1_ref_from_dataset(item: Any, name: str, where: str) -> ArtifactRef:
+    if not isinstance(item, dict) or not isinstance(item.get("facets"), dict):
+        raise _fail(name, f"{where} entry must be an object with facets")
+    facets = item["facets"]
+    return _ref({"uri": item.get("name"), "sha256": facets.get("sha256"), "size": facets.get("size"),
+                 "kind": facets.get("kind")}, name, where)
 
-    Returns the event dict; refs are validated (use :func:`event_refs` for ArtifactRef objects).
-    """
-    try:
-        event = json.loads(data.decode("utf-8") if isinstance(data, bytes | bytearray) else data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _fail(name, f"not JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+def _artifact_of(item: Any, name: str, where: str) -> ArtifactRef:
+    """The ArtifactRef a format-2 dataset carries in its skmm_artifact facet."""
+    facets = item.get("facets") if isinstance(item, dict) else None
+    facet = facets.get(ARTIFACT_FACET) if isinstance(facets, dict) else None
+    if not isinstance(facet, dict):
+        raise _fail(name, f"{where} entry must be a dataset with an {ARTIFACT_FACET} facet")
+    return _ref({k: facet.get(k) for k in ("uri", "sha256", "size", "kind")}, name, where)
+
+
+def _check_common(event: Any, name: str) -> dict[str, Any]:
     if not isinstance(event, dict):
         raise _fail(name, "top level must be an object")
     etype = event.get("eventType")
@@ -363,54 +537,178 @@ def parse_event(data: bytes, name: str = "<event>") -> dict[str, Any]:
         uuid.UUID(str(run.get("runId")))
     except ValueError:
         raise _fail(name, f"run.runId must be a UUID; got {run.get('runId')!r:.60}") from None
-    facets = run.get("facets", {})
-    for key in ("flow_run_id", "git_commit", "skmm_version"):
-        if facets.get(key) is not None and not isinstance(facets.get(key), str):
-            raise _fail(name, f"run.facets.{key} must be a string or null")
-    if not isinstance(facets.get("config_hash"), str) or not _SHA.match(facets["config_hash"]):
-        raise _fail(name, "run.facets.config_hash must be a sha256 hex digest")
     job = event.get("job")
     if not isinstance(job, dict) or not isinstance(job.get("name"), str) or not _STAGE.match(job["name"]):
         raise _fail(name, "job.name must be a stage name")
     for where in ("inputs", "outputs"):
-        items = event.get(where, [])
-        if not isinstance(items, list):
+        if not isinstance(event.get(where, []), list):
             raise _fail(name, f"{where} must be a list")
-        for item in items:
-            _ref_from_dataset(item, name, where)
-    sk = event.get("skmm")
-    if not isinstance(sk, dict):
-        raise _fail(name, "missing the skmm facet")
+    return event
+
+
+def _check_skmm(sk: Any, name: str, where: str, etype: str) -> None:
+    """The fields both formats share (format 1: the top-level ``skmm`` object + run facets; 2: skmm_run)."""
     seq = sk.get("seq")
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-        raise _fail(name, f"skmm.seq must be a non-negative integer; got {seq!r:.40}")
+        raise _fail(name, f"{where}.seq must be a non-negative integer; got {seq!r:.40}")
     for key in ("selection", "model"):
         if sk.get(key) is not None:
-            try:
-                ArtifactRef.from_dict(sk[key])
-            except MalformedRecordError as exc:
-                raise _fail(name, f"skmm.{key}: {exc}") from None
+            _ref(sk[key], name, f"{where}.{key}")
     metrics = sk.get("metrics")
     if metrics is not None and (not isinstance(metrics, dict) or any(
             not isinstance(v, int | float | str | bool) and v is not None for v in metrics.values())):
-        raise _fail(name, "skmm.metrics must map names to numbers, strings, booleans or null")
+        raise _fail(name, f"{where}.metrics must map names to numbers, strings, booleans or null")
     if sk.get("error") is not None and not isinstance(sk["error"], str):
-        raise _fail(name, "skmm.error must be a string or null")
+        raise _fail(name, f"{where}.error must be a string or null")
     if etype == "FAIL" and not sk.get("error"):
-        raise _fail(name, "a FAIL event needs skmm.error")
+        raise _fail(name, f"a FAIL event needs {where}.error")
+
+
+def _check_run_facts(facts: dict[str, Any], name: str, where: str) -> None:
+    for key in ("flow_run_id", "git_commit", "skmm_version"):
+        if facts.get(key) is not None and not isinstance(facts.get(key), str):
+            raise _fail(name, f"{where}.{key} must be a string or null")
+    attempt = facts.get("attempt")
+    if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1):
+        raise _fail(name, f"{where}.attempt must be a positive integer; got {attempt!r:.40}")
+    if not isinstance(facts.get("config_hash"), str) or not _SHA.match(facts["config_hash"]):
+        raise _fail(name, f"{where}.config_hash must be a sha256 hex digest")
+
+
+def _parse_v1(event: dict[str, Any], name: str) -> None:
+    facets = event["run"].get("facets", {})
+    _check_run_facts(facets, name, "run.facets")
+    for where in ("inputs", "outputs"):
+        for item in event.get(where, []):
+            _v1_ref_from_dataset(item, name, where)
+    sk = event.get("skmm")
+    if not isinstance(sk, dict):
+        raise _fail(name, "missing the skmm facet")
+    _check_skmm(sk, name, "skmm", event["eventType"])
+
+
+def _parse_v2(event: dict[str, Any], name: str) -> None:
+    sk = event["run"].get("facets", {}).get(RUN_FACET)
+    if not isinstance(sk, dict):
+        raise _fail(name, f"missing the run facet {RUN_FACET}")
+    where = f"run.facets.{RUN_FACET}"
+    try:
+        uuid.UUID(str(sk.get("run_id")))
+    except ValueError:
+        raise _fail(name, f"{where}.run_id must be a UUID; got {sk.get('run_id')!r:.60}") from None
+    if sk.get("stage") != event["job"]["name"]:
+        raise _fail(name, f"{where}.stage must be the job name {event['job']['name']!r}; got {sk.get('stage')!r:.80}")
+    _check_run_facts(sk, name, where)
+    _check_skmm(sk, name, where, event["eventType"])
+    for side in ("inputs", "outputs"):
+        for item in event.get(side, []):
+            _artifact_of(item, name, side)
+    # (not rebuilt through the client's classes here: that costs ~0.4 ms an event, and the index reads many)
+
+
+def parse_event(data: bytes, name: str = "<event>") -> dict[str, Any]:
+    """Decode and validate one event object, of either format; raises MalformedRecordError naming ``name`` (the
+    object's URI). Returns the event dict as stored (use :func:`event_record` for its facts in one flat form,
+    :func:`openlineage_event` for the client's RunEvent)."""
+    try:
+        event = json.loads(data.decode("utf-8") if isinstance(data, bytes | bytearray) else data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _fail(name, f"not JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
+    _check_common(event, name)
+    if "skmm" in event:  # format 1: skmm's data in a top-level object
+        _parse_v1(event, name)
+    else:
+        _parse_v2(event, name)
     return event
+
+
+def _facet(cls: type, data: dict[str, Any], **fields: Any) -> Any:
+    return cls(**fields, producer=data.get("_producer", ""))
+
+
+def _generic_facet(cls: type, data: dict[str, Any]) -> Any:
+    """A facet skmm does not know (e.g. one the client added): the base class, its fields kept."""
+    extra = {k: v for k, v in data.items() if not k.startswith("_")}
+    return cls(producer=data.get("_producer", "")).with_additional_properties(**extra)
+
+
+def _run_facets(facets: dict[str, Any]) -> dict[str, Any]:
+    known = {f.name for f in attr.fields(SkmmRunFacet) if not f.name.startswith("_")}
+    out: dict[str, Any] = {}
+    for key, data in facets.items():
+        if key == "parent":
+            out[key] = _facet(ParentRunFacet, data, run=ParentRun(**data["run"]), job=ParentJob(**data["job"]))
+        elif key == RUN_FACET:
+            out[key] = _facet(SkmmRunFacet, data, **{k: v for k, v in data.items()
+                                                    if not k.startswith("_") and k in known})
+        elif key == "errorMessage":
+            out[key] = _facet(ErrorMessageRunFacet, data, message=data["message"],
+                              programmingLanguage=data["programmingLanguage"], stackTrace=data.get("stackTrace"))
+        else:
+            out[key] = _generic_facet(RunFacet, data)
+    return out
+
+
+def _datasets(cls: type, items: list[dict[str, Any]]) -> list[Any]:
+    out = []
+    for item in items:
+        facets = {}
+        for key, data in (item.get("facets") or {}).items():
+            if key == ARTIFACT_FACET:
+                facets[key] = _facet(SkmmArtifactDatasetFacet, data, **{k: data[k] for k in ("uri", "sha256", "size",
+                                                                                             "kind")})
+            elif key == "version":
+                facets[key] = _facet(DatasetVersionDatasetFacet, data, datasetVersion=data["datasetVersion"])
+            else:
+                facets[key] = _generic_facet(DatasetFacet, data)
+        out.append(cls(namespace=item["namespace"], name=item["name"], facets=facets))
+    return out
+
+
+def openlineage_event(event: Mapping[str, Any]) -> RunEvent:
+    """A format-2 event dict (as stored, or as an OpenLineage backend receives it) as the client's RunEvent.
+
+    Facets skmm knows come back as their classes (parent, errorMessage, skmm_run, skmm_artifact, version,
+    jobType); others as the client's base facet classes with their fields. Raises TypeError/ValueError/KeyError
+    on a dict that is no such event."""
+    run, job = event["run"], event["job"]
+    job_facets = {}
+    for key, data in (job.get("facets") or {}).items():
+        if key == "jobType":
+            job_facets[key] = _facet(JobTypeJobFacet, data, processingType=data["processingType"],
+                                     integration=data["integration"], jobType=data.get("jobType"))
+        else:
+            job_facets[key] = _generic_facet(JobFacet, data)
+    return RunEvent(eventType=RunState(event["eventType"]), eventTime=event["eventTime"],
+                    run=Run(runId=run["runId"], facets=_run_facets(run.get("facets") or {})),
+                    job=Job(namespace=job["namespace"], name=job["name"], facets=job_facets),
+                    inputs=_datasets(InputDataset, event.get("inputs") or []),
+                    outputs=_datasets(OutputDataset, event.get("outputs") or []), producer=event.get("producer", ""))
+
+
+def _facts(event: dict[str, Any]) -> dict[str, Any]:
+    """skmm's facts of a parsed event: format 2's skmm_run facet, or format 1's skmm object + run facets."""
+    facets = event["run"].get("facets", {})
+    if "skmm" in event:
+        return {**{k: facets.get(k) for k in ("flow_run_id", "attempt", "git_commit", "skmm_version",
+                                              "config_hash")},
+                **event["skmm"], "run_id": event["run"]["runId"]}
+    return facets[RUN_FACET]
 
 
 def event_refs(event: dict[str, Any]) -> dict[str, Any]:
     """The refs of a parsed event: {'inputs': [...], 'outputs': [...], 'selection': ref|None, 'model': ref|None}."""
-    def refs(items: list) -> list[ArtifactRef]:
-        return [ArtifactRef.from_dict({"uri": i["name"], **{k: i["facets"][k] for k in ("sha256", "size", "kind")}})
-                for i in items]
+    if "skmm" in event:
+        def refs(items: list) -> list[ArtifactRef]:
+            return [_v1_ref_from_dataset(i, "<event>", "dataset") for i in items]
+    else:
+        def refs(items: list) -> list[ArtifactRef]:
+            return [_artifact_of(i, "<event>", "dataset") for i in items]
 
-    sk = event["skmm"]
+    facts = _facts(event)
     return {"inputs": refs(event.get("inputs", [])), "outputs": refs(event.get("outputs", [])),
-            "selection": ArtifactRef.from_dict(sk["selection"]) if sk.get("selection") else None,
-            "model": ArtifactRef.from_dict(sk["model"]) if sk.get("model") else None}
+            "selection": ArtifactRef.from_dict(facts["selection"]) if facts.get("selection") else None,
+            "model": ArtifactRef.from_dict(facts["model"]) if facts.get("model") else None}
 
 
 def event_record(event: dict[str, Any]) -> dict[str, Any]:
@@ -420,12 +718,11 @@ def event_record(event: dict[str, Any]) -> dict[str, Any]:
     skmm_version, config_hash, error, metrics (dict|None), and the refs of :func:`event_refs` (inputs, outputs,
     selection, model).
     """
-    facets = event["run"].get("facets", {})
-    sk = event["skmm"]
-    attempt = facets.get("attempt")
-    return {"run_id": event["run"]["runId"], "event_type": event["eventType"], "event_time": event["eventTime"],
-            "stage": event["job"]["name"], "seq": sk["seq"], "flow_run_id": facets.get("flow_run_id"),
+    facts = _facts(event)
+    attempt = facts.get("attempt")
+    return {"run_id": facts["run_id"], "event_type": event["eventType"], "event_time": event["eventTime"],
+            "stage": event["job"]["name"], "seq": facts["seq"], "flow_run_id": facts.get("flow_run_id"),
             "attempt": attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
-            "git_commit": facets.get("git_commit"), "skmm_version": facets.get("skmm_version"),
-            "config_hash": facets.get("config_hash"), "error": sk.get("error"), "metrics": sk.get("metrics"),
+            "git_commit": facts.get("git_commit"), "skmm_version": facts.get("skmm_version"),
+            "config_hash": facts.get("config_hash"), "error": facts.get("error"), "metrics": facts.get("metrics"),
             **event_refs(event)}

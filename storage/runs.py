@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from skmm.canonical_json import canonical_json
 from storage.artifacts import ArtifactRef, ArtifactStore, sha256_bytes
 from storage.errors import ArtifactNotFoundError, MalformedRecordError, StorageError, redact
 from storage.lineage import LineageRecorder
@@ -36,8 +37,7 @@ def _encode(result: Mapping[str, Any]) -> bytes:
         raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
 
     try:
-        text = json.dumps(dict(result), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False, default=scalar)
+        text = canonical_json(dict(result), ensure_ascii=False, allow_nan=False, default=scalar)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"a run result must be JSON with finite numbers: {exc}") from None
     return text.encode()
@@ -87,9 +87,9 @@ def record_run_result(rec: LineageRecorder, result: Mapping[str, Any]) -> dict[s
     """Write ``result`` as run ``rec.run_id``'s, recorded as the output of lineage stage ``result``.
 
     Returns ``result`` with the stored object's ref under ``"result"`` (what the flows return)."""
-    with rec.stage(RESULT_STAGE):
+    with rec.stage(RESULT_STAGE) as record:
         ref = write_run_result(rec.store, rec.run_id, result)
-        rec.complete(RESULT_STAGE, outputs=[ref])
+        record.outputs = [ref]
     return {**result, "result": ref.to_dict()}
 
 

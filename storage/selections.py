@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from skmm.canonical_json import canonical_json
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import MalformedRecordError
-from storage.lineage import canonical_json
 
 __all__ = ["SELECTION_KIND", "SELECTION_SCHEMA", "read_selection", "selection_metadata", "write_selection"]
 
@@ -61,7 +61,7 @@ def write_selection(store: ArtifactStore, sample_ids: Sequence[str], ranks: Sequ
     if not isinstance(method, str):
         raise ValueError("method must be a string")
     try:
-        params_json = canonical_json(dict(params or {}))
+        params_json = canonical_json(dict(params or {}), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"selection params must be JSON-serialisable with finite numbers: {exc}") from None
 

@@ -33,6 +33,7 @@ from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.cache_policies import CachePolicy
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
+from skmm.canonical_json import canonical_json
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import StorageError
 
@@ -83,7 +84,7 @@ class ContentCache(CachePolicy):
         if self.key_inputs is not None:
             selected = self.key_inputs(selected)
         payload = {"task": task_ctx.task.name, "code": self.code_version, "inputs": content_view(selected)}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- trusted records

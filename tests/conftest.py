@@ -17,6 +17,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# Hermetic: no lineage to an OpenLineage backend this machine may configure (the OpenLineage tests set their own).
+os.environ["OPENLINEAGE_DISABLED"] = "true"
 
 
 @pytest.fixture(scope="session")

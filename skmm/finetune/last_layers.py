@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from skmm._validation import check_positive_int
+from skmm.canonical_json import canonical_json
 from skmm.gradients.clip_ft import (
     FEATURES,
     HEAD_INIT,
@@ -300,7 +301,7 @@ class LastLayersFinetuner:
         self._check_fitted()
         params = dict(self.model_.named_parameters())
         tensors = {n: params[n].detach().to("cpu", torch.float32).contiguous() for n in self.param_names_}
-        header = {META_KEY: json.dumps(self._metadata(), sort_keys=True, separators=(",", ":"))}
+        header = {META_KEY: canonical_json(self._metadata())}
         return save(tensors, metadata=header)
 
     @classmethod

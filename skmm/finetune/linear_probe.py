@@ -21,6 +21,7 @@ from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error
 from sklearn.preprocessing import StandardScaler
 
 from skmm._validation import check_matrix
+from skmm.canonical_json import canonical_json
 
 __all__ = ["LinearProbe", "evaluate_predictions"]
 
@@ -121,7 +122,7 @@ class LinearProbe:
                 "classes": classes}
         # One metadata key holding canonical JSON: safetensors writes its metadata map in hash order, which
         # would make the bytes (and so the model's content hash) differ from run to run.
-        header = {"skmm": json.dumps(meta, sort_keys=True, separators=(",", ":"))}
+        header = {"skmm": canonical_json(meta)}
         return st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=header)
 
     @classmethod

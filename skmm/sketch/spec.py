@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from skmm.canonical_json import canonical_json
 
 __all__ = ["SketchSpec"]
 
@@ -53,7 +54,7 @@ class SketchSpec:
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no whitespace."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return canonical_json(self.to_dict())
 
     @property
     def digest(self) -> str:

@@ -24,7 +24,7 @@ from flows.curate import ModelConfig, SourceConfig, curate
 from skmm.models.clip import CONFIGS_DIR, TINY_MODEL
 from storage.errors import StorageError
 from storage.index import LineageIndex
-from storage.lineage import EVENTS_PREFIX, event_refs, parse_event
+from storage.lineage import EVENTS_PREFIX, event_record, event_refs, parse_event
 from tasks.store import open_store, store_spec
 
 MODEL = ModelConfig(name=TINY_MODEL)
@@ -211,7 +211,7 @@ def test_unreadable_file_is_quarantined_and_the_run_completes(prefect_server, po
     assert {r["status"] for r in index.table("stages").to_pylist()} == {"completed"}
     ingest_done = [e for e in events_of(store_dir) if e["job"]["name"] == "ingest" and e["eventType"] == "COMPLETE"]
     (event,) = ingest_done
-    assert event["skmm"]["metrics"]["quarantined"] == 1
+    assert event_record(event)["metrics"]["quarantined"] == 1
     (qref,) = [r for r in event_refs(event)["outputs"] if r.kind == "quarantine"]
     table = pq.read_table(io.BytesIO(open_store(store_spec(store_dir)).get_bytes(qref))).to_pylist()
     assert len(table) == 1 and table[0]["source_uri"] == (source / bad_file).resolve().as_uri(), table

@@ -16,7 +16,7 @@ import pytest
 
 from flows.curate import ModelConfig, curate
 from flows.rerun import reevaluate
-from storage.lineage import EVENTS_PREFIX, code_provenance, parse_event
+from storage.lineage import EVENTS_PREFIX, code_provenance, event_record, parse_event
 from tasks.store import open_store, store_spec
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -74,7 +74,7 @@ def test_a_run_removes_old_staging_and_records_the_running_code(prefect_server, 
     events = [parse_event(st.read_rel(rel), rel) for rel in st.list_paths(EVENTS_PREFIX)]
     assert events
     for event in events:
-        facets = event["run"]["facets"]
+        facets = event_record(event)
         assert facets["git_commit"] == _this_checkout() != _git(other, "rev-parse", "HEAD")
         assert facets["skmm_version"] == importlib.metadata.version("skmm")
 

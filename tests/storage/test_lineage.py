@@ -15,18 +15,24 @@ import textwrap
 import uuid
 
 import pytest
+from openlineage.client.event_v2 import RunEvent
 
 from storage.artifacts import ArtifactStore
 from storage.errors import ArtifactNotFoundError, MalformedRecordError
 from storage.index import LineageIndex
 from storage.lineage import (
     EVENTS_PREFIX,
+    PRODUCER,
     LineageRecorder,
     code_provenance,
     config_hash,
+    dataset_naming,
+    event_record,
     event_refs,
     git_commit,
+    openlineage_event,
     parse_event,
+    schema_url,
     source_commit,
 )
 from storage.selections import write_selection
@@ -61,19 +67,37 @@ def test_events_round_trip_openlineage_shape(store):
         "000000-select-START", "000001-select-COMPLETE", "000002-train-START", "000003-train-COMPLETE"]
     events = _events(store, rec.run_id)
     assert [e["eventType"] for e in events] == ["START", "COMPLETE", "START", "COMPLETE"]
+    records = [event_record(e) for e in events]
     first, last = events[0], events[-1]
-    assert first["run"]["runId"] == rec.run_id and uuid.UUID(rec.run_id).version == 4
-    assert first["run"]["facets"] == {"flow_run_id": "flow-123", "git_commit": "a" * 40, "skmm_version": "1.2.3",
-                                      "config_hash": config_hash(config)}
-    assert first["job"] == {"namespace": "skmm", "name": "select"}
-    assert first["eventTime"].endswith("Z")
-    assert first["inputs"] == [{"namespace": first["inputs"][0]["namespace"], "name": dataset.uri,
-                                "facets": {"sha256": dataset.sha256, "size": dataset.size, "kind": "dataset"}}]
-    refs = event_refs(last)
-    assert refs["model"] == model and refs["outputs"] == [model]
-    assert event_refs(events[1])["selection"] == sel and event_refs(events[1])["outputs"] == [sel]
-    assert last["skmm"]["metrics"] == {"accuracy": 0.91, "epochs": 3, "note": "ok"}
+    assert uuid.UUID(rec.run_id).version == 4 and {r["run_id"] for r in records} == {rec.run_id}
+    # each stage execution is an OpenLineage run of job skmm/<stage>, a child of the skmm run
+    assert first["run"]["runId"] == events[1]["run"]["runId"] != last["run"]["runId"] == events[2]["run"]["runId"]
+    assert first["run"]["facets"]["parent"]["run"] == {"runId": rec.run_id, "facets": {}}
+    assert first["run"]["facets"]["parent"]["job"] == {"namespace": "skmm", "name": "run", "facets": {}}
+    assert {k: records[0][k] for k in ("flow_run_id", "attempt", "git_commit", "skmm_version", "config_hash")} == {
+        "flow_run_id": "flow-123", "attempt": None, "git_commit": "a" * 40, "skmm_version": "1.2.3",
+        "config_hash": config_hash(config)}
+    assert [r["seq"] for r in records] == [0, 1, 2, 3]
+    assert [r["stage"] for r in records] == ["select", "select", "train", "train"]
+    assert first["job"]["namespace"] == "skmm" and first["job"]["name"] == "select"
+    assert first["eventTime"].endswith("Z") and first["producer"] == PRODUCER
+    (item,) = first["inputs"]
+    assert (item["namespace"], item["name"]) == dataset_naming(dataset.uri)
+    assert item["facets"]["skmm_artifact"] == {"_producer": PRODUCER, "_schemaURL": schema_url(
+        "SkmmArtifactDatasetFacet"), "uri": dataset.uri, "sha256": dataset.sha256, "size": dataset.size,
+        "kind": "dataset"}
+    assert item["facets"]["version"]["datasetVersion"] == dataset.sha256
+    for event in events:  # every facet says who wrote it and which schema it follows
+        facets = [*event["run"]["facets"].values(), *event["job"]["facets"].values(),
+                  *(f for d in event["inputs"] + event["outputs"] for f in d["facets"].values())]
+        assert facets and all(f["_producer"] == PRODUCER and f["_schemaURL"].startswith("https://") for f in facets)
+    assert records[0]["inputs"] == [dataset] and records[0]["outputs"] == []
+    assert records[-1]["model"] == model and records[-1]["outputs"] == [model]
+    assert records[1]["selection"] == sel and records[1]["outputs"] == [sel]
+    assert event_refs(last) == {k: records[-1][k] for k in ("inputs", "outputs", "selection", "model")}
+    assert records[-1]["metrics"] == {"accuracy": 0.91, "epochs": 3, "note": "ok"}
     assert all("budget" not in json.dumps(e) for e in events)  # the config is recorded only by its hash
+    assert all(isinstance(openlineage_event(e), RunEvent) for e in events)
 
 
 def test_config_hash_is_canonical():
@@ -90,9 +114,10 @@ def test_stage_context_manager_records_fail_and_reraises(store):
         raise RuntimeError(f"sketch blew up at s3://AKIA:{SECRET}@bucket/x\nsecond line of detail")
     events = _events(store, rec.run_id)
     assert [e["eventType"] for e in events] == ["START", "FAIL"]
-    error = events[1]["skmm"]["error"]
+    error = event_record(events[1])["error"]
     assert error.startswith("RuntimeError: sketch blew up") and "second line" not in error
     assert events[1]["run"]["facets"]["errorMessage"]["message"] == error
+    assert events[1]["run"]["facets"]["errorMessage"]["programmingLanguage"] == "python"
     rec.fail("train", f"timeout talking to https://host/obj?X-Amz-Signature={SECRET}&x=1")
     for rel in store.list_paths(EVENTS_PREFIX):
         assert SECRET not in store.read_rel(rel).decode()
@@ -134,8 +159,14 @@ def test_parse_event_rejects_bad_fields(tmp_path):
         (lambda e: e["run"].update(runId="not-a-uuid"), "runId"),
         (lambda e: e.update(eventTime="yesterday"), "eventTime"),
         (lambda e: e["job"].update(name="../../etc"), "job.name"),
-        (lambda e: e.update(inputs=[{"name": "x", "facets": {"sha256": "zz", "size": 1, "kind": "a"}}]), "sha256"),
-        (lambda e: e["skmm"].update(seq=-1), "seq"),
+        (lambda e: e.update(inputs=[{"namespace": "file", "name": "/x", "facets": {"skmm_artifact": {
+            "uri": "file:///x", "sha256": "zz", "size": 1, "kind": "a"}}}]), "sha256"),
+        (lambda e: e.update(inputs=[{"namespace": "file", "name": "/x", "facets": {}}]), "skmm_artifact"),
+        (lambda e: e["run"]["facets"]["skmm_run"].update(seq=-1), "seq"),
+        (lambda e: e["run"]["facets"]["skmm_run"].update(attempt=0), "attempt"),
+        (lambda e: e["run"]["facets"]["skmm_run"].update(stage="other"), "stage"),
+        (lambda e: e["run"]["facets"]["skmm_run"].update(run_id="nope"), "run_id"),
+        (lambda e: e["run"]["facets"].pop("skmm_run"), "skmm_run"),
         (lambda e: e.update(eventType="FAIL"), "error"),
     ]:
         event = json.loads(json.dumps(good))
@@ -204,7 +235,7 @@ def test_resumed_run_continues_the_sequence(tmp_path):
     first.start("embed")
     again = LineageRecorder(store, run_id=first.run_id, config={})
     again.start("sketch")
-    assert [e["skmm"]["seq"] for e in _events(store, first.run_id)] == [0, 1]
+    assert [event_record(e)["seq"] for e in _events(store, first.run_id)] == [0, 1]
     with pytest.raises(ValueError, match="UUID"):
         LineageRecorder(store, run_id="../../escape", config={})
 
@@ -330,3 +361,113 @@ def test_four_concurrent_writers_lose_no_record(store, tmp_path):
         ids = set(index.samples_for_model(model).column("sample_id").to_pylist())
         assert ids == {f"worker{i}-{j}" for j in range(200)} | {f"shared-{j}" for j in range(20)}
     assert index.models_for_sample("shared-3").num_rows == 4
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("file:///srv/store/objects/model/ab.pt", ("file", "/srv/store/objects/model/ab.pt")),
+    ("/srv/store/objects/model/ab.pt", ("file", "/srv/store/objects/model/ab.pt")),
+    ("file://host7/srv/x.pt", ("file://host7", "/srv/x.pt")),
+    ("s3://bucket/pool/objects/model/ab.pt", ("s3://bucket", "pool/objects/model/ab.pt")),
+    ("s3a://bucket/k", ("s3://bucket", "k")),
+    ("gs://bucket/a/b", ("gs://bucket", "a/b")),
+    ("gcs://bucket/a/b", ("gs://bucket", "a/b")),
+    ("abfs://container/a/b", ("abfs://container", "a/b")),
+    ("memory:///root/objects/x", ("memory", "/root/objects/x")),
+])
+def test_dataset_naming_follows_the_openlineage_convention(uri, expected):
+    assert dataset_naming(uri) == expected
+
+
+def test_dataset_naming_of_a_relative_path_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert dataset_naming("objects/x.pt") == ("file", str(tmp_path / "objects" / "x.pt"))
+    with pytest.raises(ValueError, match="non-empty"):
+        dataset_naming("")
+
+
+# Format-1 events exactly as stores written before OpenLineage hold them (made by the previous recorder).
+_SHA_D = "b277fd623676a525c29b9eb155afc8c9010681814ceafb2d7627f47b9a232576"
+_SHA_M = "9372c470eeadd5ecd9c3c74c2b3cb633f8e2f2fad799250a0f70d652b6b825e4"
+_RUN = "0b5c6a3e-8d1f-4e57-9a43-2c8f1d6e7b90"
+_FACETS = ('"config_hash":"5041bf1f713df204784353e82f6a4a535931cb64f1f4b4a5aeaffcb720918b22","flow_run_id":"flow-1",'
+           '"git_commit":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","skmm_version":"0.1.0"')
+_MODEL = f'{{"kind":"model","sha256":"{_SHA_M}","size":5,"uri":"file:///tmp/v1/objects/model/{_SHA_M}.pt"}}'
+V1_COMPLETE = (
+    '{"eventTime":"2026-11-29T12:36:18.538513Z","eventType":"COMPLETE","inputs":[],"job":{"name":"train",'
+    f'"namespace":"skmm"}},"outputs":[{{"facets":{{"kind":"model","sha256":"{_SHA_M}","size":5}},'
+    f'"name":"file:///tmp/v1/objects/model/{_SHA_M}.pt","namespace":"file"}}],'
+    '"producer":"https://github.com/skmm/skmm/storage/lineage",'
+    f'"run":{{"facets":{{{_FACETS}}},"runId":"{_RUN}"}},'
+    '"schemaURL":"https://openlineage.io/spec/2-0-2/OpenLineage.json#/definitions/RunEvent",'
+    f'"skmm":{{"error":null,"metrics":{{"accuracy":0.5,"note":null}},"model":{_MODEL},"selection":null,"seq":1,'
+    '"stage":"train","version":1}}').encode()
+V1_FAIL = (
+    '{"eventTime":"2026-11-29T12:36:18.550438Z","eventType":"FAIL","inputs":[{"facets":{"kind":"dataset",'
+    f'"sha256":"{_SHA_D}","size":7}},"name":"file:///tmp/v1/objects/dataset/{_SHA_D}.parquet","namespace":"file"}}],'
+    '"job":{"name":"evaluate","namespace":"skmm"},"outputs":[],'
+    '"producer":"https://github.com/skmm/skmm/storage/lineage",'
+    f'"run":{{"facets":{{{_FACETS},"errorMessage":{{"message":"RuntimeError: boom","programmingLanguage":"python"}}}},'
+    f'"runId":"{_RUN}"}},"schemaURL":"https://openlineage.io/spec/2-0-2/OpenLineage.json#/definitions/RunEvent",'
+    '"skmm":{"error":"RuntimeError: boom","metrics":null,"model":null,"selection":null,"seq":3,"stage":"evaluate",'
+    '"version":1}}').encode()
+
+
+def test_format_1_events_still_parse_into_the_same_record():
+    from storage.artifacts import ArtifactRef
+
+    model = ArtifactRef(f"file:///tmp/v1/objects/model/{_SHA_M}.pt", _SHA_M, 5, "model")
+    done = event_record(parse_event(V1_COMPLETE, "old.json"))
+    assert done == {"run_id": _RUN, "event_type": "COMPLETE", "event_time": "2026-11-29T12:36:18.538513Z",
+                    "stage": "train", "seq": 1, "flow_run_id": "flow-1", "attempt": None, "git_commit": "a" * 40,
+                    "skmm_version": "0.1.0", "config_hash": _FACETS[15:79],
+                    "error": None, "metrics": {"accuracy": 0.5, "note": None}, "inputs": [], "outputs": [model],
+                    "selection": None, "model": model}
+    failed = event_record(parse_event(V1_FAIL, "old.json"))
+    assert (failed["event_type"], failed["stage"], failed["seq"], failed["error"]) == (
+        "FAIL", "evaluate", 3, "RuntimeError: boom")
+    assert failed["inputs"][0].kind == "dataset" and failed["inputs"][0].size == 7
+    bad = json.loads(V1_FAIL)
+    bad["skmm"]["error"] = None
+    with pytest.raises(MalformedRecordError, match=r"old\.json.*skmm\.error"):
+        parse_event(json.dumps(bad).encode(), "old.json")
+
+
+def test_stage_writes_complete_from_what_the_block_set(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    rec = LineageRecorder(store, config={}, attempt=2)
+    dataset = store.put_bytes(b"d", "dataset")
+    with rec.stage("select", [dataset]) as s:
+        s.selection = write_selection(store, _ids(3), method="uniform")
+        s.metrics = {"n": 3}
+    with rec.stage("train", [s.selection]) as t:
+        model = store.put_bytes(b"weights", "model", ".pt")
+        t.outputs, t.model = [model], model
+    with rec.stage("check"):  # nothing set: a bare COMPLETE
+        pass
+    with rec.stage("explicit", [dataset]):  # the old call style: COMPLETE once, not twice
+        rec.complete("explicit", [model], metrics={"x": 1})
+    records = [event_record(e) for e in _events(store, rec.run_id)]
+    assert [(r["stage"], r["event_type"]) for r in records] == [
+        (st, et) for st in ("select", "train", "check", "explicit") for et in ("START", "COMPLETE")]
+    assert records[1]["selection"] == s.selection and records[1]["metrics"] == {"n": 3}
+    assert records[3]["model"] == model and records[3]["outputs"] == [model]
+    assert records[5]["outputs"] == [] and records[7]["metrics"] == {"x": 1}
+    assert {r["attempt"] for r in records} == {2}
+
+
+def test_stage_records_fail_when_its_complete_is_refused(tmp_path):
+    """An output that does not exist when the block ends: no COMPLETE, a FAIL naming it, and the error raised."""
+    store = ArtifactStore(tmp_path / "store")
+    foreign = ArtifactStore(tmp_path / "elsewhere").put_bytes(b"x", "model")
+    rec = LineageRecorder(store, config={})
+    with pytest.raises(ArtifactNotFoundError), rec.stage("train") as s:
+        s.outputs = [foreign]
+    records = [event_record(e) for e in _events(store, rec.run_id)]
+    assert [r["event_type"] for r in records] == ["START", "FAIL"]
+    assert records[1]["error"].startswith("ArtifactNotFoundError") and foreign.uri in records[1]["error"]
+
+
+@pytest.mark.parametrize("attempt", [0, -1, True, 1.0, "1"])
+def test_attempt_must_be_a_positive_integer(tmp_path, attempt):
+    with pytest.raises(ValueError, match="attempt"):
+        LineageRecorder(ArtifactStore(tmp_path / "store"), config={}, attempt=attempt)
