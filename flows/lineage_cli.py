@@ -1,12 +1,15 @@
 """``skmm lineage …``: build the lineage index from a store and answer audit questions.
 
     skmm lineage rebuild                      [--store URL] [--db PATH] [--skip-malformed] [--fast]
-    skmm lineage samples-of-model MODEL       the samples (id, rank, weight) that trained a model
-    skmm lineage models-of-sample SAMPLE_ID   the models a sample helped train
+    skmm lineage samples-of-model MODEL       the samples that trained a model: id, rank, weight, and from the
+                                              dataset its source URI, label, split and the dataset version
+    skmm lineage models-of-sample SAMPLE_ID   the models a sample helped train (with its source URI, label, split)
+    skmm lineage show MODEL                   one page: the model, its selection (method, params, sketch spec),
+                                              dataset version, run (commit, config hash, attempt) and metrics
     skmm lineage provenance RUN_ID            dataset → embeddings → sketch → selection → model → metrics
     skmm lineage diff RUN_A RUN_B             samples added / removed / kept between two selections
     skmm lineage failed [--incomplete]        runs that failed, and at which stage
-    skmm lineage runs                         every run with its status
+    skmm lineage runs                         every run with its status and attempt (Prefect retries linked)
 
 Every command takes ``--store`` (default ./skmm-store; s3://bucket/prefix with ``--endpoint-url`` and the standard
 AWS_* environment variables for credentials), ``--db`` (default <store>/lineage.duckdb for a local store, else
@@ -16,7 +19,8 @@ flows open it (:func:`tasks.store.open_store`: the same timeouts on object store
 
 ``rebuild`` re-hashes every artifact the events name (``--fast``: existence and size only, except selections,
 which are always hashed because the index loads their sample ids); events naming a missing or corrupt artifact
-are left out of the audit tables, and each such artifact is reported on stderr.
+are left out of the audit tables, and each such artifact is reported on stderr. The audit commands read only the
+source_uri, label and split columns of the dataset's shards (never the image bytes), streamed shard by shard.
 """
 
 from __future__ import annotations
@@ -54,13 +58,23 @@ def _open_store(url: str, endpoint_url: str | None):
     return open_store(store_spec(url, endpoint_url))
 
 
-def _index(store_url: str, db: pathlib.Path | None, endpoint_url: str | None):
+def _index(store_url: str, db: pathlib.Path | None, endpoint_url: str | None, store=None):
     from storage.index import LineageIndex
 
     if db is None:
-        store = _open_store(store_url, endpoint_url)
+        store = store or _open_store(store_url, endpoint_url)
         db = pathlib.Path(store.root) / "lineage.duckdb" if store.is_local else pathlib.Path("skmm-lineage.duckdb")
     return LineageIndex(db)
+
+
+def _store_and_index(store_url: str, db: pathlib.Path | None, endpoint_url: str | None):
+    """The store (the audit commands read dataset rows from it) and the index."""
+    store = _open_store(store_url, endpoint_url)
+    return store, _index(store_url, db, endpoint_url, store)
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
 
 
 @contextlib.contextmanager
@@ -157,9 +171,13 @@ def samples_of_model(
     store: StoreOpt = DEFAULT_STORE, db: DbOpt = None, endpoint_url: EndpointOpt = None,
     as_json: JsonOpt = False, parquet: ParquetOpt = None,
 ) -> None:
-    """The samples that trained MODEL (sample_id, rank, weight), in selection order."""
+    """The samples that trained MODEL in rank order: sample_id, rank, weight, and each sample's source_uri, label
+    and split in the dataset (dataset_version) its selection was made from."""
+    from storage.audit import samples_of_model as audit
+
     with _errors():
-        table = _index(store, db, endpoint_url).samples_for_model(model)
+        art, index = _store_and_index(store, db, endpoint_url)
+        table = audit(index, art, model, warn=_warn)
         _output(table, f"samples that trained model {model}", as_json, parquet)
 
 
@@ -169,10 +187,67 @@ def models_of_sample(
     store: StoreOpt = DEFAULT_STORE, db: DbOpt = None, endpoint_url: EndpointOpt = None,
     as_json: JsonOpt = False, parquet: ParquetOpt = None,
 ) -> None:
-    """The models whose training selection contained SAMPLE_ID."""
+    """The models whose training selection contained SAMPLE_ID, with the sample's source_uri, label, split and
+    dataset_version."""
+    from storage.audit import models_of_sample as audit
+
     with _errors():
-        table = _index(store, db, endpoint_url).models_for_sample(sample_id)
+        art, index = _store_and_index(store, db, endpoint_url)
+        table = audit(index, art, sample_id, warn=_warn)
         _output(table, f"models trained with sample {sample_id}", as_json, parquet)
+
+
+def _page_lines(page: dict[str, Any]) -> list[str]:
+    """The model page as aligned 'key  value' lines, one section per heading."""
+    def fmt(value: Any) -> str:
+        if isinstance(value, dict | list):
+            return json.dumps(value, sort_keys=True, default=_jsonable)
+        return _cell(value) or "-"
+
+    m, sel, run = page["model"], page["selection"], page["run"] or {}
+    sections: list[tuple[str, list[tuple[str, Any]]]] = [
+        ("model", [("sha256", m["sha256"]), ("uri", m["uri"]), ("size", m["size"]), ("trained at", m["trained_at"]),
+                   ("stage", m["stage"])]),
+        ("selection", [("sha256", sel["sha256"]), ("uri", sel["uri"]), ("method", sel["method"]),
+                       ("params", sel["params"]), ("samples", sel["n_samples"])] if sel else [("-", "none recorded")]),
+    ]
+    for sketch in (sel or {}).get("sketches", []):
+        sections[-1][1].extend([("sketch", sketch["uri"]), ("sketch spec", sketch.get("spec"))])
+    sections.append(("dataset", [kv for d in page["datasets"] for kv in (
+        ("version", d["version"]), ("rows", d["num_rows"]), ("manifest", d["uri"]))] or [("-", "none recorded")]))
+    sections.append(("run", [("run id", run.get("run_id")), ("status", run.get("status")),
+                             ("flow run id", run.get("flow_run_id")), ("attempt", run.get("attempt")),
+                             ("previous attempt", run.get("previous_attempt")), ("git commit", run.get("git_commit")),
+                             ("skmm version", run.get("skmm_version")), ("config hash", run.get("config_hash")),
+                             ("started at", run.get("started_at"))]
+                     + [("also recorded by run", r) for r in page["other_runs"]]))
+    sections.append(("metrics", [(f"{x['stage']}: {x['name']}", x["value"]) for x in page["metrics"]]
+                     or [("-", "none recorded")]))
+    lines = []
+    for title, items in sections:
+        lines.append(f"{title}")
+        width = max(len(k) for k, _ in items)
+        lines.extend(f"  {k:<{width}}  {fmt(v)}" for k, v in items)
+    return lines
+
+
+@lineage_app.command("show")
+def show(
+    model: Annotated[str, typer.Argument(help="The model's sha256 (or a unique prefix of 8+ hex) or its uri.")],
+    store: StoreOpt = DEFAULT_STORE, db: DbOpt = None, endpoint_url: EndpointOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One page about MODEL: its selection (method, params, sketch spec), dataset version, run (commit, config
+    hash, attempt) and metrics."""
+    from storage.audit import model_page
+
+    with _errors():
+        art, index = _store_and_index(store, db, endpoint_url)
+        page = model_page(index, art, model, warn=_warn)
+        if as_json:
+            typer.echo(json.dumps(page, default=_jsonable, indent=2))
+        else:
+            typer.echo("\n".join(_page_lines(page)))
 
 
 @lineage_app.command("provenance")
@@ -226,7 +301,8 @@ def runs(
     store: StoreOpt = DEFAULT_STORE, db: DbOpt = None, endpoint_url: EndpointOpt = None,
     as_json: JsonOpt = False, parquet: ParquetOpt = None,
 ) -> None:
-    """Every recorded run with its status, commit and config hash."""
+    """Every recorded run with its status, attempt (the attempts of one flow run are linked by
+    previous_attempt), commit and config hash."""
     with _errors():
         table = _index(store, db, endpoint_url).table("runs")
         _output(table, "runs", as_json, parquet)

@@ -14,6 +14,7 @@ tasks pass around. Objects live at ``<root>/objects/<kind>/<sha256><suffix>``:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -24,7 +25,7 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
@@ -204,11 +205,14 @@ class ArtifactStore:
             raise ValueError(f"artifact suffix must look like '.parquet' or '.tar.gz'; got {suffix!r}")
 
     # ------------------------------------------------------------------ writing
-    def check(self) -> None:
-        """Fail fast with StoreUnavailableError if the store cannot be reached (bucket missing, endpoint down)."""
+    def check(self, create: bool = True) -> None:
+        """Fail fast with StoreUnavailableError if the store cannot be reached (bucket missing, endpoint down).
+
+        A local root is created unless ``create`` is False (a reader: a missing folder simply holds nothing)."""
         try:
             if self.is_local:
-                os.makedirs(self.root, exist_ok=True)
+                if create:
+                    os.makedirs(self.root, exist_ok=True)
             else:
                 self.fs.ls(self.root.split("/", 1)[0], detail=False)
         except Exception as exc:
@@ -413,6 +417,60 @@ class ArtifactStore:
             return self.fs.cat_file(self._path(rel))
         except Exception as exc:
             raise _translate(exc, self.uri(rel)) from None
+
+    def read_many(self, rels: Sequence[str], max_workers: int = 16) -> dict[str, bytes | StorageError]:
+        """The bytes of many small objects (e.g. lineage events) by path relative to the root, with at most
+        ``max_workers`` reads in flight. Unverified (such records carry no ref; see :meth:`local_copies` for
+        artifacts). A failed read maps to its StorageError instead of raising, so one bad object never hides
+        the others; an unreachable store raises StoreUnavailableError."""
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1; got {max_workers!r}")
+
+        def read(rel: str) -> bytes | StorageError:
+            try:
+                return self.read_rel(rel)
+            except StoreUnavailableError:
+                raise
+            except StorageError as exc:
+                return exc
+
+        unique = list(dict.fromkeys(rels))
+        with concurrent.futures.ThreadPoolExecutor(min(max_workers, max(1, len(unique)))) as pool:
+            return dict(zip(unique, pool.map(read, unique), strict=True))
+
+    def local_copies(self, refs: Sequence[ArtifactRef], folder: str | os.PathLike, max_workers: int = 8,
+                     ) -> dict[str, pathlib.Path | StorageError]:
+        """uri → a local file holding each ref's verified bytes (the object itself in a local store, else one
+        download into ``folder``, which the caller owns and removes), with at most ``max_workers`` transfers in
+        flight. A missing or corrupt artifact maps to its ArtifactNotFoundError / ArtifactCorruptedError; an
+        unreachable store raises StoreUnavailableError."""
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1; got {max_workers!r}")
+
+        def copy(ref: ArtifactRef) -> pathlib.Path | StorageError:
+            try:
+                target = self._path(self._rel_from_uri(ref.uri))
+                if self.is_local:
+                    local = target
+                else:
+                    local = os.path.join(folder, f"{ref.sha256}-{os.path.basename(target)}")
+                    try:
+                        self.fs.get_file(target, local)
+                    except Exception as exc:
+                        raise _translate(exc, f"artifact {ref.uri}") from None
+                try:
+                    self._verify(ref, *sha256_file(local))
+                except FileNotFoundError:
+                    raise ArtifactNotFoundError(f"not found: artifact {ref.uri}") from None
+                return pathlib.Path(local)
+            except StoreUnavailableError:
+                raise
+            except StorageError as exc:
+                return exc
+
+        unique = list({r.uri: r for r in refs}.values())
+        with concurrent.futures.ThreadPoolExecutor(min(max_workers, max(1, len(unique)))) as pool:
+            return dict(zip((r.uri for r in unique), pool.map(copy, unique), strict=True))
 
     @staticmethod
     def _verify(ref: ArtifactRef, sha: str, size: int) -> None:

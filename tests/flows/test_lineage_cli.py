@@ -12,9 +12,10 @@ from helpers import free_port
 from typer.testing import CliRunner
 
 from flows.lineage_cli import lineage_app
-from storage.artifacts import ArtifactStore
-from storage.lineage import LineageRecorder
-from storage.selections import write_selection
+from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.datasets import DatasetRef, read_samples
+from storage.lineage import LineageRecorder, code_provenance
+from storage.selections import read_selection, write_selection
 
 runner = CliRunner()
 
@@ -142,3 +143,92 @@ def test_rebuild_reports_a_corrupt_selection_and_never_answers_from_it(local, tm
     assert not any(i in answer.output for i in local["ids_a"])
     diff = runner.invoke(lineage_app, ["diff", local["a"]["run_id"], local["b"]["run_id"], *local["args"]])
     assert diff.exit_code == 2 and sel.uri in diff.stderr
+
+
+# ---------------------------------------------------------------------- an auditor's view of a real curate run
+@pytest.fixture(scope="module")
+def curated(prefect_server, tmp_path_factory) -> dict:
+    """One small curate run (tiny tower, budget 20, uniform) on digits, and its rebuilt index."""
+    from flow_helpers import FAST
+
+    from flows.curate import curate
+
+    store_dir = tmp_path_factory.mktemp("audit") / "store"
+    result = curate(**{**FAST, "methods": ["uniform"]}, store_url=str(store_dir))
+    built = runner.invoke(lineage_app, ["rebuild", "--store", str(store_dir)])
+    assert built.exit_code == 0, built.output
+    store = ArtifactStore(store_dir)
+    dataset = DatasetRef.from_dict(result["dataset"])
+    rows = read_samples(store, dataset, columns=["sample_id", "source_uri", "label", "split"]).to_pylist()
+    return {"result": result, "args": ["--store", str(store_dir)], "store": store, "dataset": dataset,
+            "rows": {r["sample_id"]: r for r in rows}}
+
+
+def test_samples_of_model_names_the_dataset_rows(curated, tmp_path):
+    (run,) = curated["result"]["results"]
+    model, sel = ArtifactRef.from_dict(run["model"]), ArtifactRef.from_dict(run["selection"])
+    selected = read_selection(curated["store"], sel).sort_by("rank").column("sample_id").to_pylist()
+    answer = runner.invoke(lineage_app, ["samples-of-model", model.sha256[:12], "--json", *curated["args"]])
+    assert answer.exit_code == 0, answer.output
+    assert "warning" not in answer.stderr
+    got = json.loads(answer.stdout)
+    assert [r["sample_id"] for r in got] == selected and len(got) == 20
+    for r in got:  # each sample's source URI, label and split are the dataset's own row
+        truth = curated["rows"][r["sample_id"]]
+        assert (r["source_uri"], r["label"], r["split"]) == (truth["source_uri"], truth["label"], truth["split"])
+        assert r["dataset_version"] == curated["dataset"].version and r["selection_sha256"] == sel.sha256
+    assert {r["split"] for r in got} == {"train"} and all(r["source_uri"] and r["label"] for r in got)
+
+    out = tmp_path / "audit.parquet"
+    written = runner.invoke(lineage_app, ["samples-of-model", model.uri, "--parquet", str(out), *curated["args"]])
+    assert written.exit_code == 0, written.output
+    table = pq.read_table(out)
+    assert table.column_names == ["sample_id", "rank", "weight", "source_uri", "label", "split", "dataset_version",
+                                  "selection_sha256"]
+    assert table.to_pylist() == got
+    shown = runner.invoke(lineage_app, ["samples-of-model", model.sha256, *curated["args"]])
+    assert shown.exit_code == 0 and got[0]["source_uri"] in shown.stdout and "20 rows" in shown.stdout
+
+
+def test_models_of_sample_names_its_dataset_row(curated, tmp_path):
+    (run,) = curated["result"]["results"]
+    sel = ArtifactRef.from_dict(run["selection"])
+    sample = read_selection(curated["store"], sel).column("sample_id")[3].as_py()
+    got = json.loads(runner.invoke(lineage_app, ["models-of-sample", sample, "--json", *curated["args"]]).stdout)
+    truth = curated["rows"][sample]
+    assert [r["model_sha256"] for r in got] == [ArtifactRef.from_dict(run["model"]).sha256]
+    assert [(r["sample_id"], r["source_uri"], r["label"], r["split"], r["dataset_version"]) for r in got] == [
+        (sample, truth["source_uri"], truth["label"], truth["split"], curated["dataset"].version)]
+    out = tmp_path / "models.parquet"
+    assert runner.invoke(lineage_app, ["models-of-sample", sample, "--parquet", str(out),
+                                       *curated["args"]]).exit_code == 0
+    assert pq.read_table(out).column("source_uri").to_pylist() == [truth["source_uri"]]
+
+
+def test_show_gives_one_page_about_a_model(curated):
+    result = curated["result"]
+    (run,) = result["results"]
+    model = ArtifactRef.from_dict(run["model"])
+    answer = runner.invoke(lineage_app, ["show", model.sha256[:16], "--json", *curated["args"]])
+    assert answer.exit_code == 0, answer.output
+    page = json.loads(answer.stdout)
+    assert (page["model"]["sha256"], page["model"]["uri"]) == (model.sha256, model.uri)
+    sel = page["selection"]
+    assert (sel["sha256"], sel["method"], sel["n_samples"]) == (run["selection"]["sha256"], "uniform", 20)
+    assert sel["params"]["random_state"] == 0
+    (sketch,) = sel["sketches"]
+    assert sketch["sha256"] == result["sketch"]["artifact"]["sha256"] and sketch["spec"] == result["sketch"]["producer"]
+    (dataset,) = page["datasets"]
+    assert (dataset["version"], dataset["num_rows"]) == (curated["dataset"].version, curated["dataset"].num_rows)
+    assert page["run"]["run_id"] == result["run_id"] and page["run"]["status"] == "completed"
+    assert len(page["run"]["config_hash"]) == 64 and page["run"]["git_commit"] == code_provenance().git_commit
+    metrics = {(m["stage"], m["name"]): m["value"] for m in page["metrics"]}
+    assert metrics[("evaluate.uniform.n20.s0", "accuracy")] == pytest.approx(run["accuracy"])
+
+    text = runner.invoke(lineage_app, ["show", model.uri, *curated["args"]])
+    assert text.exit_code == 0, text.output
+    for needle in ("selection", "uniform", curated["dataset"].version, result["run_id"], page["run"]["config_hash"],
+                   "accuracy", sketch["uri"]):
+        assert needle in text.stdout
+    unknown = runner.invoke(lineage_app, ["show", "0" * 64, *curated["args"]])
+    assert unknown.exit_code == 2 and unknown.stderr.startswith("error: no model")

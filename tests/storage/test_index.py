@@ -12,6 +12,7 @@ import pytest
 from helpers import free_port, s3_options
 
 from storage.artifacts import ArtifactStore
+from storage.datasets import write_samples
 from storage.errors import (
     ArtifactCorruptedError,
     ArtifactNotFoundError,
@@ -121,6 +122,27 @@ def test_audit_round_trip(recorded):
         index.models_for_sample("never-selected")
 
 
+def test_model_summary(recorded):
+    index, a, b = recorded["index"], recorded["a"], recorded["b"]
+    page = index.model_summary(b["model"].sha256[:12])
+    assert (page["model"]["sha256"], page["model"]["uri"], page["model"]["stage"]) == (
+        b["model"].sha256, b["model"].uri, "train")
+    sel = page["selection"]
+    assert (sel["sha256"], sel["method"], sel["params"]) == (b["sel"].sha256, "skmm", {"tag": "b"})
+    assert sel["n_samples"] == len(recorded["b_ids"])
+    assert [s["uri"] for s in sel["sketches"]] == [a["sketch"].uri]  # run b selected from run a's sketch
+    assert page["datasets"] == [{"uri": a["dataset"].uri, "sha256": a["dataset"].sha256, "size": a["dataset"].size,
+                                 "version": None, "num_rows": None}]  # recorded upstream; its bytes are no manifest
+    run = page["run"]
+    assert (run["run_id"], run["git_commit"], run["flow_run_id"], run["status"]) == (b["run_id"], "b" * 40,
+                                                                                   "flow-b", "completed")
+    assert len(run["config_hash"]) == 64 and page["other_runs"] == []
+    assert {(m["stage"], m["name"], m["value"]) for m in page["metrics"]} == {("train", "accuracy", 0.75),
+                                                                             ("train", "epochs", 2.0)}
+    with pytest.raises(UnknownIdError, match="no model"):
+        index.model_summary("f" * 64)
+
+
 def test_provenance_chain(recorded):
     index, a, b = recorded["index"], recorded["a"], recorded["b"]
     prov = index.provenance(a["run_id"]).to_pylist()
@@ -151,6 +173,54 @@ def test_selection_diff(recorded):
     assert kept["rank_a"] is not None and kept["rank_b"] is not None
     same = index.selection_diff(a["sel"].sha256, a["run_id"]).column("change").to_pylist()
     assert set(same) == {"kept"}
+
+
+def test_attempts_of_one_flow_run_are_linked(tmp_path):
+    """A Prefect retry re-runs the flow run: each attempt is its own lineage run, numbered and linked."""
+    store = ArtifactStore(tmp_path / "store")
+    first = LineageRecorder(store, flow_run_id="flow-retried", config={}, attempt=1)
+    with pytest.raises(RuntimeError), first.stage("finetune"):
+        raise RuntimeError("injected fault")
+    second = LineageRecorder(store, flow_run_id="flow-retried", config={}, attempt=2)
+    with second.stage("finetune"):
+        second.complete("finetune")
+    other = LineageRecorder(store, flow_run_id="flow-other", config={}, attempt=1)
+    with other.stage("finetune"):
+        other.complete("finetune")
+    index = LineageIndex(tmp_path / "lineage.duckdb")
+    index.rebuild(store)
+    runs = {r["run_id"]: r for r in index.table("runs").to_pylist()}
+    assert (runs[first.run_id]["attempt"], runs[first.run_id]["previous_attempt"]) == (1, None)
+    assert (runs[second.run_id]["attempt"], runs[second.run_id]["previous_attempt"]) == (2, first.run_id)
+    assert (runs[other.run_id]["attempt"], runs[other.run_id]["previous_attempt"]) == (1, None)
+    assert [runs[first.run_id]["status"], runs[second.run_id]["status"]] == ["failed", "completed"]
+    assert {e["attempt"] for e in index.table("events").to_pylist() if e["run_id"] == second.run_id} == {2}
+
+
+def test_each_selection_knows_its_dataset_and_version(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    ids = _ids(4)
+    dataset = write_samples(store, [{"sample_id": i, "source_uri": f"file:///pool/{n}.png", "label": "a",
+                                     "split": "train"} for n, i in enumerate(ids)])
+    rec = LineageRecorder(store, config={})
+    with rec.stage("ingest"):
+        rec.complete("ingest", [dataset.manifest])
+    with rec.stage("sketch", [dataset.manifest]):
+        sketch = store.put_bytes(b"sketch", "sketch", ".parquet")
+        rec.complete("sketch", [sketch])
+    with rec.stage("select", [sketch]):
+        sel = write_selection(store, ids[:2])
+        rec.complete("select", selection=sel)
+    fake = _pipeline(store, ids, "fake")  # its "dataset" is no manifest: recorded, with the problem
+    index = LineageIndex(tmp_path / "lineage.duckdb")
+    assert index.rebuild(store)["datasets"] == 2
+    (row,) = index.selection_datasets([sel.sha256]).to_pylist()
+    assert (row["dataset_uri"], row["dataset_version"], row["dataset_rows"]) == (dataset.manifest.uri,
+                                                                                dataset.version, 4)
+    (bad,) = index.selection_datasets([fake["sel"].sha256]).to_pylist()
+    assert bad["dataset_uri"] == fake["dataset"].uri and bad["dataset_version"] is None
+    problems = {d["uri"]: d["problem"] for d in index.table("datasets").to_pylist()}
+    assert problems[dataset.manifest.uri] is None and problems[fake["dataset"].uri].startswith("not a dataset")
 
 
 def test_failed_runs(store, tmp_path):
@@ -276,7 +346,8 @@ def test_a_corrupt_selection_never_yields_sample_ids(store, tmp_path, verify_sha
     run = _pipeline(store, ids, "x")
     _flip_a_byte(store, run["sel"])  # same size: only its hash tells
     index = LineageIndex(tmp_path / "lineage.duckdb")
-    assert index.rebuild(store, verify_sha256=verify_sha256)["dangling"] == 2  # select COMPLETE, train START
+    # select COMPLETE, train START, and train COMPLETE: its model was trained from what that START read
+    assert index.rebuild(store, verify_sha256=verify_sha256)["dangling"] == 3
     with pytest.raises(ArtifactCorruptedError, match=run["sel"].uri) as info:
         index.samples_for_model(run["model"].sha256)
     assert "no model" not in str(info.value) and "delete that object" in str(info.value)

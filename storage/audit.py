@@ -1,0 +1,194 @@
+"""An auditor's view: the lineage index's answers joined to the dataset rows they name.
+
+The index knows sample ids; an auditor asks "which files, with which labels". :func:`samples_of_model` and
+:func:`models_of_sample` add each sample's ``source_uri``, ``label``, ``split`` and the ``dataset_version`` of
+the dataset its selection was made from (the index records, per selection, the dataset manifest upstream of it).
+The dataset's Parquet shards are read shard by shard, row group by row group, with only the needed columns
+(never the image bytes) and only the row groups whose sample-id range holds a wanted id, so memory is bounded by
+one row group of four small columns whatever the pool's size. Because only part of a shard is read, its sha256
+cannot be checked: its size and row count are (against the verified manifest), and a shard that does not
+decode raises MalformedRecordError naming it. :func:`model_page` is the one-page summary behind
+``skmm lineage show``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.artifacts import ArtifactRef, ArtifactStore, _translate
+from storage.datasets import DatasetRef, ShardRef, load_manifest
+from storage.errors import ArtifactCorruptedError, MalformedRecordError, StorageError
+from storage.index import LineageIndex
+
+__all__ = ["AUDIT_COLUMNS", "dataset_rows", "model_page", "models_of_sample", "samples_of_model", "sketch_producer"]
+
+#: The dataset columns an audit answer carries (besides sample_id).
+AUDIT_COLUMNS = ("source_uri", "label", "split")
+Warn = Callable[[str], None]
+
+
+def _object_path(store: ArtifactStore, ref: ArtifactRef) -> str:
+    return store._path(store._rel_from_uri(ref.uri))
+
+
+def _shard_rows(store: ArtifactStore, shard: ShardRef, wanted: pa.Array, columns: Sequence[str]) -> pa.Table:
+    """The rows of one shard whose sample_id is in ``wanted`` (a sorted, unique string array), only ``columns``."""
+    what = f"dataset shard {shard.artifact.uri}"
+    path = _object_path(store, shard.artifact)
+    try:
+        size = store.fs.size(path)
+    except Exception as exc:
+        raise _translate(exc, what) from None
+    if size != shard.artifact.size:
+        raise ArtifactCorruptedError(f"{what} is corrupted: {size} bytes, the manifest says {shard.artifact.size}")
+    parts = []
+    try:
+        # no read-ahead cache: each read is one exact range (a 50 MB default block would fetch image bytes too)
+        with store.fs.open(path, "rb", cache_type="none") as fh:
+            parquet = pq.ParquetFile(fh)
+            missing = {"sample_id", *columns} - set(parquet.schema_arrow.names)
+            if missing or parquet.metadata.num_rows != shard.num_rows:
+                raise MalformedRecordError(f"{what} does not hold {shard.num_rows} sample rows with columns "
+                                           f"sample_id, {', '.join(columns)}")
+            id_col = parquet.schema_arrow.get_field_index("sample_id")
+            for i in range(parquet.num_row_groups):
+                stats = parquet.metadata.row_group(i).column(id_col).statistics
+                if stats is not None and stats.has_min_max:  # skip row groups whose id range holds no wanted id
+                    lo = pc.sum(pc.less(wanted, str(stats.min))).as_py() or 0
+                    hi = pc.sum(pc.less_equal(wanted, str(stats.max))).as_py() or 0
+                    if hi <= lo:
+                        continue
+                group = parquet.read_row_group(i, columns=["sample_id", *columns], use_threads=False)
+                parts.append(group.filter(pc.is_in(group.column("sample_id"), value_set=wanted)))
+    except StorageError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise MalformedRecordError(f"{what} cannot be read: {type(exc).__name__}: {exc}") from None
+    schema = pa.schema([pa.field("sample_id", pa.string()), *(pa.field(c, pa.string()) for c in columns)])
+    return pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
+
+
+def dataset_rows(store: ArtifactStore, dataset: DatasetRef, sample_ids: Sequence[str] | pa.Array,
+                 columns: Sequence[str] = AUDIT_COLUMNS) -> pa.Table:
+    """sample_id and ``columns`` of the dataset rows whose id is in ``sample_ids``, in sample-id order.
+
+    Streams the verified manifest's shards one row group at a time with column projection (never ``data``);
+    ids not in the dataset are simply absent from the answer."""
+    columns = list(columns)
+    if "data" in columns:
+        raise ValueError("the audit never reads the sample bytes: leave 'data' out of columns")
+    wanted = pc.unique(pa.array(sample_ids, pa.string()) if not isinstance(sample_ids, pa.Array) else
+                       sample_ids.cast(pa.string()))
+    wanted = wanted.filter(pc.is_valid(wanted))
+    wanted = wanted.take(pc.sort_indices(wanted))
+    manifest = load_manifest(store, dataset)
+    parts = [_shard_rows(store, shard, wanted, columns) for shard in manifest.shards] if len(wanted) else []
+    schema = pa.schema([pa.field("sample_id", pa.string()), *(pa.field(c, pa.string()) for c in columns)])
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+def _datasets(index: LineageIndex, selections: list[str], warn: Warn | None) -> dict[str, list[dict[str, Any]]]:
+    """selection sha256 → its usable datasets (rows of the index's selection_datasets); warns about the rest."""
+    out: dict[str, list[dict[str, Any]]] = {s: [] for s in selections}
+    recorded = index.selection_datasets(selections).to_pylist()
+    for row in recorded:
+        if row["dataset_version"] is not None:
+            out[row["selection_sha256"]].append(row)
+        elif warn:
+            warn(f"dataset {row['dataset_uri']} of selection {row['selection_sha256'][:12]}… is no readable dataset "
+                 "manifest; its samples' source_uri, label and split are left empty")
+    for sel in sorted(set(selections) - {r["selection_sha256"] for r in recorded}):
+        if warn:
+            warn(f"no dataset is recorded upstream of selection {sel[:12]}…; its samples' source_uri, label and "
+                 "split are left empty")
+    return out
+
+
+def _join(store: ArtifactStore, index: LineageIndex, table: pa.Table, warn: Warn | None) -> pa.Table:
+    """``table`` (with sample_id and selection_sha256 columns) plus source_uri, label, split, dataset_version,
+    in its row order."""
+    sels = sorted({s for s in table.column("selection_sha256").to_pylist() if s is not None})
+    found = []
+    datasets_of = _datasets(index, sels, warn)
+    for sel, datasets in datasets_of.items():
+        ids = table.filter(pc.equal(table.column("selection_sha256"), sel)).column("sample_id").combine_chunks()
+        for d in datasets:
+            ref = DatasetRef(ArtifactRef(d["dataset_uri"], d["dataset_sha256"], d["dataset_size"], "dataset"),
+                             d["dataset_version"], d["dataset_rows"])
+            rows = dataset_rows(store, ref, ids)
+            n = rows.num_rows
+            found.append(rows.append_column("selection_sha256", pa.array([sel] * n, pa.string()))
+                         .append_column("dataset_version", pa.array([d["dataset_version"]] * n, pa.string())))
+    schema = pa.schema([("sample_id", pa.string()), *((c, pa.string()) for c in AUDIT_COLUMNS),
+                        ("selection_sha256", pa.string()), ("dataset_version", pa.string())])
+    extra = pa.concat_tables(found) if found else schema.empty_table()
+    if any(len(d) > 1 for d in datasets_of.values()):  # a sample in two datasets of one selection: first row wins
+        seen, keep = set(), []
+        for key in zip(extra.column("selection_sha256").to_pylist(), extra.column("sample_id").to_pylist(),
+                       strict=True):
+            keep.append(key not in seen)
+            seen.add(key)
+        extra = extra.filter(pa.array(keep, pa.bool_()))
+    order = pa.array(range(table.num_rows), pa.int64())
+    joined = table.append_column("_order", order).join(extra, keys=["selection_sha256", "sample_id"],
+                                                       join_type="left outer")
+    joined = joined.sort_by("_order").drop_columns(["_order"])
+    front = [c for c in table.column_names if c != "selection_sha256"]
+    return joined.select([*front, *AUDIT_COLUMNS, "dataset_version", "selection_sha256"])
+
+
+def samples_of_model(index: LineageIndex, store: ArtifactStore, model: str, warn: Warn | None = None) -> pa.Table:
+    """The samples that trained ``model``, in rank order: sample_id, rank, weight, source_uri, label, split,
+    dataset_version, selection_sha256. ``warn`` hears about selections whose dataset is unknown or unreadable
+    (their dataset columns are null)."""
+    return _join(store, index, index.samples_for_model(model), warn)
+
+
+def models_of_sample(index: LineageIndex, store: ArtifactStore, sample_id: str, warn: Warn | None = None
+                     ) -> pa.Table:
+    """The models a sample helped train (see :meth:`LineageIndex.models_for_sample`), each with the sample's
+    source_uri, label, split and dataset_version in the dataset that selection was made from."""
+    table = index.models_for_sample(sample_id)
+    with_id = table.append_column("sample_id", pa.array([str(sample_id)] * table.num_rows, pa.string()))
+    return _join(store, index, with_id, warn)
+
+
+def sketch_producer(store: ArtifactStore, ref: ArtifactRef) -> dict[str, Any]:
+    """What made a sketch table (its ``SketchSpec.to_dict()``, from the Parquet footer's ``skmm.producer``; only
+    the footer is read). Raises StorageError / MalformedRecordError naming the artifact."""
+    path = _object_path(store, ref)
+    try:
+        with store.fs.open(path, "rb", cache_type="none") as fh:
+            meta = pq.ParquetFile(fh).schema_arrow.metadata or {}
+    except StorageError:
+        raise
+    except FileNotFoundError as exc:
+        raise _translate(exc, f"artifact {ref.uri}") from None
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise MalformedRecordError(f"sketch {ref.uri} is not a vector table: {type(exc).__name__}") from None
+    try:
+        return json.loads(meta[b"skmm.producer"])
+    except (KeyError, ValueError):
+        raise MalformedRecordError(f"sketch {ref.uri} records no producer") from None
+
+
+def model_page(index: LineageIndex, store: ArtifactStore, model: str, warn: Warn | None = None) -> dict[str, Any]:
+    """:meth:`LineageIndex.model_summary` with each sketch's spec read from the store (``spec``: the
+    SketchSpec that made it, or None with ``problem`` when it cannot be read)."""
+    page = index.model_summary(model)
+    for sketch in (page["selection"] or {}).get("sketches", []):
+        try:
+            sketch["spec"] = sketch_producer(store, ArtifactRef(sketch["uri"], sketch["sha256"], sketch["size"],
+                                                                "sketch"))
+        except (StorageError, MalformedRecordError) as exc:
+            sketch["spec"] = None
+            sketch["problem"] = " ".join(str(exc).split())
+            if warn:
+                warn(f"cannot read the spec of sketch {sketch['uri']}: {sketch['problem']}")
+    return page
