@@ -101,15 +101,17 @@ def dask_env(workers: int | None = None, address: str | None = None, gpus: str |
     return env
 
 
-def build_deployments(parameters: dict[str, Any], schedule: Schedule, work_pool: str | None = POOL,
+def build_deployments(parameters: dict[str, Any], schedule: Schedule | None, work_pool: str | None = POOL,
                       name: str = NIGHTLY, checkout: str | os.PathLike | None = None,
                       env: dict[str, str] | None = None) -> list[RunnerDeployment]:
-    """curate/<name> on ``schedule`` with ``parameters``, plus reselect/ and reevaluate/on-demand on the same
-    store. ``work_pool`` None: for ``serve``. ``checkout``: the folder the runs start in (default: cwd). ``env``:
-    environment of the scheduled run's job (e.g. :func:`dask_env`), a work pool's job variable."""
+    """curate/<name> on ``schedule`` (None: only when triggered) with ``parameters``, plus reselect/ and
+    reevaluate/on-demand on the same store. ``work_pool`` None: for ``serve``. ``checkout``: the folder the runs
+    start in (default: cwd). ``env``: environment of the curate run's job, a work pool's job variable (e.g.
+    :func:`dask_env`, or the test-only fault switch ``SKMM_FAULT_FILE`` of :mod:`flows.faults`)."""
     source = str(pathlib.Path(checkout or os.getcwd()).resolve())
     nightly = flow.from_source(source, ENTRYPOINTS["curate"]).to_deployment(
-        name, schedules=[schedule], parameters=parameters, description=NIGHTLY_DESCRIPTION,
+        name, schedules=[schedule] if schedule is not None else [], parameters=parameters,
+        description=NIGHTLY_DESCRIPTION,
         tags=[*TAGS, "scheduled"], work_pool_name=work_pool, job_variables={"env": env} if env else None,
         # Tonight's run is dropped, not queued, while yesterday's is still going.
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW))

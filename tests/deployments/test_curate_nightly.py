@@ -3,8 +3,9 @@ whose temporary server never fires schedules): registration (cron + timezone sto
 plans runs on it), a run triggered now and executed by a real process worker, a served interval schedule that
 fires by itself, and prefect.yaml agreeing with the Python definitions.
 
-The server runs on a free loopback port with its own PREFECT_HOME and SQLite file; workers and ``serve`` run in
-their own process group and are stopped, with the flow runs they spawned, whatever the outcome. Runs use the
+The server (tests/server_helpers.py, a fixture per module) runs on a free loopback port with its own PREFECT_HOME
+and SQLite file; workers and ``serve`` run in their own process group and are stopped, with the flow runs they
+spawned, whatever the outcome. Runs use the
 bundled digits and the tiny open_clip tower; the module shares one store, so later runs hit the first's cache.
 """
 
@@ -12,27 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import zoneinfo
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 from uuid import UUID
 
 import pytest
 from helpers import free_port
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, LogFilter, LogFilterFlowRunId
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from server_helpers import REPO, RUN_TIMEOUT_S, api, prefect_env, running, tail, wait_final, worker_command
 
 from deployments.curate_nightly import (
     CRON,
@@ -53,88 +47,11 @@ from storage.lineage import git_commit
 from storage.runs import read_run_result
 from tasks.store import open_store, store_spec
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 FAST = ["--budgets", "20", "--methods", "skmm_best,uniform", "--seeds", "0", "--model", TINY_MODEL,
         "--sketch-dim", "16"]
-SERVER_START_S = 180  # ~15 s idle here; much more while other suites load the 2 cores
-RUN_TIMEOUT_S = 300  # a first digits run through a worker: ~60 s idle here
 
 
-# ------------------------------------------------------------------------------------------ processes, server
-
-
-@dataclass(frozen=True)
-class Server:
-    api_url: str
-    root: pathlib.Path  # per-module folder: server home and database, client homes
-
-
-def prefect_env(home: pathlib.Path, api_url: str | None = None, **extra: str) -> dict[str, str]:
-    """The environment for a Prefect subprocess: its own PREFECT_HOME, offline, talking to ``api_url``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1",
-               PYTHONUNBUFFERED="1", **extra)
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    return env
-
-
-def tail(log: pathlib.Path, n: int = 60) -> str:
-    lines = log.read_text(errors="replace").splitlines() if log.exists() else ["<no log>"]
-    return f"--- {log.name} (last {n} lines) ---\n" + "\n".join(lines[-n:])
-
-
-def stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
-    """SIGTERM to the process group we started (Prefect shuts down gracefully), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
-@contextlib.contextmanager
-def running(cmd: list[str], log: pathlib.Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """Start ``cmd`` in the checkout (output to ``log``) in a new process group; always stop it on exit."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        stop(proc)
-
-
-def wait_healthy(api_url: str, proc: subprocess.Popen, log: pathlib.Path) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"prefect server exited with {proc.returncode}\n{tail(log)}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{api_url}/health", timeout=2) as r:
-            if r.status == 200:
-                return
-        time.sleep(0.5)
-    pytest.fail(f"prefect server not healthy after {SERVER_START_S} s\n{tail(log)}")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
-    """``prefect server start`` on a free loopback port, with a temporary home and SQLite database."""
-    root = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = prefect_env(root / "server-home", PREFECT_SERVER_LOGGING_LEVEL="WARNING",
-                      PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root / 'prefect.db'}")
-    log = root / "server.log"
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
-    with running(cmd, log, env) as proc:
-        wait_healthy(api_url, proc, log)
-        yield Server(api_url, root)
+# ------------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module")
@@ -142,29 +59,7 @@ def shared_store(tmp_path_factory) -> pathlib.Path:
     return tmp_path_factory.mktemp("curation") / "store"
 
 
-@contextlib.contextmanager
-def api(url: str) -> Iterator[Any]:
-    """A sync client of the module's server (settings scoped to the block, so no harness is involved)."""
-    with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
-        yield client
-
-
 # ------------------------------------------------------------------------------------------ checks
-
-
-def wait_final(url: str, flow_run_id: UUID, log: pathlib.Path) -> FlowRun:
-    """Poll a flow run until it is final; fail with its logs and the executing process's log otherwise."""
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    with api(url) as client:
-        while time.monotonic() < deadline:
-            run = client.read_flow_run(flow_run_id)
-            if run.state and run.state.is_final():
-                if not run.state.is_completed():
-                    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-                    pytest.fail(f"{run.state!r}\n" + "\n".join(x.message for x in logs[-40:]) + "\n" + tail(log))
-                return run
-            time.sleep(1)
-    pytest.fail(f"flow run {flow_run_id} not final after {RUN_TIMEOUT_S} s\n{tail(log)}")
 
 
 def assert_outputs_in_store(store_dir: pathlib.Path, flow_run_id: UUID, tmp_path: pathlib.Path) -> None:
@@ -207,8 +102,7 @@ def test_deploy_stores_the_cron_and_a_process_worker_runs_it(server, shared_stor
     assert p["store_url"] == str(shared_store) and p["source"]["kind"] == "digits"
 
     worker_log = tmp_path / "worker.log"
-    worker = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
-              "--name", "test-worker"]
+    worker = worker_command(POOL)
     env = prefect_env(server.root / "worker-home", server.api_url, PREFECT_WORKER_QUERY_SECONDS="1")
     with running(worker, worker_log, env), api(server.api_url) as client:
         triggered = run_deployment("curate/nightly", timeout=0, as_subflow=False)

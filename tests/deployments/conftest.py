@@ -1,0 +1,15 @@
+"""A real standing Prefect server per test module (server_helpers.standing_server), on a free loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from server_helpers import Server, standing_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    """``prefect server start`` with a temporary home and SQLite database, stopped after the module."""
+    with standing_server(tmp_path_factory.mktemp("prefect-server")) as started:
+        yield started
