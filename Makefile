@@ -35,8 +35,10 @@ bench-synthetic: $(STAMP)
 deploy: $(STAMP)
 	PREFECT_HOME=$(PREFECT_HOME) $(BIN)/python -m deployments.curate_nightly deploy $(DEPLOY_ARGS)
 
+# .ci/ensure-chromium: Debian's chromium for the browser test, installed with apt when missing (as root).
 test: $(STAMP)
 	$(BIN)/ruff check .
+	.ci/ensure-chromium
 	PREFECT_HOME=$$(mktemp -d) $(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
