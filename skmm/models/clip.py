@@ -23,8 +23,26 @@ Decisions:
 - Weights always load strictly; a mismatch names the first missing/unexpected/mis-shaped keys. Tags whose
   weights were trained with QuickGELU (``openai``) get the matching activation, as open_clip's ``-quickgelu``
   model names do (plain open_clip only warns and then computes different features).
-- Precision is ``"fp32"`` only, and means IEEE fp32 on CUDA too (TF32 is switched off for the duration of a
-  call and restored after), so CPU and GPU features agree to float32 round-off (3e-5 measured), not bitwise.
+- **Precision** (``ClipSpec.precision``): ``"fp32"`` (the default) means IEEE fp32 on CUDA too (TF32 is
+  switched off for the duration of a call and restored after), so CPU and GPU features agree to float32 round-off
+  (3e-5 measured), not bitwise. ``"tf32"`` lets CUDA's matmuls and convolutions use TF32 tensor cores (faster;
+  inputs rounded to a 10-bit mantissa); it is refused on other devices, where it would compute fp32 features
+  under another name. ``"bf16"`` encodes under ``torch.autocast(dtype=bfloat16)`` (CUDA or CPU). Both are
+  part of the spec (its dict and digest), so their features are never mixed with fp32 ones. The switches are
+  process-wide: calls with different precisions must not run in concurrent threads of one process.
+- **Block size per device** (``ClipSpec.block_rows``): the fixed block (below) is 64 images by default, the CPU's
+  figure; :func:`default_block_rows` gives a device's (512 on a CUDA device with 16 GiB or more, 256 on smaller
+  ones). The block size is part of the spec too: the dict carries it when it is not 64 (so the default spec,
+  its digest and every table written before are unchanged), since another shape may round differently.
+- **Decoding overlaps encoding.** :func:`embed_images` decodes and preprocesses in ``decode_workers`` forked
+  worker processes (default: cores − 1, at least 1; serial for a single block), one fixed block per job, so
+  block k is encoded while blocks k+1.. are decoded. Each worker runs torch with 1 thread (the parent's encode
+  threads are unchanged); blocks come back through shared memory, in order, and are pinned and copied
+  asynchronously to a CUDA device. The block composition is the serial path's, and the preprocessing is the
+  same code, so the features are bitwise those of ``decode_workers=0``. Measured on the 2-core CPU (ViT-S-32,
+  ~56 KB JPEGs): see bench/README.md §8. Where a process may not fork children (a daemonic process, e.g. a Dask
+  worker, or no ``fork`` start method) decoding runs in the calling thread. ``$SKMM_DECODE_WORKERS`` sets the
+  default (e.g. for the flow's tasks).
 - **Bitwise batch invariance.** On one machine and build, an image's features are the same bits whatever the
   batch size, shard split, row order or thread count: :func:`embed_images` encodes in blocks of exactly
   ``BLOCK_ROWS`` images (the last one zero-padded, pad rows dropped). Why: MKL's sgemm picks its kernel, hence
@@ -56,6 +74,7 @@ import contextlib
 import difflib
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -64,12 +83,14 @@ import re
 import sys
 import threading
 import urllib.parse
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from skmm.canonical_json import canonical_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -80,7 +101,10 @@ __all__ = [
     "TINY_MODEL",
     "ClipSpec",
     "check_model_name",
+    "check_precision",
     "clear_model_cache",
+    "default_block_rows",
+    "default_decode_workers",
     "embed_images",
     "embed_shards",
     "load_clip",
@@ -89,7 +113,7 @@ __all__ = [
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 TINY_MODEL = "skmm-tiny-vit"
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "tf32", "bf16")
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -102,9 +126,16 @@ PROBE_TIMEOUT_S = 3.0
 # memory and speed stay as measured (blocks of 32 were no faster for ViT-S-32 on the CPU, slower for the tiny
 # tower).
 BLOCK_ROWS = 64
+# CUDA blocks (default_block_rows): larger blocks keep the device busy; the smaller figure for small cards.
+CUDA_BLOCK_ROWS = 512
+SMALL_CUDA_BLOCK_ROWS = 256
+SMALL_CUDA_BYTES = 16 * 2**30
+MAX_BLOCK_ROWS = 1 << 16
+DECODE_WORKERS_ENV = "SKMM_DECODE_WORKERS"
 # The largest image decoded (width × height): Pillow's default decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS.
 MAX_PIXELS = 89_478_485
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------- the spec
@@ -124,6 +155,9 @@ class ClipSpec:
     differs from the model's own resizes the position embeddings (open_clip's ``force_image_size``).
     ``weights_sha256`` (optional; see :meth:`with_weights_digest`) pins a local weights file by content: loading
     checks it, and the digest then uses it instead of the path, so moving the file keeps the identity.
+    ``precision``: ``"fp32"`` (IEEE, the default), ``"tf32"`` (CUDA only) or ``"bf16"`` (autocast).
+    ``block_rows``: the images per forward pass (:data:`BLOCK_ROWS` by default; :func:`default_block_rows`
+    gives a device's); the dict names it only when it is not the default.
     """
 
     model: str
@@ -132,6 +166,7 @@ class ClipSpec:
     image_size: int | None = None
     precision: str = "fp32"
     weights_sha256: str | None = None
+    block_rows: int = BLOCK_ROWS
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -155,6 +190,9 @@ class ClipSpec:
             raise ValueError(f"ClipSpec image_size must be None or a positive integer; got {self.image_size!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"ClipSpec precision must be one of {PRECISIONS}; got {self.precision!r}")
+        if (isinstance(self.block_rows, bool) or not isinstance(self.block_rows, int)
+                or not 0 < self.block_rows <= MAX_BLOCK_ROWS):
+            raise ValueError(f"ClipSpec block_rows must be an integer in 1..{MAX_BLOCK_ROWS}; got {self.block_rows!r}")
         if self.weights_sha256 is not None:
             if not isinstance(self.weights_sha256, str) or not _SHA256.fullmatch(self.weights_sha256):
                 raise ValueError(
@@ -166,17 +204,21 @@ class ClipSpec:
             object.__setattr__(self, "image_size", _native_image_size(self.model, self.pretrained))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (round-trips through :meth:`from_dict`)."""
-        return asdict(self)
+        """Plain-JSON form (round-trips through :meth:`from_dict`). ``block_rows`` appears only when it is not
+        :data:`BLOCK_ROWS`: the default spec's dict (and digest, and the tables that carry it) predate it."""
+        data = asdict(self)
+        if data["block_rows"] == BLOCK_ROWS:
+            del data["block_rows"]
+        return data
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no whitespace."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return canonical_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClipSpec:
         """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
-        known = {"model", "pretrained", "init_seed", "image_size", "precision", "weights_sha256"}
+        known = {"model", "pretrained", "init_seed", "image_size", "precision", "weights_sha256", "block_rows"}
         extra = set(data) - known
         if extra:
             raise ValueError(f"unknown ClipSpec field(s): {sorted(extra)}")
@@ -191,8 +233,8 @@ class ClipSpec:
             ident["init_seed"] = None
         if self.weights_sha256 is not None:
             ident["pretrained"] = f"sha256:{self.weights_sha256}"
-        del ident["weights_sha256"]
-        return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        del ident["weights_sha256"]  # block_rows, when present, stays: another block shape, other bits
+        return hashlib.sha256(canonical_json(ident).encode()).hexdigest()
 
     def with_weights_digest(self) -> ClipSpec:
         """A copy with ``weights_sha256`` set from the local weights file's bytes (reads the whole file)."""
@@ -311,6 +353,46 @@ def resolve_device(device: Any = None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def default_block_rows(device: Any = None) -> int:
+    """The fixed block size for ``device`` (``None``: as :func:`resolve_device`): :data:`BLOCK_ROWS` (64) on the
+    CPU and other devices, 512 on a CUDA device with 16 GiB or more, 256 on a smaller one."""
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return BLOCK_ROWS
+    import torch
+
+    total = torch.cuda.get_device_properties(dev if dev.index is not None else torch.cuda.current_device()).total_memory
+    return CUDA_BLOCK_ROWS if total >= SMALL_CUDA_BYTES else SMALL_CUDA_BLOCK_ROWS
+
+
+def check_precision(precision: str, device: Any = None) -> None:
+    """ValueError unless ``precision`` is known and can run on ``device`` (``"tf32"`` needs CUDA)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    if precision != "tf32":
+        return
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"precision 'tf32' needs a CUDA device (TF32 is a tensor-core mode), not {dev.type!r}: "
+                         "on this device it would compute fp32 features under another name; use 'fp32' (the "
+                         "default) or 'bf16'")
+
+
+def default_decode_workers() -> int:
+    """Decode worker processes by default: ``$SKMM_DECODE_WORKERS`` when set (0: decode in the calling thread),
+    else the cores this process may use, less one for encoding (at least 1)."""
+    env = os.environ.get(DECODE_WORKERS_ENV, "").strip()
+    if env:
+        if not env.isdigit():
+            raise ValueError(f"{DECODE_WORKERS_ENV} must be a non-negative integer; got {env!r}")
+        return int(env)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(cores - 1, 1)
 
 
 def _check_model_name(open_clip, name: str) -> None:
@@ -619,6 +701,7 @@ def _weights_stamp(spec: ClipSpec) -> tuple | None:
 
 
 def _cached_model(spec: ClipSpec, device: torch.device):
+    spec = replace(spec, precision="fp32", block_rows=BLOCK_ROWS)  # one tower whatever the precision and block
     key = (spec, str(device), _weights_stamp(spec))
     with _CACHE_LOCK:
         if key in _CACHE:
@@ -653,20 +736,34 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _ieee_fp32(device: torch.device) -> Iterator[None]:
-    """No TF32 on CUDA for the block (then restored): fp32 features that agree across batch sizes and devices."""
+def _cuda_math(device: torch.device, tf32: bool) -> Iterator[None]:
+    """TF32 on CUDA off (fp32, bf16) or on (tf32) for the call, then restored; cuDNN deterministic."""
     import torch
 
     if device.type != "cuda":
         yield
         return
     matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=tf32):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def _ieee_fp32(device: torch.device) -> contextlib.AbstractContextManager:
+    """IEEE fp32 for the call (TF32 off on CUDA, then restored): what the FT gradients and finetuning run in."""
+    return _cuda_math(device, tf32=False)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward pass's autocast: bfloat16 for ``"bf16"``, nothing otherwise."""
+    import torch
+
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _to_rgb(im):
@@ -692,13 +789,17 @@ def _too_large(data: Any, index: int, size: tuple[int, int] | None, max_pixels: 
                       f"{max_pixels} pixels (skmm curate --max-pixels); ingest quarantines such images")
 
 
+def _check_bytes(data: Any, index: int) -> None:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"image {index}: expected encoded image bytes, got {type(data).__name__}")
+
+
 def _decode(data: Any, index: int, preprocess, max_pixels: int = MAX_PIXELS):
     """Encoded image bytes → the preprocessed tensor; ValueError naming the image (and, when it is too large,
     the sample) if it cannot be decoded or has more than ``max_pixels`` pixels (checked before decoding)."""
     from PIL import Image
 
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f"image {index}: expected encoded image bytes, got {type(data).__name__}")
+    _check_bytes(data, index)
     try:
         with Image.open(io.BytesIO(data)) as im:
             size = im.size
@@ -723,25 +824,125 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def _encode_block(model, pixels: list[torch.Tensor], rows: int, device: torch.device, normalize: bool) -> np.ndarray:
-    """Encode up to ``rows`` preprocessed images as one zero-padded block of exactly ``rows`` images.
+def _serial_blocks(images: Iterable[Any], rows: int, batch_size: int, preprocess,
+                   max_pixels: int) -> Iterator[torch.Tensor]:
+    """Decode in the calling thread, ``batch_size`` images at a time; yield stacked blocks of ``rows`` images
+    (the last one shorter)."""
+    import torch
+
+    pending: list[torch.Tensor] = []  # decoded images waiting for a full block
+    index = 0
+    for batch in _batches(images, batch_size):
+        pending.extend(_decode(b, index + i, preprocess, max_pixels) for i, b in enumerate(batch))
+        index += len(batch)
+        while len(pending) >= rows:
+            yield torch.stack(pending[:rows])
+            del pending[:rows]
+    if pending:
+        yield torch.stack(pending)
+
+
+_WORKER: dict[str, Any] = {}  # a decode worker's preprocess and pixel limit (set by its initializer)
+
+
+def _init_decode_worker(preprocess, max_pixels: int) -> None:
+    """A decode worker's start: one torch thread (the parent's encode threads own the cores)."""
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER.update(preprocess=preprocess, max_pixels=max_pixels)
+
+
+def _decode_block(batch: list[bytes], start: int) -> torch.Tensor:
+    """One block decoded in a worker: its images stacked (sent back through shared memory)."""
+    import torch
+
+    return torch.stack([_decode(b, start + i, _WORKER["preprocess"], _WORKER["max_pixels"])
+                        for i, b in enumerate(batch)])
+
+
+def _can_fork() -> bool:
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon
+
+
+def _parallel_blocks(images: Iterable[Any], rows: int, preprocess, max_pixels: int,
+                     workers: int) -> Iterator[torch.Tensor]:
+    """The blocks of :func:`_serial_blocks`, decoded by ``workers`` forked processes, one block per job, in
+    order; ``workers + 1`` jobs in flight, so the caller encodes block k while later blocks are decoded."""
+    import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    import torch.multiprocessing  # noqa: F401 - registers the reductions that return tensors via shared memory
+
+    def jobs() -> Iterator[tuple[list[Any], int]]:
+        start = 0
+        for batch in _batches(images, rows):
+            for i, b in enumerate(batch):  # type errors name the image here, not in a pickling error
+                _check_bytes(b, start + i)
+            yield [bytes(b) if isinstance(b, memoryview) else b for b in batch], start
+            start += len(batch)
+
+    todo = jobs()
+    inflight: deque[Future] = deque()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                             initializer=_init_decode_worker, initargs=(preprocess, max_pixels)) as pool:
+        try:
+            for batch, start in itertools.islice(todo, workers + 1):
+                inflight.append(pool.submit(_decode_block, batch, start))
+            while inflight:
+                block = inflight.popleft().result()
+                for batch, start in itertools.islice(todo, 1):
+                    inflight.append(pool.submit(_decode_block, batch, start))
+                yield block
+        finally:
+            for future in inflight:
+                future.cancel()
+
+
+def _decode_workers(requested: int | None, total: int | None, rows: int) -> int:
+    """How many decode processes this call uses: ``requested`` (0 = serial), or by default cores − 1 unless
+    the input fits one block; 0 where the process may not fork (with a warning when workers were asked for)."""
+    if requested is None:
+        if total is not None and total <= rows:
+            return 0  # one block: nothing to overlap
+        workers = default_decode_workers()
+    else:
+        workers = requested
+    if workers and not _can_fork():
+        if requested:
+            log.warning("decode_workers=%d ignored: this process may not fork children (daemonic, or no 'fork' "
+                        "start method); decoding in the calling thread", requested)
+        return 0
+    return workers
+
+
+def _encode_block(model, block: torch.Tensor, rows: int, device: torch.device, normalize: bool,
+                  precision: str) -> torch.Tensor:
+    """Encode up to ``rows`` stacked preprocessed images as one zero-padded block of exactly ``rows`` images;
+    the real rows' features, still on ``device``.
 
     Every forward pass then has the same shapes, so the math library picks the same kernels (and summation
     order) for every block: an image's features do not depend on how many images share its call. The pad rows
-    are dropped; no layer mixes rows (attention is within an image), so they cannot change the real ones.
+    are dropped; no layer mixes rows (attention is within an image), so they cannot change the real ones. On
+    CUDA the block is pinned and copied asynchronously.
     """
     import torch
 
-    n = len(pixels)
-    if n == rows:
-        block = torch.stack(pixels)
-    else:
-        block = pixels[0].new_zeros((rows, *pixels[0].shape))
-        block[:n] = torch.stack(pixels)
-    features = model.encode_image(block.to(device, non_blocking=True)).float()
+    n = len(block)
+    if n != rows:
+        padded = block.new_zeros((rows, *block.shape[1:]))
+        padded[:n] = block
+        block = padded
+    if device.type == "cuda":
+        block = block.pin_memory()
+    with _autocast(device, precision):
+        features = model.encode_image(block.to(device, non_blocking=True))
+    features = features.float()
     if normalize:
         features = torch.nn.functional.normalize(features, dim=-1)
-    return features[:n].cpu().numpy()
+    return features[:n]
 
 
 def _embed_dim(model, spec: ClipSpec, device: torch.device) -> int:
@@ -765,18 +966,22 @@ def embed_images(
     normalize: bool = True,
     num_threads: int | None = None,
     max_pixels: int = MAX_PIXELS,
+    decode_workers: int | None = None,
 ) -> np.ndarray:
     """Embed encoded images (PNG/JPEG/… bytes) with ``spec``'s image tower: an (N, embed_dim) float32 array.
 
     Images stream through (an iterator is never materialised): they are decoded with Pillow as RGB and
-    preprocessed ``batch_size`` at a time, encoded under ``torch.inference_mode()`` in fixed blocks of
-    ``BLOCK_ROWS`` (64) images (the last block zero-padded), and L2-normalised when ``normalize``. Row i is
-    bitwise a function of image i's bytes (on one machine and build): batch size, row order, shard split and
-    thread count change no bit, because every forward pass has the same shape. ``batch_size`` only sets how
-    many images are decoded at a time; it no longer changes the arithmetic. ``device=None`` picks
-    CUDA when available. ``num_threads`` sets torch's intra-op threads for this call only (use 1 per worker
-    when shards run in parallel processes). A bad image raises ValueError naming its index; an image of more
-    than ``max_pixels`` pixels (width × height) raises ValueError naming its sample (sha256) before decoding.
+    preprocessed, encoded under ``torch.inference_mode()`` in fixed blocks of ``spec.block_rows`` (64 by
+    default) images (the last block zero-padded) at ``spec.precision``, and L2-normalised when ``normalize``.
+    Row i is bitwise a function of image i's bytes (on one machine and build): batch size, row order, shard
+    split, thread count and decode workers change no bit, because every forward pass has the same shape.
+    ``decode_workers``: processes that decode and preprocess while the tower encodes (``None``: cores − 1, at
+    least 1, none for input that fits one block; ``0``: in the calling thread, ``batch_size`` images at a time;
+    ``batch_size`` changes no arithmetic). ``device=None`` picks CUDA when available. ``num_threads`` sets
+    torch's intra-op threads for this call only (use 1 per worker when shards run in parallel processes). A bad
+    image raises ValueError naming its index; an image of more than ``max_pixels`` pixels (width × height)
+    raises ValueError naming its sample (sha256) before decoding. ``precision="tf32"`` on a non-CUDA device
+    raises ValueError.
     """
     import torch
 
@@ -788,12 +993,18 @@ def embed_images(
         raise ValueError(f"num_threads must be None or a positive integer; got {num_threads!r}")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
         raise ValueError(f"max_pixels must be a positive integer; got {max_pixels!r}")
+    if decode_workers is not None and (
+        isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 0
+    ):
+        raise ValueError(f"decode_workers must be None or a non-negative integer; got {decode_workers!r}")
     if isinstance(images, bytes | bytearray | memoryview):
         raise TypeError("images must be an iterable of encoded images, not a single bytes object (wrap it in a list)")
     dev = resolve_device(device)
+    check_precision(spec.precision, dev)
     model, preprocess = _cached_model(spec, dev)
-    rows = BLOCK_ROWS
+    rows = spec.block_rows
     total = len(images) if hasattr(images, "__len__") else None
+    workers = _decode_workers(decode_workers, total, rows)
 
     bar = None
     if progress:
@@ -801,25 +1012,24 @@ def embed_images(
 
         bar = tqdm(total=total, unit="img", desc=f"embed {spec.model}")
     out: list[np.ndarray] = []
-    pending: list[torch.Tensor] = []  # decoded images waiting for a full block
-    index = 0
+    previous: torch.Tensor | None = None  # the last block's features, fetched after the next block is queued
+    blocks = (_parallel_blocks(images, rows, preprocess, max_pixels, workers) if workers
+              else _serial_blocks(images, rows, batch_size, preprocess, max_pixels))
     try:
-        with _torch_threads(num_threads), _ieee_fp32(dev), torch.inference_mode():
-            for batch in _batches(images, batch_size):
-                pending.extend(_decode(b, index + i, preprocess, max_pixels) for i, b in enumerate(batch))
-                index += len(batch)
-                while len(pending) >= rows:
-                    out.append(_encode_block(model, pending[:rows], rows, dev, normalize))
-                    del pending[:rows]
-                    if bar is not None:
-                        bar.update(rows)
-            if pending:
-                out.append(_encode_block(model, pending, rows, dev, normalize))
+        with _torch_threads(num_threads), _cuda_math(dev, spec.precision == "tf32"), torch.inference_mode():
+            for block in blocks:
+                features = _encode_block(model, block, rows, dev, normalize, spec.precision)
+                if previous is not None:
+                    out.append(previous.cpu().numpy())
+                previous = features
                 if bar is not None:
-                    bar.update(len(pending))
+                    bar.update(len(block))
+            if previous is not None:
+                out.append(previous.cpu().numpy())
             if not out:
                 return np.zeros((0, _embed_dim(model, spec, dev)), dtype=np.float32)
     finally:
+        blocks.close()  # stops the decode workers early when encoding failed
         if bar is not None:
             bar.close()
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import tasks.embed as embed_module
+from skmm.models.clip import default_block_rows
 from storage.datasets import VectorTableRef, read_vectors, write_samples
 from tasks.embed import run_combine, run_embed, run_embed_shard, shards_of
 from tasks.store import open_store, store_spec
@@ -121,7 +122,7 @@ def test_in_a_flow_changed_shards_reuse_features_and_unchanged_ones_hit_the_cach
     assert task_states(state)["embed"] == ["Cached"] * 2 + ["Completed"] * 4  # unchanged shards hit the cache
     assert sum(embedded_rows) == 3, embedded_rows
     assert counts == {"shards": 6, "shards_cached": 2, "samples_cached": 16, "samples_embedded": 3,
-                      "samples_reused": 24}
+                      "samples_reused": 24, "precision": "fp32", "block_rows": default_block_rows()}
 
     fresh = store_spec(tmp_path / "fresh")
     scratch = run_embed(write_samples(open_store(fresh), POOL, shard_rows=SHARD_ROWS).to_dict(), MODEL, fresh)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The device checks in one go (issue 12 item 5): the CUDA tests (pytest -m gpu) and the GPU benchmarks, under
+# 8 minutes on one H200, figures written as JSON to $SKMM_BENCH_OUT (default bench/results). Run from anywhere;
+# needs python3 with numpy, torch, scikit-learn, pytest, open_clip (or $PYTHON / the checkout's .venv).
+#
+#   bash bench/gpu.sh           # on the CUDA machine
+#   bash bench/gpu.sh --tiny    # the same commands on the CPU at tiny sizes (the tiny tower): checks the script
+#
+# Every step runs under its own time limit; a failing step is reported and the others still run; the exit
+# status is 1 when any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+TINY=0
+[[ "${1:-}" == "--tiny" ]] && TINY=1
+PY=${PYTHON:-python3}
+[[ -z "${PYTHON:-}" && -x .venv/bin/python ]] && PY=.venv/bin/python
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)}"
+if (( TINY )); then
+  DEV=cpu MODEL=skmm-tiny-vit N=130 REPEATS=2 SKETCH_BATCH=64 SECONDS_=0.5
+  export SKMM_BENCH_OUT="${SKMM_BENCH_OUT:-$(mktemp -d)}"
+else
+  DEV=cuda MODEL=ViT-B-32 N=4096 REPEATS=3 SKETCH_BATCH=1024 SECONDS_=2
+  export SKMM_BENCH_OUT="${SKMM_BENCH_OUT:-$PWD/bench/results}"
+fi
+mkdir -p "$SKMM_BENCH_OUT"
+failed=()
+step() {  # step LIMIT_S NAME COMMAND...: run with a time limit, log to $SKMM_BENCH_OUT/gpu_sh_NAME.log
+  local limit=$1 name=$2
+  shift 2
+  echo "== $name: $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" > >(tee "$SKMM_BENCH_OUT/gpu_sh_$name.log") 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+  (( rc == 0 )) || failed+=("$name")
+}
+
+(( TINY )) || nvidia-smi -L
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+
+# 1. Every CUDA test (bitwise batch invariance of the embed stage on CUDA, sketches, gradients, ...).
+step 100 cuda_tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests -rA
+step 45 sketch_cuda_tests "$PY" -m pytest -q -p no:cacheprovider tests/skmm/test_sketch.py -k cuda -rA  # unmarked
+# 2. Embedding throughput on ~56 KB JPEGs: fp32 (with the serial-decode path), then bf16 and tf32 (CUDA only).
+EMBED=("$PY" bench/embed_throughput.py --device "$DEV" --model "$MODEL" --n "$N" --repeats "$REPEATS")
+step 120 embed_fp32 "${EMBED[@]}" --tag "_${MODEL}_fp32"
+step 75 embed_bf16 "${EMBED[@]}" --precision bf16 --no-serial --tag "_${MODEL}_bf16"
+(( TINY )) || step 75 embed_tf32 "${EMBED[@]}" --precision tf32 --no-serial --tag "_${MODEL}_tf32"
+# 3. Sketch throughput (linear-head gradients) on the device.
+step 45 sketch "$PY" bench/sketch_throughput.py --device "$DEV" --batch "$SKETCH_BATCH" --seconds "$SECONDS_"
+
+echo "results in $SKMM_BENCH_OUT"
+if (( ${#failed[@]} )); then
+  echo "FAILED steps: ${failed[*]}"
+  exit 1
+fi
+echo "all steps passed"

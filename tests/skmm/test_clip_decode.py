@@ -1,0 +1,190 @@
+"""Decoding off the critical path, precision and block size per device (issue 12): the decode workers change no
+bit, run in other processes with one torch thread, report bad images as the serial path does; precision and
+block size are part of the spec, and the default spec is what it was."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from skmm.models import TINY_MODEL, ClipSpec, check_precision, default_block_rows, embed_images, embed_shards
+from skmm.models import clip as clip_module
+
+TINY = ClipSpec(TINY_MODEL)
+
+
+def jpeg(seed: int, size: tuple[int, int] = (40, 36)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pool() -> list[bytes]:
+    # Over two 64-row blocks, mixed sizes: full, partial and padded blocks.
+    return [jpeg(i, (30 + i % 7, 32 + i % 5)) for i in range(150)]
+
+
+@pytest.fixture(scope="module")
+def serial(pool) -> np.ndarray:
+    return embed_images(pool, TINY, device="cpu", decode_workers=0)
+
+
+# --------------------------------------------------------------------------------------------------- workers
+
+
+@pytest.mark.parametrize("workers", [1, 2, None])
+def test_decode_workers_change_no_bit(pool, serial, workers):
+    assert np.array_equal(embed_images(pool, TINY, device="cpu", decode_workers=workers), serial)
+
+
+def test_decode_workers_stream_an_iterator_and_small_blocks_bitwise(pool):
+    spec = ClipSpec(TINY_MODEL, block_rows=8)  # 19 blocks: many jobs in flight and in order
+    reference = embed_images(pool, spec, device="cpu", decode_workers=0, batch_size=5)
+    assert np.array_equal(embed_images(iter(pool), spec, device="cpu", decode_workers=2), reference)
+    parts = embed_shards([pool[:37], pool[37:]], spec, device="cpu", decode_workers=1)
+    assert np.array_equal(np.concatenate(parts), reference)
+
+
+def test_decoding_runs_in_worker_processes(pool, monkeypatch, tmp_path):
+    # A spy on the real decoder (it still decodes): which processes called it. Forked workers inherit it.
+    real = clip_module._decode
+    log = tmp_path / "pids"
+
+    def spying(data, index, preprocess, max_pixels=clip_module.MAX_PIXELS):
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()} {index}\n")
+        return real(data, index, preprocess, max_pixels)
+
+    monkeypatch.setattr(clip_module, "_decode", spying)
+    threads = torch.get_num_threads()
+    embed_images(pool, TINY, device="cpu", decode_workers=2)
+    rows = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(int(i) for _, i in rows) == list(range(len(pool)))
+    assert str(os.getpid()) not in {pid for pid, _ in rows}
+    assert torch.get_num_threads() == threads  # the parent's encode threads are untouched
+
+
+def test_a_decode_worker_runs_torch_with_one_thread():
+    import multiprocessing
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
+                             initializer=clip_module._init_decode_worker, initargs=(None, 1)) as workers:
+        assert workers.submit(torch.get_num_threads).result() == 1
+
+
+def test_bad_images_in_a_worker_are_named_as_in_the_serial_path(pool):
+    bad = [*pool[:70], b"\x89PNG\r\n\x1a\n truncated", *pool[70:80]]
+    with pytest.raises(ValueError, match=r"^image 70 could not be decoded \(18 bytes\)"):
+        embed_images(bad, TINY, device="cpu", decode_workers=1)
+    with pytest.raises(TypeError, match="image 66: expected encoded image bytes, got str"):
+        embed_images([*pool[:66], "cat.png"], TINY, device="cpu", decode_workers=1)
+    with pytest.raises(ValueError, match="decode_workers"):
+        embed_images(pool, TINY, device="cpu", decode_workers=-1)
+    view = [memoryview(b) for b in pool[:70]]  # memoryviews are sent to workers as bytes
+    assert embed_images(view, TINY, device="cpu", decode_workers=1).shape == (70, 32)
+
+
+def test_default_worker_count_and_where_forking_is_not_allowed(monkeypatch, caplog):
+    monkeypatch.delenv("SKMM_DECODE_WORKERS", raising=False)
+    assert clip_module.default_decode_workers() == max(len(os.sched_getaffinity(0)) - 1, 1)
+    assert clip_module._decode_workers(None, 64, 64) == 0  # one block: nothing to overlap
+    assert clip_module._decode_workers(None, 65, 64) == clip_module.default_decode_workers()
+    assert clip_module._decode_workers(None, None, 64) == clip_module.default_decode_workers()  # an iterator
+    assert clip_module._decode_workers(0, 1000, 64) == 0
+    assert clip_module._decode_workers(3, 10, 64) == 3  # asked for: used
+    monkeypatch.setenv("SKMM_DECODE_WORKERS", "0")
+    assert clip_module._decode_workers(None, 1000, 64) == 0
+    monkeypatch.setenv("SKMM_DECODE_WORKERS", "3")
+    assert clip_module._decode_workers(None, 1000, 64) == 3
+    monkeypatch.setenv("SKMM_DECODE_WORKERS", "-1")
+    with pytest.raises(ValueError, match="SKMM_DECODE_WORKERS must be a non-negative integer"):
+        clip_module.default_decode_workers()
+    monkeypatch.delenv("SKMM_DECODE_WORKERS")
+    monkeypatch.setattr(clip_module, "_can_fork", lambda: False)  # e.g. a daemonic Dask worker
+    assert clip_module._decode_workers(None, 1000, 64) == 0
+    with caplog.at_level(logging.WARNING, logger=clip_module.__name__):
+        assert clip_module._decode_workers(2, 1000, 64) == 0
+    assert "decode_workers=2 ignored" in caplog.text
+
+
+# --------------------------------------------------------------------------------------- precision and blocks
+
+
+def test_the_default_spec_is_unchanged_and_block_and_precision_are_part_of_it():
+    # The digest of the default ViT-S-32 spec before issue 12 (bench/results/embed_throughput_cpu2.json).
+    assert ClipSpec("ViT-S-32").digest == "6c1b9b6474a541a320492e7c112e37527dc6ff0d9200f3a33652cb139192aac9"
+    assert "block_rows" not in ClipSpec("ViT-S-32").to_dict()
+    big = ClipSpec("ViT-S-32", block_rows=512)
+    assert big.to_dict()["block_rows"] == 512 and ClipSpec.from_dict(big.to_dict()) == big
+    digests = {ClipSpec("ViT-S-32", precision=p, block_rows=r).digest for p in ("fp32", "tf32", "bf16")
+               for r in (64, 512)}
+    assert len(digests) == 6
+    for bad in (0, -1, True, 1.5, 1 << 17):
+        with pytest.raises(ValueError, match="block_rows"):
+            ClipSpec(TINY_MODEL, block_rows=bad)
+
+
+def test_default_block_rows_per_device():
+    assert default_block_rows("cpu") == 64
+    if torch.cuda.is_available():
+        assert default_block_rows("cuda") in (256, 512)
+
+
+def test_tf32_is_refused_off_cuda_and_bf16_runs_on_the_cpu(pool, serial):
+    with pytest.raises(ValueError, match="'tf32' needs a CUDA device"):
+        embed_images(pool, ClipSpec(TINY_MODEL, precision="tf32"), device="cpu")
+    with pytest.raises(ValueError, match="'tf32' needs a CUDA device"):
+        check_precision("tf32", "cpu")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        check_precision("fp16", "cpu")
+    check_precision("bf16", "cpu")
+    bf16 = ClipSpec(TINY_MODEL, precision="bf16")
+    X = embed_images(pool, bf16, device="cpu", decode_workers=0)
+    assert X.dtype == np.float32 and np.isfinite(X).all()
+    assert 0 < np.abs(X - serial).max() < 0.05  # bf16 arithmetic: close to fp32, not equal
+    assert np.array_equal(embed_images(pool, bf16, device="cpu", decode_workers=2, batch_size=7), X)
+
+
+def test_block_rows_set_the_forward_shape(pool, serial, monkeypatch):
+    shapes = []
+    real = clip_module._encode_block
+
+    def spying(model, block, rows, *args):
+        shapes.append(rows)
+        return real(model, block, rows, *args)
+
+    monkeypatch.setattr(clip_module, "_encode_block", spying)
+    X = embed_images(pool, ClipSpec(TINY_MODEL, block_rows=100), device="cpu", decode_workers=0)
+    assert shapes == [100, 100]
+    np.testing.assert_allclose(X, serial, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_cuda_features_are_bitwise_batch_and_shard_invariant(pool, precision):
+    spec = ClipSpec(TINY_MODEL, precision=precision, block_rows=default_block_rows("cuda"))
+    reference = embed_images(pool, spec, device="cuda", decode_workers=0)
+    for batch_size in (1, 7, 64, 100):
+        assert np.array_equal(embed_images(pool, spec, device="cuda", batch_size=batch_size), reference)
+    for shards in (3, 7):
+        parts = [list(p) for p in np.array_split(np.array(pool, dtype=object), shards)]
+        assert np.array_equal(np.concatenate(embed_shards(parts, spec, device="cuda", decode_workers=2)), reference)
+    order = np.random.default_rng(0).permutation(len(pool))
+    assert np.array_equal(embed_images([pool[i] for i in order], spec, device="cuda"), reference[order])
+    cpu = embed_images(pool, ClipSpec(TINY_MODEL), device="cpu", decode_workers=0)
+    np.testing.assert_allclose(reference, cpu, atol={"fp32": 1e-4, "tf32": 1e-2, "bf16": 5e-2}[precision])
