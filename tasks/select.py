@@ -34,7 +34,7 @@ from tasks.store import open_store
 
 __all__ = ["label_array", "run_select", "select", "train_split"]
 
-CODE_VERSION = "select-1"  # selections are unchanged by the streaming read: cached ones stay valid
+CODE_VERSION = "select-2"  # issue 10: SkMM's seeding, spectral ridge and automatic m changed selections
 
 # With class_balanced=True every method that can use labels spreads the budget evenly over classes
 # (the authors' per-class top-n on real data); otherwise selection is label-free, as before labelling.
@@ -86,9 +86,14 @@ def run_select(sketch: dict, dataset: dict, store: dict, method: str, n: int, se
     selector.fit(S, y)
     del S, y
     chosen = [s.decode("ascii") for s in ids[selector.indices_]]
+    auto = selector.selection_.info.get("auto_sketch")  # sketch_dim="auto": the rule and the m it chose
     ref = write_selection(st, chosen, ranks=np.arange(len(chosen)), weights=selector.weights_, method=method,
-                          params={**selector.get_params(), "random_state": seed})
-    return {"selection": ref.to_dict(), "method": method, "n": n, "seed": seed}
+                          params={**selector.get_params(), "random_state": seed,
+                                  **({"auto_sketch": auto} if auto else {})})
+    out = {"selection": ref.to_dict(), "method": method, "n": n, "seed": seed}
+    if auto:
+        out["sketch_dim"] = auto["m"]
+    return out
 
 
 @task(name="select", cache_policy=ContentCache(code_version=CODE_VERSION), persist_result=True,

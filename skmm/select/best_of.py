@@ -10,7 +10,7 @@ import numpy as np
 
 from skmm.select.base import BaseSelector
 from skmm.select.greedy_moment_matching import BLOCK_ROWS, SkMMv2
-from skmm.select.moment_matching import SkMM, gram, sketch_pool
+from skmm.select.moment_matching import SkMM, gram, sketch_for_budget
 
 __all__ = ["SkMMBest", "variance_proxy"]
 
@@ -41,7 +41,7 @@ class SkMMBest(BaseSelector):
 
     def __init__(self, n: int, sketch_dim: int | None = None, c_s: float = 0.999, max_iter: int = 500,
                  discretization: str = "systematic", block_size: int = 1, temperature: float = 0.0,
-                 ridge: float = 0.1, random_state: int | None = 0) -> None:
+                 ridge: float | str = "auto", seeding: str = "pivoted", random_state: int | None = 0) -> None:
         super().__init__(n, random_state)
         self.sketch_dim = sketch_dim
         self.c_s = c_s
@@ -50,15 +50,19 @@ class SkMMBest(BaseSelector):
         self.block_size = block_size
         self.temperature = temperature
         self.ridge = ridge
+        self.seeding = seeding
 
     def _select(self, X, y, rng):
-        S, spec = sketch_pool(X, self.sketch_dim, int(rng.integers(2**31)))
+        S, spec, auto = sketch_for_budget(X, self.sketch_dim, self.n, int(rng.integers(2**31)))
         seed = int(rng.integers(2**31))
-        convex = SkMM(self.n, None, self.c_s, self.max_iter, self.discretization, seed).fit(S, y)
-        greedy = SkMMv2(self.n, None, self.block_size, self.temperature, self.ridge, random_state=seed).fit(S)
+        convex = SkMM(self.n, None, c_s=self.c_s, max_iter=self.max_iter, discretization=self.discretization,
+                      seeding=self.seeding, random_state=seed).fit(S, y)
+        greedy = SkMMv2(self.n, None, block_size=self.block_size, temperature=self.temperature, ridge=self.ridge,
+                        seed_rows=None if self.seeding == "pivoted" else 0, random_state=seed).fit(S)
         pool = gram(S, BLOCK_ROWS) / S.shape[0]  # float64 block by block: no float64 copy of the sketch
         proxies = {"skmm": variance_proxy(S, convex.indices_, pool=pool),
                    "skmm_v2": variance_proxy(S, greedy.indices_, pool=pool)}
         winner = convex if proxies["skmm"] <= proxies["skmm_v2"] else greedy
-        info = {"sketch": spec, "variance_proxy": proxies, "chosen": winner.method}
+        info = {"sketch": spec, "auto_sketch": auto, "variance_proxy": proxies, "chosen": winner.method,
+                "candidates": {"skmm": convex.indices_.tolist(), "skmm_v2": greedy.indices_.tolist()}}
         return winner.indices_, winner.weights_, winner.scores_, info

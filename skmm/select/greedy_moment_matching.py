@@ -21,7 +21,8 @@ import numpy as np
 from skmm._validation import check_positive_int
 from skmm.select.adaptive import randomly_pivoted_rows
 from skmm.select.base import BaseSelector
-from skmm.select.moment_matching import gram, sketch_pool
+from skmm.select.moment_matching import gram, sketch_for_budget
+from skmm.select.spectrum import ridge_for, seed_count, signal_rank, spectral_ridge
 
 __all__ = ["SkMMv2", "top_k"]
 
@@ -68,9 +69,14 @@ class SkMMv2(BaseSelector):
     """Greedy sketchy moment matching.
 
     Parameters: ``n``; ``sketch_dim`` m (None: X as given); ``block_size`` rows added per step;
-    ``temperature`` of the softmax sampler (0: greedy arg-max; the authors' default was 0.1); ``ridge`` ε
-    relative to tr(Σ̃)/m, which damps the sketch's low-energy (noise) directions; ``random_state``.
-    Defaults (ridge 0.1, temperature 0) were chosen on validation pools: bench/tune_synthetic.py.
+    ``temperature`` of the softmax sampler (0: greedy arg-max; the authors' default was 0.1); ``ridge`` ε, which
+    damps the sketch's low-energy (noise) directions: "auto" (the default) is :func:`~skmm.select.spectrum.ridge_for`
+    — 0.1·tr(Σ̃)/m when n >= m, and the widest gap of Σ̃'s spectrum when n < m, where the greedy step must see the
+    small clusters' directions that 0.1·tr(Σ̃)/m would damp; "spectral" is the gap always; a number is relative to
+    tr(Σ̃)/m; ``seed_rows``: rows seeded by randomly pivoted sampling (None: :func:`~skmm.select.spectrum.seed_count`
+    — m when n >= m, else max(⌊n/2⌋, signal rank) — so with n < m the greedy step still chooses part of the
+    budget); ``random_state``. Temperature 0 was chosen on validation pools (bench/tune_synthetic.py), the
+    spectral ridge and seeding rule on the validation half of bench/robustness.py.
     """
 
     method = "skmm_v2"
@@ -81,7 +87,8 @@ class SkMMv2(BaseSelector):
         sketch_dim: int | None = None,
         block_size: int = 1,
         temperature: float = 0.0,
-        ridge: float = 0.1,
+        ridge: float | str = "auto",
+        seed_rows: int | None = None,
         random_state: int | None = 0,
     ) -> None:
         super().__init__(n, random_state)
@@ -89,17 +96,30 @@ class SkMMv2(BaseSelector):
         self.block_size = block_size
         self.temperature = temperature
         self.ridge = ridge
+        self.seed_rows = seed_rows
 
     def _select(self, X, y, rng):
         block = check_positive_int(self.block_size, "block_size")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
-        S, spec = sketch_pool(X, self.sketch_dim, int(rng.integers(2**31)))
+        S, spec, auto = sketch_for_budget(X, self.sketch_dim, self.n, int(rng.integers(2**31)))
         N, m = S.shape
         sigma = gram(S, BLOCK_ROWS) / N  # Σ̃
-        eps = self.ridge * max(float(np.trace(sigma)) / m, 1e-300)
-
-        seeds, _ = randomly_pivoted_rows(S, min(self.n, m), rng, block_rows=BLOCK_ROWS)
+        lam = np.linalg.eigvalsh(sigma)[::-1]
+        if self.ridge in ("auto", "spectral"):
+            eps = max(ridge_for(lam, self.n) if self.ridge == "auto" else spectral_ridge(lam), 1e-300)
+        elif isinstance(self.ridge, str) or not self.ridge >= 0:
+            raise ValueError(f"ridge must be 'auto', 'spectral' or a number >= 0; got {self.ridge!r}")
+        else:
+            eps = self.ridge * max(float(np.trace(sigma)) / m, 1e-300)
+        rank = signal_rank(lam)
+        if self.seed_rows is None:
+            n_seed = seed_count(self.n, m, rank)
+        else:
+            if isinstance(self.seed_rows, bool) or not isinstance(self.seed_rows, int) or self.seed_rows < 0:
+                raise ValueError(f"seed_rows must be None or an integer >= 0; got {self.seed_rows!r}")
+            n_seed = min(self.seed_rows, self.n, m)
+        seeds, _ = randomly_pivoted_rows(S, n_seed, rng, block_rows=BLOCK_ROWS) if n_seed else ([], None)
         chosen = np.zeros(N, dtype=bool)
         chosen[seeds] = True
         order = list(seeds)
@@ -124,7 +144,8 @@ class SkMMv2(BaseSelector):
                 A += np.outer(s_p, s_p)
                 chosen[p] = True
                 order.append(int(p))
-        return np.array(order), None, None, {"sketch": spec, "seeded": len(seeds)}
+        return np.array(order), None, None, {"sketch": spec, "seeded": len(seeds), "ridge": eps,
+                                             "signal_rank": rank, "auto_sketch": auto}
 
     def _pick(self, score: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         valid = np.flatnonzero(np.isfinite(score))

@@ -17,11 +17,17 @@ from typing import Any
 import numpy as np
 
 from skmm._validation import check_positive_int
+from skmm.select.adaptive import randomly_pivoted_rows
 from skmm.select.base import BaseSelector, discretize
 from skmm.select.projection import project_capped_simplex
+from skmm.select.spectrum import AUTO_M_CAP, AUTO_M_MIN, AUTO_M_SHARE, auto_sketch_dim, seed_count, signal_rank
 from skmm.sketch import GaussianProjector
 
-__all__ = ["SkMM", "gram", "moment_matching_weights", "sketch_pool"]
+__all__ = ["AUTO_M_MAX", "SkMM", "gram", "moment_matching_weights", "sketch_for_budget", "sketch_pool"]
+
+AUTO_M_MAX = 256  # sketch_dim="auto": a wider pool is first sketched to this many columns
+
+DISCRETIZATIONS = ("topk", "sample", "systematic", "per_class")
 
 
 def sketch_pool(
@@ -36,6 +42,33 @@ def sketch_pool(
     for lo in range(0, X.shape[0], batch_rows):
         out[lo:lo + batch_rows] = proj.project(X[lo:lo + batch_rows])
     return out, proj.spec.to_dict()
+
+
+def sketch_for_budget(
+    X: np.ndarray, sketch_dim: int | str | None, n: int, random_state: int
+) -> tuple[np.ndarray, dict[str, Any] | None, dict[str, Any] | None]:
+    """(S, sketch spec, automatic-m record): :func:`sketch_pool`, or with ``sketch_dim="auto"`` the rule of
+    :func:`skmm.select.spectrum.auto_sketch_dim` — X (already a sketch, or Gaussian-sketched to ``AUTO_M_MAX``
+    columns first when wider) is projected onto the leading m eigenvectors of its moment XᵀX/N, m the smallest
+    number holding ``AUTO_M_SHARE`` of the energy, at most ``AUTO_M_CAP``·n. One pass for the m_max × m_max
+    moment, one for the projection: no second sketch of the pool."""
+    if isinstance(sketch_dim, str):
+        if sketch_dim != "auto":
+            raise ValueError(f"sketch_dim must be a positive integer, None or 'auto'; got {sketch_dim!r}")
+        S, spec = sketch_pool(X, AUTO_M_MAX, random_state)
+        lam, V = _eigen_moments(S)
+        m = auto_sketch_dim(lam, n)
+        V = V[:, :m].astype(S.dtype)
+        out = np.empty((S.shape[0], m), dtype=S.dtype)
+        for lo in range(0, S.shape[0], 65536):
+            out[lo:lo + 65536] = S[lo:lo + 65536] @ V
+        total = float(lam.sum())
+        auto = {"rule": f"smallest m holding {AUTO_M_SHARE:g} of the sketched energy, at most {AUTO_M_CAP:g}·n, "
+                        f"at least {AUTO_M_MIN}; the leading eigenvectors of the m_max-column sketch",
+                "m_max": int(S.shape[1]), "m": m, "energy_share": float(lam[:m].sum() / total) if total > 0 else 1.0}
+        return out, spec, auto
+    S, spec = sketch_pool(X, sketch_dim, random_state)
+    return S, spec, None
 
 
 def gram(S: np.ndarray, batch_rows: int = 65536) -> np.ndarray:
@@ -62,8 +95,15 @@ def moment_matching_weights(
     tol: float = 1e-10,
     init: np.ndarray | None = None,
     dtype: Any = np.float32,
+    ridge: float | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Solve the convex moment-matching problem on a sketch S (N × m); return (w, info).
+
+    ``ridge`` ε (absolute, in units of Σ̃'s eigenvalues; None: the paper's absolute objective): measure each
+    direction's gap relative to λ_j + ε, i.e. minimise Σ_j max(0, λ_j/c_S − d_j)²/(λ_j + ε)². Every direction
+    well above ε then counts equally — a small cluster's direction as much as a large one's — while directions
+    below ε (the sketch's noise) count little. Without it the objective is dominated by the largest λ_j, and
+    small clusters are left uncovered (bench/README.md, "SkMM off its tuning pool").
 
     ``info`` records the objective of the returned (best) iterate, its relative value f/‖λ/c_S‖², the steps
     taken, the eigenvalues λ and ``strata``: per row, the eigen-direction it covers most (relative to λ).
@@ -80,6 +120,13 @@ def moment_matching_weights(
         P[lo:lo + 65536] = H * H
         strata[lo:lo + 65536] = np.argmax(H * H * rel, axis=1)  # the direction each row covers most
     target = lam / c_s
+    if ridge is not None:
+        if not ridge >= 0:
+            raise ValueError(f"ridge must be >= 0; got {ridge}")
+        scale_j = 1.0 / np.maximum(lam + ridge, 1e-300)
+        target = target * scale_j
+        for lo in range(0, N, 65536):
+            P[lo:lo + 65536] *= scale_j.astype(dtype)
     cap = 1.0 / n
     # Lipschitz constant of ∇f: 2‖P‖₂², by power iteration (P >= 0, so it converges fast).
     u = np.full(m, 1.0 / np.sqrt(m), dtype=dtype)
@@ -134,7 +181,13 @@ class SkMM(BaseSelector):
     ``c_s`` coverage (γ >= 1/c_s; the authors' synthetic setting 0.999, real data 0.6–0.9); ``max_iter``;
     ``discretization`` "systematic" (inclusion probability n·w, stratified by eigen-direction; the default,
     chosen on validation pools), "sample" (successive draws ∝ w), "topk" or "per_class" (needs y);
-    ``random_state`` seeds the sketch, the initial n-subset and the sampling.
+    ``seeding`` "pivoted" (the default): first take :func:`~skmm.select.spectrum.seed_count` rows by randomly
+    pivoted sampling on the sketch, then discretise the moment-matching weights over the other rows for the rest
+    of the budget — the relaxed solution covers every direction fractionally, but allots each cluster budget in
+    proportion to its share of the pool, so discretising it alone drops the small clusters (the collapse of
+    bench/README.md, "SkMM off its tuning pool"); "none": the paper's discretisation of w alone. ``per_class``
+    never seeds (the class quotas fix the whole budget). ``random_state`` seeds the sketch, the initial
+    n-subset and the sampling.
     """
 
     method = "skmm"
@@ -146,6 +199,7 @@ class SkMM(BaseSelector):
         c_s: float = 0.999,
         max_iter: int = 500,
         discretization: str = "systematic",
+        seeding: str = "pivoted",
         random_state: int | None = 0,
     ) -> None:
         super().__init__(n, random_state)
@@ -153,19 +207,45 @@ class SkMM(BaseSelector):
         self.c_s = c_s
         self.max_iter = max_iter
         self.discretization = discretization
+        self.seeding = seeding
 
     @property
     def needs_labels(self) -> bool:  # type: ignore[override]
         return self.discretization == "per_class"
 
     def _select(self, X, y, rng):
+        if self.discretization not in DISCRETIZATIONS:
+            raise ValueError(f"unknown discretisation {self.discretization!r}; expected 'topk', 'sample', "
+                             "'systematic' or 'per_class'")
+        if self.seeding not in ("pivoted", "none"):
+            raise ValueError(f"seeding must be 'pivoted' or 'none'; got {self.seeding!r}")
         seed = int(rng.integers(2**31))
-        S, spec = sketch_pool(X, self.sketch_dim, seed)
+        S, spec, auto = sketch_for_budget(X, self.sketch_dim, self.n, seed)
         init = np.zeros(X.shape[0])
         init[rng.choice(X.shape[0], self.n, replace=False)] = 1.0 / self.n
         w, info = moment_matching_weights(S, self.n, self.c_s, check_positive_int(self.max_iter, "max_iter"),
                                           init=init)
-        idx = discretize(w, self.n, self.discretization, rng, y, strata=info.pop("strata"))
+        strata = info.pop("strata")
+        lam = np.asarray(info["eigenvalues"])
+        n_seed = 0
+        if self.seeding == "pivoted" and self.discretization != "per_class":  # class quotas fix the whole budget
+            n_seed = seed_count(self.n, S.shape[1], signal_rank(lam))
+        if n_seed == 0:
+            idx = discretize(w, self.n, self.discretization, rng, y, strata=strata)
+        else:
+            seeds, _ = randomly_pivoted_rows(S, n_seed, rng, block_rows=65536)
+            idx = np.asarray(seeds, dtype=np.int64)
+            if n_seed < self.n:  # the rest of the budget by moment matching, over the rows not seeded
+                rest = self.n - n_seed
+                v = w / w.sum()
+                v[idx] = -1.0  # projected to exactly 0: a seed is never drawn twice
+                w_rest, _ = project_capped_simplex(v, 1.0 / rest)
+                w_rest[idx] = 0.0
+                w_rest /= w_rest.sum()
+                idx = np.concatenate([idx, discretize(np.minimum(w_rest, 1.0 / rest), rest, self.discretization,
+                                                      rng, y, strata=strata)])
+        info["seeded"] = n_seed
         info["sketch"] = spec
+        info["auto_sketch"] = auto
         weights = w[idx] / w[idx].sum() if w[idx].sum() > 0 else None
         return idx, weights, w, info

@@ -23,6 +23,22 @@ from skmm.synthetic.risk import ridge_risk
 __all__ = ["SyntheticConfig", "run_synthetic", "summarize", "write_report"]
 
 PREFIX_METHODS = {"herding", "kcenter", "adaptive"}
+SCORE_METHODS = {"leverage", "ridge_leverage"}
+
+
+def validation_rows(n_samples: int, fraction: float, seed: int) -> np.ndarray:
+    """The labelled validation sample for ``skmm_best_val``: ⌈fraction·N⌉ rows drawn with default_rng([seed, 1])."""
+    size = max(1, int(np.ceil(fraction * n_samples)))
+    return np.sort(np.random.default_rng([seed, 1]).choice(n_samples, size, replace=False))
+
+
+def _sample_scores(method: str, scores: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The selector's draw from precomputed scores: its random stream, with the SVD's seed draw skipped over."""
+    from skmm.select.leverage import _sample
+
+    rng = np.random.default_rng(seed)
+    rng.integers(2**31)  # the selector draws its SVD seed first
+    return _sample(scores, n, rng)
 
 
 @dataclass
@@ -40,11 +56,17 @@ class SyntheticConfig:
     ridge_leverage_alpha: float = 1e4
     # SkMM's discretisation and SkMMv2's ridge and temperature were tuned on validation pools
     # (generator seeds 1 and 2, never the evaluation pool): bench/tune_synthetic.py
-    skmm_v2_ridge: float = 0.1
+    skmm_v2_ridge: float | str = "auto"
     skmm_v2_temperature: float = 0.0
     skmm_discretization: str = "systematic"
     methods: Sequence[str] = ("skmm_best", "skmm", "skmm_v2", "uniform", "herding", "kcenter", "adaptive",
                               "leverage", "ridge_leverage")
+    # > 0: also report ``skmm_best_val``, the pipeline's rule — of skmm_best's two candidate coresets keep the one
+    # whose ridge fit has the lower risk on a labelled validation sample of this share of the pool (seeded per
+    # seed); the ``skmm_best`` row is the label-free proxy rule (SkMMBest's own)
+    val_fraction: float = 0.1
+    # leverage / ridge leverage: compute the pool's scores once (first seed's SVD draw) and only sample per (n, seed)
+    cache_scores: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def method_params(self, method: str) -> dict[str, Any]:
@@ -75,8 +97,13 @@ def run_synthetic(config: SyntheticConfig, progress: Callable[[dict], None] | No
     for method in config.methods:
         params = config.method_params(method)
         seeds = [config.seeds[0]] if method == "herding" else list(config.seeds)
+        scores = None
         for seed in seeds:
             prefix = None
+            if config.cache_scores and method in SCORE_METHODS and scores is None:
+                start = time.perf_counter()
+                scores = make_selector(method, budgets[0], random_state=seed, **params).fit(pool.X).scores_
+                score_seconds = time.perf_counter() - start
             if method in PREFIX_METHODS:
                 start = time.perf_counter()
                 prefix = make_selector(method, budgets[-1], random_state=seed, **params).fit(pool.X).indices_
@@ -86,6 +113,9 @@ def run_synthetic(config: SyntheticConfig, progress: Callable[[dict], None] | No
                 if prefix is not None:
                     indices, info = prefix[:n], {}
                     select_seconds = prefix_seconds * n / budgets[-1]
+                elif scores is not None:
+                    indices, info = _sample_scores(method, scores, n, seed), {}
+                    select_seconds = score_seconds + time.perf_counter() - start
                 else:
                     sel = make_selector(method, n, random_state=seed, **params).fit(pool.X)
                     indices, info = sel.indices_, sel.selection_.info
@@ -98,7 +128,30 @@ def run_synthetic(config: SyntheticConfig, progress: Callable[[dict], None] | No
                 rows.append(row)
                 if progress:
                     progress(row)
+                if method == "skmm_best" and config.val_fraction > 0:
+                    row = _val_choice_row(pool, info, config.val_fraction, row, indices)
+                    rows.append(row)
+                    if progress:
+                        progress(row)
     return {"rows": rows, "full_data_risk": full_risk, "full_data_alpha": full_alpha, "config": asdict(config)}
+
+
+def _val_choice_row(pool, info: dict[str, Any], fraction: float, proxy_row: dict[str, Any],
+                    proxy_indices: np.ndarray) -> dict[str, Any]:
+    """The pipeline's rule on skmm_best's two candidates: lower ridge risk on the validation rows wins (convex on
+    ties), reported as method ``skmm_best_val``."""
+    val = validation_rows(pool.X.shape[0], fraction, proxy_row["seed"])
+    best = None
+    for variant in ("skmm", "skmm_v2"):
+        idx = np.asarray(info["candidates"][variant])
+        val_risk = ridge_risk(pool.X, pool.y, idx, eval_rows=val)[0]
+        if best is None or val_risk < best[0]:
+            best = (val_risk, variant, idx)
+    _, variant, idx = best
+    risk, alpha = (proxy_row["risk"], proxy_row["alpha"]) if np.array_equal(idx, proxy_indices) else \
+        ridge_risk(pool.X, pool.y, idx)
+    return {**proxy_row, "method": "skmm_best_val", "risk": risk, "alpha": alpha,
+            "clusters_covered": int(np.unique(pool.cluster[idx]).size), "chosen": variant}
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

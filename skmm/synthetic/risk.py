@@ -18,13 +18,15 @@ DEFAULT_ALPHAS = np.linspace(1e-3, 1e2, 10)
 
 
 def ridge_risk(X: np.ndarray, y: np.ndarray, coreset: np.ndarray | None = None,
-               alphas: np.ndarray = DEFAULT_ALPHAS, cv: int = 2) -> tuple[float, float]:
-    """Fit on X[coreset] (all rows when None) and return (risk over all rows, chosen α)."""
+               alphas: np.ndarray = DEFAULT_ALPHAS, cv: int = 2,
+               eval_rows: np.ndarray | None = None) -> tuple[float, float]:
+    """Fit on X[coreset] (all rows when None) and return (risk over ``eval_rows`` — all rows when None, chosen α)."""
     idx = np.arange(X.shape[0]) if coreset is None else np.asarray(coreset)
     search = GridSearchCV(Ridge(solver="lsqr", fit_intercept=False), {"alpha": list(alphas)}, cv=cv,
                           scoring="neg_mean_squared_error")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         search.fit(X[idx], y[idx])
-    residual = y - search.best_estimator_.predict(X)
-    return float(residual @ residual / X.shape[0]), float(search.best_params_["alpha"])
+    rows = slice(None) if eval_rows is None else np.asarray(eval_rows)
+    residual = y[rows] - search.best_estimator_.predict(X[rows])
+    return float(residual @ residual / residual.shape[0]), float(search.best_params_["alpha"])

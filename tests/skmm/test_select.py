@@ -29,6 +29,7 @@ from skmm.select.best_of import variance_proxy
 from skmm.select.greedy_moment_matching import top_k
 from skmm.select.leverage import ridge_leverage_scores
 from skmm.select.moment_matching import moment_matching_weights, sketch_pool
+from skmm.select.spectrum import ridge_for, seed_count, signal_rank, spectral_ridge
 
 SKETCHED = {"skmm", "skmm_v2", "skmm_best", "sketched_ridge_leverage"}
 DETERMINISTIC = {"herding"}  # ignore random_state entirely
@@ -347,7 +348,7 @@ def test_skmm_reaches_small_objective_on_easy_problem():
     rng = np.random.default_rng(4)
     X = rng.normal(size=(300, 10)) * np.exp(rng.normal(size=(300, 1)))  # rows of very different scale
     n, c_s = 30, 0.999
-    sel = SkMM(n, c_s=c_s, discretization="topk", random_state=0).fit(X)
+    sel = SkMM(n, c_s=c_s, discretization="topk", seeding="none", random_state=0).fit(X)  # the paper's rule
     w = sel.scores_
     _on_capped_simplex(w, n)
     info = sel.selection_.info
@@ -389,7 +390,7 @@ def test_moment_matching_weights_never_worse_than_init_and_improves_with_iterati
 
 def test_skmm_sample_and_per_class_discretisation():
     X, y = _clustered(6, N=240, d=10, k=4)
-    sel = SkMM(24, discretization="sample", random_state=3).fit(X)
+    sel = SkMM(24, discretization="sample", seeding="none", random_state=3).fit(X)
     w = sel.scores_
     _on_capped_simplex(w, 24)
     if np.count_nonzero(w > 0) >= 24:
@@ -692,17 +693,20 @@ def test_uniform_is_uniform():
 # ------------------------------------------------------------------------------------- memory at pool scale
 
 
-def _skmm_v2_with_n_by_m_state(X, n, sketch_dim=None, block_size=1, temperature=0.0, ridge=0.1, random_state=0):
-    """SkMMv2 as it was: float64 copy of the sketch, QR, and N × m states W = SA⁻¹, U = WRᵀ updated in place."""
-    sel = SkMMv2(n, sketch_dim, block_size, temperature, ridge, random_state)
+def _skmm_v2_with_n_by_m_state(X, n, sketch_dim=None, block_size=1, temperature=0.0, ridge="auto",
+                               random_state=0):
+    """SkMMv2 as it was: float64 copy of the sketch, QR, and N × m states W = SA⁻¹, U = WRᵀ updated in place
+    (with today's ridge rule and seed count)."""
+    sel = SkMMv2(n, sketch_dim, block_size=block_size, temperature=temperature, ridge=ridge, random_state=random_state)
     X, _ = sel._validate(X, None)
     rng = np.random.default_rng(random_state)
     S, _ = sketch_pool(X, sketch_dim, int(rng.integers(2**31)))
     S = S.astype(np.float64)
     N, m = S.shape
     R = np.linalg.qr(S / np.sqrt(N), mode="r")
-    eps = ridge * max(float(np.trace(R.T @ R)) / m, 1e-300)
-    seeds, _ = randomly_pivoted_rows(S, min(n, m), rng)
+    lam = np.linalg.eigvalsh(R.T @ R)[::-1]
+    eps = ridge_for(lam, n) if ridge == "auto" else ridge * max(float(np.trace(R.T @ R)) / m, 1e-300)
+    seeds, _ = randomly_pivoted_rows(S, seed_count(n, m, signal_rank(lam, spectral_ridge(lam))), rng)
     chosen = np.zeros(N, dtype=bool)
     chosen[seeds] = True
     order = list(seeds)

@@ -52,8 +52,10 @@ def test_runner_writes_table_csv_and_plot(tmp_path):
                              methods=("skmm_best", "uniform", "herding", "kcenter"))
     result = run_synthetic(config)
     rows = result["rows"]
-    # herding is deterministic: one seed; the others: every seed.
-    assert len(rows) == 2 * 2 * 3 + 2
+    # herding is deterministic: one seed; the others: every seed; skmm_best twice (proxy and val rule).
+    assert len(rows) == 2 * 2 * 4 + 2
+    for row in (r for r in rows if r["method"] == "skmm_best_val"):
+        assert row["chosen"] in ("skmm", "skmm_v2")
     # Prefix reading of sequential methods equals a direct run at the smaller budget.
     from skmm.select import make_selector
 
@@ -68,10 +70,40 @@ def test_runner_writes_table_csv_and_plot(tmp_path):
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with paths["summary"].open() as fh:
         summary = list(csv.DictReader(fh))
-    assert {(s["method"], int(s["n"])) for s in summary} == {(m, n) for m in config.methods for n in (16, 32)}
-    table = markdown_table(summarize(rows), result["full_data_risk"], list(config.methods))
-    assert table.count("**") == 2 * 2  # one bold (best) cell per budget
+    methods = (*config.methods, "skmm_best_val")
+    assert {(s["method"], int(s["n"])) for s in summary} == {(m, n) for m in methods for n in (16, 32)}
+    table = markdown_table(summarize(rows), result["full_data_risk"], list(methods))
+    assert table.count("**") >= 2 * 2  # a bold (best) cell per budget (ties: the val rule may equal the proxy)
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_val_rule_keeps_the_candidate_with_the_lower_validation_risk():
+    from skmm.synthetic.benchmark import validation_rows
+
+    config = SyntheticConfig(n_samples=300, dim=80, n_clusters=5, sketch_dim=16, budgets=(12, 30), seeds=(0, 1),
+                             methods=("skmm_best",), val_fraction=0.2, cache_scores=True)
+    result = run_synthetic(config)
+    pool = make_gmm(300, 80, 5, 0.04, 0)
+    from skmm.select import SkMMBest
+
+    for row in (r for r in result["rows"] if r["method"] == "skmm_best_val"):
+        sel = SkMMBest(row["n"], sketch_dim=16, random_state=row["seed"]).fit(pool.X)
+        val = validation_rows(300, 0.2, row["seed"])
+        assert val.size == 60
+        risks = {v: ridge_risk(pool.X, pool.y, np.array(sel.selection_.info["candidates"][v]), eval_rows=val)[0]
+                 for v in ("skmm", "skmm_v2")}
+        expected = "skmm" if risks["skmm"] <= risks["skmm_v2"] else "skmm_v2"
+        assert row["chosen"] == expected
+        chosen = np.array(sel.selection_.info["candidates"][expected])
+        assert row["risk"] == pytest.approx(ridge_risk(pool.X, pool.y, chosen)[0])
+
+
+def test_leverage_scores_cached_once_equal_the_selector_on_an_exact_svd():
+    config = SyntheticConfig(n_samples=200, dim=60, n_clusters=4, sketch_dim=12, budgets=(16, 32), seeds=(0, 1),
+                             methods=("leverage", "ridge_leverage"), cache_scores=True)
+    cached = run_synthetic(config)["rows"]
+    direct = run_synthetic(SyntheticConfig(**{**config.__dict__, "cache_scores": False}))["rows"]
+    assert [r["risk"] for r in cached] == pytest.approx([r["risk"] for r in direct])  # d <= 1024: exact SVD
 
 
 def test_runner_rejects_a_budget_larger_than_the_pool():
