@@ -54,23 +54,34 @@ class _NoRunErrors(logging.Filter):
                                                                               "prefect.task_runs"))
 
 
+class _NoTaskRunChatter(logging.Filter):
+    """Keeps task runs' INFO lines (one "Finished in state Completed()" per task: 100+ in a multi-seed run) off the
+    console, so the table is what a user reads; warnings stay, and the server's run logs keep everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith("prefect.task_runs")
+
+
 @contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Around a flow call: Prefect's console shows no run errors (unless --debug); they stay in the run logs."""
+def _one_line_errors(verbose: bool = True) -> Iterator[None]:
+    """Around a flow call: Prefect's console shows no run errors (unless --debug); they stay in the run logs.
+    Not ``verbose``: no task-run INFO lines either (the flow run's lines, with the UI link, stay)."""
     if _debug():
         yield
         return
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    quiet = _NoRunErrors()
+    filters = [_NoRunErrors()] + ([] if verbose else [_NoTaskRunChatter()])
     handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
     for handler in handlers:
-        handler.addFilter(quiet)
+        for f in filters:
+            handler.addFilter(f)
     try:
         yield
     finally:
         for handler in handlers:
-            handler.removeFilter(quiet)
+            for f in filters:
+                handler.removeFilter(f)
 
 
 def _register_lineage() -> None:
@@ -115,8 +126,14 @@ def curate_cmd(
     pretrained: Annotated[str | None, typer.Option(help="Pretrained tag, weights file, or local-dir:PATH "
                                                         "(default: random init).")] = None,
     init_seed: Annotated[int, typer.Option(min=0, help="Seed of a random-init tower.")] = 0,
+    precision: Annotated[str, typer.Option(help="Embedding precision: 'fp32' (IEEE, bitwise reproducible), 'tf32' "
+                                                "(CUDA only) or 'bf16' (autocast); recorded in the features' "
+                                                "spec.")] = "fp32",
     image_size: Annotated[int, typer.Option(min=8, help="Render size for the digits source.")] = 32,
-    sketch_dim: Annotated[int, typer.Option(min=1, help="Sketch dimension m.")] = 64,
+    sketch_dim: Annotated[int | None, typer.Option(min=1, help="Sketch dimension m (default: automatic — sketch "
+                                                   "to 256 columns once, then SkMM takes the smallest m holding "
+                                                   "90 % of the sketched energy, at most n/2, per budget; "
+                                                   "recorded in the lineage).")] = None,
     gradients: Annotated[str, typer.Option(help="'lp': normalised features; 'ft': per-sample gradients of the "
                                                 "last --ft-layers tower blocks (pseudo-labels).")] = "lp",
     finetune: Annotated[str, typer.Option(help="'linear_probe' on frozen features, or 'last_layers' of the "
@@ -129,6 +146,8 @@ def curate_cmd(
     variant_choice: Annotated[str, typer.Option(help="How skmm_best picks convex SkMM or greedy SkMMv2: 'val' (the "
                                                      "better finetuned model on the val split) or 'proxy' "
                                                      "(label-free variance proxy).")] = "val",
+    full_pool_reference: Annotated[bool, typer.Option(help="Also finetune on the whole train split, as the report's "
+                                                      "reference row and line (costly on a large pool).")] = False,
     embeddings: Annotated[bool, typer.Option(help="SOURCE is a Parquet table of precomputed embeddings.")] = False,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val/test split.")] = 0,
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest image (width × height) ingested; larger ones are "
@@ -137,6 +156,8 @@ def curate_cmd(
         "./skmm-store"),
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (credentials from the environment).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print every selection's and model's "
+                                          "path, and Prefect's task-run log lines.")] = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Embedding progress bars on "
                                                   "stderr (default: when stderr is a terminal).")] = None,
     dask_workers: Annotated[int | None, typer.Option(min=1, help="Run the shard stages (embed, FT gradients) on a "
@@ -160,17 +181,18 @@ def curate_cmd(
             curate = curate.with_options(task_runner=runner)  # this run's flow: its shard tasks go to Dask
 
         src = source_config(source, embeddings, image_size, split_seed, max_pixels=max_pixels)
-        mdl = ModelConfig(name=model, pretrained=pretrained, init_seed=init_seed)
-        with _one_line_errors():
+        mdl = ModelConfig(name=model, pretrained=pretrained, init_seed=init_seed, precision=precision)
+        with _one_line_errors(verbose):
             result = curate(source=src, budgets=budget_list, methods=method_list, seeds=seed_list, model=mdl,
-                            sketch_dim=sketch_dim, class_balanced=class_balanced, store_url=store,
+                            sketch_dim="auto" if sketch_dim is None else sketch_dim, class_balanced=class_balanced,
+                            store_url=store,
                             endpoint_url=endpoint_url, gradients=gradients,
                             finetune=FinetuneConfig(kind=finetune, layers=ft_layers, epochs=ft_epochs), task=task,
-                            variant_choice=variant_choice,
+                            variant_choice=variant_choice, full_pool_reference=full_pool_reference,
                             progress=sys.stderr.isatty() if progress is None else progress)
     except Exception as exc:
         _fail(exc)
-    _print_result(result, as_json)
+    _print_result(result, as_json, verbose)
 
 
 def _fail(exc: BaseException) -> NoReturn:
@@ -231,6 +253,8 @@ def reselect_cmd(
     store: Annotated[str, typer.Option(help="Artifact store URL.")] = "./skmm-store",
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print every selection's and model's "
+                                          "path, and Prefect's task-run log lines.")] = False,
 ) -> None:
     """Select again from an earlier run's sketch (no source needed), finetune and evaluate."""
     try:
@@ -239,13 +263,13 @@ def reselect_cmd(
         from flows.rerun import reselect
 
         earlier = _load_run(run, store, endpoint_url)
-        with _one_line_errors():
+        with _one_line_errors(verbose):
             result = reselect(run=earlier, budgets=budget_list, methods=method_list, seeds=seed_list,
                               class_balanced=class_balanced, variant_choice=variant_choice, store_url=store,
                               endpoint_url=endpoint_url)
     except Exception as exc:
         _fail(exc)
-    _print_result(result, as_json)
+    _print_result(result, as_json, verbose)
 
 
 @app.command("reevaluate")
@@ -254,20 +278,24 @@ def reevaluate_cmd(
     store: Annotated[str, typer.Option(help="Artifact store URL.")] = "./skmm-store",
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print every selection's and model's "
+                                          "path, and Prefect's task-run log lines.")] = False,
 ) -> None:
     """Evaluate an earlier run's models again on the test split."""
     try:
         from flows.rerun import reevaluate
 
         earlier = _load_run(run, store, endpoint_url)
-        with _one_line_errors():
+        with _one_line_errors(verbose):
             result = reevaluate(run=earlier, store_url=store, endpoint_url=endpoint_url)
     except Exception as exc:
         _fail(exc)
-    _print_result(result, as_json)
+    _print_result(result, as_json, verbose)
 
 
-def _print_result(result: dict, as_json: bool) -> None:
+def _print_result(result: dict, as_json: bool, verbose: bool = False) -> None:
+    """The metric table, the variant choices, the run id and where the report lies; each selection's and model's
+    path only with ``verbose`` (``--json`` has everything)."""
     import json
 
     if as_json:
@@ -280,9 +308,12 @@ def _print_result(result: dict, as_json: bool) -> None:
     typer.echo(f"plot:        {result['report']['plot']['uri']}")
     if result.get("result"):
         typer.echo(f"result:      {result['result']['uri']}  (skmm reselect|reevaluate {result['run_id'][:8]})")
-    for r in result["results"]:
-        typer.echo(f"{r['method']:>12} n={r['n']:<5} seed={r['seed']}  selection {r['selection']['uri']}")
-        typer.echo(f"{'':>12} {'':<15} model     {r['model']['uri']}")
+    if verbose:
+        for r in result["results"]:
+            typer.echo(f"{r['method']:>12} n={r['n']:<5} seed={r['seed']}  selection {r['selection']['uri']}")
+            typer.echo(f"{'':>12} {'':<15} model     {r['model']['uri']}")
+    else:
+        typer.echo(f"models:      {len(result['results'])} (paths: --verbose, or --json)")
     if result["quarantined"]:
         typer.echo(f"quarantined: {result['quarantined']} unreadable file(s) (see the ingest stage's lineage)")
 
@@ -329,7 +360,8 @@ def bench_synthetic(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     paths = write_report(result, out)
-    typer.echo(markdown_table(summarize(result["rows"]), result["full_data_risk"], list(config.methods)))
+    shown = list(dict.fromkeys(r["method"] for r in result["rows"]))  # with skmm_best_val, the pipeline's rule
+    typer.echo(markdown_table(summarize(result["rows"]), result["full_data_risk"], shown))
     typer.echo(f"\nwrote {', '.join(str(p) for p in paths.values())}")
 
 
@@ -369,6 +401,10 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A loaded 2-core machine can take longer than Prefect's 20 s default to start the temporary server.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The temporary server lives for one command: when it stops while task-run events are still being written, it
+    # logs the cancelled write as an ERROR with two tracebacks (~100 lines after the table). Only that server reads
+    # this variable here (a standing server is its own process); the run's own logs are unaffected.
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
     app(prog_name="skmm")
 
 

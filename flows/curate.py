@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import itertools
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field, PositiveInt, model_validator
+from pydantic import BaseModel, Field, PositiveInt, model_serializer, model_validator
 
+from flows.faults import check_fault
 from flows.runners import task_runner_from_env
-from skmm.models.clip import check_model_name
+from skmm.models.clip import check_model_name, check_precision
 from skmm.select import SELECTORS
+from skmm.select.moment_matching import AUTO_M_MAX
 from storage.artifacts import ArtifactRef
 from storage.datasets import DatasetRef, VectorTableRef
 from storage.ingest import DEFAULT_MAX_PIXELS
@@ -30,7 +32,7 @@ from tasks.embed import embed_with_counts
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune_last_layers, linear_probe
 from tasks.ingest import ingest
-from tasks.report import publish, report
+from tasks.report import FULL_POOL, publish, report
 from tasks.select import select
 from tasks.sketch import gradients_sketch
 from tasks.store import DEFAULT_STORE, open_store, result_storage, store_spec
@@ -104,11 +106,23 @@ class ModelConfig(BaseModel):
     """The open_clip image tower. ``pretrained`` None = random init from ``init_seed`` (no download needed).
 
     The default, a random-init ViT-S-32, runs offline on a CPU and gives honest features (see bench/README.md);
-    with network access or a local file, use a pretrained tower (e.g. ViT-B-32 / laion2b_s34b_b79k)."""
+    with network access or a local file, use a pretrained tower (e.g. ViT-B-32 / laion2b_s34b_b79k).
+
+    ``precision`` of the embed stage's forward pass: "fp32" (IEEE, bitwise reproducible; the default), "tf32"
+    (CUDA only) or "bf16" (autocast), recorded in the features' spec (tasks.embed). The dump names it only when
+    it is not "fp32", so the default config, its cache keys and its lineage record are what they were."""
 
     name: str = "ViT-S-32"
     pretrained: str | None = None
     init_seed: int = Field(0, ge=0)
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+
+    @model_serializer(mode="wrap")
+    def _default_precision_unnamed(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("precision") == "fp32":
+            del data["precision"]
+        return data
 
 
 def check_methods(methods: list[str]) -> list[str]:
@@ -129,6 +143,7 @@ class FinetuneConfig(BaseModel):
 
 
 VARIANTS = ("skmm", "skmm_v2")  # what "skmm_best" chooses between
+AUTO_SKETCH_METHODS = ("skmm", "skmm_v2", "skmm_best")  # the selectors that take sketch_dim="auto"
 
 
 @dataclass
@@ -145,23 +160,29 @@ class _Stages:
     finetune: FinetuneConfig
     model: dict[str, Any] | None
     head_seed: int  # FT: finetune from the head the sketched gradients were taken at
+    auto_sketch: bool = False  # SkMM picks its m per budget from the (m_max-column) sketch's spectrum
 
     def select(self, tag: str, method: str, n: int, seed: int) -> dict:
         sk_ref = VectorTableRef.from_dict(self.sk).artifact
-        with self.rec.stage(f"select.{tag}", [sk_ref]):
-            sel = select.with_options(**self.opts)(self.sk, self.dataset, self.store, method, n, seed,
+        params = {"sketch_dim": "auto"} if self.auto_sketch and method in AUTO_SKETCH_METHODS else None
+        with self.rec.stage(f"select.{tag}", [sk_ref]) as record:
+            sel = select.with_options(**self.opts)(self.sk, self.dataset, self.store, method, n, seed, params=params,
                                                    class_balanced=self.class_balanced)
-            self.rec.complete(f"select.{tag}", selection=ArtifactRef.from_dict(sel["selection"]))
+            record.selection = ArtifactRef.from_dict(sel["selection"])
+            if "sketch_dim" in sel:  # the automatic m, in the run's lineage
+                record.metrics = {"sketch_dim": sel["sketch_dim"]}
         return sel["selection"]
 
     def fit(self, tag: str, selection: dict, task: str, trained: dict | None = None) -> dict:
         """Finetune on ``selection``; ``trained``: the model already trained on it (recorded, not retrained)."""
         sel_ref = ArtifactRef.from_dict(selection)
         features = [VectorTableRef.from_dict(self.emb).artifact] if self.emb is not None else []
-        with self.rec.stage(f"finetune.{tag}", [sel_ref, *features]):
+        with self.rec.stage(f"finetune.{tag}", [sel_ref, *features]) as record:
+            check_fault("finetune")  # test-only (flows.faults): inert unless SKMM_FAULT_FILE is set
             ft = self.finetune
+            record.selection = sel_ref
             if trained is not None:
-                self.rec.complete(f"finetune.{tag}", selection=sel_ref, model=ArtifactRef.from_dict(trained))
+                record.model = ArtifactRef.from_dict(trained)
                 return trained
             if ft.kind == "last_layers":
                 fit = finetune_last_layers.with_options(**self.opts)(
@@ -169,14 +190,15 @@ class _Stages:
                     head_lr=ft.head_lr, seed=self.head_seed)
             else:
                 fit = linear_probe.with_options(**self.opts)(self.emb, self.dataset, selection, self.store, task=task)
-            self.rec.complete(f"finetune.{tag}", selection=sel_ref, model=ArtifactRef.from_dict(fit["model"]))
+            record.model = ArtifactRef.from_dict(fit["model"])
         return fit["model"]
 
     def evaluate(self, tag: str, model: dict, split: str = "test") -> dict:
         stage = f"{'evaluate' if split == 'test' else 'validate'}.{tag}"
-        with self.rec.stage(stage, [ArtifactRef.from_dict(model)]):
+        with self.rec.stage(stage, [ArtifactRef.from_dict(model)]) as record:
+            check_fault(stage)
             metrics = evaluate.with_options(**self.opts)(model, self.emb, self.dataset, self.store, split=split)
-            self.rec.complete(stage, metrics=metrics)
+            record.metrics = metrics
         return metrics
 
     def choose_on_validation(self, tag: str, n: int, seed: int, task: str) -> tuple[dict, dict, dict]:
@@ -196,10 +218,10 @@ class _Stages:
 
         chosen = max(VARIANTS, key=score)  # max keeps the first (convex) on ties
         info = {"chosen": chosen, "rule": "val", "val": {v: candidates[v][1] for v in VARIANTS}}
-        with self.rec.stage(f"select.{tag}", [ArtifactRef.from_dict(c[0]) for c in candidates.values()]):
+        with self.rec.stage(f"select.{tag}", [ArtifactRef.from_dict(c[0]) for c in candidates.values()]) as record:
             flat = {f"{v}.val_{k}": x for v in VARIANTS for k, x in candidates[v][1].items()}
-            self.rec.complete(f"select.{tag}", selection=ArtifactRef.from_dict(candidates[chosen][0]),
-                              metrics={"chosen": chosen, **flat})
+            record.selection = ArtifactRef.from_dict(candidates[chosen][0])
+            record.metrics = {"chosen": chosen, **flat}
         return candidates[chosen][0], candidates[chosen][2], info
 
 
@@ -207,15 +229,19 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
                              methods: list[str], budgets: list[int], seeds: list[int],
                              class_balanced: bool = False, finetune: FinetuneConfig | None = None,
                              model: dict[str, Any] | None = None, task: str = "classification",
-                             variant_choice: str = "val") -> list[dict[str, Any]]:
+                             variant_choice: str = "val", full_pool: int | None = None,
+                             auto_sketch: bool = False) -> list[dict[str, Any]]:
     """For each (method, budget, seed): select → finetune → evaluate on the test split, each a recorded stage.
 
     ``variant_choice``: how ``skmm_best`` picks between convex SkMM and greedy SkMMv2 — "val" (finetune on both
-    selections, keep the better on the val split) or "proxy" (the label-free variance proxy, before finetuning)."""
+    selections, keep the better on the val split) or "proxy" (the label-free variance proxy, before finetuning).
+    ``full_pool``: the train split's size, to add the full-pool reference (method "full": a model finetuned on
+    every train sample, the first seed) that the report draws as a reference row and line. ``auto_sketch``: the
+    sketch has ``AUTO_M_MAX`` columns and SkMM chooses its m per budget from its spectrum (recorded)."""
     if variant_choice not in ("val", "proxy"):
         raise ValueError(f"variant_choice must be 'val' or 'proxy'; got {variant_choice!r}")
     stages = _Stages(rec, opts, store, dataset, emb, sk, class_balanced, finetune or FinetuneConfig(), model,
-                     head_seed=seeds[0])
+                     head_seed=seeds[0], auto_sketch=auto_sketch)
     results = []
     for method, n, seed in itertools.product(methods, budgets, seeds):
         tag = f"{method}.n{n}.s{seed}"
@@ -229,16 +255,22 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
         metrics = stages.evaluate(tag, model_ref)
         results.append({"method": method, "n": n, "seed": seed, **metrics, **extra,
                         "selection": selection, "model": model_ref})
+    if full_pool:  # every train sample: uniform at n = the train split, never class-balanced
+        whole, tag = replace(stages, class_balanced=False), f"{FULL_POOL}.n{full_pool}.s{seeds[0]}"
+        selection = whole.select(tag, "uniform", full_pool, seeds[0])
+        model_ref = whole.fit(tag, selection, task)
+        results.append({"method": FULL_POOL, "n": full_pool, "seed": seeds[0], **whole.evaluate(tag, model_ref),
+                        "selection": selection, "model": model_ref})
     return results
 
 
 def report_stage(rec: LineageRecorder, opts: dict, store: dict, results: list[dict[str, Any]]) -> dict[str, Any]:
     """The report stage: plot + table in the store, published as Prefect artifacts (accuracy, or MAE)."""
     metric = "accuracy" if all("accuracy" in r for r in results) else "mae"
-    with rec.stage("report"):
+    with rec.stage("report") as record:
         rep = report.with_options(**opts)(results, store, metric=metric)
-        publish(results, rep)
-        rec.complete("report", outputs=[ArtifactRef.from_dict(rep["plot"]), ArtifactRef.from_dict(rep["report"])])
+        publish(results, rep, store)
+        record.outputs = [ArtifactRef.from_dict(rep["plot"]), ArtifactRef.from_dict(rep["report"])]
     return rep
 
 
@@ -251,12 +283,13 @@ def curate(
     methods: list[str] = ["skmm_best", "uniform"],  # noqa: B006
     seeds: list[int] = [0],  # noqa: B006
     model: ModelConfig = ModelConfig(),  # noqa: B008
-    sketch_dim: PositiveInt | None = 64,
+    sketch_dim: PositiveInt | Literal["auto"] | None = "auto",
     gradients: Literal["lp", "ft"] = "lp",
     finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
     task: Literal["classification", "regression"] = "classification",
     class_balanced: bool = False,
     variant_choice: Literal["val", "proxy"] = "val",
+    full_pool_reference: bool = False,
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
     batch_size: PositiveInt = 64,
@@ -268,9 +301,13 @@ def curate(
     ``task``: "classification" (logistic probe; accuracy, macro-F1) or "regression" (numeric labels; ridge probe;
     MAE). ``gradients``: "lp" (normalised features) or "ft" (per-sample gradients of the last ``finetune.layers``
     tower blocks with random pseudo-labels); the sketch uses the first seed, selections every seed.
-    ``variant_choice``: how ``skmm_best`` picks convex SkMM or greedy SkMMv2 per budget — "val" (the better
-    finetuned model on the val split) or "proxy" (the label-free variance proxy). ``progress``: a progress bar
-    per embedded shard on stderr (the CLI turns it on in a terminal)."""
+    ``sketch_dim``: m, or "auto" (the default): sketch once to ``AUTO_M_MAX`` columns and let SkMM choose m per
+    budget from that sketch's spectrum (skmm.select.spectrum.auto_sketch_dim; recorded in each selection's params
+    and its select stage's lineage metrics). ``variant_choice``: how ``skmm_best`` picks convex SkMM or greedy
+    SkMMv2 per budget — "val" (the better finetuned model on the val split) or "proxy" (the label-free variance
+    proxy). ``full_pool_reference``: also finetune on the whole train split (opt-in: the whole split's features
+    in memory, and a full finetune) and show it in the report as the reference the budgets are measured against.
+    ``progress``: a progress bar per embedded shard on stderr (the CLI turns it on in a terminal)."""
     logger = get_run_logger()
     check_methods(methods)
     if task == "regression" and (class_balanced or finetune.kind != "linear_probe"):
@@ -285,22 +322,24 @@ def curate(
               "model": model.model_dump(), "sketch_dim": sketch_dim, "class_balanced": class_balanced,
               "gradients": gradients, "finetune": finetune.model_dump(), "task": task,
               "variant_choice": variant_choice}
+    if full_pool_reference:  # named only when on: the default config (and its hash) stays what it was
+        config["full_pool_reference"] = True
     code = code_provenance()  # the code that runs, never the caller's working folder
     rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=code.git_commit, skmm_version=code.version,
-                          config=config)
+                          config=config, attempt=flow_run.run_count or None)  # Prefect's run count: 2 on a retry
     logger.info("run %s: store %s", rec.run_id, st)
 
     if source.kind != "embeddings":  # the tower will be loaded: an unknown name fails before any ingest work
         with rec.stage("check-inputs"):
             check_model_name(model.name)
-            rec.complete("check-inputs")
+            check_precision(model.precision)  # tf32 off CUDA fails here, before any ingest work
 
-    with rec.stage("ingest"):
+    with rec.stage("ingest") as record:
         ing = ingest.with_options(**opts)(source.model_dump(), store)
         dataset = DatasetRef.from_dict(ing["dataset"])
-        outputs = [dataset.manifest] + ([ArtifactRef.from_dict(ing["quarantine"])] if ing.get("quarantine") else [])
-        rec.complete("ingest", outputs=outputs, metrics={"samples": ing["n_samples"],
-                                                         "quarantined": ing["n_quarantined"]})
+        quarantine = [ArtifactRef.from_dict(ing["quarantine"])] if ing.get("quarantine") else []
+        record.outputs = [dataset.manifest, *quarantine]
+        record.metrics = {"samples": ing["n_samples"], "quarantined": ing["n_quarantined"]}
     if ing["n_quarantined"]:
         logger.warning("%d file(s) quarantined (unreadable); see %s", ing["n_quarantined"], ing["quarantine"]["uri"])
 
@@ -311,7 +350,7 @@ def curate(
     needs_features = gradients == "lp" or finetune.kind == "linear_probe"
     emb, emb_inputs = None, [dataset.manifest]
     if needs_features:  # FT gradients + last-layers finetuning work on the images alone
-        with rec.stage("embed", [dataset.manifest]):
+        with rec.stage("embed", [dataset.manifest]) as record:
             counts = None  # precomputed embeddings: nothing to count
             if ing.get("vectors"):
                 emb = ing["vectors"]
@@ -320,18 +359,20 @@ def curate(
                                                 batch_size=batch_size, progress=progress,
                                                 max_pixels=source.max_pixels)
             emb_inputs = [VectorTableRef.from_dict(emb).artifact]
-            rec.complete("embed", outputs=emb_inputs, metrics=counts)
+            record.outputs, record.metrics = emb_inputs, counts
 
-    with rec.stage("sketch", emb_inputs):
-        sk = gradients_sketch(emb, ing["dataset"], store, opts, sketch_dim=sketch_dim, seed=seeds[0], mode=gradients,
+    with rec.stage("sketch", emb_inputs) as record:
+        stage_dim = AUTO_M_MAX if sketch_dim == "auto" else sketch_dim  # "auto": SkMM reduces it per budget
+        sk = gradients_sketch(emb, ing["dataset"], store, opts, sketch_dim=stage_dim, seed=seeds[0], mode=gradients,
                               model=model.model_dump(), k=finetune.layers, num_classes=len(ing["classes"]))
-        sk_ref = VectorTableRef.from_dict(sk).artifact
-        rec.complete("sketch", outputs=[sk_ref])
+        record.outputs = [VectorTableRef.from_dict(sk).artifact]
 
     results = select_finetune_evaluate(rec, opts, store, ing["dataset"], emb, sk, methods, budgets, seeds,
-                                       class_balanced, finetune, model.model_dump(), task, variant_choice)
+                                       class_balanced, finetune, model.model_dump(), task, variant_choice,
+                                       full_pool=ing["split_counts"]["train"] if full_pool_reference else None,
+                                       auto_sketch=sketch_dim == "auto")
     rep = report_stage(rec, opts, store, results)
     # The result also goes to the store (runs/<run_id>.json), so a scheduled run can be re-selected by its id.
     return record_run_result(rec, {"run_id": rec.run_id, "store": st.url, "dataset": ing["dataset"],
                                    "quarantined": ing["n_quarantined"], "embeddings": emb, "sketch": sk,
-                                   "results": results, "report": rep})
+                                   "sketch_dim": sketch_dim, "results": results, "report": rep})

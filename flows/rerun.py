@@ -61,7 +61,7 @@ def _earlier(st: ArtifactStore, run: dict[str, Any] | str, keys: tuple[str, ...]
 def _recorder(st: ArtifactStore, store: dict, config: dict) -> tuple[dict, LineageRecorder]:
     code = code_provenance()  # the code that runs, never the caller's working folder
     rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=code.git_commit, skmm_version=code.version,
-                          config=config)
+                          config=config, attempt=flow_run.run_count or None)
     return {"result_storage": result_storage(store)}, rec
 
 
@@ -88,18 +88,20 @@ def reselect(
     opts, rec = _recorder(st, store, {"reselect": run.get("run_id"), "budgets": budgets, "methods": methods,
                                       "seeds": seeds, "variant_choice": variant_choice})
     get_run_logger().info("run %s: re-selecting from run %s", rec.run_id, run.get("run_id"))
-    with rec.stage("check-inputs"):
+    with rec.stage("check-inputs") as record:
         inputs = [dataset.manifest, VectorTableRef.from_dict(sk).artifact]
         if emb is not None:  # None when the earlier run used FT gradients + last-layers finetuning
             inputs.append(VectorTableRef.from_dict(emb).artifact)
         _require(st, inputs)
-        rec.complete("check-inputs", outputs=inputs)
+        record.outputs = inputs
+    auto_sketch = run.get("sketch_dim") == "auto"  # the earlier sketch has AUTO_M_MAX columns: m per budget again
     results = select_finetune_evaluate(rec, opts, store, run["dataset"], emb, sk, methods, budgets, seeds,
-                                       class_balanced, finetune, model.model_dump(), task, variant_choice)
+                                       class_balanced, finetune, model.model_dump(), task, variant_choice,
+                                       auto_sketch=auto_sketch)
     rep = report_stage(rec, opts, store, results)
     return record_run_result(rec, {"run_id": rec.run_id, "store": st.url, "dataset": run["dataset"],
-                                   "quarantined": 0, "embeddings": emb, "sketch": sk, "results": results,
-                                   "report": rep})
+                                   "quarantined": 0, "embeddings": emb, "sketch": sk,
+                                   "sketch_dim": run.get("sketch_dim"), "results": results, "report": rep})
 
 
 @flow(name="reevaluate", log_prints=True)
@@ -115,10 +117,10 @@ def reevaluate(run: dict[str, Any] | str, store_url: str = DEFAULT_STORE,
     for r in run["results"]:
         tag = f"{r['method']}.n{r['n']}.s{r['seed']}"
         model_ref = ArtifactRef.from_dict(r["model"])
-        with rec.stage(f"evaluate.{tag}", [model_ref, *features]):
+        with rec.stage(f"evaluate.{tag}", [model_ref, *features]) as record:
             _require(st, [model_ref, *features, DatasetRef.from_dict(run["dataset"]).manifest])
             metrics = evaluate.with_options(**opts)(r["model"], run["embeddings"], run["dataset"], store)
-            rec.complete(f"evaluate.{tag}", metrics=metrics)
+            record.metrics = metrics
         kept = ("method", "n", "seed", "selection", "model", "chosen", "val")  # chosen/val: skmm_best's choice
         results.append({**{k: r[k] for k in kept if k in r}, **metrics})
     rep = report_stage(rec, opts, store, results)

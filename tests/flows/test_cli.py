@@ -26,6 +26,7 @@ def test_bench_synthetic_small_run(tmp_path):
                                  "--quiet", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "| skmm_best |" in result.stdout and "| uniform |" in result.stdout
+    assert "| skmm_best_val |" in result.stdout  # the pipeline's variant rule, beside the label-free proxy
     assert "Full-data ridge risk" in result.stdout
     assert {p.name for p in out.iterdir()} == {"runs.csv", "summary.csv", "table.md", "risk_vs_n.png"}
 
@@ -52,6 +53,32 @@ def test_curate_command_on_digits(prefect_server, tmp_path):
     assert "run id:" in result.stdout and f"file://{store}" in result.stdout
     assert f"result:      file://{store}/runs/" in result.stdout
     assert (store / "objects" / "model").is_dir() and (store / "lineage" / "events").is_dir()
+    assert "selection file://" not in result.stdout and "model     file://" not in result.stdout  # quiet by default
+    assert "models:      2 (paths: --verbose, or --json)" in result.stdout
+
+
+def test_curate_is_quiet_unless_verbose(prefect_server, tmp_path):
+    """Prefect's default logging, as a user sees it: the table, the choices, the run id and the report location;
+    no per-task log lines and no per-model paths. --verbose brings both back."""
+    args = ("curate", "digits", "--model", "skmm-tiny-vit", "--budgets", "20", "--methods", "skmm_best,uniform",
+            "--seeds", "0,1", "--sketch-dim", "16", "--store", str(tmp_path / "s"))
+    quiet = run_cli(*args, tmp_path=tmp_path, log_level=None)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    out = quiet.stdout.splitlines()
+    assert out[:6] == ["**accuracy** on the test split (mean ± std over seeds)", "", "| method | n=20 |", "|---|---|",
+                       out[4], out[5]] and out[4].startswith("| skmm_best |") and out[5].startswith("| uniform |")
+    assert any(line.startswith("skmm_best kept (chosen on the val split): n=20: ") for line in out)
+    for label in ("run id:", "report:", "plot:", "result:"):
+        assert sum(line.startswith(label) for line in out) == 1, quiet.stdout
+    assert len(out) <= 16 and " selection file://" not in quiet.stdout, quiet.stdout  # no path per selection/model
+    assert " model     file://" not in quiet.stdout
+    assert "Beginning flow run" in quiet.stderr and "View at" in quiet.stderr  # the flow run's lines stay
+    assert "Task run '" not in quiet.stderr, quiet.stderr[-3000:]
+
+    verbose = run_cli(*args, "--verbose", tmp_path=tmp_path, log_level=None)
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert verbose.stdout.count(" selection file://") == 4 and verbose.stdout.count(" model     file://") == 4
+    assert "Task run '" in verbose.stderr
 
 
 def run_cli(*args: str, tmp_path, log_level: str | None = "CRITICAL") -> subprocess.CompletedProcess:
@@ -106,11 +133,11 @@ def _flow_run_logs(store: pathlib.Path) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    from storage.lineage import EVENTS_PREFIX, parse_event
+    from storage.lineage import EVENTS_PREFIX, event_record, parse_event
     from tasks.store import open_store, store_spec
 
     st = open_store(store_spec(store))
-    (flow_run_id,) = {parse_event(st.read_rel(r), r)["run"]["facets"]["flow_run_id"]
+    (flow_run_id,) = {event_record(parse_event(st.read_rel(r), r))["flow_run_id"]
                       for r in st.list_paths(EVENTS_PREFIX)}
     with get_client(sync_client=True) as client:
         for _ in range(30):  # logs reach the server in batches, a moment after the run
