@@ -18,3 +18,20 @@ def prefect_api():
         return
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def embedded_rows(monkeypatch) -> list[int]:
+    """How many images each call of the real embed_images received (it still runs: a spy, not a mock)."""
+    import tasks.embed as embed_module
+
+    calls: list[int] = []
+    real = embed_module.embed_images
+
+    def counting(images, spec, **kwargs):
+        images = list(images)
+        calls.append(len(images))
+        return real(images, spec, **kwargs)
+
+    monkeypatch.setattr(embed_module, "embed_images", counting)
+    return calls

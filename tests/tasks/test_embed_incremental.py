@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tasks.embed as embed_module
 from skmm.models.clip import default_block_rows
 from storage.datasets import VectorTableRef, read_vectors, write_samples
 from tasks.embed import run_combine, run_embed, run_embed_shard, shards_of
@@ -35,20 +34,6 @@ POOL = sorted(records(43), key=lambda r: hashlib.sha256(r["data"]).hexdigest())
 NEW = (20, 30, 41)  # positions in id order: the first two shards stay as they were, the four after them change
 BASE = [r for i, r in enumerate(POOL) if i not in NEW]
 
-
-@pytest.fixture
-def embedded_rows(monkeypatch) -> list[int]:
-    """How many images each call of the real embed_images received (it still runs: a spy, not a mock)."""
-    calls: list[int] = []
-    real = embed_module.embed_images
-
-    def counting(images, spec, **kwargs):
-        images = list(images)
-        calls.append(len(images))
-        return real(images, spec, **kwargs)
-
-    monkeypatch.setattr(embed_module, "embed_images", counting)
-    return calls
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-import tasks.embed as embed_module
 from skmm.models.clip import ClipSpec, default_block_rows
 from storage.datasets import VectorTableRef, read_vectors, write_samples
 from tasks.embed import embed_model, feature_spec, run_embed
@@ -31,20 +30,6 @@ def png(seed: int) -> bytes:
 POOL = sorted(({"data": png(i), "label": str(i % 2), "source_uri": f"mem://pool/{i}.png"} for i in range(20)),
               key=lambda r: hashlib.sha256(r["data"]).hexdigest())
 
-
-@pytest.fixture
-def embedded_rows(monkeypatch) -> list[int]:
-    """How many images each call of the real embed_images received (a spy: it still runs)."""
-    calls: list[int] = []
-    real = embed_module.embed_images
-
-    def counting(images, spec, **kwargs):
-        images = list(images)
-        calls.append(len(images))
-        return real(images, spec, **kwargs)
-
-    monkeypatch.setattr(embed_module, "embed_images", counting)
-    return calls
 
 
 def vectors(store: dict, ref: dict) -> tuple[VectorTableRef, np.ndarray]:
