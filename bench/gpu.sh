@@ -6,8 +6,8 @@
 #   bash bench/gpu.sh           # on the CUDA machine
 #   bash bench/gpu.sh --tiny    # the same commands on the CPU at tiny sizes (the tiny tower): checks the script
 #
-# Every step runs under its own time limit; a failing step is reported and the others still run; the exit
-# status is 1 when any step failed.
+# Every step runs under its own time limit (the limits add up to ~12 min; the steps' expected total is ~7); a
+# failing step is reported and the others still run; the exit status is 1 when any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TINY=0
@@ -50,6 +50,17 @@ step 75 embed_bf16 "${EMBED[@]}" --precision bf16 --no-serial --tag "_${MODEL}_b
 (( TINY )) || step 75 embed_tf32 "${EMBED[@]}" --precision tf32 --no-serial --tag "_${MODEL}_tf32"
 # 3. Sketch throughput (linear-head gradients) on the device.
 step 45 sketch "$PY" bench/sketch_throughput.py --device "$DEV" --batch "$SKETCH_BATCH" --seconds "$SECONDS_"
+# 4. SkMM selection (convex, 500 FISTA steps), m = 64, n = 10 000: the solver on the device at N = 10^6 and 10^7,
+#    the numpy path at 10^6 beside it (numpy at 10^7: bench/README.md §12), one child process per run.
+if (( TINY )); then
+  step 120 select_device "$PY" bench/select_scale.py --methods skmm --sketch-dim 64 --sizes 3000 --budget 100 \
+    --devices numpy,cpu --timeout 100
+else
+  step 150 select_device "$PY" bench/select_scale.py --methods skmm --sketch-dim 64 --sizes 1000000,10000000 \
+    --budget 10000 --devices cuda --timeout 120
+  step 90 select_numpy "$PY" bench/select_scale.py --methods skmm --sketch-dim 64 --sizes 1000000 --budget 10000 \
+    --devices numpy --timeout 80
+fi
 
 echo "results in $SKMM_BENCH_OUT"
 if (( ${#failed[@]} )); then

@@ -11,13 +11,18 @@ a fresh process, so that no peak hides another, through the select stage's own s
 
 Peak RSS is the process's ru_maxrss after each phase (imports included: torch comes with skmm.select) and, for
 the whole process, the parent's os.wait4 rusage of the child (which exits without interpreter teardown).
-Results merge into bench/out/select_scale.json.
+``--devices`` runs SkMM (convex) and SkMMv2 on each listed device (``numpy``: the default path; ``cpu``/``cuda``:
+torch on that device, skmm/select/_torch_ops.py); each run records its device, and the runs key on it too.
+Results merge into $SKMM_BENCH_OUT/select_scale.json (default bench/out).
 Run: .venv/bin/python bench/select_scale.py [--sizes 100000,1000000] [--methods skmm,skmm_v2,skmm_best]
+     [--devices numpy,cuda]
+Tiny check of the command on the CPU: bench/select_scale.py --sizes 3000 --methods skmm --budget 100 --devices numpy,cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import pathlib
@@ -75,7 +80,7 @@ def prepare(store_dir: str, N: int, m: int) -> None:
                       "file_mib": round(ref.artifact.size / 2**20, 1), "peak_rss_mib": round(peak_mib(), 1)}))
 
 
-def measure(store_dir: str, ref_json: str, method: str, n: int, max_iter: int) -> None:
+def measure(store_dir: str, ref_json: str, method: str, n: int, max_iter: int, device: str = "numpy") -> None:
     """Child: the select stage's phases on the stored sketch; print wall time and peak RSS per phase as JSON."""
     from skmm.select import make_selector
     from storage.artifacts import ArtifactStore
@@ -94,11 +99,17 @@ def measure(store_dir: str, ref_json: str, method: str, n: int, max_iter: int) -
     ids = phase("ids", lambda: sorted_ids(ref.num_rows))
     S = phase("read", lambda: read_vector_matrix(ArtifactStore(store_dir), ref, ids))
     params = {"max_iter": max_iter} if method in ("skmm", "skmm_best") else {}
+    if device != "numpy":
+        if method not in ("skmm", "skmm_v2"):
+            raise SystemExit(f"--devices other than numpy run skmm and skmm_v2 only; got method {method!r}")
+        params["device"] = device
     sel = phase("fit", lambda: make_selector(method, n, random_state=0, **params).fit(S))
     chosen = [s.decode() for s in ids[sel.indices_]]
     info = sel.selection_.info
     result.update({"sketch_mib": round(S.nbytes / 2**20, 1), "ids_mib": round(ids.nbytes / 2**20, 1),
-                   "selected": len(chosen), "chosen": info.get("chosen"), "steps": info.get("steps")})
+                   "selected": len(chosen), "chosen": info.get("chosen"), "steps": info.get("steps"),
+                   "device_used": info.get("device", "numpy"), "objective": info.get("objective"),
+                   "indices_sha256": hashlib.sha256(sel.indices_.tobytes()).hexdigest()})  # equal across devices?
     print(json.dumps(result))
 
 
@@ -122,7 +133,9 @@ def run_child(args: list[str], timeout: float) -> tuple[dict, float, float]:
         lines = [line for line in out.read().splitlines() if line.startswith("{")]
     wall = time.perf_counter() - start
     if proc.returncode != 0 or not lines:
-        return {"error": f"exit {proc.returncode} after {wall:.0f} s"}, wall, usage.ru_maxrss / 1024.0
+        timed_out = wall >= timeout
+        return ({"error": f"exit {proc.returncode} after {wall:.0f} s" + (" (timed out)" if timed_out else ""),
+                 "timed_out": timed_out}, wall, usage.ru_maxrss / 1024.0)
     return json.loads(lines[-1]), wall, usage.ru_maxrss / 1024.0
 
 
@@ -135,6 +148,8 @@ def main() -> None:
     parser.add_argument("--v2-budget", type=int, default=None,
                         help="budget for skmm_v2 (one pass over the sketch per row: costly at 10^7)")
     parser.add_argument("--max-iter", type=int, default=500)
+    parser.add_argument("--devices", default="numpy",
+                        help="comma-separated: numpy (the default path), cpu, cuda (skmm and skmm_v2 as torch ops)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
     parser.add_argument("--store", default=None, help="folder for the sketch tables (default: a temporary one)")
     sub = parser.add_subparsers(dest="child")
@@ -148,12 +163,13 @@ def main() -> None:
     q.add_argument("method")
     q.add_argument("n", type=int)
     q.add_argument("max_iter", type=int)
+    q.add_argument("device", nargs="?", default="numpy")
     args = parser.parse_args()
     if args.child:
         if args.child == "prepare":
             prepare(args.store_dir, args.N, args.m)
         else:
-            measure(args.store_dir, args.ref, args.method, args.n, args.max_iter)
+            measure(args.store_dir, args.ref, args.method, args.n, args.max_iter, args.device)
         sys.stdout.flush()
         os._exit(0)  # skip interpreter teardown: tearing down torch alone adds ~125 MiB to the process's peak
 
@@ -171,16 +187,22 @@ def main() -> None:
                 continue
             for method in args.methods.split(","):
                 n = args.v2_budget if method == "skmm_v2" and args.v2_budget else args.budget
-                got, wall, peak = run_child(["measure", store_dir, json.dumps(made["ref"]), method, str(n),
-                                             str(args.max_iter)], args.timeout)
-                run = {"N": N, "m": args.sketch_dim, "n": n, "method": method, "child_wall_s": round(wall, 1),
-                       "peak_rss_mib": round(peak, 1), **got}
-                print(json.dumps(run), flush=True)
-                runs = [r for r in runs if (r["N"], r["method"], r["n"]) != (N, method, n)] + [run]
+                for device in args.devices.split(",") if method in ("skmm", "skmm_v2") else ["numpy"]:
+                    got, wall, peak = run_child(["measure", store_dir, json.dumps(made["ref"]), method, str(n),
+                                                 str(args.max_iter), device], args.timeout)
+                    run = {"N": N, "m": args.sketch_dim, "n": n, "method": method, "device": device,
+                           "child_wall_s": round(wall, 1), "peak_rss_mib": round(peak, 1), **got}
+                    print(json.dumps(run), flush=True)
+                    runs = [r for r in runs if _key(r) != _key(run)] + [run]
     sys.path.insert(0, str(here))
     from _common import record
 
-    record("select_scale", {"runs": sorted(runs, key=lambda r: (r["N"], r["method"], r["n"]))})
+    record("select_scale", {"runs": sorted(runs, key=_key)})
+
+
+def _key(run: dict) -> tuple:
+    """A run's identity: pool size, method, budget and the device its solver ran on (older runs: numpy)."""
+    return run["N"], run["method"], run["n"], run.get("device", "numpy")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from skmm._validation import check_positive_int
+from skmm.select._torch_ops import device_label, greedy_on_device, resolve_device
 from skmm.select.adaptive import randomly_pivoted_rows
 from skmm.select.base import BaseSelector
 from skmm.select.moment_matching import gram, sketch_for_budget
@@ -76,7 +77,10 @@ class SkMMv2(BaseSelector):
     tr(Σ̃)/m; ``seed_rows``: rows seeded by randomly pivoted sampling (None: :func:`~skmm.select.spectrum.seed_count`
     — m when n >= m, else max(⌊n/2⌋, signal rank) — so with n < m the greedy step still chooses part of the
     budget); ``random_state``. Temperature 0 was chosen on validation pools (bench/tune_synthetic.py), the
-    spectral ridge and seeding rule on the validation half of bench/robustness.py.
+    spectral ridge and seeding rule on the validation half of bench/robustness.py. ``device``: where the seeding
+    and the greedy steps' passes over the sketch run — None (the default) numpy; "auto" CUDA when torch sees it,
+    else numpy; "cpu", "cuda" or "cuda:k" torch on that device, in float64 as the numpy path (equal to it but for
+    rounding in another order: skmm/select/_torch_ops.py). Recorded as ``info["device"]``.
     """
 
     method = "skmm_v2"
@@ -90,6 +94,7 @@ class SkMMv2(BaseSelector):
         ridge: float | str = "auto",
         seed_rows: int | None = None,
         random_state: int | None = 0,
+        device: str | None = None,
     ) -> None:
         super().__init__(n, random_state)
         self.sketch_dim = sketch_dim
@@ -97,11 +102,13 @@ class SkMMv2(BaseSelector):
         self.temperature = temperature
         self.ridge = ridge
         self.seed_rows = seed_rows
+        self.device = device
 
     def _select(self, X, y, rng):
         block = check_positive_int(self.block_size, "block_size")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
+        device = resolve_device(self.device)
         S, spec, auto = sketch_for_budget(X, self.sketch_dim, self.n, int(rng.integers(2**31)))
         N, m = S.shape
         sigma = gram(S, BLOCK_ROWS) / N  # Σ̃
@@ -119,6 +126,11 @@ class SkMMv2(BaseSelector):
             if isinstance(self.seed_rows, bool) or not isinstance(self.seed_rows, int) or self.seed_rows < 0:
                 raise ValueError(f"seed_rows must be None or an integer >= 0; got {self.seed_rows!r}")
             n_seed = min(self.seed_rows, self.n, m)
+        if device is not None:
+            order, seeded = greedy_on_device(S, sigma, eps, n_seed, self.n, block,
+                                             None if self.temperature == 0 else self._pick, rng, device)
+            return np.array(order), None, None, {"sketch": spec, "seeded": seeded, "ridge": eps, "signal_rank": rank,
+                                                 "auto_sketch": auto, "device": device_label(device)}
         seeds, _ = randomly_pivoted_rows(S, n_seed, rng, block_rows=BLOCK_ROWS) if n_seed else ([], None)
         chosen = np.zeros(N, dtype=bool)
         chosen[seeds] = True
@@ -145,7 +157,7 @@ class SkMMv2(BaseSelector):
                 chosen[p] = True
                 order.append(int(p))
         return np.array(order), None, None, {"sketch": spec, "seeded": len(seeds), "ridge": eps,
-                                             "signal_rank": rank, "auto_sketch": auto}
+                                             "signal_rank": rank, "auto_sketch": auto, "device": "numpy"}
 
     def _pick(self, score: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         valid = np.flatnonzero(np.isfinite(score))

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from skmm._validation import check_positive_int
+from skmm.select._torch_ops import device_label, fista_on_device, pivoted_rows_on_device, resolve_device
 from skmm.select.adaptive import randomly_pivoted_rows
 from skmm.select.base import BaseSelector, discretize
 from skmm.select.projection import project_capped_simplex
@@ -96,6 +97,7 @@ def moment_matching_weights(
     init: np.ndarray | None = None,
     dtype: Any = np.float32,
     ridge: float | None = None,
+    device: Any = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Solve the convex moment-matching problem on a sketch S (N × m); return (w, info).
 
@@ -105,6 +107,9 @@ def moment_matching_weights(
     below ε (the sketch's noise) count little. Without it the objective is dominated by the largest λ_j, and
     small clusters are left uncovered (bench/README.md, "SkMM off its tuning pool").
 
+    ``device`` (a ``torch.device``; None: numpy): build P and run the solver there as torch ops — the same steps
+    and dtypes, equal to the numpy result to rounding (where it can differ: skmm/select/_torch_ops.py).
+
     ``info`` records the objective of the returned (best) iterate, its relative value f/‖λ/c_S‖², the steps
     taken, the eigenvalues λ and ``strata``: per row, the eigen-direction it covers most (relative to λ).
     """
@@ -112,19 +117,27 @@ def moment_matching_weights(
     if not 0 < c_s <= 1:
         raise ValueError(f"c_s must lie in (0, 1] (coverage γ >= 1/c_s); got {c_s}")
     lam, V = _eigen_moments(S)
-    P = np.empty((N, m), dtype=dtype)
-    strata = np.empty(N, dtype=np.int64)
     rel = np.where(lam > 0, 1.0 / np.where(lam > 0, lam, 1.0), 0.0)
-    for lo in range(0, N, 65536):
-        H = S[lo:lo + 65536].astype(np.float64) @ V
-        P[lo:lo + 65536] = H * H
-        strata[lo:lo + 65536] = np.argmax(H * H * rel, axis=1)  # the direction each row covers most
     target = lam / c_s
+    scale_j = None
     if ridge is not None:
         if not ridge >= 0:
             raise ValueError(f"ridge must be >= 0; got {ridge}")
         scale_j = 1.0 / np.maximum(lam + ridge, 1e-300)
         target = target * scale_j
+    scale = float(target @ target) or 1.0
+    if device is not None:  # the same steps as torch ops on the device (skmm/select/_torch_ops.py)
+        best_w, best_f, steps, strata = fista_on_device(S, n, V, rel, target, scale_j, init, max_iter, tol, dtype,
+                                                        device)
+        return best_w, {"objective": best_f, "relative_objective": best_f / scale, "steps": steps,
+                        "eigenvalues": lam.tolist(), "strata": strata}
+    P = np.empty((N, m), dtype=dtype)
+    strata = np.empty(N, dtype=np.int64)
+    for lo in range(0, N, 65536):
+        H = S[lo:lo + 65536].astype(np.float64) @ V
+        P[lo:lo + 65536] = H * H
+        strata[lo:lo + 65536] = np.argmax(H * H * rel, axis=1)  # the direction each row covers most
+    if scale_j is not None:
         for lo in range(0, N, 65536):
             P[lo:lo + 65536] *= scale_j.astype(dtype)
     cap = 1.0 / n
@@ -150,7 +163,6 @@ def moment_matching_weights(
     f = objective(d_w)
     best_w, best_f, steps = w, f, 0
     z, d_z, t = w, d_w, 1.0
-    scale = float(target @ target) or 1.0
     for step in range(1, max_iter + 1):
         if best_f <= tol * scale:
             break
@@ -187,7 +199,9 @@ class SkMM(BaseSelector):
     proportion to its share of the pool, so discretising it alone drops the small clusters (the collapse of
     bench/README.md, "SkMM off its tuning pool"); "none": the paper's discretisation of w alone. ``per_class``
     never seeds (the class quotas fix the whole budget). ``random_state`` seeds the sketch, the initial
-    n-subset and the sampling.
+    n-subset and the sampling. ``device``: where the moment-matching solver and the pivoted seeding run — None
+    (the default) numpy; "auto" CUDA when torch sees it, else numpy; "cpu", "cuda" or "cuda:k" torch on that
+    device (equal to the numpy weights to rounding; see skmm/select/_torch_ops.py). Recorded as ``info["device"]``.
     """
 
     method = "skmm"
@@ -201,6 +215,7 @@ class SkMM(BaseSelector):
         discretization: str = "systematic",
         seeding: str = "pivoted",
         random_state: int | None = 0,
+        device: str | None = None,
     ) -> None:
         super().__init__(n, random_state)
         self.sketch_dim = sketch_dim
@@ -208,6 +223,7 @@ class SkMM(BaseSelector):
         self.max_iter = max_iter
         self.discretization = discretization
         self.seeding = seeding
+        self.device = device
 
     @property
     def needs_labels(self) -> bool:  # type: ignore[override]
@@ -219,12 +235,13 @@ class SkMM(BaseSelector):
                              "'systematic' or 'per_class'")
         if self.seeding not in ("pivoted", "none"):
             raise ValueError(f"seeding must be 'pivoted' or 'none'; got {self.seeding!r}")
+        device = resolve_device(self.device)
         seed = int(rng.integers(2**31))
         S, spec, auto = sketch_for_budget(X, self.sketch_dim, self.n, seed)
         init = np.zeros(X.shape[0])
         init[rng.choice(X.shape[0], self.n, replace=False)] = 1.0 / self.n
         w, info = moment_matching_weights(S, self.n, self.c_s, check_positive_int(self.max_iter, "max_iter"),
-                                          init=init)
+                                          init=init, device=device)
         strata = info.pop("strata")
         lam = np.asarray(info["eigenvalues"])
         n_seed = 0
@@ -233,7 +250,10 @@ class SkMM(BaseSelector):
         if n_seed == 0:
             idx = discretize(w, self.n, self.discretization, rng, y, strata=strata)
         else:
-            seeds, _ = randomly_pivoted_rows(S, n_seed, rng, block_rows=65536)
+            if device is None:
+                seeds, _ = randomly_pivoted_rows(S, n_seed, rng, block_rows=65536)
+            else:
+                seeds = pivoted_rows_on_device(S, n_seed, rng, device)
             idx = np.asarray(seeds, dtype=np.int64)
             if n_seed < self.n:  # the rest of the budget by moment matching, over the rows not seeded
                 rest = self.n - n_seed
@@ -247,5 +267,6 @@ class SkMM(BaseSelector):
         info["seeded"] = n_seed
         info["sketch"] = spec
         info["auto_sketch"] = auto
+        info["device"] = device_label(device)
         weights = w[idx] / w[idx].sum() if w[idx].sum() > 0 else None
         return idx, weights, w, info
