@@ -22,56 +22,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.artifacts import ArtifactRef, ArtifactStore, _translate
-from storage.datasets import DatasetRef, ShardRef, load_manifest
-from storage.errors import ArtifactCorruptedError, MalformedRecordError, StorageError
+from storage.datasets import DatasetRef, load_manifest
+from storage.errors import MalformedRecordError, StorageError
 from storage.index import LineageIndex
+from storage.sample_reader import _object_path, shard_rows
 
 __all__ = ["AUDIT_COLUMNS", "dataset_rows", "model_page", "models_of_sample", "samples_of_model", "sketch_producer"]
 
 #: The dataset columns an audit answer carries (besides sample_id).
 AUDIT_COLUMNS = ("source_uri", "label", "split")
 Warn = Callable[[str], None]
-
-
-def _object_path(store: ArtifactStore, ref: ArtifactRef) -> str:
-    return store._path(store._rel_from_uri(ref.uri))
-
-
-def _shard_rows(store: ArtifactStore, shard: ShardRef, wanted: pa.Array, columns: Sequence[str]) -> pa.Table:
-    """The rows of one shard whose sample_id is in ``wanted`` (a sorted, unique string array), only ``columns``."""
-    what = f"dataset shard {shard.artifact.uri}"
-    path = _object_path(store, shard.artifact)
-    try:
-        size = store.fs.size(path)
-    except Exception as exc:
-        raise _translate(exc, what) from None
-    if size != shard.artifact.size:
-        raise ArtifactCorruptedError(f"{what} is corrupted: {size} bytes, the manifest says {shard.artifact.size}")
-    parts = []
-    try:
-        # no read-ahead cache: each read is one exact range (a 50 MB default block would fetch image bytes too)
-        with store.fs.open(path, "rb", cache_type="none") as fh:
-            parquet = pq.ParquetFile(fh)
-            missing = {"sample_id", *columns} - set(parquet.schema_arrow.names)
-            if missing or parquet.metadata.num_rows != shard.num_rows:
-                raise MalformedRecordError(f"{what} does not hold {shard.num_rows} sample rows with columns "
-                                           f"sample_id, {', '.join(columns)}")
-            id_col = parquet.schema_arrow.get_field_index("sample_id")
-            for i in range(parquet.num_row_groups):
-                stats = parquet.metadata.row_group(i).column(id_col).statistics
-                if stats is not None and stats.has_min_max:  # skip row groups whose id range holds no wanted id
-                    lo = pc.sum(pc.less(wanted, str(stats.min))).as_py() or 0
-                    hi = pc.sum(pc.less_equal(wanted, str(stats.max))).as_py() or 0
-                    if hi <= lo:
-                        continue
-                group = parquet.read_row_group(i, columns=["sample_id", *columns], use_threads=False)
-                parts.append(group.filter(pc.is_in(group.column("sample_id"), value_set=wanted)))
-    except StorageError:
-        raise
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        raise MalformedRecordError(f"{what} cannot be read: {type(exc).__name__}: {exc}") from None
-    schema = pa.schema([pa.field("sample_id", pa.string()), *(pa.field(c, pa.string()) for c in columns)])
-    return pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
 
 
 def dataset_rows(store: ArtifactStore, dataset: DatasetRef, sample_ids: Sequence[str] | pa.Array,
@@ -88,7 +48,7 @@ def dataset_rows(store: ArtifactStore, dataset: DatasetRef, sample_ids: Sequence
     wanted = wanted.filter(pc.is_valid(wanted))
     wanted = wanted.take(pc.sort_indices(wanted))
     manifest = load_manifest(store, dataset)
-    parts = [_shard_rows(store, shard, wanted, columns) for shard in manifest.shards] if len(wanted) else []
+    parts = [shard_rows(store, shard, wanted, columns) for shard in manifest.shards] if len(wanted) else []
     schema = pa.schema([pa.field("sample_id", pa.string()), *(pa.field(c, pa.string()) for c in columns)])
     return pa.concat_tables(parts) if parts else schema.empty_table()
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 
 from skmm.finetune import LastLayersFinetuner, LinearProbe
 from skmm.gradients import normalize_features
 from storage.artifacts import ArtifactRef
-from storage.datasets import DatasetRef, VectorTableRef, read_samples, read_vectors
+from storage.datasets import DatasetRef, VectorTableRef, read_vectors
+from storage.sample_reader import iter_metadata, read_images
 from storage.selections import read_selection
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
@@ -65,18 +68,32 @@ def linear_probe(embeddings: dict, dataset: dict, selection: dict, store: dict,
 
 
 def _selected_images(st: Any, ds: DatasetRef, chosen: list[str]) -> tuple[list[bytes], list[str], list, list, list]:
-    table = read_samples(st, ds, columns=["sample_id", "data", "label", "split"])
-    rows = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
-    splits, labels, data = (table.column(c).to_pylist() for c in ("split", "label", "data"))
-    missing = [s for s in chosen if s not in rows or splits[rows[s]] != "train"]
+    """The chosen samples' images and labels, the val split's, and the dataset's classes.
+
+    Metadata first (ids, labels, splits: no image bytes, verified by the dataset version), then the images of the
+    chosen and val samples only (each verified by its id): never the whole pool in memory."""
+    wanted = pa.array(chosen, pa.string())
+    picked, val, classes = [], [], set()
+    for part in iter_metadata(st, ds):
+        classes.update(pc.unique(part.column("label").drop_null()).to_pylist())
+        picked.append(part.filter(pc.and_(pc.is_in(part.column("sample_id"), value_set=wanted),
+                                          pc.equal(part.column("split"), "train"))))
+        val.append(part.filter(pc.equal(part.column("split"), "val")))
+    label_of = dict(zip(*(pa.concat_tables(picked).column(c).to_pylist() for c in ("sample_id", "label")),
+                        strict=True))
+    missing = [s for s in chosen if s not in label_of]
     if missing:
         raise ValueError(f"{len(missing)} selected samples are not in the dataset's train split (first {missing[0]})")
-    images, ys = [data[rows[s]] for s in chosen], [labels[rows[s]] for s in chosen]
+    ys = [label_of[s] for s in chosen]
     if any(y is None for y in ys):
         raise ValueError("selected samples have no label: finetuning needs labels for the coreset")
-    val = [i for i, s in enumerate(splits) if s == "val"]
-    classes = sorted({label for label in labels if label is not None})
-    return images, ys, [data[i] for i in val], [labels[i] for i in val], classes
+    val_table = pa.concat_tables(val)
+    val_ids = val_table.column("sample_id")
+    found = read_images(st, ds, pa.concat_arrays([wanted, val_ids.combine_chunks()]))
+    data_of = dict(zip(found.column("sample_id").to_pylist(), found.column("data").to_pylist(), strict=True))
+    images = [data_of[s] for s in chosen]
+    val_images = [data_of[s] for s in val_ids.to_pylist()]
+    return images, ys, val_images, val_table.column("label").to_pylist(), sorted(classes)
 
 
 def run_finetune_last_layers(dataset: dict, selection: dict, store: dict, model: dict[str, Any], k: int = 1,

@@ -25,11 +25,11 @@ from storage.datasets import (
     VectorTableRef,
     combine_vectors,
     load_manifest,
-    read_samples,
     read_shard,
     read_vectors,
     write_vectors,
 )
+from storage.sample_reader import iter_metadata, read_images, read_metadata
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
 from tasks.store import open_store
@@ -42,10 +42,16 @@ MODES = ("lp", "ft")
 
 
 def split_columns(store: Any, dataset: DatasetRef, split: str, columns: list[str]) -> dict[str, list]:
-    """``columns`` of the rows of one split, as lists, in the dataset's (sorted) order."""
-    table = read_samples(store, dataset, columns=sorted({*columns, "split"}))
-    rows = table.filter(pc.equal(table.column("split"), split))
-    return {c: rows.column(c).to_pylist() for c in columns}
+    """``columns`` of the rows of one split, as lists, in the dataset's (sorted) order.
+
+    The ids, labels and splits are read without the image bytes (verified by the dataset version); with ``data``
+    among ``columns``, only the split's images are read then (each verified by its id)."""
+    meta = read_metadata(store, dataset, sorted({"sample_id", *columns} - {"data"}), split=split)
+    out = {c: meta.column(c).to_pylist() for c in columns if c != "data"}
+    if "data" in columns:
+        images = read_images(store, dataset, meta.column("sample_id"))
+        out["data"] = images.column("data").to_pylist()  # both in sample-id order, one row per id
+    return out
 
 
 def pool_ids(store: Any, dataset: DatasetRef, split: str = "train") -> tuple[list[str], list[str | None]]:
@@ -61,8 +67,10 @@ def clip_spec(model: dict[str, Any]) -> ClipSpec:
 
 def dataset_num_classes(store: Any, dataset: DatasetRef) -> int:
     """The number of distinct labels of the dataset (the FT head's width), read from the label column."""
-    labels = read_samples(store, dataset, columns=["label"]).column("label")
-    return max(len(pc.unique(labels.drop_null())), 2)
+    classes: set[str] = set()
+    for part in iter_metadata(store, dataset, ["label"]):
+        classes.update(pc.unique(part.column("label").drop_null()).to_pylist())
+    return max(len(classes), 2)
 
 
 def run_ft_sketch_shard(shard: dict, store: dict, model: dict[str, Any], num_classes: int, sketch_dim: int,

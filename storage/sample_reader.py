@@ -1,0 +1,276 @@
+"""Partial, verified reads of a dataset's shards: the metadata without the image bytes, the images of a few ids.
+
+A dataset shard (see :mod:`storage.datasets`) holds every sample's bytes beside its id, label and split; at 10^7
+images the shards are terabytes. :func:`~storage.datasets.read_shard` fetches and hashes a whole shard — right for
+the stages that need every image of it (embed, FT sketch), wasteful for those that need only ids and labels, or a
+few images. This module reads only the columns and row groups it needs, and still verifies what it returns:
+
+- :func:`iter_metadata` / :func:`read_metadata`: sample_id / label / split (never ``data``) of every row, shard by
+  shard. A partial read cannot check a shard's sha256, so the **dataset version** is recomputed while the rows
+  stream past (the same encoding as :func:`~storage.datasets.dataset_version`, vectorised per shard) and compared
+  with the verified manifest's: a changed id, label or split, a row out of order or a dropped row raises
+  ArtifactCorruptedError naming the dataset.
+- :func:`read_images`: (sample_id, data) of the wanted ids only, from the row groups that hold one; each row is
+  verified by its id (a sample id *is* the sha256 of the sample's bytes).
+
+Every shard's object size is checked against the manifest's ref, and its row count and schema against the
+footer, before anything is decoded; files are opened without a read-ahead cache (``cache_type="none"``) so that a
+read of small columns never drags image bytes along. Works on any fsspec store (local, S3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.artifacts import ArtifactRef, ArtifactStore, _translate
+from storage.datasets import SAMPLE_SCHEMA, DatasetRef, ShardRef, load_manifest, sample_id, sample_id_array
+from storage.errors import ArtifactCorruptedError, MalformedRecordError, StorageError
+
+__all__ = ["METADATA_COLUMNS", "iter_metadata", "iter_shard", "read_images", "read_metadata", "shard_rows"]
+
+#: The columns a metadata read may return (everything but the sample bytes).
+METADATA_COLUMNS = ("sample_id", "source_uri", "label", "split")
+_VERSION_HEADER = b"skmm-dataset-version/1\n"  # storage.datasets.dataset_version's encoding (tested equal)
+_HEX = np.zeros(256, dtype=bool)
+_HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = True
+_IMAGE_BATCH_ROWS = 256  # rows decoded at a time from a row group's data column
+_STREAM_BUFFER = 2**20  # bytes per ranged read of a column chunk (no whole column chunk in memory)
+
+
+def _object_path(store: ArtifactStore, ref: ArtifactRef) -> str:
+    return store._path(store._rel_from_uri(ref.uri))
+
+
+def _what(shard: ShardRef) -> str:
+    return f"dataset shard {shard.artifact.uri}"
+
+
+def _footer(fh: Any, size: int) -> pq.FileMetaData:
+    """The Parquet footer, read as exactly its own bytes (pyarrow's default speculative 64 KiB tail read would
+    fetch the end of the last row group's image bytes too)."""
+    if size < 12:
+        raise ValueError(f"{size} bytes are too few for a Parquet file")
+    fh.seek(size - 8)
+    tail = fh.read(8)
+    length = int.from_bytes(tail[:4], "little")
+    if tail[4:] != b"PAR1" or length > size - 12:
+        raise ValueError("no Parquet footer at the end of the file")
+    fh.seek(size - 8 - length)
+    footer = fh.read(length)
+    return pq.read_metadata(pa.BufferReader(b"PAR1" + footer + tail))
+
+
+@contextmanager
+def _open_shard(store: ArtifactStore, shard: ShardRef, columns: Sequence[str]) -> Iterator[pq.ParquetFile]:
+    """The shard as a ParquetFile after checking its size (against the manifest) and its footer (row count,
+    columns and their types); no read-ahead cache, ranged reads of at most ``_STREAM_BUFFER`` bytes."""
+    what = _what(shard)
+    path = _object_path(store, shard.artifact)
+    try:
+        size = store.fs.size(path)
+    except Exception as exc:
+        raise _translate(exc, what) from None
+    if size != shard.artifact.size:
+        raise ArtifactCorruptedError(f"{what} is corrupted: {size} bytes, the manifest says {shard.artifact.size}")
+    try:
+        # no read-ahead cache: each read is one exact range (a 50 MB default block would fetch image bytes too)
+        with store.fs.open(path, "rb", cache_type="none") as fh:
+            parquet = pq.ParquetFile(fh, metadata=_footer(fh, size), buffer_size=_STREAM_BUFFER, pre_buffer=False)
+            schema = parquet.schema_arrow
+            bad = [c for c in {"sample_id", *columns}
+                   if c not in schema.names or c not in SAMPLE_SCHEMA.names
+                   or schema.field(c).type != SAMPLE_SCHEMA.field(c).type]
+            if bad or parquet.metadata.num_rows != shard.num_rows:
+                raise MalformedRecordError(f"{what} does not hold {shard.num_rows} sample rows with columns "
+                                           f"{', '.join(sorted({'sample_id', *columns}))}")
+            yield parquet
+    except StorageError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise MalformedRecordError(f"{what} cannot be read: {type(exc).__name__}: {exc}") from None
+
+
+def _row_groups(parquet: pq.ParquetFile, wanted: pa.Array | None) -> list[int]:
+    """Row groups whose sample-id range (footer statistics) may hold a wanted id; all of them without ``wanted``."""
+    groups = list(range(parquet.num_row_groups))
+    if wanted is None:
+        return groups
+    id_col = parquet.schema_arrow.get_field_index("sample_id")
+    keep = []
+    for i in groups:
+        stats = parquet.metadata.row_group(i).column(id_col).statistics
+        if stats is not None and stats.has_min_max:
+            lo = pc.sum(pc.less(wanted, str(stats.min))).as_py() or 0
+            hi = pc.sum(pc.less_equal(wanted, str(stats.max))).as_py() or 0
+            if hi <= lo:
+                continue
+        keep.append(i)
+    return keep
+
+
+def iter_shard(store: ArtifactStore, shard: ShardRef, columns: Sequence[str], wanted: pa.Array | None = None,
+               batch_rows: int | None = None) -> Iterator[pa.Table]:
+    """sample_id and ``columns`` of one shard, row group by row group (or ``batch_rows`` at a time), in order.
+
+    ``wanted`` (a sorted, unique string array): only its rows, and only the row groups whose id range holds one
+    are read — with ``data`` among the columns, a row group's ids are read first and its bytes only when one of
+    them is wanted. Nothing is verified but the shard's size, row count and schema (see the module docstring)."""
+    columns = [c for c in columns if c != "sample_id"]
+    names = ["sample_id", *columns]
+    with _open_shard(store, shard, columns) as parquet:
+        for i in _row_groups(parquet, wanted):
+            if wanted is not None and "data" in columns:
+                ids = parquet.read_row_group(i, columns=["sample_id"], use_threads=False).column("sample_id")
+                if not pc.any(pc.is_in(ids, value_set=wanted)).as_py():
+                    continue
+            if batch_rows is None:
+                parts = [parquet.read_row_group(i, columns=names, use_threads=False)]
+            else:
+                parts = (pa.Table.from_batches([b]) for b in
+                         parquet.iter_batches(batch_rows, row_groups=[i], columns=names, use_threads=False))
+            for part in parts:
+                if wanted is not None:
+                    part = part.filter(pc.is_in(part.column("sample_id"), value_set=wanted))
+                if part.num_rows or wanted is None:
+                    yield part
+
+
+def shard_rows(store: ArtifactStore, shard: ShardRef, wanted: pa.Array, columns: Sequence[str]) -> pa.Table:
+    """The rows of one shard whose sample_id is in ``wanted`` (a sorted, unique string array), only sample_id and
+    ``columns``, as strings (the auditor's read: never the sample bytes)."""
+    schema = pa.schema([pa.field("sample_id", pa.string()), *(pa.field(c, pa.string()) for c in columns)])
+    parts = [p.cast(schema) for p in iter_shard(store, shard, columns, wanted)]
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+def _json_values(values: pa.Array) -> pa.Array:
+    """Each value's ``json.dumps(..., ensure_ascii=True)`` (``null`` for null); every distinct value encoded once."""
+    encoded = pc.dictionary_encode(values)
+    texts = pa.array([json.dumps(v, ensure_ascii=True) for v in encoded.dictionary.to_pylist()], pa.string())
+    return pc.fill_null(texts.take(encoded.indices), "null")
+
+
+class _VersionCheck:
+    """Recomputes :func:`~storage.datasets.dataset_version` over rows streamed in sample-id order."""
+
+    def __init__(self, dataset: DatasetRef) -> None:
+        self.dataset = dataset
+        self.hash = hashlib.sha256(_VERSION_HEADER)
+        self.last = b""
+        self.rows = 0
+
+    def fail(self, problem: str) -> ArtifactCorruptedError:
+        return ArtifactCorruptedError(f"dataset {self.dataset.manifest.uri} (version {self.dataset.version[:12]}…) "
+                                      f"is corrupted: {problem}")
+
+    def update(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        ids = table.column("sample_id").combine_chunks()
+        try:
+            fixed = sample_id_array(ids)
+        except ValueError:
+            raise self.fail("a shard holds a sample id that is not 64 hex digits") from None
+        if not _HEX[fixed.view(np.uint8)].all():
+            raise self.fail("a shard holds a sample id that is not 64 lowercase hex digits")
+        if fixed[0] <= self.last or not np.all(fixed[1:] > fixed[:-1]):
+            raise self.fail("its rows are not in strictly ascending sample-id order")
+        self.last = bytes(fixed[-1])
+        # one line per row, exactly dataset_version's: ["<id>",<label json>,<split json>]\n (ids are plain hex)
+        labels = _json_values(table.column("label").combine_chunks())
+        splits = _json_values(table.column("split").combine_chunks())
+        lines = pc.binary_join_element_wise('["', ids, '",', labels, ",", splits, "]\n", "")
+        offsets = np.frombuffer(lines.buffers()[1], np.int32, count=len(lines) + 1, offset=lines.offset * 4)
+        self.hash.update(memoryview(lines.buffers()[2])[int(offsets[0]):int(offsets[-1])])
+        self.rows += table.num_rows
+
+    def finish(self) -> None:
+        if self.rows != self.dataset.num_rows:
+            raise self.fail(f"its shards hold {self.rows} rows, the manifest says {self.dataset.num_rows}")
+        if self.hash.hexdigest() != self.dataset.version:
+            raise self.fail(f"its rows' ids, labels and splits hash to version {self.hash.hexdigest()[:12]}…, "
+                            "not the manifest's")
+
+
+def _metadata_columns(columns: Sequence[str]) -> list[str]:
+    columns = list(columns)
+    if "data" in columns:
+        raise ValueError("a metadata read never returns the sample bytes: use read_images for 'data'")
+    unknown = set(columns) - set(METADATA_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown sample column(s) {sorted(unknown)}; expected some of {list(METADATA_COLUMNS)}")
+    return columns
+
+
+def iter_metadata(store: ArtifactStore, dataset: DatasetRef, columns: Sequence[str] = ("sample_id", "label", "split"),
+                  split: str | None = None) -> Iterator[pa.Table]:
+    """``columns`` of every row (of ``split`` only, if given), one table per shard, in sample-id order; never the
+    sample bytes.
+
+    Verified as it streams: once the last shard is read, ArtifactCorruptedError is raised unless the rows' dataset
+    version equals the manifest's (act on the yielded rows only after the iteration ended)."""
+    columns = _metadata_columns(columns)
+    read = sorted({"sample_id", "label", "split", *columns}, key=list(METADATA_COLUMNS).index)
+    check = _VersionCheck(dataset)
+    for shard in load_manifest(store, dataset).shards:
+        parts = list(iter_shard(store, shard, read[1:]))
+        table = pa.concat_tables(parts) if parts else SAMPLE_SCHEMA.empty_table().select(read)
+        if table.num_rows != shard.num_rows:
+            raise check.fail(f"{_what(shard)} yields {table.num_rows} rows, the manifest says {shard.num_rows}")
+        check.update(table)
+        if split is not None:
+            table = table.filter(pc.equal(table.column("split"), split))
+        yield table.select(columns)
+    check.finish()
+
+
+def read_metadata(store: ArtifactStore, dataset: DatasetRef, columns: Sequence[str] = ("sample_id", "label", "split"),
+                  split: str | None = None) -> pa.Table:
+    """``columns`` of every row (of ``split`` only, if given) as one table in sample-id order, after verifying the
+    whole dataset's version (see :func:`iter_metadata`); memory: the returned rows plus one shard's metadata."""
+    columns = _metadata_columns(columns)
+    parts = list(iter_metadata(store, dataset, columns, split))
+    return pa.concat_tables(parts) if parts else SAMPLE_SCHEMA.empty_table().select(columns)
+
+
+# ---------------------------------------------------------------------------------------------- images
+def read_images(store: ArtifactStore, dataset: DatasetRef, sample_ids: Sequence[str] | pa.Array) -> pa.Table:
+    """(sample_id, data) of the wanted samples, in sample-id order (duplicates collapse), each verified.
+
+    Reads only the sample_id and data columns of the row groups that hold a wanted id, ``_IMAGE_BATCH_ROWS`` rows
+    at a time: memory O(wanted bytes + one batch + one column-chunk read buffer). A row whose bytes do not hash to
+    its id raises ArtifactCorruptedError naming it; wanted ids the dataset lacks raise ValueError naming the first;
+    a wanted sample stored without bytes (only its source_uri) raises ValueError naming it."""
+    wanted = pc.unique(sample_ids.cast(pa.string()) if isinstance(sample_ids, pa.Array | pa.ChunkedArray)
+                       else pa.array(list(sample_ids), pa.string()))
+    wanted = wanted.filter(pc.is_valid(wanted))
+    wanted = wanted.take(pc.sort_indices(wanted))
+    schema = pa.schema([pa.field("sample_id", pa.string()), pa.field("data", pa.binary())])
+    parts: list[pa.Table] = []
+    if len(wanted):
+        for shard in load_manifest(store, dataset).shards:
+            for part in iter_shard(store, shard, ["data"], wanted, batch_rows=_IMAGE_BATCH_ROWS):
+                for sid, data in zip(part.column("sample_id").to_pylist(), part.column("data").to_pylist(),
+                                     strict=True):
+                    if data is None:
+                        raise ValueError(f"sample {sid} has no stored bytes (only its source_uri) in {_what(shard)}")
+                    if sample_id(data) != sid:
+                        raise ArtifactCorruptedError(f"{_what(shard)} is corrupted: the bytes of sample {sid} hash "
+                                                     f"to {sample_id(data)}")
+                parts.append(part.cast(schema))
+    found = pa.concat_tables(parts) if parts else schema.empty_table()
+    if found.num_rows != len(wanted):
+        missing = wanted.filter(pc.invert(pc.is_in(wanted, value_set=found.column("sample_id"))))
+        raise ValueError(f"{len(missing)} wanted samples are not in dataset {dataset.manifest.uri} "
+                         f"(first {missing[0].as_py()})")
+    return found

@@ -1,0 +1,251 @@
+"""Partial reads of a dataset: metadata without the image bytes (verified by the dataset version), and the images
+of a few ids (verified by their ids); the callers in tasks read through them."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
+
+from storage import datasets
+from storage.artifacts import ArtifactStore
+from storage.datasets import (
+    _PARQUET_OPTIONS,
+    SAMPLE_SCHEMA,
+    dataset_version,
+    load_manifest,
+    read_samples,
+    sample_id,
+    write_samples,
+)
+from storage.errors import ArtifactCorruptedError
+from storage.sample_reader import _VersionCheck, iter_metadata, read_images, read_metadata
+from tasks.finetune import _selected_images
+from tasks.select import train_split
+from tasks.sketch import dataset_num_classes, pool_ids, split_columns
+
+TRICKY = ['say "cheese"', "a,b", "", "naïve ☃ 🐍", "two\nlines", "back\\slash", "\u2028", "nul\x00", "1", None]
+SPLITS = ("train", "val", "test", None, "train")
+
+
+def _records(n: int, size: int = 3000) -> list[dict]:
+    return [{"data": random.Random(i).randbytes(size), "source_uri": f"file:///pool/img{i}.jpg",
+             "label": TRICKY[i % len(TRICKY)], "split": SPLITS[i % len(SPLITS)]} for i in range(n)]
+
+
+def _path(shard) -> pathlib.Path:
+    return pathlib.Path(shard.artifact.uri.removeprefix("file://"))
+
+
+def test_version_is_dataset_version_byte_for_byte(tmp_path):
+    """The vectorised per-shard hash equals dataset_version on labels that need JSON escaping, and null ones."""
+    store = ArtifactStore(tmp_path / "store")
+    ref = write_samples(store, _records(47), shard_rows=9)
+    rows = read_samples(store, ref, columns=["sample_id", "label", "split"])
+    check = _VersionCheck(ref)
+    for start in range(0, rows.num_rows, 9):
+        check.update(rows.slice(start, 9))
+    expected = dataset_version(zip(*(rows.column(c).to_pylist() for c in ("sample_id", "label", "split")),
+                                   strict=True))
+    assert check.hash.hexdigest() == expected == ref.version
+    check.finish()
+    # one row per call, a whole table at once: the same bytes
+    single = _VersionCheck(ref)
+    for i in range(rows.num_rows):
+        single.update(rows.slice(i, 1))
+    whole = _VersionCheck(ref)
+    whole.update(rows)
+    assert single.hash.hexdigest() == whole.hash.hexdigest() == expected
+
+
+def test_metadata_equals_the_full_read(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    ref = write_samples(store, _records(23), shard_rows=5)
+    full = read_samples(store, ref, columns=["sample_id", "source_uri", "label", "split"])
+    assert read_metadata(store, ref).equals(full.select(["sample_id", "label", "split"]))
+    assert read_metadata(store, ref, ["source_uri", "sample_id"]).to_pylist() == \
+        full.select(["source_uri", "sample_id"]).to_pylist()
+    val = read_metadata(store, ref, ["sample_id", "label"], split="val")
+    assert val.to_pylist() == [{"sample_id": r["sample_id"], "label": r["label"]} for r in full.to_pylist()
+                               if r["split"] == "val"]
+    assert sum(t.num_rows for t in iter_metadata(store, ref, ["sample_id"])) == 23
+    with pytest.raises(ValueError, match="read_images"):
+        read_metadata(store, ref, ["sample_id", "data"])
+
+
+def _forget_memoised_shards() -> None:
+    """Empty read_shard's per-process memo, so that the next whole-shard read goes to the store."""
+    with datasets._SHARD_LOCK:
+        datasets._SHARD_CACHE.clear()
+
+
+def _flip_image(store: ArtifactStore, ref, data: bytes) -> None:
+    """Flip bytes inside one image's stored bytes (random bytes: zstd keeps them verbatim), keeping the size."""
+    for shard in load_manifest(store, ref).shards:
+        raw = bytearray(_path(shard).read_bytes())
+        at = raw.find(data[1000:1064])
+        if at >= 0:
+            for pos in range(at, at + 64):
+                raw[pos] ^= 0xFF
+            _path(shard).write_bytes(bytes(raw))
+            return
+    raise AssertionError("image bytes not found verbatim in any shard")
+
+
+def test_metadata_readers_never_touch_the_image_bytes(tmp_path):
+    """A damaged image fails the full shard read; select's, sketch's and evaluate's metadata reads still succeed
+    (and give what they gave before), and only a read of that very image fails."""
+    store = ArtifactStore(tmp_path / "store")
+    records = _records(30)
+    ref = write_samples(store, records, shard_rows=8)
+    before = (train_split(store, ref), pool_ids(store, ref, "val"), split_columns(store, ref, "test", ["label"]),
+              dataset_num_classes(store, ref))
+    victim = next(r for r in records if r["split"] == "train")
+    _flip_image(store, ref, victim["data"])
+    _forget_memoised_shards()
+    with pytest.raises(ArtifactCorruptedError):
+        read_samples(store, ref)
+    _forget_memoised_shards()
+    ids, labels = train_split(store, ref)
+    assert (ids == before[0][0]).all() and labels.equals(before[0][1])
+    assert pool_ids(store, ref, "val") == before[1]
+    assert split_columns(store, ref, "test", ["label"]) == before[2]
+    assert dataset_num_classes(store, ref) == before[3]
+    others = [sample_id(r["data"]) for r in records if r is not victim][:5]
+    got = read_images(store, ref, others)
+    assert {s: d for s, d in zip(*(got.column(c).to_pylist() for c in ("sample_id", "data")), strict=True)} == \
+        {sample_id(r["data"]): r["data"] for r in records if sample_id(r["data"]) in others}
+    with pytest.raises(ArtifactCorruptedError, match=f"bytes of sample {sample_id(victim['data'])}"):
+        read_images(store, ref, [*others, sample_id(victim["data"])])
+
+
+def _replant(shard, table: pa.Table) -> None:
+    """Write ``table`` as the shard's object file, padded (a key-value entry of the footer) to the manifest's size."""
+    target, pad = shard.artifact.size, 0
+    for _ in range(10):
+        sink = io.BytesIO()
+        with pq.ParquetWriter(sink, SAMPLE_SCHEMA, store_schema=False, **_PARQUET_OPTIONS) as writer:
+            writer.write_table(table.cast(SAMPLE_SCHEMA), row_group_size=shard.num_rows)
+            writer.add_key_value_metadata({"pad": "x" * pad})
+        raw = sink.getvalue()
+        if len(raw) == target:
+            _path(shard).write_bytes(raw)
+            return
+        pad += target - len(raw)
+        assert pad >= 0, "the tampered shard is larger than the original"
+    raise AssertionError(f"cannot pad the shard to {target} bytes (last {len(raw)})")
+
+
+@pytest.mark.parametrize("tamper", ["label", "split", "order"])
+def test_tampered_metadata_is_caught_by_the_version(tmp_path, tamper):
+    store = ArtifactStore(tmp_path / "store")
+    ref = write_samples(store, _records(24, size=2000), shard_rows=8)
+    shard = load_manifest(store, ref).shards[1]
+    table = pq.read_table(_path(shard))
+    if tamper == "label":
+        labels = table.column("label").to_pylist()
+        labels[3] = "1" if labels[3] != "1" else "2"
+        table = table.set_column(2, "label", pa.array(labels, pa.string()))
+    elif tamper == "split":
+        splits = table.column("split").to_pylist()
+        splits[2] = "train" if splits[2] != "train" else "val"
+        table = table.set_column(3, "split", pa.array(splits, pa.string()))
+    else:
+        table = table.take([1, 0, *range(2, 8)])
+    _replant(shard, table)
+    fresh = ArtifactStore(tmp_path / "store")
+    with pytest.raises(ArtifactCorruptedError, match=ref.manifest.uri):
+        read_metadata(fresh, ref)
+    with pytest.raises(ArtifactCorruptedError, match=ref.manifest.uri):
+        train_split(fresh, ref)
+    parts = []
+    with pytest.raises(ArtifactCorruptedError):  # the iterator: a changed row at its end, disorder at once
+        for part in iter_metadata(fresh, ref):
+            parts.append(part)
+    assert len(parts) == (1 if tamper == "order" else 3)
+
+
+def test_read_images_wants_every_id(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    records = _records(12)
+    ref = write_samples(store, records, shard_rows=5)
+    ids = sorted(sample_id(r["data"]) for r in records)
+    got = read_images(store, ref, [ids[7], ids[1], ids[7]])
+    assert got.column("sample_id").to_pylist() == [ids[1], ids[7]]
+    with pytest.raises(ValueError, match=f"1 wanted samples are not in dataset .* \\(first {'0' * 64}\\)"):
+        read_images(store, ref, [ids[2], "0" * 64])
+    assert read_images(store, ref, []).num_rows == 0
+
+
+# ---------------------------------------------------------------------------------------------- bytes read
+class _CountingOpener(LocalFileOpener):
+    def read(self, *args):
+        out = super().read(*args)
+        self.fs.bytes_read += len(out)
+        return out
+
+    def readinto(self, buf):
+        n = super().readinto(buf)
+        self.fs.bytes_read += n or 0
+        return n
+
+
+class CountingFileSystem(LocalFileSystem):
+    """The real local filesystem, counting the bytes read through the files it opens."""
+
+    cachable = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bytes_read = 0
+
+    def _open(self, path, mode="rb", block_size=None, **kwargs):
+        if "r" in mode:
+            return _CountingOpener(self._strip_protocol(path), mode, fs=self, **kwargs)
+        return super()._open(path, mode, block_size, **kwargs)
+
+
+def _counting_store(path: pathlib.Path) -> ArtifactStore:
+    store = ArtifactStore(path)
+    store.fs = CountingFileSystem()
+    return store
+
+
+def test_metadata_and_selected_images_read_a_fraction_of_the_bytes(tmp_path):
+    records = [{"data": random.Random(i).randbytes(40_000), "source_uri": f"file:///pool/{i}.jpg", "label": str(i % 3),
+                "split": "train"} for i in range(40)]
+    for i in (3, 5):
+        records[i]["split"] = "val"
+    ref = write_samples(ArtifactStore(tmp_path / "store"), records, shard_rows=10)
+    shards = load_manifest(ArtifactStore(tmp_path / "store"), ref).shards
+    total = sum(s.artifact.size for s in shards)
+
+    _forget_memoised_shards()
+    old = _counting_store(tmp_path / "store")
+    read_samples(old, ref, columns=["sample_id", "label", "split"])
+    assert old.fs.bytes_read >= total  # the whole-shard path: every byte of every shard
+
+    _forget_memoised_shards()
+    new = _counting_store(tmp_path / "store")
+    ids, _ = train_split(new, ref)
+    assert len(ids) == 38
+    assert new.fs.bytes_read < 0.03 * total, (new.fs.bytes_read, total)
+
+    # finetune: metadata, then the data column of the row groups holding a chosen or a val sample only
+    ordered = sorted(records, key=lambda r: sample_id(r["data"]))
+    val_shards = {i // 10 for i, r in enumerate(ordered) if r["split"] == "val"}
+    chosen_rows = [i for i, r in enumerate(ordered) if r["split"] == "train" and i // 10 in val_shards][:4]
+    chosen = [sample_id(ordered[i]["data"]) for i in chosen_rows]
+    _forget_memoised_shards()
+    ft = _counting_store(tmp_path / "store")
+    images, ys, val_images, _, classes = _selected_images(ft, ref, chosen)
+    assert images == [ordered[i]["data"] for i in chosen_rows] and ys == [ordered[i]["label"] for i in chosen_rows]
+    assert sorted(val_images) == sorted(r["data"] for r in records if r["split"] == "val")
+    assert classes == ["0", "1", "2"]
+    hit = sum(shards[s].artifact.size for s in val_shards)
+    assert ft.fs.bytes_read < hit + 0.03 * total < total, (ft.fs.bytes_read, hit, total)
