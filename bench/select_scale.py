@@ -14,8 +14,19 @@ the whole process, the parent's os.wait4 rusage of the child (which exits withou
 ``--devices`` runs SkMM (convex) and SkMMv2 on each listed device (``numpy``: the default path; ``cpu``/``cuda``:
 torch on that device, skmm/select/_torch_ops.py); each run records its device, and the runs key on it too.
 Results merge into $SKMM_BENCH_OUT/select_scale.json (default bench/out).
+
+``--auto``: the automatic sketch dimension (issue 8). The table is an N × AUTO_M_MAX (256) sketch, and each method
+runs with ``sketch_dim="auto"`` along two paths, each in its own process: ``old`` reads the whole N × 256 sketch
+(``read_vector_matrix``) and fits it (the library computes the moment, picks m and projects); ``new`` is what
+the stage does now: a ``moment`` child streams the table once into the stored 256 × 256 moment
+(tasks.sketch_moment: ``pool_moment``, written as an artifact), then the select child loads it, streams the table
+once more through the projection onto the m leading eigenvectors (``tasks.select.read_auto_sketch``) and fits the
+reduced sketch (``fit_on_reduced``). Both record the sha256 of the selected indices: they must be equal.
+``--paths new`` skips the old path (at 10^7 it holds the 9.5 GiB N × 256 array). Results merge into
+select_scale_auto.json.
 Run: .venv/bin/python bench/select_scale.py [--sizes 100000,1000000] [--methods skmm,skmm_v2,skmm_best]
      [--devices numpy,cuda]
+     .venv/bin/python bench/select_scale.py --auto --sizes 100000,1000000 --methods skmm --max-iter 50
 Tiny check of the command on the CPU: bench/select_scale.py --sizes 3000 --methods skmm --budget 100 --devices numpy,cpu
 """
 
@@ -113,6 +124,65 @@ def measure(store_dir: str, ref_json: str, method: str, n: int, max_iter: int, d
     print(json.dumps(result))
 
 
+def moment_child(store_dir: str, ref_json: str) -> None:
+    """Child (--auto): the sketch-moment stage's work on the stored sketch; print the moment's ref as JSON."""
+    from skmm.select.auto_sketch import moment_to_bytes
+    from storage.artifacts import ArtifactStore
+    from storage.datasets import VectorTableRef
+    from tasks.sketch_moment import pool_moment
+
+    ref = VectorTableRef.from_dict(json.loads(ref_json))
+    st = ArtifactStore(store_dir)
+    phases: dict[str, dict[str, float]] = {}
+    result = {"rss_after_imports_mib": round(peak_mib(), 1), "phases": phases}
+    start = time.perf_counter()
+    ids = sorted_ids(ref.num_rows)
+    phases["ids"] = {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak_mib(), 1)}
+    start = time.perf_counter()
+    sigma = pool_moment(st, ref, ids)
+    moment = st.put_bytes(moment_to_bytes(sigma, len(ids), sketch=ref.artifact.sha256), "moment", ".safetensors")
+    phases["moment"] = {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak_mib(), 1)}
+    print(json.dumps({**result, "moment": moment.to_dict(), "moment_kib": round(moment.size / 1024, 1)}))
+
+
+def measure_auto(store_dir: str, ref_json: str, method: str, n: int, max_iter: int, path: str,
+                 moment_json: str = "") -> None:
+    """Child (--auto): the select stage with sketch_dim="auto" along the old or the new path (see the docstring)."""
+    from skmm.select import make_selector
+    from skmm.select.auto_sketch import fit_on_reduced, moment_from_bytes
+    from storage.artifacts import ArtifactRef, ArtifactStore
+    from storage.datasets import VectorTableRef, read_vector_matrix
+    from tasks.select import read_auto_sketch
+
+    ref = VectorTableRef.from_dict(json.loads(ref_json))
+    st = ArtifactStore(store_dir)
+    phases: dict[str, dict[str, float]] = {}
+    result = {"rss_after_imports_mib": round(peak_mib(), 1), "phases": phases}
+
+    def phase(name: str, fn):
+        start = time.perf_counter()
+        value = fn()
+        phases[name] = {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak_mib(), 1)}
+        return value
+
+    ids = phase("ids", lambda: sorted_ids(ref.num_rows))
+    params = {"max_iter": max_iter} if method in ("skmm", "skmm_best") else {}
+    selector = make_selector(method, n, random_state=0, sketch_dim="auto", **params)
+    if path == "old":
+        S = phase("read", lambda: read_vector_matrix(st, ref, ids))
+        sel = phase("fit", lambda: selector.fit(S))
+    else:
+        sigma, _ = phase("load_moment", lambda: moment_from_bytes(st.get_bytes(ArtifactRef.from_dict(
+            json.loads(moment_json)))))
+        S, auto = phase("read", lambda: read_auto_sketch(st, ref, ids, sigma, n))
+        sel = phase("fit", lambda: fit_on_reduced(selector, S, None, auto))
+    info = sel.selection_.info
+    result.update({"array_read_mib": round(S.nbytes / 2**20, 1), "m": info["auto_sketch"]["m"],
+                   "energy_share": info["auto_sketch"]["energy_share"], "steps": info.get("steps"),
+                   "indices_sha256": hashlib.sha256(sel.indices_.tobytes()).hexdigest()})
+    print(json.dumps(result))
+
+
 def run_child(args: list[str], timeout: float) -> tuple[dict, float, float]:
     """Run this script as a child; return (its JSON line, wall seconds, its peak RSS in MiB from wait4)."""
     start = time.perf_counter()
@@ -152,6 +222,9 @@ def main() -> None:
                         help="comma-separated: numpy (the default path), cpu, cuda (skmm and skmm_v2 as torch ops)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
     parser.add_argument("--store", default=None, help="folder for the sketch tables (default: a temporary one)")
+    parser.add_argument("--auto", action="store_true",
+                        help="sketch_dim='auto' on an N × 256 sketch: the old path (whole sketch) against the new")
+    parser.add_argument("--paths", default="old,new", help="with --auto: old, new or both")
     sub = parser.add_subparsers(dest="child")
     p = sub.add_parser("prepare")
     p.add_argument("store_dir")
@@ -164,10 +237,24 @@ def main() -> None:
     q.add_argument("n", type=int)
     q.add_argument("max_iter", type=int)
     q.add_argument("device", nargs="?", default="numpy")
+    r = sub.add_parser("moment")
+    r.add_argument("store_dir")
+    r.add_argument("ref")
+    a = sub.add_parser("measure-auto")
+    for name in ("store_dir", "ref", "method"):
+        a.add_argument(name)
+    a.add_argument("n", type=int)
+    a.add_argument("max_iter", type=int)
+    a.add_argument("path", choices=("old", "new"))
+    a.add_argument("moment", nargs="?", default="")
     args = parser.parse_args()
     if args.child:
         if args.child == "prepare":
             prepare(args.store_dir, args.N, args.m)
+        elif args.child == "moment":
+            moment_child(args.store_dir, args.ref)
+        elif args.child == "measure-auto":
+            measure_auto(args.store_dir, args.ref, args.method, args.n, args.max_iter, args.path, args.moment)
         else:
             measure(args.store_dir, args.ref, args.method, args.n, args.max_iter, args.device)
         sys.stdout.flush()
@@ -176,6 +263,8 @@ def main() -> None:
     # bench/_common imports torch: the parent stays small until the children are done, because a child's ru_maxrss
     # starts from its parent's RSS at fork time
     here = pathlib.Path(__file__).resolve().parent
+    if args.auto:
+        return main_auto(args, here)
     previous = pathlib.Path(os.environ.get("SKMM_BENCH_OUT", here / "out")) / "select_scale.json"
     runs = json.loads(previous.read_text())["runs"] if previous.exists() else []
     with tempfile.TemporaryDirectory(prefix="skmm-select-scale-", dir=args.store) as root:
@@ -198,6 +287,52 @@ def main() -> None:
     from _common import record
 
     record("select_scale", {"runs": sorted(runs, key=_key)})
+
+
+def main_auto(args: argparse.Namespace, here: pathlib.Path) -> None:
+    """--auto: per N, write an N × 256 sketch, compute its moment once, then each method along each path."""
+    from skmm.select.moment_matching import AUTO_M_MAX
+
+    previous = pathlib.Path(os.environ.get("SKMM_BENCH_OUT", here / "out")) / "select_scale_auto.json"
+    runs = json.loads(previous.read_text())["runs"] if previous.exists() else []
+    paths = args.paths.split(",")
+    with tempfile.TemporaryDirectory(prefix="skmm-select-auto-", dir=args.store) as root:
+        for N in (int(float(s)) for s in args.sizes.split(",")):
+            store_dir = os.path.join(root, f"store-{N}")
+            made, _, made_peak = run_child(["prepare", store_dir, str(N), str(AUTO_M_MAX)], args.timeout)
+            print(json.dumps({"N": N, "prepare": made, "prepare_peak_rss_mib": round(made_peak, 1)}), flush=True)
+            if "ref" not in made:
+                continue
+            ref = json.dumps(made["ref"])
+            moment = None
+            if "new" in paths:
+                got, wall, peak = run_child(["moment", store_dir, ref], args.timeout)
+                run = {"N": N, "m_max": AUTO_M_MAX, "method": "-", "n": 0, "path": "moment",
+                       "child_wall_s": round(wall, 1), "peak_rss_mib": round(peak, 1), **got}
+                print(json.dumps(run), flush=True)
+                runs = [r for r in runs if _key_auto(r) != _key_auto(run)] + [run]
+                moment = got.get("moment")
+            for method in args.methods.split(","):
+                for path in paths:
+                    if path == "new" and moment is None:
+                        continue
+                    extra = [json.dumps(moment)] if path == "new" else []
+                    got, wall, peak = run_child(["measure-auto", store_dir, ref, method, str(args.budget),
+                                                 str(args.max_iter), path, *extra], args.timeout)
+                    run = {"N": N, "m_max": AUTO_M_MAX, "n": args.budget, "method": method, "path": path,
+                           "max_iter": args.max_iter, "child_wall_s": round(wall, 1), "peak_rss_mib": round(peak, 1),
+                           **got}
+                    print(json.dumps(run), flush=True)
+                    runs = [r for r in runs if _key_auto(r) != _key_auto(run)] + [run]
+    sys.path.insert(0, str(here))
+    from _common import record
+
+    record("select_scale_auto", {"runs": sorted(runs, key=_key_auto)})
+
+
+def _key_auto(run: dict) -> tuple:
+    """An --auto run's identity: pool size, method, budget, path (old, new, or the moment child)."""
+    return run["N"], run["method"], run["n"], run["path"]
 
 
 def _key(run: dict) -> tuple:

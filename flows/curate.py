@@ -35,6 +35,7 @@ from tasks.ingest import ingest
 from tasks.report import FULL_POOL, publish, report
 from tasks.select import select
 from tasks.sketch import gradients_sketch
+from tasks.sketch_moment import sketch_moment
 from tasks.store import DEFAULT_STORE, open_store, result_storage, store_spec
 
 __all__ = ["FinetuneConfig", "ModelConfig", "SourceConfig", "check_methods", "curate", "select_finetune_evaluate",
@@ -161,13 +162,17 @@ class _Stages:
     model: dict[str, Any] | None
     head_seed: int  # FT: finetune from the head the sketched gradients were taken at
     auto_sketch: bool = False  # SkMM picks its m per budget from the (m_max-column) sketch's spectrum
+    moment: dict | None = None  # auto_sketch: the sketch's pool moment (tasks.sketch_moment), computed once
 
     def select(self, tag: str, method: str, n: int, seed: int) -> dict:
         sk_ref = VectorTableRef.from_dict(self.sk).artifact
         params = {"sketch_dim": "auto"} if self.auto_sketch and method in AUTO_SKETCH_METHODS else None
+        if params and self.moment is None:  # one streamed pass over the sketch for all (method, budget, seed)
+            self.moment = sketch_moment.with_options(**self.opts)(self.sk, self.dataset, self.store)
         with self.rec.stage(f"select.{tag}", [sk_ref]) as record:
             sel = select.with_options(**self.opts)(self.sk, self.dataset, self.store, method, n, seed, params=params,
-                                                   class_balanced=self.class_balanced)
+                                                   class_balanced=self.class_balanced,
+                                                   moment=self.moment if params else None)
             record.selection = ArtifactRef.from_dict(sel["selection"])
             if "sketch_dim" in sel:  # the automatic m, in the run's lineage
                 record.metrics = {"sketch_dim": sel["sketch_dim"]}

@@ -25,7 +25,7 @@ import numbers
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,6 +56,7 @@ __all__ = [
     "read_vectors",
     "sample_id",
     "sample_id_array",
+    "scan_vector_rows",
     "vector_sample_id",
     "write_samples",
     "write_vector_chunks",
@@ -790,6 +791,41 @@ def read_vector_matrix(store: ArtifactStore, ref: VectorTableRef, sample_ids: An
         raise ValueError(f"{int(lost.sum())} of {len(requested)} requested sample ids are not in vector table "
                          f"{ref.artifact.uri}: {', '.join(missing)}{' …' if lost.sum() > 3 else ''}")
     return out if inverse is None else out[inverse]
+
+
+def scan_vector_rows(store: ArtifactStore, ref: VectorTableRef, sample_ids: Any
+                     ) -> Iterator[tuple[int, np.ndarray]]:
+    """The rows of :func:`read_vector_matrix` for sorted, unique ``sample_ids`` (a dataset split), streamed: one
+    (first position, float32 rows) per row group, consecutive and in the ids' order, so that a reader keeps
+    only what it derives from them (e.g. a moment, or a projection). The table is verified after its last row
+    group, as :func:`read_vector_matrix` does: what a reader derived counts once the scan has ended without an
+    error. ValueError naming the first missing id if some are not in the table (after the whole scan)."""
+    wanted = sample_id_array(sample_ids)
+    if not np.all(wanted[1:] > wanted[:-1]):
+        raise ValueError("scan_vector_rows takes sorted, unique sample ids (read_vector_matrix takes any)")
+    done, missing = 0, None  # rows [0, done) yielded; the position of the first missing id
+    for _, ids, rows in _scan_vectors(store, ref):
+        lo, hi = int(np.searchsorted(wanted, ids[0])), int(np.searchsorted(wanted, ids[-1], side="right"))
+        if missing is not None or hi == lo:
+            continue  # read on all the same: the bytes are verified at the end
+        if lo > done:  # wanted[done:lo] lie between row groups
+            missing = done
+            continue
+        if hi - lo == len(ids) and np.array_equal(wanted[lo:hi], ids):
+            yield lo, rows  # the common case: the split is the table
+        else:
+            pos = np.minimum(np.searchsorted(ids, wanted[lo:hi]), len(ids) - 1)
+            hit = ids[pos] == wanted[lo:hi]
+            if not hit.all():
+                missing = lo + int(np.argmin(hit))
+                continue
+            yield lo, rows[pos]
+        done = hi
+    if missing is None and done < len(wanted):
+        missing = done
+    if missing is not None:
+        raise ValueError(f"sample id {wanted[missing].decode()} (of {len(wanted)} requested; perhaps more) is not "
+                         f"in vector table {ref.artifact.uri}")
 
 
 def read_vectors(store: ArtifactStore, ref: VectorTableRef,

@@ -4,7 +4,8 @@ Built for pools of 10^7 samples: the train split's ids are one fixed-width byte 
 Python object each), the sketch is read straight into one float32 N × m array in the split's order (row group
 by row group, matched on the sorted ids), and labels are decoded only for a selector that uses them. With SkMM,
 the sketch and its moment matrix P are the only N × m arrays (two copies of the sketch; see "The select stage
-at N = 10^7" in bench/README.md).
+at N = 10^7" in bench/README.md). With the automatic m the N × m_max sketch is never held either: it streams
+through the projection onto the m leading directions of its stored moment (tasks.sketch_moment).
 """
 
 from __future__ import annotations
@@ -17,22 +18,25 @@ import pyarrow.compute as pc
 from prefect import task
 
 from skmm.select import make_selector
+from skmm.select.auto_sketch import BLOCK_ROWS, auto_projection, eigen_moments, fit_on_reduced, project_rows, reblock
+from skmm.select.moment_matching import AUTO_M_MAX
 from storage.artifacts import ArtifactStore
 from storage.datasets import (
     ID_DTYPE,
     DatasetRef,
     VectorTableRef,
-    load_manifest,
-    read_shard,
     read_vector_matrix,
     sample_id_array,
+    scan_vector_rows,
 )
+from storage.sample_reader import iter_metadata
 from storage.selections import write_selection
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
+from tasks.sketch_moment import load_moment, pool_moment
 from tasks.store import open_store
 
-__all__ = ["label_array", "run_select", "select", "train_split"]
+__all__ = ["label_array", "read_auto_sketch", "run_select", "select", "train_split"]
 
 CODE_VERSION = "select-2"  # issue 10: SkMM's seeding, spectral ridge and automatic m changed selections
 
@@ -46,12 +50,12 @@ CLASS_BALANCED: dict[str, dict[str, Any]] = {
 
 
 def train_split(store: ArtifactStore, dataset: DatasetRef) -> tuple[np.ndarray, pa.ChunkedArray]:
-    """The train split's sample ids (sorted ``ID_DTYPE`` array) and labels (Arrow strings), shard by shard."""
+    """The train split's sample ids (sorted ``ID_DTYPE`` array) and labels (Arrow strings), shard by shard.
+
+    Reads the id, label and split columns only (never the image bytes), verified by the dataset version."""
     ids: list[np.ndarray] = []
     labels: list[pa.Array] = []
-    for shard in load_manifest(store, dataset).shards:
-        rows = read_shard(store, shard, columns=["sample_id", "label", "split"])
-        train = rows.filter(pc.equal(rows.column("split"), "train"))
+    for train in iter_metadata(store, dataset, ("sample_id", "label"), split="train"):
         ids.append(sample_id_array(train.column("sample_id")))
         labels.extend(train.column("label").chunks)
     return (np.concatenate(ids) if ids else np.empty(0, ID_DTYPE)), pa.chunked_array(labels, pa.string())
@@ -69,7 +73,13 @@ def label_array(labels: pa.ChunkedArray) -> np.ndarray | None:
 
 
 def run_select(sketch: dict, dataset: dict, store: dict, method: str, n: int, seed: int = 0,
-               params: dict | None = None, class_balanced: bool = False) -> dict:
+               params: dict | None = None, class_balanced: bool = False, moment: dict | None = None) -> dict:
+    """Select ``n`` train samples with ``method``; store and return the selection's ref.
+
+    With ``sketch_dim="auto"`` (an m_max <= ``AUTO_M_MAX``-column sketch) the N × m_max sketch is never held:
+    its moment SᵀS comes from ``moment`` (a :func:`tasks.sketch_moment.run_sketch_moment` result; else it is
+    streamed here), and the sketch is read once more, projected row group by row group onto the m leading
+    eigenvectors chosen for this budget — bitwise the rows, and so the selection, of fitting the whole sketch."""
     st = open_store(store)
     ds = DatasetRef.from_dict(dataset)
     sk = VectorTableRef.from_dict(sketch)
@@ -82,13 +92,18 @@ def run_select(sketch: dict, dataset: dict, store: dict, method: str, n: int, se
     del labels
     if selector.needs_labels and y is None:
         raise ValueError(f"{method} with class balancing needs a label for every pool sample")
-    S = read_vector_matrix(st, sk, ids)
-    selector.fit(S, y)
+    if merged.get("sketch_dim") == "auto" and sk.dim <= AUTO_M_MAX:
+        sigma = load_moment(st, moment, sk, ds, len(ids)) if moment is not None else pool_moment(st, sk, ids)
+        S, auto = read_auto_sketch(st, sk, ids, sigma, n)
+        fitted = fit_on_reduced(selector, S, y, auto)
+    else:  # a fixed m, or a wider table that the selector first sketches to AUTO_M_MAX columns itself
+        S = read_vector_matrix(st, sk, ids)
+        fitted = selector.fit(S, y)
     del S, y
-    chosen = [s.decode("ascii") for s in ids[selector.indices_]]
-    auto = selector.selection_.info.get("auto_sketch")  # sketch_dim="auto": the rule and the m it chose
-    ref = write_selection(st, chosen, ranks=np.arange(len(chosen)), weights=selector.weights_, method=method,
-                          params={**selector.get_params(), "random_state": seed,
+    chosen = [s.decode("ascii") for s in ids[fitted.indices_]]
+    auto = fitted.selection_.info.get("auto_sketch")  # sketch_dim="auto": the rule and the m it chose
+    ref = write_selection(st, chosen, ranks=np.arange(len(chosen)), weights=fitted.weights_, method=method,
+                          params={**fitted.get_params(), "random_state": seed,
                                   **({"auto_sketch": auto} if auto else {})})
     out = {"selection": ref.to_dict(), "method": method, "n": n, "seed": seed}
     if auto:
@@ -96,9 +111,22 @@ def run_select(sketch: dict, dataset: dict, store: dict, method: str, n: int, se
     return out
 
 
-@task(name="select", cache_policy=ContentCache(code_version=CODE_VERSION), persist_result=True,
+def read_auto_sketch(store: ArtifactStore, sketch: VectorTableRef, ids: np.ndarray, sigma: np.ndarray,
+                     n: int) -> tuple[np.ndarray, dict]:
+    """(the train split's sketch rows projected onto the leading m eigenvectors of SᵀS/N, the record of m) for
+    budget n: one streamed read into one float32 N × m array, in the library's blocks
+    (skmm.select.auto_sketch), so the rows equal ``sketch_for_budget(S, "auto", n, ·)`` bit for bit."""
+    lam, V = eigen_moments(sigma, len(ids))
+    V, auto = auto_projection(lam, V, n, np.float32)
+    out = np.empty((len(ids), V.shape[1]), np.float32)
+    project_rows(reblock(scan_vector_rows(store, sketch, ids), sketch.dim, BLOCK_ROWS), V, out)
+    return out, auto
+
+
+# ``moment`` is derived from the sketch and the dataset (checked on load) and changes no selection: not in the key.
+@task(name="select", cache_policy=ContentCache(code_version=CODE_VERSION, ignore=("moment",)), persist_result=True,
       result_serializer="json", **RETRY)
 def select(sketch: dict, dataset: dict, store: dict, method: str, n: int, seed: int = 0,
-           params: dict | None = None, class_balanced: bool = False) -> dict:
+           params: dict | None = None, class_balanced: bool = False, moment: dict | None = None) -> dict:
     """Prefect task wrapper of :func:`run_select`."""
-    return run_select(sketch, dataset, store, method, n, seed, params, class_balanced)
+    return run_select(sketch, dataset, store, method, n, seed, params, class_balanced, moment)

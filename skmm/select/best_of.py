@@ -31,7 +31,11 @@ def variance_proxy(S: np.ndarray, indices: np.ndarray, ridge: float = 1e-6, pool
 
 
 class SkMMBest(BaseSelector):
-    """Convex SkMM and greedy SkMMv2 on the same sketch; the coreset with the lower variance proxy wins."""
+    """Convex SkMM and greedy SkMMv2 on the same sketch; the coreset with the lower variance proxy wins.
+
+    Parameters are those of :class:`~skmm.select.moment_matching.SkMM` and
+    :class:`~skmm.select.greedy_moment_matching.SkMMv2`; ``device`` (None: numpy; "auto", "cpu", "cuda" or
+    "cuda:k": torch ops, skmm/select/_torch_ops.py) goes to both candidates."""
 
     method = "skmm_best"
 
@@ -41,7 +45,8 @@ class SkMMBest(BaseSelector):
 
     def __init__(self, n: int, sketch_dim: int | None = None, c_s: float = 0.999, max_iter: int = 500,
                  discretization: str = "systematic", block_size: int = 1, temperature: float = 0.0,
-                 ridge: float | str = "auto", seeding: str = "pivoted", random_state: int | None = 0) -> None:
+                 ridge: float | str = "auto", seeding: str = "pivoted", random_state: int | None = 0,
+                 device: str | None = None) -> None:
         super().__init__(n, random_state)
         self.sketch_dim = sketch_dim
         self.c_s = c_s
@@ -51,18 +56,21 @@ class SkMMBest(BaseSelector):
         self.temperature = temperature
         self.ridge = ridge
         self.seeding = seeding
+        self.device = device
 
     def _select(self, X, y, rng):
         S, spec, auto = sketch_for_budget(X, self.sketch_dim, self.n, int(rng.integers(2**31)))
         seed = int(rng.integers(2**31))
         convex = SkMM(self.n, None, c_s=self.c_s, max_iter=self.max_iter, discretization=self.discretization,
-                      seeding=self.seeding, random_state=seed).fit(S, y)
+                      seeding=self.seeding, random_state=seed, device=self.device).fit(S, y)
         greedy = SkMMv2(self.n, None, block_size=self.block_size, temperature=self.temperature, ridge=self.ridge,
-                        seed_rows=None if self.seeding == "pivoted" else 0, random_state=seed).fit(S)
+                        seed_rows=None if self.seeding == "pivoted" else 0, random_state=seed,
+                        device=self.device).fit(S)
         pool = gram(S, BLOCK_ROWS) / S.shape[0]  # float64 block by block: no float64 copy of the sketch
         proxies = {"skmm": variance_proxy(S, convex.indices_, pool=pool),
                    "skmm_v2": variance_proxy(S, greedy.indices_, pool=pool)}
         winner = convex if proxies["skmm"] <= proxies["skmm_v2"] else greedy
         info = {"sketch": spec, "auto_sketch": auto, "variance_proxy": proxies, "chosen": winner.method,
+                "device": winner.selection_.info.get("device"),
                 "candidates": {"skmm": convex.indices_.tolist(), "skmm_v2": greedy.indices_.tolist()}}
         return winner.indices_, winner.weights_, winner.scores_, info

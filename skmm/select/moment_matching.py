@@ -19,9 +19,10 @@ import numpy as np
 from skmm._validation import check_positive_int
 from skmm.select._torch_ops import device_label, fista_on_device, pivoted_rows_on_device, resolve_device
 from skmm.select.adaptive import randomly_pivoted_rows
+from skmm.select.auto_sketch import BLOCK_ROWS, add_gram, auto_projection, eigen_moments, project_rows, row_blocks
 from skmm.select.base import BaseSelector, discretize
 from skmm.select.projection import project_capped_simplex
-from skmm.select.spectrum import AUTO_M_CAP, AUTO_M_MIN, AUTO_M_SHARE, auto_sketch_dim, seed_count, signal_rank
+from skmm.select.spectrum import seed_count, signal_rank
 from skmm.sketch import GaussianProjector
 
 __all__ = ["AUTO_M_MAX", "SkMM", "gram", "moment_matching_weights", "sketch_for_budget", "sketch_pool"]
@@ -52,40 +53,31 @@ def sketch_for_budget(
     :func:`skmm.select.spectrum.auto_sketch_dim` — X (already a sketch, or Gaussian-sketched to ``AUTO_M_MAX``
     columns first when wider) is projected onto the leading m eigenvectors of its moment XᵀX/N, m the smallest
     number holding ``AUTO_M_SHARE`` of the energy, at most ``AUTO_M_CAP``·n. One pass for the m_max × m_max
-    moment, one for the projection: no second sketch of the pool."""
+    moment, one for the projection: no second sketch of the pool. The steps are those of
+    :mod:`skmm.select.auto_sketch`, which a stored sketch streams through to the same bits."""
     if isinstance(sketch_dim, str):
         if sketch_dim != "auto":
             raise ValueError(f"sketch_dim must be a positive integer, None or 'auto'; got {sketch_dim!r}")
         S, spec = sketch_pool(X, AUTO_M_MAX, random_state)
         lam, V = _eigen_moments(S)
-        m = auto_sketch_dim(lam, n)
-        V = V[:, :m].astype(S.dtype)
-        out = np.empty((S.shape[0], m), dtype=S.dtype)
-        for lo in range(0, S.shape[0], 65536):
-            out[lo:lo + 65536] = S[lo:lo + 65536] @ V
-        total = float(lam.sum())
-        auto = {"rule": f"smallest m holding {AUTO_M_SHARE:g} of the sketched energy, at most {AUTO_M_CAP:g}·n, "
-                        f"at least {AUTO_M_MIN}; the leading eigenvectors of the m_max-column sketch",
-                "m_max": int(S.shape[1]), "m": m, "energy_share": float(lam[:m].sum() / total) if total > 0 else 1.0}
+        V, auto = auto_projection(lam, V, n, S.dtype)
+        out = project_rows(row_blocks(S, BLOCK_ROWS), V, np.empty((S.shape[0], V.shape[1]), dtype=S.dtype))
         return out, spec, auto
     S, spec = sketch_pool(X, sketch_dim, random_state)
     return S, spec, None
 
 
-def gram(S: np.ndarray, batch_rows: int = 65536) -> np.ndarray:
+def gram(S: np.ndarray, batch_rows: int = BLOCK_ROWS) -> np.ndarray:
     """SᵀS accumulated in float64 batch by batch: never a float64 copy of S."""
     sigma = np.zeros((S.shape[1], S.shape[1]))
-    for lo in range(0, S.shape[0], batch_rows):
-        block = S[lo:lo + batch_rows].astype(np.float64)
-        sigma += block.T @ block
+    for _, block in row_blocks(S, batch_rows):
+        add_gram(sigma, block)
     return sigma
 
 
-def _eigen_moments(S: np.ndarray, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def _eigen_moments(S: np.ndarray, batch_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """Eigenpairs (descending) of Σ̃ = SᵀS/N, accumulated in float64 batch by batch."""
-    lam, V = np.linalg.eigh(gram(S, batch_rows) / S.shape[0])
-    order = np.argsort(-lam)
-    return np.maximum(lam[order], 0.0), V[:, order]
+    return eigen_moments(gram(S, batch_rows), S.shape[0])
 
 
 def moment_matching_weights(
