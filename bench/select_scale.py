@@ -174,7 +174,7 @@ def measure_auto(store_dir: str, ref_json: str, method: str, n: int, max_iter: i
     else:
         sigma, _ = phase("load_moment", lambda: moment_from_bytes(st.get_bytes(ArtifactRef.from_dict(
             json.loads(moment_json)))))
-        S, auto = phase("read", lambda: read_auto_sketch(st, ref, ids, sigma, n))
+        S, auto = phase("read", lambda: read_auto_sketch(st, ref, ids, sigma))
         sel = phase("fit", lambda: fit_on_reduced(selector, S, None, auto))
     info = sel.selection_.info
     result.update({"array_read_mib": round(S.nbytes / 2**20, 1), "m": info["auto_sketch"]["m"],

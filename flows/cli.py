@@ -131,9 +131,9 @@ def curate_cmd(
                                                 "spec.")] = "fp32",
     image_size: Annotated[int, typer.Option(min=8, help="Render size for the digits source.")] = 32,
     sketch_dim: Annotated[int | None, typer.Option(min=1, help="Sketch dimension m (default: automatic — sketch "
-                                                   "to 256 columns once, then SkMM takes the smallest m holding "
-                                                   "90 % of the sketched energy, at most n/2, per budget; "
-                                                   "recorded in the lineage).")] = None,
+                                                   "to 256 columns once, then SkMM keeps its m = max(64, "
+                                                   "2 x signal rank) leading directions; recorded in the "
+                                                   "lineage).")] = None,
     gradients: Annotated[str, typer.Option(help="'lp': normalised features; 'ft': per-sample gradients of the "
                                                 "last --ft-layers tower blocks (pseudo-labels).")] = "lp",
     finetune: Annotated[str, typer.Option(help="'linear_probe' on frozen features, or 'last_layers' of the "

@@ -161,7 +161,7 @@ class _Stages:
     finetune: FinetuneConfig
     model: dict[str, Any] | None
     head_seed: int  # FT: finetune from the head the sketched gradients were taken at
-    auto_sketch: bool = False  # SkMM picks its m per budget from the (m_max-column) sketch's spectrum
+    auto_sketch: bool = False  # SkMM picks its m from the (m_max-column) sketch's spectrum
     moment: dict | None = None  # auto_sketch: the sketch's pool moment (tasks.sketch_moment), computed once
 
     def select(self, tag: str, method: str, n: int, seed: int) -> dict:
@@ -242,7 +242,7 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
     selections, keep the better on the val split) or "proxy" (the label-free variance proxy, before finetuning).
     ``full_pool``: the train split's size, to add the full-pool reference (method "full": a model finetuned on
     every train sample, the first seed) that the report draws as a reference row and line. ``auto_sketch``: the
-    sketch has ``AUTO_M_MAX`` columns and SkMM chooses its m per budget from its spectrum (recorded)."""
+    sketch has ``AUTO_M_MAX`` columns and SkMM chooses its m from its spectrum (recorded)."""
     if variant_choice not in ("val", "proxy"):
         raise ValueError(f"variant_choice must be 'val' or 'proxy'; got {variant_choice!r}")
     stages = _Stages(rec, opts, store, dataset, emb, sk, class_balanced, finetune or FinetuneConfig(), model,
@@ -306,8 +306,8 @@ def curate(
     ``task``: "classification" (logistic probe; accuracy, macro-F1) or "regression" (numeric labels; ridge probe;
     MAE). ``gradients``: "lp" (normalised features) or "ft" (per-sample gradients of the last ``finetune.layers``
     tower blocks with random pseudo-labels); the sketch uses the first seed, selections every seed.
-    ``sketch_dim``: m, or "auto" (the default): sketch once to ``AUTO_M_MAX`` columns and let SkMM choose m per
-    budget from that sketch's spectrum (skmm.select.spectrum.auto_sketch_dim; recorded in each selection's params
+    ``sketch_dim``: m, or "auto" (the default): sketch once to ``AUTO_M_MAX`` columns and let SkMM choose m from
+    that sketch's spectrum (skmm.select.spectrum.auto_sketch_dim; recorded in each selection's params
     and its select stage's lineage metrics). ``variant_choice``: how ``skmm_best`` picks convex SkMM or greedy
     SkMMv2 per budget — "val" (the better finetuned model on the val split) or "proxy" (the label-free variance
     proxy). ``full_pool_reference``: also finetune on the whole train split (opt-in: the whole split's features
@@ -367,7 +367,7 @@ def curate(
             record.outputs, record.metrics = emb_inputs, counts
 
     with rec.stage("sketch", emb_inputs) as record:
-        stage_dim = AUTO_M_MAX if sketch_dim == "auto" else sketch_dim  # "auto": SkMM reduces it per budget
+        stage_dim = AUTO_M_MAX if sketch_dim == "auto" else sketch_dim  # "auto": SkMM reduces it in each select
         sk = gradients_sketch(emb, ing["dataset"], store, opts, sketch_dim=stage_dim, seed=seeds[0], mode=gradients,
                               model=model.model_dump(), k=finetune.layers, num_classes=len(ing["classes"]))
         record.outputs = [VectorTableRef.from_dict(sk).artifact]

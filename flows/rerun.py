@@ -94,7 +94,7 @@ def reselect(
             inputs.append(VectorTableRef.from_dict(emb).artifact)
         _require(st, inputs)
         record.outputs = inputs
-    auto_sketch = run.get("sketch_dim") == "auto"  # the earlier sketch has AUTO_M_MAX columns: m per budget again
+    auto_sketch = run.get("sketch_dim") == "auto"  # the earlier sketch has AUTO_M_MAX columns: m chosen again
     results = select_finetune_evaluate(rec, opts, store, run["dataset"], emb, sk, methods, budgets, seeds,
                                        class_balanced, finetune, model.model_dump(), task, variant_choice,
                                        auto_sketch=auto_sketch)

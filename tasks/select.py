@@ -38,7 +38,7 @@ from tasks.store import open_store
 
 __all__ = ["label_array", "read_auto_sketch", "run_select", "select", "train_split"]
 
-CODE_VERSION = "select-2"  # issue 10: SkMM's seeding, spectral ridge and automatic m changed selections
+CODE_VERSION = "select-3"  # issue 10: the automatic m is max(64, 2 × signal rank) (was an energy share)
 
 # With class_balanced=True every method that can use labels spreads the budget evenly over classes
 # (the authors' per-class top-n on real data); otherwise selection is label-free, as before labelling.
@@ -94,7 +94,7 @@ def run_select(sketch: dict, dataset: dict, store: dict, method: str, n: int, se
         raise ValueError(f"{method} with class balancing needs a label for every pool sample")
     if merged.get("sketch_dim") == "auto" and sk.dim <= AUTO_M_MAX:
         sigma = load_moment(st, moment, sk, ds, len(ids)) if moment is not None else pool_moment(st, sk, ids)
-        S, auto = read_auto_sketch(st, sk, ids, sigma, n)
+        S, auto = read_auto_sketch(st, sk, ids, sigma)
         fitted = fit_on_reduced(selector, S, y, auto)
     else:  # a fixed m, or a wider table that the selector first sketches to AUTO_M_MAX columns itself
         S = read_vector_matrix(st, sk, ids)
@@ -111,13 +111,13 @@ def run_select(sketch: dict, dataset: dict, store: dict, method: str, n: int, se
     return out
 
 
-def read_auto_sketch(store: ArtifactStore, sketch: VectorTableRef, ids: np.ndarray, sigma: np.ndarray,
-                     n: int) -> tuple[np.ndarray, dict]:
-    """(the train split's sketch rows projected onto the leading m eigenvectors of SᵀS/N, the record of m) for
-    budget n: one streamed read into one float32 N × m array, in the library's blocks
-    (skmm.select.auto_sketch), so the rows equal ``sketch_for_budget(S, "auto", n, ·)`` bit for bit."""
+def read_auto_sketch(store: ArtifactStore, sketch: VectorTableRef, ids: np.ndarray, sigma: np.ndarray
+                     ) -> tuple[np.ndarray, dict]:
+    """(the train split's sketch rows projected onto the leading m eigenvectors of SᵀS/N, the record of m): one
+    streamed read into one float32 N × m array, in the library's blocks
+    (skmm.select.auto_sketch), so the rows equal ``selection_sketch(S, "auto", ·)`` bit for bit."""
     lam, V = eigen_moments(sigma, len(ids))
-    V, auto = auto_projection(lam, V, n, np.float32)
+    V, auto = auto_projection(lam, V, np.float32)
     out = np.empty((len(ids), V.shape[1]), np.float32)
     project_rows(reblock(scan_vector_rows(store, sketch, ids), sketch.dim, BLOCK_ROWS), V, out)
     return out, auto

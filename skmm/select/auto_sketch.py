@@ -2,7 +2,7 @@
 
 The rule (:func:`skmm.select.spectrum.auto_sketch_dim`) needs the pool moment SᵀS/N of the m_max-column sketch S,
 its eigenvectors, and S projected onto the leading m of them. In memory
-(:func:`skmm.select.moment_matching.sketch_for_budget`) S is one array; at N = 10^7 (10 GB at m_max = 256) a
+(:func:`skmm.select.moment_matching.selection_sketch`) S is one array; at N = 10^7 (10 GB at m_max = 256) a
 select task instead keeps the small m_max × m_max moment as an artifact and reads S once more, row group by
 row group, straight into the N × m result. Both paths go through the functions below with the same
 ``BLOCK_ROWS``-row blocks, aligned on multiples of ``BLOCK_ROWS`` in the pool's order (:func:`reblock`), so the
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from skmm.canonical_json import canonical_json
-from skmm.select.spectrum import AUTO_M_CAP, AUTO_M_MIN, AUTO_M_SHARE, auto_sketch_dim
+from skmm.select.spectrum import AUTO_M_FLOOR, AUTO_M_RANK_MULTIPLE, auto_sketch_dim, signal_rank
 
 __all__ = ["BLOCK_ROWS", "MOMENT_FORMAT", "add_gram", "auto_projection", "eigen_moments", "fit_on_reduced",
            "moment_from_bytes", "moment_to_bytes", "project_rows", "reblock", "row_blocks"]
@@ -76,15 +76,15 @@ def eigen_moments(sigma_sum: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.
     return np.maximum(lam[order], 0.0), V[:, order]
 
 
-def auto_projection(lam: np.ndarray, V: np.ndarray, n: int, dtype: Any = np.float32
-                    ) -> tuple[np.ndarray, dict[str, Any]]:
-    """(the leading m eigenvectors as an m_max × m ``dtype`` matrix, the record of the choice) for budget n,
-    with m from :func:`~skmm.select.spectrum.auto_sketch_dim`."""
-    m = auto_sketch_dim(lam, n)
+def auto_projection(lam: np.ndarray, V: np.ndarray, dtype: Any = np.float32) -> tuple[np.ndarray, dict[str, Any]]:
+    """(the leading m eigenvectors as an m_max × m ``dtype`` matrix, the record of the choice), with m from
+    :func:`~skmm.select.spectrum.auto_sketch_dim` (the same for every budget)."""
+    m = auto_sketch_dim(lam)
     total = float(lam.sum())
-    auto = {"rule": f"smallest m holding {AUTO_M_SHARE:g} of the sketched energy, at most {AUTO_M_CAP:g}·n, "
-                    f"at least {AUTO_M_MIN}; the leading eigenvectors of the m_max-column sketch",
-            "m_max": int(V.shape[0]), "m": m, "energy_share": float(lam[:m].sum() / total) if total > 0 else 1.0}
+    auto = {"rule": f"m = max({AUTO_M_FLOOR}, {AUTO_M_RANK_MULTIPLE} x signal rank), at most m_max; the leading "
+                    "eigenvectors of the m_max-column sketch",
+            "m_max": int(V.shape[0]), "m": m, "signal_rank": signal_rank(lam),
+            "energy_share": float(lam[:m].sum() / total) if total > 0 else 1.0}
     return V[:, :m].astype(dtype), auto
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from skmm.select.base import BaseSelector
 from skmm.select.greedy_moment_matching import BLOCK_ROWS, SkMMv2
-from skmm.select.moment_matching import SkMM, gram, sketch_for_budget
+from skmm.select.moment_matching import SkMM, gram, selection_sketch
 
 __all__ = ["SkMMBest", "variance_proxy"]
 
@@ -59,7 +59,7 @@ class SkMMBest(BaseSelector):
         self.device = device
 
     def _select(self, X, y, rng):
-        S, spec, auto = sketch_for_budget(X, self.sketch_dim, self.n, int(rng.integers(2**31)))
+        S, spec, auto = selection_sketch(X, self.sketch_dim, int(rng.integers(2**31)))
         seed = int(rng.integers(2**31))
         convex = SkMM(self.n, None, c_s=self.c_s, max_iter=self.max_iter, discretization=self.discretization,
                       seeding=self.seeding, random_state=seed, device=self.device).fit(S, y)

@@ -22,7 +22,7 @@ from skmm._validation import check_positive_int
 from skmm.select._torch_ops import device_label, greedy_on_device, resolve_device
 from skmm.select.adaptive import randomly_pivoted_rows
 from skmm.select.base import BaseSelector
-from skmm.select.moment_matching import gram, sketch_for_budget
+from skmm.select.moment_matching import gram, selection_sketch
 from skmm.select.spectrum import ridge_for, seed_count, signal_rank, spectral_ridge
 
 __all__ = ["SkMMv2", "top_k"]
@@ -109,7 +109,7 @@ class SkMMv2(BaseSelector):
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
         device = resolve_device(self.device)
-        S, spec, auto = sketch_for_budget(X, self.sketch_dim, self.n, int(rng.integers(2**31)))
+        S, spec, auto = selection_sketch(X, self.sketch_dim, int(rng.integers(2**31)))
         N, m = S.shape
         sigma = gram(S, BLOCK_ROWS) / N  # Σ̃
         lam = np.linalg.eigvalsh(sigma)[::-1]

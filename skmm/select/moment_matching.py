@@ -25,7 +25,7 @@ from skmm.select.projection import project_capped_simplex
 from skmm.select.spectrum import seed_count, signal_rank
 from skmm.sketch import GaussianProjector
 
-__all__ = ["AUTO_M_MAX", "SkMM", "gram", "moment_matching_weights", "sketch_for_budget", "sketch_pool"]
+__all__ = ["AUTO_M_MAX", "SkMM", "gram", "moment_matching_weights", "selection_sketch", "sketch_pool"]
 
 AUTO_M_MAX = 256  # sketch_dim="auto": a wider pool is first sketched to this many columns
 
@@ -46,13 +46,13 @@ def sketch_pool(
     return out, proj.spec.to_dict()
 
 
-def sketch_for_budget(
-    X: np.ndarray, sketch_dim: int | str | None, n: int, random_state: int
+def selection_sketch(
+    X: np.ndarray, sketch_dim: int | str | None, random_state: int
 ) -> tuple[np.ndarray, dict[str, Any] | None, dict[str, Any] | None]:
-    """(S, sketch spec, automatic-m record): :func:`sketch_pool`, or with ``sketch_dim="auto"`` the rule of
-    :func:`skmm.select.spectrum.auto_sketch_dim` — X (already a sketch, or Gaussian-sketched to ``AUTO_M_MAX``
-    columns first when wider) is projected onto the leading m eigenvectors of its moment XᵀX/N, m the smallest
-    number holding ``AUTO_M_SHARE`` of the energy, at most ``AUTO_M_CAP``·n. One pass for the m_max × m_max
+    """(S, sketch spec, automatic-m record) that an SkMM variant selects on: :func:`sketch_pool`, or with
+    ``sketch_dim="auto"`` the rule of :func:`skmm.select.spectrum.auto_sketch_dim` — X (already a sketch, or
+    Gaussian-sketched to ``AUTO_M_MAX`` columns first when wider) is projected onto the leading m eigenvectors of
+    its moment XᵀX/N, m = max(64, 2 × the spectrum's signal rank), at most m_max. One pass for the m_max × m_max
     moment, one for the projection: no second sketch of the pool. The steps are those of
     :mod:`skmm.select.auto_sketch`, which a stored sketch streams through to the same bits."""
     if isinstance(sketch_dim, str):
@@ -60,7 +60,7 @@ def sketch_for_budget(
             raise ValueError(f"sketch_dim must be a positive integer, None or 'auto'; got {sketch_dim!r}")
         S, spec = sketch_pool(X, AUTO_M_MAX, random_state)
         lam, V = _eigen_moments(S)
-        V, auto = auto_projection(lam, V, n, S.dtype)
+        V, auto = auto_projection(lam, V, S.dtype)
         out = project_rows(row_blocks(S, BLOCK_ROWS), V, np.empty((S.shape[0], V.shape[1]), dtype=S.dtype))
         return out, spec, auto
     S, spec = sketch_pool(X, sketch_dim, random_state)
@@ -229,7 +229,7 @@ class SkMM(BaseSelector):
             raise ValueError(f"seeding must be 'pivoted' or 'none'; got {self.seeding!r}")
         device = resolve_device(self.device)
         seed = int(rng.integers(2**31))
-        S, spec, auto = sketch_for_budget(X, self.sketch_dim, self.n, seed)
+        S, spec, auto = selection_sketch(X, self.sketch_dim, seed)
         init = np.zeros(X.shape[0])
         init[rng.choice(X.shape[0], self.n, replace=False)] = 1.0 / self.n
         w, info = moment_matching_weights(S, self.n, self.c_s, check_positive_int(self.max_iter, "max_iter"),

@@ -1,4 +1,4 @@
-"""``skmm curate`` without ``--sketch-dim``: one wide sketch, SkMM's m chosen per budget from its spectrum, and
+"""``skmm curate`` without ``--sketch-dim``: one wide sketch, SkMM's m chosen from its spectrum, and
 the choice recorded in the selection's params and in the run's lineage (issue 10)."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import pathlib
 import subprocess
 import sys
 
-from skmm.select.spectrum import AUTO_M_CAP, AUTO_M_MIN
 from storage.artifacts import ArtifactRef
 from storage.lineage import EVENTS_PREFIX, event_record, parse_event
 from storage.selections import read_selection, selection_metadata
@@ -30,9 +29,7 @@ def test_curate_without_sketch_dim_uses_and_records_the_automatic_m(prefect_serv
     chosen = {e["stage"]: e["metrics"]["sketch_dim"] for e in events
               if e["stage"].startswith("select.") and e["event_type"] == "COMPLETE"}
     assert set(chosen) == {"select.skmm.n20.s0", "select.skmm.n40.s0"}
-    for stage, m in chosen.items():
-        n = int(stage.split(".n")[1].split(".")[0])
-        assert AUTO_M_MIN <= m <= max(AUTO_M_MIN, int(AUTO_M_CAP * n))  # at most n/2 (and the floor)
+    assert set(chosen.values()) == {32}  # max(64, 2 × signal rank), at most the tiny tower's 32 feature dimensions
     (start,) = [e for e in events if e["stage"] == "ingest" and e["event_type"] == "START"]
     sketch_events = [e for e in events if e["stage"] == "sketch" and e["event_type"] == "COMPLETE"]
     assert sketch_events and start["run_id"] == sketch_events[0]["run_id"]
@@ -42,8 +39,8 @@ def test_curate_without_sketch_dim_uses_and_records_the_automatic_m(prefect_serv
         assert params["sketch_dim"] == "auto"
         auto = params["auto_sketch"]
         assert auto["m"] in chosen.values() and auto["m_max"] == 32  # the tiny tower's 32-d features: no wider sketch
-        assert 0 < auto["energy_share"] <= 1 and "energy" in auto["rule"]
-    # a reselect from that run chooses m per budget again (its sketch is the wide one), and records it
+        assert 0 < auto["energy_share"] <= 1 and "signal rank" in auto["rule"] and auto["signal_rank"] >= 1
+    # a reselect from that run chooses m again (its sketch is the wide one), and records it
     run_id = json.loads(proc.stdout)["run_id"]
     again = subprocess.run([str(pathlib.Path(sys.executable).with_name("skmm")), "reselect", run_id, "--budgets", "30",
                             "--methods", "skmm", "--store", str(store), "--json"],
@@ -51,4 +48,4 @@ def test_curate_without_sketch_dim_uses_and_records_the_automatic_m(prefect_serv
     assert again.returncode == 0, again.stderr[-3000:]
     (row,) = json.loads(again.stdout)["results"]
     params = selection_metadata(read_selection(st, ArtifactRef.from_dict(row["selection"])))["params"]
-    assert params["sketch_dim"] == "auto" and AUTO_M_MIN <= params["auto_sketch"]["m"] <= max(AUTO_M_MIN, 15)
+    assert params["sketch_dim"] == "auto" and params["auto_sketch"]["m"] == 32

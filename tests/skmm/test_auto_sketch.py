@@ -18,7 +18,7 @@ from skmm.select.auto_sketch import (
     project_rows,
     reblock,
 )
-from skmm.select.moment_matching import gram, sketch_for_budget
+from skmm.select.moment_matching import gram, selection_sketch
 
 N = 2 * BLOCK_ROWS + 8000  # three moment blocks, the last one short
 
@@ -65,11 +65,11 @@ def test_reblock_yields_the_blocks_of_the_array_in_order():
 def test_streamed_moment_and_projection_equal_the_in_memory_path_bitwise(pool):
     sigma = stream_gram(pool)
     assert np.array_equal(sigma, gram(pool))  # the same float64 sums, block for block
-    for n in (16, 40, 400):
-        expected, spec, auto = sketch_for_budget(pool, "auto", n, random_state=7)
+    for seed in (16, 40, 400):  # chunkings
+        expected, spec, auto = selection_sketch(pool, "auto", random_state=7)
         lam, V = eigen_moments(sigma, N)
-        V, got_auto = auto_projection(lam, V, n)
-        out = project_rows(reblock(chunks(pool, seed=n), pool.shape[1]), V, np.empty((N, V.shape[1]), np.float32))
+        V, got_auto = auto_projection(lam, V)
+        out = project_rows(reblock(chunks(pool, seed=seed), pool.shape[1]), V, np.empty((N, V.shape[1]), np.float32))
         assert spec is None and got_auto == auto and auto["m_max"] == 32
         assert out.dtype == expected.dtype and np.array_equal(out, expected)
 
@@ -80,7 +80,7 @@ def test_fitting_the_streamed_projection_selects_as_fitting_the_wide_sketch(pool
     n = 40
     selector = make_selector(method, n, sketch_dim="auto", random_state=5, **params)
     lam, V = eigen_moments(stream_gram(pool), N)
-    V, auto = auto_projection(lam, V, n)
+    V, auto = auto_projection(lam, V)
     reduced = project_rows(reblock(chunks(pool), pool.shape[1]), V, np.empty((N, V.shape[1]), np.float32))
     got = fit_on_reduced(selector, reduced, None, auto)
     want = make_selector(method, n, sketch_dim="auto", random_state=5, **params).fit(pool)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from skmm.select import SkMM, SkMMBest, SkMMv2
-from skmm.select.moment_matching import AUTO_M_MAX, _eigen_moments, sketch_for_budget, sketch_pool
+from skmm.select.moment_matching import AUTO_M_MAX, _eigen_moments, selection_sketch, sketch_pool
 from skmm.select.spectrum import auto_sketch_dim, ridge_for, seed_count, signal_rank, spectral_ridge
 from skmm.synthetic import make_gmm
 
@@ -37,15 +37,28 @@ def test_seed_count_rule():
 
 
 def test_auto_sketch_dim_on_a_known_spectrum():
-    lam = np.array([5.0, 3.0, 1.0, 0.5, 0.5])  # cumulative shares 0.5, 0.8, 0.9, 0.95, 1
-    assert auto_sketch_dim(lam, n=100, share=0.9, minimum=1) == 3
-    assert auto_sketch_dim(lam, n=100, share=0.8, minimum=1) == 2
-    assert auto_sketch_dim(lam, n=4, share=0.9, cap=0.5, minimum=1) == 2  # capped at n/2
-    assert auto_sketch_dim(lam, n=100, share=0.9, minimum=4) == 4  # at least the minimum
-    assert auto_sketch_dim(lam, n=100, share=1.0, minimum=1) == 5
-    assert auto_sketch_dim(lam, n=100, minimum=50) == 5  # never more than the spectrum has
-    with pytest.raises(ValueError, match="share"):
-        auto_sketch_dim(lam, n=10, share=0.0)
+    """m = max(64, 2 × signal rank), at most the spectrum's size; the budget plays no part."""
+    bulk = np.full(250, 1e-4)
+    six = np.concatenate([np.linspace(10.0, 5.0, 6), bulk])  # a gap after 6 signal directions
+    forty = np.concatenate([np.linspace(10.0, 5.0, 40), bulk[:216]])  # 40 of them (a pool of many clusters)
+    assert signal_rank(six) == 6 and signal_rank(forty) == 40
+    assert auto_sketch_dim(six) == 64  # the floor
+    assert auto_sketch_dim(forty) == 80  # twice the signal rank
+    assert auto_sketch_dim(six[:32]) == 32  # never more than the spectrum has (narrow features)
+    assert auto_sketch_dim(six, floor=8) == 12 and auto_sketch_dim(six, floor=8, rank_multiple=3) == 18
+    with pytest.raises(ValueError, match="floor"):
+        auto_sketch_dim(six, floor=0)
+
+
+def test_energy_share_rules_would_keep_only_the_mean_direction():
+    """Why the rule is not an energy share (bench/README.md, "The automatic sketch dimension"): an uncentred moment
+    of features with a common mean puts almost all its energy on the mean's direction — 90 % or even 99 % of the
+    energy is one direction — while the selection needs the directions of variation."""
+    rng = np.random.default_rng(0)
+    X = 1.0 + 0.05 * rng.normal(size=(2000, 300)) @ rng.normal(size=(300, 300)) / np.sqrt(300)
+    lam = _eigen_moments(X)[0]
+    assert lam[0] / lam.sum() > 0.99  # the mean's direction
+    assert auto_sketch_dim(lam) == 64
 
 
 def _low_rank_pool(N=600, d=300, rank=6, seed=0):
@@ -59,17 +72,18 @@ def test_automatic_m_is_recorded_and_follows_the_rule():
     auto = sel.selection_.info["auto_sketch"]
     S, _ = sketch_pool(X, AUTO_M_MAX, int(np.random.default_rng(0).integers(2**31)))  # the selector's draw
     assert auto["m_max"] == AUTO_M_MAX
-    assert auto["m"] == auto_sketch_dim(_eigen_moments(S)[0], 40) == 8  # 6 signal directions; at least 8
-    assert 0.9 <= auto["energy_share"] <= 1.0 and "0.9" in auto["rule"]
+    assert auto["m"] == auto_sketch_dim(_eigen_moments(S)[0]) == 64  # 6 signal directions: the floor of 64
+    assert auto["signal_rank"] == 6 and 0.9 <= auto["energy_share"] <= 1.0 and "signal rank" in auto["rule"]
     again = SkMMv2(40, sketch_dim="auto", random_state=0).fit(X)
     np.testing.assert_array_equal(sel.indices_, again.indices_)
     for cls in (SkMM, SkMMBest):
         fitted = cls(40, sketch_dim="auto", random_state=0).fit(X)
-        assert fitted.selection_.info["auto_sketch"]["m"] == 8
+        assert fitted.selection_.info["auto_sketch"]["m"] == 64
         assert np.unique(fitted.indices_).size == 40
-    # the cap: n = 10 allows at most 5 directions, then the floor of 8 applies
-    S10, _, auto10 = sketch_for_budget(X, "auto", 10, 0)
-    assert S10.shape == (600, 8) and auto10["m"] == 8
+    # the budget does not enter: n = 10 < m is the seeding rule's business
+    S10, _, auto10 = selection_sketch(X, "auto", 0)
+    assert S10.shape == (600, 64) and auto10["m"] == 64
+    assert SkMMv2(10, sketch_dim="auto", random_state=0).fit(X).selection_.info["auto_sketch"]["m"] == 64
     with pytest.raises(ValueError, match="sketch_dim"):
         SkMMv2(10, sketch_dim="wide").fit(X)
 

@@ -175,7 +175,7 @@ def test_automatic_m_streams_the_sketch_and_stores_the_same_selection(auto_pool,
     out = run_select(sketch.to_dict(), dataset.to_dict(), store, method, n, seed=seed,
                      params={"sketch_dim": "auto"}, class_balanced=class_balanced, moment=moment)
     assert out["selection"] == old_auto_selection(store, dataset, train, sketch, method, n, seed, class_balanced)
-    assert 8 <= out["sketch_dim"] <= 15
+    assert out["sketch_dim"] == 24  # max(64, 2 × signal rank), at most the sketch's 24 columns
 
 
 def test_the_stored_moment_is_the_library_moment_and_belongs_to_its_sketch(auto_pool):
@@ -222,20 +222,22 @@ def test_automatic_m_reads_hold_the_reduced_sketch_not_the_wide_one(tmp_path, mo
     st = open_store(store)
     ids = np.sort(hex_ids(300_000, 5)).astype("S64")
     monkeypatch.setattr(storage.datasets, "DEFAULT_SHARD_ROWS", 4096)
-    sketch = sketch_table(store, ids.astype(str), m=64)
+    sketch = sketch_table(store, ids.astype(str), m=128)
     pool_moment(st, sketch, ids[:1000].copy())  # warm imports and caches
     tracemalloc.start()
     try:
         sigma = pool_moment(st, sketch, ids)
         moment_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
-        S, auto = read_auto_sketch(st, sketch, ids, sigma, 16)
+        S, auto = read_auto_sketch(st, sketch, ids, sigma)
         read_peak = tracemalloc.get_traced_memory()[1] - S.nbytes
     finally:
         tracemalloc.stop()
-    wide, block = len(ids) * 64 * 4, BLOCK_ROWS * 64 * 4
-    assert S.shape == (len(ids), auto["m"]) and auto["m"] == 8
-    assert moment_peak < 3.5 * block < wide and read_peak < 1.5 * block, (moment_peak / block, read_peak / block)
+    wide, block = len(ids) * 128 * 4, BLOCK_ROWS * 128 * 4  # one block of the wide sketch
+    projected = BLOCK_ROWS * auto["m"] * 4  # one block of its projection
+    assert S.shape == (len(ids), auto["m"]) and 64 <= auto["m"] <= 128
+    assert moment_peak < 3.5 * block < wide, moment_peak / block
+    assert read_peak < 1.2 * (block + projected) < 0.6 * wide, read_peak / (block + projected)
 
 
 def test_the_sketch_moment_is_a_cached_task_and_the_select_key_ignores_it(tmp_path, prefect_api):
