@@ -6,7 +6,7 @@
 #   bash bench/gpu.sh           # on the CUDA machine
 #   bash bench/gpu.sh --tiny    # the same commands on the CPU at tiny sizes (the tiny tower): checks the script
 #
-# Every step runs under its own time limit (the limits add up to ~12 min; the steps' expected total is ~7); a
+# Every step runs under its own time limit (the limits add up to ~13.5 min; the steps' expected total is ~8); a
 # failing step is reported and the others still run; the exit status is 1 when any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +17,10 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)}"
 if (( TINY )); then
-  DEV=cpu MODEL=skmm-tiny-vit N=130 REPEATS=2 SKETCH_BATCH=64 SECONDS_=0.5
+  DEV=cpu MODEL=skmm-tiny-vit N=130 REPEATS=2 SKETCH_BATCH=64 SECONDS_=0.5 FT_N=32
   export SKMM_BENCH_OUT="${SKMM_BENCH_OUT:-$(mktemp -d)}"
 else
-  DEV=cuda MODEL=ViT-B-32 N=4096 REPEATS=3 SKETCH_BATCH=1024 SECONDS_=2
+  DEV=cuda MODEL=ViT-B-32 N=4096 REPEATS=3 SKETCH_BATCH=1024 SECONDS_=2 FT_N=2048
   export SKMM_BENCH_OUT="${SKMM_BENCH_OUT:-$PWD/bench/results}"
 fi
 mkdir -p "$SKMM_BENCH_OUT"
@@ -50,6 +50,9 @@ step 75 embed_bf16 "${EMBED[@]}" --precision bf16 --no-serial --tag "_${MODEL}_b
 (( TINY )) || step 75 embed_tf32 "${EMBED[@]}" --precision tf32 --no-serial --tag "_${MODEL}_tf32"
 # 3. Sketch throughput (linear-head gradients) on the device.
 step 45 sketch "$PY" bench/sketch_throughput.py --device "$DEV" --batch "$SKETCH_BATCH" --seconds "$SECONDS_"
+# 3b. FT per-sample gradients of the last block + head, sketched to m = 512, batch sized for the device.
+step 90 ft_sketch "$PY" bench/ft_sketch_throughput.py --device "$DEV" --model "$MODEL" --n "$FT_N" --k 1 \
+  --sketch-dim 512
 # 4. SkMM selection (convex, 500 FISTA steps), m = 64, n = 10 000: the solver on the device at N = 10^6 and 10^7,
 #    the numpy path at 10^6 beside it (numpy at 10^7: bench/README.md §12), one child process per run.
 if (( TINY )); then

@@ -25,6 +25,11 @@ Decisions:
 - **Cost**: the frozen prefix (patch embedding and the first L−k blocks) runs once per batch as an ordinary
   batched forward without autograd; only the trained suffix goes through ``vmap(grad)``
   (:func:`skmm.gradients.per_sample_gradients`). Memory grows as batch_size × r.
+- **Batch size** (:func:`ft_batch_size`): 32 on the CPU (so CPU rows and caches are what they always were); on
+  CUDA the largest power of two in [1, 1024] whose estimated footprint (12·r bytes of gradient rows per sample,
+  :func:`ft_activation_bytes` of activations, the sketch's row) fits in a quarter of the device's free memory.
+  An out-of-memory error still halves the batch and retries it (down to 1). The batch size is a run setting,
+  not part of the producer: a row depends on it only through float rounding (~1e-7), like the device.
 - **Sketch**: sparse JL ("sjlt") by default; see :func:`ft_gradient_sketch` for why not the dense Gaussian.
 - fp32 throughout; TF32 off on CUDA during the call (as in embedding), so rows agree across batch sizes,
   orders and devices to ~1e-5.
@@ -32,10 +37,11 @@ Decisions:
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +60,8 @@ __all__ = [
     "VisualWithHead",
     "build_ft_model",
     "decode_images",
+    "ft_activation_bytes",
+    "ft_batch_size",
     "ft_gradient_sketch",
     "ft_parameter_names",
     "init_head",
@@ -66,6 +74,12 @@ BLOCKS = "visual.transformer.resblocks"
 # Modules of an open_clip VisionTransformer that run after the residual blocks (plus the `proj` parameter).
 _POST_MODULES = ("attn_pool", "attn_pool_contrastive", "ln_post")
 _VMAP_FALLBACK = r"There is a performance drop because we have not yet implemented the batching rule"
+CPU_BATCH = 32  # the FT batch on the CPU (and every non-CUDA device): the value before batches were sized
+MAX_BATCH = 1024
+MEMORY_FRACTION = 0.25  # of the CUDA device's free memory, for one batch's gradients, activations and sketch
+GRAD_COPIES = 3  # float32 (batch, r) tensors alive at the peak: vmap's per-parameter grads, their concatenation,
+# and the backward's per-sample weight-gradient products (plus a bool finite mask): 12·r bytes a sample
+log = logging.getLogger(__name__)
 
 
 def _check_vit(visual: nn.Module) -> None:
@@ -219,6 +233,79 @@ def _check_images(images: Any, name: str = "images") -> list[Any]:
     return list(images)
 
 
+def ft_activation_bytes(model: VisualWithHead, k: int) -> int:
+    """A conservative per-image estimate of the activation memory of one FT batch, in bytes (float32).
+
+    ``k + 1`` blocks (the trained ones under ``vmap(grad)``, and one frozen prefix block's transient forward)
+    at ``48·T·W + 8·H·T²`` floats each (T tokens, W width, H heads), plus the image twice. Measured on the CPU
+    with ``torch.autograd.graph.saved_tensors_hooks`` (tests/skmm/test_ft_batch.py), a block saves ~18·T·W
+    floats per image for its backward, attention included, on the tiny tower and on ViT-B-32 (T=50, W=768,
+    H=12): the estimate is ≥ 2.5× that, room for the backward's activation gradients, which are as large.
+    """
+    k = model._check_k(k)
+    v = model.visual
+    tokens, width = (int(d) for d in v.positional_embedding.shape)
+    heads = int(getattr(v.transformer.resblocks[0].attn, "num_heads", 1))
+    size = v.image_size if isinstance(v.image_size, tuple | list) else (v.image_size, v.image_size)
+    block = 48 * tokens * width + 8 * heads * tokens * tokens
+    return 4 * ((k + 1) * block + 2 * 3 * int(size[0]) * int(size[1]))
+
+
+def ft_batch_size(device: Any, num_params: int, sketch_dim: int | None, *, activation_bytes: int = 0,
+                  fixed_bytes: int = 0, free_bytes: int | None = None, fraction: float = MEMORY_FRACTION,
+                  max_batch: int = MAX_BATCH) -> int:
+    """The FT batch size for ``device``: :data:`CPU_BATCH` (32) off CUDA; on CUDA the largest power of two in
+    [1, ``max_batch``] whose footprint fits ``fraction`` of the free memory less ``fixed_bytes``.
+
+    Per image: ``GRAD_COPIES`` float32 rows of the ``num_params`` (r) gradient coordinates, the sketched row
+    (``sketch_dim`` floats) and ``activation_bytes`` (:func:`ft_activation_bytes`). ``free_bytes``: the free
+    device memory; ``None`` asks ``torch.cuda.mem_get_info(device)`` (give a figure to size for another
+    device, or to test). ``fixed_bytes``: memory taken once the run starts that is not free-memory yet (e.g. the
+    SJLT cache). A batch of 1 is returned even when one image does not fit the budget (the run will tell).
+    """
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type != "cuda":
+        return CPU_BATCH
+    num_params = check_positive_int(num_params, "num_params")
+    max_batch = check_positive_int(max_batch, "max_batch")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1]; got {fraction!r}")
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(dev)[0]
+    per_image = 4 * GRAD_COPIES * num_params + 4 * (sketch_dim or 0) + int(activation_bytes)
+    fits = int((fraction * int(free_bytes) - int(fixed_bytes)) // per_image)
+    if fits < 1:
+        return 1
+    return min(1 << (fits.bit_length() - 1), 1 << (max_batch.bit_length() - 1))
+
+
+def _batched_rows(n: int, batch_size: int, step: Callable[[int, int], np.ndarray]) -> list[np.ndarray]:
+    """``step(lo, hi)`` over ``[0, n)`` in batches of ``batch_size``; on a CUDA out-of-memory error the batch is
+    halved and the same rows retried (down to 1, then the error propagates); later batches keep the smaller
+    size. Logged once (a warning) per call."""
+    rows: list[np.ndarray] = []
+    lo, warned = 0, False
+    while lo < n:
+        hi = min(lo + batch_size, n)
+        try:
+            rows.append(step(lo, hi))
+        except torch.cuda.OutOfMemoryError:
+            if hi - lo == 1:
+                raise
+            smaller = (hi - lo) // 2
+            if not warned:
+                log.warning("FT gradients: out of memory on a batch of %d images; retrying it with %d (and "
+                            "halving again if needed)", hi - lo, smaller)
+                warned = True
+            batch_size = smaller
+        else:
+            lo = hi
+            continue
+        if torch.cuda.is_available():  # outside the except block: the error's frames no longer hold the tensors
+            torch.cuda.empty_cache()
+    return rows
+
+
 def ft_gradient_sketch(
     images: Sequence[bytes],
     sample_ids: Sequence[str],
@@ -228,7 +315,7 @@ def ft_gradient_sketch(
     num_classes: int,
     sketch_dim: int | None,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: Any = None,
     projector_kind: str = "sjlt",
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -244,6 +331,8 @@ def ft_gradient_sketch(
     the dense "gaussian"/"rademacher" sketches regenerate all r×m entries of Γ on the CPU for every batch
     (ViT-B/32, k=1: r ≈ 7.5M, so 3.8G normals per batch at m=512: minutes per batch), fine only for small r.
     The producer records everything that determines the rows; store it with them.
+    ``batch_size=None``: :func:`ft_batch_size` (32 on the CPU, sized to the free memory on CUDA); a CUDA
+    out-of-memory error halves the batch and retries it. Neither the batch nor the device is in the producer.
     """
     from skmm.models.clip import ClipSpec, _ieee_fp32, resolve_device
     from skmm.sketch import make_projector
@@ -262,7 +351,8 @@ def ft_gradient_sketch(
         raise ValueError(f"sample_ids must name every image: {len(ids)} ids for {len(images)} images")
     C = _check_num_classes(num_classes)
     seed = _check_seed(seed)
-    batch_size = check_positive_int(batch_size, "batch_size")
+    if batch_size is not None:
+        batch_size = check_positive_int(batch_size, "batch_size")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be a positive integer; got {k!r}")
     if k < 1:
@@ -283,19 +373,24 @@ def ft_gradient_sketch(
         # up to r ≈ 90M, so it is drawn once per pool instead of once per batch.
         extra = {"cache_bytes": min(max(256 * 2**20, 12 * r + 2**20), 1 << 30)} if projector_kind == "sjlt" else {}
         projector = make_projector(projector_kind, r, sketch_dim, seed, **extra)
+    if batch_size is None:
+        cache = getattr(projector, "cache_bytes", 0) if projector is not None else 0
+        batch_size = ft_batch_size(dev, r, sketch_dim if projector is not None else None,
+                                   activation_bytes=ft_activation_bytes(model, int(k)), fixed_bytes=cache)
+        log.info("FT gradients: batch size %d on %s (r = %d)", batch_size, dev, r)
     suffix = _Suffix(model, int(k))
 
-    rows: list[np.ndarray] = []
+    def step(lo: int, hi: int) -> np.ndarray:
+        pixels = decode_images(images[lo:hi], preprocess, lo).to(dev)
+        with torch.no_grad():
+            tokens = model.prefix(pixels, int(k))
+        grads = per_sample_gradients(suffix, tokens, labels[lo:hi], names)
+        out = projector.project(grads) if projector is not None else grads
+        return out.detach().float().cpu().numpy()
+
     with _ieee_fp32(dev), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_VMAP_FALLBACK)
-        for lo in range(0, len(images), batch_size):
-            pixels = decode_images(images[lo:lo + batch_size], preprocess, lo).to(dev)
-            with torch.no_grad():
-                tokens = model.prefix(pixels, int(k))
-            grads = per_sample_gradients(suffix, tokens, labels[lo:lo + len(pixels)], names)
-            out = projector.project(grads) if projector is not None else grads
-            rows.append(out.detach().float().cpu().numpy())
-            del grads
+        rows = _batched_rows(len(images), batch_size, step)
     producer = {
         "mode": "ft",
         "model": spec.to_dict(),
