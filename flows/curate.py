@@ -168,8 +168,11 @@ class _Stages:
         sk_ref = VectorTableRef.from_dict(self.sk).artifact
         params = {"sketch_dim": "auto"} if self.auto_sketch and method in AUTO_SKETCH_METHODS else None
         if params and self.moment is None:  # one streamed pass over the sketch for all (method, budget, seed)
-            self.moment = sketch_moment.with_options(**self.opts)(self.sk, self.dataset, self.store)
-        with self.rec.stage(f"select.{tag}", [sk_ref]) as record:
+            with self.rec.stage("sketch_moment", [sk_ref]) as record:
+                self.moment = sketch_moment.with_options(**self.opts)(self.sk, self.dataset, self.store)
+                record.outputs = [ArtifactRef.from_dict(self.moment["moment"])]
+        inputs = [sk_ref, ArtifactRef.from_dict(self.moment["moment"])] if params else [sk_ref]
+        with self.rec.stage(f"select.{tag}", inputs) as record:
             sel = select.with_options(**self.opts)(self.sk, self.dataset, self.store, method, n, seed, params=params,
                                                    class_balanced=self.class_balanced,
                                                    moment=self.moment if params else None)
