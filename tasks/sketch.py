@@ -9,6 +9,7 @@ sketch (r is in the millions; the N×r matrix never exists). The sketch table re
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,15 +19,19 @@ from prefect import task
 from skmm.gradients import normalize_features
 from skmm.gradients.clip_ft import ft_gradient_sketch
 from skmm.models.clip import ClipSpec
+from skmm.select.auto_sketch import reblock
 from skmm.sketch import GaussianProjector
 from storage.datasets import (
+    ID_DTYPE,
     DatasetRef,
     ShardRef,
     VectorTableRef,
     combine_vectors,
     load_manifest,
     read_shard,
-    read_vectors,
+    sample_id_array,
+    scan_vector_rows,
+    write_vector_chunks,
     write_vectors,
 )
 from storage.sample_reader import iter_metadata, read_images, read_metadata
@@ -39,6 +44,7 @@ __all__ = ["combine_sketches", "ft_sketch_shard", "gradients_sketch", "run_ft_sk
 CODE_VERSION = "sketch-2"
 FT_CODE_VERSION = "ft-sketch-1"  # FT gradients shard by shard
 MODES = ("lp", "ft")
+LP_BLOCK = 8192  # LP rows projected per batch, from the split's first row (the rows depend on it through rounding)
 
 
 def split_columns(store: Any, dataset: DatasetRef, split: str, columns: list[str]) -> dict[str, list]:
@@ -74,12 +80,14 @@ def dataset_num_classes(store: Any, dataset: DatasetRef) -> int:
 
 
 def run_ft_sketch_shard(shard: dict, store: dict, model: dict[str, Any], num_classes: int, sketch_dim: int,
-                        seed: int = 0, k: int = 1, batch_size: int = 32, device: str | None = None) -> dict | None:
+                        seed: int = 0, k: int = 1, batch_size: int | None = None,
+                        device: str | None = None) -> dict | None:
     """FT mode, one dataset shard: the sketched gradients of its train rows (None when it has none).
 
     A row depends on its image, id, the model, class count, seed and k, and on the batch it was computed in
     only through float rounding (~1e-7): the shards are fixed by the dataset, so a rerun, or the same shards
-    on other workers, give the same rows."""
+    on other workers, give the same rows. ``batch_size=None``: sized per device (32 on the CPU; see
+    :func:`skmm.gradients.clip_ft.ft_batch_size`); like the device, it is not part of the cache key."""
     st = open_store(store)
     table = read_shard(st, ShardRef.from_dict(shard), columns=["sample_id", "split", "data"])
     train = table.filter(pc.equal(table.column("split"), "train"))
@@ -93,7 +101,7 @@ def run_ft_sketch_shard(shard: dict, store: dict, model: dict[str, Any], num_cla
 
 
 def run_ft_sketch(dataset: dict, store: dict, model: dict[str, Any], sketch_dim: int, seed: int = 0, k: int = 1,
-                  batch_size: int = 32, device: str | None = None, num_classes: int | None = None) -> dict:
+                  batch_size: int | None = None, device: str | None = None, num_classes: int | None = None) -> dict:
     """FT mode: sketched per-sample gradients of the last ``k`` tower blocks + head (label-free), shard by shard
     (one shard's images in memory at a time), combined into one table."""
     if sketch_dim is None:
@@ -119,22 +127,51 @@ def run_sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | N
         if model is None:
             raise ValueError("FT gradients need the model config")
         return run_ft_sketch(dataset, store, model, sketch_dim, seed, k, batch_size, device, num_classes)
+    return run_lp_sketch(embeddings, dataset, store, sketch_dim, seed)
+
+
+def train_ids(store: Any, dataset: DatasetRef) -> np.ndarray:
+    """The train split's sample ids as one sorted ``ID_DTYPE`` array (64 B a sample, no Python objects), read
+    shard by shard without the image bytes and verified by the dataset version.
+
+    Filled into one array sized by the manifest and shrunk in place: never the parts and their concatenation."""
+    out = np.empty(sum(sh.num_rows for sh in load_manifest(store, dataset).shards), ID_DTYPE)
+    n = 0
+    for table in iter_metadata(store, dataset, ("sample_id",), "train"):
+        for chunk in table.column("sample_id").chunks:
+            out[n:n + len(chunk)] = sample_id_array(chunk)
+            n += len(chunk)
+    out.resize(n, refcheck=False)
+    return out
+
+
+def _lp_blocks(store: Any, emb: VectorTableRef, ids: np.ndarray, proj: GaussianProjector | None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, gradient rows) of the split, LP_BLOCK rows at a time from the split's first row: the embeddings
+    read row group by row group, L2-normalised and (with ``proj``) projected block by block — per row and per
+    block exactly what normalising and projecting the whole N × d matrix in LP_BLOCK-row slices gives."""
+    rows = scan_vector_rows(store, emb, ids)
+    for lo, block in reblock(rows, emb.dim, block_rows=LP_BLOCK):
+        grads = normalize_features(block)
+        yield ids[lo:lo + len(block)], grads if proj is None else proj.project(grads)
+
+
+def run_lp_sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | None = 64, seed: int = 0) -> dict:
+    """LP mode, streamed: the train split's normalised features, sketched to ``sketch_dim`` when it is < d.
+
+    Holds the split's ids (64 B a sample) and a few LP_BLOCK-row blocks, never the N × d features or their
+    gradients; the table (and its sha256) is byte-identical to normalising and projecting the whole matrix."""
     st = open_store(store)
     ds = DatasetRef.from_dict(dataset)
     emb = VectorTableRef.from_dict(embeddings)
-    ids, _ = pool_ids(st, ds, "train")
-    if not ids:
+    ids = train_ids(st, ds)
+    if not len(ids):
         raise ValueError("the dataset has no train split to select from")
-    _, features = read_vectors(st, emb, sample_ids=ids)
-    grads = normalize_features(features.astype(np.float32))
-    spec = None
-    if sketch_dim is not None and sketch_dim < grads.shape[1]:
-        proj = GaussianProjector(grads.shape[1], sketch_dim, seed).fit()
-        grads = np.concatenate([proj.project(grads[i:i + 8192]) for i in range(0, len(grads), 8192)])
-        spec = proj.spec.to_dict()
-    producer = {"mode": mode, "features": emb.producer_digest, "sketch": spec}
-    ref = write_vectors(st, ids, grads, producer, kind="sketch")
-    return ref.to_dict()
+    proj = None
+    if sketch_dim is not None and sketch_dim < emb.dim:
+        proj = GaussianProjector(emb.dim, sketch_dim, seed).fit()
+    producer = {"mode": "lp", "features": emb.producer_digest, "sketch": None if proj is None else proj.spec.to_dict()}
+    return write_vector_chunks(st, _lp_blocks(st, emb, ids, proj), producer, kind="sketch").to_dict()
 
 
 @task(name="gradients-sketch",
@@ -151,7 +188,8 @@ def sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | None 
       cache_policy=ContentCache(code_version=FT_CODE_VERSION, ignore=("batch_size", "device")),
       persist_result=True, result_serializer="json", **RETRY)
 def ft_sketch_shard(shard: dict, store: dict, model: dict[str, Any], num_classes: int, sketch_dim: int,
-                    seed: int = 0, k: int = 1, batch_size: int = 32, device: str | None = None) -> dict | None:
+                    seed: int = 0, k: int = 1, batch_size: int | None = None,
+                    device: str | None = None) -> dict | None:
     """Prefect task: one shard's sketched FT gradients (a unit a Dask worker can take)."""
     return run_ft_sketch_shard(shard, store, model, num_classes, sketch_dim, seed, k, batch_size, device)
 
@@ -167,7 +205,7 @@ def combine_sketches(parts: list[dict], store: dict) -> dict:
 
 def gradients_sketch(embeddings: dict | None, dataset: dict, store: dict, opts: dict, *, sketch_dim: int | None,
                      seed: int, mode: str, model: dict[str, Any], k: int = 1, num_classes: int | None = None,
-                     batch_size: int = 32) -> dict:
+                     batch_size: int | None = None) -> dict:
     """The gradients + sketch stage inside a flow: LP as one task; FT as one task per dataset shard, submitted
     concurrently (on the flow's task runner: threads, or Dask workers), then combined."""
     if mode != "ft":
