@@ -80,6 +80,20 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class Phases:
+    """Wall time and peak RSS per named phase of a child, for its JSON line."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, dict[str, float]] = {}
+        self.result = {"rss_after_imports_mib": round(peak_mib(), 1), "phases": self.phases}
+
+    def __call__(self, name: str, fn):
+        start = time.perf_counter()
+        value = fn()
+        self.phases[name] = {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak_mib(), 1)}
+        return value
+
+
 def prepare(store_dir: str, N: int, m: int) -> None:
     """Child: write the sketch table; print its ref as JSON."""
     from storage.artifacts import ArtifactStore
@@ -98,14 +112,8 @@ def measure(store_dir: str, ref_json: str, method: str, n: int, max_iter: int, d
     from storage.datasets import VectorTableRef, read_vector_matrix
 
     ref = VectorTableRef.from_dict(json.loads(ref_json))
-    phases: dict[str, dict[str, float]] = {}
-    result = {"rss_after_imports_mib": round(peak_mib(), 1), "phases": phases}
-
-    def phase(name: str, fn):
-        start = time.perf_counter()
-        value = fn()
-        phases[name] = {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak_mib(), 1)}
-        return value
+    phase = Phases()
+    result = phase.result
 
     ids = phase("ids", lambda: sorted_ids(ref.num_rows))
     S = phase("read", lambda: read_vector_matrix(ArtifactStore(store_dir), ref, ids))
@@ -133,16 +141,11 @@ def moment_child(store_dir: str, ref_json: str) -> None:
 
     ref = VectorTableRef.from_dict(json.loads(ref_json))
     st = ArtifactStore(store_dir)
-    phases: dict[str, dict[str, float]] = {}
-    result = {"rss_after_imports_mib": round(peak_mib(), 1), "phases": phases}
-    start = time.perf_counter()
-    ids = sorted_ids(ref.num_rows)
-    phases["ids"] = {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak_mib(), 1)}
-    start = time.perf_counter()
-    sigma = pool_moment(st, ref, ids)
-    moment = st.put_bytes(moment_to_bytes(sigma, len(ids), sketch=ref.artifact.sha256), "moment", ".safetensors")
-    phases["moment"] = {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak_mib(), 1)}
-    print(json.dumps({**result, "moment": moment.to_dict(), "moment_kib": round(moment.size / 1024, 1)}))
+    phase = Phases()
+    ids = phase("ids", lambda: sorted_ids(ref.num_rows))
+    moment = phase("moment", lambda: st.put_bytes(moment_to_bytes(pool_moment(st, ref, ids), len(ids),
+                                                                 sketch=ref.artifact.sha256), "moment", ".safetensors"))
+    print(json.dumps({**phase.result, "moment": moment.to_dict(), "moment_kib": round(moment.size / 1024, 1)}))
 
 
 def measure_auto(store_dir: str, ref_json: str, method: str, n: int, max_iter: int, path: str,
@@ -156,14 +159,8 @@ def measure_auto(store_dir: str, ref_json: str, method: str, n: int, max_iter: i
 
     ref = VectorTableRef.from_dict(json.loads(ref_json))
     st = ArtifactStore(store_dir)
-    phases: dict[str, dict[str, float]] = {}
-    result = {"rss_after_imports_mib": round(peak_mib(), 1), "phases": phases}
-
-    def phase(name: str, fn):
-        start = time.perf_counter()
-        value = fn()
-        phases[name] = {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak_mib(), 1)}
-        return value
+    phase = Phases()
+    result = phase.result
 
     ids = phase("ids", lambda: sorted_ids(ref.num_rows))
     params = {"max_iter": max_iter} if method in ("skmm", "skmm_best") else {}
