@@ -22,17 +22,15 @@ from skmm.select.auto_sketch import BLOCK_ROWS, auto_projection, eigen_moments, 
 from skmm.select.moment_matching import AUTO_M_MAX
 from storage.artifacts import ArtifactStore
 from storage.datasets import (
-    ID_DTYPE,
     DatasetRef,
     VectorTableRef,
     read_vector_matrix,
-    sample_id_array,
     scan_vector_rows,
 )
-from storage.sample_reader import iter_metadata
 from storage.selections import write_selection
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
+from tasks.sketch import train_rows
 from tasks.sketch_moment import load_moment, pool_moment
 from tasks.store import open_store
 
@@ -53,12 +51,7 @@ def train_split(store: ArtifactStore, dataset: DatasetRef) -> tuple[np.ndarray, 
     """The train split's sample ids (sorted ``ID_DTYPE`` array) and labels (Arrow strings), shard by shard.
 
     Reads the id, label and split columns only (never the image bytes), verified by the dataset version."""
-    ids: list[np.ndarray] = []
-    labels: list[pa.Array] = []
-    for train in iter_metadata(store, dataset, ("sample_id", "label"), split="train"):
-        ids.append(sample_id_array(train.column("sample_id")))
-        labels.extend(train.column("label").chunks)
-    return (np.concatenate(ids) if ids else np.empty(0, ID_DTYPE)), pa.chunked_array(labels, pa.string())
+    return train_rows(store, dataset, labels=True)  # type: ignore[return-value]  # labels=True: never None
 
 
 def label_array(labels: pa.ChunkedArray) -> np.ndarray | None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 
@@ -39,7 +40,8 @@ from tasks.cache import ContentCache
 from tasks.retry import RETRY
 from tasks.store import open_store
 
-__all__ = ["combine_sketches", "ft_sketch_shard", "gradients_sketch", "run_ft_sketch_shard", "run_sketch", "sketch"]
+__all__ = ["combine_sketches", "ft_sketch_shard", "gradients_sketch", "run_ft_sketch_shard", "run_sketch", "sketch",
+           "train_ids", "train_rows"]
 
 CODE_VERSION = "sketch-2"
 FT_CODE_VERSION = "ft-sketch-1"  # FT gradients shard by shard
@@ -130,19 +132,29 @@ def run_sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | N
     return run_lp_sketch(embeddings, dataset, store, sketch_dim, seed)
 
 
-def train_ids(store: Any, dataset: DatasetRef) -> np.ndarray:
-    """The train split's sample ids as one sorted ``ID_DTYPE`` array (64 B a sample, no Python objects), read
-    shard by shard without the image bytes and verified by the dataset version.
+def train_rows(store: Any, dataset: DatasetRef, labels: bool = False) -> tuple[np.ndarray, pa.ChunkedArray | None]:
+    """The train split's sample ids as one sorted ``ID_DTYPE`` array (64 B a sample, no Python objects) and, with
+    ``labels``, their labels (Arrow strings; else None), read shard by shard without the image bytes and verified
+    by the dataset version.
 
-    Filled into one array sized by the manifest and shrunk in place: never the parts and their concatenation."""
+    The ids are filled into one array sized by the manifest and shrunk in place: never the parts and their
+    concatenation."""
     out = np.empty(sum(sh.num_rows for sh in load_manifest(store, dataset).shards), ID_DTYPE)
+    chunks: list[pa.Array] = []
     n = 0
-    for table in iter_metadata(store, dataset, ("sample_id",), "train"):
+    for table in iter_metadata(store, dataset, ("sample_id", "label") if labels else ("sample_id",), "train"):
         for chunk in table.column("sample_id").chunks:
             out[n:n + len(chunk)] = sample_id_array(chunk)
             n += len(chunk)
+        if labels:
+            chunks.extend(table.column("label").chunks)
     out.resize(n, refcheck=False)
-    return out
+    return out, pa.chunked_array(chunks, pa.string()) if labels else None
+
+
+def train_ids(store: Any, dataset: DatasetRef) -> np.ndarray:
+    """The train split's sample ids (:func:`train_rows` without the labels)."""
+    return train_rows(store, dataset)[0]
 
 
 def _lp_blocks(store: Any, emb: VectorTableRef, ids: np.ndarray, proj: GaussianProjector | None

@@ -17,6 +17,7 @@ from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.datasets import DatasetRef, VectorTableRef, scan_vector_rows
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
+from tasks.sketch import train_ids
 from tasks.store import open_store
 
 __all__ = ["load_moment", "pool_moment", "run_sketch_moment", "sketch_moment"]
@@ -36,12 +37,10 @@ def pool_moment(store: ArtifactStore, sketch: VectorTableRef, ids: np.ndarray) -
 def run_sketch_moment(sketch: dict, dataset: dict, store: dict) -> dict:
     """The stage as a plain function: store SᵀS of the train split's sketch rows; return
     ``{"moment": artifact ref, "num_rows": N, "dim": m_max}``."""
-    from tasks.select import train_split  # tasks.select imports this module
-
     st = open_store(store)
     ds = DatasetRef.from_dict(dataset)
     sk = VectorTableRef.from_dict(sketch)
-    ids, _ = train_split(st, ds)
+    ids = train_ids(st, ds)
     if len(ids) == 0:
         raise ValueError("the dataset has no train split to select from")
     sigma = pool_moment(st, sk, ids)
