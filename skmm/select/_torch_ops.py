@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from skmm.select.adaptive import fill_uniformly, orthogonal_part
+
 __all__ = ["CHUNK_ROWS", "CPU_CHUNK_ROWS", "device_label", "fista_on_device", "greedy_on_device",
            "pivoted_rows_on_device", "resolve_device", "top_k_torch"]
 
@@ -224,19 +226,14 @@ def pivoted_rows_on_device(S: np.ndarray, k: int, rng: np.random.Generator, dev:
     for _ in range(k):
         total = float(residual.sum())
         if total <= 1e-12 * max(scale, 1e-300) or rank == basis.shape[0]:
-            taken = np.zeros(N, dtype=bool)
-            taken[picked] = True
-            picked.extend(rng.choice(np.flatnonzero(~taken), k - len(picked), replace=False).tolist())
+            fill_uniformly(picked, N, k, rng)
             break
         cdf = torch.cumsum(residual / total, dim=0)  # rng.choice(N, p=…) is this inverse CDF at one uniform draw
         cdf /= cdf[-1].clone()
         u = torch.tensor([rng.random()], dtype=torch.float64, device=dev)
         p = int(torch.searchsorted(cdf, u, right=True)[0])
         del cdf
-        q = S[p].astype(np.float64)
-        for _ in range(2):
-            q -= basis[:rank].T @ (basis[:rank] @ q)
-        norm = np.linalg.norm(q)
+        q, norm = orthogonal_part(S[p], basis, rank)
         picked.append(p)
         residual[p] = 0.0
         if norm > 0:

@@ -81,6 +81,26 @@ def _choice_by_residual(residual: np.ndarray, total: float, rng: np.random.Gener
     return lo
 
 
+def fill_uniformly(picked: list[int], N: int, k: int, rng: np.random.Generator,
+                   exclude: np.ndarray | None = None) -> None:
+    """Extend ``picked`` to k rows drawn uniformly from the rows neither picked nor excluded: the pivoted
+    sampling's rule once every residual has vanished (rank exhausted)."""
+    taken = np.zeros(N, dtype=bool)
+    taken[picked] = True
+    if exclude is not None:
+        taken[exclude] = True
+    picked.extend(rng.choice(np.flatnonzero(~taken), k - len(picked), replace=False).tolist())
+
+
+def orthogonal_part(row: np.ndarray, basis: np.ndarray, rank: int) -> tuple[np.ndarray, float]:
+    """(``row`` in float64 less its components along ``basis[:rank]``, that remainder's norm): Gram–Schmidt twice,
+    enough for orthogonality to machine precision."""
+    q = row.astype(np.float64)
+    for _ in range(2):
+        q -= basis[:rank].T @ (basis[:rank] @ q)
+    return q, float(np.linalg.norm(q))
+
+
 def randomly_pivoted_rows(
     X: np.ndarray, k: int, rng: np.random.Generator, exclude: np.ndarray | None = None,
     block_rows: int | None = None, cache_bytes: int | None = None,
@@ -112,18 +132,10 @@ def randomly_pivoted_rows(
     for _ in range(k):
         total = residual.sum()
         if total <= 1e-12 * max(scale, 1e-300) or rank == basis.shape[0]:
-            taken = np.zeros(N, dtype=bool)
-            taken[picked] = True
-            if exclude is not None:
-                taken[exclude] = True
-            free = np.flatnonzero(~taken)
-            picked.extend(rng.choice(free, k - len(picked), replace=False).tolist())
+            fill_uniformly(picked, N, k, rng, exclude)
             break
         p = _choice_by_residual(residual, total, rng, buf)
-        q = X[p].astype(np.float64)
-        for _ in range(2):  # Gram–Schmidt twice: enough for orthogonality to machine precision
-            q -= basis[:rank].T @ (basis[:rank] @ q)
-        norm = np.linalg.norm(q)
+        q, norm = orthogonal_part(X[p], basis, rank)
         picked.append(p)
         residual[p] = 0.0
         if norm > 0:
