@@ -16,7 +16,8 @@ Every image source streams through :class:`~storage.ingest.writer.DatasetWriter`
 once, memory stays O(shard) plus ~150 bytes of bookkeeping per sample (about 1 KB with the file listing,
 measured), duplicates collapse across the whole pool, the pool-level checks run before anything is published,
 and the shards and manifest are byte-identical to
-:func:`storage.datasets.write_samples` of the same rows. :mod:`.fingerprint` describes a source from metadata for
+:func:`storage.datasets.write_samples` of the same rows. :mod:`.checked` remembers which image bytes passed the
+decode check, so a grown pool decodes only its new files. :mod:`.fingerprint` describes a source from metadata for
 the cache key; :mod:`.common` holds the errors, splits, labels and the decode check shared by all.
 """
 

@@ -10,6 +10,7 @@ import pathlib
 
 from storage.artifacts import ArtifactStore
 from storage.datasets import sample_id
+from storage.ingest.checked import CheckedImages
 from storage.ingest.common import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_SHARD_ROWS,
@@ -29,9 +30,11 @@ __all__ = ["ingest_image_folder", "read_and_check"]
 log = logging.getLogger(__name__)
 
 
-def read_and_check(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   regular: bool = True) -> tuple[str | None, bytes | None, str | None]:
-    """(sample id, bytes, None) for a good image file, else (None, None, quarantine reason)."""
+def read_and_check(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, regular: bool = True,
+                   checked: CheckedImages | None = None) -> tuple[str | None, bytes | None, str | None]:
+    """(sample id, bytes, None) for a good image file, else (None, None, quarantine reason).
+
+    ``checked``: the store's record of images that already passed the check (their bytes are not decoded again)."""
     if not regular:
         return None, None, ("missing file (a broken link)" if not os.path.exists(path)
                             else "not a regular file")
@@ -43,6 +46,9 @@ def read_and_check(path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
     except OSError as exc:
         raise_if_transient(exc, shown_path(path))
         return None, None, f"cannot read file: {one_line(exc)}"
+    if checked is not None:
+        sid, problem = checked.check(data)
+        return (None, None, problem) if sid is None else (sid, data, None)
     problem = decode_problem(data, max_pixels)
     return (None, None, problem) if problem else (sample_id(data), data, None)
 
@@ -57,7 +63,9 @@ def ingest_image_folder(store: ArtifactStore, folder: str | os.PathLike, *, val_
     once and fully decoded with Pillow; empty, missing, unreadable, undecodable and oversized (more than
     ``max_pixels`` pixels) files are quarantined with the reason. A row keeps the raw file bytes in ``data``
     (sample id = their sha256, so renaming or moving a file changes nothing) and the absolute ``file://`` URI
-    in ``source_uri`` (informational: not part of the dataset version). Splits: :func:`assign_split`.
+    in ``source_uri`` (informational: not part of the dataset version). Splits: :func:`assign_split`. Images
+    whose bytes passed the check in an earlier ingest into this store are not decoded again
+    (:mod:`storage.ingest.checked`): a grown pool decodes only its new files.
 
     Raises SourceNotFoundError (folder missing) or SourceError (not a directory, empty, no class subfolders, a
     class name that is not UTF-8, the same image under two classes, fewer than 2 classes with usable images,
@@ -66,9 +74,10 @@ def ingest_image_folder(store: ArtifactStore, folder: str | os.PathLike, *, val_
     check_common(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, shard_rows=shard_rows,
                  max_pixels=max_pixels)
     pool = open_image_folder(folder)
+    checked = CheckedImages(store, max_pixels)
 
     def check(item: ListedFile) -> tuple[ListedFile, tuple[str | None, bytes | None, str | None]]:
-        return item, read_and_check(item.path, max_pixels, item.is_regular())
+        return item, read_and_check(item.path, max_pixels, item.is_regular(), checked)
 
     with DatasetWriter(store, source_name=f"image folder {shown_path(pool.root)}", shard_rows=shard_rows,
                        seed=seed, val_fraction=val_fraction, test_fraction=test_fraction) as writer:
@@ -80,4 +89,6 @@ def ingest_image_folder(store: ArtifactStore, folder: str | os.PathLike, *, val_
                 writer.add(sid, uri, item.label, None, data)
         if pool.n_ignored:
             log.info("image folder %s: ignored %d non-image file(s)", shown_path(pool.root), pool.n_ignored)
-        return writer.finish(source=pool.root.as_uri())
+        result = writer.finish(source=pool.root.as_uri())
+    checked.commit()  # only once the dataset is published
+    return result

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from storage.artifacts import ArtifactStore
 from storage.datasets import sample_id
 from storage.errors import redact
+from storage.ingest.checked import CheckedImages
 from storage.ingest.common import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_SHARD_ROWS,
@@ -213,9 +214,10 @@ class _NotRegular(OSError):
     pass
 
 
-def fetch_and_check(target: str, files: SourceFiles,
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, bytes | None, str | None]:
-    """(sample id, bytes, None) for a good image, else (None, None, quarantine reason); one read per target."""
+def fetch_and_check(target: str, files: SourceFiles, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    checked: CheckedImages | None = None) -> tuple[str | None, bytes | None, str | None]:
+    """(sample id, bytes, None) for a good image, else (None, None, quarantine reason); one read per target.
+    ``checked``: the store's record of images that already passed the check (not decoded again)."""
     try:
         data = files.cat(target) if is_url(target) else _read_local(target)
     except FileNotFoundError:
@@ -227,6 +229,9 @@ def fetch_and_check(target: str, files: SourceFiles,
     except Exception as exc:  # permissions, credentials: one line per file, the run goes on
         raise_if_transient(exc, redact(target))  # timeouts, resets, 5xx: retried, never cached as quarantine
         return None, None, f"cannot read file: {read_problem(exc)}"
+    if checked is not None:
+        sid, problem = checked.check(data)
+        return (None, None, problem) if sid is None else (sid, data, None)
     problem = decode_problem(data, max_pixels)
     return (None, None, problem) if problem else (sample_id(data), data, None)
 
@@ -257,9 +262,10 @@ def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLik
     url = os.fspath(manifest_path_or_url)
     shown = redact(url)
     base = manifest_base(url, base_dir)
+    checked = CheckedImages(store, max_pixels)
 
     def check(entry: tuple[str, str, str | None]) -> tuple[tuple[str, str, str | None], Any]:
-        return entry, fetch_and_check(entry[0], files, max_pixels)
+        return entry, fetch_and_check(entry[0], files, max_pixels, checked)
 
     with manifest_records(url, files) as (columns, records), \
             DatasetWriter(store, source_name=f"manifest {shown}", shard_rows=shard_rows, seed=seed,
@@ -270,4 +276,6 @@ def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLik
                 writer.quarantine(source_uri(target), problem or "unreadable")
             else:
                 writer.add(sid, source_uri(target), label, split, data)
-        return writer.finish(source=shown if is_url(url) else absolute(url).as_uri())
+        result = writer.finish(source=shown if is_url(url) else absolute(url).as_uri())
+    checked.commit()  # only once the dataset is published
+    return result

@@ -29,8 +29,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from storage.artifacts import ArtifactStore
-from storage.datasets import sample_id
 from storage.errors import redact
+from storage.ingest.checked import CheckedImages
 from storage.ingest.common import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_SHARD_ROWS,
@@ -40,7 +40,6 @@ from storage.ingest.common import (
     SourceNotFoundError,
     absolute,
     check_common,
-    decode_problem,
     is_url,
     norm_label,
     one_line,
@@ -236,6 +235,7 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
     files = SourceFiles(storage_options)
     specs = [os.fspath(s) for s in ([shards] if isinstance(shards, str | os.PathLike) else shards)]
     tars = resolve_shards(specs, files)
+    checked = CheckedImages(store, max_pixels)
 
     def items() -> Iterator[_Item]:
         for shard in tars:
@@ -245,8 +245,8 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
         data, problem = item[2], item[3]
         if problem is not None or data is None:
             return item, None, problem or "unreadable"
-        problem = decode_problem(data, max_pixels)
-        return item, (None if problem else sample_id(data)), problem
+        sid, problem = checked.check(data)
+        return item, sid, problem
 
     with DatasetWriter(store, source_name=f"webdataset {_shown(specs)}", shard_rows=shard_rows, seed=seed,
                        val_fraction=val_fraction, test_fraction=test_fraction) as writer:
@@ -255,7 +255,9 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
                 writer.quarantine(uri, problem or "unreadable")
             else:
                 writer.add(sid, uri, label, None, data)
-        return writer.finish(source=_source(specs, tars))
+        result = writer.finish(source=_source(specs, tars))
+    checked.commit()  # only once the dataset is published
+    return result
 
 
 def _source(specs: Sequence[str], tars: Sequence[str]) -> str:
