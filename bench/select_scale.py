@@ -22,11 +22,16 @@ the stage does now: a ``moment`` child streams the table once into the stored 25
 (tasks.sketch_moment: ``pool_moment``, written as an artifact), then the select child loads it, streams the table
 once more through the projection onto the m leading eigenvectors (``tasks.select.read_auto_sketch``) and fits the
 reduced sketch (``fit_on_reduced``). Both record the sha256 of the selected indices: they must be equal.
-``--paths new`` skips the old path (at 10^7 it holds the 9.5 GiB N × 256 array). Results merge into
-select_scale_auto.json.
+``--paths new`` skips the old path (at 10^7 it holds the 9.5 GiB N × 256 array). ``reduced`` (issue 8, the
+stage's current form): a ``reduce`` child does the sketch-moment stage once (the moment pass, the moment stored,
+then ``tasks.sketch_moment.write_reduced``: m chosen, the table streamed once more through the projection and
+written as the N × m table), and each select child loads the moment, checks the reduced table is its own
+(``usable_reduced``), reads it (``read_vector_matrix``: N × m float32) and fits it. Results merge into
+select_scale_auto.json, or $SKMM_BENCH_NAME.json when set (e.g. select_scale_reduced).
 Run: .venv/bin/python bench/select_scale.py [--sizes 100000,1000000] [--methods skmm,skmm_v2,skmm_best]
      [--devices numpy,cuda]
      .venv/bin/python bench/select_scale.py --auto --sizes 100000,1000000 --methods skmm --max-iter 50
+     SKMM_BENCH_NAME=select_scale_reduced .venv/bin/python bench/select_scale.py --auto --paths new,reduced …
 Tiny check of the command on the CPU: bench/select_scale.py --sizes 3000 --methods skmm --budget 100 --devices numpy,cpu
 """
 
@@ -148,14 +153,48 @@ def moment_child(store_dir: str, ref_json: str) -> None:
     print(json.dumps({**phase.result, "moment": moment.to_dict(), "moment_kib": round(moment.size / 1024, 1)}))
 
 
+def synthetic_dataset(N: int):
+    """A DatasetRef standing for the generated train split (its version is all the reduce stage records)."""
+    from storage.artifacts import ArtifactRef
+    from storage.datasets import DatasetRef
+
+    return DatasetRef(ArtifactRef("bench://select_scale", "0" * 64, 0, "dataset"), "bench-select-scale", N)
+
+
+def reduce_child(store_dir: str, ref_json: str) -> None:
+    """Child (--auto, reduced): the sketch-moment stage as it is now — the moment, then the N × m reduced table;
+    print its result (refs) as JSON."""
+    from skmm.select.auto_sketch import moment_to_bytes
+    from storage.artifacts import ArtifactStore
+    from storage.datasets import VectorTableRef
+    from tasks.sketch_moment import pool_moment, write_reduced
+
+    ref = VectorTableRef.from_dict(json.loads(ref_json))
+    st = ArtifactStore(store_dir)
+    dataset = synthetic_dataset(ref.num_rows)
+    phase = Phases()
+    ids = phase("ids", lambda: sorted_ids(ref.num_rows))
+    sigma = phase("moment", lambda: pool_moment(st, ref, ids))
+    moment = phase("store_moment", lambda: st.put_bytes(moment_to_bytes(sigma, len(ids), sketch=ref.artifact.sha256,
+                                                                        dataset=dataset.version),
+                                                         "moment", ".safetensors"))
+    reduced = phase("reduce", lambda: write_reduced(st, ref, dataset, ids, sigma, moment))
+    stage = {"moment": moment.to_dict(), "reduced": reduced.to_dict(), "num_rows": len(ids), "dim": ref.dim,
+             "m": reduced.dim, "auto": reduced.producer["auto"]}
+    print(json.dumps({**phase.result, "stage": stage, "m": reduced.dim,
+                      "reduced_file_mib": round(reduced.artifact.size / 2**20, 1)}))
+
+
 def measure_auto(store_dir: str, ref_json: str, method: str, n: int, max_iter: int, path: str,
                  moment_json: str = "") -> None:
-    """Child (--auto): the select stage with sketch_dim="auto" along the old or the new path (see the docstring)."""
+    """Child (--auto): the select stage with sketch_dim="auto" along the old, the new or the reduced path (see the
+    docstring). ``moment_json``: the moment's ref (new), the reduce child's stage result (reduced)."""
     from skmm.select import make_selector
     from skmm.select.auto_sketch import fit_on_reduced, moment_from_bytes
     from storage.artifacts import ArtifactRef, ArtifactStore
     from storage.datasets import VectorTableRef, read_vector_matrix
     from tasks.select import read_auto_sketch
+    from tasks.sketch_moment import load_moment, usable_reduced
 
     ref = VectorTableRef.from_dict(json.loads(ref_json))
     st = ArtifactStore(store_dir)
@@ -165,16 +204,29 @@ def measure_auto(store_dir: str, ref_json: str, method: str, n: int, max_iter: i
     ids = phase("ids", lambda: sorted_ids(ref.num_rows))
     params = {"max_iter": max_iter} if method in ("skmm", "skmm_best") else {}
     selector = make_selector(method, n, random_state=0, sketch_dim="auto", **params)
+    read_mib = None
     if path == "old":
         S = phase("read", lambda: read_vector_matrix(st, ref, ids))
         sel = phase("fit", lambda: selector.fit(S))
+        read_mib = ref.artifact.size / 2**20
+    elif path == "reduced":  # tasks.select.run_select with the stage's result
+        stage = json.loads(moment_json)
+        dataset = synthetic_dataset(ref.num_rows)
+        sigma = phase("load_moment", lambda: load_moment(st, stage, ref, dataset, len(ids)))
+        reduced, auto = phase("check", lambda: usable_reduced(stage, ref, dataset, len(ids), sigma))
+        S = phase("read", lambda: read_vector_matrix(st, reduced, ids))
+        sel = phase("fit", lambda: fit_on_reduced(selector, S, None, auto))
+        read_mib = reduced.artifact.size / 2**20
     else:
         sigma, _ = phase("load_moment", lambda: moment_from_bytes(st.get_bytes(ArtifactRef.from_dict(
             json.loads(moment_json)))))
         S, auto = phase("read", lambda: read_auto_sketch(st, ref, ids, sigma))
         sel = phase("fit", lambda: fit_on_reduced(selector, S, None, auto))
     info = sel.selection_.info
-    result.update({"array_read_mib": round(S.nbytes / 2**20, 1), "m": info["auto_sketch"]["m"],
+    if read_mib is None:  # new: the wide table is scanned once (the moment was read above)
+        read_mib = ref.artifact.size / 2**20
+    result.update({"array_read_mib": round(S.nbytes / 2**20, 1), "file_read_mib": round(read_mib, 1),
+                   "m": info["auto_sketch"]["m"],
                    "energy_share": info["auto_sketch"]["energy_share"], "steps": info.get("steps"),
                    "indices_sha256": hashlib.sha256(sel.indices_.tobytes()).hexdigest()})
     print(json.dumps(result))
@@ -221,7 +273,7 @@ def main() -> None:
     parser.add_argument("--store", default=None, help="folder for the sketch tables (default: a temporary one)")
     parser.add_argument("--auto", action="store_true",
                         help="sketch_dim='auto' on an N × 256 sketch: the old path (whole sketch) against the new")
-    parser.add_argument("--paths", default="old,new", help="with --auto: old, new or both")
+    parser.add_argument("--paths", default="old,new", help="with --auto: some of old, new, reduced")
     sub = parser.add_subparsers(dest="child")
     p = sub.add_parser("prepare")
     p.add_argument("store_dir")
@@ -237,12 +289,15 @@ def main() -> None:
     r = sub.add_parser("moment")
     r.add_argument("store_dir")
     r.add_argument("ref")
+    rr = sub.add_parser("reduce")
+    rr.add_argument("store_dir")
+    rr.add_argument("ref")
     a = sub.add_parser("measure-auto")
     for name in ("store_dir", "ref", "method"):
         a.add_argument(name)
     a.add_argument("n", type=int)
     a.add_argument("max_iter", type=int)
-    a.add_argument("path", choices=("old", "new"))
+    a.add_argument("path", choices=("old", "new", "reduced"))
     a.add_argument("moment", nargs="?", default="")
     args = parser.parse_args()
     if args.child:
@@ -250,6 +305,8 @@ def main() -> None:
             prepare(args.store_dir, args.N, args.m)
         elif args.child == "moment":
             moment_child(args.store_dir, args.ref)
+        elif args.child == "reduce":
+            reduce_child(args.store_dir, args.ref)
         elif args.child == "measure-auto":
             measure_auto(args.store_dir, args.ref, args.method, args.n, args.max_iter, args.path, args.moment)
         else:
@@ -290,7 +347,8 @@ def main_auto(args: argparse.Namespace, here: pathlib.Path) -> None:
     """--auto: per N, write an N × 256 sketch, compute its moment once, then each method along each path."""
     from skmm.select.moment_matching import AUTO_M_MAX
 
-    previous = pathlib.Path(os.environ.get("SKMM_BENCH_OUT", here / "out")) / "select_scale_auto.json"
+    name = os.environ.get("SKMM_BENCH_NAME", "select_scale_auto")
+    previous = pathlib.Path(os.environ.get("SKMM_BENCH_OUT", here / "out")) / f"{name}.json"
     runs = json.loads(previous.read_text())["runs"] if previous.exists() else []
     paths = args.paths.split(",")
     with tempfile.TemporaryDirectory(prefix="skmm-select-auto-", dir=args.store) as root:
@@ -309,11 +367,19 @@ def main_auto(args: argparse.Namespace, here: pathlib.Path) -> None:
                 print(json.dumps(run), flush=True)
                 runs = [r for r in runs if _key_auto(r) != _key_auto(run)] + [run]
                 moment = got.get("moment")
+            stage = None
+            if "reduced" in paths:  # the sketch-moment stage as it is now: the moment and the reduced table, once
+                got, wall, peak = run_child(["reduce", store_dir, ref], args.timeout)
+                run = {"N": N, "m_max": AUTO_M_MAX, "method": "-", "n": 0, "path": "reduce",
+                       "child_wall_s": round(wall, 1), "peak_rss_mib": round(peak, 1), **got}
+                print(json.dumps(run), flush=True)
+                runs = [r for r in runs if _key_auto(r) != _key_auto(run)] + [run]
+                stage = got.get("stage")
             for method in args.methods.split(","):
                 for path in paths:
-                    if path == "new" and moment is None:
+                    if (path == "new" and moment is None) or (path == "reduced" and stage is None):
                         continue
-                    extra = [json.dumps(moment)] if path == "new" else []
+                    extra = {"new": [json.dumps(moment)], "reduced": [json.dumps(stage)]}.get(path, [])
                     got, wall, peak = run_child(["measure-auto", store_dir, ref, method, str(args.budget),
                                                  str(args.max_iter), path, *extra], args.timeout)
                     run = {"N": N, "m_max": AUTO_M_MAX, "n": args.budget, "method": method, "path": path,
@@ -324,11 +390,11 @@ def main_auto(args: argparse.Namespace, here: pathlib.Path) -> None:
     sys.path.insert(0, str(here))
     from _common import record
 
-    record("select_scale_auto", {"runs": sorted(runs, key=_key_auto)})
+    record(name, {"runs": sorted(runs, key=_key_auto)})
 
 
 def _key_auto(run: dict) -> tuple:
-    """An --auto run's identity: pool size, method, budget, path (old, new, or the moment child)."""
+    """An --auto run's identity: pool size, method, budget, path (old, new, reduced, or the moment/reduce child)."""
     return run["N"], run["method"], run["n"], run["path"]
 
 

@@ -162,16 +162,19 @@ class _Stages:
     model: dict[str, Any] | None
     head_seed: int  # FT: finetune from the head the sketched gradients were taken at
     auto_sketch: bool = False  # SkMM picks its m from the (m_max-column) sketch's spectrum
-    moment: dict | None = None  # auto_sketch: the sketch's pool moment (tasks.sketch_moment), computed once
+    moment: dict | None = None  # auto_sketch: the sketch's moment and N × m reduction (tasks.sketch_moment), once
 
     def select(self, tag: str, method: str, n: int, seed: int) -> dict:
         sk_ref = VectorTableRef.from_dict(self.sk).artifact
         params = {"sketch_dim": "auto"} if self.auto_sketch and method in AUTO_SKETCH_METHODS else None
-        if params and self.moment is None:  # one streamed pass over the sketch for all (method, budget, seed)
+        if params and self.moment is None:  # two streamed passes over the sketch for all (method, budget, seed)
             with self.rec.stage("sketch_moment", [sk_ref]) as record:
                 self.moment = sketch_moment.with_options(**self.opts)(self.sk, self.dataset, self.store)
-                record.outputs = [ArtifactRef.from_dict(self.moment["moment"])]
-        inputs = [sk_ref, ArtifactRef.from_dict(self.moment["moment"])] if params else [sk_ref]
+                record.outputs = [ArtifactRef.from_dict(self.moment["moment"]),
+                                  VectorTableRef.from_dict(self.moment["reduced"]).artifact]
+                record.metrics = {"sketch_dim": self.moment["m"]}
+        inputs = [sk_ref, ArtifactRef.from_dict(self.moment["moment"]),
+                  VectorTableRef.from_dict(self.moment["reduced"]).artifact] if params else [sk_ref]
         with self.rec.stage(f"select.{tag}", inputs) as record:
             sel = select.with_options(**self.opts)(self.sk, self.dataset, self.store, method, n, seed, params=params,
                                                    class_balanced=self.class_balanced,

@@ -4,8 +4,9 @@ Built for pools of 10^7 samples: the train split's ids are one fixed-width byte 
 Python object each), the sketch is read straight into one float32 N × m array in the split's order (row group
 by row group, matched on the sorted ids), and labels are decoded only for a selector that uses them. With SkMM,
 the sketch and its moment matrix P are the only N × m arrays (two copies of the sketch; see "The select stage
-at N = 10^7" in bench/README.md). With the automatic m the N × m_max sketch is never held either: it streams
-through the projection onto the m leading directions of its stored moment (tasks.sketch_moment).
+at N = 10^7" in bench/README.md). With the automatic m the N × m_max sketch is never held either: the stage
+reads the N × m sketch that tasks.sketch_moment reduced once for all select tasks (or, without one, streams the
+wide sketch through the projection onto the m leading directions of its moment).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pyarrow.compute as pc
 from prefect import task
 
 from skmm.select import make_selector
-from skmm.select.auto_sketch import BLOCK_ROWS, auto_projection, eigen_moments, fit_on_reduced, project_rows, reblock
+from skmm.select.auto_sketch import BLOCK_ROWS, fit_on_reduced, project_rows, reblock
 from skmm.select.moment_matching import AUTO_M_MAX
 from storage.artifacts import ArtifactStore
 from storage.datasets import (
@@ -31,7 +32,7 @@ from storage.selections import write_selection
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
 from tasks.sketch import train_rows
-from tasks.sketch_moment import load_moment, pool_moment
+from tasks.sketch_moment import auto_basis, load_moment, pool_moment, usable_reduced
 from tasks.store import open_store
 
 __all__ = ["label_array", "read_auto_sketch", "run_select", "select", "train_split"]
@@ -69,10 +70,12 @@ def run_select(sketch: dict, dataset: dict, store: dict, method: str, n: int, se
                params: dict | None = None, class_balanced: bool = False, moment: dict | None = None) -> dict:
     """Select ``n`` train samples with ``method``; store and return the selection's ref.
 
-    With ``sketch_dim="auto"`` (an m_max <= ``AUTO_M_MAX``-column sketch) the N × m_max sketch is never held:
-    its moment SᵀS comes from ``moment`` (a :func:`tasks.sketch_moment.run_sketch_moment` result; else it is
-    streamed here), and the sketch is read once more, projected row group by row group onto the m leading
-    eigenvectors chosen for this budget — bitwise the rows, and so the selection, of fitting the whole sketch."""
+    With ``sketch_dim="auto"`` (an m_max <= ``AUTO_M_MAX``-column sketch) the N × m_max sketch is never held.
+    ``moment``: a :func:`tasks.sketch_moment.run_sketch_moment` result. Its reduced N × m table, when it is this
+    sketch's and train split's (ValueError otherwise) and was made with the basis this task computes from the
+    moment, is read as the sketch (one N × m float32 read); else the sketch is read once more, projected row group
+    by row group onto the m leading eigenvectors of the moment (streamed here without ``moment``). Either way the
+    rows, and so the selection, are bitwise those of fitting the whole sketch."""
     st = open_store(store)
     ds = DatasetRef.from_dict(dataset)
     sk = VectorTableRef.from_dict(sketch)
@@ -87,7 +90,11 @@ def run_select(sketch: dict, dataset: dict, store: dict, method: str, n: int, se
         raise ValueError(f"{method} with class balancing needs a label for every pool sample")
     if merged.get("sketch_dim") == "auto" and sk.dim <= AUTO_M_MAX:
         sigma = load_moment(st, moment, sk, ds, len(ids)) if moment is not None else pool_moment(st, sk, ids)
-        S, auto = read_auto_sketch(st, sk, ids, sigma)
+        reduced = usable_reduced(moment, sk, ds, len(ids), sigma) if moment is not None else None
+        if reduced is not None:  # the N × m table the stage wrote once for every select task
+            S, auto = read_vector_matrix(st, reduced[0], ids), reduced[1]
+        else:
+            S, auto = read_auto_sketch(st, sk, ids, sigma)
         fitted = fit_on_reduced(selector, S, y, auto)
     else:  # a fixed m, or a wider table that the selector first sketches to AUTO_M_MAX columns itself
         S = read_vector_matrix(st, sk, ids)
@@ -109,14 +116,14 @@ def read_auto_sketch(store: ArtifactStore, sketch: VectorTableRef, ids: np.ndarr
     """(the train split's sketch rows projected onto the leading m eigenvectors of SᵀS/N, the record of m): one
     streamed read into one float32 N × m array, in the library's blocks
     (skmm.select.auto_sketch), so the rows equal ``selection_sketch(S, "auto", ·)`` bit for bit."""
-    lam, V = eigen_moments(sigma, len(ids))
-    V, auto = auto_projection(lam, V, np.float32)
+    V, auto = auto_basis(sigma, len(ids))
     out = np.empty((len(ids), V.shape[1]), np.float32)
     project_rows(reblock(scan_vector_rows(store, sketch, ids), sketch.dim, BLOCK_ROWS), V, out)
     return out, auto
 
 
-# ``moment`` is derived from the sketch and the dataset (checked on load) and changes no selection: not in the key.
+# ``moment`` (the moment and the reduced table) is derived from the sketch and the dataset, checked on load, and
+# used only when it is what this task would compute: it changes no selection, so it is not in the key.
 @task(name="select", cache_policy=ContentCache(code_version=CODE_VERSION, ignore=("moment",)), persist_result=True,
       result_serializer="json", **RETRY)
 def select(sketch: dict, dataset: dict, store: dict, method: str, n: int, seed: int = 0,

@@ -30,13 +30,15 @@ def test_curate_without_sketch_dim_uses_and_records_the_automatic_m(prefect_serv
               if e["stage"].startswith("select.") and e["event_type"] == "COMPLETE"}
     assert set(chosen) == {"select.skmm.n20.s0", "select.skmm.n40.s0"}
     assert set(chosen.values()) == {32}  # max(64, 2 × signal rank), at most the tiny tower's 32 feature dimensions
-    # the sketch's moment: computed once, in its own stage, and an input of every select stage beside the sketch
+    # the sketch's moment and the sketch reduced to the chosen m (issue 8): computed once, in their own stage, and
+    # inputs of every select stage beside the sketch
     (moment_stage,) = [e for e in events if e["stage"] == "sketch_moment" and e["event_type"] == "COMPLETE"]
-    (moment,) = moment_stage["outputs"]
+    moment, reduced = moment_stage["outputs"]
+    assert reduced.kind == "sketch" and moment_stage["metrics"] == {"sketch_dim": 32}
     starts = [e for e in events if e["stage"].startswith("select.") and e["event_type"] == "START"]
     assert len(starts) == 2
     for e in starts:
-        assert moment.sha256 in {ref.sha256 for ref in e["inputs"]} and len(e["inputs"]) == 2
+        assert {moment.sha256, reduced.sha256} <= {ref.sha256 for ref in e["inputs"]} and len(e["inputs"]) == 3
     (start,) = [e for e in events if e["stage"] == "ingest" and e["event_type"] == "START"]
     sketch_events = [e for e in events if e["stage"] == "sketch" and e["event_type"] == "COMPLETE"]
     assert sketch_events and start["run_id"] == sketch_events[0]["run_id"]
