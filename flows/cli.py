@@ -148,6 +148,10 @@ def curate_cmd(
                                                      "(label-free variance proxy).")] = "val",
     full_pool_reference: Annotated[bool, typer.Option(help="Also finetune on the whole train split, as the report's "
                                                       "reference row and line (costly on a large pool).")] = False,
+    val_limit: Annotated[int, typer.Option(min=0, help="Choices on the val split (probe strength, FT epoch, "
+                                                       "skmm_best's variant) use its N smallest sample ids, a "
+                                                       "fixed content-determined sample; 0: the whole val split. "
+                                                       "The test split is always evaluated in full.")] = 10_000,
     embeddings: Annotated[bool, typer.Option(help="SOURCE is a Parquet table of precomputed embeddings.")] = False,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val/test split.")] = 0,
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest image (width × height) ingested; larger ones are "
@@ -189,6 +193,7 @@ def curate_cmd(
                             endpoint_url=endpoint_url, gradients=gradients,
                             finetune=FinetuneConfig(kind=finetune, layers=ft_layers, epochs=ft_epochs), task=task,
                             variant_choice=variant_choice, full_pool_reference=full_pool_reference,
+                            val_limit=val_limit or None,
                             progress=sys.stderr.isatty() if progress is None else progress)
     except Exception as exc:
         _fail(exc)

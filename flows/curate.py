@@ -30,7 +30,7 @@ from storage.lineage import LineageRecorder, code_provenance
 from storage.runs import record_run_result
 from tasks.embed import embed_with_counts
 from tasks.evaluate import evaluate
-from tasks.finetune import finetune_last_layers, linear_probe
+from tasks.finetune import VAL_LIMIT, finetune_last_layers, linear_probe
 from tasks.ingest import ingest
 from tasks.report import FULL_POOL, publish, report
 from tasks.select import select
@@ -163,6 +163,7 @@ class _Stages:
     head_seed: int  # FT: finetune from the head the sketched gradients were taken at
     auto_sketch: bool = False  # SkMM picks its m from the (m_max-column) sketch's spectrum
     moment: dict | None = None  # auto_sketch: the sketch's moment and N × m reduction (tasks.sketch_moment), once
+    val_limit: int | None = VAL_LIMIT  # choices (C, FT epoch, skmm_best's variant) on the val split's smallest ids
 
     def select(self, tag: str, method: str, n: int, seed: int) -> dict:
         sk_ref = VectorTableRef.from_dict(self.sk).artifact
@@ -198,9 +199,10 @@ class _Stages:
             if ft.kind == "last_layers":
                 fit = finetune_last_layers.with_options(**self.opts)(
                     self.dataset, selection, self.store, self.model, k=ft.layers, epochs=ft.epochs, lr=ft.lr,
-                    head_lr=ft.head_lr, seed=self.head_seed)
+                    head_lr=ft.head_lr, seed=self.head_seed, val_limit=self.val_limit)
             else:
-                fit = linear_probe.with_options(**self.opts)(self.emb, self.dataset, selection, self.store, task=task)
+                fit = linear_probe.with_options(**self.opts)(self.emb, self.dataset, selection, self.store, task=task,
+                                                             val_limit=self.val_limit)
             record.model = ArtifactRef.from_dict(fit["model"])
         return fit["model"]
 
@@ -208,7 +210,9 @@ class _Stages:
         stage = f"{'evaluate' if split == 'test' else 'validate'}.{tag}"
         with self.rec.stage(stage, [ArtifactRef.from_dict(model)]) as record:
             check_fault(stage)
-            metrics = evaluate.with_options(**self.opts)(model, self.emb, self.dataset, self.store, split=split)
+            limit = {"val_limit": self.val_limit} if split == "val" else {}  # the test split: always all of it
+            metrics = evaluate.with_options(**self.opts)(model, self.emb, self.dataset, self.store, split=split,
+                                                         **limit)
             record.metrics = metrics
         return metrics
 
@@ -241,18 +245,20 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
                              class_balanced: bool = False, finetune: FinetuneConfig | None = None,
                              model: dict[str, Any] | None = None, task: str = "classification",
                              variant_choice: str = "val", full_pool: int | None = None,
-                             auto_sketch: bool = False) -> list[dict[str, Any]]:
+                             auto_sketch: bool = False, val_limit: int | None = VAL_LIMIT) -> list[dict[str, Any]]:
     """For each (method, budget, seed): select → finetune → evaluate on the test split, each a recorded stage.
 
     ``variant_choice``: how ``skmm_best`` picks between convex SkMM and greedy SkMMv2 — "val" (finetune on both
     selections, keep the better on the val split) or "proxy" (the label-free variance proxy, before finetuning).
     ``full_pool``: the train split's size, to add the full-pool reference (method "full": a model finetuned on
     every train sample, the first seed) that the report draws as a reference row and line. ``auto_sketch``: the
-    sketch has ``AUTO_M_MAX`` columns and SkMM chooses its m from its spectrum (recorded)."""
+    sketch has ``AUTO_M_MAX`` columns and SkMM chooses its m from its spectrum (recorded). ``val_limit``: the
+    choices on the val split (the probe's C, the FT epoch, skmm_best's variant) use its ``val_limit`` smallest
+    sample ids (None: all of it; tasks.finetune.VAL_LIMIT)."""
     if variant_choice not in ("val", "proxy"):
         raise ValueError(f"variant_choice must be 'val' or 'proxy'; got {variant_choice!r}")
     stages = _Stages(rec, opts, store, dataset, emb, sk, class_balanced, finetune or FinetuneConfig(), model,
-                     head_seed=seeds[0], auto_sketch=auto_sketch)
+                     head_seed=seeds[0], auto_sketch=auto_sketch, val_limit=val_limit)
     results = []
     for method, n, seed in itertools.product(methods, budgets, seeds):
         tag = f"{method}.n{n}.s{seed}"
@@ -301,6 +307,7 @@ def curate(
     class_balanced: bool = False,
     variant_choice: Literal["val", "proxy"] = "val",
     full_pool_reference: bool = False,
+    val_limit: PositiveInt | None = VAL_LIMIT,
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
     batch_size: PositiveInt = 64,
@@ -318,7 +325,9 @@ def curate(
     SkMMv2 per budget — "val" (the better finetuned model on the val split) or "proxy" (the label-free variance
     proxy). ``full_pool_reference``: also finetune on the whole train split (opt-in: the whole split's features
     in memory, and a full finetune) and show it in the report as the reference the budgets are measured against.
-    ``progress``: a progress bar per embedded shard on stderr (the CLI turns it on in a terminal)."""
+    ``val_limit``: choices on the val split use its ``val_limit`` smallest sample ids (a content-determined
+    sample; None: the whole split), so that they cost the same on any pool; the test split is always evaluated
+    in full. ``progress``: a progress bar per embedded shard on stderr (the CLI turns it on in a terminal)."""
     logger = get_run_logger()
     check_methods(methods)
     if task == "regression" and (class_balanced or finetune.kind != "linear_probe"):
@@ -335,6 +344,8 @@ def curate(
               "variant_choice": variant_choice}
     if full_pool_reference:  # named only when on: the default config (and its hash) stays what it was
         config["full_pool_reference"] = True
+    if val_limit != VAL_LIMIT:  # likewise: named only when not the default
+        config["val_limit"] = val_limit
     code = code_provenance()  # the code that runs, never the caller's working folder
     rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=code.git_commit, skmm_version=code.version,
                           config=config, attempt=flow_run.run_count or None)  # Prefect's run count: 2 on a retry
@@ -381,7 +392,7 @@ def curate(
     results = select_finetune_evaluate(rec, opts, store, ing["dataset"], emb, sk, methods, budgets, seeds,
                                        class_balanced, finetune, model.model_dump(), task, variant_choice,
                                        full_pool=ing["split_counts"]["train"] if full_pool_reference else None,
-                                       auto_sketch=sketch_dim == "auto")
+                                       auto_sketch=sketch_dim == "auto", val_limit=val_limit)
     rep = report_stage(rec, opts, store, results)
     # The result also goes to the store (runs/<run_id>.json), so a scheduled run can be re-selected by its id.
     return record_run_result(rec, {"run_id": rec.run_id, "store": st.url, "dataset": ing["dataset"],

@@ -12,6 +12,8 @@ few images. This module reads only the columns and row groups it needs, and stil
   ArtifactCorruptedError naming the dataset.
 - :func:`read_images`: (sample_id, data) of the wanted ids only, from the row groups that hold one; each row is
   verified by its id (a sample id *is* the sha256 of the sample's bytes).
+- :func:`iter_split`: (sample_id, label[, data]) of one split's rows — or of its ``limit`` smallest ids, a
+  content-determined sample — in bounded batches, verified both ways: evaluate and finetune stream through it.
 
 Every shard's object size is checked against the manifest's ref, and its row count and schema against the
 footer, before anything is decoded; files are opened without a read-ahead cache (``cache_type="none"``) so that a
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -35,7 +38,8 @@ from storage.artifacts import ArtifactRef, ArtifactStore, _translate
 from storage.datasets import SAMPLE_SCHEMA, DatasetRef, ShardRef, load_manifest, sample_id, sample_id_array
 from storage.errors import ArtifactCorruptedError, MalformedRecordError, StorageError
 
-__all__ = ["METADATA_COLUMNS", "iter_metadata", "iter_shard", "read_images", "read_metadata", "shard_rows"]
+__all__ = ["METADATA_COLUMNS", "check_limit", "iter_metadata", "iter_shard", "iter_split", "read_images",
+           "read_metadata", "shard_rows"]
 
 #: The columns a metadata read may return (everything but the sample bytes).
 METADATA_COLUMNS = ("sample_id", "source_uri", "label", "split")
@@ -212,6 +216,22 @@ def _metadata_columns(columns: Sequence[str]) -> list[str]:
     return columns
 
 
+def _verified_shards(store: ArtifactStore, dataset: DatasetRef, read: Sequence[str]
+                     ) -> Iterator[tuple[ShardRef, pa.Table]]:
+    """(shard, its ``read`` metadata columns) for every shard, in order, each checked into the dataset version;
+    the version is compared with the manifest's after the last shard (ArtifactCorruptedError then)."""
+    read = list(read)
+    check = _VersionCheck(dataset)
+    for shard in load_manifest(store, dataset).shards:
+        parts = list(iter_shard(store, shard, read[1:]))
+        table = pa.concat_tables(parts) if parts else SAMPLE_SCHEMA.empty_table().select(read)
+        if table.num_rows != shard.num_rows:
+            raise check.fail(f"{_what(shard)} yields {table.num_rows} rows, the manifest says {shard.num_rows}")
+        check.update(table)
+        yield shard, table
+    check.finish()
+
+
 def iter_metadata(store: ArtifactStore, dataset: DatasetRef, columns: Sequence[str] = ("sample_id", "label", "split"),
                   split: str | None = None) -> Iterator[pa.Table]:
     """``columns`` of every row (of ``split`` only, if given), one table per shard, in sample-id order; never the
@@ -221,17 +241,10 @@ def iter_metadata(store: ArtifactStore, dataset: DatasetRef, columns: Sequence[s
     version equals the manifest's (act on the yielded rows only after the iteration ended)."""
     columns = _metadata_columns(columns)
     read = sorted({"sample_id", "label", "split", *columns}, key=list(METADATA_COLUMNS).index)
-    check = _VersionCheck(dataset)
-    for shard in load_manifest(store, dataset).shards:
-        parts = list(iter_shard(store, shard, read[1:]))
-        table = pa.concat_tables(parts) if parts else SAMPLE_SCHEMA.empty_table().select(read)
-        if table.num_rows != shard.num_rows:
-            raise check.fail(f"{_what(shard)} yields {table.num_rows} rows, the manifest says {shard.num_rows}")
-        check.update(table)
+    for _, table in _verified_shards(store, dataset, read):
         if split is not None:
             table = table.filter(pc.equal(table.column("split"), split))
         yield table.select(columns)
-    check.finish()
 
 
 def read_metadata(store: ArtifactStore, dataset: DatasetRef, columns: Sequence[str] = ("sample_id", "label", "split"),
@@ -244,6 +257,20 @@ def read_metadata(store: ArtifactStore, dataset: DatasetRef, columns: Sequence[s
 
 
 # ---------------------------------------------------------------------------------------------- images
+def _verified_images(store: ArtifactStore, shard: ShardRef, wanted: pa.Array, batch_rows: int) -> Iterator[pa.Table]:
+    """(sample_id, data) of the ``wanted`` rows (a sorted, unique string array) of one shard, at most
+    ``batch_rows`` rows at a time, in sample-id order, each row verified by its id."""
+    schema = pa.schema([pa.field("sample_id", pa.string()), pa.field("data", pa.binary())])
+    for part in iter_shard(store, shard, ["data"], wanted, batch_rows=batch_rows):
+        for sid, data in zip(part.column("sample_id").to_pylist(), part.column("data").to_pylist(), strict=True):
+            if data is None:
+                raise ValueError(f"sample {sid} has no stored bytes (only its source_uri) in {_what(shard)}")
+            if sample_id(data) != sid:
+                raise ArtifactCorruptedError(f"{_what(shard)} is corrupted: the bytes of sample {sid} hash "
+                                             f"to {sample_id(data)}")
+        yield part.cast(schema)
+
+
 def read_images(store: ArtifactStore, dataset: DatasetRef, sample_ids: Sequence[str] | pa.Array) -> pa.Table:
     """(sample_id, data) of the wanted samples, in sample-id order (duplicates collapse), each verified.
 
@@ -259,18 +286,59 @@ def read_images(store: ArtifactStore, dataset: DatasetRef, sample_ids: Sequence[
     parts: list[pa.Table] = []
     if len(wanted):
         for shard in load_manifest(store, dataset).shards:
-            for part in iter_shard(store, shard, ["data"], wanted, batch_rows=_IMAGE_BATCH_ROWS):
-                for sid, data in zip(part.column("sample_id").to_pylist(), part.column("data").to_pylist(),
-                                     strict=True):
-                    if data is None:
-                        raise ValueError(f"sample {sid} has no stored bytes (only its source_uri) in {_what(shard)}")
-                    if sample_id(data) != sid:
-                        raise ArtifactCorruptedError(f"{_what(shard)} is corrupted: the bytes of sample {sid} hash "
-                                                     f"to {sample_id(data)}")
-                parts.append(part.cast(schema))
+            parts.extend(_verified_images(store, shard, wanted, _IMAGE_BATCH_ROWS))
     found = pa.concat_tables(parts) if parts else schema.empty_table()
     if found.num_rows != len(wanted):
         missing = wanted.filter(pc.invert(pc.is_in(wanted, value_set=found.column("sample_id"))))
         raise ValueError(f"{len(missing)} wanted samples are not in dataset {dataset.manifest.uri} "
                          f"(first {missing[0].as_py()})")
     return found
+
+
+# ---------------------------------------------------------------------------------------------- one split, streamed
+def check_limit(limit: Any, name: str = "limit") -> int | None:
+    """``limit`` as an int >= 1, or None (no limit); ValueError for anything else (0, negatives, bools, floats)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+        raise ValueError(f"{name} must be a positive integer, or None for the whole split; got {limit!r}")
+    return int(limit)
+
+
+def iter_split(store: ArtifactStore, dataset: DatasetRef, split: str, limit: int | None = None,
+               images: bool = False, batch_rows: int = _IMAGE_BATCH_ROWS) -> Iterator[pa.Table]:
+    """sample_id and label (with ``images``, also the sample bytes ``data``) of the rows of ``split``, in
+    sample-id order, in tables of at most ``batch_rows`` rows.
+
+    ``limit``: only the split's first ``limit`` rows, i.e. its ``limit`` smallest sample ids — ids are content
+    hashes, so this is a sample fixed by the samples' content, independent of ingest order and shard layout
+    (None: the whole split). Memory: one shard's metadata plus one batch of ``batch_rows`` images, whatever the
+    pool's size. Verified like :func:`iter_metadata` (the dataset version, after the last shard: every shard's
+    metadata is read even once ``limit`` rows were yielded; act on the rows only after the iteration ended) and
+    :func:`read_images` (each image by its id)."""
+    limit = check_limit(limit)
+    if isinstance(batch_rows, bool) or not isinstance(batch_rows, numbers.Integral) or batch_rows < 1:
+        raise ValueError(f"batch_rows must be a positive integer; got {batch_rows!r}")
+    left = limit
+    for shard, table in _verified_shards(store, dataset, ("sample_id", "label", "split")):
+        if left == 0:
+            continue  # read all the same: the version covers every row
+        rows = table.filter(pc.equal(table.column("split"), split)).select(["sample_id", "label"])
+        if left is not None:
+            rows = rows.slice(0, left)
+            left -= rows.num_rows
+        if not images:
+            for lo in range(0, rows.num_rows, batch_rows):
+                yield rows.slice(lo, batch_rows)
+            continue
+        if not rows.num_rows:
+            continue
+        rows = rows.combine_chunks()
+        ids, got = rows.column("sample_id").chunk(0), 0
+        for part in _verified_images(store, shard, ids, batch_rows):
+            yield rows.take(pc.index_in(part.column("sample_id"), value_set=ids)).append_column(
+                "data", part.column("data"))
+            got += part.num_rows
+        if got != rows.num_rows:
+            raise ArtifactCorruptedError(f"{_what(shard)} is corrupted: its metadata lists {rows.num_rows} {split} "
+                                         f"rows, its sample bytes {got}")

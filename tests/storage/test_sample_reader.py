@@ -24,7 +24,7 @@ from storage.datasets import (
     write_samples,
 )
 from storage.errors import ArtifactCorruptedError
-from storage.sample_reader import _VersionCheck, iter_metadata, read_images, read_metadata
+from storage.sample_reader import _VersionCheck, iter_metadata, iter_split, read_images, read_metadata
 from tasks.finetune import _selected_images
 from tasks.select import train_split
 from tasks.sketch import dataset_num_classes, pool_ids, split_columns
@@ -249,3 +249,64 @@ def test_metadata_and_selected_images_read_a_fraction_of_the_bytes(tmp_path):
     assert classes == ["0", "1", "2"]
     hit = sum(shards[s].artifact.size for s in val_shards)
     assert ft.fs.bytes_read < hit + 0.03 * total < total, (ft.fs.bytes_read, hit, total)
+
+
+# ---------------------------------------------------------------------------------------------- one split, streamed
+def test_iter_split_streams_one_split_in_bounded_batches(tmp_path):
+    """iter_split: the split's rows in id order, at most batch_rows per table, images verified; ``limit``: the
+    split's smallest ids; the metadata of every shard is read all the same (the version covers every row)."""
+    store = ArtifactStore(tmp_path / "store")
+    records = _records(47)
+    ref = write_samples(store, records, shard_rows=9)
+    data_of = {sample_id(r["data"]): r["data"] for r in records}
+    val = read_metadata(store, ref, ["sample_id", "label"], split="val")
+    assert val.num_rows == 10
+    meta = list(iter_split(store, ref, "val", batch_rows=3))
+    assert all(t.num_rows <= 3 for t in meta) and pa.concat_tables(meta).equals(val)
+    parts = list(iter_split(store, ref, "val", images=True, batch_rows=2))
+    assert all(0 < t.num_rows <= 2 for t in parts)
+    got = pa.concat_tables(parts)
+    assert got.select(["sample_id", "label"]).equals(val)
+    assert got.column("data").to_pylist() == [data_of[s] for s in val.column("sample_id").to_pylist()]
+    for limit in (1, 4, 10, 11):
+        first = pa.concat_tables(list(iter_split(store, ref, "val", limit, images=True, batch_rows=2)))
+        assert first.column("sample_id").to_pylist() == sorted(val.column("sample_id").to_pylist())[:limit]
+    for bad in (0, -1, True, 1.0):
+        with pytest.raises(ValueError, match="limit must be a positive integer"):
+            list(iter_split(store, ref, "val", bad))
+    assert list(iter_split(store, ref, "no-such-split", images=True)) == []
+
+
+def test_iter_split_verifies_images_and_the_version(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    records = _records(24, size=2000)
+    ref = write_samples(store, records, shard_rows=8)
+    victim = sorted((r for r in records if r["split"] == "test"), key=lambda r: sample_id(r["data"]))[-1]
+    _flip_image(store, ref, victim["data"])
+    with pytest.raises(ArtifactCorruptedError, match=f"bytes of sample {sample_id(victim['data'])}"):
+        list(iter_split(store, ref, "test", images=True))
+    assert len(list(iter_split(store, ref, "test", limit=1, images=True))) == 1  # the damaged image is not read
+    shard = load_manifest(store, ref).shards[2]
+    table = pq.read_table(_path(shard))
+    labels = table.column("label").to_pylist()
+    labels[3] = "1" if labels[3] != "1" else "2"
+    _replant(shard, table.set_column(2, "label", pa.array(labels, pa.string())))
+    parts = []
+    with pytest.raises(ArtifactCorruptedError, match=ref.manifest.uri):  # even past the limit: at the end
+        for part in iter_split(ArtifactStore(tmp_path / "store"), ref, "val", limit=1):
+            parts.append(part)
+    assert len(parts) == 1
+
+
+def test_iter_split_with_a_limit_reads_the_images_of_the_sample_only(tmp_path):
+    records = [{"data": random.Random(i).randbytes(40_000), "source_uri": f"file:///pool/{i}.jpg", "label": "a",
+                "split": "val"} for i in range(40)]
+    ref = write_samples(ArtifactStore(tmp_path / "store"), records, shard_rows=10)
+    shards = load_manifest(ArtifactStore(tmp_path / "store"), ref).shards
+    total = sum(s.artifact.size for s in shards)
+    _forget_memoised_shards()
+    counting = _counting_store(tmp_path / "store")
+    got = list(iter_split(counting, ref, "val", limit=3, images=True))
+    assert sum(t.num_rows for t in got) == 3
+    # the row group holding the 3 smallest ids (the first shard's), and the other shards' metadata only
+    assert counting.fs.bytes_read < shards[0].artifact.size + 0.03 * total, (counting.fs.bytes_read, total)
