@@ -15,6 +15,9 @@ configurations of bench/robustness.py, 4 seeds; each rule's convex/greedy risks 
     .venv/bin/python bench/auto_m.py --part digits --model ViT-S-32
     .venv/bin/python bench/auto_m.py --part protocol
 → bench/out/auto_m_{digits_<model>,protocol}.json
+
+A rule may also carry selector parameters: ``params`` for both variants, ``by_variant`` for one (the seeding's
+``pivoting`` rules of issue 10, bench/README.md "Budgets about equal to the cluster count").
 """
 
 from __future__ import annotations
@@ -56,7 +59,31 @@ RULES: dict[str, dict[str, Any]] = {
     "eig128": {"fixed": 128},
     "eig256": {"fixed": 256},
     "gauss64": {"gauss": 64},
+    # issue 10, budgets about equal to the cluster count: the shipped m with another seeding pivot rule
+    # ("params" go to both SkMM variants' constructors)
+    "floor64_rank2_greedy": {"floor": 64, "rank_mult": 2, "params": {"pivoting": "greedy"}},
+    "floor64_rank2_pow2": {"floor": 64, "rank_mult": 2, "params": {"pivoting": 2.0}},
+    "floor64_rank2_pow4": {"floor": 64, "rank_mult": 2, "params": {"pivoting": 4.0}},
+    "floor64_rank2_gsignal": {"floor": 64, "rank_mult": 2, "params": {"pivoting": "greedy_signal"}},
+    "floor64_rank2_banded": {"floor": 64, "rank_mult": 2, "params": {"pivoting": "banded"}},
+    "floor64_rank2_bsignal": {"floor": 64, "rank_mult": 2, "params": {"pivoting": "banded_signal"}},
+    "floor64_rank2_dsignal": {"floor": 64, "rank_mult": 2, "params": {"pivoting": "directed_signal"}},
+    "floor64_rank2_directed": {"floor": 64, "rank_mult": 2, "params": {"pivoting": "directed"}},
+    # per variant ("by_variant": constructor params of convex SkMM / SkMMv2 only)
+    "floor64_rank2_convex_gsignal": {"floor": 64, "rank_mult": 2,
+                                     "by_variant": {"skmm": {"pivoting": "greedy_signal"}}},
+    "floor64_rank2_convex_bsignal": {"floor": 64, "rank_mult": 2,
+                                     "by_variant": {"skmm": {"pivoting": "banded_signal"}}},
+    "floor64_rank2_convex_dsignal": {"floor": 64, "rank_mult": 2,
+                                     "by_variant": {"skmm": {"pivoting": "directed_signal"}}},
+    # the old default pivoting for both (to compare once convex SkMM's default changed)
+    "floor64_rank2_sampled": {"floor": 64, "rank_mult": 2, "params": {"pivoting": "sampled"}},
 }
+
+
+def rule_params(rule: dict[str, Any], variant: str) -> dict[str, Any]:
+    """Constructor parameters a rule gives the variant ("skmm" or "skmm_v2")."""
+    return {**rule.get("params", {}), **rule.get("by_variant", {}).get(variant, {})}
 
 
 def centered_spectrum(S: np.ndarray) -> np.ndarray:
@@ -125,7 +152,7 @@ def digits(model: str, seeds: int, budgets: list[int], rules: list[str]) -> dict
                         mm = X.shape[1]
                     else:
                         X, mm = reduced(S, lam, V, m), m
-                    idx = cls(n, random_state=seed).fit(X).indices_
+                    idx = cls(n, random_state=seed, **rule_params(rule, variant)).fit(X).indices_
                     probe = LinearProbe(strengths=list(STRENGTHS)).fit(Xtr[idx], ytr[idx], Xval, yval)
                     rows.append({"rule": name, "n": n, "seed": seed, "variant": variant, "m": int(mm),
                                  "val": float(np.mean(probe.predict(Xval) == yval)),
@@ -164,7 +191,7 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
                     X = reduced(S, lam, V, m)
                     risks = {}
                     for variant, cls in (("skmm", SkMM), ("skmm_v2", SkMMv2)):
-                        idx = cls(n, random_state=seed).fit(X).indices_
+                        idx = cls(n, random_state=seed, **rule_params(RULES[name], variant)).fit(X).indices_
                         risks[variant] = (ridge_risk(pool.X, pool.y, idx)[0],
                                           ridge_risk(pool.X, pool.y, idx, eval_rows=val)[0])
                     chosen = min(risks, key=lambda v: (risks[v][1], v != "skmm"))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from skmm.select.adaptive import fill_uniformly, orthogonal_part
+from skmm.select.adaptive import fill_uniformly, orthogonal_part, pivot_rule
 
 __all__ = ["CHUNK_ROWS", "CPU_CHUNK_ROWS", "device_label", "fista_on_device", "greedy_on_device",
            "pivoted_rows_on_device", "resolve_device", "top_k_torch"]
@@ -211,10 +211,12 @@ def _rows_float64(S: torch.Tensor, fn, chunk_rows: int) -> torch.Tensor:
 
 
 def pivoted_rows_on_device(S: np.ndarray, k: int, rng: np.random.Generator, dev: torch.device,
-                           chunk_rows: int | None = None, S_d: torch.Tensor | None = None) -> list[int]:
+                           chunk_rows: int | None = None, S_d: torch.Tensor | None = None,
+                           pivoting: str | float = "sampled", lead_pivots: int | None = None) -> list[int]:
     """:func:`skmm.select.adaptive.randomly_pivoted_rows` (float64 row blocks, no ``exclude``) with the residual
     norms and their updates on ``dev``: the same draws from ``rng``, the same basis arithmetic on the host.
-    ``S_d``: the sketch already on ``dev`` (else it is sent)."""
+    ``S_d``: the sketch already on ``dev`` (else it is sent). ``pivoting``, ``lead_pivots``: as there."""
+    rule = pivot_rule(pivoting)
     N, d = S.shape
     chunk_rows = _chunk(dev, chunk_rows)
     S_d = _to_device(S, dev, chunk_rows) if S_d is None else S_d
@@ -223,16 +225,37 @@ def pivoted_rows_on_device(S: np.ndarray, k: int, rng: np.random.Generator, dev:
     basis = np.zeros((min(k, d), d))
     rank = 0
     scale = float(residual.max()) if N else 0.0
-    for _ in range(k):
+    for i in range(k):
+        power, band = rule if lead_pivots is None or i < lead_pivots else (1.0, 0.0)
         total = float(residual.sum())
         if total <= 1e-12 * max(scale, 1e-300) or rank == basis.shape[0]:
             fill_uniformly(picked, N, k, rng)
             break
-        cdf = torch.cumsum(residual / total, dim=0)  # rng.choice(N, p=…) is this inverse CDF at one uniform draw
-        cdf /= cdf[-1].clone()
-        u = torch.tensor([rng.random()], dtype=torch.float64, device=dev)
-        p = int(torch.searchsorted(cdf, u, right=True)[0])
-        del cdf
+        if power == np.inf:  # greedy pivoting: the first arg-max, no draw
+            p = int(torch.argmax(residual))
+            if band > 0:  # "directed": as adaptive._directed_pivot
+                q, norm = orthogonal_part(S[p], basis, rank)
+                if norm > 0:
+                    v = torch.from_numpy(q / norm).to(dev)
+                    proj = _rows_float64(S_d, lambda b, v=v: b @ v, chunk_rows) ** 2
+                    proj = torch.where(residual <= 0, 0.0, proj)
+                    proj = torch.where(proj < band * proj.max(), 0.0, proj)
+                    cdf = torch.cumsum(proj / float(proj.sum()), dim=0)
+                    cdf /= cdf[-1].clone()
+                    u = torch.tensor([rng.random()], dtype=torch.float64, device=dev)
+                    p = int(torch.searchsorted(cdf, u, right=True)[0])
+                    del cdf, proj
+        else:
+            weights = residual
+            if power != 1.0 or band > 0:  # as adaptive._pick_pivot: relative to the largest, banded, powered
+                weights = residual / residual.max()
+                weights = torch.where(weights < band, 0.0, weights) ** power
+            wsum = total if weights is residual else float(weights.sum())
+            cdf = torch.cumsum(weights / wsum, dim=0)  # rng.choice(N, p=…) is this inverse CDF at one uniform draw
+            cdf /= cdf[-1].clone()
+            u = torch.tensor([rng.random()], dtype=torch.float64, device=dev)
+            p = int(torch.searchsorted(cdf, u, right=True)[0])
+            del cdf, weights
         q, norm = orthogonal_part(S[p], basis, rank)
         picked.append(p)
         residual[p] = 0.0
@@ -258,14 +281,15 @@ def top_k_torch(score: torch.Tensor, k: int) -> torch.Tensor:
 
 def greedy_on_device(S: np.ndarray, sigma: np.ndarray, eps: float, n_seed: int, n: int, block: int,
                      pick, rng: np.random.Generator, dev: torch.device,
-                     chunk_rows: int | None = None) -> tuple[list[int], int]:
+                     chunk_rows: int | None = None, pivoting: str | float = "sampled",
+                     lead_pivots: int | None = None) -> tuple[list[int], int]:
     """SkMMv2's seeding and greedy steps with the sketch, the per-row numerator and leverage on ``dev``; the m × m
     solves on the host, as the numpy path. ``pick(score, k, rng)`` is the numpy sampler, used at temperature > 0
     (None: the greedy top-k on the device). Returns (rows in selection order, rows seeded)."""
     N, m = S.shape
     chunk_rows = _chunk(dev, chunk_rows)
     S_d = _to_device(S, dev, chunk_rows)
-    seeds = pivoted_rows_on_device(S, n_seed, rng, dev, chunk_rows, S_d) if n_seed else []
+    seeds = pivoted_rows_on_device(S, n_seed, rng, dev, chunk_rows, S_d, pivoting, lead_pivots) if n_seed else []
     chosen = torch.zeros(N, dtype=torch.bool, device=dev)
     order = list(seeds)
     if seeds:

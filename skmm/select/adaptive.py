@@ -8,7 +8,11 @@ import numpy as np
 
 from skmm.select.base import BaseSelector
 
-__all__ = ["FLOAT64_CACHE_BYTES", "AdaptiveSampling", "randomly_pivoted_rows"]
+__all__ = ["FLOAT64_CACHE_BYTES", "PIVOTINGS", "PIVOT_BAND", "AdaptiveSampling", "pivot_rule", "randomly_pivoted_rows"]
+
+# named pivot rules (pivot_rule); a number β > 0 samples ∝ residual^β
+PIVOTINGS = ("sampled", "greedy", "banded", "directed", "greedy_signal", "banded_signal", "directed_signal")
+PIVOT_BAND = 0.5  # "banded": draw among the rows whose residual is at least this fraction of the largest
 
 # Bytes of float64 row blocks of X that randomly_pivoted_rows(block_rows=…) may keep across pivots instead of
 # converting them again at each one. 0 by default: the selectors hold no float64 copy of the sketch (one block's
@@ -81,6 +85,65 @@ def _choice_by_residual(residual: np.ndarray, total: float, rng: np.random.Gener
     return lo
 
 
+def pivot_rule(pivoting: str | float) -> tuple[float, float]:
+    """(β, band) of a pivot rule: a row is drawn ∝ residual^β among the rows whose residual is at least
+    band × the largest. "sampled" is (1, 0), randomly pivoted sampling (the authors' rule); "greedy" is β = ∞,
+    the arg-max of the residual (greedy pivoted Cholesky, deterministic, no draw); "banded" is (1,
+    :data:`PIVOT_BAND`): ∝ residual among the rows within a factor of the largest; "directed" is (∞, band): the
+    direction of the largest residual, then a row drawn ∝ its squared projection on that direction among the rows
+    within the band of the largest projection (a typical member of the cluster the arg-max points at, not its
+    outlier; one more pass over X per pivot); a number β > 0 is (β, 0).
+    Greedier rules pick less often where many rows with small residuals (a big cluster's noise) outweigh a few
+    rows with a large one (an uncovered small cluster); "banded" still draws a typical row of that cluster where
+    "greedy" takes its most outlying one. The "_signal" names apply the rule to the first pivots only (as many as
+    the spectrum's signal rank, which the selectors pass as ``lead_pivots``), then sample ∝ residual."""
+    if isinstance(pivoting, str):
+        if pivoting not in PIVOTINGS:
+            raise ValueError(f"pivoting must be one of {PIVOTINGS} or a number > 0; got {pivoting!r}")
+        name = pivoting.removesuffix("_signal")
+        return {"sampled": (1.0, 0.0), "greedy": (float("inf"), 0.0), "banded": (1.0, PIVOT_BAND),
+                "directed": (float("inf"), PIVOT_BAND)}[name]
+    if isinstance(pivoting, bool) or not isinstance(pivoting, int | float) or not pivoting > 0:
+        raise ValueError(f"pivoting must be one of {PIVOTINGS} or a number > 0; got {pivoting!r}")
+    return float(pivoting), 0.0
+
+
+def _pick_pivot(residual: np.ndarray, total: float, rule: tuple[float, float], rng: np.random.Generator,
+                buf: np.ndarray) -> int:
+    """The next pivot: drawn ∝ residual (rule (1, 0): exactly the draw of :func:`_choice_by_residual`),
+    ∝ residual^β within the band, or the first arg-max (β = ∞, no draw from ``rng``)."""
+    power, band = rule
+    if power == 1.0 and band == 0.0:
+        return _choice_by_residual(residual, total, rng, buf)
+    if not np.isfinite(total):
+        raise ValueError("Probabilities contain NaN: the pool has non-finite entries")
+    if power == np.inf:
+        return int(np.argmax(residual))
+    top = float(residual.max())
+    np.divide(residual, top, out=buf)  # in [0, 1]: no overflow for large β
+    if band > 0:
+        buf[buf < band] = 0.0
+    if power != 1.0:
+        np.power(buf, power, out=buf)
+    weights = buf.copy()
+    return _choice_by_residual(weights, float(weights.sum()), rng, buf)
+
+
+def _directed_pivot(X: np.ndarray, top: int, residual: np.ndarray, basis: np.ndarray, rank: int,
+                    matvec: Callable[[np.ndarray], np.ndarray], band: float, rng: np.random.Generator,
+                    buf: np.ndarray) -> int:
+    """A row drawn ∝ its squared projection on the residual direction of row ``top`` (the arg-max), among the
+    rows with a positive residual whose projection is within ``band`` of the largest."""
+    q, norm = orthogonal_part(X[top], basis, rank)
+    if norm <= 0:
+        return top
+    proj = matvec(q / norm)
+    np.square(proj, out=proj)
+    proj[residual <= 0] = 0.0
+    proj[proj < band * proj.max()] = 0.0
+    return _choice_by_residual(proj, float(proj.sum()), rng, buf)
+
+
 def fill_uniformly(picked: list[int], N: int, k: int, rng: np.random.Generator,
                    exclude: np.ndarray | None = None) -> None:
     """Extend ``picked`` to k rows drawn uniformly from the rows neither picked nor excluded: the pivoted
@@ -103,7 +166,8 @@ def orthogonal_part(row: np.ndarray, basis: np.ndarray, rank: int) -> tuple[np.n
 
 def randomly_pivoted_rows(
     X: np.ndarray, k: int, rng: np.random.Generator, exclude: np.ndarray | None = None,
-    block_rows: int | None = None, cache_bytes: int | None = None,
+    block_rows: int | None = None, cache_bytes: int | None = None, pivoting: str | float = "sampled",
+    lead_pivots: int | None = None,
 ) -> tuple[list[int], np.ndarray]:
     """Pick k rows by randomly pivoted sampling; return (rows, orthonormal basis of their span, k' × d).
 
@@ -113,7 +177,10 @@ def randomly_pivoted_rows(
     own dtype, as the adaptive-sampling baseline always has. ``cache_bytes`` (default :data:`FLOAT64_CACHE_BYTES`):
     float64 blocks kept across pivots rather than converted at each. Whatever it is, the rows, basis and generator
     state are those of converting every block at every pivot and drawing with ``rng.choice(N, p=…)``.
+    ``pivoting`` (:func:`pivot_rule`): "sampled" (the default, the rule above), "greedy" (arg-max residual),
+    "banded" or β; it picks the first ``lead_pivots`` rows (None: all of them), the rest are sampled ∝ residual.
     """
+    rule = pivot_rule(pivoting)
     N = X.shape[0]
     if block_rows is None:
         residual = np.einsum("ij,ij->i", X, X).astype(np.float64)
@@ -129,12 +196,15 @@ def randomly_pivoted_rows(
     rank = 0
     scale = residual.max() if residual.size else 0.0
     buf = np.empty(N)
-    for _ in range(k):
+    for i in range(k):
         total = residual.sum()
         if total <= 1e-12 * max(scale, 1e-300) or rank == basis.shape[0]:
             fill_uniformly(picked, N, k, rng, exclude)
             break
-        p = _choice_by_residual(residual, total, rng, buf)
+        rule_i = rule if lead_pivots is None or i < lead_pivots else (1.0, 0.0)
+        p = _pick_pivot(residual, total, rule_i, rng, buf)
+        if rule_i[0] == np.inf and rule_i[1] > 0:  # "directed": a typical row along the arg-max's direction
+            p = _directed_pivot(X, p, residual, basis, rank, matvec, rule_i[1], rng, buf)
         q, norm = orthogonal_part(X[p], basis, rank)
         picked.append(p)
         residual[p] = 0.0

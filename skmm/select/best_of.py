@@ -35,7 +35,8 @@ class SkMMBest(BaseSelector):
 
     Parameters are those of :class:`~skmm.select.moment_matching.SkMM` and
     :class:`~skmm.select.greedy_moment_matching.SkMMv2`; ``device`` (None: numpy; "auto", "cpu", "cuda" or
-    "cuda:k": torch ops, skmm/select/_torch_ops.py) goes to both candidates."""
+    "cuda:k": torch ops, skmm/select/_torch_ops.py) and ``pivoting`` (the seeding's pivot rule,
+    :func:`~skmm.select.adaptive.pivot_rule`) go to both candidates."""
 
     method = "skmm_best"
 
@@ -46,7 +47,7 @@ class SkMMBest(BaseSelector):
     def __init__(self, n: int, sketch_dim: int | None = None, c_s: float = 0.999, max_iter: int = 500,
                  discretization: str = "systematic", block_size: int = 1, temperature: float = 0.0,
                  ridge: float | str = "auto", seeding: str = "pivoted", random_state: int | None = 0,
-                 device: str | None = None) -> None:
+                 device: str | None = None, pivoting: str | float = "sampled") -> None:
         super().__init__(n, random_state)
         self.sketch_dim = sketch_dim
         self.c_s = c_s
@@ -57,15 +58,16 @@ class SkMMBest(BaseSelector):
         self.ridge = ridge
         self.seeding = seeding
         self.device = device
+        self.pivoting = pivoting
 
     def _select(self, X, y, rng):
         S, spec, auto = selection_sketch(X, self.sketch_dim, int(rng.integers(2**31)))
         seed = int(rng.integers(2**31))
         convex = SkMM(self.n, None, c_s=self.c_s, max_iter=self.max_iter, discretization=self.discretization,
-                      seeding=self.seeding, random_state=seed, device=self.device).fit(S, y)
+                      seeding=self.seeding, random_state=seed, device=self.device, pivoting=self.pivoting).fit(S, y)
         greedy = SkMMv2(self.n, None, block_size=self.block_size, temperature=self.temperature, ridge=self.ridge,
                         seed_rows=None if self.seeding == "pivoted" else 0, random_state=seed,
-                        device=self.device).fit(S)
+                        device=self.device, pivoting=self.pivoting).fit(S)
         pool = gram(S, BLOCK_ROWS) / S.shape[0]  # float64 block by block: no float64 copy of the sketch
         proxies = {"skmm": variance_proxy(S, convex.indices_, pool=pool),
                    "skmm_v2": variance_proxy(S, greedy.indices_, pool=pool)}

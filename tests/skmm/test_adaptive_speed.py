@@ -251,10 +251,14 @@ def test_skmm_and_skmmv2_select_what_the_reference_selected(seed, monkeypatch):
         (greedy_mm, lambda: SkMMv2(120, random_state=seed)),
         (adaptive, lambda: AdaptiveSampling(40, random_state=seed)),
     )
+    def frozen(*args, pivoting="sampled", lead_pivots=None, **kwargs):  # the sampled rule is the frozen one
+        assert pivoting == "sampled" and lead_pivots is None
+        return reference_pivoted_rows(*args, **kwargs)
+
     for module, make in selectors:
         got = make().fit(X)
         with monkeypatch.context() as patch:
-            patch.setattr(module, "randomly_pivoted_rows", reference_pivoted_rows)
+            patch.setattr(module, "randomly_pivoted_rows", frozen)
             ref = make().fit(X)
         assert np.array_equal(got.indices_, ref.indices_)
         assert got.selection_.info.get("seeded", 1) > 0
