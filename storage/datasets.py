@@ -436,6 +436,7 @@ def read_shard(store: ArtifactStore, shard: ShardRef, columns: Sequence[str] | N
 _ID_LEN = 64
 ID_DTYPE = np.dtype(f"S{_ID_LEN}")  #: sample ids as fixed-width ASCII bytes: sortable, searchable, 64 B each
 _READ_CHUNK = 8 * 2**20
+_SCAN_BATCH_ROWS = 8192  # rows decoded at a time when a vector table is scanned (a row group is 65 536)
 _HEX = np.zeros(256, dtype=bool)
 _HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = True
 
@@ -694,7 +695,9 @@ def _check_vector_schema(ref: VectorTableRef, schema: pa.Schema, num_rows: int) 
 
 
 def _scan_vectors(store: ArtifactStore, ref: VectorTableRef) -> Iterable[tuple[pa.Array, np.ndarray, np.ndarray]]:
-    """Yield (ids as Arrow strings, ids as ``ID_DTYPE`` view, float32 rows) per row group, in stored order.
+    """Yield (ids as Arrow strings, ids as ``ID_DTYPE`` view, float32 rows) per ``_SCAN_BATCH_ROWS`` rows of a row
+    group, in stored order (a row group's bytes are read once into memory; its rows are decoded a batch at a time,
+    so Arrow never holds a decoded 65 536-row group: bench/README.md §12).
 
     The bytes are read once, in order, and hashed as they stream by; the sha256 and size are checked after the
     last row group (ArtifactCorruptedError naming the artifact), and a table that does not decode is reported as
@@ -727,7 +730,7 @@ def _scan_vectors(store: ArtifactStore, ref: VectorTableRef) -> Iterable[tuple[p
     with seq, rand:
         try:
             source = _WindowFile(rand, size)
-            parquet = pq.ParquetFile(source)
+            parquet = pq.ParquetFile(source, pre_buffer=False)  # the window holds the bytes: no second copy
             _check_vector_schema(ref, parquet.schema_arrow, parquet.metadata.num_rows)
             last = None
             for i in range(parquet.num_row_groups):
@@ -736,17 +739,16 @@ def _scan_vectors(store: ArtifactStore, ref: VectorTableRef) -> Iterable[tuple[p
                 while pos < start:
                     advance(min(start, pos + _READ_CHUNK))
                 source.window_start, source.window = start, advance(end)
-                group = parquet.read_row_group(i, use_threads=False)
+                for batch in parquet.iter_batches(_SCAN_BATCH_ROWS, row_groups=[i], use_threads=False):
+                    ids, vectors = batch.column(0), batch.column(1)
+                    _want(vectors.null_count == 0, f"vector table {ref.artifact.uri} has null vectors")
+                    id_view = _string_ids(ids)
+                    _want(bool(np.all(id_view[1:] > id_view[:-1])) and (last is None or id_view[:1] > last),
+                          f"vector table {ref.artifact.uri} is not sorted by sample id")
+                    last = id_view[-1:]
+                    rows = vectors.flatten().to_numpy(zero_copy_only=True).reshape(len(ids), ref.dim)
+                    yield ids, id_view, rows
                 source.window = b""
-                ids = group.column(0).combine_chunks()
-                vectors = group.column(1).combine_chunks()
-                _want(vectors.null_count == 0, f"vector table {ref.artifact.uri} has null vectors")
-                id_view = _string_ids(ids)
-                _want(bool(np.all(id_view[1:] > id_view[:-1])) and (last is None or id_view[:1] > last),
-                      f"vector table {ref.artifact.uri} is not sorted by sample id")
-                last = id_view[-1:]
-                rows = vectors.flatten().to_numpy(zero_copy_only=True).reshape(len(ids), ref.dim)
-                yield ids, id_view, rows
         except (StorageError, OSError, ValueError, pa.ArrowException) as exc:
             verify()  # damaged bytes explain a decode error or a bad table best: ArtifactCorruptedError
             if isinstance(exc, StorageError):
@@ -759,7 +761,7 @@ def read_vector_matrix(store: ArtifactStore, ref: VectorTableRef, sample_ids: An
     """The float32 vectors of a verified vector table: all rows in stored (sample-id) order, or the rows of
     ``sample_ids`` in their order (ValueError naming the missing ids if some are not in the table).
 
-    One output array is the only N × dim allocation: row groups are decoded one at a time and placed by binary
+    One output array is the only N × dim allocation: rows are decoded a batch at a time and placed by binary
     search on sorted ids. ``sample_ids``: anything :func:`sample_id_array` takes; already sorted and unique ids
     (a dataset split) need no further copy, others cost one sort and a final reordering copy."""
     if sample_ids is None:
@@ -796,7 +798,7 @@ def read_vector_matrix(store: ArtifactStore, ref: VectorTableRef, sample_ids: An
 def scan_vector_rows(store: ArtifactStore, ref: VectorTableRef, sample_ids: Any
                      ) -> Iterator[tuple[int, np.ndarray]]:
     """The rows of :func:`read_vector_matrix` for sorted, unique ``sample_ids`` (a dataset split), streamed: one
-    (first position, float32 rows) per row group, consecutive and in the ids' order, so that a reader keeps
+    (first position, float32 rows) per decoded batch, consecutive and in the ids' order, so that a reader keeps
     only what it derives from them (e.g. a moment, or a projection). The table is verified after its last row
     group, as :func:`read_vector_matrix` does: what a reader derived counts once the scan has ended without an
     error. ValueError naming the first missing id if some are not in the table (after the whole scan)."""
@@ -808,7 +810,7 @@ def scan_vector_rows(store: ArtifactStore, ref: VectorTableRef, sample_ids: Any
         lo, hi = int(np.searchsorted(wanted, ids[0])), int(np.searchsorted(wanted, ids[-1], side="right"))
         if missing is not None or hi == lo:
             continue  # read on all the same: the bytes are verified at the end
-        if lo > done:  # wanted[done:lo] lie between row groups
+        if lo > done:  # wanted[done:lo] lie between batches
             missing = done
             continue
         if hi - lo == len(ids) and np.array_equal(wanted[lo:hi], ids):
