@@ -255,6 +255,8 @@ def reselect_cmd(
     variant_choice: Annotated[str, typer.Option(help="How skmm_best picks convex SkMM or greedy SkMMv2: 'val' (the "
                                                      "better finetuned model on the val split) or 'proxy' "
                                                      "(label-free variance proxy).")] = "val",
+    val_limit: Annotated[int, typer.Option(min=0, help="Choices on the val split use its N smallest sample ids; "
+                                                       "0: the whole val split (as in curate).")] = 10_000,
     store: Annotated[str, typer.Option(help="Artifact store URL.")] = "./skmm-store",
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
@@ -270,8 +272,8 @@ def reselect_cmd(
         earlier = _load_run(run, store, endpoint_url)
         with _one_line_errors(verbose):
             result = reselect(run=earlier, budgets=budget_list, methods=method_list, seeds=seed_list,
-                              class_balanced=class_balanced, variant_choice=variant_choice, store_url=store,
-                              endpoint_url=endpoint_url)
+                              class_balanced=class_balanced, variant_choice=variant_choice,
+                              val_limit=val_limit or None, store_url=store, endpoint_url=endpoint_url)
     except Exception as exc:
         _fail(exc)
     _print_result(result, as_json, verbose)

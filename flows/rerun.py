@@ -24,6 +24,7 @@ from storage.errors import ArtifactNotFoundError
 from storage.lineage import LineageRecorder, code_provenance
 from storage.runs import read_run_result, record_run_result
 from tasks.evaluate import evaluate
+from tasks.finetune import VAL_LIMIT
 from tasks.store import DEFAULT_STORE, open_store, result_storage, store_spec
 
 __all__ = ["reevaluate", "reselect"]
@@ -76,17 +77,21 @@ def reselect(
     model: ModelConfig = ModelConfig(),  # noqa: B008 - used by finetune.kind == "last_layers"
     task: str = "classification",
     variant_choice: Literal["val", "proxy"] = "val",
+    val_limit: PositiveInt | None = VAL_LIMIT,
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
 ) -> dict[str, Any]:
     """Select again from an earlier run's sketch, finetune, evaluate, report. ``run``: the earlier run's id (or a
-    unique prefix of one) in the store, or its result dict."""
+    unique prefix of one) in the store, or its result dict. ``val_limit``: as in ``curate``."""
     check_methods(methods)
     store, st = _open(store_url, endpoint_url)
     run = _earlier(st, run, ("dataset", "embeddings", "sketch"))
     dataset, emb, sk = DatasetRef.from_dict(run["dataset"]), run["embeddings"], run["sketch"]
-    opts, rec = _recorder(st, store, {"reselect": run.get("run_id"), "budgets": budgets, "methods": methods,
-                                      "seeds": seeds, "variant_choice": variant_choice})
+    config = {"reselect": run.get("run_id"), "budgets": budgets, "methods": methods, "seeds": seeds,
+              "variant_choice": variant_choice}
+    if val_limit != VAL_LIMIT:  # named only when not the default, as in curate
+        config["val_limit"] = val_limit
+    opts, rec = _recorder(st, store, config)
     get_run_logger().info("run %s: re-selecting from run %s", rec.run_id, run.get("run_id"))
     with rec.stage("check-inputs") as record:
         inputs = [dataset.manifest, VectorTableRef.from_dict(sk).artifact]
@@ -97,7 +102,7 @@ def reselect(
     auto_sketch = run.get("sketch_dim") == "auto"  # the earlier sketch has AUTO_M_MAX columns: m chosen again
     results = select_finetune_evaluate(rec, opts, store, run["dataset"], emb, sk, methods, budgets, seeds,
                                        class_balanced, finetune, model.model_dump(), task, variant_choice,
-                                       auto_sketch=auto_sketch)
+                                       auto_sketch=auto_sketch, val_limit=val_limit)
     rep = report_stage(rec, opts, store, results)
     return record_run_result(rec, {"run_id": rec.run_id, "store": st.url, "dataset": run["dataset"],
                                    "quarantined": 0, "embeddings": emb, "sketch": sk,

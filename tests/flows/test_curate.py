@@ -122,6 +122,9 @@ def test_reselect_and_reevaluate_from_an_earlier_run(prefect_server, tmp_path):
     assert row["method"] == "skmm" and row["n"] == 25 and 0 <= row["accuracy"] <= 1
     redo = reevaluate(run=first, store_url=store)
     assert [r["accuracy"] for r in redo["results"]] == [r["accuracy"] for r in first["results"]]
+    limited = reselect(run=first, budgets=[25], methods=["skmm_best"], val_limit=7, store_url=store)
+    (row,) = limited["results"]  # skmm_best chose its variant on the val split's 7 smallest ids
+    assert {v["n_val"] for v in row["val"].values()} == {7}
 
     gone = tmp_path / "store" / "objects" / "sketch"
     shutil.rmtree(gone)

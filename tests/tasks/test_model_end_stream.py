@@ -362,12 +362,15 @@ def test_the_flow_and_the_cli_take_val_limit():
 
     from typer.testing import CliRunner
 
-    from flows.cli import app, curate_cmd
+    from flows.cli import app, curate_cmd, reselect_cmd
     from flows.curate import curate, select_finetune_evaluate
+    from flows.rerun import reselect
 
     assert inspect.signature(curate.fn).parameters["val_limit"].default == VAL_LIMIT
     assert inspect.signature(select_finetune_evaluate).parameters["val_limit"].default == VAL_LIMIT
     assert inspect.signature(curate_cmd).parameters["val_limit"].default == VAL_LIMIT
+    assert inspect.signature(reselect.fn).parameters["val_limit"].default == VAL_LIMIT
+    assert inspect.signature(reselect_cmd).parameters["val_limit"].default == VAL_LIMIT
     out = CliRunner().invoke(app, ["curate", "--help"], env={"COLUMNS": "200"})
     assert out.exit_code == 0 and "--val-limit" in out.output
     bad = CliRunner().invoke(app, ["curate", "digits", "--val-limit", "-1"])
