@@ -29,7 +29,7 @@ import pathlib
 import sys
 import zoneinfo
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 from uuid import UUID
 
 from prefect import deploy, flow, serve
@@ -39,6 +39,7 @@ from prefect.schedules import Cron, Interval, Schedule
 
 from flows import curate as curate_flow
 from flows.curate import ModelConfig, SourceConfig, check_methods
+from tasks.finetune import VAL_LIMIT
 from tasks.store import DEFAULT_STORE
 
 __all__ = ["CRON", "NIGHTLY", "POOL", "TIMEZONE", "build_deployments", "dask_env", "ensure_process_pool", "main",
@@ -68,15 +69,26 @@ def source_config(source: str = "digits", embeddings: bool = False, image_size: 
 
 def nightly_parameters(source: SourceConfig | None = None, store_url: str = DEFAULT_STORE,
                        budgets: Sequence[int] = (50, 100, 200), methods: Sequence[str] = ("skmm_best", "uniform"),
-                       seeds: Sequence[int] = (0,), model: ModelConfig | None = None, sketch_dim: int = 64,
-                       endpoint_url: str | None = None) -> dict[str, Any]:
-    """The ``curate`` parameters the deployment stores (plain JSON; checked now rather than at 2 am)."""
+                       seeds: Sequence[int] = (0,), model: ModelConfig | None = None,
+                       sketch_dim: int | Literal["auto"] = "auto", endpoint_url: str | None = None,
+                       val_limit: int | None = VAL_LIMIT) -> dict[str, Any]:
+    """The ``curate`` parameters the deployment stores (plain JSON; checked now rather than at 2 am).
+
+    ``sketch_dim``: m, or "auto" (``skmm curate``'s default: m chosen from the sketch's spectrum, recorded in the
+    lineage); ``val_limit``: as in ``curate`` (stored only when it is not the default)."""
     check_methods(list(methods))
-    if not budgets or min(budgets) <= 0 or not seeds or sketch_dim <= 0:
-        raise ValueError("budgets and seeds must be non-empty, budgets and sketch_dim positive")
-    return {"source": (source or SourceConfig()).model_dump(mode="json"), "budgets": list(budgets),
-            "methods": list(methods), "seeds": list(seeds), "model": (model or ModelConfig()).model_dump(mode="json"),
-            "sketch_dim": sketch_dim, "store_url": _local(store_url), "endpoint_url": endpoint_url}
+    if not budgets or min(budgets) <= 0 or not seeds:
+        raise ValueError("budgets and seeds must be non-empty, budgets positive")
+    if sketch_dim != "auto" and (isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim <= 0):
+        raise ValueError(f"sketch_dim must be a positive integer or 'auto'; got {sketch_dim!r}")
+    if val_limit is not None and (isinstance(val_limit, bool) or not isinstance(val_limit, int) or val_limit <= 0):
+        raise ValueError(f"val_limit must be a positive integer or None (the whole val split); got {val_limit!r}")
+    params = {"source": (source or SourceConfig()).model_dump(mode="json"), "budgets": list(budgets),
+              "methods": list(methods), "seeds": list(seeds), "model": (model or ModelConfig()).model_dump(mode="json"),
+              "sketch_dim": sketch_dim, "store_url": _local(store_url), "endpoint_url": endpoint_url}
+    if val_limit != VAL_LIMIT:
+        params["val_limit"] = val_limit
+    return params
 
 
 def nightly_schedule(cron: str = CRON, timezone: str = TIMEZONE, interval_s: float | None = None) -> Schedule:
@@ -159,6 +171,10 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _sketch_dim(text: str) -> int | str:
+    return "auto" if text == "auto" else int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deployments.curate_nightly", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,7 +195,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_ints, default=[0])
     p.add_argument("--model", default=ModelConfig().name, help="open_clip model name")
     p.add_argument("--pretrained", default=None, help="pretrained tag or local weights (default: random init)")
-    p.add_argument("--sketch-dim", type=int, default=64)
+    p.add_argument("--sketch-dim", type=_sketch_dim, default="auto",
+                   help="sketch dimension m, or 'auto' (default: chosen from the sketch's spectrum, as skmm curate)")
+    p.add_argument("--val-limit", type=int, default=VAL_LIMIT, metavar="N",
+                   help="choices on the val split use its N smallest sample ids; 0: the whole split "
+                        "(default: %(default)s)")
     p.add_argument("--checkout", default=None, help="folder the runs start in (default: current folder)")
     dask = p.add_mutually_exclusive_group()
     dask.add_argument("--dask-workers", type=int, default=None,
@@ -203,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:  # everything checkable is checked before the server is involved
         params = nightly_parameters(source_config(args.source, args.embeddings), args.store, args.budgets,
                                     args.methods, args.seeds, ModelConfig(name=args.model, pretrained=args.pretrained),
-                                    args.sketch_dim, args.endpoint_url)
+                                    args.sketch_dim, args.endpoint_url, args.val_limit or None)
         schedule = nightly_schedule(args.cron, args.timezone, args.interval)
         env = dask_env(args.dask_workers, args.dask_address, args.dask_gpus)
     except zoneinfo.ZoneInfoNotFoundError:

@@ -243,3 +243,22 @@ def test_dask_options_become_the_nightly_job_environment(tmp_path):
                                          env=env)
     assert nightly.job_variables == {"env": {"SKMM_DASK_WORKERS": "4"}}
     assert all(not d.job_variables for d in reruns)  # re-runs have no shard stages
+
+
+def test_the_nightly_run_uses_curates_automatic_m_and_takes_val_limit():
+    """The scheduled run's defaults are skmm curate's: the automatic sketch dimension and the default val sample."""
+    from deployments.curate_nightly import _parser
+    from tasks.finetune import VAL_LIMIT
+
+    params = nightly_parameters()
+    assert params["sketch_dim"] == "auto" and "val_limit" not in params  # the flow's own default applies
+    assert nightly_parameters(sketch_dim=32, val_limit=500)["sketch_dim"] == 32
+    assert nightly_parameters(val_limit=500)["val_limit"] == 500
+    assert nightly_parameters(val_limit=None)["val_limit"] is None
+    for bad in ({"sketch_dim": 0}, {"sketch_dim": "big"}, {"val_limit": 0}, {"val_limit": True}):
+        with pytest.raises(ValueError):
+            nightly_parameters(**bad)
+    args = _parser().parse_args(["deploy", "--sketch-dim", "48", "--val-limit", "0"])
+    assert (args.sketch_dim, args.val_limit) == (48, 0)
+    args = _parser().parse_args(["deploy"])
+    assert (args.sketch_dim, args.val_limit) == ("auto", VAL_LIMIT)
