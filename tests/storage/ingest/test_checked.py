@@ -50,11 +50,11 @@ def same_dataset(a: ArtifactStore, ra, b: ArtifactStore, rb) -> None:
     assert rows_of(a, ra) == rows_of(b, rb)
 
 
-def test_a_grown_folder_decodes_only_its_new_images_and_matches_a_from_scratch_ingest(tmp_path, monkeypatch):
+def test_a_grown_folder_decodes_only_its_new_images_and_matches_a_from_scratch_ingest(store, tmp_path, monkeypatch):
+    """On a local store and on S3 (moto): the record is listed and read through the store's filesystem."""
     pool = tmp_path / "pool"
     make_pool(pool, per_class=6)
     (pool / "cat" / "broken.png").write_bytes(image_bytes(77)[:40])  # quarantined: checked on every run
-    store = ArtifactStore(tmp_path / "store")
     count = DecodeCount(monkeypatch)
     first = ingest_image_folder(store, pool, shard_rows=5)
     assert count.take() == 19 and first.n_samples == 18 and first.n_quarantined == 1
