@@ -17,7 +17,10 @@ Decisions:
   run a pure function of (data, seed).
 - **The frozen prefix runs once**: the tokens entering the first trained block are computed once per image
   (no augmentation: open_clip's evaluation transform) and kept on the CPU (ViT-B/32: ~150 KB per image);
-  each epoch only runs the trained suffix. Same result as a full forward, L−k blocks cheaper per epoch.
+  each epoch only runs the trained suffix. Same result as a full forward, L−k blocks cheaper per epoch. The val
+  images' tokens are kept only up to ``val_cache_bytes`` (default 4 GiB: 27 000 ViT-B/32 images, 4 000 of a
+  ViT-L/14); above it each epoch's val pass decodes and runs the full tower again, in the same batches, so the
+  val accuracies, the best epoch and the weights are bitwise the same (``val_tokens_cached_`` says which).
 - **Reproducible**: the head is seeded (``init_head``), shuffling uses a ``torch.Generator`` seeded with
   ``seed``; on the same device and thread count the same seed gives bit-identical weights. TF32 is off on CUDA.
 - **Best epoch**: with a validation split the epoch with the highest val accuracy is kept (the earliest on
@@ -32,7 +35,7 @@ from __future__ import annotations
 import json
 import numbers
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,10 +55,11 @@ from skmm.gradients.clip_ft import (
     ft_parameter_names,
 )
 
-__all__ = ["FORMAT", "LastLayersFinetuner", "model_format"]
+__all__ = ["FORMAT", "VAL_CACHE_BYTES", "LastLayersFinetuner", "model_format"]
 
 FORMAT = "skmm-last-layers/1"
 META_KEY = "skmm"
+VAL_CACHE_BYTES = 4 * 2**30  # val prefix tokens kept across epochs at most; above it they are recomputed per epoch
 
 
 def _read_safetensors_header(data: Any) -> dict[str, Any]:
@@ -104,13 +108,16 @@ class LastLayersFinetuner:
     """Finetune the last ``k`` blocks of ``spec``'s image tower plus a new linear head on labelled images.
 
     ``spec``: a :class:`~skmm.models.clip.ClipSpec` or its dict. ``lr`` for the tower's trained layers,
-    ``head_lr`` for the head. ``device=None`` picks CUDA when available. After :meth:`fit`: ``classes_``
-    (sorted), ``param_names_``, ``best_epoch_`` (1-based), ``history_`` (per epoch: train loss and accuracy, val
-    accuracy), ``model_`` (a :class:`~skmm.gradients.clip_ft.VisualWithHead`).
+    ``head_lr`` for the head. ``device=None`` picks CUDA when available. ``val_cache_bytes``: the most val
+    prefix tokens kept across epochs (see the module docstring; it changes memory and time, never a result, so it
+    is not recorded). After :meth:`fit`: ``classes_`` (sorted), ``param_names_``, ``best_epoch_`` (1-based),
+    ``history_`` (per epoch: train loss and accuracy, val accuracy), ``val_tokens_cached_``, ``model_`` (a
+    :class:`~skmm.gradients.clip_ft.VisualWithHead`).
     """
 
     def __init__(self, spec: Any, k: int = 1, epochs: int = 5, lr: float = 1e-4, head_lr: float = 1e-2,
-                 batch_size: int = 32, weight_decay: float = 0.0, seed: int = 0, device: Any = None) -> None:
+                 batch_size: int = 32, weight_decay: float = 0.0, seed: int = 0, device: Any = None,
+                 val_cache_bytes: int = VAL_CACHE_BYTES) -> None:
         from skmm.models.clip import ClipSpec
 
         if isinstance(spec, dict):
@@ -129,6 +136,10 @@ class LastLayersFinetuner:
         self.weight_decay = float(weight_decay)
         self.seed = _check_seed(seed)
         self.device = device
+        if isinstance(val_cache_bytes, bool) or not isinstance(val_cache_bytes, numbers.Integral) or \
+                val_cache_bytes < 0:
+            raise ValueError(f"val_cache_bytes must be an integer >= 0; got {val_cache_bytes!r}")
+        self.val_cache_bytes = int(val_cache_bytes)
 
     @staticmethod
     def _check_rate(value: Any, name: str) -> float:
@@ -151,13 +162,34 @@ class LastLayersFinetuner:
         self.model_: VisualWithHead = model
         self.param_names_ = names
 
-    def _tokens(self, images: list[Any]) -> torch.Tensor:
-        """Tokens entering the first trained block, for every image, on the CPU."""
-        model, dev, parts = self.model_, self._device(), []
+    def _token_batches(self, images: list[Any]) -> Iterator[torch.Tensor]:
+        """Tokens entering the first trained block, ``batch_size`` images at a time, on the CPU."""
+        model, dev = self.model_, self._device()
         with torch.no_grad():
             for lo in range(0, len(images), self.batch_size):
                 pixels = decode_images(images[lo:lo + self.batch_size], self._preprocess, lo).to(dev)
-                parts.append(model.prefix(pixels, self.k).cpu())
+                yield model.prefix(pixels, self.k).cpu()
+
+    def _tokens(self, images: list[Any]) -> torch.Tensor:
+        """Tokens entering the first trained block, for every image, on the CPU."""
+        return torch.cat(list(self._token_batches(images)))
+
+    def _cached_val_tokens(self, images: list[Any]) -> torch.Tensor | None:
+        """All val tokens when they fit ``val_cache_bytes`` (known after the first batch), else None."""
+        batches = self._token_batches(images)
+        first = next(batches)
+        if first[0].numel() * first.element_size() * len(images) > self.val_cache_bytes:
+            batches.close()
+            return None
+        return torch.cat([first, *batches])
+
+    def _streamed_logits(self, images: list[Any]) -> torch.Tensor:
+        """The logits :meth:`_logits` gives on cached tokens, from the images: the same ``batch_size`` batches
+        through the prefix and then the suffix, so the same bits, holding one batch of tokens."""
+        model, dev, parts = self.model_, self._device(), []
+        with torch.no_grad():
+            for tokens in self._token_batches(images):
+                parts.append(model.suffix(tokens.to(dev), self.k).float().cpu())
         return torch.cat(parts)
 
     def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -220,7 +252,8 @@ class LastLayersFinetuner:
         best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         with _ieee_fp32(dev):
             tokens = self._tokens(images)
-            val_tokens = self._tokens(val_images) if val_images is not None else None
+            val_tokens = self._cached_val_tokens(val_images) if val_images is not None else None
+            self.val_tokens_cached_ = val_tokens is not None
             for epoch in range(1, self.epochs + 1):
                 order = torch.randperm(len(images), generator=gen)
                 total, correct = 0.0, 0
@@ -236,8 +269,9 @@ class LastLayersFinetuner:
                     correct += int((logits.detach().argmax(1) == target).sum())
                 record: dict[str, Any] = {"epoch": epoch, "train_loss": total / len(images),
                                           "train_accuracy": correct / len(images)}
-                if val_tokens is not None:
-                    pred = self.classes_[self._logits(val_tokens).argmax(1).numpy()]
+                if val_images is not None:
+                    logits = self._logits(val_tokens) if val_tokens is not None else self._streamed_logits(val_images)
+                    pred = self.classes_[logits.argmax(1).numpy()]
                     acc = float(np.mean([p == t for p, t in zip(pred.tolist(), val_list, strict=True)]))
                     record["val_accuracy"] = acc
                     if best is None or acc > best[0]:

@@ -200,3 +200,18 @@ def test_given_classes_size_the_head_even_when_the_coreset_misses_some(digits):
     with pytest.raises(ValueError, match="not among the given classes"):
         LastLayersFinetuner(TINY, **FIT).fit([images[i] for i in few], [labels[i] for i in few],
                                              classes=["0", "1"])
+
+
+def test_val_tokens_over_the_cache_budget_are_recomputed_with_the_same_result(digits, fitted):
+    """A val split whose prefix tokens exceed val_cache_bytes is run through the whole tower each epoch, in the
+    same batches: the same val accuracies, best epoch and weights as with the tokens kept."""
+    images, labels = digits
+    assert fitted.val_tokens_cached_  # 40 tiny-tower images: far below the default budget
+    streamed = LastLayersFinetuner(TINY, **FIT, val_cache_bytes=0).fit(images[:120], labels[:120], images[120:],
+                                                                        labels[120:])
+    assert not streamed.val_tokens_cached_
+    assert [h["val_accuracy"] for h in streamed.history_] == [h["val_accuracy"] for h in fitted.history_]
+    assert streamed.best_epoch_ == fitted.best_epoch_
+    assert streamed.state_bytes() == fitted.state_bytes()
+    with pytest.raises(ValueError, match="val_cache_bytes"):
+        LastLayersFinetuner(TINY, val_cache_bytes=-1)
