@@ -78,6 +78,10 @@ RULES: dict[str, dict[str, Any]] = {
                                      "by_variant": {"skmm": {"pivoting": "directed_signal"}}},
     # the old default pivoting for both (to compare once convex SkMM's default changed)
     "floor64_rank2_sampled": {"floor": 64, "rank_mult": 2, "params": {"pivoting": "sampled"}},
+    # a third candidate for skmm_best_val's choice on the val sample: convex SkMM with greedy_signal pivots beside
+    # the two shipped variants ("extra": name -> (variant, constructor params))
+    "floor64_rank2_three": {"floor": 64, "rank_mult": 2,
+                            "extra": {"skmm_gsignal": ("skmm", {"pivoting": "greedy_signal"})}},
 }
 
 
@@ -190,8 +194,11 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
                     m = choose_m(lam, n, RULES[name], lam_c)
                     X = reduced(S, lam, V, m)
                     risks = {}
-                    for variant, cls in (("skmm", SkMM), ("skmm_v2", SkMMv2)):
-                        idx = cls(n, random_state=seed, **rule_params(RULES[name], variant)).fit(X).indices_
+                    classes = {"skmm": SkMM, "skmm_v2": SkMMv2}
+                    candidates = [(v, classes[v], rule_params(RULES[name], v)) for v in classes]
+                    candidates += [(extra, classes[v], p) for extra, (v, p) in RULES[name].get("extra", {}).items()]
+                    for variant, cls, params in candidates:
+                        idx = cls(n, random_state=seed, **params).fit(X).indices_
                         risks[variant] = (ridge_risk(pool.X, pool.y, idx)[0],
                                           ridge_risk(pool.X, pool.y, idx, eval_rows=val)[0])
                     chosen = min(risks, key=lambda v: (risks[v][1], v != "skmm"))
