@@ -150,13 +150,16 @@ def digits(model: str, seeds: int, budgets: list[int], rules: list[str]) -> dict
         for n in budgets:
             m = None if "gauss" in rule else choose_m(lam, n, rule, lam_c)
             for seed in range(seeds):
-                for variant, cls in (("skmm", SkMM), ("skmm_v2", SkMMv2)):
+                classes = {"skmm": SkMM, "skmm_v2": SkMMv2}
+                candidates = [(v, classes[v], rule_params(rule, v)) for v in classes]
+                candidates += [(extra, classes[v], p) for extra, (v, p) in rule.get("extra", {}).items()]
+                for variant, cls, params in candidates:
                     if "gauss" in rule:  # the pipeline's --sketch-dim M: a Gaussian sketch of the features
                         X, _ = sketch_pool(S, rule["gauss"], 0) if S.shape[1] > rule["gauss"] else (S, None)
                         mm = X.shape[1]
                     else:
                         X, mm = reduced(S, lam, V, m), m
-                    idx = cls(n, random_state=seed, **rule_params(rule, variant)).fit(X).indices_
+                    idx = cls(n, random_state=seed, **params).fit(X).indices_
                     probe = LinearProbe(strengths=list(STRENGTHS)).fit(Xtr[idx], ytr[idx], Xval, yval)
                     rows.append({"rule": name, "n": n, "seed": seed, "variant": variant, "m": int(mm),
                                  "val": float(np.mean(probe.predict(Xval) == yval)),
