@@ -152,6 +152,9 @@ def curate_cmd(
                                                        "skmm_best's variant) use its N smallest sample ids, a "
                                                        "fixed content-determined sample; 0: the whole val split. "
                                                        "The test split is always evaluated in full.")] = 10_000,
+    third_candidate: Annotated[bool, typer.Option(help="skmm_best's choice on the val split also tries convex "
+                                                  "SkMM seeded by greedy pivots (one more finetune per budget; "
+                                                  "bench/README.md §14).")] = False,
     embeddings: Annotated[bool, typer.Option(help="SOURCE is a Parquet table of precomputed embeddings.")] = False,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val/test split.")] = 0,
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest image (width × height) ingested; larger ones are "
@@ -193,7 +196,7 @@ def curate_cmd(
                             endpoint_url=endpoint_url, gradients=gradients,
                             finetune=FinetuneConfig(kind=finetune, layers=ft_layers, epochs=ft_epochs), task=task,
                             variant_choice=variant_choice, full_pool_reference=full_pool_reference,
-                            val_limit=val_limit or None,
+                            val_limit=val_limit or None, third_candidate=third_candidate,
                             progress=sys.stderr.isatty() if progress is None else progress)
     except Exception as exc:
         _fail(exc)
@@ -257,6 +260,8 @@ def reselect_cmd(
                                                      "(label-free variance proxy).")] = "val",
     val_limit: Annotated[int, typer.Option(min=0, help="Choices on the val split use its N smallest sample ids; "
                                                        "0: the whole val split (as in curate).")] = 10_000,
+    third_candidate: Annotated[bool, typer.Option(help="skmm_best also tries convex SkMM seeded by greedy pivots "
+                                                  "(as in curate).")] = False,
     store: Annotated[str, typer.Option(help="Artifact store URL.")] = "./skmm-store",
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
@@ -273,7 +278,8 @@ def reselect_cmd(
         with _one_line_errors(verbose):
             result = reselect(run=earlier, budgets=budget_list, methods=method_list, seeds=seed_list,
                               class_balanced=class_balanced, variant_choice=variant_choice,
-                              val_limit=val_limit or None, store_url=store, endpoint_url=endpoint_url)
+                              val_limit=val_limit or None, third_candidate=third_candidate, store_url=store,
+                              endpoint_url=endpoint_url)
     except Exception as exc:
         _fail(exc)
     _print_result(result, as_json, verbose)

@@ -144,6 +144,11 @@ class FinetuneConfig(BaseModel):
 
 
 VARIANTS = ("skmm", "skmm_v2")  # what "skmm_best" chooses between
+# With third_candidate=True skmm_best's choice on the val split also tries convex SkMM seeded by greedy pivots through
+# the spectrum's signal rank (bench/README.md §14, "A third candidate for the validation choice").
+GREEDY_PIVOTS = "skmm_greedy_pivots"
+CANDIDATES = {"skmm": ("skmm", {}), "skmm_v2": ("skmm_v2", {}),
+              GREEDY_PIVOTS: ("skmm", {"pivoting": "greedy_signal"})}  # variant -> (method, selector params)
 AUTO_SKETCH_METHODS = ("skmm", "skmm_v2", "skmm_best")  # the selectors that take sketch_dim="auto"
 
 
@@ -164,22 +169,25 @@ class _Stages:
     auto_sketch: bool = False  # SkMM picks its m from the (m_max-column) sketch's spectrum
     moment: dict | None = None  # auto_sketch: the sketch's moment and N × m reduction (tasks.sketch_moment), once
     val_limit: int | None = VAL_LIMIT  # choices (C, FT epoch, skmm_best's variant) on the val split's smallest ids
+    third_candidate: bool = False  # skmm_best's val choice also tries GREEDY_PIVOTS
 
-    def select(self, tag: str, method: str, n: int, seed: int) -> dict:
+    def select(self, tag: str, method: str, n: int, seed: int, extra: dict | None = None) -> dict:
+        """Select with ``method`` (``extra``: more selector params, e.g. a pivot rule); a recorded stage."""
         sk_ref = VectorTableRef.from_dict(self.sk).artifact
-        params = {"sketch_dim": "auto"} if self.auto_sketch and method in AUTO_SKETCH_METHODS else None
-        if params and self.moment is None:  # two streamed passes over the sketch for all (method, budget, seed)
+        auto = self.auto_sketch and method in AUTO_SKETCH_METHODS
+        params = {**({"sketch_dim": "auto"} if auto else {}), **(extra or {})} or None
+        if auto and self.moment is None:  # two streamed passes over the sketch for all (method, budget, seed)
             with self.rec.stage("sketch_moment", [sk_ref]) as record:
                 self.moment = sketch_moment.with_options(**self.opts)(self.sk, self.dataset, self.store)
                 record.outputs = [ArtifactRef.from_dict(self.moment["moment"]),
                                   VectorTableRef.from_dict(self.moment["reduced"]).artifact]
                 record.metrics = {"sketch_dim": self.moment["m"]}
         inputs = [sk_ref, ArtifactRef.from_dict(self.moment["moment"]),
-                  VectorTableRef.from_dict(self.moment["reduced"]).artifact] if params else [sk_ref]
+                  VectorTableRef.from_dict(self.moment["reduced"]).artifact] if auto else [sk_ref]
         with self.rec.stage(f"select.{tag}", inputs) as record:
             sel = select.with_options(**self.opts)(self.sk, self.dataset, self.store, method, n, seed, params=params,
                                                    class_balanced=self.class_balanced,
-                                                   moment=self.moment if params else None)
+                                                   moment=self.moment if auto else None)
             record.selection = ArtifactRef.from_dict(sel["selection"])
             if "sketch_dim" in sel:  # the automatic m, in the run's lineage
                 record.metrics = {"sketch_dim": sel["sketch_dim"]}
@@ -220,10 +228,12 @@ class _Stages:
         """skmm_best's variant chosen on the val split: select with each variant, finetune, score on val, keep the
         best (higher accuracy, or lower MAE; ties go to the convex form). The test split plays no part.
         Returns the kept (selection, model trained on it, info)."""
+        variants = (*VARIANTS, GREEDY_PIVOTS) if self.third_candidate else VARIANTS
         candidates = {}
-        for variant in VARIANTS:
+        for variant in variants:
             ctag = f"{tag}.{variant}"
-            selection = self.select(ctag, variant, n, seed)
+            method, extra = CANDIDATES[variant]
+            selection = self.select(ctag, method, n, seed, extra)
             model = self.fit(ctag, selection, task)
             candidates[variant] = (selection, self.evaluate(ctag, model, split="val"), model)
 
@@ -231,10 +241,10 @@ class _Stages:
             val = candidates[variant][1]
             return (-val["mae"],) if "mae" in val else (val["accuracy"], val["macro_f1"])
 
-        chosen = max(VARIANTS, key=score)  # max keeps the first (convex) on ties
-        info = {"chosen": chosen, "rule": "val", "val": {v: candidates[v][1] for v in VARIANTS}}
+        chosen = max(variants, key=score)  # max keeps the first (convex) on ties
+        info = {"chosen": chosen, "rule": "val", "val": {v: candidates[v][1] for v in variants}}
         with self.rec.stage(f"select.{tag}", [ArtifactRef.from_dict(c[0]) for c in candidates.values()]) as record:
-            flat = {f"{v}.val_{k}": x for v in VARIANTS for k, x in candidates[v][1].items()}
+            flat = {f"{v}.val_{k}": x for v in variants for k, x in candidates[v][1].items()}
             record.selection = ArtifactRef.from_dict(candidates[chosen][0])
             record.metrics = {"chosen": chosen, **flat}
         return candidates[chosen][0], candidates[chosen][2], info
@@ -245,7 +255,8 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
                              class_balanced: bool = False, finetune: FinetuneConfig | None = None,
                              model: dict[str, Any] | None = None, task: str = "classification",
                              variant_choice: str = "val", full_pool: int | None = None,
-                             auto_sketch: bool = False, val_limit: int | None = VAL_LIMIT) -> list[dict[str, Any]]:
+                             auto_sketch: bool = False, val_limit: int | None = VAL_LIMIT,
+                             third_candidate: bool = False) -> list[dict[str, Any]]:
     """For each (method, budget, seed): select → finetune → evaluate on the test split, each a recorded stage.
 
     ``variant_choice``: how ``skmm_best`` picks between convex SkMM and greedy SkMMv2 — "val" (finetune on both
@@ -254,11 +265,14 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
     every train sample, the first seed) that the report draws as a reference row and line. ``auto_sketch``: the
     sketch has ``AUTO_M_MAX`` columns and SkMM chooses its m from its spectrum (recorded). ``val_limit``: the
     choices on the val split (the probe's C, the FT epoch, skmm_best's variant) use its ``val_limit`` smallest
-    sample ids (None: all of it; tasks.finetune.VAL_LIMIT)."""
+    sample ids (None: all of it; tasks.finetune.VAL_LIMIT). ``third_candidate``: with ``variant_choice="val"``,
+    skmm_best also tries convex SkMM seeded by greedy pivots (``GREEDY_PIVOTS``): one more coreset and finetune per
+    budget."""
     if variant_choice not in ("val", "proxy"):
         raise ValueError(f"variant_choice must be 'val' or 'proxy'; got {variant_choice!r}")
     stages = _Stages(rec, opts, store, dataset, emb, sk, class_balanced, finetune or FinetuneConfig(), model,
-                     head_seed=seeds[0], auto_sketch=auto_sketch, val_limit=val_limit)
+                     head_seed=seeds[0], auto_sketch=auto_sketch, val_limit=val_limit,
+                     third_candidate=third_candidate)
     results = []
     for method, n, seed in itertools.product(methods, budgets, seeds):
         tag = f"{method}.n{n}.s{seed}"
@@ -308,6 +322,7 @@ def curate(
     variant_choice: Literal["val", "proxy"] = "val",
     full_pool_reference: bool = False,
     val_limit: PositiveInt | None = VAL_LIMIT,
+    third_candidate: bool = False,
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
     batch_size: PositiveInt = 64,
@@ -327,7 +342,9 @@ def curate(
     in memory, and a full finetune) and show it in the report as the reference the budgets are measured against.
     ``val_limit``: choices on the val split use its ``val_limit`` smallest sample ids (a content-determined
     sample; None: the whole split), so that they cost the same on any pool; the test split is always evaluated
-    in full. ``progress``: a progress bar per embedded shard on stderr (the CLI turns it on in a terminal)."""
+    in full. ``third_candidate``: skmm_best's choice on the val split also tries convex SkMM seeded by greedy
+    pivots (opt-in: a third finetune per budget; bench/README.md §14). ``progress``: a progress bar per embedded
+    shard on stderr (the CLI turns it on in a terminal)."""
     logger = get_run_logger()
     check_methods(methods)
     if task == "regression" and (class_balanced or finetune.kind != "linear_probe"):
@@ -346,6 +363,8 @@ def curate(
         config["full_pool_reference"] = True
     if val_limit != VAL_LIMIT:  # likewise: named only when not the default
         config["val_limit"] = val_limit
+    if third_candidate:  # likewise
+        config["third_candidate"] = True
     code = code_provenance()  # the code that runs, never the caller's working folder
     rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=code.git_commit, skmm_version=code.version,
                           config=config, attempt=flow_run.run_count or None)  # Prefect's run count: 2 on a retry
@@ -392,7 +411,8 @@ def curate(
     results = select_finetune_evaluate(rec, opts, store, ing["dataset"], emb, sk, methods, budgets, seeds,
                                        class_balanced, finetune, model.model_dump(), task, variant_choice,
                                        full_pool=ing["split_counts"]["train"] if full_pool_reference else None,
-                                       auto_sketch=sketch_dim == "auto", val_limit=val_limit)
+                                       auto_sketch=sketch_dim == "auto", val_limit=val_limit,
+                                       third_candidate=third_candidate)
     rep = report_stage(rec, opts, store, results)
     # The result also goes to the store (runs/<run_id>.json), so a scheduled run can be re-selected by its id.
     return record_run_result(rec, {"run_id": rec.run_id, "store": st.url, "dataset": ing["dataset"],

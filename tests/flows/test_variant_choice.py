@@ -68,3 +68,42 @@ def test_no_val_split_falls_back_to_the_proxy_rule(prefect_server, tmp_path):
                     "finetune": FinetuneConfig(kind="last_layers", epochs=1), "gradients": "ft",
                     "store_url": str(tmp_path / "s")})
     assert out["results"][0]["n"] == 20 and "chosen" not in out["results"][0]
+
+
+def test_a_third_candidate_seeded_by_greedy_pivots_joins_the_val_choice(prefect_server, tmp_path):
+    """--third-candidate: skmm_best also selects with convex SkMM seeded by greedy pivots, finetunes on it and scores
+    it on the val split; the kept coreset is the best of three, and plain runs are unchanged (same cached tasks)."""
+    from flows.curate import CANDIDATES, GREEDY_PIVOTS
+    from storage.artifacts import ArtifactRef
+    from storage.selections import read_selection, selection_metadata
+
+    store_dir = tmp_path / "store"
+    args = {**FAST, "methods": ["skmm_best"], "budgets": [20], "sketch_dim": "auto", "store_url": str(store_dir)}
+    two = curate(**args)["results"][0]
+    state = curate(**args, third_candidate=True, return_state=True)
+    (row,) = state.result()["results"]
+    assert set(row["val"]) == {*VARIANTS, GREEDY_PIVOTS} and row["chosen"] in row["val"]
+    assert row["val"]["skmm"] == two["val"]["skmm"] and row["val"]["skmm_v2"] == two["val"]["skmm_v2"]
+    score = {v: (m["accuracy"], m["macro_f1"]) for v, m in row["val"].items()}
+    assert score[row["chosen"]] == max(score.values())
+    states = task_states(state)
+    assert sorted(states["select"]) == ["Cached", "Cached", "Completed"], states  # only the new candidate runs
+    st = open_store(store_spec(store_dir))
+    kept = selection_metadata(read_selection(st, ArtifactRef.from_dict(row["selection"])))
+    assert kept["method"] == CANDIDATES[row["chosen"]][0]
+    assert kept["params"]["pivoting"] == ("greedy_signal" if row["chosen"] == GREEDY_PIVOTS else "sampled")
+
+
+def test_the_third_candidate_is_an_option_of_curate_and_reselect():
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app, curate_cmd, reselect_cmd
+    from flows.rerun import reselect
+
+    for fn in (curate.fn, reselect.fn, curate_cmd, reselect_cmd):
+        assert inspect.signature(fn).parameters["third_candidate"].default is False
+    for command in ("curate", "reselect"):
+        out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert out.exit_code == 0 and "--third-candidate" in out.output
