@@ -13,7 +13,8 @@ few images. This module reads only the columns and row groups it needs, and stil
 - :func:`read_images`: (sample_id, data) of the wanted ids only, from the row groups that hold one; each row is
   verified by its id (a sample id *is* the sha256 of the sample's bytes).
 - :func:`iter_split`: (sample_id, label[, data]) of one split's rows — or of its ``limit`` smallest ids, a
-  content-determined sample — in bounded batches, verified both ways: evaluate and finetune stream through it.
+  content-determined sample — in bounded batches, verified both ways: evaluate and finetune stream through it;
+  :func:`read_split_ids` gives that split's ids as one fixed-width array (select, the sketches, evaluate).
 
 Every shard's object size is checked against the manifest's ref, and its row count and schema against the
 footer, before anything is decoded; files are opened without a read-ahead cache (``cache_type="none"``) so that a
@@ -35,11 +36,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.artifacts import ArtifactRef, ArtifactStore, _translate
-from storage.datasets import SAMPLE_SCHEMA, DatasetRef, ShardRef, load_manifest, sample_id, sample_id_array
+from storage.datasets import ID_DTYPE, SAMPLE_SCHEMA, DatasetRef, ShardRef, load_manifest, sample_id, sample_id_array
 from storage.errors import ArtifactCorruptedError, MalformedRecordError, StorageError
 
 __all__ = ["METADATA_COLUMNS", "check_limit", "iter_metadata", "iter_shard", "iter_split", "read_images",
-           "read_metadata", "shard_rows"]
+           "read_metadata", "read_split_ids", "shard_rows", "split_head"]
 
 #: The columns a metadata read may return (everything but the sample bytes).
 METADATA_COLUMNS = ("sample_id", "source_uri", "label", "split")
@@ -47,6 +48,7 @@ _VERSION_HEADER = b"skmm-dataset-version/1\n"  # storage.datasets.dataset_versio
 _HEX = np.zeros(256, dtype=bool)
 _HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = True
 _IMAGE_BATCH_ROWS = 256  # rows decoded at a time from a row group's data column
+_ID_BATCH_ROWS = 1 << 16  # ids (and labels) handed on at a time by read_split_ids
 _STREAM_BUFFER = 2**20  # bytes per ranged read of a column chunk (no whole column chunk in memory)
 
 
@@ -305,6 +307,17 @@ def check_limit(limit: Any, name: str = "limit") -> int | None:
     return int(limit)
 
 
+def split_head(table: pa.Table, split: str, left: int | None) -> tuple[pa.Table, int | None]:
+    """(sample_id and label of ``table``'s ``split`` rows — only the first ``left`` when ``left`` is not None —,
+    how many may still follow). Applied shard after shard in sample-id order, it keeps a split's ``limit``
+    smallest ids: the sample :func:`iter_split` and the finetune stage choose on."""
+    rows = table.filter(pc.equal(table.column("split"), split)).select(["sample_id", "label"])
+    if left is None:
+        return rows, None
+    rows = rows.slice(0, left)
+    return rows, left - rows.num_rows
+
+
 def iter_split(store: ArtifactStore, dataset: DatasetRef, split: str, limit: int | None = None,
                images: bool = False, batch_rows: int = _IMAGE_BATCH_ROWS) -> Iterator[pa.Table]:
     """sample_id and label (with ``images``, also the sample bytes ``data``) of the rows of ``split``, in
@@ -323,10 +336,7 @@ def iter_split(store: ArtifactStore, dataset: DatasetRef, split: str, limit: int
     for shard, table in _verified_shards(store, dataset, ("sample_id", "label", "split")):
         if left == 0:
             continue  # read all the same: the version covers every row
-        rows = table.filter(pc.equal(table.column("split"), split)).select(["sample_id", "label"])
-        if left is not None:
-            rows = rows.slice(0, left)
-            left -= rows.num_rows
+        rows, left = split_head(table, split, left)
         if not images:
             for lo in range(0, rows.num_rows, batch_rows):
                 yield rows.slice(lo, batch_rows)
@@ -342,3 +352,23 @@ def iter_split(store: ArtifactStore, dataset: DatasetRef, split: str, limit: int
         if got != rows.num_rows:
             raise ArtifactCorruptedError(f"{_what(shard)} is corrupted: its metadata lists {rows.num_rows} {split} "
                                          f"rows, its sample bytes {got}")
+
+
+def read_split_ids(store: ArtifactStore, dataset: DatasetRef, split: str, limit: int | None = None,
+                   labels: bool = False) -> tuple[np.ndarray, pa.ChunkedArray | None]:
+    """The sample ids of ``split`` (its ``limit`` smallest, with a limit) as one sorted ``ID_DTYPE`` array — 64 B a
+    sample, no Python object each — and, with ``labels``, their labels (Arrow strings; else None). Read and
+    verified as :func:`iter_split` (no image bytes); the ids are filled into one array sized by the manifest and
+    shrunk in place: never the parts and their concatenation."""
+    rows = sum(sh.num_rows for sh in load_manifest(store, dataset).shards)
+    out = np.empty(rows if limit is None else min(check_limit(limit), rows), ID_DTYPE)
+    chunks: list[pa.Array] = []
+    n = 0
+    for part in iter_split(store, dataset, split, limit, batch_rows=_ID_BATCH_ROWS):
+        for chunk in part.column("sample_id").chunks:
+            out[n:n + len(chunk)] = sample_id_array(chunk)
+            n += len(chunk)
+        if labels:
+            chunks.extend(part.column("label").chunks)
+    out.resize(n, refcheck=False)
+    return out, pa.chunked_array(chunks, pa.string()) if labels else None

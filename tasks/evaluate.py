@@ -21,8 +21,8 @@ from skmm.finetune import LastLayersFinetuner, LinearProbe, evaluate_predictions
 from skmm.gradients import normalize_features
 from skmm.select.auto_sketch import reblock
 from storage.artifacts import ArtifactRef
-from storage.datasets import ID_DTYPE, DatasetRef, VectorTableRef, sample_id_array, scan_vector_rows
-from storage.sample_reader import check_limit, iter_split
+from storage.datasets import DatasetRef, VectorTableRef, scan_vector_rows
+from storage.sample_reader import check_limit, iter_split, read_split_ids
 from tasks.cache import ContentCache
 from tasks.finetune import VAL_LIMIT
 from tasks.retry import RETRY
@@ -96,22 +96,14 @@ def _probe(data: bytes, st: Any, ds: DatasetRef, emb: VectorTableRef, split: str
     """(task, labels, predictions, classes) of a linear probe: the split's ids and labels first (64 B + the label
     a row), then its features ``PROBE_ROWS`` rows at a time."""
     probe = LinearProbe.from_bytes(data)
-    total = ds.num_rows if limit is None else min(limit, ds.num_rows)
-    ids = np.empty(total, ID_DTYPE)  # sized by the dataset, filled by the split, shrunk in place
-    labels: list[pa.Array] = []
-    n = 0
-    for part in iter_split(st, ds, split, limit, batch_rows=PROBE_ROWS):
-        for chunk in part.column("sample_id").chunks:
-            ids[n:n + len(chunk)] = sample_id_array(chunk)
-            n += len(chunk)
-        labels.extend(part.column("label").chunks)
-    ids.resize(n, refcheck=False)
+    ids, labels = read_split_ids(st, ds, split, limit, labels=True)
+    n = len(ids)
     pred = np.empty(n, np.float64 if probe.task == "regression" else np.int64)
     if n:
         for lo, block in reblock(scan_vector_rows(st, emb, ids), emb.dim, block_rows=PROBE_ROWS):
             out = probe.predict(normalize_features(block))
             pred[lo:lo + len(block)] = out if probe.task == "regression" else _class_index(probe.classes_, out)
-    return probe.task, labels, pred, probe.classes_
+    return probe.task, labels.chunks, pred, probe.classes_
 
 
 def run_evaluate(model: dict, embeddings: dict, dataset: dict, store: dict, split: str = "test",

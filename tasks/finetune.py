@@ -19,7 +19,7 @@ from skmm.finetune import LastLayersFinetuner, LinearProbe
 from skmm.gradients import normalize_features
 from storage.artifacts import ArtifactRef
 from storage.datasets import ID_DTYPE, DatasetRef, VectorTableRef, read_vector_matrix
-from storage.sample_reader import check_limit, iter_metadata, read_images
+from storage.sample_reader import check_limit, iter_metadata, read_images, split_head
 from storage.selections import read_selection
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
@@ -53,10 +53,8 @@ def _coreset_and_val(st: Any, ds: DatasetRef, chosen: list[str], val_limit: int 
         picked.append(part.filter(pc.and_(pc.is_in(part.column("sample_id"), value_set=wanted),
                                           pc.equal(part.column("split"), "train"))).select(["sample_id", "label"]))
         if left != 0:  # shards stream in ascending id order: the first val rows are the smallest ids
-            rows = part.filter(pc.equal(part.column("split"), "val")).select(["sample_id", "label"])
-            rows = rows if left is None else rows.slice(0, left)
+            rows, left = split_head(part, "val", left)
             val.append(rows)
-            left = None if left is None else left - rows.num_rows
     found = pa.concat_tables(picked) if picked else pa.table({"sample_id": pa.array([], pa.string()),
                                                               "label": pa.array([], pa.string())})
     label_of = dict(zip(*(found.column(c).to_pylist() for c in ("sample_id", "label")), strict=True))

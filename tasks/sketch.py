@@ -23,19 +23,17 @@ from skmm.models.clip import ClipSpec
 from skmm.select.auto_sketch import reblock
 from skmm.sketch import GaussianProjector
 from storage.datasets import (
-    ID_DTYPE,
     DatasetRef,
     ShardRef,
     VectorTableRef,
     combine_vectors,
     load_manifest,
     read_shard,
-    sample_id_array,
     scan_vector_rows,
     write_vector_chunks,
     write_vectors,
 )
-from storage.sample_reader import iter_metadata, read_images, read_metadata
+from storage.sample_reader import iter_metadata, read_images, read_metadata, read_split_ids
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
 from tasks.store import open_store
@@ -134,22 +132,8 @@ def run_sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | N
 
 def train_rows(store: Any, dataset: DatasetRef, labels: bool = False) -> tuple[np.ndarray, pa.ChunkedArray | None]:
     """The train split's sample ids as one sorted ``ID_DTYPE`` array (64 B a sample, no Python objects) and, with
-    ``labels``, their labels (Arrow strings; else None), read shard by shard without the image bytes and verified
-    by the dataset version.
-
-    The ids are filled into one array sized by the manifest and shrunk in place: never the parts and their
-    concatenation."""
-    out = np.empty(sum(sh.num_rows for sh in load_manifest(store, dataset).shards), ID_DTYPE)
-    chunks: list[pa.Array] = []
-    n = 0
-    for table in iter_metadata(store, dataset, ("sample_id", "label") if labels else ("sample_id",), "train"):
-        for chunk in table.column("sample_id").chunks:
-            out[n:n + len(chunk)] = sample_id_array(chunk)
-            n += len(chunk)
-        if labels:
-            chunks.extend(table.column("label").chunks)
-    out.resize(n, refcheck=False)
-    return out, pa.chunked_array(chunks, pa.string()) if labels else None
+    ``labels``, their labels (Arrow strings; else None): :func:`storage.sample_reader.read_split_ids`."""
+    return read_split_ids(store, dataset, "train", labels=labels)
 
 
 def train_ids(store: Any, dataset: DatasetRef) -> np.ndarray:

@@ -310,3 +310,22 @@ def test_iter_split_with_a_limit_reads_the_images_of_the_sample_only(tmp_path):
     assert sum(t.num_rows for t in got) == 3
     # the row group holding the 3 smallest ids (the first shard's), and the other shards' metadata only
     assert counting.fs.bytes_read < shards[0].artifact.size + 0.03 * total, (counting.fs.bytes_read, total)
+
+
+def test_read_split_ids_is_iter_split_as_one_id_array(tmp_path):
+    """The split's ids (and labels) in one fixed-width array, with and without a limit: the rows iter_split gives."""
+    import numpy as np
+
+    from storage.datasets import sample_id_array
+    from storage.sample_reader import read_split_ids
+
+    store = ArtifactStore(tmp_path / "store")
+    ref = write_samples(store, _records(47), shard_rows=9)
+    for split, limit in (("train", None), ("val", None), ("test", 3), ("val", 10**6)):
+        rows = [t for t in iter_split(store, ref, split, limit)]
+        want_ids = np.concatenate([sample_id_array(t.column("sample_id")) for t in rows])
+        want_labels = [v for t in rows for v in t.column("label").to_pylist()]
+        ids, labels = read_split_ids(store, ref, split, limit, labels=True)
+        assert np.array_equal(ids, want_ids) and labels.to_pylist() == want_labels
+        assert read_split_ids(store, ref, split, limit)[1] is None
+    assert len(read_split_ids(store, ref, "test", 3)[0]) == 3
