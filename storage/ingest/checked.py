@@ -81,6 +81,9 @@ class CheckedImages:
         return f"CheckedImages({self.store!r}, max_pixels={self.max_pixels})"
 
     def _load(self) -> np.ndarray:
+        known = self._known  # set once, then only read: no lock on the per-image path
+        if known is not None:
+            return known
         with self._lock:
             if self._known is not None:
                 return self._known
@@ -149,10 +152,7 @@ class CheckedImages:
                 raise
             return self.store.uri(rel)  # the same ids were recorded already (same name, same bytes)
         with self._lock:
-            if self._known is not None:
-                merged = np.concatenate([self._known, ids])
-                merged.sort()
-                self._known = merged
+            self._known = None  # a later check() lists the record again, this file included
         log.info("decode check: %d image(s) decoded, %d known and skipped; %d new id(s) recorded in %s",
                  self.n_checked, self.n_known, len(ids), uri)
         return uri
