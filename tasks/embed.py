@@ -11,6 +11,16 @@ batch-invariant (``skmm.models.clip``), so the table is byte for byte what a fro
 growth embeds about 1 % of the pool. The shards' tables are combined into one features table keyed by sample id,
 whose producer is the model spec.
 
+**Packing** (the flow's path, :func:`embed_with_counts`, and :func:`run_embed`): the tower runs in fixed blocks
+(``block_rows``: 64 on the CPU, 512 on a large GPU), so a shard with 20 new samples would pay for a whole block.
+A shard that misses fewer than one block's worth of samples therefore does not embed them itself: it writes a
+small *pending* artifact (its ids, and the bytes of only the samples it misses) and returns that. The pending
+samples of consecutive shards are then embedded together by ``embed-pack`` tasks, :data:`PACK_BLOCKS` blocks at a
+time, each writing and cataloguing one delta table; ``embed-assemble`` tasks then write those shards' tables from
+the catalog and the delta, without reading the shards again. Features are a function of each sample's bytes alone
+(fixed blocks), so the tables are byte for byte the same; the tower work of a 1 % growth falls from about one
+block per shard to the new samples' own blocks (bench/README.md §13).
+
 The feature spec (:func:`feature_spec`) is the model config's tower plus its ``precision`` ("fp32" unless the
 config names another) and ``block_rows`` (64 unless the config names another). :func:`embed_model`, called where
 the stage starts (the flow's process), adds the block size of that machine's device
@@ -31,6 +41,7 @@ sizes, 64 and 512, they differ in the spec and are not mixed).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import uuid
@@ -38,10 +49,12 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import task
 
 from skmm.models.clip import BLOCK_ROWS, MAX_PIXELS, ClipSpec, default_block_rows, embed_images
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.datasets import (
     DatasetRef,
     ShardRef,
@@ -50,6 +63,7 @@ from storage.datasets import (
     load_manifest,
     producer_digest,
     read_shard,
+    read_vectors,
     write_vectors,
 )
 from storage.feature_catalog import FeatureCatalog
@@ -57,14 +71,18 @@ from tasks.cache import ContentCache
 from tasks.retry import RETRY
 from tasks.store import open_store
 
-__all__ = ["combine_embeddings", "embed", "embed_model", "embed_shard", "embed_with_counts", "feature_spec",
-           "run_embed", "run_embed_shard", "shards_of"]
+__all__ = ["PACK_BLOCKS", "combine_embeddings", "embed", "embed_assemble", "embed_model", "embed_pack",
+           "embed_shard", "embed_with_counts", "feature_spec", "packs_of", "run_embed", "run_embed_assemble",
+           "run_embed_counted", "run_embed_pack", "run_embed_shard", "shards_of"]
 
 # embed-3: fixed-shape blocks (bitwise batch-invariant features). embed-4: 16-bit, I and F images decoded
 # faithfully (they were clipped to white), so their features changed; 8-bit images' did not. The feature catalog is
 # scoped by this version too (per-sample reuse itself changed no output byte).
 CODE_VERSION = "embed-4"
 KIND = "embeddings"
+PENDING_KIND = "embed-pending"  # a shard's ids and the bytes of the samples it left to a pack
+PACK_BLOCKS = 16  # an embed-pack task gathers about this many blocks of pending samples
+_PENDING_SCHEMA = pa.schema([pa.field("sample_id", pa.string(), nullable=False), pa.field("data", pa.binary())])
 
 _CATALOGS: OrderedDict[tuple[str, str, str], FeatureCatalog] = OrderedDict()
 _CATALOGS_LOCK = threading.Lock()
@@ -128,13 +146,20 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return log
 
 
+def _blocks(rows: int, spec: ClipSpec) -> int:
+    """Forward passes of the tower for ``rows`` images (fixed blocks, the last one padded)."""
+    return -(-rows // spec.block_rows)
+
+
 def run_embed_shard(shard: dict, model: dict[str, Any], store: dict, batch_size: int = 64,
                     device: str | None = None, progress: bool = False, catalog_run: str | None = None,
-                    max_pixels: int = MAX_PIXELS, decode_workers: int | None = None) -> dict:
+                    max_pixels: int = MAX_PIXELS, decode_workers: int | None = None, pack_below: int = 0) -> dict:
     """The features of one dataset shard, embedding only the samples the feature catalog does not hold
     (``decode_workers``: see :func:`skmm.models.clip.embed_images`; None = cores − 1).
 
-    Returns ``{"vectors": <VectorTableRef dict>, "embedded": n, "reused": m}``."""
+    Returns ``{"vectors": <VectorTableRef dict>, "embedded": n, "reused": m, "blocks": tower passes}``; or, when
+    the shard misses fewer than ``pack_below`` samples (but some), embeds nothing and returns
+    ``{"pending": <ArtifactRef dict>, "rows": shard rows, "missing": k}`` for :func:`run_embed_pack`."""
     st = open_store(store)
     table = read_shard(st, ShardRef.from_dict(shard), columns=["sample_id", "data"])
     ids, images = table.column("sample_id").to_pylist(), table.column("data").to_pylist()
@@ -144,27 +169,131 @@ def run_embed_shard(shard: dict, model: dict[str, Any], store: dict, batch_size:
     catalog = feature_catalog(st, spec, catalog_run)
     known = catalog.lookup(ids)
     todo = [i for i, sid in enumerate(ids) if sid not in known.vectors]
+    if 0 < len(todo) < pack_below:
+        missing = set(todo)
+        pending = pa.table({"sample_id": ids, "data": [images[i] if i in missing else None
+                                                       for i in range(len(ids))]}, schema=_PENDING_SCHEMA)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pending, sink, compression="none")  # image bytes are compressed already
+        ref = st.put_bytes(sink.getvalue().to_pybytes(), PENDING_KIND, ".parquet")
+        _logger().info("embed shard %s…: %d samples left to a pack, %d found in the catalog",
+                       ShardRef.from_dict(shard).artifact.sha256[:12], len(todo), len(ids) - len(todo))
+        return {"pending": ref.to_dict(), "rows": len(ids), "missing": len(todo)}
     fresh = (embed_images([images[i] for i in todo], spec, batch_size=batch_size, device=device, progress=progress,
                           max_pixels=max_pixels, decode_workers=decode_workers)
              if todo else None)
-    dim = fresh.shape[1] if fresh is not None else len(next(iter(known.vectors.values())))
-    if any(len(v) != dim for v in known.vectors.values()):
-        raise ValueError(f"feature catalog {st.uri(catalog.prefix)} holds vectors of another width than {spec.model}'s "
-                         f"{dim}: delete that catalog folder and rerun")
-    features = np.empty((len(ids), dim), dtype=np.float32)
-    for i, sid in enumerate(ids):
-        if sid in known.vectors:
-            features[i] = known.vectors[sid]
-    if fresh is not None:
-        features[todo] = fresh
-    ref = write_vectors(st, ids, features, spec.to_dict(), kind=KIND)
+    ref = _write_shard_table(st, spec, catalog, ids, known.vectors, todo, fresh)
     if todo:  # catalogue the rows computed here: the shard table itself when nothing was reused
         new_ids = [ids[i] for i in todo]
         delta = ref if len(todo) == len(ids) else write_vectors(st, new_ids, fresh, spec.to_dict(), kind=KIND)
         catalog.register(delta, new_ids)
     _logger().info("embed shard %s…: %d samples embedded, %d reused from %d catalogued table(s)",
                    ShardRef.from_dict(shard).artifact.sha256[:12], len(todo), len(ids) - len(todo), known.tables)
-    return {"vectors": ref.to_dict(), "embedded": len(todo), "reused": len(ids) - len(todo)}
+    return {"vectors": ref.to_dict(), "embedded": len(todo), "reused": len(ids) - len(todo),
+            "blocks": _blocks(len(todo), spec)}
+
+
+def _write_shard_table(st: ArtifactStore, spec: ClipSpec, catalog: FeatureCatalog, ids: list[str],
+                       known: dict[str, np.ndarray], todo: list[int], fresh: np.ndarray | None) -> VectorTableRef:
+    """The shard's table: rows ``todo`` from ``fresh``, the others from ``known``."""
+    dim = fresh.shape[1] if fresh is not None else len(next(iter(known.values())))
+    if any(len(v) != dim for v in known.values()):
+        raise ValueError(f"feature catalog {st.uri(catalog.prefix)} holds vectors of another width than {spec.model}'s "
+                         f"{dim}: delete that catalog folder and rerun")
+    features = np.empty((len(ids), dim), dtype=np.float32)
+    for i, sid in enumerate(ids):
+        if sid in known:
+            features[i] = known[sid]
+    if fresh is not None:
+        features[todo] = fresh
+    return write_vectors(st, ids, features, spec.to_dict(), kind=KIND)
+
+
+def _read_pending(st: ArtifactStore, pending: dict) -> pa.Table:
+    table = pq.read_table(pa.BufferReader(st.get_bytes(ArtifactRef.from_dict(pending))))
+    if not table.schema.equals(_PENDING_SCHEMA):
+        raise ValueError(f"{pending.get('uri')} is not a pending-samples table of the embed stage")
+    return table
+
+
+def packs_of(missing: list[int], block_rows: int, blocks: int = PACK_BLOCKS) -> list[list[int]]:
+    """Consecutive groups of pending shards (their ``missing`` counts, in shard order), each closed once it holds
+    ``blocks`` blocks' worth of samples: the pack tasks' work, so that only each pack's last block is padded."""
+    packs: list[list[int]] = []
+    total = 0
+    for i, k in enumerate(missing):
+        if not packs or total >= blocks * block_rows:
+            packs.append([])
+            total = 0
+        packs[-1].append(i)
+        total += k
+    return packs
+
+
+def run_embed_pack(pendings: list[dict], model: dict[str, Any], store: dict, batch_size: int = 64,
+                   device: str | None = None, progress: bool = False, catalog_run: str | None = None,
+                   max_pixels: int = MAX_PIXELS, decode_workers: int | None = None) -> dict:
+    """Embed the pending samples of several shards that the catalog still lacks (an earlier pack may have
+    embedded some: pending results are cached per shard, packs are regrouped per run) in one stream of full
+    blocks; write and catalogue them as one delta table. Returns ``{"delta": <VectorTableRef dict> or None,
+    "embedded": n, "blocks": tower passes}``."""
+    st = open_store(store)
+    spec = feature_spec(model)
+    catalog = feature_catalog(st, spec, catalog_run)
+    ids: list[str] = []
+
+    def images() -> Any:  # one pending table in memory at a time
+        for pending in pendings:
+            table = _read_pending(st, pending)
+            rows = [(sid, data) for sid, data in zip(table.column("sample_id").to_pylist(),
+                                                     table.column("data").to_pylist(), strict=True)
+                    if data is not None]
+            known = catalog.lookup([sid for sid, _ in rows]).vectors
+            for sid, data in rows:
+                if sid not in known:
+                    ids.append(sid)
+                    yield data
+
+    stream = images()
+    first = next(stream, None)
+    if first is None:
+        return {"delta": None, "embedded": 0, "blocks": 0}
+    fresh = embed_images(itertools.chain([first], stream), spec, batch_size=batch_size, device=device,
+                         progress=progress, max_pixels=max_pixels, decode_workers=decode_workers)
+    delta = write_vectors(st, ids, fresh, spec.to_dict(), kind=KIND)
+    catalog.register(delta, ids)
+    _logger().info("embed pack of %d shards: %d samples embedded in %d blocks", len(pendings), len(ids),
+                   _blocks(len(ids), spec))
+    return {"delta": delta.to_dict(), "embedded": len(ids), "blocks": _blocks(len(ids), spec)}
+
+
+def run_embed_assemble(shard: dict, pending: dict, delta: dict | None, model: dict[str, Any], store: dict,
+                       catalog_run: str | None = None, **embed_options: Any) -> dict:
+    """The table of a shard that left its missing samples to a pack: the rows the pack's ``delta`` holds from it,
+    the rest from the catalog; the shard itself is not read again. If neither holds one of its samples (a
+    catalog entry deleted meanwhile), the shard is embedded the plain way instead. Returns what
+    :func:`run_embed_shard` returns, the rows taken from ``delta`` counted as ``embedded`` (``blocks`` 0: the
+    pack ran the tower)."""
+    st = open_store(store)
+    spec = feature_spec(model)
+    table = _read_pending(st, pending)
+    ids = table.column("sample_id").to_pylist()
+    is_new = table.column("data").is_valid().to_numpy(zero_copy_only=False)
+    from_delta: dict[str, np.ndarray] = {}
+    if delta is not None:
+        delta_ids, delta_rows = read_vectors(st, VectorTableRef.from_dict(delta))
+        where = {sid: i for i, sid in enumerate(delta_ids)}
+        from_delta = {sid: delta_rows[where[sid]] for sid, new in zip(ids, is_new, strict=True)
+                      if new and sid in where}
+    catalog = feature_catalog(st, spec, catalog_run)
+    known = catalog.lookup([sid for sid in ids if sid not in from_delta]).vectors
+    if len(known) + len(from_delta) != len(ids):
+        _logger().warning("embed shard %s…: %d samples are in neither the catalog nor the pack; embedding the shard "
+                          "the plain way", ShardRef.from_dict(shard).artifact.sha256[:12],
+                          len(ids) - len(known) - len(from_delta))
+        return run_embed_shard(shard, model, store, catalog_run=None, **embed_options)
+    ref = _write_shard_table(st, spec, catalog, ids, {**known, **from_delta}, [], None)
+    return {"vectors": ref.to_dict(), "embedded": len(from_delta), "reused": len(known), "blocks": 0}
 
 
 def _vectors_of(result: dict) -> dict:
@@ -177,18 +306,45 @@ def run_combine(parts: list[dict], store: dict) -> dict:
 
 
 def run_embed(dataset: dict, model: dict[str, Any], store: dict, batch_size: int = 64,
-              device: str | None = None, progress: bool = False) -> dict:
-    """All shards in sequence, then combined: the plain-function form of the stage (no task cache, so every
-    shard is looked up in the catalog; unchanged ones embed nothing). The block size is ``device``'s
-    (:func:`embed_model`)."""
+              device: str | None = None, progress: bool = False, pack: bool = True) -> dict:
+    """All shards in sequence, the packs, then combined: the plain-function form of the stage (no task cache, so
+    every shard is looked up in the catalog; unchanged ones embed nothing). The block size is ``device``'s
+    (:func:`embed_model`). ``pack=False``: every shard embeds its own missing samples (the path before packing)."""
+    return run_embed_counted(dataset, model, store, batch_size, device, progress, pack)[0]
+
+
+def run_embed_counted(dataset: dict, model: dict[str, Any], store: dict, batch_size: int = 64,
+                      device: str | None = None, progress: bool = False, pack: bool = True
+                      ) -> tuple[dict, dict[str, int]]:
+    """:func:`run_embed` and what it did: ``samples_embedded``, ``samples_reused``, ``packs``, ``tower_blocks``."""
     run = uuid.uuid4().hex
     model = embed_model(model, device)
+    block_rows = feature_spec(model).block_rows
+    options = {"batch_size": batch_size, "device": device, "progress": progress}
+    counts = {"samples_embedded": 0, "samples_reused": 0, "packs": 0, "tower_blocks": 0}
     try:
-        parts = [run_embed_shard(sh, model, store, batch_size, device, progress, catalog_run=run)
-                 for sh in shards_of(dataset, store)]
+        shards = shards_of(dataset, store)
+        parts = [run_embed_shard(sh, model, store, catalog_run=run, pack_below=block_rows if pack else 0,
+                                 **options) for sh in shards]
+        pending = [i for i, part in enumerate(parts) if "pending" in part]
+        for group in packs_of([parts[i]["missing"] for i in pending], block_rows):
+            members = [pending[j] for j in group]
+            packed = run_embed_pack([parts[i]["pending"] for i in members], model, store, catalog_run=run,
+                                    **options)
+            counts["packs"] += 1
+            counts["samples_embedded"] += packed["embedded"]
+            counts["tower_blocks"] += packed["blocks"]
+            for i in members:
+                parts[i] = run_embed_assemble(shards[i], parts[i]["pending"], packed["delta"], model, store,
+                                              catalog_run=run, **options)
     finally:
         _release_catalogs(run)
-    return run_combine(parts, store)
+    for part in parts:
+        counts["samples_reused"] += part["reused"]
+        if part["blocks"]:
+            counts["samples_embedded"] += part["embedded"]
+            counts["tower_blocks"] += part["blocks"]
+    return run_combine(parts, store), counts
 
 
 @task(name="embed", cache_policy=ContentCache(code_version=CODE_VERSION,
@@ -197,13 +353,39 @@ def run_embed(dataset: dict, model: dict[str, Any], store: dict, batch_size: int
       persist_result=True, result_serializer="json", **RETRY)
 def embed_shard(shard: dict, model: dict[str, Any], store: dict, batch_size: int = 64, device: str | None = None,
                 progress: bool = False, catalog_run: str | None = None, max_pixels: int = MAX_PIXELS,
-                decode_workers: int | None = None) -> dict:
-    """Prefect task: the features of one dataset shard (``catalog_run``, not in the cache key, groups the shards
-    of one run so that they list the feature catalog once; ``max_pixels``, not in it either, is the ingest's
-    limit: the images in the dataset passed it, and their features do not depend on it; nor do they depend on
-    ``decode_workers``)."""
+                decode_workers: int | None = None, pack_below: int = 0) -> dict:
+    """Prefect task: the features of one dataset shard, or its pending samples (``pack_below``, in the key: the
+    result's shape depends on it). ``catalog_run``, not in the cache key, groups the shards of one run so that
+    they list the feature catalog once; ``max_pixels``, not in it either, is the ingest's limit: the images in
+    the dataset passed it, and their features do not depend on it; nor do they depend on ``decode_workers``."""
     return run_embed_shard(shard, model, store, batch_size, device, progress, catalog_run, max_pixels,
-                           decode_workers)
+                           decode_workers, pack_below)
+
+
+_OPTIONS = ("batch_size", "device", "progress", "catalog_run", "max_pixels", "decode_workers")
+
+
+@task(name="embed-pack", cache_policy=ContentCache(code_version=CODE_VERSION, ignore=_OPTIONS),
+      persist_result=True, result_serializer="json", **RETRY)
+def embed_pack(pendings: list[dict], model: dict[str, Any], store: dict, batch_size: int = 64,
+               device: str | None = None, progress: bool = False, catalog_run: str | None = None,
+               max_pixels: int = MAX_PIXELS, decode_workers: int | None = None) -> dict:
+    """Prefect task: the pending samples of consecutive shards, embedded in full blocks and catalogued."""
+    return run_embed_pack(pendings, model, store, batch_size, device, progress, catalog_run, max_pixels,
+                          decode_workers)
+
+
+@task(name="embed-assemble", cache_policy=ContentCache(code_version=CODE_VERSION, ignore=(*_OPTIONS, "delta")),
+      persist_result=True, result_serializer="json", **RETRY)
+def embed_assemble(shard: dict, pending: dict, delta: dict | None, model: dict[str, Any], store: dict,
+                   batch_size: int = 64, device: str | None = None, progress: bool = False,
+                   catalog_run: str | None = None, max_pixels: int = MAX_PIXELS,
+                   decode_workers: int | None = None) -> dict:
+    """Prefect task: the table of a shard whose pending samples a pack embedded (``delta``, where to find them,
+    is not in the cache key: the table is a function of the shard's content and the model)."""
+    return run_embed_assemble(shard, pending, delta, model, store, catalog_run, batch_size=batch_size,
+                              device=device, progress=progress, max_pixels=max_pixels,
+                              decode_workers=decode_workers)
 
 
 @task(name="embed-combine", cache_policy=ContentCache(code_version=CODE_VERSION), persist_result=True,
@@ -217,31 +399,56 @@ def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: d
                       progress: bool = False, max_pixels: int = MAX_PIXELS,
                       decode_workers: int | None = None) -> tuple[dict, dict[str, Any]]:
     """:func:`embed`, also returning what this run did: ``shards``, ``shards_cached`` (task cache hits),
-    ``samples_cached`` (their rows), ``samples_embedded`` (through the tower) and ``samples_reused`` (from the
-    feature catalog), and how the features are computed: ``precision`` and ``block_rows`` (the feature spec's).
+    ``samples_cached`` (their rows), ``samples_embedded`` (through the tower), ``samples_reused`` (from the
+    feature catalog), ``packs`` (embed-pack tasks run) and ``tower_blocks`` (forward passes of ``block_rows``
+    images), and how the features are computed: ``precision`` and ``block_rows`` (the feature spec's).
     Call inside a flow."""
     run = uuid.uuid4().hex
     model = embed_model(model)  # this machine's block size, in the tasks' cache keys
     spec = feature_spec(model)
     shards = shards_of(dataset, store)
-    futures = [embed_shard.with_options(**opts).submit(sh, model, store, batch_size=batch_size, progress=progress,
-                                                       catalog_run=run, max_pixels=max_pixels,
-                                                       decode_workers=decode_workers) for sh in shards]
+    options = {"batch_size": batch_size, "progress": progress, "catalog_run": run, "max_pixels": max_pixels,
+               "decode_workers": decode_workers}
+    futures = [embed_shard.with_options(**opts).submit(sh, model, store, pack_below=spec.block_rows, **options)
+               for sh in shards]
+    counts: dict[str, Any] = {"shards": len(shards), "shards_cached": 0, "samples_cached": 0, "samples_embedded": 0,
+                              "samples_reused": 0, "packs": 0, "tower_blocks": 0, "precision": spec.precision,
+                              "block_rows": spec.block_rows}
     try:
         results = [f.result() for f in futures]
+        finals = list(futures)
+        pending = [i for i, r in enumerate(results) if "pending" in r]
+        packs = [[pending[j] for j in group] for group in packs_of([results[i]["missing"] for i in pending],
+                                                                     spec.block_rows)]
+        pack_futures = [embed_pack.with_options(**opts).submit([results[i]["pending"] for i in members], model,
+                                                               store, **options) for members in packs]
+        assemble = {}
+        for members, pack_future in zip(packs, pack_futures, strict=True):
+            delta = pack_future.result()["delta"]
+            for i in members:
+                assemble[i] = embed_assemble.with_options(**opts).submit(shards[i], results[i]["pending"], delta,
+                                                                         model, store, **options)
+        for i, future in assemble.items():
+            results[i], finals[i] = future.result(), future
     finally:  # shards that ran in this process shared one catalog; the run is over
         _release_catalogs(run)
-    counts: dict[str, Any] = {"shards": len(shards), "shards_cached": 0, "samples_cached": 0, "samples_embedded": 0,
-                              "samples_reused": 0, "precision": spec.precision, "block_rows": spec.block_rows}
-    for shard, future, result in zip(shards, futures, results, strict=True):
+    for pack_future in pack_futures:
+        if pack_future.state.name != "Cached":
+            counts["packs"] += 1
+            counts["samples_embedded"] += pack_future.result()["embedded"]
+            counts["tower_blocks"] += pack_future.result()["blocks"]
+    for shard, future, result in zip(shards, finals, results, strict=True):
         if future.state.name == "Cached":  # the result describes the run that computed it, not this one
             counts["shards_cached"] += 1
             counts["samples_cached"] += shard["num_rows"]
-        else:
+            continue
+        counts["samples_reused"] += result["reused"]
+        if result.get("blocks", 0):  # the shard ran the tower itself (an assembled shard's pack did)
             counts["samples_embedded"] += result["embedded"]
-            counts["samples_reused"] += result["reused"]
-    _logger().info("embed: %(samples_embedded)d samples embedded, %(samples_reused)d reused from the feature "
-                   "catalog, %(samples_cached)d in %(shards_cached)d of %(shards)d shards cached", counts)
+            counts["tower_blocks"] += result["blocks"]
+    _logger().info("embed: %(samples_embedded)d samples embedded in %(tower_blocks)d blocks (%(packs)d packs), "
+                   "%(samples_reused)d reused from the feature catalog, %(samples_cached)d in %(shards_cached)d of "
+                   "%(shards)d shards cached", counts)
     combined = combine_embeddings.with_options(**opts)([_vectors_of(r) for r in results], store)
     return combined, counts
 

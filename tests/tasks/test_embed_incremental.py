@@ -65,7 +65,7 @@ def test_a_grown_pool_embeds_only_its_new_samples_bitwise_as_from_scratch(store_
     changed = [sh for sh in shards_of(grown.to_dict(), store) if sh["artifact"]["sha256"] not in old]
     assert len(changed) == 4  # the new ids shifted the boundaries of several shards
     incremental = run_embed(grown.to_dict(), MODEL, store)
-    assert sum(embedded_rows) == 3  # only the new samples went through the tower
+    assert embedded_rows == [3]  # only the new samples went through the tower, packed into one block
     embedded_rows.clear()
 
     # The counts say the same; a changed shard run again (no task cache here) now reuses every sample.
@@ -106,8 +106,11 @@ def test_in_a_flow_changed_shards_reuse_features_and_unchanged_ones_hit_the_cach
     combined, counts = state.result()
     assert task_states(state)["embed"] == ["Cached"] * 2 + ["Completed"] * 4  # unchanged shards hit the cache
     assert sum(embedded_rows) == 3, embedded_rows
+    assert embedded_rows == [3]  # one pack: the 2 cached shards' pending samples are in the catalog already
     assert counts == {"shards": 6, "shards_cached": 2, "samples_cached": 16, "samples_embedded": 3,
-                      "samples_reused": 24, "precision": "fp32", "block_rows": default_block_rows()}
+                      "samples_reused": 24, "packs": 1, "tower_blocks": 1, "precision": "fp32",
+                      "block_rows": default_block_rows()}
+    assert task_states(state)["embed-pack"] == ["Completed"]
 
     fresh = store_spec(tmp_path / "fresh")
     scratch = run_embed(write_samples(open_store(fresh), POOL, shard_rows=SHARD_ROWS).to_dict(), MODEL, fresh)
@@ -118,7 +121,7 @@ def test_in_a_flow_changed_shards_reuse_features_and_unchanged_ones_hit_the_cach
     rerun = embed_flow(grown.to_dict(), store, return_state=True)
     assert set(task_states(rerun)["embed"]) == {"Cached"} and embedded_rows == []
     assert rerun.result() == (combined, {**counts, "shards_cached": 6, "samples_cached": 43, "samples_embedded": 0,
-                                         "samples_reused": 0})
+                                         "samples_reused": 0, "packs": 0, "tower_blocks": 0})
 
 
 def test_features_of_another_producer_are_never_reused(tmp_path, embedded_rows):
@@ -132,3 +135,45 @@ def test_features_of_another_producer_are_never_reused(tmp_path, embedded_rows):
     scratch = run_embed(write_samples(open_store(fresh), POOL, shard_rows=SHARD_ROWS).to_dict(),
                         {**MODEL, "init_seed": 1}, fresh)
     assert table(store, other)[0] == table(fresh, scratch)[0]
+
+
+def test_packing_runs_the_new_samples_of_many_shards_in_one_block_bitwise_as_shard_by_shard(tmp_path, embedded_rows):
+    """Without packing each changed shard pads its one new sample to a whole block; with it the three share one
+    block, and every table is the same artifact."""
+    tables = {}
+    for pack in (False, True):
+        store = store_spec(tmp_path / f"pack-{pack}")
+        run_embed(write_samples(open_store(store), BASE, shard_rows=SHARD_ROWS).to_dict(), MODEL, store, pack=pack)
+        embedded_rows.clear()
+        grown = write_samples(open_store(store), POOL, shard_rows=SHARD_ROWS).to_dict()
+        tables[pack] = table(store, run_embed(grown, MODEL, store, pack=pack))
+        assert embedded_rows == ([3] if pack else [1, 1, 1])
+        embedded_rows.clear()
+    assert tables[True][0] == tables[False][0]
+
+
+def test_a_pack_embeds_only_what_the_catalog_lacks_and_assembly_falls_back_when_the_catalog_lost_rows(
+        tmp_path, embedded_rows):
+    from storage.feature_catalog import CATALOG_PREFIX
+    from tasks.embed import run_embed_assemble, run_embed_pack
+
+    store = store_spec(tmp_path / "store")
+    dataset = write_samples(open_store(store), POOL, shard_rows=SHARD_ROWS).to_dict()
+    shards = shards_of(dataset, store)
+    first = [run_embed_shard(sh, MODEL, store, pack_below=64) for sh in shards]
+    assert all("pending" in r for r in first) and embedded_rows == []  # 8-row shards: all left to packs
+    pack = run_embed_pack([r["pending"] for r in first], MODEL, store)
+    assert (pack["embedded"], pack["blocks"], embedded_rows) == (43, 1, [43])
+    again = run_embed_pack([r["pending"] for r in first], MODEL, store)  # every sample catalogued now
+    assert again == {"delta": None, "embedded": 0, "blocks": 0} and embedded_rows == [43]
+    parts = [run_embed_assemble(sh, r["pending"], pack["delta"], MODEL, store)
+             for sh, r in zip(shards, first, strict=True)]
+    assert [p["embedded"] for p in parts] == [sh["num_rows"] for sh in shards] and embedded_rows == [43]
+
+    # The catalog loses its tables: a shard whose pack result is also gone is embedded again, the same bytes.
+    import shutil
+    shutil.rmtree(tmp_path / "store" / CATALOG_PREFIX)
+    redone = run_embed_assemble(shards[0], first[0]["pending"], None, MODEL, store)
+    assert embedded_rows == [43, shards[0]["num_rows"]]
+    assert redone["vectors"] == parts[0]["vectors"]
+    assert table(store, run_combine(parts, store))[0] == table(store, run_embed(dataset, MODEL, store, pack=False))[0]
