@@ -36,7 +36,10 @@ class SkMMBest(BaseSelector):
     Parameters are those of :class:`~skmm.select.moment_matching.SkMM` and
     :class:`~skmm.select.greedy_moment_matching.SkMMv2`; ``device`` (None: numpy; "auto", "cpu", "cuda" or
     "cuda:k": torch ops, skmm/select/_torch_ops.py) and ``pivoting`` (the seeding's pivot rule,
-    :func:`~skmm.select.adaptive.pivot_rule`) go to both candidates."""
+    :func:`~skmm.select.adaptive.pivot_rule`) go to both candidates. ``third_candidate``: also fit convex SkMM
+    with ``pivoting="greedy_signal"`` on the same sketch and seed and list it in ``selection_.info["candidates"]``
+    as ``"skmm_greedy_pivots"``, for a choice on labelled validation data (the pipeline's rule,
+    bench/README.md §14); the label-free proxy still chooses between the first two."""
 
     method = "skmm_best"
 
@@ -47,7 +50,8 @@ class SkMMBest(BaseSelector):
     def __init__(self, n: int, sketch_dim: int | None = None, c_s: float = 0.999, max_iter: int = 500,
                  discretization: str = "systematic", block_size: int = 1, temperature: float = 0.0,
                  ridge: float | str = "auto", seeding: str = "pivoted", random_state: int | None = 0,
-                 device: str | None = None, pivoting: str | float = "sampled") -> None:
+                 device: str | None = None, pivoting: str | float = "sampled",
+                 third_candidate: bool = False) -> None:
         super().__init__(n, random_state)
         self.sketch_dim = sketch_dim
         self.c_s = c_s
@@ -59,6 +63,7 @@ class SkMMBest(BaseSelector):
         self.seeding = seeding
         self.device = device
         self.pivoting = pivoting
+        self.third_candidate = third_candidate
 
     def _select(self, X, y, rng):
         S, spec, auto = selection_sketch(X, self.sketch_dim, int(rng.integers(2**31)))
@@ -75,4 +80,9 @@ class SkMMBest(BaseSelector):
         info = {"sketch": spec, "auto_sketch": auto, "variance_proxy": proxies, "chosen": winner.method,
                 "device": winner.selection_.info.get("device"),
                 "candidates": {"skmm": convex.indices_.tolist(), "skmm_v2": greedy.indices_.tolist()}}
+        if self.third_candidate:
+            third = SkMM(self.n, None, c_s=self.c_s, max_iter=self.max_iter, discretization=self.discretization,
+                         seeding=self.seeding, random_state=seed, device=self.device,
+                         pivoting="greedy_signal").fit(S, y)
+            info["candidates"]["skmm_greedy_pivots"] = third.indices_.tolist()
         return winner.indices_, winner.weights_, winner.scores_, info

@@ -65,6 +65,9 @@ class SyntheticConfig:
     # whose ridge fit has the lower risk on a labelled validation sample of this share of the pool (seeded per
     # seed); the ``skmm_best`` row is the label-free proxy rule (SkMMBest's own)
     val_fraction: float = 0.1
+    # skmm_best_val's candidates: convex SkMM and SkMMv2, and with True also convex SkMM seeded by greedy pivots
+    # through the signal rank (SkMMBest(third_candidate=True); the pipeline's --third-candidate)
+    third_candidate: bool = False
     # leverage / ridge leverage: compute the pool's scores once (first seed's SVD draw) and only sample per (n, seed)
     cache_scores: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +80,7 @@ class SyntheticConfig:
                 "ridge": self.skmm_v2_ridge,
                 "temperature": self.skmm_v2_temperature,
                 "discretization": self.skmm_discretization,
+                **({"third_candidate": True} if self.third_candidate else {}),
             },
             "skmm": {"sketch_dim": m, "discretization": self.skmm_discretization},
             "skmm_v2": {"sketch_dim": m, "ridge": self.skmm_v2_ridge, "temperature": self.skmm_v2_temperature},
@@ -138,11 +142,11 @@ def run_synthetic(config: SyntheticConfig, progress: Callable[[dict], None] | No
 
 def _val_choice_row(pool, info: dict[str, Any], fraction: float, proxy_row: dict[str, Any],
                     proxy_indices: np.ndarray) -> dict[str, Any]:
-    """The pipeline's rule on skmm_best's two candidates: lower ridge risk on the validation rows wins (convex on
-    ties), reported as method ``skmm_best_val``."""
+    """The pipeline's rule on skmm_best's candidates (two, or three with ``third_candidate``): lower ridge risk on
+    the validation rows wins (the first listed, convex SkMM, on ties), reported as method ``skmm_best_val``."""
     val = validation_rows(pool.X.shape[0], fraction, proxy_row["seed"])
     best = None
-    for variant in ("skmm", "skmm_v2"):
+    for variant in info["candidates"]:
         idx = np.asarray(info["candidates"][variant])
         val_risk = ridge_risk(pool.X, pool.y, idx, eval_rows=val)[0]
         if best is None or val_risk < best[0]:

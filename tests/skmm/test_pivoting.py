@@ -143,6 +143,24 @@ def test_best_of_passes_pivoting_to_both_candidates():
         assert len(set(labels[rows])) == 10
 
 
+def test_best_of_third_candidate_is_convex_skmm_with_greedy_signal_pivots_on_the_same_sketch_and_seed():
+    from skmm.select.base import check_random_state
+    from skmm.select.moment_matching import selection_sketch
+
+    X, _ = _clusters(big=400, small=40)
+    two = SkMMBest(12, sketch_dim=16, random_state=3).fit(X)
+    three = SkMMBest(12, sketch_dim=16, random_state=3, third_candidate=True).fit(X)
+    assert three.get_params()["third_candidate"] is True
+    assert np.array_equal(two.indices_, three.indices_)  # the proxy still chooses between the first two
+    cands = three.selection_.info["candidates"]
+    assert list(cands) == ["skmm", "skmm_v2", "skmm_greedy_pivots"]
+    assert {k: cands[k] for k in ("skmm", "skmm_v2")} == two.selection_.info["candidates"]
+    rng = check_random_state(3)  # SkMMBest's own draws, in order: the sketch's seed, then the candidates'
+    S, _, _ = selection_sketch(X, 16, int(rng.integers(2**31)))
+    alone = SkMM(12, None, random_state=int(rng.integers(2**31)), pivoting="greedy_signal").fit(S)
+    assert cands["skmm_greedy_pivots"] == alone.indices_.tolist()
+
+
 @pytest.mark.parametrize("pivoting", ["greedy", 2.0, "sampled", "banded", "directed"])
 def test_torch_twin_pivots_as_numpy(pivoting):
     torch = pytest.importorskip("torch")

@@ -77,22 +77,25 @@ def test_runner_writes_table_csv_and_plot(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def test_val_rule_keeps_the_candidate_with_the_lower_validation_risk():
+@pytest.mark.parametrize("third", [False, True])
+def test_val_rule_keeps_the_candidate_with_the_lower_validation_risk(third):
     from skmm.synthetic.benchmark import validation_rows
 
     config = SyntheticConfig(n_samples=300, dim=80, n_clusters=5, sketch_dim=16, budgets=(12, 30), seeds=(0, 1),
-                             methods=("skmm_best",), val_fraction=0.2, cache_scores=True)
+                             methods=("skmm_best",), val_fraction=0.2, cache_scores=True, third_candidate=third)
     result = run_synthetic(config)
     pool = make_gmm(300, 80, 5, 0.04, 0)
     from skmm.select import SkMMBest
 
+    variants = ("skmm", "skmm_v2", "skmm_greedy_pivots") if third else ("skmm", "skmm_v2")
     for row in (r for r in result["rows"] if r["method"] == "skmm_best_val"):
-        sel = SkMMBest(row["n"], sketch_dim=16, random_state=row["seed"]).fit(pool.X)
+        sel = SkMMBest(row["n"], sketch_dim=16, random_state=row["seed"], third_candidate=third).fit(pool.X)
+        assert tuple(sel.selection_.info["candidates"]) == variants
         val = validation_rows(300, 0.2, row["seed"])
         assert val.size == 60
         risks = {v: ridge_risk(pool.X, pool.y, np.array(sel.selection_.info["candidates"][v]), eval_rows=val)[0]
-                 for v in ("skmm", "skmm_v2")}
-        expected = "skmm" if risks["skmm"] <= risks["skmm_v2"] else "skmm_v2"
+                 for v in variants}
+        expected = min(variants, key=lambda v: (risks[v], variants.index(v)))  # convex first on ties
         assert row["chosen"] == expected
         chosen = np.array(sel.selection_.info["candidates"][expected])
         assert row["risk"] == pytest.approx(ridge_risk(pool.X, pool.y, chosen)[0])
