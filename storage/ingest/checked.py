@@ -74,7 +74,7 @@ class CheckedImages:
         self.prefix = f"{CHECKED_PREFIX}/{digest}"
         self._lock = threading.Lock()
         self._known: np.ndarray | None = None
-        self._fresh: list[bytes] = []
+        self._fresh = bytearray()  # raw digests of the images decoded and passed here, 32 bytes each
         self.n_checked = self.n_known = 0
 
     def __repr__(self) -> str:
@@ -133,17 +133,22 @@ class CheckedImages:
         with self._lock:
             self.n_checked += 1
             if problem is None:
-                self._fresh.append(digest)
+                self._fresh += digest
         return (None, problem) if problem else (digest.hex(), None)
 
     def commit(self) -> str | None:
         """Record the ids that passed in this run and were not known (one immutable file); its URI, or None."""
         with self._lock:
-            fresh, self._fresh = self._fresh, []
+            fresh, self._fresh = self._fresh, bytearray()
         if self.store is None or not fresh:
             return None
-        ids = np.unique(np.array(fresh, _DIGEST))
-        data = _HEADER + ids.tobytes()
+        ids = np.frombuffer(fresh, _DIGEST)  # a writable view: sorted in place, no copy of a pool's worth of ids
+        ids.sort()
+        repeated = ids[1:] == ids[:-1]
+        if repeated.any():
+            ids = ids[np.concatenate(([True], ~repeated))]
+        del repeated
+        data = b"".join((_HEADER, memoryview(ids).cast("B")))  # one copy: the record's bytes
         rel = f"{self.prefix}/{hashlib.sha256(data).hexdigest()}.ids"
         try:
             uri = self.store.put_immutable(rel, data)

@@ -5,7 +5,8 @@ input, in the source's own order — then calls ``finish()``.
 
 **Pass 1** (``add``): each sample's bytes are spilled to a temporary folder, bucketed by the first two hex digits
 of the sample id (256 Arrow IPC stream files; rows buffered up to :data:`SPILL_BUFFER_BYTES` in all, then
-appended), and only per-sample *bookkeeping* stays in memory: sample id (32 bytes) → (label index, split). That is
+appended), and only per-sample *bookkeeping* stays in memory: sample id (32 bytes) → (label index, split), ~36
+bytes a sample in sorted numpy buckets (:mod:`storage.ingest.id_codes`; a dict took ~105). That is
 enough to collapse duplicates across the whole pool as they arrive (the first occurrence in source order is kept;
 later copies are counted, never spilled), to stop on the same content under two labels or two explicit splits
 (naming both places: the first one's URI is looked up in the spill), and to run the pool-level checks (classes,
@@ -28,8 +29,9 @@ the store's disk, named like them so that a killed run's spill is swept by the s
 remote store, in this user's staging folder in the system temporary folder (``TMPDIR``), swept the same way; it
 needs room for the pool's bytes.
 
-Memory: O(``SPILL_BUFFER_BYTES`` + ``BUCKET_BYTES`` + one shard) for the bytes, plus ~100–150 bytes of
-bookkeeping per unique sample and the quarantine list (one short line per rejected input).
+Memory: O(``SPILL_BUFFER_BYTES`` + ``BUCKET_BYTES`` + one shard) for the bytes, plus the bookkeeping per unique
+sample (~36 bytes, plus 32 per image the decode check decoded, until it is recorded) and the quarantine list (one
+short line per rejected input).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from types import TracebackType
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -61,6 +64,7 @@ from storage.datasets import (
 )
 from storage.errors import redact
 from storage.ingest.common import QUARANTINE_SCHEMA, IngestResult, SourceError, split_of
+from storage.ingest.id_codes import IdCodes, digests_of_hex
 
 __all__ = ["BUCKET_BYTES", "SPILL_BUFFER_BYTES", "DatasetWriter"]
 
@@ -224,7 +228,7 @@ class DatasetWriter:
         self.bucket_bytes = bucket_bytes
         self.quarantined: list[tuple[str, str]] = []
         self.n_duplicates = 0
-        self._seen: dict[bytes, int] = {}  # sample id digest → label index · 4 + split code
+        self._seen = IdCodes()  # sample id digest → label index · 4 + split code (~36 bytes a sample)
         self._label_index: dict[str, int] = {}
         self._labels: list[str] = []
         # named like the store's other staging debris (".<32 hex>-"), so a killed run's spill is swept with it
@@ -240,7 +244,8 @@ class DatasetWriter:
         self.close()
 
     def close(self) -> None:
-        """Remove the spill folder (idempotent)."""
+        """Remove the spill folder and drop the per-sample bookkeeping (idempotent)."""
+        self._seen = IdCodes()  # a pool's worth of ids: not needed once the dataset is written
         try:
             self._spill.close()
         finally:
@@ -255,9 +260,8 @@ class DatasetWriter:
             self._labels.append(label)
         key = bytes.fromhex(sid)
         split_code = _SPLIT_CODES[split]
-        prev = self._seen.get(key)
+        prev = self._seen.setdefault(key, index << 2 | split_code)
         if prev is None:
-            self._seen[key] = index << 2 | split_code
             self._spill.add(sid, uri, data)
             self._keep_alive()
             return
@@ -269,7 +273,7 @@ class DatasetWriter:
             raise SourceError(f"the same sample ({sid[:12]}…) has conflicting splits {prev_split!r} at "
                               f"{self._spill.find_uri(sid)} and {split!r} at {uri}")
         if prev_split is None and split is not None:
-            self._seen[key] = prev | split_code  # an explicit split wins over a hashed one, whichever came first
+            self._seen.set(key, prev | split_code)  # an explicit split wins over a hashed one, whichever came first
         self.n_duplicates += 1
 
     def _keep_alive(self) -> None:
@@ -292,18 +296,24 @@ class DatasetWriter:
                if quarantined else "")
         if not self._seen:
             raise SourceError(f"{self.source_name} has no usable samples{bad}")
-        classes = tuple(sorted({self._labels[code >> 2] for code in self._seen.values()}))
+        used: set[int] = set()
+        for _, codes in self._seen.buckets():
+            used.update(np.unique(codes >> 2).tolist())
+        classes = tuple(sorted(self._labels[i] for i in used))
         if len(classes) < 2:
             raise SourceError(f"{self.source_name} needs at least 2 classes with usable samples; found "
                               f"{len(classes)} ({', '.join(map(repr, classes))}){bad}")
         counts: Counter[str] = Counter()
         train_labels: set[int] = set()
-        for key, code in self._seen.items():
-            split = _SPLIT_NAMES[code & 3] or split_of(key.hex(), self.seed, self.val_fraction, self.test_fraction)
-            self._seen[key] = (code & ~3) | _SPLIT_CODES[split]
-            counts[split] += 1
-            if split == "train":
-                train_labels.add(code >> 2)
+        for keys, codes in self._seen.buckets():  # hashed splits for the samples the source gave none
+            raw = keys.view(np.uint8).reshape(-1, 32)
+            for i in np.flatnonzero((codes & 3) == 0).tolist():
+                split = split_of(raw[i].tobytes().hex(), self.seed, self.val_fraction, self.test_fraction)
+                codes[i] |= _SPLIT_CODES[split]
+            split_codes = codes & 3
+            for code, name in enumerate(_SPLIT_NAMES[1:], start=1):
+                counts[name] += int(np.count_nonzero(split_codes == code))
+            train_labels.update(np.unique(codes[split_codes == _SPLIT_CODES["train"]] >> 2).tolist())
         if len(train_labels) < 2:
             names = sorted(self._labels[i] for i in train_labels)
             raise SourceError(f"{self.source_name}: the train split holds {len(names)} class(es) "
@@ -312,13 +322,14 @@ class DatasetWriter:
         split_counts = {s: counts.get(s, 0) for s in SPLITS}
         for s in ("val", "test"):
             if split_counts[s] == 0:
-                log.warning("%s: the %s split is empty (%d samples)", redact(self.source_name), s, len(self._seen))
+                log.warning("%s: the %s split is empty (%d samples)", redact(self.source_name), s,
+                            len(self._seen))
         return classes, split_counts
 
     # ------------------------------------------------------------------ pass 2
     def _rows(self, table: pa.Table) -> pa.Table:
         """A sorted spill table (id, uri, data) as sample rows (labels and splits from the bookkeeping)."""
-        codes = [self._seen[bytes.fromhex(sid)] for sid in table["sample_id"].to_pylist()]
+        codes = self._seen.codes_of(digests_of_hex(table["sample_id"].to_pylist())).tolist()
         labels = pa.array([self._labels[c >> 2] for c in codes], pa.string())
         splits = pa.array([_SPLIT_NAMES[c & 3] for c in codes], pa.string())
         return pa.table([table["sample_id"], table["source_uri"], labels, splits, table["data"]],

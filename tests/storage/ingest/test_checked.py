@@ -141,7 +141,7 @@ def test_a_digest_ending_in_nul_bytes_is_found(tmp_path):
     store = ArtifactStore(tmp_path / "store")
     checker = CheckedImages(store)
     ids = [bytes(31) + b"\x00", b"\x01" * 31 + b"\x00", hashlib.sha256(b"x").digest(), b"\xff" * 32]
-    checker._fresh = list(ids)
+    checker._fresh = bytearray(b"".join(ids))
     checker.commit()
     reader = CheckedImages(store)
     assert all(reader.known(d) for d in ids)
@@ -165,3 +165,14 @@ def test_manifest_and_webdataset_sources_share_the_record(tmp_path, monkeypatch)
     (tmp_path / "pool-0.tar").write_bytes(tar_bytes(members))
     assert ingest_webdataset(store, str(tmp_path / "pool-0.tar")).n_samples == 10
     assert count.take() == 1  # only the image no source had brought before
+
+
+def test_the_record_holds_each_digest_once_sorted(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    checker = CheckedImages(store)
+    ids = [hashlib.sha256(bytes([i])).digest() for i in (3, 1, 2)]
+    checker._fresh = bytearray(b"".join(ids + ids[:2]))  # two ingest threads passed the same bytes
+    uri = checker.commit()
+    body = (tmp_path / "store" / uri.split("/store/", 1)[1]).read_bytes()
+    assert body == b"skmm-decode-checked/1\n" + b"".join(sorted(ids))
+    assert all(CheckedImages(store).known(d) for d in ids)

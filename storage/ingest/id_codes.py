@@ -1,0 +1,144 @@
+"""The ingest's per-sample bookkeeping in ~36 bytes a sample: raw sample id (32 bytes) → a small code.
+
+Why: pass 1 of the streaming writer must recognise a sample it has seen (duplicates across the whole pool, and
+conflicting labels or splits) while holding nothing else of it. A Python dict of 32-byte keys costs ~105 bytes a
+sample (the bytes object, its hash slot and the int), ~1 GB at 10^7 samples. Here ids live in 256 buckets by their
+first byte, each a sorted numpy array of raw ids (``S32``: every value is exactly 32 bytes, so numpy's NUL padding
+never merges two) and a parallel ``uint32`` array of codes, plus a small dict of recent inserts that is merged into
+the sorted arrays once it holds :data:`MERGE_EVERY` ids. A merge copies one bucket (1/256 of the ids), so the
+transient peak stays small; a lookup is one dict probe and one binary search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+__all__ = ["DIGEST", "MERGE_EVERY", "IdCodes", "digests_of_hex"]
+
+DIGEST = np.dtype("S32")
+MERGE_EVERY = 256  # recent ids per bucket before they are merged into its sorted arrays (≤ 65 536 in dicts)
+_BUCKETS = 256
+
+
+class IdCodes:
+    """A map from raw sha256 digests (32 bytes) to non-negative codes below 2^32, compact for millions of ids."""
+
+    def __init__(self, merge_every: int = MERGE_EVERY) -> None:
+        self._merge_every = merge_every
+        self._keys = [np.empty(0, DIGEST) for _ in range(_BUCKETS)]
+        self._codes = [np.empty(0, np.uint32) for _ in range(_BUCKETS)]
+        self._recent: list[dict[bytes, int]] = [{} for _ in range(_BUCKETS)]
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _find(self, bucket: int, key: bytes) -> int:
+        """Position of ``key`` in the bucket's sorted arrays, or -1."""
+        keys = self._keys[bucket]
+        probe = np.array(key, DIGEST)
+        pos = int(np.searchsorted(keys, probe))
+        return pos if pos < len(keys) and bool(keys[pos:pos + 1] == probe) else -1
+
+    def get(self, key: bytes) -> int | None:
+        """The code of ``key``, or None if it was never set."""
+        _check(key)
+        bucket = key[0]
+        code = self._recent[bucket].get(key)
+        if code is not None:
+            return code
+        pos = self._find(bucket, key)
+        return None if pos < 0 else int(self._codes[bucket][pos])
+
+    def setdefault(self, key: bytes, code: int) -> int | None:
+        """The code of ``key`` if it was set (left as it is), else None after setting it to ``code``: the writer's
+        one lookup per sample."""
+        _check(key)
+        bucket = key[0]
+        recent = self._recent[bucket]
+        found = recent.get(key)
+        if found is not None:
+            return found
+        pos = self._find(bucket, key)
+        if pos >= 0:
+            return int(self._codes[bucket][pos])
+        if not 0 <= code < 2**32:
+            raise ValueError(f"code {code} does not fit 32 bits")
+        recent[key] = code
+        self._n += 1
+        if len(recent) >= self._merge_every:
+            self._merge(bucket)
+        return None
+
+    def set(self, key: bytes, code: int) -> None:
+        """Set (insert or overwrite) the code of ``key``."""
+        _check(key)
+        if not 0 <= code < 2**32:
+            raise ValueError(f"code {code} does not fit 32 bits")
+        bucket = key[0]
+        recent = self._recent[bucket]
+        if key in recent:
+            recent[key] = code
+            return
+        pos = self._find(bucket, key)
+        if pos >= 0:
+            self._codes[bucket][pos] = code
+            return
+        recent[key] = code
+        self._n += 1
+        if len(recent) >= self._merge_every:
+            self._merge(bucket)
+
+    def _merge(self, bucket: int) -> None:
+        recent = self._recent[bucket]
+        if not recent:
+            return
+        new_keys = np.array(list(recent), DIGEST)
+        new_codes = np.fromiter(recent.values(), np.uint32, len(recent))
+        order = np.argsort(new_keys, kind="stable")
+        new_keys, new_codes = new_keys[order], new_codes[order]
+        at = np.searchsorted(self._keys[bucket], new_keys)
+        self._keys[bucket] = np.insert(self._keys[bucket], at, new_keys)
+        self._codes[bucket] = np.insert(self._codes[bucket], at, new_codes)
+        recent.clear()
+
+    def freeze(self) -> None:
+        """Merge every recent insert (then :meth:`codes_of` and :meth:`buckets` see sorted arrays only)."""
+        for bucket in range(_BUCKETS):
+            self._merge(bucket)
+
+    def buckets(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(sorted raw ids, their codes — a view to update in place) per non-empty bucket, in id order."""
+        self.freeze()
+        for keys, codes in zip(self._keys, self._codes, strict=True):
+            if len(keys):
+                yield keys, codes
+
+    def codes_of(self, sorted_keys: np.ndarray) -> np.ndarray:
+        """The codes of ``sorted_keys`` (an ``S32`` array, ascending), all of which must be present."""
+        self.freeze()
+        out = np.empty(len(sorted_keys), np.uint32)
+        if not len(sorted_keys):
+            return out
+        firsts = sorted_keys.view(np.uint8).reshape(-1, 32)[:, 0]
+        for bucket in np.unique(firsts):
+            rows = np.flatnonzero(firsts == bucket)
+            keys = self._keys[bucket]
+            pos = np.searchsorted(keys, sorted_keys[rows])
+            pos_ok = np.minimum(pos, max(len(keys) - 1, 0))
+            if not len(keys) or not np.array_equal(keys[pos_ok], sorted_keys[rows]):
+                raise KeyError("some sample ids were never recorded")
+            out[rows] = self._codes[bucket][pos_ok]
+        return out
+
+
+def _check(key: bytes) -> None:
+    if not isinstance(key, bytes) or len(key) != 32:
+        raise ValueError(f"sample id digests are 32 raw bytes; got {key!r:.80}")
+
+
+def digests_of_hex(hex_ids: list[str]) -> np.ndarray:
+    """64-character hex ids as an ``S32`` array of raw digests (one conversion, no per-id objects kept)."""
+    return np.frombuffer(bytes.fromhex("".join(hex_ids)), DIGEST) if hex_ids else np.empty(0, DIGEST)
