@@ -13,7 +13,8 @@ whose producer is the model spec.
 
 **Packing** (the flow's path, :func:`embed_with_counts`, and :func:`run_embed`): the tower runs in fixed blocks
 (``block_rows``: 64 on the CPU, 512 on a large GPU), so a shard with 20 new samples would pay for a whole block.
-A shard that misses fewer than one block's worth of samples therefore does not embed them itself: it writes a
+A shard that finds some of its samples in the catalog and misses fewer than one block's worth (the changed shards
+of a grown pool) therefore does not embed them itself: it writes a
 small *pending* artifact (its ids, and the bytes of only the samples it misses) and returns that. The pending
 samples of consecutive shards are then embedded together by ``embed-pack`` tasks, :data:`PACK_BLOCKS` blocks at a
 time, each writing and cataloguing one delta table; ``embed-assemble`` tasks then write those shards' tables from
@@ -158,7 +159,7 @@ def run_embed_shard(shard: dict, model: dict[str, Any], store: dict, batch_size:
     (``decode_workers``: see :func:`skmm.models.clip.embed_images`; None = cores − 1).
 
     Returns ``{"vectors": <VectorTableRef dict>, "embedded": n, "reused": m, "blocks": tower passes}``; or, when
-    the shard misses fewer than ``pack_below`` samples (but some), embeds nothing and returns
+    the shard misses fewer than ``pack_below`` samples (but some, and not all), embeds nothing and returns
     ``{"pending": <ArtifactRef dict>, "rows": shard rows, "missing": k}`` for :func:`run_embed_pack`."""
     st = open_store(store)
     table = read_shard(st, ShardRef.from_dict(shard), columns=["sample_id", "data"])
@@ -169,7 +170,7 @@ def run_embed_shard(shard: dict, model: dict[str, Any], store: dict, batch_size:
     catalog = feature_catalog(st, spec, catalog_run)
     known = catalog.lookup(ids)
     todo = [i for i, sid in enumerate(ids) if sid not in known.vectors]
-    if 0 < len(todo) < pack_below:
+    if 0 < len(todo) < min(pack_below, len(ids)):  # a changed shard of a grown pool; a new shard embeds itself
         missing = set(todo)
         pending = pa.table({"sample_id": ids, "data": [images[i] if i in missing else None
                                                        for i in range(len(ids))]}, schema=_PENDING_SCHEMA)

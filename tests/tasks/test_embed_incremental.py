@@ -154,26 +154,38 @@ def test_packing_runs_the_new_samples_of_many_shards_in_one_block_bitwise_as_sha
 
 def test_a_pack_embeds_only_what_the_catalog_lacks_and_assembly_falls_back_when_the_catalog_lost_rows(
         tmp_path, embedded_rows):
+    import shutil
+
     from storage.feature_catalog import CATALOG_PREFIX
     from tasks.embed import run_embed_assemble, run_embed_pack
 
     store = store_spec(tmp_path / "store")
+    fresh = shards_of(write_samples(open_store(store), BASE, shard_rows=SHARD_ROWS).to_dict(), store)
+    assert all("vectors" in run_embed_shard(sh, MODEL, store, pack_below=64) for sh in fresh)  # new shards embed
+    assert embedded_rows == [8] * 5
+    embedded_rows.clear()
+
     dataset = write_samples(open_store(store), POOL, shard_rows=SHARD_ROWS).to_dict()
     shards = shards_of(dataset, store)
     first = [run_embed_shard(sh, MODEL, store, pack_below=64) for sh in shards]
-    assert all("pending" in r for r in first) and embedded_rows == []  # 8-row shards: all left to packs
-    pack = run_embed_pack([r["pending"] for r in first], MODEL, store)
-    assert (pack["embedded"], pack["blocks"], embedded_rows) == (43, 1, [43])
-    again = run_embed_pack([r["pending"] for r in first], MODEL, store)  # every sample catalogued now
-    assert again == {"delta": None, "embedded": 0, "blocks": 0} and embedded_rows == [43]
-    parts = [run_embed_assemble(sh, r["pending"], pack["delta"], MODEL, store)
-             for sh, r in zip(shards, first, strict=True)]
-    assert [p["embedded"] for p in parts] == [sh["num_rows"] for sh in shards] and embedded_rows == [43]
+    pending = [i for i, r in enumerate(first) if "pending" in r]
+    assert [first[i]["missing"] for i in pending] == [1, 1, 1] and embedded_rows == []
+    pack = run_embed_pack([first[i]["pending"] for i in pending], MODEL, store)
+    assert (pack["embedded"], pack["blocks"], embedded_rows) == (3, 1, [3])
+    again = run_embed_pack([first[i]["pending"] for i in pending], MODEL, store)  # catalogued now
+    assert again == {"delta": None, "embedded": 0, "blocks": 0} and embedded_rows == [3]
+    parts = list(first)
+    for i in pending:
+        parts[i] = run_embed_assemble(shards[i], first[i]["pending"], pack["delta"], MODEL, store)
+        assert (parts[i]["embedded"], parts[i]["reused"]) == (1, shards[i]["num_rows"] - 1)
+    assert embedded_rows == [3]  # assembly read no shard and ran no tower
 
     # The catalog loses its tables: a shard whose pack result is also gone is embedded again, the same bytes.
-    import shutil
     shutil.rmtree(tmp_path / "store" / CATALOG_PREFIX)
-    redone = run_embed_assemble(shards[0], first[0]["pending"], None, MODEL, store)
-    assert embedded_rows == [43, shards[0]["num_rows"]]
-    assert redone["vectors"] == parts[0]["vectors"]
-    assert table(store, run_combine(parts, store))[0] == table(store, run_embed(dataset, MODEL, store, pack=False))[0]
+    i = pending[0]
+    redone = run_embed_assemble(shards[i], first[i]["pending"], None, MODEL, store)
+    assert embedded_rows == [3, shards[i]["num_rows"]] and redone["vectors"] == parts[i]["vectors"]
+    scratch_store = store_spec(tmp_path / "scratch")
+    scratch = run_embed(write_samples(open_store(scratch_store), POOL, shard_rows=SHARD_ROWS).to_dict(), MODEL,
+                        scratch_store)
+    assert table(store, run_combine(parts, store))[0] == table(scratch_store, scratch)[0]
