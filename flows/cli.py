@@ -154,7 +154,8 @@ def curate_cmd(
                                                        "The test split is always evaluated in full.")] = 10_000,
     third_candidate: Annotated[bool, typer.Option(help="skmm_best's choice on the val split also tries convex "
                                                   "SkMM seeded by greedy pivots (one more finetune per budget; "
-                                                  "bench/README.md §14).")] = False,
+                                                  "--no-third-candidate: the two variants only; "
+                                                  "bench/README.md §14).")] = True,
     embeddings: Annotated[bool, typer.Option(help="SOURCE is a Parquet table of precomputed embeddings.")] = False,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val/test split.")] = 0,
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest image (width × height) ingested; larger ones are "
@@ -261,7 +262,7 @@ def reselect_cmd(
     val_limit: Annotated[int, typer.Option(min=0, help="Choices on the val split use its N smallest sample ids; "
                                                        "0: the whole val split (as in curate).")] = 10_000,
     third_candidate: Annotated[bool, typer.Option(help="skmm_best also tries convex SkMM seeded by greedy pivots "
-                                                  "(as in curate).")] = False,
+                                                  "(as in curate).")] = True,
     store: Annotated[str, typer.Option(help="Artifact store URL.")] = "./skmm-store",
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
@@ -342,6 +343,9 @@ def bench_synthetic(
     dim: Annotated[int, typer.Option(min=1, help="Dimension r.")] = 5000,
     sketch_dim: Annotated[int, typer.Option(min=1, help="Sketch dimension m.")] = 40,
     generator_seed: Annotated[int, typer.Option(min=0, help="Seed of the GMM pool (0 = evaluation pool).")] = 0,
+    third_candidate: Annotated[bool, typer.Option(help="skmm_best_val also chooses convex SkMM seeded by greedy "
+                                                  "pivots, as the pipeline does; --no-third-candidate: the two "
+                                                  "variants.")] = True,
     quiet: Annotated[bool, typer.Option(help="No per-run progress lines.")] = False,
 ) -> None:
     """Run the paper's synthetic experiment (SKMM.md §6) and print the risk table."""
@@ -352,7 +356,7 @@ def bench_synthetic(
     except ValueError as exc:
         _fail(exc)
     config = SyntheticConfig(n_samples=n_samples, dim=dim, sketch_dim=sketch_dim, generator_seed=generator_seed,
-                             budgets=budget_list, seeds=tuple(range(seeds)))
+                             budgets=budget_list, seeds=tuple(range(seeds)), third_candidate=third_candidate)
     if methods:
         from skmm.select import SELECTORS
 

@@ -144,8 +144,9 @@ class FinetuneConfig(BaseModel):
 
 
 VARIANTS = ("skmm", "skmm_v2")  # what "skmm_best" chooses between
-# With third_candidate=True skmm_best's choice on the val split also tries convex SkMM seeded by greedy pivots through
-# the spectrum's signal rank (bench/README.md §14, "A third candidate for the validation choice").
+# skmm_best's choice on the val split also tries convex SkMM seeded by greedy pivots through the spectrum's signal
+# rank (third_candidate=True, the default since the FT digits table: bench/README.md §14, "A third candidate for the
+# validation choice"; third_candidate=False: the two variants only).
 GREEDY_PIVOTS = "skmm_greedy_pivots"
 CANDIDATES = {"skmm": ("skmm", {}), "skmm_v2": ("skmm_v2", {}),
               GREEDY_PIVOTS: ("skmm", {"pivoting": "greedy_signal"})}  # variant -> (method, selector params)
@@ -169,7 +170,7 @@ class _Stages:
     auto_sketch: bool = False  # SkMM picks its m from the (m_max-column) sketch's spectrum
     moment: dict | None = None  # auto_sketch: the sketch's moment and N × m reduction (tasks.sketch_moment), once
     val_limit: int | None = VAL_LIMIT  # choices (C, FT epoch, skmm_best's variant) on the val split's smallest ids
-    third_candidate: bool = False  # skmm_best's val choice also tries GREEDY_PIVOTS
+    third_candidate: bool = True  # skmm_best's val choice also tries GREEDY_PIVOTS
 
     def select(self, tag: str, method: str, n: int, seed: int, extra: dict | None = None) -> dict:
         """Select with ``method`` (``extra``: more selector params, e.g. a pivot rule); a recorded stage."""
@@ -256,7 +257,7 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
                              model: dict[str, Any] | None = None, task: str = "classification",
                              variant_choice: str = "val", full_pool: int | None = None,
                              auto_sketch: bool = False, val_limit: int | None = VAL_LIMIT,
-                             third_candidate: bool = False) -> list[dict[str, Any]]:
+                             third_candidate: bool = True) -> list[dict[str, Any]]:
     """For each (method, budget, seed): select → finetune → evaluate on the test split, each a recorded stage.
 
     ``variant_choice``: how ``skmm_best`` picks between convex SkMM and greedy SkMMv2 — "val" (finetune on both
@@ -322,7 +323,7 @@ def curate(
     variant_choice: Literal["val", "proxy"] = "val",
     full_pool_reference: bool = False,
     val_limit: PositiveInt | None = VAL_LIMIT,
-    third_candidate: bool = False,
+    third_candidate: bool = True,
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
     batch_size: PositiveInt = 64,
@@ -343,8 +344,8 @@ def curate(
     ``val_limit``: choices on the val split use its ``val_limit`` smallest sample ids (a content-determined
     sample; None: the whole split), so that they cost the same on any pool; the test split is always evaluated
     in full. ``third_candidate``: skmm_best's choice on the val split also tries convex SkMM seeded by greedy
-    pivots (opt-in: a third finetune per budget; bench/README.md §14). ``progress``: a progress bar per embedded
-    shard on stderr (the CLI turns it on in a terminal)."""
+    pivots (the default: a third coreset and finetune per budget; False: the two variants; bench/README.md §14).
+    ``progress``: a progress bar per embedded shard on stderr (the CLI turns it on in a terminal)."""
     logger = get_run_logger()
     check_methods(methods)
     if task == "regression" and (class_balanced or finetune.kind != "linear_probe"):
@@ -363,7 +364,7 @@ def curate(
         config["full_pool_reference"] = True
     if val_limit != VAL_LIMIT:  # likewise: named only when not the default
         config["val_limit"] = val_limit
-    if third_candidate:  # likewise
+    if third_candidate:  # named when on (runs before it became the default lack it and had two candidates)
         config["third_candidate"] = True
     code = code_provenance()  # the code that runs, never the caller's working folder
     rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=code.git_commit, skmm_version=code.version,

@@ -78,7 +78,7 @@ def reselect(
     task: str = "classification",
     variant_choice: Literal["val", "proxy"] = "val",
     val_limit: PositiveInt | None = VAL_LIMIT,
-    third_candidate: bool = False,
+    third_candidate: bool = True,
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
 ) -> dict[str, Any]:

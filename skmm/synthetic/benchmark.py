@@ -65,9 +65,9 @@ class SyntheticConfig:
     # whose ridge fit has the lower risk on a labelled validation sample of this share of the pool (seeded per
     # seed); the ``skmm_best`` row is the label-free proxy rule (SkMMBest's own)
     val_fraction: float = 0.1
-    # skmm_best_val's candidates: convex SkMM and SkMMv2, and with True also convex SkMM seeded by greedy pivots
-    # through the signal rank (SkMMBest(third_candidate=True); the pipeline's --third-candidate)
-    third_candidate: bool = False
+    # skmm_best_val's candidates: convex SkMM and SkMMv2, and with True (the pipeline's default) also convex SkMM
+    # seeded by greedy pivots through the signal rank (SkMMBest(third_candidate=True))
+    third_candidate: bool = True
     # leverage / ridge leverage: compute the pool's scores once (first seed's SVD draw) and only sample per (n, seed)
     cache_scores: bool = False
     extra: dict[str, Any] = field(default_factory=dict)

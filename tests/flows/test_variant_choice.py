@@ -12,7 +12,8 @@ from tasks.store import open_store, store_spec
 
 def test_skmm_best_keeps_the_variant_with_the_better_val_score(prefect_server, tmp_path):
     store_dir = tmp_path / "store"
-    args = {**FAST, "methods": ["skmm_best", *VARIANTS], "budgets": [20, 40], "store_url": str(store_dir)}
+    args = {**FAST, "methods": ["skmm_best", *VARIANTS], "budgets": [20, 40], "store_url": str(store_dir),
+            "third_candidate": False}  # the two variants (the default adds a third: the test below)
     state = curate(**args, return_state=True)
     results = state.result()["results"]
     by = {(r["method"], r["n"]): r for r in results}
@@ -71,16 +72,17 @@ def test_no_val_split_falls_back_to_the_proxy_rule(prefect_server, tmp_path):
 
 
 def test_a_third_candidate_seeded_by_greedy_pivots_joins_the_val_choice(prefect_server, tmp_path):
-    """--third-candidate: skmm_best also selects with convex SkMM seeded by greedy pivots, finetunes on it and scores
-    it on the val split; the kept coreset is the best of three, and plain runs are unchanged (same cached tasks)."""
+    """The default (--third-candidate): skmm_best also selects with convex SkMM seeded by greedy pivots, finetunes on
+    it and scores it on the val split; the kept coreset is the best of three, and the two variants' own coresets are
+    the same cached tasks as with --no-third-candidate."""
     from flows.curate import CANDIDATES, GREEDY_PIVOTS
     from storage.artifacts import ArtifactRef
     from storage.selections import read_selection, selection_metadata
 
     store_dir = tmp_path / "store"
     args = {**FAST, "methods": ["skmm_best"], "budgets": [20], "sketch_dim": "auto", "store_url": str(store_dir)}
-    two = curate(**args)["results"][0]
-    state = curate(**args, third_candidate=True, return_state=True)
+    two = curate(**args, third_candidate=False)["results"][0]
+    state = curate(**args, return_state=True)
     (row,) = state.result()["results"]
     assert set(row["val"]) == {*VARIANTS, GREEDY_PIVOTS} and row["chosen"] in row["val"]
     assert row["val"]["skmm"] == two["val"]["skmm"] and row["val"]["skmm_v2"] == two["val"]["skmm_v2"]
@@ -103,7 +105,7 @@ def test_the_third_candidate_is_an_option_of_curate_and_reselect():
     from flows.rerun import reselect
 
     for fn in (curate.fn, reselect.fn, curate_cmd, reselect_cmd):
-        assert inspect.signature(fn).parameters["third_candidate"].default is False
+        assert inspect.signature(fn).parameters["third_candidate"].default is True
     for command in ("curate", "reselect"):
         out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
-        assert out.exit_code == 0 and "--third-candidate" in out.output
+        assert out.exit_code == 0 and "--no-third-candidate" in out.output

@@ -55,7 +55,7 @@ def test_runner_writes_table_csv_and_plot(tmp_path):
     # herding is deterministic: one seed; the others: every seed; skmm_best twice (proxy and val rule).
     assert len(rows) == 2 * 2 * 4 + 2
     for row in (r for r in rows if r["method"] == "skmm_best_val"):
-        assert row["chosen"] in ("skmm", "skmm_v2")
+        assert row["chosen"] in ("skmm", "skmm_v2", "skmm_greedy_pivots")  # the pipeline's three candidates
     # Prefix reading of sequential methods equals a direct run at the smaller budget.
     from skmm.select import make_selector
 
