@@ -80,7 +80,8 @@ class SyntheticConfig:
                 "ridge": self.skmm_v2_ridge,
                 "temperature": self.skmm_v2_temperature,
                 "discretization": self.skmm_discretization,
-                **({"third_candidate": True} if self.third_candidate else {}),
+                # the third coreset only serves skmm_best_val's choice: not fitted (nor timed) without it
+                **({"third_candidate": True} if self.third_candidate and self.val_fraction > 0 else {}),
             },
             "skmm": {"sketch_dim": m, "discretization": self.skmm_discretization},
             "skmm_v2": {"sketch_dim": m, "ridge": self.skmm_v2_ridge, "temperature": self.skmm_v2_temperature},

@@ -1,4 +1,5 @@
-"""The ingest's per-sample bookkeeping in ~36 bytes a sample: raw sample id (32 bytes) → a small code.
+"""The ingest's per-sample bookkeeping in ~45 bytes a sample (36 stored, plus the recent-id dicts): raw sample id
+(32 bytes) → a small code.
 
 Why: pass 1 of the streaming writer must recognise a sample it has seen (duplicates across the whole pool, and
 conflicting labels or splits) while holding nothing else of it. A Python dict of 32-byte keys costs ~105 bytes a

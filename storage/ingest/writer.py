@@ -5,8 +5,8 @@ input, in the source's own order — then calls ``finish()``.
 
 **Pass 1** (``add``): each sample's bytes are spilled to a temporary folder, bucketed by the first two hex digits
 of the sample id (256 Arrow IPC stream files; rows buffered up to :data:`SPILL_BUFFER_BYTES` in all, then
-appended), and only per-sample *bookkeeping* stays in memory: sample id (32 bytes) → (label index, split), ~36
-bytes a sample in sorted numpy buckets (:mod:`storage.ingest.id_codes`; a dict took ~105). That is
+appended), and only per-sample *bookkeeping* stays in memory: sample id (32 bytes) → (label index, split), ~45
+bytes a sample in sorted numpy buckets (:mod:`storage.ingest.id_codes`; a dict took ~130). That is
 enough to collapse duplicates across the whole pool as they arrive (the first occurrence in source order is kept;
 later copies are counted, never spilled), to stop on the same content under two labels or two explicit splits
 (naming both places: the first one's URI is looked up in the spill), and to run the pool-level checks (classes,
@@ -30,7 +30,7 @@ remote store, in this user's staging folder in the system temporary folder (``TM
 needs room for the pool's bytes.
 
 Memory: O(``SPILL_BUFFER_BYTES`` + ``BUCKET_BYTES`` + one shard) for the bytes, plus the bookkeeping per unique
-sample (~36 bytes, plus 32 per image the decode check decoded, until it is recorded) and the quarantine list (one
+sample (~45 bytes, plus 32 per image the decode check decoded, until it is recorded) and the quarantine list (one
 short line per rejected input).
 """
 
@@ -228,7 +228,7 @@ class DatasetWriter:
         self.bucket_bytes = bucket_bytes
         self.quarantined: list[tuple[str, str]] = []
         self.n_duplicates = 0
-        self._seen = IdCodes()  # sample id digest → label index · 4 + split code (~36 bytes a sample)
+        self._seen = IdCodes()  # sample id digest → label index · 4 + split code (~45 bytes a sample)
         self._label_index: dict[str, int] = {}
         self._labels: list[str] = []
         # named like the store's other staging debris (".<32 hex>-"), so a killed run's spill is swept with it
