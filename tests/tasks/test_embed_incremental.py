@@ -189,3 +189,26 @@ def test_a_pack_embeds_only_what_the_catalog_lacks_and_assembly_falls_back_when_
     scratch = run_embed(write_samples(open_store(scratch_store), POOL, shard_rows=SHARD_ROWS).to_dict(), MODEL,
                         scratch_store)
     assert table(store, run_combine(parts, store))[0] == table(scratch_store, scratch)[0]
+
+
+def test_packs_on_a_two_worker_dask_cluster_give_the_from_scratch_table(prefect_api, tmp_path):
+    """The pack and assemble tasks run in other processes than the shards that left them their samples: a pack
+    registers its delta in its worker's catalog, and assembly reads the delta it is handed."""
+    from prefect import flow
+
+    from flows.runners import dask_task_runner
+    from tasks.embed import embed_with_counts
+    from tasks.store import result_storage
+
+    store = store_spec(tmp_path / "store")
+
+    @flow(name="embed-packs-on-dask", task_runner=dask_task_runner(workers=2))
+    def embed_flow(dataset: dict) -> tuple[dict, dict]:
+        return embed_with_counts(dataset, MODEL, store, {"result_storage": result_storage(store)})
+
+    embed_flow(write_samples(open_store(store), BASE, shard_rows=SHARD_ROWS).to_dict())
+    combined, counts = embed_flow(write_samples(open_store(store), POOL, shard_rows=SHARD_ROWS).to_dict())
+    assert (counts["packs"], counts["samples_embedded"], counts["tower_blocks"]) == (1, 3, 1), counts
+    fresh = store_spec(tmp_path / "fresh")
+    scratch = run_embed(write_samples(open_store(fresh), POOL, shard_rows=SHARD_ROWS).to_dict(), MODEL, fresh)
+    assert table(store, combined)[0] == table(fresh, scratch)[0]
