@@ -19,7 +19,7 @@ and its images are simply checked again. Quarantined files are not recorded: the
 write its shards; this record lets them skip no more than the check of images whose bytes they name.
 
 Memory: 32 bytes per recorded id, loaded once per ingest (twice that while the files are merged at load): 320 MB
-for a pool of 10^7 images, beside the writer's ~150 bytes of bookkeeping per sample.
+for a pool of 10^7 images, beside the writer's ~45 bytes of bookkeeping per sample.
 
 Not done: compaction (after many growth runs, one file per run is listed and read: 365 nightly files of 1 % each
 cost one listing and ~4 reads of the pool's size in ids).

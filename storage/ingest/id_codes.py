@@ -43,35 +43,37 @@ class IdCodes:
         pos = int(np.searchsorted(keys, probe))
         return pos if pos < len(keys) and bool(keys[pos:pos + 1] == probe) else -1
 
+    def _locate(self, bucket: int, key: bytes) -> tuple[int | None, int]:
+        """(code of ``key`` or None, its position in the sorted arrays or -1 when it is recent or absent)."""
+        code = self._recent[bucket].get(key)
+        if code is not None:
+            return code, -1
+        pos = self._find(bucket, key)
+        return (None, -1) if pos < 0 else (int(self._codes[bucket][pos]), pos)
+
+    def _insert(self, bucket: int, key: bytes, code: int) -> None:
+        """Add a new ``key`` to its bucket's recent ids, merging them into the sorted arrays when they are many."""
+        if not 0 <= code < 2**32:
+            raise ValueError(f"code {code} does not fit 32 bits")
+        recent = self._recent[bucket]
+        recent[key] = code
+        self._n += 1
+        if len(recent) >= self._merge_every:
+            self._merge(bucket)
+
     def get(self, key: bytes) -> int | None:
         """The code of ``key``, or None if it was never set."""
         _check(key)
-        bucket = key[0]
-        code = self._recent[bucket].get(key)
-        if code is not None:
-            return code
-        pos = self._find(bucket, key)
-        return None if pos < 0 else int(self._codes[bucket][pos])
+        return self._locate(key[0], key)[0]
 
     def setdefault(self, key: bytes, code: int) -> int | None:
         """The code of ``key`` if it was set (left as it is), else None after setting it to ``code``: the writer's
         one lookup per sample."""
         _check(key)
-        bucket = key[0]
-        recent = self._recent[bucket]
-        found = recent.get(key)
-        if found is not None:
-            return found
-        pos = self._find(bucket, key)
-        if pos >= 0:
-            return int(self._codes[bucket][pos])
-        if not 0 <= code < 2**32:
-            raise ValueError(f"code {code} does not fit 32 bits")
-        recent[key] = code
-        self._n += 1
-        if len(recent) >= self._merge_every:
-            self._merge(bucket)
-        return None
+        found, _ = self._locate(key[0], key)
+        if found is None:
+            self._insert(key[0], key, code)
+        return found
 
     def set(self, key: bytes, code: int) -> None:
         """Set (insert or overwrite) the code of ``key``."""
@@ -79,18 +81,13 @@ class IdCodes:
         if not 0 <= code < 2**32:
             raise ValueError(f"code {code} does not fit 32 bits")
         bucket = key[0]
-        recent = self._recent[bucket]
-        if key in recent:
-            recent[key] = code
-            return
-        pos = self._find(bucket, key)
-        if pos >= 0:
+        found, pos = self._locate(bucket, key)
+        if found is None:
+            self._insert(bucket, key, code)
+        elif pos < 0:
+            self._recent[bucket][key] = code
+        else:
             self._codes[bucket][pos] = code
-            return
-        recent[key] = code
-        self._n += 1
-        if len(recent) >= self._merge_every:
-            self._merge(bucket)
 
     def _merge(self, bucket: int) -> None:
         recent = self._recent[bucket]
