@@ -179,10 +179,16 @@ class FeatureCatalog:
         except StorageError as exc:  # "refusing to overwrite": fine when it already says the same
             if exc.transient or not self._holds(rel, entry):
                 raise
+        self.include(entry)
+        return entry
+
+    def include(self, entry: CatalogEntry) -> None:
+        """Make an entry that another process registered visible to this instance's lookups, if it listed the
+        store before the entry was written (a lookup still reads and verifies the entry itself)."""
         with self._lock:
             if self._spans is not None:
-                self._spans.add(_Span(entry.min_id, entry.max_id, vectors.artifact.sha256, rel))
-        return entry
+                self._spans.add(_Span(entry.min_id, entry.max_id, entry.vectors.artifact.sha256,
+                                      f"{self.prefix}/{entry.name}"))
 
     def _holds(self, rel: str, entry: CatalogEntry) -> bool:
         try:

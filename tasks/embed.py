@@ -64,17 +64,16 @@ from storage.datasets import (
     load_manifest,
     producer_digest,
     read_shard,
-    read_vectors,
     write_vectors,
 )
-from storage.feature_catalog import FeatureCatalog
+from storage.feature_catalog import CatalogEntry, FeatureCatalog
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
 from tasks.store import open_store
 
 __all__ = ["PACK_BLOCKS", "combine_embeddings", "embed", "embed_assemble", "embed_model", "embed_pack",
-           "embed_shard", "embed_with_counts", "feature_spec", "packs_of", "run_embed", "run_embed_assemble",
-           "run_embed_counted", "run_embed_pack", "run_embed_shard", "shards_of"]
+           "embed_shard", "embed_with_counts", "feature_spec", "pack_members", "packs_of", "run_embed",
+           "run_embed_assemble", "run_embed_counted", "run_embed_pack", "run_embed_shard", "shards_of"]
 
 # embed-3: fixed-shape blocks (bitwise batch-invariant features). embed-4: 16-bit, I and F images decoded
 # faithfully (they were clipped to white), so their features changed; 8-bit images' did not. The feature catalog is
@@ -217,6 +216,28 @@ def _read_pending(st: ArtifactStore, pending: dict) -> pa.Table:
     return table
 
 
+def pack_members(results: list[dict], block_rows: int) -> list[list[int]]:
+    """The packs of a run: for each, the positions in ``results`` (shard results, in shard order) of the pending
+    shards it embeds."""
+    pending = [i for i, r in enumerate(results) if "pending" in r]
+    return [[pending[j] for j in group] for group in packs_of([results[i]["missing"] for i in pending], block_rows)]
+
+
+def _count_part(counts: dict[str, Any], part: dict) -> None:
+    """Add a shard's final result that this run computed: its reused rows, and its embedded rows and blocks when the
+    shard ran the tower itself (an assembled shard's pack is counted as the pack)."""
+    counts["samples_reused"] += part["reused"]
+    if part.get("blocks", 0):
+        counts["samples_embedded"] += part["embedded"]
+        counts["tower_blocks"] += part["blocks"]
+
+
+def _count_pack(counts: dict[str, Any], packed: dict) -> None:
+    counts["packs"] += 1
+    counts["samples_embedded"] += packed["embedded"]
+    counts["tower_blocks"] += packed["blocks"]
+
+
 def packs_of(missing: list[int], block_rows: int, blocks: int = PACK_BLOCKS) -> list[list[int]]:
     """Consecutive groups of pending shards (their ``missing`` counts, in shard order), each closed once it holds
     ``blocks`` blocks' worth of samples: the pack tasks' work, so that only each pack's last block is padded."""
@@ -236,8 +257,8 @@ def run_embed_pack(pendings: list[dict], model: dict[str, Any], store: dict, bat
                    max_pixels: int = MAX_PIXELS, decode_workers: int | None = None) -> dict:
     """Embed the pending samples of several shards that the catalog still lacks (an earlier pack may have
     embedded some: pending results are cached per shard, packs are regrouped per run) in one stream of full
-    blocks; write and catalogue them as one delta table. Returns ``{"delta": <VectorTableRef dict> or None,
-    "embedded": n, "blocks": tower passes}``."""
+    blocks; write and catalogue them as one delta table. Returns ``{"delta": its catalog entry (``vectors``,
+    ``min_id``, ``max_id``) or None, "embedded": n, "blocks": tower passes}``."""
     st = open_store(store)
     spec = feature_spec(model)
     catalog = feature_catalog(st, spec, catalog_run)
@@ -261,40 +282,36 @@ def run_embed_pack(pendings: list[dict], model: dict[str, Any], store: dict, bat
         return {"delta": None, "embedded": 0, "blocks": 0}
     fresh = embed_images(itertools.chain([first], stream), spec, batch_size=batch_size, device=device,
                          progress=progress, max_pixels=max_pixels, decode_workers=decode_workers)
-    delta = write_vectors(st, ids, fresh, spec.to_dict(), kind=KIND)
-    catalog.register(delta, ids)
+    entry = catalog.register(write_vectors(st, ids, fresh, spec.to_dict(), kind=KIND), ids)
     _logger().info("embed pack of %d shards: %d samples embedded in %d blocks", len(pendings), len(ids),
                    _blocks(len(ids), spec))
-    return {"delta": delta.to_dict(), "embedded": len(ids), "blocks": _blocks(len(ids), spec)}
+    delta = {"vectors": entry.vectors.to_dict(), "min_id": entry.min_id, "max_id": entry.max_id}
+    return {"delta": delta, "embedded": len(ids), "blocks": _blocks(len(ids), spec)}
 
 
 def run_embed_assemble(shard: dict, pending: dict, delta: dict | None, model: dict[str, Any], store: dict,
                        catalog_run: str | None = None, **embed_options: Any) -> dict:
-    """The table of a shard that left its missing samples to a pack: the rows the pack's ``delta`` holds from it,
-    the rest from the catalog; the shard itself is not read again. If neither holds one of its samples (a
-    catalog entry deleted meanwhile), the shard is embedded the plain way instead. Returns what
-    :func:`run_embed_shard` returns, the rows taken from ``delta`` counted as ``embedded`` (``blocks`` 0: the
-    pack ran the tower)."""
+    """The table of a shard that left its missing samples to a pack, from the catalog, which ``delta`` (the pack's
+    catalog entry) joins if this process listed it before the pack wrote it; the shard itself is not read again,
+    and a pack's delta is read once per process (the run's catalog caches the tables it reads), not once per
+    shard. If the catalog lacks one of its samples (an entry deleted meanwhile), the shard is embedded the plain
+    way instead. Returns what :func:`run_embed_shard` returns, the samples it left to the pack counted as
+    ``embedded`` (``blocks`` 0: the pack ran the tower)."""
     st = open_store(store)
     spec = feature_spec(model)
     table = _read_pending(st, pending)
     ids = table.column("sample_id").to_pylist()
-    is_new = table.column("data").is_valid().to_numpy(zero_copy_only=False)
-    from_delta: dict[str, np.ndarray] = {}
-    if delta is not None:
-        delta_ids, delta_rows = read_vectors(st, VectorTableRef.from_dict(delta))
-        where = {sid: i for i, sid in enumerate(delta_ids)}
-        from_delta = {sid: delta_rows[where[sid]] for sid, new in zip(ids, is_new, strict=True)
-                      if new and sid in where}
     catalog = feature_catalog(st, spec, catalog_run)
-    known = catalog.lookup([sid for sid in ids if sid not in from_delta]).vectors
-    if len(known) + len(from_delta) != len(ids):
-        _logger().warning("embed shard %s…: %d samples are in neither the catalog nor the pack; embedding the shard "
-                          "the plain way", ShardRef.from_dict(shard).artifact.sha256[:12],
-                          len(ids) - len(known) - len(from_delta))
+    if delta is not None:
+        catalog.include(CatalogEntry(VectorTableRef.from_dict(delta["vectors"]), delta["min_id"], delta["max_id"]))
+    known = catalog.lookup(ids).vectors
+    if len(known) != len(ids):
+        _logger().warning("embed shard %s…: %d samples are not in the catalog; embedding the shard the plain way",
+                          ShardRef.from_dict(shard).artifact.sha256[:12], len(ids) - len(known))
         return run_embed_shard(shard, model, store, catalog_run=None, **embed_options)
-    ref = _write_shard_table(st, spec, catalog, ids, {**known, **from_delta}, [], None)
-    return {"vectors": ref.to_dict(), "embedded": len(from_delta), "reused": len(known), "blocks": 0}
+    ref = _write_shard_table(st, spec, catalog, ids, known, [], None)
+    new = len(ids) - table.column("data").null_count
+    return {"vectors": ref.to_dict(), "embedded": new, "reused": len(ids) - new, "blocks": 0}
 
 
 def _vectors_of(result: dict) -> dict:
@@ -327,24 +344,17 @@ def run_embed_counted(dataset: dict, model: dict[str, Any], store: dict, batch_s
         shards = shards_of(dataset, store)
         parts = [run_embed_shard(sh, model, store, catalog_run=run, pack_below=block_rows if pack else 0,
                                  **options) for sh in shards]
-        pending = [i for i, part in enumerate(parts) if "pending" in part]
-        for group in packs_of([parts[i]["missing"] for i in pending], block_rows):
-            members = [pending[j] for j in group]
+        for members in pack_members(parts, block_rows):
             packed = run_embed_pack([parts[i]["pending"] for i in members], model, store, catalog_run=run,
                                     **options)
-            counts["packs"] += 1
-            counts["samples_embedded"] += packed["embedded"]
-            counts["tower_blocks"] += packed["blocks"]
+            _count_pack(counts, packed)
             for i in members:
                 parts[i] = run_embed_assemble(shards[i], parts[i]["pending"], packed["delta"], model, store,
                                               catalog_run=run, **options)
     finally:
         _release_catalogs(run)
     for part in parts:
-        counts["samples_reused"] += part["reused"]
-        if part["blocks"]:
-            counts["samples_embedded"] += part["embedded"]
-            counts["tower_blocks"] += part["blocks"]
+        _count_part(counts, part)
     return run_combine(parts, store), counts
 
 
@@ -418,9 +428,7 @@ def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: d
     try:
         results = [f.result() for f in futures]
         finals = list(futures)
-        pending = [i for i, r in enumerate(results) if "pending" in r]
-        packs = [[pending[j] for j in group] for group in packs_of([results[i]["missing"] for i in pending],
-                                                                     spec.block_rows)]
+        packs = pack_members(results, spec.block_rows)
         pack_futures = [embed_pack.with_options(**opts).submit([results[i]["pending"] for i in members], model,
                                                                store, **options) for members in packs]
         assemble = {}
@@ -434,19 +442,14 @@ def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: d
     finally:  # shards that ran in this process shared one catalog; the run is over
         _release_catalogs(run)
     for pack_future in pack_futures:
-        if pack_future.state.name != "Cached":
-            counts["packs"] += 1
-            counts["samples_embedded"] += pack_future.result()["embedded"]
-            counts["tower_blocks"] += pack_future.result()["blocks"]
+        if pack_future.state.name != "Cached":  # a cached result describes the run that computed it
+            _count_pack(counts, pack_future.result())
     for shard, future, result in zip(shards, finals, results, strict=True):
-        if future.state.name == "Cached":  # the result describes the run that computed it, not this one
+        if future.state.name == "Cached":
             counts["shards_cached"] += 1
             counts["samples_cached"] += shard["num_rows"]
-            continue
-        counts["samples_reused"] += result["reused"]
-        if result.get("blocks", 0):  # the shard ran the tower itself (an assembled shard's pack did)
-            counts["samples_embedded"] += result["embedded"]
-            counts["tower_blocks"] += result["blocks"]
+        else:
+            _count_part(counts, result)
     _logger().info("embed: %(samples_embedded)d samples embedded in %(tower_blocks)d blocks (%(packs)d packs), "
                    "%(samples_reused)d reused from the feature catalog, %(samples_cached)d in %(shards_cached)d of "
                    "%(shards)d shards cached", counts)

@@ -107,3 +107,15 @@ def test_a_moved_store_keeps_its_catalog(tmp_path):
     shutil.copytree(tmp_path / "store", tmp_path / "moved")
     got = catalog(ArtifactStore(tmp_path / "moved")).lookup(IDS[:5]).vectors
     assert np.array_equal(np.stack([got[s] for s in IDS[:5]]), vec)
+
+
+def test_an_instance_that_listed_early_sees_another_process_entry_once_included(store):
+    early = catalog(store)
+    assert early.lookup(IDS[:3]).vectors == {}  # lists the (empty) store now
+    entry = catalog(store).register(write_vectors(store, IDS[:3], vectors(3, 2), PRODUCER), IDS[:3])
+    assert early.lookup(IDS[:3]).vectors == {}  # its listing predates the entry
+    early.include(entry)
+    early.include(entry)  # idempotent
+    got = early.lookup(IDS[:3])
+    assert sorted(got.vectors) == IDS[:3] and got.tables == 1
+    np.testing.assert_array_equal(np.stack([got.vectors[s] for s in IDS[:3]]), vectors(3, 2))
