@@ -1,13 +1,18 @@
 """A nightly growth run's ingest: the pool grown by 1 %, ingested again into the store that holds yesterday's
-dataset (which records the images that passed the decode check, storage/ingest/checked.py) against the same
-grown pool ingested into a store without that record (every file decoded: what a growth run did before).
+dataset, three ways:
 
-For each pool size N: ``first`` (N images into a fresh store), ``growth`` (N + 1 % into the same store),
-``growth_unrecorded`` (N + 1 % into another fresh store), each in a fresh child process (wall time of the ingest
-call, peak RSS, and how many images the decode check decoded — the real check, counted by a wrapper). The two
-growth datasets must be the same (version and shard bytes), or the script fails.
+- ``growth``: what the ingest does now — files unchanged since the store's last ingest of the folder are not read
+  (storage/ingest/reuse.py: their bytes come from yesterday's shards); only the new files are read and checked;
+- ``growth_reread``: ``reuse=False`` on a copy of the same store — every file is read and hashed again, only the new
+  ones decoded (the store's decode-check record, storage/ingest/checked.py): the behaviour before reuse;
+- ``growth_unrecorded``: the grown pool into a fresh store — every file read and decoded (the behaviour before
+  the decode-check record).
 
-    .venv/bin/python bench/ingest_growth.py [--sizes 10000,30000] [--work /tmp/skmm-growth]
+Each in a fresh child process: wall time of the ingest call, peak RSS, files read and images decoded (the real
+functions, counted by wrappers). The three grown datasets must be the same (version and shard bytes), or the
+script fails.
+
+    .venv/bin/python bench/ingest_growth.py [--sizes 10000,30000] [--work /tmp/skmm-growth] [--cold]
     # → bench/results/ingest_growth.json
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -27,54 +33,89 @@ from scale import in_child
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 
-def ingest_counted(pool: str, store: str) -> dict:
-    """``ingest_image_folder`` of ``pool`` into ``store``: seconds, decode checks run, dataset identity."""
+def ingest_counted(pool: str, store: str, reuse: bool = True) -> dict:
+    """``ingest_image_folder`` of ``pool`` into ``store``: seconds, files read, decode checks run, dataset
+    identity."""
     import storage.ingest.checked as checked
+    import storage.ingest.folder as folder
     from storage.artifacts import ArtifactStore
     from storage.datasets import load_manifest
-    from storage.ingest import ingest_image_folder
 
-    real, calls = checked.decode_problem, itertools.count()
+    decode, read = checked.decode_problem, folder.read_and_check
+    decodes, reads, read_bytes = itertools.count(), itertools.count(), []
 
-    def counted(data: bytes, max_pixels: int) -> str | None:
-        next(calls)  # atomic under the GIL: the read pool's threads call this concurrently
-        return real(data, max_pixels)
+    def counted_decode(data: bytes, max_pixels: int) -> str | None:
+        next(decodes)  # atomic under the GIL: the read pool's threads call this concurrently
+        return decode(data, max_pixels)
 
-    checked.decode_problem = counted
+    def counted_read(*args, **kwargs):
+        next(reads)
+        sid, data, problem = read(*args, **kwargs)
+        read_bytes.append(len(data or b""))  # list.append is atomic under the GIL
+        return sid, data, problem
+
+    checked.decode_problem, folder.read_and_check = counted_decode, counted_read
     st = ArtifactStore(store)
     start = time.perf_counter()
-    result = ingest_image_folder(st, pool)
+    result = folder.ingest_image_folder(st, pool, reuse=reuse)
     seconds = time.perf_counter() - start
     shards = [s.artifact.sha256 for s in load_manifest(st, result.dataset).shards]
-    return {"ingest_s": round(seconds, 2), "decoded": next(calls), "n_samples": result.n_samples,
-            "version": result.dataset.version, "shards_sha256": shards}
+    return {"ingest_s": round(seconds, 2), "read": next(reads), "source_mb_read": round(sum(read_bytes) / 1e6, 1),
+            "decoded": next(decodes),
+            "reused": result.n_reused, "n_samples": result.n_samples, "version": result.dataset.version,
+            "shards_sha256": shards}
 
 
-def run_size(n: int, work: pathlib.Path) -> dict:
+def evict(*roots: pathlib.Path) -> int:
+    """Drop every file under ``roots`` from the page cache (written back first), as for a pool far larger than
+    memory, whose files a nightly run finds on disk, not in RAM; the number of files."""
+    n = 0
+    for root in roots:
+        for folder, _, names in os.walk(root):
+            for name in names:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    n += 1
+                finally:
+                    os.close(fd)
+    return n
+
+
+def run_size(n: int, work: pathlib.Path, cold: bool = False) -> dict:
     grown = n // 100
     master = work / "master"
     scale_pool.make_master(master, n + grown)
     pool = work / f"pool-{n}"
     shutil.rmtree(pool, ignore_errors=True)
     scale_pool.make_pool(master, pool, 0, n)
-    stores = [work / f"store-{n}-{k}" for k in ("a", "b")]
+    stores = [work / f"store-{n}-{k}" for k in ("a", "b", "c")]
     for s in stores:
         shutil.rmtree(s, ignore_errors=True)
-    out: dict = {"n": n, "added": grown}
+    out: dict = {"n": n, "added": grown, "page_cache": "evicted before each growth run" if cold else "warm"}
     out["first"] = in_child(ingest_counted, str(pool), str(stores[0]))
-    print(f"[N={n}] first {out['first']['ingest_s']} s, decoded {out['first']['decoded']}", flush=True)
+    print(f"[N={n}] first {out['first']['ingest_s']} s, read {out['first']['read']}", flush=True)
+    shutil.copytree(stores[0], stores[1])  # yesterday's store, twice
     scale_pool.make_pool(master, pool, n, grown)
-    out["growth"] = in_child(ingest_counted, str(pool), str(stores[0]))
-    out["growth_unrecorded"] = in_child(ingest_counted, str(pool), str(stores[1]))
-    a, b = out["growth"], out["growth_unrecorded"]
-    if (a["version"], a["shards_sha256"]) != (b["version"], b["shards_sha256"]):
-        raise SystemExit(f"N={n}: the grown datasets differ between the two stores")
+    for key, store, reuse in (("growth", stores[0], True), ("growth_reread", stores[1], False),
+                              ("growth_unrecorded", stores[2], True)):
+        if cold:
+            evict(master, pool, *(s for s in stores if s.exists()))
+        out[key] = in_child(ingest_counted, str(pool), str(store), reuse)
+    runs = [out[k] for k in ("growth", "growth_reread", "growth_unrecorded")]
+    if len({(r["version"], tuple(r["shards_sha256"])) for r in runs}) != 1:
+        raise SystemExit(f"N={n}: the grown datasets differ between the three runs")
     for part in out.values():
         if isinstance(part, dict):
             part.pop("shards_sha256", None)
-    out["speedup"] = round(b["ingest_s"] / a["ingest_s"], 2)
-    print(f"[N={n}] growth {a['ingest_s']} s ({a['decoded']} decoded) vs unrecorded {b['ingest_s']} s "
-          f"({b['decoded']} decoded): {out['speedup']}×", flush=True)
+    a, b, c = runs
+    out["speedup_vs_reread"] = round(b["ingest_s"] / a["ingest_s"], 2)
+    out["speedup_vs_unrecorded"] = round(c["ingest_s"] / a["ingest_s"], 2)
+    print(f"[N={n}] growth {a['ingest_s']} s (read {a['read']}: {a['source_mb_read']} MB, reused {a['reused']}) "
+          "vs reread "
+          f"{b['ingest_s']} s (read {b['read']}, decoded {b['decoded']}) vs unrecorded {c['ingest_s']} s "
+          f"(decoded {c['decoded']}): {out['speedup_vs_reread']}× / {out['speedup_vs_unrecorded']}×", flush=True)
     for s in stores:
         shutil.rmtree(s, ignore_errors=True)
     shutil.rmtree(pool, ignore_errors=True)
@@ -85,10 +126,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,30000")
     parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/skmm-growth"))
+    parser.add_argument("--cold", action="store_true",
+                        help="evict the pool's and the stores' files from the page cache before each growth run")
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path(__file__).resolve().parent / "results" / "ingest_growth.json")
     args = parser.parse_args()
-    results = [run_size(int(s), args.work) for s in args.sizes.split(",")]
+    results = [run_size(int(s), args.work, args.cold) for s in args.sizes.split(",")]
     args.out.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -381,7 +381,10 @@ def curate(
         dataset = DatasetRef.from_dict(ing["dataset"])
         quarantine = [ArtifactRef.from_dict(ing["quarantine"])] if ing.get("quarantine") else []
         record.outputs = [dataset.manifest, *quarantine]
-        record.metrics = {"samples": ing["n_samples"], "quarantined": ing["n_quarantined"]}
+        # reused: files unchanged since the store's last ingest of this source, so not read (their bytes came
+        # from that dataset's shards; storage/ingest/reuse.py)
+        record.metrics = {"samples": ing["n_samples"], "quarantined": ing["n_quarantined"],
+                          "reused": ing.get("n_reused", 0)}
     if ing["n_quarantined"]:
         logger.warning("%d file(s) quarantined (unreadable); see %s", ing["n_quarantined"], ing["quarantine"]["uri"])
 

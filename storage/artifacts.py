@@ -418,6 +418,19 @@ class ArtifactStore:
         except Exception as exc:
             raise _translate(exc, self.uri(rel)) from None
 
+    def remove_rel(self, rel: str) -> bool:
+        """Delete a file at a relative path written by :meth:`put_immutable` (a superseded record, never an
+        artifact a ref names); False if it was already gone."""
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise ValueError(f"bad relative path {rel!r}")
+        try:
+            self.fs.rm_file(self._path(rel))
+        except FileNotFoundError:
+            return False
+        except Exception as exc:
+            raise _translate(exc, self.uri(rel)) from None
+        return True
+
     def read_many(self, rels: Sequence[str], max_workers: int = 16) -> dict[str, bytes | StorageError]:
         """The bytes of many small objects (e.g. lineage events) by path relative to the root, with at most
         ``max_workers`` reads in flight. Unverified (such records carry no ref; see :meth:`local_copies` for

@@ -17,7 +17,9 @@ once, memory stays O(shard) plus ~150 bytes of bookkeeping per sample (about 1 K
 measured), duplicates collapse across the whole pool, the pool-level checks run before anything is published,
 and the shards and manifest are byte-identical to
 :func:`storage.datasets.write_samples` of the same rows. :mod:`.checked` remembers which image bytes passed the
-decode check, so a grown pool decodes only its new files. :mod:`.fingerprint` describes a source from metadata for
+decode check, so a grown pool decodes only its new files; :mod:`.reuse` remembers which files (by path and stat, or
+URL and ETag) held which sample, so a grown folder or manifest reads only its new or changed files and takes the
+others' bytes from the previous dataset's shards. :mod:`.fingerprint` describes a source from metadata for
 the cache key; :mod:`.common` holds the errors, splits, labels and the decode check shared by all.
 """
 

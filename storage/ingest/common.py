@@ -31,6 +31,7 @@ from storage.datasets import SPLITS, DatasetRef, VectorTableRef
 from storage.errors import StorageError, redact
 
 __all__ = [
+    "CONTENT_TAGS",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_SHARD_ROWS",
     "IMAGE_EXTENSIONS",
@@ -48,6 +49,10 @@ __all__ = [
     "one_line",
     "shown_path",
 ]
+
+#: what an object store says about an object's content (S3 ETag and version, GCS generation and hashes, Azure etag
+#: and version): the fingerprint's and the source-hash record's identity of a remote object
+CONTENT_TAGS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash", "crc32c", "content_md5")
 
 #: File extensions (lower case) treated as images by folder listings and WebDataset members.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -99,6 +104,9 @@ class IngestResult:
     split_counts: dict[str, int] = field(hash=False)
     vectors: VectorTableRef | None = None
     source: str = ""
+    #: samples whose file (or tar) was unchanged since this store's last ingest of the source, so not read again
+    #: (how the dataset was written, not what it is: results that differ only here compare equal)
+    n_reused: int = field(default=0, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (refs as dicts, classes as a list)."""
@@ -107,7 +115,8 @@ class IngestResult:
                 "n_samples": self.n_samples, "n_duplicates_collapsed": self.n_duplicates_collapsed,
                 "n_quarantined": self.n_quarantined, "classes": list(self.classes),
                 "split_counts": dict(self.split_counts),
-                "vectors": self.vectors.to_dict() if self.vectors else None, "source": self.source}
+                "vectors": self.vectors.to_dict() if self.vectors else None, "source": self.source,
+                "n_reused": self.n_reused}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IngestResult:
@@ -118,7 +127,7 @@ class IngestResult:
                    n_quarantined=int(data["n_quarantined"]), classes=tuple(data["classes"]),
                    split_counts={str(k): int(v) for k, v in data["split_counts"].items()},
                    vectors=VectorTableRef.from_dict(data["vectors"]) if data.get("vectors") else None,
-                   source=str(data.get("source", "")))
+                   source=str(data.get("source", "")), n_reused=int(data.get("n_reused", 0)))
 
 
 # ---------------------------------------------------------------------------------------------- arguments

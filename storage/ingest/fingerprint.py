@@ -41,7 +41,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from storage.errors import redact
-from storage.ingest.common import SourceError, is_url, local_path, one_line
+from storage.ingest.common import CONTENT_TAGS, SourceError, is_url, local_path, one_line
 from storage.ingest.listing import open_image_folder
 from storage.ingest.manifest import manifest_base, manifest_records, resolve_entry
 from storage.ingest.reading import SourceFiles, ordered_map
@@ -52,7 +52,7 @@ __all__ = ["fingerprint", "folder_fingerprint", "manifest_fingerprint", "object_
 
 log = logging.getLogger(__name__)
 
-_CONTENT_TAGS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash", "crc32c", "content_md5")
+_CONTENT_TAGS = CONTENT_TAGS
 _TIME_TAGS = ("LastModified", "last_modified", "mtime", "updated")
 _INFO_WORKERS = 16
 

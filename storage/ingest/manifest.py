@@ -43,7 +43,9 @@ from storage.ingest.common import (
     one_line,
     raise_if_transient,
 )
+from storage.ingest.folder import read_file_uri
 from storage.ingest.reading import CredentialsMissingError, SourceFiles, ordered_map
+from storage.ingest.reuse import BaseSamples, SourceHashes, file_key, object_key
 from storage.ingest.writer import DatasetWriter
 
 __all__ = ["fetch_and_check", "ingest_manifest", "manifest_base", "manifest_entries", "manifest_records",
@@ -240,7 +242,7 @@ def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLik
                     base_dir: str | os.PathLike | None = None, val_fraction: float = 0.15,
                     test_fraction: float = 0.15, seed: int = 0, shard_rows: int = DEFAULT_SHARD_ROWS,
                     storage_options: Mapping[str, Any] | None = None,
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> IngestResult:
+                    max_pixels: int = DEFAULT_MAX_PIXELS, reuse: bool = True) -> IngestResult:
     """Ingest the images listed in a manifest table (CSV, TSV or Parquet; local path or fsspec URL).
 
     Columns: ``path`` (or ``url``) — a local path, or any fsspec URL; relative entries are resolved against
@@ -251,6 +253,12 @@ def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLik
     read once and decoded whatever its extension; missing, empty, unreadable, undecodable and oversized files
     are quarantined ("missing file", "empty file", "cannot read file: …", "cannot decode image: …",
     "image too large: …").
+
+    With ``reuse`` (the default), entries unchanged since this store's last ingest of the manifest are not read:
+    a local file with the same path, size, mtime, ctime and inode, or an object with the same URL, size and
+    content tag (ETag, version) — one metadata request instead of a download; their bytes come from that
+    dataset's shards (:mod:`storage.ingest.reuse`), and the dataset is the same either way. URLs that carry
+    credentials (redacted in ``source_uri``) are always read.
 
     Raises SourceNotFoundError (manifest missing) or SourceError naming the manifest, the column or the 1-based
     data row (header not counted): no path/url or label column, no rows, an empty path or label, a bad split,
@@ -263,19 +271,54 @@ def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLik
     shown = redact(url)
     base = manifest_base(url, base_dir)
     checked = CheckedImages(store, max_pixels)
+    where = url if is_url(url) else str(absolute(url))
+    hashes = SourceHashes(store, {"kind": "manifest", "manifest": where}, checked.policy) if reuse else None
+    previous = hashes.load() if hashes is not None else None
 
-    def check(entry: tuple[str, str, str | None]) -> tuple[tuple[str, str, str | None], Any]:
-        return entry, fetch_and_check(entry[0], files, max_pixels, checked)
+    def check(entry: tuple[str, str, str | None]) -> tuple[tuple[str, str, str | None], bytes | None,
+                                                             int | None, Any]:
+        key, size = _entry_key(entry[0], files) if hashes is not None else (None, None)
+        if key is not None:
+            sid = hashes.lookup(key)
+            if sid is not None:
+                return entry, key, size, (sid, None, None)
+        return entry, key, None, fetch_and_check(entry[0], files, max_pixels, checked)
+
+    def fetch(uri: str) -> bytes:
+        return files.cat(uri) if is_url(uri) else read_file_uri(uri)
 
     with manifest_records(url, files) as (columns, records), \
             DatasetWriter(store, source_name=f"manifest {shown}", shard_rows=shard_rows, seed=seed,
-                          val_fraction=val_fraction, test_fraction=test_fraction) as writer:
-        for (target, label, split), (sid, data, problem) in ordered_map(check, manifest_entries(
+                          val_fraction=val_fraction, test_fraction=test_fraction,
+                          base=BaseSamples(store, previous, fetch) if previous is not None else None) as writer:
+        for (target, label, split), key, size, (sid, data, problem) in ordered_map(check, manifest_entries(
                 columns, records, shown, base)):
-            if sid is None or data is None:
+            if sid is None or (data is None and size is None):
                 writer.quarantine(source_uri(target), problem or "unreadable")
-            else:
-                writer.add(sid, source_uri(target), label, split, data)
+                continue
+            writer.add(sid, source_uri(target), label, split, data, reused=size)
+            if hashes is not None and key is not None:
+                hashes.record(key, sid)
+        if hashes is not None:
+            hashes.release()
         result = writer.finish(source=shown if is_url(url) else absolute(url).as_uri())
     checked.commit()  # only once the dataset is published
+    if hashes is not None:
+        hashes.commit(result.dataset)
     return result
+
+
+def _entry_key(target: str, files: SourceFiles) -> tuple[bytes | None, int | None]:
+    """(source-hash key, byte count) of a listed entry, or (None, None) when it is to be read anyway: not a
+    regular file, no content tag, a URL carrying credentials, or any error (the read reports it)."""
+    try:
+        if not is_url(target):
+            st = os.stat(target)  # before the read: a write after it changes the key seen next time
+            return (file_key(target, st), st.st_size) if stat.S_ISREG(st.st_mode) else (None, None)
+        if source_uri(target) != target:
+            return None, None  # the fallback read could not use the redacted URI
+        info = files.info(target)
+        key = object_key(target, info)
+        return (key, int(info["size"])) if key is not None else (None, None)
+    except Exception:  # missing, permissions, network: the read reports it (and retries transient ones)
+        return None, None

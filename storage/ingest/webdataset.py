@@ -24,9 +24,12 @@ import json
 import os
 import posixpath
 import re
+import stat
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from storage.artifacts import ArtifactStore
 from storage.errors import redact
@@ -47,6 +50,14 @@ from storage.ingest.common import (
 )
 from storage.ingest.manifest import read_problem, source_uri
 from storage.ingest.reading import SourceFiles, ordered_map
+from storage.ingest.reuse import (
+    BaseSamples,
+    SourceHashes,
+    file_key,
+    object_key,
+    read_tar_members,
+    write_tar_members,
+)
 from storage.ingest.writer import DatasetWriter
 
 __all__ = ["LABEL_SOURCES", "expand_braces", "ingest_webdataset", "resolve_shards"]
@@ -218,11 +229,17 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
                       label_from: Sequence[str] = LABEL_SOURCES, json_label_field: str = "label",
                       val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
                       shard_rows: int = DEFAULT_SHARD_ROWS, storage_options: Mapping[str, Any] | None = None,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> IngestResult:
+                      max_pixels: int = DEFAULT_MAX_PIXELS, reuse: bool = True) -> IngestResult:
     """Ingest WebDataset tar shards (see the module docstring) into a dataset on ``store``.
 
     ``source_uri`` of a sample is ``<tar uri>#<image member>``; splits: :func:`assign_split`. Remote shards use
     ``storage_options``, else credentials from the environment (a public bucket is read anonymously).
+
+    With ``reuse`` (the default), a tar unchanged since this store's last ingest of these shards (same path, size,
+    mtime, ctime and inode; or the same URL, size and ETag) that was read whole without a quarantined member is
+    not read again: its samples (ids, labels) come from the store's record of it and their bytes from that
+    dataset's shards (:mod:`storage.ingest.reuse`); the dataset is the same either way. ``n_reused`` in the result
+    counts the samples not read.
 
     Raises SourceNotFoundError (no shard there) or SourceError (a sample without a label, naming tar and key; a
     label that is not text; the same image under two labels; fewer than 2 classes, or than 2 in train).
@@ -236,28 +253,107 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
     specs = [os.fspath(s) for s in ([shards] if isinstance(shards, str | os.PathLike) else shards)]
     tars = resolve_shards(specs, files)
     checked = CheckedImages(store, max_pixels)
+    scope = {"kind": "webdataset", "shards": [s if is_url(s) else str(absolute(s)) for s in specs],
+             "label_from": list(label_from), "json_label_field": json_label_field}
+    hashes = SourceHashes(store, scope, checked.policy) if reuse else None
+    previous = hashes.load() if hashes is not None else None
+    keys: list[bytes | None] = [None] * len(tars)
+    lists: list[str | None] = [None] * len(tars)  # the member list an unchanged tar is replayed from
 
-    def items() -> Iterator[_Item]:
-        for shard in tars:
-            yield from _tar_items(shard, files, label_from, json_label_field)
+    def items() -> Iterator[tuple[int, _Item, tuple[str, int] | None]]:
+        for t, shard in enumerate(tars):
+            if hashes is not None:
+                keys[t] = _tar_key(shard, files)
+                known = hashes.lookup(keys[t]) if keys[t] is not None else None
+                members = read_tar_members(store, known) if known is not None else None
+                if members is not None:
+                    lists[t] = known
+                    for uri, sid, label, size in members:
+                        yield t, (uri, label, None, None), (sid, size)
+                    continue
+            for item in _tar_items(shard, files, label_from, json_label_field):
+                yield t, item, None
 
-    def check(item: _Item) -> tuple[_Item, str | None, str | None]:
+    def check(entry: tuple[int, _Item, tuple[str, int] | None]) -> tuple[int, _Item, tuple[str, int] | None,
+                                                                             str | None, str | None]:
+        t, item, known = entry
+        if known is not None:
+            return t, item, known, known[0], None
         data, problem = item[2], item[3]
         if problem is not None or data is None:
-            return item, None, problem or "unreadable"
+            return t, item, None, None, problem or "unreadable"
         sid, problem = checked.check(data)
-        return item, sid, problem
+        return t, item, None, sid, problem
+
+    # tars read now and read whole without a quarantined member: their member lists (written as each tar ends,
+    # so memory holds one tar's list; nothing names them until the source-hash record, after publishing)
+    listed: list[tuple[int, str]] = []
+    current: list[Any] = [None, None]  # [tar index, its members so far, or None once one was quarantined]
+
+    def end_tar() -> None:
+        t, members = current
+        if t is not None and members and keys[t] is not None:
+            listed.append((t, write_tar_members(store, members)))
+        current[:] = [None, None]
+
+    def fetch(uri: str) -> bytes:
+        return _read_member(uri, files)
 
     with DatasetWriter(store, source_name=f"webdataset {_shown(specs)}", shard_rows=shard_rows, seed=seed,
-                       val_fraction=val_fraction, test_fraction=test_fraction) as writer:
-        for (uri, label, data, _), sid, problem in ordered_map(check, items()):
-            if sid is None:
+                       val_fraction=val_fraction, test_fraction=test_fraction,
+                       base=BaseSamples(store, previous, fetch) if previous is not None else None) as writer:
+        for t, (uri, label, data, _), known, sid, problem in ordered_map(check, items()):
+            if known is not None:
+                writer.add(sid, uri, label, None, None, reused=known[1])
+                continue
+            if current[0] != t:
+                end_tar()
+                current[:] = [t, []]
+            if sid is None or data is None:
                 writer.quarantine(uri, problem or "unreadable")
-            else:
-                writer.add(sid, uri, label, None, data)
+                current[1] = None  # a tar with a quarantined member is read again next time
+                continue
+            writer.add(sid, uri, label, None, data)
+            if current[1] is not None and hashes is not None:
+                current[1].append((uri, sid, label, len(data)))
+        end_tar()
+        if hashes is not None:
+            hashes.release()  # every lookup is done: free the record before the second pass
         result = writer.finish(source=_source(specs, tars))
     checked.commit()  # only once the dataset is published
+    if hashes is not None:
+        for t, sha in listed:
+            hashes.record(keys[t], sha)
+        for t, known in enumerate(lists):
+            if known is not None:
+                hashes.record(keys[t], known)
+        hashes.commit(result.dataset)
     return result
+
+
+def _tar_key(shard: str, files: SourceFiles) -> bytes | None:
+    """The source-hash key of a tar (local stat or remote ETag), or None: it is read."""
+    try:
+        if not is_url(shard):
+            st = os.stat(shard)
+            return file_key(shard, st) if stat.S_ISREG(st.st_mode) else None
+        if source_uri(shard) != shard:
+            return None  # credentials in the URL: its members' URIs are redacted, so no fallback read
+        return object_key(shard, files.info(shard))
+    except Exception:  # missing, permissions, network: the read reports it
+        return None
+
+
+def _read_member(uri: str, files: SourceFiles) -> bytes:
+    """One member's bytes by scanning its tar (``<tar uri>#<member>``): the fallback when the store lost them."""
+    tar_uri, _, name = uri.rpartition("#")
+    target = url2pathname(urlparse(tar_uri).path) if tar_uri.startswith("file://") else tar_uri
+    with files.open(target) as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+        for info in tar:
+            if info.name == name and info.isfile():
+                reader = tar.extractfile(info)
+                return reader.read() if reader is not None else b""
+    raise FileNotFoundError(uri)
 
 
 def _source(specs: Sequence[str], tars: Sequence[str]) -> str:

@@ -21,6 +21,12 @@ into the store's staging file, so the shard and manifest artifacts are **byte-id
 the same rows (a test holds them to it), and so is the dataset version (computed while the sorted rows stream
 past, with ``dataset_version``'s encoding).
 
+**Reused samples** (``add(..., reused=size)``, :mod:`storage.ingest.reuse`): a file unchanged since the store's
+last ingest of the source is not read; pass 1 spills only its id and URI (and its byte count, so that pass 2's
+buckets stay bounded), and pass 2 asks the writer's ``base`` — the previous dataset, read once in id order, each
+image checked against its id — for the bytes as the sorted rows stream past. The rows written are the
+same as if every file had been read.
+
 **Nothing half-written becomes visible**: the quarantine table and the shards are content-addressed objects
 nobody references until the manifest — written last — names them; if anything fails before, the shards already
 written are unreferenced and harmless (a retry reuses them). The spill folder is removed in every case (the
@@ -65,6 +71,7 @@ from storage.datasets import (
 from storage.errors import redact
 from storage.ingest.common import QUARANTINE_SCHEMA, IngestResult, SourceError, split_of
 from storage.ingest.id_codes import IdCodes, digests_of_hex
+from storage.ingest.reuse import BaseSamples
 
 __all__ = ["BUCKET_BYTES", "SPILL_BUFFER_BYTES", "DatasetWriter"]
 
@@ -75,8 +82,10 @@ BUCKET_BYTES = 64 * 2**20  # pass 2: a larger bucket is split again before it is
 
 _PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3}  # write_samples' own (tested byte-equal)
 _VERSION_HEADER = b"skmm-dataset-version/1\n"  # storage.datasets.dataset_version's encoding (tested equal)
+# ``reused``: the expected byte count of a sample whose bytes the previous dataset holds (data is then null and
+# pass 2 asks :class:`~storage.ingest.reuse.BaseSamples` for them); null for a sample read now
 _SPILL_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), pa.field("source_uri", pa.string()),
-                           pa.field("data", pa.binary())])
+                           pa.field("data", pa.binary()), pa.field("reused", pa.int64())])
 _FANOUT = 256
 _TOUCH_EVERY_S = 600.0
 _ROW_OVERHEAD = 128  # bytes a spilled row costs beyond its URI and data (id, offsets, buffer slack)
@@ -92,33 +101,35 @@ class _Spill:
         self.directory, self.level, self.buffer_bytes = directory, level, buffer_bytes
         self.sizes = [0] * _FANOUT
         self.rows = [0] * _FANOUT
-        self._buffers: dict[int, tuple[list[str], list[str], list[bytes | None]]] = {}
+        self._buffers: dict[int, tuple[list[str], list[str], list[bytes | None], list[int | None]]] = {}
         self._buffered = 0
         self._writers: dict[int, tuple[pa.NativeFile, pa.ipc.RecordBatchStreamWriter]] = {}
 
     def _path(self, bucket: int) -> str:
         return os.path.join(self.directory, f"{bucket:02x}.arrows")
 
-    def add(self, sid: str, uri: str, data: bytes | None) -> None:
+    def add(self, sid: str, uri: str, data: bytes | None, reused: int | None = None) -> None:
         bucket = int(sid[2 * self.level: 2 * self.level + 2], 16)
-        ids, uris, blobs = self._buffers.setdefault(bucket, ([], [], []))
+        ids, uris, blobs, sizes = self._buffers.setdefault(bucket, ([], [], [], []))
         ids.append(sid)
         uris.append(uri)
         blobs.append(data)
+        sizes.append(reused)
         size = _ROW_OVERHEAD + len(uri) + (len(data) if data is not None else 0)
-        self.sizes[bucket] += size
+        self.sizes[bucket] += size + (reused or 0)  # pass 2 holds a reused sample's bytes too
         self.rows[bucket] += 1
         self._buffered += size
         if self._buffered >= self.buffer_bytes:
             self.flush()
 
     def flush(self) -> None:
-        for bucket, (ids, uris, blobs) in self._buffers.items():
+        for bucket, (ids, uris, blobs, sizes) in self._buffers.items():
             if bucket not in self._writers:
                 sink = pa.OSFile(self._path(bucket), "wb")
                 self._writers[bucket] = (sink, pa.ipc.new_stream(sink, _SPILL_SCHEMA))
             batch = pa.record_batch([pa.array(ids, pa.string()), pa.array(uris, pa.string()),
-                                     pa.array(blobs, pa.binary())], schema=_SPILL_SCHEMA)
+                                     pa.array(blobs, pa.binary()), pa.array(sizes, pa.int64())],
+                                    schema=_SPILL_SCHEMA)
             self._writers[bucket][1].write_batch(batch)
         self._buffers.clear()
         self._buffered = 0
@@ -220,8 +231,10 @@ class DatasetWriter:
 
     def __init__(self, store: ArtifactStore, *, source_name: str, shard_rows: int, seed: int, val_fraction: float,
                  test_fraction: float, buffer_bytes: int = SPILL_BUFFER_BYTES,
-                 bucket_bytes: int = BUCKET_BYTES) -> None:
+                 bucket_bytes: int = BUCKET_BYTES, base: BaseSamples | None = None) -> None:
         self.store = store
+        self.base = base  # where reused samples' bytes come from (add(..., reused=size))
+        self.n_reused = 0
         self.source_name = source_name
         self.shard_rows, self.seed = shard_rows, seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -250,10 +263,20 @@ class DatasetWriter:
             self._spill.close()
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
+            if self.base is not None:
+                self.base.close()
 
     # ------------------------------------------------------------------ pass 1
-    def add(self, sid: str, uri: str, label: str, split: str | None, data: bytes | None) -> None:
-        """One usable sample, in source order. Duplicates collapse to the first; conflicts raise SourceError."""
+    def add(self, sid: str, uri: str, label: str, split: str | None, data: bytes | None,
+            reused: int | None = None) -> None:
+        """One usable sample, in source order. Duplicates collapse to the first; conflicts raise SourceError.
+
+        ``reused``: the sample's byte count when its bytes are not read now but come from the writer's ``base``
+        (the previous dataset; ``data`` is then None)."""
+        if reused is not None:
+            if self.base is None or data is not None:
+                raise ValueError("a reused sample needs the writer's base dataset and no data")
+            self.n_reused += 1
         index = self._label_index.get(label)
         if index is None:
             index = self._label_index[label] = len(self._labels)
@@ -262,7 +285,7 @@ class DatasetWriter:
         split_code = _SPLIT_CODES[split]
         prev = self._seen.setdefault(key, index << 2 | split_code)
         if prev is None:
-            self._spill.add(sid, uri, data)
+            self._spill.add(sid, uri, data, reused)
             self._keep_alive()
             return
         prev_label, prev_split = self._labels[prev >> 2], _SPLIT_NAMES[prev & 3]
@@ -328,12 +351,20 @@ class DatasetWriter:
 
     # ------------------------------------------------------------------ pass 2
     def _rows(self, table: pa.Table) -> pa.Table:
-        """A sorted spill table (id, uri, data) as sample rows (labels and splits from the bookkeeping)."""
+        """A sorted spill table (id, uri, data, reused) as sample rows (labels and splits from the bookkeeping;
+        a reused sample's bytes from the base dataset)."""
         codes = self._seen.codes_of(digests_of_hex(table["sample_id"].to_pylist())).tolist()
         labels = pa.array([self._labels[c >> 2] for c in codes], pa.string())
         splits = pa.array([_SPLIT_NAMES[c & 3] for c in codes], pa.string())
-        return pa.table([table["sample_id"], table["source_uri"], labels, splits, table["data"]],
-                        schema=SAMPLE_SCHEMA)
+        data = table["data"]
+        reused = np.flatnonzero(table["reused"].is_valid().to_numpy(zero_copy_only=False))
+        if len(reused):
+            blobs = data.to_pylist()
+            ids, uris = table["sample_id"].take(reused).to_pylist(), table["source_uri"].take(reused).to_pylist()
+            for i, blob in zip(reused.tolist(), self.base.fill(ids, uris), strict=True):
+                blobs[i] = blob
+            data = pa.array(blobs, pa.binary())
+        return pa.table([table["sample_id"], table["source_uri"], labels, splits, data], schema=SAMPLE_SCHEMA)
 
     def _drain(self, spill: _Spill, cutter: _ShardCutter) -> None:
         spill.close()
@@ -343,8 +374,8 @@ class DatasetWriter:
             if spill.sizes[bucket] > self.bucket_bytes and spill.rows[bucket] > 1 and spill.level < 31:
                 sub = _Spill(os.path.join(spill.directory, f"{bucket:02x}"), spill.level + 1, spill.buffer_bytes)
                 for batch in spill.batches(bucket):
-                    for sid, uri, data in zip(*(col.to_pylist() for col in batch.columns), strict=True):
-                        sub.add(sid, uri, data)
+                    for sid, uri, data, reused in zip(*(col.to_pylist() for col in batch.columns), strict=True):
+                        sub.add(sid, uri, data, reused)
                 spill.remove(bucket)
                 self._drain(sub, cutter)
                 shutil.rmtree(sub.directory, ignore_errors=True)
@@ -363,10 +394,11 @@ class DatasetWriter:
         result = IngestResult(dataset=dataset, quarantine=qref, n_samples=dataset.num_rows,
                               n_duplicates_collapsed=self.n_duplicates, n_quarantined=len(self.quarantined),
                               classes=classes, split_counts=split_counts,
-                              vectors=vectors() if vectors is not None else None, source=redact(source))
-        log.info("ingested %s: %d samples, %d classes, splits %s, %d duplicates collapsed, %d quarantined",
-                 result.source, result.n_samples, len(result.classes), result.split_counts,
-                 result.n_duplicates_collapsed, result.n_quarantined)
+                              vectors=vectors() if vectors is not None else None, source=redact(source),
+                              n_reused=self.n_reused)
+        log.info("ingested %s: %d samples, %d classes, splits %s, %d duplicates collapsed, %d quarantined, %d "
+                 "files unchanged (not read)", result.source, result.n_samples, len(result.classes),
+                 result.split_counts, result.n_duplicates_collapsed, result.n_quarantined, result.n_reused)
         return result
 
     def _write_quarantine(self) -> ArtifactRef | None:

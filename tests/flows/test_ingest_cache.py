@@ -66,6 +66,9 @@ def test_ingest_reruns_for_an_edit_in_a_linked_class_folder_and_a_renamed_image(
     assert task_states(edited)["ingest"] == ["Completed"]
     after_edit = sample_ids(store_dir, edited.result())
     assert sha(new) in after_edit and sha(old) not in after_edit and len(after_edit) == 2 * PER_CLASS
+    # only the edited file was read: the ingest stage's lineage says so (storage/ingest/reuse.py)
+    assert ingest_metrics(store_dir, edited.result()["run_id"]) == {"samples": 2 * PER_CLASS, "quarantined": 0,
+                                                                    "reused": 2 * PER_CLASS - 1}
 
     gone = (pool / "dogs" / "05.png").read_bytes()
     (pool / "dogs" / "05.png").rename(pool / "dogs" / "05.txt")  # no longer an image
@@ -73,6 +76,16 @@ def test_ingest_reruns_for_an_edit_in_a_linked_class_folder_and_a_renamed_image(
     assert task_states(renamed)["ingest"] == ["Completed"]
     after_rename = sample_ids(store_dir, renamed.result())
     assert after_rename == after_edit - {sha(gone)}
+
+
+def ingest_metrics(store_dir: pathlib.Path, run_id: str) -> dict:
+    from storage.lineage import EVENTS_PREFIX, event_record, parse_event
+
+    st = open_store(store_spec(store_dir))
+    records = [event_record(parse_event(st.read_rel(rel), rel)) for rel in st.list_paths(EVENTS_PREFIX)
+               if rel.endswith(".json")]
+    (done,) = [r for r in records if r["run_id"] == run_id and r["stage"] == "ingest" and r["event_type"] == "COMPLETE"]
+    return done["metrics"]
 
 
 def without_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, endpoint: str) -> None:

@@ -1,0 +1,328 @@
+"""A grown folder reads only its new files: unchanged files' bytes come from the previous dataset's shards
+(storage/ingest/reuse.py), and the dataset is byte-identical to a from-scratch ingest — also when files were
+rewritten in place, removed, moved to another class or duplicated, when a shard of the previous dataset is
+corrupted or gone, and never across decode-check policies or from a corrupted record."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import tar_bytes
+from ingest_pools import image_bytes, make_pool, quarantine_of, rows_of
+
+import storage.ingest.folder as folder_mod
+from storage.artifacts import ArtifactStore
+from storage.datasets import load_manifest
+from storage.errors import StorageError
+from storage.ingest import SourceError, ingest_image_folder
+from storage.ingest.reuse import HASHES_PREFIX, BaseSamples, SourceHashes, file_key
+
+
+class ReadCount:
+    """Counts the files the folder ingest reads (wraps the real read; results unchanged)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real, self.paths, self._lock = folder_mod.read_and_check, [], threading.Lock()
+        monkeypatch.setattr(folder_mod, "read_and_check", self)
+
+    def __call__(self, path: str, *args, **kwargs):
+        with self._lock:
+            self.paths.append(path)
+        return self.real(path, *args, **kwargs)
+
+    def take(self) -> list[str]:
+        paths, self.paths = sorted(self.paths), []
+        return paths
+
+
+def records(store: ArtifactStore) -> list[str]:
+    return store.list_paths(HASHES_PREFIX, "**/*.hashes")
+
+
+def same_as_from_scratch(store: ArtifactStore, result, pool: Path, tmp_path: Path, **kwargs) -> None:
+    fresh = ArtifactStore(tmp_path / f"fresh-{len(list(tmp_path.iterdir()))}")
+    other = ingest_image_folder(fresh, pool, reuse=False, **kwargs)
+    def what(r):  # everything but the store's location
+        return (r.dataset.version, r.dataset.num_rows, r.n_samples, r.n_quarantined,
+                r.n_duplicates_collapsed, r.classes, r.split_counts, r.quarantine and r.quarantine.sha256)
+
+    assert what(result) == what(other)  # version, counts, classes, splits, the quarantine's bytes
+    shards = [[(s.artifact.sha256, s.num_rows) for s in load_manifest(st, r.dataset).shards]
+              for st, r in ((store, result), (fresh, other))]
+    assert shards[0] == shards[1]  # the very same shard bytes (source URIs and image bytes included)
+
+
+def test_a_grown_folder_reads_only_its_new_files_and_matches_a_from_scratch_ingest(store, tmp_path, monkeypatch):
+    """On a local store and on S3 (moto): the record and the previous shards are read through the store."""
+    pool = tmp_path / "pool"
+    make_pool(pool, per_class=6)
+    (pool / "cat" / "broken.png").write_bytes(image_bytes(77)[:40])  # quarantined: read on every run
+    reads = ReadCount(monkeypatch)
+    first = ingest_image_folder(store, pool, shard_rows=5)
+    assert len(reads.take()) == 19 and first.n_reused == 0 and len(records(store)) == 1
+
+    new = [pool / "dog" / f"new{i}.png" for i in range(3)]
+    for i, path in enumerate(new):
+        path.write_bytes(image_bytes(900 + i))
+    grown = ingest_image_folder(store, pool, shard_rows=5)
+    assert reads.take() == sorted([str(p) for p in new] + [str(pool / "cat" / "broken.png")])
+    assert grown.n_samples == 21 and grown.n_reused == 18 and grown.n_quarantined == 1
+    assert quarantine_of(store, grown) == quarantine_of(store, first)
+    assert len(records(store)) == 1  # the older record was superseded
+    same_as_from_scratch(store, grown, pool, tmp_path, shard_rows=5)
+    reads.take()
+
+    again = ingest_image_folder(store, pool, shard_rows=5)
+    assert reads.take() == [str(pool / "cat" / "broken.png")] and again == grown and again.n_reused == 21
+
+
+def test_rewritten_removed_moved_and_duplicated_files(tmp_path, monkeypatch):
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=6)
+    reads = ReadCount(monkeypatch)
+    ingest_image_folder(store, pool, shard_rows=4)
+    reads.take()
+
+    rewritten = pool / "cat" / "img0.png"
+    st = rewritten.stat()
+    data = bytearray(rewritten.read_bytes())
+    data[-20:-12] = b"\x01" * 8  # same size, other bytes (a damaged PNG chunk: quarantined)
+    rewritten.write_bytes(bytes(data))
+    os.utime(rewritten, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime restored: only ctime tells
+    (pool / "dog" / "img1.jpg").unlink()  # removed
+    (pool / "fox" / "img2.JPG").rename(pool / "cat" / "img2.JPG")  # moved to another class: a new path
+    (pool / "dog" / "aaa.png").write_bytes((pool / "dog" / "img0.png").read_bytes())  # duplicate listed first
+
+    grown = ingest_image_folder(store, pool, shard_rows=4)
+    assert reads.take() == sorted(str(p) for p in (rewritten, pool / "cat" / "img2.JPG", pool / "dog" / "aaa.png"))
+    assert grown.n_reused == 14 and grown.n_samples == 15 and grown.n_quarantined == 1
+    same_as_from_scratch(store, grown, pool, tmp_path, shard_rows=4)
+
+
+def test_a_corrupted_or_missing_shard_of_the_previous_dataset_is_read_from_the_sources(tmp_path, monkeypatch,
+                                                                                        caplog):
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=6)
+    first = ingest_image_folder(store, pool, shard_rows=4)
+    shards = load_manifest(store, first.dataset).shards
+    gone = Path(store._path(store._rel_from_uri(shards[1].artifact.uri)))
+    gone.unlink()
+    damaged = Path(store._path(store._rel_from_uri(shards[3].artifact.uri)))
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside the image bytes: the Parquet file still reads, one image does not hash
+    damaged.write_bytes(bytes(data))
+    (pool / "dog" / "new.png").write_bytes(image_bytes(901))
+
+    fetched = []
+    real = folder_mod.read_file_uri
+    monkeypatch.setattr(folder_mod, "read_file_uri", lambda uri: fetched.append(uri) or real(uri))
+    with caplog.at_level(logging.WARNING, logger="storage.ingest.reuse"):
+        grown = ingest_image_folder(store, pool, shard_rows=4)
+    assert grown.n_reused == 18 and "its samples are read from their sources" in caplog.text
+    assert 4 <= len(fetched) <= 8  # the 4 rows of the missing shard, and the damaged shard's rows that failed
+    same_as_from_scratch(store, grown, pool, tmp_path, shard_rows=4)
+
+
+def test_a_file_that_changes_during_the_ingest_is_an_error_not_a_stale_sample(tmp_path):
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=2)
+    first = ingest_image_folder(store, pool)
+    sid = rows_of(store, first)[0][0]
+    path = next(p for p in pool.rglob("*.*") if hashlib.sha256(p.read_bytes()).hexdigest() == sid)
+    base = BaseSamples(store, first.dataset, folder_mod.read_file_uri)
+    base._shards = ()  # as if the store had lost every shard: the bytes must come from the file
+    assert base.fill([sid], [path.as_uri()]) == [path.read_bytes()]
+    path.write_bytes(image_bytes(4242))
+    base = BaseSamples(store, first.dataset, folder_mod.read_file_uri)
+    base._shards = ()
+    with pytest.raises(SourceError, match="changed while the pool was being ingested"):
+        base.fill([sid], [path.as_uri()])
+
+
+def test_no_reuse_across_decode_check_policies_or_from_a_corrupted_record(tmp_path, monkeypatch, caplog):
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=4)
+    reads = ReadCount(monkeypatch)
+    ingest_image_folder(store, pool)
+    reads.take()
+    other_policy = ingest_image_folder(store, pool, max_pixels=10**7)
+    assert other_policy.n_reused == 0 and len(reads.take()) == 12
+    assert ingest_image_folder(store, pool).n_reused == 0  # the record is the other policy's now
+    assert len(reads.take()) == 12 and ingest_image_folder(store, pool).n_reused == 12
+    reads.take()
+
+    (rel,) = records(store)
+    path = Path(store._path(rel))
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="storage.ingest.reuse"):
+        result = ingest_image_folder(store, pool)
+    assert result.n_reused == 0 and len(reads.take()) == 12 and "is corrupted" in caplog.text
+    same_as_from_scratch(store, result, pool, tmp_path)
+
+
+def test_a_failed_ingest_records_nothing_and_reuse_false_reads_everything(tmp_path, monkeypatch):
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=4)
+    reads = ReadCount(monkeypatch)
+    ingest_image_folder(store, pool)
+    before = records(store)
+    reads.take()
+    (pool / "fox" / "same-as-a-cat.png").write_bytes((pool / "cat" / "img0.png").read_bytes())
+    with pytest.raises(SourceError, match="conflicting labels"):
+        ingest_image_folder(store, pool)
+    assert records(store) == before  # nothing recorded for an ingest that published nothing
+    (pool / "fox" / "same-as-a-cat.png").unlink()
+    reads.take()
+    assert ingest_image_folder(store, pool, reuse=False).n_reused == 0 and len(reads.take()) == 12
+    assert records(store) == before
+
+
+def test_source_hashes_round_trip_and_file_keys(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 10)
+    key = file_key(str(path), path.stat())
+    assert len(key) == 16 and key == file_key(str(path), path.stat())
+    assert key != file_key(str(tmp_path / "g.bin"), path.stat())
+    path.write_bytes(b"y" * 10)  # same size; ctime (and mtime) move
+    os.utime(path, ns=(0, 0))
+    assert file_key(str(path), path.stat()) != key
+
+    pool = tmp_path / "pool"
+    make_pool(pool, per_class=2)
+    result = ingest_image_folder(store, pool)
+    hashes = SourceHashes(store, {"kind": "image-folder", "root": str(pool)}, _policy())
+    assert hashes.load() == result.dataset
+    for sid, *_ in rows_of(store, result):
+        match = [p for p in pool.rglob("*.*") if hashlib.sha256(p.read_bytes()).hexdigest() == sid]
+        assert hashes.lookup(file_key(str(match[0]), match[0].stat())) == sid
+    assert hashes.lookup(b"\0" * 16) is None
+    assert SourceHashes(store, {"kind": "image-folder", "root": str(pool) + "x"}, _policy()).load() is None
+
+
+def test_remove_rel_deletes_only_what_it_names(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    store.put_immutable("catalog/x/a.bin", b"a")
+    assert store.remove_rel("catalog/x/a.bin") and not store.remove_rel("catalog/x/a.bin")
+    with pytest.raises(ValueError):
+        store.remove_rel("../outside")
+    with pytest.raises((StorageError, ValueError)):
+        store.remove_rel("/abs")
+
+
+def _policy() -> dict:
+    from storage.ingest.checked import check_policy
+
+    return check_policy()
+
+
+def test_a_grown_s3_manifest_downloads_only_new_or_changed_objects(s3_bucket, tmp_path, monkeypatch):
+    import fsspec
+
+    import storage.ingest.manifest as manifest_mod
+    from storage.ingest import ingest_manifest
+
+    bucket, options = s3_bucket
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    files = make_pool(tmp_path / "local", per_class=3, classes=("a", "b"))
+    for rel, data in files.items():
+        fs.pipe_file(f"{bucket}/pool/images/{rel}", data)
+
+    def write_manifest(rels):
+        lines = ["path,label"] + [f"images/{rel},{rel.split('/')[0]}" for rel in rels]
+        fs.pipe_file(f"{bucket}/pool/manifest.csv", ("\n".join(lines) + "\n").encode())
+
+    write_manifest(sorted(files))
+    store = ArtifactStore(f"s3://{bucket}/store", storage_options=options)
+    url = f"s3://{bucket}/pool/manifest.csv"
+    fetched = []
+    real = manifest_mod.fetch_and_check
+    monkeypatch.setattr(manifest_mod, "fetch_and_check", lambda target, *a, **k: fetched.append(target) or
+                        real(target, *a, **k))
+    first = ingest_manifest(store, url, storage_options=options)
+    assert len(fetched) == 6 and first.n_reused == 0
+    fetched.clear()
+
+    fs.pipe_file(f"{bucket}/pool/images/b/new.png", image_bytes(990))  # a new object
+    fs.pipe_file(f"{bucket}/pool/images/a/img0.png", image_bytes(991))  # an object overwritten: a new ETag
+    write_manifest([*sorted(files), "b/new.png"])
+    grown = ingest_manifest(store, url, storage_options=options)
+    assert sorted(fetched) == [f"s3://{bucket}/pool/images/a/img0.png", f"s3://{bucket}/pool/images/b/new.png"]
+    assert grown.n_reused == 5 and grown.n_samples == 7
+
+    fresh = ArtifactStore(f"s3://{bucket}/fresh", storage_options=options)
+    other = ingest_manifest(fresh, url, storage_options=options, reuse=False)
+    assert (grown.dataset.version, grown.n_samples) == (other.dataset.version, other.n_samples)
+    assert ([s.artifact.sha256 for s in load_manifest(store, grown.dataset).shards]
+            == [s.artifact.sha256 for s in load_manifest(fresh, other.dataset).shards])
+
+
+def _shard(path: Path, start: int, n: int, broken: bool = False) -> None:
+    members = []
+    for i in range(start, start + n):
+        members += [(f"s{i:04d}.png", image_bytes(i)), (f"s{i:04d}.cls", str(i % 3).encode())]
+    if broken:
+        members += [("zbad.png", image_bytes(999)[:30]), ("zbad.cls", b"1")]
+    path.write_bytes(tar_bytes(members))
+
+
+def test_unchanged_webdataset_tars_are_not_read_again(store, tmp_path, monkeypatch):
+    """Local tars into a local store and into S3 (moto); a tar with a quarantined member is always read."""
+    import storage.ingest.webdataset as wds_mod
+    from storage.ingest import ingest_webdataset
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _shard(shards / "a.tar", 0, 6)
+    _shard(shards / "b.tar", 6, 6, broken=True)
+    opened = []
+    real = wds_mod._tar_items
+    monkeypatch.setattr(wds_mod, "_tar_items", lambda shard, *a: opened.append(Path(shard).name) or real(shard, *a))
+    first = ingest_webdataset(store, shards)
+    assert opened == ["a.tar", "b.tar"] and first.n_reused == 0 and first.n_quarantined == 1
+    opened.clear()
+
+    _shard(shards / "c.tar", 12, 4)  # the night's new tar
+    grown = ingest_webdataset(store, shards)
+    assert opened == ["b.tar", "c.tar"] and grown.n_reused == 6 and grown.n_samples == 16
+    assert quarantine_of(store, grown) == quarantine_of(store, first)
+    opened.clear()
+    fresh = ArtifactStore(tmp_path / "fresh")
+    other = ingest_webdataset(fresh, shards, reuse=False)
+    assert grown.dataset.version == other.dataset.version and grown.n_quarantined == other.n_quarantined
+    assert ([s.artifact.sha256 for s in load_manifest(store, grown.dataset).shards]
+            == [s.artifact.sha256 for s in load_manifest(fresh, other.dataset).shards])
+    opened.clear()
+
+    again = ingest_webdataset(store, shards)  # c.tar is known now; b.tar still has its broken member
+    assert opened == ["b.tar"] and again.n_reused == 10
+    opened.clear()
+    assert ingest_webdataset(store, shards, label_from=("cls", "txt")).n_reused == 0  # labels may differ: no reuse
+    assert opened == ["a.tar", "b.tar", "c.tar"]
+
+
+def test_a_tar_member_read_again_when_the_store_lost_its_bytes(tmp_path):
+    import storage.ingest.webdataset as wds_mod
+    from storage.ingest import ingest_webdataset
+    from storage.ingest.reading import SourceFiles
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _shard(shards / "a.tar", 0, 4)
+    store = ArtifactStore(tmp_path / "store")
+    first = ingest_webdataset(store, shards)
+    for shard in load_manifest(store, first.dataset).shards:  # the store lost every shard of the dataset
+        Path(store._path(store._rel_from_uri(shard.artifact.uri))).unlink()
+    grown = ingest_webdataset(store, shards)
+    assert grown.n_reused == 4 and grown.dataset.version == first.dataset.version
+    uri = (shards / "a.tar").as_uri() + "#s0002.png"
+    assert wds_mod._read_member(uri, SourceFiles()) == image_bytes(2)
+    with pytest.raises(FileNotFoundError):
+        wds_mod._read_member(uri.replace("s0002", "s9999"), SourceFiles())
