@@ -32,6 +32,8 @@ from scale import in_child
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from storage.ingest.reuse import SETTLE_NS  # after the path insert above
+
 
 def ingest_counted(pool: str, store: str, reuse: bool = True) -> dict:
     """``ingest_image_folder`` of ``pool`` into ``store``: seconds, files read, decode checks run, dataset
@@ -90,6 +92,7 @@ def run_size(n: int, work: pathlib.Path, cold: bool = False) -> dict:
     pool = work / f"pool-{n}"
     shutil.rmtree(pool, ignore_errors=True)
     scale_pool.make_pool(master, pool, 0, n)
+    time.sleep(SETTLE_NS / 1e9 + 0.5)  # files changed within 2 s of the listing are read, not keyed (reuse.py)
     stores = [work / f"store-{n}-{k}" for k in ("a", "b", "c")]
     for s in stores:
         shutil.rmtree(s, ignore_errors=True)

@@ -42,6 +42,7 @@ sizes, 64 and 512, they differ in the spec and are not mixed).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import threading
@@ -66,7 +67,10 @@ from storage.datasets import (
     read_shard,
     write_vectors,
 )
+from storage.errors import ArtifactCorruptedError
 from storage.feature_catalog import CatalogEntry, FeatureCatalog
+from storage.ingest.reuse import read_new_rows
+from storage.sample_reader import iter_shard
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
 from tasks.store import open_store
@@ -161,18 +165,16 @@ def run_embed_shard(shard: dict, model: dict[str, Any], store: dict, batch_size:
     the shard misses fewer than ``pack_below`` samples (but some, and not all), embeds nothing and returns
     ``{"pending": <ArtifactRef dict>, "rows": shard rows, "missing": k}`` for :func:`run_embed_pack`."""
     st = open_store(store)
-    table = read_shard(st, ShardRef.from_dict(shard), columns=["sample_id", "data"])
-    ids, images = table.column("sample_id").to_pylist(), table.column("data").to_pylist()
-    if any(img is None for img in images):
-        raise ValueError("some samples carry no image bytes: the embed stage needs them (or ingest embeddings)")
+    ref_in = ShardRef.from_dict(shard)
+    ids = _shard_ids(st, ref_in)
     spec = feature_spec(model)
     catalog = feature_catalog(st, spec, catalog_run)
     known = catalog.lookup(ids)
     todo = [i for i, sid in enumerate(ids) if sid not in known.vectors]
+    images = dict(zip(todo, _images_of(st, ref_in, [ids[i] for i in todo], len(ids)), strict=True))
     if 0 < len(todo) < min(pack_below, len(ids)):  # a changed shard of a grown pool; a new shard embeds itself
-        missing = set(todo)
-        pending = pa.table({"sample_id": ids, "data": [images[i] if i in missing else None
-                                                       for i in range(len(ids))]}, schema=_PENDING_SCHEMA)
+        pending = pa.table({"sample_id": ids, "data": [images.get(i) for i in range(len(ids))]},
+                           schema=_PENDING_SCHEMA)
         sink = pa.BufferOutputStream()
         pq.write_table(pending, sink, compression="none")  # image bytes are compressed already
         ref = st.put_bytes(sink.getvalue().to_pybytes(), PENDING_KIND, ".parquet")
@@ -191,6 +193,42 @@ def run_embed_shard(shard: dict, model: dict[str, Any], store: dict, batch_size:
                    ShardRef.from_dict(shard).artifact.sha256[:12], len(todo), len(ids) - len(todo), known.tables)
     return {"vectors": ref.to_dict(), "embedded": len(todo), "reused": len(ids) - len(todo),
             "blocks": _blocks(len(todo), spec)}
+
+
+def _shard_ids(st: ArtifactStore, shard: ShardRef) -> list[str]:
+    """A shard's sample ids, from its id column alone (the footer checked against the ref: size, rows, schema)."""
+    return [sid for part in iter_shard(st, shard, []) for sid in part.column("sample_id").to_pylist()]
+
+
+def _images_of(st: ArtifactStore, shard: ShardRef, wanted: list[str], rows: int) -> list[bytes]:
+    """The image bytes of the ``wanted`` samples of a shard (``rows`` rows), in that order.
+
+    All of them: the shard, read and verified whole. Some (a changed shard of a grown pool): first from the rows
+    the growth's ingest left aside for this shard (:func:`storage.ingest.reuse.read_new_rows`: ~1 % of the
+    shard's bytes), then from the shard's data column for the rest; every image is checked against its id."""
+    if not wanted:
+        return []
+    if len(wanted) == rows:
+        table = read_shard(st, shard, columns=["sample_id", "data"])
+        found = dict(zip(table.column("sample_id").to_pylist(), table.column("data").to_pylist(), strict=True))
+        del table
+    else:
+        found = read_new_rows(st, shard.artifact.sha256, set(wanted))
+        rest = sorted(set(wanted) - set(found))
+        if rest:
+            for part in iter_shard(st, shard, ["data"], pa.array(rest, pa.string())):
+                for sid, blob in zip(part.column("sample_id").to_pylist(), part.column("data").to_pylist(),
+                                     strict=True):
+                    if blob is not None and hashlib.sha256(blob).hexdigest() != sid:
+                        raise ArtifactCorruptedError(f"dataset shard {shard.artifact.uri} is corrupted: the bytes of "
+                                                     f"sample {sid[:12]}… do not hash to its id")
+                    found[sid] = blob
+        _logger().info("embed shard %s…: %d new samples' bytes from the ingest's new rows, %d from the shard",
+                       shard.artifact.sha256[:12], len(wanted) - len(rest), len(rest))
+    images = [found.get(sid) for sid in wanted]
+    if any(img is None for img in images):
+        raise ValueError("some samples carry no image bytes: the embed stage needs them (or ingest embeddings)")
+    return images  # type: ignore[return-value]
 
 
 def _write_shard_table(st: ArtifactStore, spec: ClipSpec, catalog: FeatureCatalog, ids: list[str],

@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 from storage.artifacts import ArtifactStore
 from storage.datasets import sample_id
@@ -25,7 +23,7 @@ from storage.ingest.common import (
 )
 from storage.ingest.listing import ListedFile, open_image_folder
 from storage.ingest.reading import ordered_map
-from storage.ingest.reuse import BaseSamples, SourceHashes, file_key
+from storage.ingest.reuse import BaseSamples, SourceHashes, file_key, readable, uri_path
 from storage.ingest.writer import DatasetWriter
 
 __all__ = ["ingest_image_folder", "read_and_check", "read_file_uri"]
@@ -60,7 +58,7 @@ def read_and_check(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, regular: boo
 
 def read_file_uri(uri: str) -> bytes:
     """The bytes of a ``file://`` URI (a reused sample read from its source again)."""
-    with open(url2pathname(urlparse(uri).path), "rb") as fh:
+    with open(uri_path(uri), "rb") as fh:
         return fh.read()
 
 
@@ -99,11 +97,10 @@ def ingest_image_folder(store: ArtifactStore, folder: str | os.PathLike, *, val_
                 st = item.entry.stat()  # before the read: a write after it changes the key seen next time
             except OSError:
                 st = None
-            if st is not None:
-                key = file_key(item.path, st)
-                sid = hashes.lookup(key)
-                if sid is not None:
-                    return item, key, st.st_size, (sid, None, None)
+            key = file_key(item.path, st) if st is not None else None
+            sid = hashes.lookup(key) if key is not None else None
+            if sid is not None and readable(item.path):
+                return item, key, st.st_size, (sid, None, None)
         return item, key, None, read_and_check(item.path, max_pixels, item.is_regular(), checked)
 
     with DatasetWriter(store, source_name=f"image folder {shown_path(pool.root)}", shard_rows=shard_rows,
@@ -124,5 +121,5 @@ def ingest_image_folder(store: ArtifactStore, folder: str | os.PathLike, *, val_
         result = writer.finish(source=pool.root.as_uri())
     checked.commit()  # only once the dataset is published
     if hashes is not None:
-        hashes.commit(result.dataset)
+        hashes.commit(result.dataset, writer.new_rows)
     return result

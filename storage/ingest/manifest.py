@@ -45,7 +45,7 @@ from storage.ingest.common import (
 )
 from storage.ingest.folder import read_file_uri
 from storage.ingest.reading import CredentialsMissingError, SourceFiles, ordered_map
-from storage.ingest.reuse import BaseSamples, SourceHashes, file_key, object_key
+from storage.ingest.reuse import BaseSamples, SourceHashes, file_key, object_key, readable
 from storage.ingest.writer import DatasetWriter
 
 __all__ = ["fetch_and_check", "ingest_manifest", "manifest_base", "manifest_entries", "manifest_records",
@@ -304,7 +304,7 @@ def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLik
         result = writer.finish(source=shown if is_url(url) else absolute(url).as_uri())
     checked.commit()  # only once the dataset is published
     if hashes is not None:
-        hashes.commit(result.dataset)
+        hashes.commit(result.dataset, writer.new_rows)
     return result
 
 
@@ -314,7 +314,8 @@ def _entry_key(target: str, files: SourceFiles) -> tuple[bytes | None, int | Non
     try:
         if not is_url(target):
             st = os.stat(target)  # before the read: a write after it changes the key seen next time
-            return (file_key(target, st), st.st_size) if stat.S_ISREG(st.st_mode) else (None, None)
+            key = file_key(target, st) if stat.S_ISREG(st.st_mode) and readable(target) else None
+            return (key, st.st_size) if key is not None else (None, None)
         if source_uri(target) != target:
             return None, None  # the fallback read could not use the redacted URI
         info = files.info(target)

@@ -17,7 +17,15 @@ images of ~56 KB that is 560 GB read from the source — hours, and for a remote
   changed meanwhile is a SourceError asking for a rerun).
 
 So the dataset written is byte-identical to a from-scratch ingest of the same files (tested), and an ingest reads
-its new files once, the previous shards once, and writes the new shards once.
+its new files once, the previous shards once, and writes the new shards once. It also leaves each new shard's
+rows that were read now — the new samples, ~1 % of a shard at a 1 % growth — in a small side file
+(:func:`write_new_rows`), so that the embed stage reads a changed shard's id column and those rows instead of the
+shard's images; the next growth's ingest removes them.
+
+What is not keyed (always read): a file changed less than :data:`SETTLE_NS` before its stat (a rewrite within the
+filesystem's timestamp granularity would keep its stat: git's "racily clean" rule), a file this process cannot
+open (a from-scratch ingest would quarantine it), and objects outside S3, GCS and Azure (an HTTP ETag is often
+made of size and mtime).
 
 Layout: ``catalog/source-hashes/<scope>/<time_ns>-<sha256>.hashes``, one immutable file per ingest (written only
 after its dataset was published; the older ones of the scope are then removed): a JSON header line (format, the
@@ -40,6 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+from urllib.parse import unquote_to_bytes, urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -51,7 +60,9 @@ from storage.errors import StorageError, redact
 from storage.ingest.common import CONTENT_TAGS, SourceError
 from storage.sample_reader import _open_shard  # the checked shard opening (size against the ref, schema, rows)
 
-__all__ = ["HASHES_PREFIX", "BaseSamples", "SourceHashes", "file_key", "object_key"]
+__all__ = ["HASHES_PREFIX", "NEW_ROWS_PREFIX", "SETTLE_NS", "BaseSamples", "SourceHashes", "file_key",
+           "new_rows_path", "object_key", "read_new_rows", "read_tar_members", "readable", "uri_path",
+           "write_new_rows", "write_tar_members"]
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +73,48 @@ _NAME = re.compile(r"^(\d{20})-([0-9a-f]{64})\.hashes$")
 BASE_BATCH_ROWS = 256  # base rows checked and held at a time (~14 MB of ~56 KB images), one batch read ahead
 _KEY_HEADER = b"skmm-source-file/1\0"
 _OBJECT_HEADER = b"skmm-source-object/1\0"
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+SETTLE_NS = 2_000_000_000  # a file changed less than this before its stat gets no key (coarse timestamps)
 
 
-def file_key(path: str, st: os.stat_result) -> bytes:
+def file_key(path: str, st: os.stat_result, now_ns: int | None = None) -> bytes | None:
     """The 16-byte key of a local file as listed: its path and its stat (size, mtime, ctime, inode, device,
-    mode). Any write to the file changes its ctime, so any change of the bytes changes the key."""
+    mode). Any write to the file changes its ctime, so any change of the bytes changes the key — unless it
+    lands within the filesystem's timestamp granularity of the stat: a file changed less than
+    :data:`SETTLE_NS` before ``now_ns`` (default: now) gets no key (it is read, and recorded once it has settled;
+    git's "racily clean" rule)."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    if now_ns - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLE_NS:
+        return None
     meta = f"{st.st_size},{st.st_mtime_ns},{st.st_ctime_ns},{st.st_ino},{st.st_dev},{st.st_mode}"
     return hashlib.sha256(b"".join((_KEY_HEADER, os.fsencode(path), b"\0", meta.encode()))).digest()[:16]
 
 
+def uri_path(uri: str) -> str:
+    """The local path of a ``file://`` URI as :meth:`pathlib.Path.as_uri` wrote it (bytes that are not UTF-8
+    included: percent-escapes are undone as bytes, then decoded the filesystem's way)."""
+    return os.fsdecode(unquote_to_bytes(urlparse(uri).path))
+
+
+def readable(path: str) -> bool:
+    """Whether this process can open the file now (a reused file is not read, but one it could not read would be
+    quarantined by a from-scratch ingest, so it is read — and quarantined — instead of reused)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError:
+        return False
+    return True
+
+
 def object_key(url: str, info: Mapping[str, Any]) -> bytes | None:
-    """The 16-byte key of a remote object: its URL, size and content tags (fsspec ``info``); None when the store
-    gives no content tag (a modification time alone is not trusted here: the object is read)."""
+    """The 16-byte key of a remote object on an object store (S3, GCS, Azure): its URL, size and content tags
+    (fsspec ``info``: S3's ETag is a digest of the content, GCS's generation and Azure's etag change with every
+    write); None elsewhere — an HTTP server's ETag is often made of the file's size and mtime, and a weak ETag
+    (``W/…``) promises nothing — and when the store gives no content tag: the object is then read."""
+    if url.split("://", 1)[0].lower() not in _OBJECT_STORES:
+        return None
     tags = [[k, str(info[k])] for k in CONTENT_TAGS if info.get(k) not in (None, "")]
-    if not tags or not isinstance(info.get("size"), int):
+    if not tags or not isinstance(info.get("size"), int) or any(v.startswith("W/") for _, v in tags):
         return None
     meta = json.dumps([info["size"], tags], separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(b"".join((_OBJECT_HEADER, url.encode("utf-8"), b"\0", meta.encode()))).digest()[:16]
@@ -92,6 +131,7 @@ class SourceHashes:
         self.prefix = f"{HASHES_PREFIX}/{hashlib.sha256(canonical_json(dict(scope)).encode()).hexdigest()}"
         self.policy = hashlib.sha256(canonical_json(dict(policy)).encode()).hexdigest()
         self.base: DatasetRef | None = None
+        self._old_new_rows: list[str] = []  # the last record's new-rows files (removed once superseded)
         self._keys = np.empty(0, "S16")
         self._sids = np.empty((0, 32), np.uint8)
         self._fresh = bytearray()  # this ingest's records, 48 bytes each
@@ -140,6 +180,8 @@ class SourceHashes:
                     raise
                 log.warning("the dataset of source-hash record %s is unreadable (%s): every file is read", where, exc)
                 return None
+            self._old_new_rows = [r for r in head.get("new_rows", []) if isinstance(r, str)
+                                  and _NEW_ROWS_NAME.match(r)]
             records = np.frombuffer(body, _RECORD)
             self._keys = records["key"].copy()
             self._sids = records["sid"].copy().view(np.uint8).reshape(-1, 32)
@@ -167,16 +209,17 @@ class SourceHashes:
         self._keys = np.empty(0, "S16")
         self._sids = np.empty((0, 32), np.uint8)
 
-    def commit(self, dataset: DatasetRef) -> str | None:
-        """Write this ingest's records (the files of ``dataset``), then remove the scope's older record files;
-        the new file's URI (None when no file was accepted)."""
+    def commit(self, dataset: DatasetRef, new_rows: list[str] | None = None) -> str | None:
+        """Write this ingest's records (the files of ``dataset``; ``new_rows``: the new-rows files its writer left
+        for the embed stage), then remove the scope's older record files and the new-rows files they named; the
+        new file's URI (None when no file was accepted)."""
         fresh, self._fresh = self._fresh, bytearray()
         if not fresh:
             return None
         records = np.frombuffer(fresh, _RECORD).copy()
         records.sort(order="key", kind="stable")
         head = canonical_json({"format": _FORMAT, "policy": self.policy, "dataset": dataset.to_dict(),
-                               "n": len(records)}).encode("ascii")
+                               "n": len(records), "new_rows": sorted(new_rows or [])}).encode("ascii")
         data = b"".join((head, b"\n", records.tobytes()))
         del records
         rel = f"{self.prefix}/{time.time_ns():020d}-{hashlib.sha256(data).hexdigest()}.hashes"
@@ -192,6 +235,8 @@ class SourceHashes:
             for old in self._files():
                 if old.rsplit("/", 1)[-1] < rel.rsplit("/", 1)[-1]:
                     self.store.remove_rel(old)
+            for old in set(self._old_new_rows) - set(new_rows or []):  # the last growth's: its embed is done
+                self.store.remove_rel(old)
         except StorageError as exc:
             log.warning("older source-hash records of %s not removed (%s)", self.prefix, exc)
         return uri
@@ -217,10 +262,11 @@ class BaseSamples:
         self.n_from_store = self.n_fetched = 0
 
     def close(self) -> None:
-        """Stop reading ahead (idempotent)."""
+        """Stop reading ahead and close the shard being read (idempotent)."""
         if self._ahead is not None:
             self._ahead.cancel()
         self._reader.shutdown(wait=True, cancel_futures=True)
+        self._rows.close()
 
     def _batches(self) -> Iterator[tuple[np.ndarray, pa.Array, np.ndarray]]:
         """The base dataset's rows in id order, :data:`BASE_BATCH_ROWS` at a time: ids, images (Arrow: no copy
@@ -358,3 +404,51 @@ def read_tar_members(store: ArtifactStore, sha: str) -> list[TarMember] | None:
         log.warning("tar member list %s is corrupted (%s): the tar is read", store.uri(rel), exc)
         return None
     return members
+
+
+# ------------------------------------------------------------------------------- new rows, for the embed stage
+NEW_ROWS_PREFIX = "catalog/new-rows"
+_NEW_ROWS_NAME = re.compile(r"^catalog/new-rows/[0-9a-f]{64}\.parquet$")
+
+
+def new_rows_path(shard_sha256: str) -> str:
+    """Where a growth ingest leaves the rows it read now (the new samples) of the shard with this sha256."""
+    return f"{NEW_ROWS_PREFIX}/{shard_sha256}.parquet"
+
+
+def write_new_rows(store: ArtifactStore, shard_sha256: str, rows: pa.Table) -> str:
+    """Write the (sample_id, data) of the rows of one shard that this growth ingest read from the source, so that
+    the embed stage finds the bytes of a changed shard's new samples without reading the shard (a 1 % growth puts
+    ~20 new samples in every 2 048-row shard: ~1 % of its bytes). Any subset is valid — the embed stage checks each
+    image against its id and reads the shard for the rest —, so the first file written for a shard stays. Its
+    path; the next growth's ingest removes it (:meth:`SourceHashes.commit`)."""
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(rows.select(["sample_id", "data"]), sink, compression="none")  # image bytes: compressed already
+    rel = new_rows_path(shard_sha256)
+    try:
+        store.put_immutable(rel, sink.getvalue().to_pybytes())
+    except StorageError as exc:
+        if exc.transient or "refusing to overwrite" not in str(exc):
+            raise
+    return rel
+
+
+def read_new_rows(store: ArtifactStore, shard_sha256: str, wanted: set[str]) -> dict[str, bytes]:
+    """The bytes of the ``wanted`` samples that the last growth ingest left aside for this shard, each checked
+    against its id; whatever is missing, unreadable or wrong is simply not returned (the caller reads the shard)."""
+    import pyarrow.parquet as pq
+
+    try:
+        data = store.read_rel(new_rows_path(shard_sha256))
+        table = pq.read_table(pa.BufferReader(data))
+        ids, blobs = table.column("sample_id").to_pylist(), table.column("data").to_pylist()
+    except StorageError as exc:
+        if exc.transient:
+            raise
+        return {}
+    except (pa.ArrowException, KeyError, OSError, ValueError):
+        return {}
+    return {sid: blob for sid, blob in zip(ids, blobs, strict=True)
+            if sid in wanted and isinstance(blob, bytes) and hashlib.sha256(blob).hexdigest() == sid}

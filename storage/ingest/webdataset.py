@@ -28,8 +28,6 @@ import stat
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 from storage.artifacts import ArtifactStore
 from storage.errors import redact
@@ -56,6 +54,8 @@ from storage.ingest.reuse import (
     file_key,
     object_key,
     read_tar_members,
+    readable,
+    uri_path,
     write_tar_members,
 )
 from storage.ingest.writer import DatasetWriter
@@ -297,7 +297,7 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
         current[:] = [None, None]
 
     def fetch(uri: str) -> bytes:
-        return _read_member(uri, files)
+        return _read_member(uri, files, {source_uri(t): t for t in tars})
 
     with DatasetWriter(store, source_name=f"webdataset {_shown(specs)}", shard_rows=shard_rows, seed=seed,
                        val_fraction=val_fraction, test_fraction=test_fraction,
@@ -327,7 +327,7 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
         for t, known in enumerate(lists):
             if known is not None:
                 hashes.record(keys[t], known)
-        hashes.commit(result.dataset)
+        hashes.commit(result.dataset, writer.new_rows)
     return result
 
 
@@ -336,7 +336,7 @@ def _tar_key(shard: str, files: SourceFiles) -> bytes | None:
     try:
         if not is_url(shard):
             st = os.stat(shard)
-            return file_key(shard, st) if stat.S_ISREG(st.st_mode) else None
+            return file_key(shard, st) if stat.S_ISREG(st.st_mode) and readable(shard) else None
         if source_uri(shard) != shard:
             return None  # credentials in the URL: its members' URIs are redacted, so no fallback read
         return object_key(shard, files.info(shard))
@@ -344,10 +344,19 @@ def _tar_key(shard: str, files: SourceFiles) -> bytes | None:
         return None
 
 
-def _read_member(uri: str, files: SourceFiles) -> bytes:
-    """One member's bytes by scanning its tar (``<tar uri>#<member>``): the fallback when the store lost them."""
-    tar_uri, _, name = uri.rpartition("#")
-    target = url2pathname(urlparse(tar_uri).path) if tar_uri.startswith("file://") else tar_uri
+def _read_member(uri: str, files: SourceFiles, tars: Mapping[str, str] | None = None) -> bytes:
+    """One member's bytes by scanning its tar (``<tar uri>#<member>``): the fallback when the store lost them.
+    ``tars`` maps each tar's URI to its path or URL, so that a ``#`` in a tar's URL or a member's name cannot
+    split the URI in the wrong place (without it, the first ``#`` that names a file is taken)."""
+    cuts = [i for i, ch in enumerate(uri) if ch == "#"]
+    for i in cuts:
+        tar_uri, name = uri[:i], uri[i + 1:]
+        target = tars.get(tar_uri) if tars is not None else (uri_path(tar_uri) if tar_uri.startswith("file://")
+                                                              else tar_uri)
+        if target is not None and (tars is not None or is_url(target) or os.path.exists(target)):
+            break
+    else:
+        raise FileNotFoundError(uri)
     with files.open(target) as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
         for info in tar:
             if info.name == name and info.isfile():

@@ -71,7 +71,7 @@ from storage.datasets import (
 from storage.errors import redact
 from storage.ingest.common import QUARANTINE_SCHEMA, IngestResult, SourceError, split_of
 from storage.ingest.id_codes import IdCodes, digests_of_hex
-from storage.ingest.reuse import BaseSamples
+from storage.ingest.reuse import BaseSamples, write_new_rows
 
 __all__ = ["BUCKET_BYTES", "SPILL_BUFFER_BYTES", "DatasetWriter"]
 
@@ -87,6 +87,7 @@ _VERSION_HEADER = b"skmm-dataset-version/1\n"  # storage.datasets.dataset_versio
 _SPILL_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), pa.field("source_uri", pa.string()),
                            pa.field("data", pa.binary()), pa.field("reused", pa.int64())])
 _FANOUT = 256
+_FRESH = "__read_now"  # pass 2's marker column of rows read from the source in this ingest (never written)
 _TOUCH_EVERY_S = 600.0
 _ROW_OVERHEAD = 128  # bytes a spilled row costs beyond its URI and data (id, offsets, buffer slack)
 _SPLIT_CODES = {None: 0, "train": 1, "val": 2, "test": 3}
@@ -171,6 +172,7 @@ class _ShardCutter:
     def __init__(self, store: ArtifactStore, shard_rows: int) -> None:
         self.store, self.shard_rows = store, shard_rows
         self.shards: list[ShardRef] = []
+        self.new_rows: list[str] = []  # the new-rows files written (storage.ingest.reuse.write_new_rows)
         self.num_rows = 0
         self._pending: deque[pa.Table] = deque()
         self._n_pending = 0
@@ -197,8 +199,14 @@ class _ShardCutter:
                 self._pending[0] = head.slice(need)
                 need = 0
         shard = pa.concat_tables(parts).combine_chunks()
+        fresh = None
+        if _FRESH in shard.column_names:  # a growth with reuse: which rows were read now (the new samples)
+            fresh = shard.column(_FRESH)
+            shard = shard.drop_columns([_FRESH])
         with self.store.writer("samples", ".parquet") as out:  # streamed to staging: no second copy in memory
             pq.write_table(shard, out, row_group_size=self.shard_rows, **_PARQUET_OPTIONS)
+        if fresh is not None and 0 < pc.sum(fresh).as_py() < shard.num_rows:
+            self.new_rows.append(write_new_rows(self.store, out.ref.sha256, shard.filter(fresh)))
         self.shards.append(ShardRef(out.ref, shard.num_rows))
         self.num_rows += shard.num_rows
         self._n_pending -= n
@@ -235,6 +243,7 @@ class DatasetWriter:
         self.store = store
         self.base = base  # where reused samples' bytes come from (add(..., reused=size))
         self.n_reused = 0
+        self.new_rows: list[str] = []  # with a base: the new-rows files of the shards written (set by finish)
         self.source_name = source_name
         self.shard_rows, self.seed = shard_rows, seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -357,14 +366,18 @@ class DatasetWriter:
         labels = pa.array([self._labels[c >> 2] for c in codes], pa.string())
         splits = pa.array([_SPLIT_NAMES[c & 3] for c in codes], pa.string())
         data = table["data"]
-        reused = np.flatnonzero(table["reused"].is_valid().to_numpy(zero_copy_only=False))
+        is_reused = table["reused"].is_valid()
+        reused = np.flatnonzero(is_reused.to_numpy(zero_copy_only=False))
         if len(reused):
             blobs = data.to_pylist()
             ids, uris = table["sample_id"].take(reused).to_pylist(), table["source_uri"].take(reused).to_pylist()
             for i, blob in zip(reused.tolist(), self.base.fill(ids, uris), strict=True):
                 blobs[i] = blob
             data = pa.array(blobs, pa.binary())
-        return pa.table([table["sample_id"], table["source_uri"], labels, splits, data], schema=SAMPLE_SCHEMA)
+        rows = pa.table([table["sample_id"], table["source_uri"], labels, splits, data], schema=SAMPLE_SCHEMA)
+        if self.base is not None:  # the cutter writes each shard's new rows aside for the embed stage
+            rows = rows.append_column(_FRESH, pc.invert(is_reused))
+        return rows
 
     def _drain(self, spill: _Spill, cutter: _ShardCutter) -> None:
         spill.close()
@@ -391,6 +404,7 @@ class DatasetWriter:
         cutter = _ShardCutter(self.store, self.shard_rows)
         self._drain(self._spill, cutter)
         dataset = cutter.finish()
+        self.new_rows = cutter.new_rows
         result = IngestResult(dataset=dataset, quarantine=qref, n_samples=dataset.num_rows,
                               n_duplicates_collapsed=self.n_duplicates, n_quarantined=len(self.quarantined),
                               classes=classes, split_counts=split_counts,

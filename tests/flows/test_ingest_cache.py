@@ -44,7 +44,11 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_ingest_reruns_for_an_edit_in_a_linked_class_folder_and_a_renamed_image(prefect_server, tmp_path):
+def test_ingest_reruns_for_an_edit_in_a_linked_class_folder_and_a_renamed_image(prefect_server, tmp_path,
+                                                                                  monkeypatch):
+    import storage.ingest.reuse as reuse_mod
+
+    monkeypatch.setattr(reuse_mod, "SETTLE_NS", 0)  # the files below are milliseconds old: key them at once
     outside, pool = tmp_path / "elsewhere" / "cats", tmp_path / "pool"
     outside.mkdir(parents=True)
     (pool / "dogs").mkdir(parents=True)

@@ -212,3 +212,53 @@ def test_packs_on_a_two_worker_dask_cluster_give_the_from_scratch_table(prefect_
     fresh = store_spec(tmp_path / "fresh")
     scratch = run_embed(write_samples(open_store(fresh), POOL, shard_rows=SHARD_ROWS).to_dict(), MODEL, fresh)
     assert table(store, combined)[0] == table(fresh, scratch)[0]
+
+
+def test_after_a_growth_ingest_changed_shards_take_their_new_images_from_the_ingests_new_rows(tmp_path,
+                                                                                              monkeypatch,
+                                                                                              embedded_rows):
+    """The ingest (reuse on) leaves each changed shard's new rows aside; the embed stage then reads only the id
+    column of a changed shard, never its images, and the features are the from-scratch ones."""
+    import storage.ingest.reuse as reuse_mod
+    import tasks.embed as embed_mod
+    from storage.ingest import ingest_image_folder
+    from storage.ingest.reuse import NEW_ROWS_PREFIX
+    from tasks.embed import run_embed_counted
+
+    monkeypatch.setattr(reuse_mod, "SETTLE_NS", 0)  # the files are milliseconds old
+    pool = tmp_path / "pool"
+    for i, record in enumerate(records(43)):
+        folder = pool / record["label"]
+        folder.mkdir(parents=True, exist_ok=True)
+        if i not in (5, 17, 33):
+            (folder / f"{i:02d}.png").write_bytes(record["data"])
+    store = store_spec(tmp_path / "store")
+    st = open_store(store)
+    first = ingest_image_folder(st, pool, shard_rows=SHARD_ROWS)
+    run_embed_counted(first.dataset.to_dict(), MODEL, store)
+    assert st.list_paths(NEW_ROWS_PREFIX) == []  # a first ingest leaves none: every row is new
+    embedded_rows.clear()
+
+    for i in (5, 17, 33):
+        record = records(43)[i]
+        (pool / record["label"] / f"{i:02d}.png").write_bytes(record["data"])
+    grown = ingest_image_folder(st, pool, shard_rows=SHARD_ROWS)
+    assert grown.n_reused == 40 and 1 <= len(st.list_paths(NEW_ROWS_PREFIX)) <= 3  # per shard with a new sample
+
+    reads = []
+    real_iter, real_read = embed_mod.iter_shard, embed_mod.read_shard
+    monkeypatch.setattr(embed_mod, "iter_shard", lambda st_, sh, cols, *a: reads.append(("iter", tuple(cols)))
+                        or real_iter(st_, sh, cols, *a))
+    monkeypatch.setattr(embed_mod, "read_shard", lambda *a, **k: reads.append(("read", None)) or real_read(*a, **k))
+    combined, counts = run_embed_counted(grown.dataset.to_dict(), MODEL, store)
+    assert embedded_rows == [3] and counts["samples_embedded"] == 3
+    assert ("read", None) not in reads and all(cols == () for kind, cols in reads)  # ids only, never the images
+
+    fresh = store_spec(tmp_path / "fresh")
+    scratch = ingest_image_folder(open_store(fresh), pool, shard_rows=SHARD_ROWS)
+    assert scratch.dataset.version == grown.dataset.version
+    assert table(store, combined)[0] == table(fresh, run_embed(scratch.dataset.to_dict(), MODEL, fresh))[0]
+
+    (pool / "0" / "extra.png").write_bytes(png(999))  # the next growth removes the last one's new rows
+    ingest_image_folder(st, pool, shard_rows=SHARD_ROWS)
+    assert len(st.list_paths(NEW_ROWS_PREFIX)) == 1

@@ -16,11 +16,18 @@ from helpers import tar_bytes
 from ingest_pools import image_bytes, make_pool, quarantine_of, rows_of
 
 import storage.ingest.folder as folder_mod
+import storage.ingest.reuse as reuse_mod
 from storage.artifacts import ArtifactStore
 from storage.datasets import load_manifest
 from storage.errors import StorageError
 from storage.ingest import SourceError, ingest_image_folder
 from storage.ingest.reuse import HASHES_PREFIX, BaseSamples, SourceHashes, file_key
+
+
+@pytest.fixture(autouse=True)
+def settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files these tests write are milliseconds old; outside the rule's own test, key them at once."""
+    monkeypatch.setattr(reuse_mod, "SETTLE_NS", 0)
 
 
 class ReadCount:
@@ -326,3 +333,55 @@ def test_a_tar_member_read_again_when_the_store_lost_its_bytes(tmp_path):
     assert wds_mod._read_member(uri, SourceFiles()) == image_bytes(2)
     with pytest.raises(FileNotFoundError):
         wds_mod._read_member(uri.replace("s0002", "s9999"), SourceFiles())
+
+
+def test_a_file_changed_within_the_timestamp_granularity_is_read_until_it_settles(tmp_path, monkeypatch):
+    monkeypatch.setattr(reuse_mod, "SETTLE_NS", 2_000_000_000)
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x")
+    st = path.stat()
+    assert file_key(str(path), st) is None  # just written: a same-size rewrite in this tick would keep its stat
+    assert file_key(str(path), st, now_ns=max(st.st_mtime_ns, st.st_ctime_ns) + 2_000_000_000) is not None
+
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=2)
+    reads = ReadCount(monkeypatch)
+    ingest_image_folder(store, pool)
+    assert ingest_image_folder(store, pool).n_reused == 0 and len(reads.take()) == 12  # nothing had settled
+
+
+def test_a_file_this_process_cannot_open_is_read_not_reused(tmp_path, monkeypatch):
+    """A from-scratch ingest would quarantine a file it cannot read (another user's run, mode 0600), so reuse
+    must not accept it. Root opens anything, so the gate is exercised with a stand-in for 'cannot open'."""
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=3)
+    first = ingest_image_folder(store, pool)
+    reads = ReadCount(monkeypatch)
+    monkeypatch.setattr(folder_mod, "readable", lambda path: not path.endswith("img1.jpg"))
+    grown = ingest_image_folder(store, pool)
+    assert grown.n_reused == first.n_samples - 3 and len(reads.take()) == 3  # the three img1.jpg were read
+    assert reuse_mod.readable(str(pool / "cat" / "img0.png")) and not reuse_mod.readable(str(pool / "nothing"))
+
+
+def test_non_utf8_file_names_and_hash_signs_round_trip_through_uris(tmp_path):
+    import storage.ingest.webdataset as wds_mod
+    from storage.ingest.reading import SourceFiles
+
+    name = os.fsdecode(b"caf\xe9.png")  # not UTF-8: a surrogate-escaped str
+    path = tmp_path / name
+    path.write_bytes(b"abc")
+    assert folder_mod.read_file_uri(path.as_uri()) == b"abc"
+    tar = tmp_path / "a#b.tar"
+    tar.write_bytes(tar_bytes([("s#0001.png", b"png bytes"), ("s#0001.cls", b"1")]))
+    uri = tar.as_uri() + "#s#0001.png"
+    assert wds_mod._read_member(uri, SourceFiles(), {tar.as_uri(): str(tar)}) == b"png bytes"
+
+
+def test_object_keys_only_for_object_stores_and_strong_tags():
+    from storage.ingest.reuse import object_key
+
+    info = {"size": 3, "ETag": '"abc"'}
+    assert object_key("s3://b/k.png", info) is not None and object_key("gs://b/k.png", info) is not None
+    assert object_key("https://host/k.png", info) is None  # an HTTP ETag is often size + mtime
+    assert object_key("s3://b/k.png", {"size": 3, "ETag": 'W/"abc"'}) is None
+    assert object_key("s3://b/k.png", {"size": 3, "LastModified": "x"}) is None
