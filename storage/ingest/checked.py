@@ -37,7 +37,7 @@ import numpy as np
 from skmm.canonical_json import canonical_json
 from storage.artifacts import ArtifactStore
 from storage.errors import StorageError
-from storage.ingest.common import DEFAULT_MAX_PIXELS, decode_problem
+from storage.ingest.common import DEFAULT_MAX_PIXELS, decode_problem, read_record
 
 __all__ = ["CHECKED_PREFIX", "CheckedImages", "check_policy"]
 
@@ -100,12 +100,8 @@ class CheckedImages:
     def _read(self, rel: str) -> np.ndarray:
         """One file's ids, or none (with a warning) when it is unreadable or does not hash to its name."""
         where = self.store.uri(rel)
-        try:
-            data = self.store.read_rel(rel)
-        except StorageError as exc:
-            if exc.transient:
-                raise
-            log.warning("decode-check record %s unreadable (%s): its images are checked again", where, exc)
+        data = read_record(self.store, rel, "decode-check record", "its images are checked again", log)
+        if data is None:
             return np.empty(0, _DIGEST)
         name = _NAME.match(rel.rsplit("/", 1)[-1])
         body = data[len(_HEADER):]

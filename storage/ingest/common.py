@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import logging
 import math
 import numbers
 import os
@@ -26,7 +27,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from storage.artifacts import ArtifactRef
+from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.datasets import SPLITS, DatasetRef, VectorTableRef
 from storage.errors import StorageError, redact
 
@@ -47,8 +48,11 @@ __all__ = [
     "norm_label",
     "norm_split",
     "one_line",
+    "read_record",
     "shown_path",
 ]
+
+_log = logging.getLogger("storage.ingest")
 
 #: what an object store says about an object's content (S3 ETag and version, GCS generation and hashes, Azure etag
 #: and version): the fingerprint's and the source-hash record's identity of a remote object
@@ -315,3 +319,17 @@ def shown_path(path: str | os.PathLike) -> str:
 def absolute(text: str) -> pathlib.Path:
     """A local path (or ``file://`` URL) made absolute, ``~`` expanded, links resolved."""
     return pathlib.Path(local_path(text)).expanduser().resolve()
+
+
+def read_record(store: ArtifactStore, rel: str, what: str, otherwise: str,
+                logger: logging.Logger | None = None) -> bytes | None:
+    """The bytes of a store record that only saves work (the decode-check and source-hash records, a tar's
+    member list); None, with a warning ``"<what> <uri> unreadable (<error>): <otherwise>"``, when it cannot be
+    read — the work is then done again. A transient error (the store unreachable) is raised: it may pass."""
+    try:
+        return store.read_rel(rel)
+    except StorageError as exc:
+        if exc.transient:
+            raise
+        (logger or _log).warning("%s %s unreadable (%s): %s", what, store.uri(rel), exc, otherwise)
+        return None

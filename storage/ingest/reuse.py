@@ -57,7 +57,7 @@ from skmm.canonical_json import canonical_json
 from storage.artifacts import ArtifactStore
 from storage.datasets import DatasetRef, ShardRef, load_manifest, sample_id_array
 from storage.errors import StorageError, redact
-from storage.ingest.common import CONTENT_TAGS, SourceError
+from storage.ingest.common import CONTENT_TAGS, SourceError, read_record
 from storage.sample_reader import _open_shard  # the checked shard opening (size against the ref, schema, rows)
 
 __all__ = ["HASHES_PREFIX", "NEW_ROWS_PREFIX", "SETTLE_NS", "BaseSamples", "SourceHashes", "file_key",
@@ -149,12 +149,8 @@ class SourceHashes:
         no record, a corrupted one, another decode-check policy, or a dataset that is gone)."""
         for rel in self._files()[:1]:
             where = self.store.uri(rel)
-            try:
-                data = self.store.read_rel(rel)
-            except StorageError as exc:
-                if exc.transient:
-                    raise
-                log.warning("source-hash record %s unreadable (%s): every file is read", where, exc)
+            data = read_record(self.store, rel, "source-hash record", "every file is read", log)
+            if data is None:
                 return None
             name = _NAME.match(rel.rsplit("/", 1)[-1])
             end = data.find(b"\n")
@@ -387,19 +383,16 @@ def read_tar_members(store: ArtifactStore, sha: str) -> list[TarMember] | None:
     """The samples of an unchanged tar, or None (with a warning) when the file is gone or does not hash to its
     name — the tar is then read."""
     rel = f"{TAR_MEMBERS_PREFIX}/{sha}.json"
+    data = read_record(store, rel, "tar member list", "the tar is read", log)
+    if data is None:
+        return None
     try:
-        data = store.read_rel(rel)
         if not _SHA.match(sha) or hashlib.sha256(data).hexdigest() != sha:
             raise ValueError("its bytes do not hash to its name")
         body = json.loads(data)
         if body.get("format") != _TAR_FORMAT:
             raise ValueError("not a tar member list")
         members = [(str(u), str(s), str(lab), int(n)) for u, s, lab, n in body["members"]]
-    except StorageError as exc:
-        if exc.transient:
-            raise
-        log.warning("tar member list %s unreadable (%s): the tar is read", store.uri(rel), exc)
-        return None
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("tar member list %s is corrupted (%s): the tar is read", store.uri(rel), exc)
         return None
