@@ -200,6 +200,10 @@ class SourceHashes:
         self._fresh += key
         self._fresh += bytes.fromhex(sid)
 
+    def values(self) -> set[str]:
+        """The distinct values of the loaded record (hex): for WebDataset scopes, the member lists it names."""
+        return {row.tobytes().hex() for row in np.unique(self._sids, axis=0)} if len(self._sids) else set()
+
     def release(self) -> None:
         """Drop the loaded record (the listing is done; only :meth:`commit` needs this ingest's records)."""
         self._keys = np.empty(0, "S16")
@@ -445,3 +449,13 @@ def read_new_rows(store: ArtifactStore, shard_sha256: str, wanted: set[str]) -> 
         return {}
     return {sid: blob for sid, blob in zip(ids, blobs, strict=True)
             if sid in wanted and isinstance(blob, bytes) and hashlib.sha256(blob).hexdigest() == sid}
+
+
+def remove_tar_members(store: ArtifactStore, shas: set[str]) -> None:
+    """Delete member lists no record names any more (a tar gone or changed since the last ingest)."""
+    for sha in shas:
+        if _SHA.match(sha):
+            try:
+                store.remove_rel(f"{TAR_MEMBERS_PREFIX}/{sha}.json")
+            except StorageError as exc:
+                log.warning("tar member list %s not removed (%s)", sha, exc)

@@ -55,6 +55,7 @@ from storage.ingest.reuse import (
     object_key,
     read_tar_members,
     readable,
+    remove_tar_members,
     uri_path,
     write_tar_members,
 )
@@ -317,7 +318,9 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
             if current[1] is not None and hashes is not None:
                 current[1].append((uri, sid, label, len(data)))
         end_tar()
+        superseded: set[str] = set()
         if hashes is not None:
+            superseded = hashes.values()  # the member lists the last record named
             hashes.release()  # every lookup is done: free the record before the second pass
         result = writer.finish(source=_source(specs, tars))
     checked.commit()  # only once the dataset is published
@@ -327,7 +330,8 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
         for t, known in enumerate(lists):
             if known is not None:
                 hashes.record(keys[t], known)
-        hashes.commit(result.dataset, writer.new_rows)
+        if hashes.commit(result.dataset, writer.new_rows) is not None:
+            remove_tar_members(store, superseded - {sha for _, sha in listed} - {k for k in lists if k})
     return result
 
 
