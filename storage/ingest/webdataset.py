@@ -254,8 +254,8 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
     specs = [os.fspath(s) for s in ([shards] if isinstance(shards, str | os.PathLike) else shards)]
     tars = resolve_shards(specs, files)
     checked = CheckedImages(store, max_pixels)
-    scope = {"kind": "webdataset", "shards": [s if is_url(s) else str(absolute(s)) for s in specs],
-             "label_from": list(label_from), "json_label_field": json_label_field}
+    scope = {"kind": "webdataset", "root": _tars_root(tars), "label_from": list(label_from),
+             "json_label_field": json_label_field}
     hashes = SourceHashes(store, scope, checked.policy) if reuse else None
     previous = hashes.load() if hashes is not None else None
     keys: list[bytes | None] = [None] * len(tars)
@@ -333,6 +333,14 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
         if hashes.commit(result.dataset, writer.new_rows) is not None:
             remove_tar_members(store, superseded - {sha for _, sha in listed} - {k for k in lists if k})
     return result
+
+
+def _tars_root(tars: Sequence[str]) -> str:
+    """The folder (or URL prefix) that holds all the tars: what identifies a WebDataset pool across nights, since
+    its spec may not stay the same (a brace range that grows, a list with one more tar)."""
+    dirs = [t.rsplit("/", 1)[0] for t in tars]
+    common = posixpath.commonprefix(dirs)
+    return common if all(d == common for d in dirs) else common[:common.rfind("/") + 1]
 
 
 def _tar_key(shard: str, files: SourceFiles) -> bytes | None:

@@ -390,3 +390,19 @@ def test_object_keys_only_for_object_stores_and_strong_tags():
     assert object_key("https://host/k.png", info) is None  # an HTTP ETag is often size + mtime
     assert object_key("s3://b/k.png", {"size": 3, "ETag": 'W/"abc"'}) is None
     assert object_key("s3://b/k.png", {"size": 3, "LastModified": "x"}) is None
+
+
+def test_a_webdataset_spec_that_grows_keeps_its_record(tmp_path):
+    """A list with one more tar, or a brace range that grows, is the same pool: the tars' folder names it."""
+    from storage.ingest import ingest_webdataset
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _shard(shards / "p-0.tar", 0, 6)
+    _shard(shards / "p-1.tar", 6, 6)
+    store = ArtifactStore(tmp_path / "store")
+    ingest_webdataset(store, [str(shards / "p-0.tar"), str(shards / "p-1.tar")])
+    _shard(shards / "p-2.tar", 12, 6)
+    assert ingest_webdataset(store, [str(shards / f"p-{i}.tar") for i in range(3)]).n_reused == 12
+    _shard(shards / "p-3.tar", 18, 6)
+    assert ingest_webdataset(store, str(shards / "p-{0..3}.tar")).n_reused == 18
