@@ -6,6 +6,12 @@ what grows with N is the per-sample bookkeeping; ``--code`` runs the same measur
 
     .venv/bin/python bench/ingest_million.py [--n 1000000] [--code /tmp/skmm-old]
     # → bench/results/ingest_million.json
+
+``--growth``: the nightly case at this size instead. The pool is ingested once into a fresh store, grown by one new
+tar of N/100 samples (1 %), and ingested again into that store (reuse on: the unchanged tars are not read) and,
+with ``reuse=False``, into a copy of the first store (every tar read again); both grown datasets must be the same.
+
+    .venv/bin/python bench/ingest_million.py --n 1000000 --growth    # → bench/results/ingest_million_growth.json
 """
 
 from __future__ import annotations
@@ -28,19 +34,21 @@ PER_TAR = 100_000
 
 def make_tars(folder: pathlib.Path, n: int) -> list[str]:
     """N distinct 8×8 PNGs (pixels from the index) in tars of PER_TAR samples; reused when present."""
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return [_tar(folder / f"pool-{start // PER_TAR:05d}.tar", range(start, min(start + PER_TAR, n)))
+            for start in range(0, n, PER_TAR)]
+
+
+def _tar(path: pathlib.Path, indices: range) -> str:
+    """One tar of the PNGs of ``indices`` (reused when present)."""
     import numpy as np
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for start in range(0, n, PER_TAR):
-        path = folder / f"pool-{start // PER_TAR:05d}.tar"
-        paths.append(str(path))
-        if path.exists():
-            continue
+    if not path.exists():
         tmp = path.with_suffix(".tmp")
         with tarfile.open(tmp, "w") as tar:
-            for i in range(start, min(start + PER_TAR, n)):
+            for i in indices:
                 pixels = np.frombuffer(i.to_bytes(8, "little") * 24, np.uint8).reshape(8, 8, 3)
                 buf = io.BytesIO()
                 Image.fromarray(pixels).save(buf, format="PNG")
@@ -49,10 +57,10 @@ def make_tars(folder: pathlib.Path, n: int) -> list[str]:
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
         tmp.rename(path)
-    return paths
+    return str(path)
 
 
-def ingest(code: str, tars: list[str], store: str) -> dict:
+def ingest(code: str, tars: list[str], store: str, reuse: bool = True) -> dict:
     sys.path.insert(0, code)
     import storage
     from storage.artifacts import ArtifactStore
@@ -61,9 +69,34 @@ def ingest(code: str, tars: list[str], store: str) -> dict:
     if not pathlib.Path(storage.__file__).resolve().is_relative_to(pathlib.Path(code).resolve()):
         raise RuntimeError(f"imported {storage.__file__}, not the checkout {code}")
     start = time.perf_counter()
-    result = ingest_webdataset(ArtifactStore(store), tars)
+    result = ingest_webdataset(ArtifactStore(store), tars, **({} if reuse else {"reuse": False}))
     return {"ingest_s": round(time.perf_counter() - start, 1), "n_samples": result.n_samples,
-            "version": result.dataset.version, "code": code}
+            "reused": getattr(result, "n_reused", 0), "version": result.dataset.version, "code": code}
+
+
+def growth(work: pathlib.Path, n: int) -> None:
+    """The nightly case (see the module docstring): first ingest, + 1 % in a new tar, again with and without reuse."""
+    import shutil
+
+    code = str(pathlib.Path(__file__).resolve().parent.parent)
+    tars = make_tars(work / "tars", n)
+    grown = [*tars, _tar(work / "tars" / f"pool-growth-{n}.tar", range(n, n + n // 100))]  # beside the others
+    time.sleep(2.5)  # files changed within 2 s of the listing are read, not keyed (storage/ingest/reuse.py)
+    stores = [work / "growth-store", work / "growth-store-copy"]
+    for store in stores:
+        shutil.rmtree(store, ignore_errors=True)
+    first = in_child(ingest, code, tars, str(stores[0]))
+    print("first", first, flush=True)
+    shutil.copytree(stores[0], stores[1])
+    rows = {"first": first, "growth": in_child(ingest, code, grown, str(stores[0])),
+            "growth_reuse_false": in_child(ingest, code, grown, str(stores[1]), False)}
+    print(rows, flush=True)
+    if rows["growth"]["version"] != rows["growth_reuse_false"]["version"]:
+        raise SystemExit(f"the grown datasets differ: {rows}")
+    out = pathlib.Path(__file__).resolve().parent / "results" / "ingest_million_growth.json"
+    out.write_text(json.dumps({"benchmark": "ingest_million_growth", "n": n, "added": n // 100, **rows}, indent=2)
+                   + "\n")
+    print(f"wrote {out}")
 
 
 def main() -> None:
@@ -73,7 +106,11 @@ def main() -> None:
                         help="checkout(s) to measure (default: this one)")
     parser.add_argument("--work", type=pathlib.Path,
                         default=pathlib.Path(tempfile.gettempdir()) / "skmm-ingest-million")
+    parser.add_argument("--growth", action="store_true", help="the nightly case: + 1 %% with and without reuse")
     args = parser.parse_args()
+    if args.growth:
+        growth(args.work, args.n)
+        return
     codes = args.code or [str(pathlib.Path(__file__).resolve().parent.parent)]
     start = time.perf_counter()
     tars = make_tars(args.work / "tars", args.n)
