@@ -23,7 +23,7 @@ from storage.ingest.common import (
 )
 from storage.ingest.listing import ListedFile, open_image_folder
 from storage.ingest.reading import ordered_map
-from storage.ingest.reuse import BaseSamples, SourceHashes, file_key, readable, uri_path
+from storage.ingest.reuse import BaseSamples, SourceHashes, readable, source_key, uri_path
 from storage.ingest.writer import DatasetWriter
 
 __all__ = ["ingest_image_folder", "read_and_check", "read_file_uri"]
@@ -91,16 +91,10 @@ def ingest_image_folder(store: ArtifactStore, folder: str | os.PathLike, *, val_
     base = hashes.load() if hashes is not None else None
 
     def check(item: ListedFile) -> tuple[ListedFile, bytes | None, int | None, Checked]:
-        key = None
-        if hashes is not None and item.is_regular():
-            try:
-                st = item.entry.stat()  # before the read: a write after it changes the key seen next time
-            except OSError:
-                st = None
-            key = file_key(item.path, st) if st is not None else None
-            sid = hashes.lookup(key) if key is not None else None
-            if sid is not None and readable(item.path):
-                return item, key, st.st_size, (sid, None, None)
+        key, size = source_key(item.path) if hashes is not None and item.is_regular() else (None, None)
+        sid = hashes.lookup(key) if key is not None else None
+        if sid is not None and readable(item.path):
+            return item, key, size, (sid, None, None)
         return item, key, None, read_and_check(item.path, max_pixels, item.is_regular(), checked)
 
     with DatasetWriter(store, source_name=f"image folder {shown_path(pool.root)}", shard_rows=shard_rows,

@@ -45,7 +45,7 @@ from storage.ingest.common import (
 )
 from storage.ingest.folder import read_file_uri
 from storage.ingest.reading import CredentialsMissingError, SourceFiles, ordered_map
-from storage.ingest.reuse import BaseSamples, SourceHashes, file_key, object_key, readable
+from storage.ingest.reuse import BaseSamples, SourceHashes, readable, source_key
 from storage.ingest.writer import DatasetWriter
 
 __all__ = ["fetch_and_check", "ingest_manifest", "manifest_base", "manifest_entries", "manifest_records",
@@ -277,11 +277,10 @@ def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLik
 
     def check(entry: tuple[str, str, str | None]) -> tuple[tuple[str, str, str | None], bytes | None,
                                                              int | None, Any]:
-        key, size = _entry_key(entry[0], files) if hashes is not None else (None, None)
-        if key is not None:
-            sid = hashes.lookup(key)
-            if sid is not None:
-                return entry, key, size, (sid, None, None)
+        key, size = source_key(entry[0], files) if hashes is not None else (None, None)
+        sid = hashes.lookup(key) if key is not None else None
+        if sid is not None and readable(entry[0]):
+            return entry, key, size, (sid, None, None)
         return entry, key, None, fetch_and_check(entry[0], files, max_pixels, checked)
 
     def fetch(uri: str) -> bytes:
@@ -307,19 +306,3 @@ def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLik
         hashes.commit(result.dataset, writer.new_rows)
     return result
 
-
-def _entry_key(target: str, files: SourceFiles) -> tuple[bytes | None, int | None]:
-    """(source-hash key, byte count) of a listed entry, or (None, None) when it is to be read anyway: not a
-    regular file, no content tag, a URL carrying credentials, or any error (the read reports it)."""
-    try:
-        if not is_url(target):
-            st = os.stat(target)  # before the read: a write after it changes the key seen next time
-            key = file_key(target, st) if stat.S_ISREG(st.st_mode) and readable(target) else None
-            return (key, st.st_size) if key is not None else (None, None)
-        if source_uri(target) != target:
-            return None, None  # the fallback read could not use the redacted URI
-        info = files.info(target)
-        key = object_key(target, info)
-        return (key, int(info["size"])) if key is not None else (None, None)
-    except Exception:  # missing, permissions, network: the read reports it (and retries transient ones)
-        return None, None

@@ -33,8 +33,9 @@ decode-check policy, the dataset the samples are in) and the sorted records, 48 
 The scope is the source (kind and location); the newest file that hashes to its name is used, and only if its
 decode-check policy is the current one (the reused samples passed that check; another policy reads everything).
 
-Memory: 48 bytes per file for the loaded record and 48 per file for the one being built: ~1 GB at 10^7 files, on
-top of the writer's ~45 bytes a sample.
+Memory: 48 bytes per file for the loaded record (held as the file's bytes, not copied) and 48 per file for the one
+being built (sorted in place; writing it copies it once): ~1 GB at 10^7 files at the peak, on top of the writer's
+~45 bytes a sample.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,11 +59,12 @@ from skmm.canonical_json import canonical_json
 from storage.artifacts import ArtifactStore
 from storage.datasets import DatasetRef, ShardRef, load_manifest, sample_id_array
 from storage.errors import StorageError, redact
-from storage.ingest.common import CONTENT_TAGS, SourceError, read_record
+from storage.ingest.common import CONTENT_TAGS, SourceError, is_url, read_record
+from storage.ingest.reading import SourceFiles
 from storage.sample_reader import _open_shard  # the checked shard opening (size against the ref, schema, rows)
 
 __all__ = ["HASHES_PREFIX", "NEW_ROWS_PREFIX", "SETTLE_NS", "BaseSamples", "SourceHashes", "file_key",
-           "new_rows_path", "object_key", "read_new_rows", "read_tar_members", "readable", "uri_path",
+           "new_rows_path", "object_key", "read_new_rows", "read_tar_members", "readable", "source_key", "uri_path",
            "write_new_rows", "write_tar_members"]
 
 log = logging.getLogger(__name__)
@@ -96,14 +99,37 @@ def uri_path(uri: str) -> str:
     return os.fsdecode(unquote_to_bytes(urlparse(uri).path))
 
 
-def readable(path: str) -> bool:
-    """Whether this process can open the file now (a reused file is not read, but one it could not read would be
-    quarantined by a from-scratch ingest, so it is read — and quarantined — instead of reused)."""
+def readable(target: str) -> bool:
+    """Whether this process can open a local file now (a reused file is not read, but one it could not read would
+    be quarantined by a from-scratch ingest, so it is read — and quarantined — instead of reused). A URL: True —
+    its metadata request, which needs read access on an object store, just succeeded."""
+    if is_url(target):
+        return True
     try:
-        os.close(os.open(path, os.O_RDONLY))
+        os.close(os.open(target, os.O_RDONLY))
     except OSError:
         return False
     return True
+
+
+def source_key(target: str, files: SourceFiles | None = None) -> tuple[bytes | None, int | None]:
+    """(key, byte count) of a source file or object as the sources list it — a local path (links followed: its
+    stat, :func:`file_key`) or a URL (``files.info``, :func:`object_key`) —, or (None, None) when it is to be read
+    anyway: not a regular file, too recently changed, no content tag, a URL carrying credentials (the fallback
+    read could not use its redacted URI), or any error (the read reports it, and retries what may pass). Taken
+    before the read: a write after it changes the key seen next time."""
+    try:
+        if not is_url(target):
+            st = os.stat(target)
+            key = file_key(target, st) if stat.S_ISREG(st.st_mode) else None
+            return (key, st.st_size) if key is not None else (None, None)
+        if files is None or redact(target) != target:
+            return None, None
+        info = files.info(target)
+        key = object_key(target, info)
+        return (key, int(info["size"])) if key is not None else (None, None)
+    except Exception:
+        return None, None
 
 
 def object_key(url: str, info: Mapping[str, Any]) -> bytes | None:
@@ -130,10 +156,8 @@ class SourceHashes:
         self.store = store
         self.prefix = f"{HASHES_PREFIX}/{hashlib.sha256(canonical_json(dict(scope)).encode()).hexdigest()}"
         self.policy = hashlib.sha256(canonical_json(dict(policy)).encode()).hexdigest()
-        self.base: DatasetRef | None = None
         self._old_new_rows: list[str] = []  # the last record's new-rows files (removed once superseded)
-        self._keys = np.empty(0, "S16")
-        self._sids = np.empty((0, 32), np.uint8)
+        self._records = np.empty(0, _RECORD)  # the loaded record (views on its bytes), sorted by key
         self._fresh = bytearray()  # this ingest's records, 48 bytes each
 
     def __repr__(self) -> str:
@@ -158,7 +182,7 @@ class SourceHashes:
                 if name is None or hashlib.sha256(data).hexdigest() != name[2] or end < 0:
                     raise ValueError("its bytes do not hash to its name")
                 head = json.loads(data[:end])
-                body = data[end + 1:]
+                body = memoryview(data)[end + 1:]  # a view: the record is held once
                 if head.get("format") != _FORMAT or len(body) != int(head["n"]) * _RECORD.itemsize:
                     raise ValueError("not a source-hash record")
                 base = DatasetRef.from_dict(head["dataset"])
@@ -178,21 +202,19 @@ class SourceHashes:
                 return None
             self._old_new_rows = [r for r in head.get("new_rows", []) if isinstance(r, str)
                                   and _NEW_ROWS_NAME.match(r)]
-            records = np.frombuffer(body, _RECORD)
-            self._keys = records["key"].copy()
-            self._sids = records["sid"].copy().view(np.uint8).reshape(-1, 32)
-            self.base = base
+            self._records = np.frombuffer(body, _RECORD)  # read-only views on the file's bytes: no copy
             return base
         return None
 
     def lookup(self, key: bytes) -> str | None:
         """The sample id recorded for a file with this key, or None."""
-        if not len(self._keys):
+        keys = self._records["key"]  # a strided view: searchsorted does not copy it
+        if not len(keys):
             return None
         probe = np.array(key, "S16")
-        pos = int(np.searchsorted(self._keys, probe))
-        if pos < len(self._keys) and bool(self._keys[pos] == probe):  # as arrays: an item loses trailing NULs
-            return self._sids[pos].tobytes().hex()
+        pos = int(np.searchsorted(keys, probe))
+        if pos < len(keys) and bool(keys[pos] == probe):  # as arrays: an item loses trailing NULs
+            return self._records["sid"][pos].tobytes().hex()
         return None
 
     def record(self, key: bytes, sid: str) -> None:
@@ -202,12 +224,11 @@ class SourceHashes:
 
     def values(self) -> set[str]:
         """The distinct values of the loaded record (hex): for WebDataset scopes, the member lists it names."""
-        return {row.tobytes().hex() for row in np.unique(self._sids, axis=0)} if len(self._sids) else set()
+        return {value.tobytes().hex() for value in self._records["sid"]}
 
     def release(self) -> None:
         """Drop the loaded record (the listing is done; only :meth:`commit` needs this ingest's records)."""
-        self._keys = np.empty(0, "S16")
-        self._sids = np.empty((0, 32), np.uint8)
+        self._records = np.empty(0, _RECORD)
 
     def commit(self, dataset: DatasetRef, new_rows: list[str] | None = None) -> str | None:
         """Write this ingest's records (the files of ``dataset``; ``new_rows``: the new-rows files its writer left
@@ -216,12 +237,12 @@ class SourceHashes:
         fresh, self._fresh = self._fresh, bytearray()
         if not fresh:
             return None
-        records = np.frombuffer(fresh, _RECORD).copy()
+        records = np.frombuffer(fresh, _RECORD)  # a writable view: sorted in place, no copy of a pool's records
         records.sort(order="key", kind="stable")
         head = canonical_json({"format": _FORMAT, "policy": self.policy, "dataset": dataset.to_dict(),
                                "n": len(records), "new_rows": sorted(new_rows or [])}).encode("ascii")
-        data = b"".join((head, b"\n", records.tobytes()))
-        del records
+        data = b"".join((head, b"\n", memoryview(records).cast("B")))  # one copy: the record's bytes
+        del records, fresh
         rel = f"{self.prefix}/{time.time_ns():020d}-{hashlib.sha256(data).hexdigest()}.hashes"
         try:
             uri = self.store.put_immutable(rel, data)
@@ -259,7 +280,7 @@ class BaseSamples:
         self._good = np.zeros(0, bool)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="skmm-ingest-base")
         self._ahead: Future | None = None
-        self.n_from_store = self.n_fetched = 0
+        self.n_fetched = 0  # samples the previous dataset could not give, read from their sources
 
     def close(self) -> None:
         """Stop reading ahead and close the shard being read (idempotent)."""
@@ -267,6 +288,11 @@ class BaseSamples:
             self._ahead.cancel()
         self._reader.shutdown(wait=True, cancel_futures=True)
         self._rows.close()
+        if self.n_fetched:
+            log.warning("reuse: %d sample(s) read from their sources again (the previous dataset %s could not give "
+                        "them: see the warnings above, or bytes that did not hash to their ids)", self.n_fetched,
+                        self.dataset.manifest.uri)
+            self.n_fetched = 0
 
     def _batches(self) -> Iterator[tuple[np.ndarray, pa.Array, np.ndarray]]:
         """The base dataset's rows in id order, :data:`BASE_BATCH_ROWS` at a time: ids, images (Arrow: no copy
@@ -344,12 +370,10 @@ class BaseSamples:
         for i, data in enumerate(out):
             if data is None:
                 out[i] = self._fetch(sids[i], uris[i])
-        self.n_from_store += len(sids)
         return out  # type: ignore[return-value]
 
     def _fetch(self, sid: str, uri: str) -> bytes:
         self.n_fetched += 1
-        self.n_from_store -= 1
         try:
             data = self.fetch(uri)
         except OSError as exc:

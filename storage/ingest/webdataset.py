@@ -24,7 +24,6 @@ import json
 import os
 import posixpath
 import re
-import stat
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -51,12 +50,10 @@ from storage.ingest.reading import SourceFiles, ordered_map
 from storage.ingest.reuse import (
     BaseSamples,
     SourceHashes,
-    file_key,
-    object_key,
     read_tar_members,
     readable,
     remove_tar_members,
-    uri_path,
+    source_key,
     write_tar_members,
 )
 from storage.ingest.writer import DatasetWriter
@@ -264,9 +261,9 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
     def items() -> Iterator[tuple[int, _Item, tuple[str, int] | None]]:
         for t, shard in enumerate(tars):
             if hashes is not None:
-                keys[t] = _tar_key(shard, files)
+                keys[t] = source_key(shard, files)[0]
                 known = hashes.lookup(keys[t]) if keys[t] is not None else None
-                members = read_tar_members(store, known) if known is not None else None
+                members = read_tar_members(store, known) if known is not None and readable(shard) else None
                 if members is not None:
                     lists[t] = known
                     for uri, sid, label, size in members:
@@ -297,8 +294,10 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
             listed.append((t, write_tar_members(store, members)))
         current[:] = [None, None]
 
+    tar_of_uri = {source_uri(t): t for t in tars}
+
     def fetch(uri: str) -> bytes:
-        return _read_member(uri, files, {source_uri(t): t for t in tars})
+        return _read_member(uri, files, tar_of_uri)
 
     with DatasetWriter(store, source_name=f"webdataset {_shown(specs)}", shard_rows=shard_rows, seed=seed,
                        val_fraction=val_fraction, test_fraction=test_fraction,
@@ -343,31 +342,16 @@ def _tars_root(tars: Sequence[str]) -> str:
     return common if all(d == common for d in dirs) else common[:common.rfind("/") + 1]
 
 
-def _tar_key(shard: str, files: SourceFiles) -> bytes | None:
-    """The source-hash key of a tar (local stat or remote ETag), or None: it is read."""
-    try:
-        if not is_url(shard):
-            st = os.stat(shard)
-            return file_key(shard, st) if stat.S_ISREG(st.st_mode) and readable(shard) else None
-        if source_uri(shard) != shard:
-            return None  # credentials in the URL: its members' URIs are redacted, so no fallback read
-        return object_key(shard, files.info(shard))
-    except Exception:  # missing, permissions, network: the read reports it
-        return None
-
-
-def _read_member(uri: str, files: SourceFiles, tars: Mapping[str, str] | None = None) -> bytes:
+def _read_member(uri: str, files: SourceFiles, tars: Mapping[str, str]) -> bytes:
     """One member's bytes by scanning its tar (``<tar uri>#<member>``): the fallback when the store lost them.
     ``tars`` maps each tar's URI to its path or URL, so that a ``#`` in a tar's URL or a member's name cannot
-    split the URI in the wrong place (without it, the first ``#`` that names a file is taken)."""
-    cuts = [i for i, ch in enumerate(uri) if ch == "#"]
-    for i in cuts:
-        tar_uri, name = uri[:i], uri[i + 1:]
-        target = tars.get(tar_uri) if tars is not None else (uri_path(tar_uri) if tar_uri.startswith("file://")
-                                                              else tar_uri)
-        if target is not None and (tars is not None or is_url(target) or os.path.exists(target)):
+    split the URI in the wrong place."""
+    target = name = None
+    for i, ch in enumerate(uri):
+        if ch == "#" and uri[:i] in tars:
+            target, name = tars[uri[:i]], uri[i + 1:]
             break
-    else:
+    if target is None:
         raise FileNotFoundError(uri)
     with files.open(target) as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
         for info in tar:

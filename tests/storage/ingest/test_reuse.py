@@ -335,9 +335,12 @@ def test_a_tar_member_read_again_when_the_store_lost_its_bytes(tmp_path):
     grown = ingest_webdataset(store, shards)
     assert grown.n_reused == 4 and grown.dataset.version == first.dataset.version
     uri = (shards / "a.tar").as_uri() + "#s0002.png"
-    assert wds_mod._read_member(uri, SourceFiles()) == image_bytes(2)
+    tars = {(shards / "a.tar").as_uri(): str(shards / "a.tar")}
+    assert wds_mod._read_member(uri, SourceFiles(), tars) == image_bytes(2)
     with pytest.raises(FileNotFoundError):
-        wds_mod._read_member(uri.replace("s0002", "s9999"), SourceFiles())
+        wds_mod._read_member(uri.replace("s0002", "s9999"), SourceFiles(), tars)
+    with pytest.raises(FileNotFoundError):
+        wds_mod._read_member(uri.replace("a.tar", "z.tar"), SourceFiles(), tars)  # not one of the pool's tars
 
 
 def test_a_file_changed_within_the_timestamp_granularity_is_read_until_it_settles(tmp_path, monkeypatch):
