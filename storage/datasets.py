@@ -39,6 +39,7 @@ from storage.errors import MalformedRecordError, StorageError
 
 __all__ = [
     "ID_DTYPE",
+    "SAMPLE_PARQUET_OPTIONS",
     "SAMPLE_SCHEMA",
     "SCHEMA_VERSION",
     "SPLITS",
@@ -69,6 +70,10 @@ VECTOR_KINDS = ("embeddings", "sketch")
 DEFAULT_SHARD_ROWS = 65_536
 _VERSION_HEADER = b"skmm-dataset-version/1\n"
 _PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3}  # pinned: same rows → same bytes
+#: Sample shards (rows carry image bytes): Parquet checks a page's size only after each write batch, 1 024 values
+#: by default, which made ~56 MB data pages of ~56 KB JPEGs — a reader streaming a few images at a time, and the
+#: writer, then held a whole page compressed and decompressed. One value a batch: a page is ~1 MiB plus one image.
+SAMPLE_PARQUET_OPTIONS: dict[str, Any] = {**_PARQUET_OPTIONS, "write_batch_size": 1}
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 #: The sample table. ``label`` is a *string* (class names and integer classes alike; integers are stored in
@@ -343,7 +348,7 @@ def _deduplicate(cols: dict[str, list[Any]]) -> list[int]:
 
 def _parquet_bytes(table: pa.Table, row_group_size: int) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=row_group_size, **_PARQUET_OPTIONS)
+    pq.write_table(table, sink, row_group_size=row_group_size, **SAMPLE_PARQUET_OPTIONS)
     return sink.getvalue().to_pybytes()
 
 

@@ -22,7 +22,8 @@ from tasks.store import open_store
 
 __all__ = ["ingest", "run_ingest", "source_fingerprint"]
 
-CODE_VERSION = "ingest-2"  # 2: streaming writer (same bytes), links followed, max_pixels, webdataset
+CODE_VERSION = "ingest-3"  # 2: streaming writer (same bytes), links followed, max_pixels, webdataset; 3: ~1 MiB
+# pages in sample shards (same rows, other bytes: a cached dataset is written again, its bytes taken from the old one)
 SOURCE_KINDS = ("digits", "folder", "manifest", "webdataset", "embeddings")
 
 

@@ -61,6 +61,7 @@ import pyarrow.parquet as pq
 
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.datasets import (
+    SAMPLE_PARQUET_OPTIONS,
     SAMPLE_SCHEMA,
     SPLITS,
     DatasetManifest,
@@ -80,7 +81,7 @@ log = logging.getLogger(__name__)
 SPILL_BUFFER_BYTES = 16 * 2**20  # pass 1: rows buffered (all buckets together) before they are appended
 BUCKET_BYTES = 64 * 2**20  # pass 2: a larger bucket is split again before it is read into memory
 
-_PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3}  # write_samples' own (tested byte-equal)
+_PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3}  # the quarantine table's
 _VERSION_HEADER = b"skmm-dataset-version/1\n"  # storage.datasets.dataset_version's encoding (tested equal)
 # ``reused``: the expected byte count of a sample whose bytes the previous dataset holds (data is then null and
 # pass 2 asks :class:`~storage.ingest.reuse.BaseSamples` for them); null for a sample read now
@@ -198,14 +199,17 @@ class _ShardCutter:
                 parts.append(head.slice(0, need))
                 self._pending[0] = head.slice(need)
                 need = 0
-        shard = pa.concat_tables(parts).combine_chunks()  # one chunk: Parquet cuts pages at chunk boundaries too,
-        # so a chunked table would make the shard's bytes depend on the buckets (measured: 56–125 bytes differ)
+        # not combined into one chunk (a second copy of the shard): with one value a write batch
+        # (SAMPLE_PARQUET_OPTIONS) Parquet checks the page size after every value, so chunk boundaries do not move
+        # page boundaries and the bytes do not depend on the buckets (tested against write_samples)
+        shard = pa.concat_tables(parts)
         fresh = None
         if _FRESH in shard.column_names:  # a growth with reuse: which rows were read now (the new samples)
             fresh = shard.column(_FRESH)
             shard = shard.drop_columns([_FRESH])
         with self.store.writer("samples", ".parquet") as out:  # streamed to staging: no second copy in memory
-            pq.write_table(shard, out, row_group_size=self.shard_rows, **_PARQUET_OPTIONS)
+            pq.write_table(shard, out, row_group_size=self.shard_rows, **SAMPLE_PARQUET_OPTIONS)  # write_samples'
+            # own options: the shards are byte-identical (tested)
         if fresh is not None and 0 < pc.sum(fresh).as_py() < shard.num_rows:
             self.new_rows.append(write_new_rows(self.store, out.ref.sha256, shard.filter(fresh)))
         self.shards.append(ShardRef(out.ref, shard.num_rows))
