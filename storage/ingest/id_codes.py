@@ -15,6 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
+
+from storage.datasets import sample_id_array
 
 __all__ = ["DIGEST", "MERGE_EVERY", "IdCodes", "digests_of_hex"]
 
@@ -137,6 +140,9 @@ def _check(key: bytes) -> None:
         raise ValueError(f"sample id digests are 32 raw bytes; got {key!r:.80}")
 
 
-def digests_of_hex(hex_ids: list[str]) -> np.ndarray:
-    """64-character hex ids as an ``S32`` array of raw digests (one conversion, no per-id objects kept)."""
-    return np.frombuffer(bytes.fromhex("".join(hex_ids)), DIGEST) if hex_ids else np.empty(0, DIGEST)
+def digests_of_hex(hex_ids: list[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """64-character hex ids (str, or an Arrow string array: no Python str per id) as an ``S32`` array of raw
+    digests (one conversion, no per-id objects kept)."""
+    text = sample_id_array(hex_ids).tobytes().decode("ascii") if isinstance(hex_ids, pa.Array | pa.ChunkedArray) \
+        else "".join(hex_ids)
+    return np.frombuffer(bytes.fromhex(text), DIGEST) if text else np.empty(0, DIGEST)

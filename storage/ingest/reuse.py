@@ -351,26 +351,35 @@ class BaseSamples:
                 self._ids, self._data, self._good = loaded
                 return True
 
-    def fill(self, sids: list[str], uris: list[str]) -> list[bytes]:
-        """The bytes of each sample (ascending ids), each checked to hash to its id."""
+    def fill(self, sids: list[str], uris: list[str]) -> pa.BinaryArray:
+        """The bytes of each sample (ascending ids), each checked to hash to its id, as one Arrow array: taken
+        from the base batches without a Python object per image."""
         want = np.array(sids, "S64")
-        out: list[bytes | None] = [None] * len(sids)
-        j = 0
+        chunks: list[pa.Array] = []  # base batches' images, then single fetched images
+        where = np.full(len(sids), -1, np.int64)  # each sample's row in the chunks, laid end to end
+        offset, j = 0, 0
         while j < len(want):
             if not len(self._ids) or want[j] > self._ids[-1]:
                 if not self._load_next(want[j]):
                     break
                 continue
             k = int(np.searchsorted(want, self._ids[-1], side="right"))
-            pos = np.searchsorted(self._ids, want[j:k])
-            for i, p in zip(range(j, k), pos.tolist(), strict=True):
-                if self._ids[p] == want[i] and self._good[p]:
-                    out[i] = self._data[p].as_py()
+            pos = np.minimum(np.searchsorted(self._ids, want[j:k]), len(self._ids) - 1)
+            hit = (self._ids[pos] == want[j:k]) & self._good[pos]
+            if hit.any():
+                if not chunks or chunks[-1] is not self._data:
+                    chunks.append(self._data)
+                    offset_of_data = offset
+                    offset += len(self._data)
+                where[j:k][hit] = offset_of_data + pos[hit]
             j = k
-        for i, data in enumerate(out):
-            if data is None:
-                out[i] = self._fetch(sids[i], uris[i])
-        return out  # type: ignore[return-value]
+        for i in np.flatnonzero(where < 0).tolist():
+            chunks.append(pa.array([self._fetch(sids[i], uris[i])], pa.binary()))
+            where[i] = offset
+            offset += 1
+        if not chunks:
+            return pa.array([], pa.binary())
+        return pa.chunked_array(chunks, pa.binary()).take(pa.array(where)).combine_chunks()
 
     def _fetch(self, sid: str, uri: str) -> bytes:
         self.n_fetched += 1

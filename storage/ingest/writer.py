@@ -366,19 +366,18 @@ class DatasetWriter:
     # ------------------------------------------------------------------ pass 2
     def _rows(self, table: pa.Table) -> pa.Table:
         """A sorted spill table (id, uri, data, reused) as sample rows (labels and splits from the bookkeeping;
-        a reused sample's bytes from the base dataset)."""
-        codes = self._seen.codes_of(digests_of_hex(table["sample_id"].to_pylist())).tolist()
-        labels = pa.array([self._labels[c >> 2] for c in codes], pa.string())
-        splits = pa.array([_SPLIT_NAMES[c & 3] for c in codes], pa.string())
+        a reused sample's bytes from the base dataset), built in Arrow: no Python object per row."""
+        codes = self._seen.codes_of(digests_of_hex(table["sample_id"]))
+        labels = pa.array(self._labels, pa.string()).take(pa.array(codes >> 2))
+        splits = pa.array(_SPLIT_NAMES, pa.string()).take(pa.array(codes & 3))
         data = table["data"]
         is_reused = table["reused"].is_valid()
         reused = np.flatnonzero(is_reused.to_numpy(zero_copy_only=False))
         if len(reused):
-            blobs = data.to_pylist()
             ids, uris = table["sample_id"].take(reused).to_pylist(), table["source_uri"].take(reused).to_pylist()
-            for i, blob in zip(reused.tolist(), self.base.fill(ids, uris), strict=True):
-                blobs[i] = blob
-            data = pa.array(blobs, pa.binary())
+            index = np.arange(table.num_rows)
+            index[reused] = table.num_rows + np.arange(len(reused))  # the filled bytes, after the spilled ones
+            data = pa.chunked_array([*data.chunks, self.base.fill(ids, uris)], pa.binary()).take(pa.array(index))
         rows = pa.table([table["sample_id"], table["source_uri"], labels, splits, data], schema=SAMPLE_SCHEMA)
         if self.base is not None:  # the cutter writes each shard's new rows aside for the embed stage
             rows = rows.append_column(_FRESH, pc.invert(is_reused))

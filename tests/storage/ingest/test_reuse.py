@@ -143,7 +143,7 @@ def test_a_file_that_changes_during_the_ingest_is_an_error_not_a_stale_sample(tm
     path = next(p for p in pool.rglob("*.*") if hashlib.sha256(p.read_bytes()).hexdigest() == sid)
     base = BaseSamples(store, first.dataset, folder_mod.read_file_uri)
     base._shards = ()  # as if the store had lost every shard: the bytes must come from the file
-    assert base.fill([sid], [path.as_uri()]) == [path.read_bytes()]
+    assert base.fill([sid], [path.as_uri()]).to_pylist() == [path.read_bytes()]
     path.write_bytes(image_bytes(4242))
     base = BaseSamples(store, first.dataset, folder_mod.read_file_uri)
     base._shards = ()
@@ -189,6 +189,28 @@ def test_a_failed_ingest_records_nothing_and_reuse_false_reads_everything(tmp_pa
     reads.take()
     assert ingest_image_folder(store, pool, reuse=False).n_reused == 0 and len(reads.take()) == 12
     assert records(store) == before
+
+
+def test_fill_keeps_the_asked_order_across_batches_shards_and_fetched_samples(tmp_path, monkeypatch):
+    """One ``fill`` call spanning several base batches and shards, with samples the base lacks in between (they
+    are fetched): every image comes back at its own place."""
+    monkeypatch.setattr(reuse_mod, "BASE_BATCH_ROWS", 2)
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    files = make_pool(pool, per_class=6)
+    first = ingest_image_folder(store, pool, shard_rows=5)
+    in_base = {sid for sid, _, _ in rows_of(store, first)}
+    extra = {hashlib.sha256(image_bytes(700 + i)).hexdigest(): image_bytes(700 + i) for i in range(5)}
+    by_id = {hashlib.sha256(data).hexdigest(): data for data in files.values()} | extra
+    asked = sorted(in_base - {min(in_base)}) + sorted(extra)  # the first base row skipped, extras anywhere
+    asked.sort()
+    fetched = []
+    base = BaseSamples(store, first.dataset, lambda uri: fetched.append(uri) or extra[uri])
+    try:
+        got = base.fill(asked, asked)  # the "URI" of a sample is its id here: only extras are fetched
+    finally:
+        base.close()
+    assert got.to_pylist() == [by_id[sid] for sid in asked]
+    assert sorted(fetched) == sorted(extra)
 
 
 def test_source_hashes_round_trip_and_file_keys(tmp_path):
