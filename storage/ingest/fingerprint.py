@@ -114,7 +114,7 @@ def folder_fingerprint(folder: str | os.PathLike) -> dict[str, Any]:
     listing = _Listing(b"skmm-folder-listing/1\n")
     for item in open_image_folder(folder).files():
         try:
-            st = item.entry.stat()  # follows links, as the ingest's read does
+            st = item.stat()  # follows links, as the ingest's read does
             listing.add([item.rel, item.label, st.st_size, st.st_mtime_ns, st.st_mode])
         except OSError as exc:
             listing.add([item.rel, item.label, "unreadable", exc.errno])

@@ -15,15 +15,18 @@ a fingerprint that did not follow the link; a ``.png`` renamed to ``.txt`` was s
   quarantines it (it is never opened: reading a FIFO would block).
 
 Listing is streaming (a generator of :class:`ListedFile`): a pool of millions never becomes a list in memory;
-only the folder being listed is (its entries, sorted for a fixed order, as ``os.walk`` holds them too).
+only the folder being listed is, as its file names (sorted for a fixed order; ~75 bytes a file, where the
+``os.DirEntry`` objects ``os.walk`` holds cost ~220), plus the few names whose listed type is not a plain regular
+file (links, special files: they are stat'ed when used; a plain file needs no stat to be known as one).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from storage.errors import redact
 from storage.ingest.common import IMAGE_EXTENSIONS, SourceError, SourceNotFoundError, absolute, is_url, shown_path
@@ -39,19 +42,40 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-@dataclass(frozen=True)
 class ListedFile:
-    """One image file of the folder: absolute path (through links), path relative to the root, class label."""
+    """One image file of the folder: absolute path (through links), path relative to the root, class label.
+    Made as it is yielded (nothing per file is kept but its name while its folder is listed); its ``stat`` is
+    taken once, on first use."""
 
-    path: str
-    rel: str
-    label: str
-    entry: os.DirEntry = field(compare=False, repr=False)
+    __slots__ = ("_plain", "_stat", "label", "path", "rel")
+
+    def __init__(self, path: str, rel: str, label: str, plain: bool = False) -> None:
+        self.path, self.rel, self.label = path, rel, label
+        self._plain = plain  # the listing's file type said: a regular file, not a link
+        self._stat: os.stat_result | None = None
+
+    def __repr__(self) -> str:
+        return f"ListedFile({self.rel!r}, label={self.label!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ListedFile) and (self.path, self.rel, self.label) == (other.path, other.rel,
+                                                                                       other.label)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.rel, self.label))
+
+    def stat(self) -> os.stat_result:
+        """``os.stat`` of the file, links followed (taken once); OSError as ``os.stat`` raises it."""
+        if self._stat is None:
+            self._stat = os.stat(self.path)
+        return self._stat
 
     def is_regular(self) -> bool:
         """A regular file (links followed); False for a broken link, a FIFO, a socket, a device."""
+        if self._plain:
+            return True
         try:
-            return self.entry.is_file()
+            return stat.S_ISREG(self.stat().st_mode)
         except OSError:
             return False
 
@@ -73,19 +97,13 @@ class ImageFolder:
     def _walk(self, directory: str, rel: str, label: str, ancestors: set[tuple[int, int]]) -> Iterator[ListedFile]:
         try:
             st = os.stat(directory)
-            with os.scandir(directory) as it:
-                entries = sorted((e for e in it if _visible(e.name)), key=lambda e: e.name)
+            images, not_plain, subdirs = self._scan(directory)
         except OSError:
             return  # an unreadable subfolder holds nothing we can list (as os.walk does)
         here = ancestors | {(st.st_dev, st.st_ino)}
-        subdirs = []
-        for entry in entries:
-            if _is_dir(entry):
-                subdirs.append(entry)
-            elif _is_image_name(entry.name):
-                yield ListedFile(entry.path, f"{rel}/{entry.name}", label, entry)
-            else:
-                self.n_ignored += 1
+        for name in images:
+            yield ListedFile(os.path.join(directory, name), f"{rel}/{name}", label, name not in not_plain)
+        del images
         for entry in subdirs:
             try:
                 target = entry.stat()
@@ -94,6 +112,38 @@ class ImageFolder:
             if (target.st_dev, target.st_ino) in here:
                 continue  # a link back to an ancestor: following it would never end
             yield from self._walk(entry.path, f"{rel}/{entry.name}", label, here)
+
+    def _scan(self, directory: str) -> tuple[list[str], set[str], list[os.DirEntry]]:
+        """A folder's image file names (sorted), those of them whose listed type is not a plain regular file
+        (links, FIFOs, ...: usually none), and its subfolders (sorted by name); other files are counted in
+        ``n_ignored``. Only names are kept for files: an ``os.DirEntry`` with its path costs ~220 bytes, and a
+        class folder may list millions of files."""
+        images: list[str] = []
+        not_plain: set[str] = set()
+        subdirs: list[os.DirEntry] = []
+        with os.scandir(directory) as it:
+            for entry in it:
+                if not _visible(entry.name):
+                    continue
+                if _is_dir(entry):
+                    subdirs.append(entry)
+                elif _is_image_name(entry.name):
+                    images.append(entry.name)
+                    if not _is_plain_file(entry):
+                        not_plain.add(entry.name)
+                else:
+                    self.n_ignored += 1
+        images.sort()
+        subdirs.sort(key=lambda e: e.name)
+        return images, not_plain, subdirs
+
+
+def _is_plain_file(entry: os.DirEntry) -> bool:
+    """A regular file that is not a link, from the listing's file type alone (no stat)."""
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
