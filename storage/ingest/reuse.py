@@ -366,19 +366,21 @@ class BaseSamples:
             k = int(np.searchsorted(want, self._ids[-1], side="right"))
             pos = np.minimum(np.searchsorted(self._ids, want[j:k]), len(self._ids) - 1)
             hit = (self._ids[pos] == want[j:k]) & self._good[pos]
-            if hit.any():
-                if not chunks or chunks[-1] is not self._data:
-                    chunks.append(self._data)
-                    offset_of_data = offset
-                    offset += len(self._data)
-                where[j:k][hit] = offset_of_data + pos[hit]
+            n_hit = int(np.count_nonzero(hit))
+            if n_hit:  # only the hits: a sparse reuse must not keep whole batches until the call ends
+                chunks.append(self._data.take(pa.array(pos[hit])))
+                where[j:k][hit] = offset + np.arange(n_hit)
+                offset += n_hit
             j = k
-        for i in np.flatnonzero(where < 0).tolist():
+        missing = np.flatnonzero(where < 0).tolist()
+        for i in missing:
             chunks.append(pa.array([self._fetch(sids[i], uris[i])], pa.binary()))
             where[i] = offset
             offset += 1
         if not chunks:
             return pa.array([], pa.binary())
+        if not missing:  # the hits are already in the asked order
+            return pa.concat_arrays(chunks)
         return pa.chunked_array(chunks, pa.binary()).take(pa.array(where)).combine_chunks()
 
     def _fetch(self, sid: str, uri: str) -> bytes:
@@ -455,7 +457,8 @@ def write_new_rows(store: ArtifactStore, shard_sha256: str, rows: pa.Table) -> s
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(rows.select(["sample_id", "data"]), sink, compression="none")  # image bytes: compressed already
+    pq.write_table(rows.select(["sample_id", "data"]), sink, compression="none",  # image bytes: compressed already
+                   write_batch_size=1)  # ~1 MiB pages, as in the shards (storage.datasets.SAMPLE_PARQUET_OPTIONS)
     rel = new_rows_path(shard_sha256)
     try:
         store.put_immutable(rel, sink.getvalue().to_pybytes())

@@ -366,7 +366,7 @@ class DatasetWriter:
     # ------------------------------------------------------------------ pass 2
     def _rows(self, table: pa.Table) -> pa.Table:
         """A sorted spill table (id, uri, data, reused) as sample rows (labels and splits from the bookkeeping;
-        a reused sample's bytes from the base dataset), built in Arrow: no Python object per row."""
+        a reused sample's bytes from the base dataset), built in Arrow: no Python object per image."""
         codes = self._seen.codes_of(digests_of_hex(table["sample_id"]))
         labels = pa.array(self._labels, pa.string()).take(pa.array(codes >> 2))
         splits = pa.array(_SPLIT_NAMES, pa.string()).take(pa.array(codes & 3))
@@ -375,9 +375,8 @@ class DatasetWriter:
         reused = np.flatnonzero(is_reused.to_numpy(zero_copy_only=False))
         if len(reused):
             ids, uris = table["sample_id"].take(reused).to_pylist(), table["source_uri"].take(reused).to_pylist()
-            index = np.arange(table.num_rows)
-            index[reused] = table.num_rows + np.arange(len(reused))  # the filled bytes, after the spilled ones
-            data = pa.chunked_array([*data.chunks, self.base.fill(ids, uris)], pa.binary()).take(pa.array(index))
+            filled = self.base.fill(ids, uris)  # in the rows' order: each goes to the next reused (null) place
+            data = pc.replace_with_mask(data.combine_chunks(), is_reused.combine_chunks(), filled)
         rows = pa.table([table["sample_id"], table["source_uri"], labels, splits, data], schema=SAMPLE_SCHEMA)
         if self.base is not None:  # the cutter writes each shard's new rows aside for the embed stage
             rows = rows.append_column(_FRESH, pc.invert(is_reused))
