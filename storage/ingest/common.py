@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 
 from storage.artifacts import ArtifactRef, ArtifactStore
@@ -173,6 +174,21 @@ def split_of(sample_id: str, seed: int, val_fraction: float, test_fraction: floa
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def split_codes(digests: np.ndarray, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """:func:`split_of` of many samples at once, given as raw 32-byte ids (``S32``): 1 train, 2 val, 3 test
+    (uint8). The hash of the common prefix is taken once and copied per sample (~0.7 µs a sample, against ~1.3 µs
+    for :func:`split_of` on each id's hex)."""
+    hexed = digests.tobytes().hex().encode("ascii")
+    prefix = hashlib.sha256(_SPLIT_HEADER + f"{int(seed)}\0".encode())
+    heads = bytearray()
+    for lo in range(0, len(hexed), 64):
+        h = prefix.copy()
+        h.update(hexed[lo:lo + 64])
+        heads += h.digest()[:8]
+    u = np.frombuffer(bytes(heads), ">u8") / 2.0**64  # as split_of: the same float64 for each int
+    return np.where(u < test_fraction, 3, np.where(u < test_fraction + val_fraction, 2, 1)).astype(np.uint8)
 
 
 def assign_split(sample_id: str, seed: int = 0, val_fraction: float = 0.15,

@@ -70,7 +70,7 @@ from storage.datasets import (
     VectorTableRef,
 )
 from storage.errors import redact
-from storage.ingest.common import QUARANTINE_SCHEMA, IngestResult, SourceError, split_of
+from storage.ingest.common import QUARANTINE_SCHEMA, IngestResult, SourceError, split_codes
 from storage.ingest.id_codes import IdCodes, digests_of_hex
 from storage.ingest.reuse import BaseSamples, write_new_rows
 
@@ -343,14 +343,13 @@ class DatasetWriter:
         counts: Counter[str] = Counter()
         train_labels: set[int] = set()
         for keys, codes in self._seen.buckets():  # hashed splits for the samples the source gave none
-            raw = keys.view(np.uint8).reshape(-1, 32)
-            for i in np.flatnonzero((codes & 3) == 0).tolist():
-                split = split_of(raw[i].tobytes().hex(), self.seed, self.val_fraction, self.test_fraction)
-                codes[i] |= _SPLIT_CODES[split]
-            split_codes = codes & 3
+            todo = np.flatnonzero((codes & 3) == 0)
+            if len(todo):  # split_codes' 1 / 2 / 3 are _SPLIT_CODES' train / val / test
+                codes[todo] |= split_codes(keys[todo], self.seed, self.val_fraction, self.test_fraction)
+            splits = codes & 3
             for code, name in enumerate(_SPLIT_NAMES[1:], start=1):
-                counts[name] += int(np.count_nonzero(split_codes == code))
-            train_labels.update(np.unique(codes[split_codes == _SPLIT_CODES["train"]] >> 2).tolist())
+                counts[name] += int(np.count_nonzero(splits == code))
+            train_labels.update(np.unique(codes[splits == _SPLIT_CODES["train"]] >> 2).tolist())
         if len(train_labels) < 2:
             names = sorted(self._labels[i] for i in train_labels)
             raise SourceError(f"{self.source_name}: the train split holds {len(names)} class(es) "

@@ -31,3 +31,22 @@ def test_assign_split_rejects_bad_arguments(kwargs):
     args = dict(seed=0, val_fraction=0.15, test_fraction=0.15) | kwargs
     with pytest.raises(ValueError):
         assign_split("ab" * 32, **args)
+
+
+def test_split_codes_are_split_of_for_every_id():
+    """The writer's batched split assignment gives every sample the split ``assign_split`` gives it — ids with
+    leading and trailing zero bytes included (a numpy ``S32`` scalar drops trailing NULs; the array must not)."""
+    import numpy as np
+
+    from storage.ingest.common import split_codes, split_of
+
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 256, (4000, 32), dtype=np.uint8)
+    raw[:50, -3:] = 0
+    raw[50:100, :3] = 0
+    digests = raw.view("S32").ravel()
+    for seed, val, test in ((0, 0.15, 0.15), (7, 0.0, 0.3), (3, 0.5, 0.0), (1, 0.0, 0.0)):
+        got = split_codes(digests, seed, val, test)
+        want = [split_of(row.tobytes().hex(), seed, val, test) for row in raw]
+        assert [("train", "val", "test")[c - 1] for c in got.tolist()] == want
+    assert split_codes(digests[:0], 0, 0.1, 0.1).shape == (0,)
