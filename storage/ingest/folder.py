@@ -93,7 +93,7 @@ def ingest_image_folder(store: ArtifactStore, folder: str | os.PathLike, *, val_
     def check(item: ListedFile) -> tuple[ListedFile, bytes | None, int | None, Checked]:
         key, size = source_key(item.path) if hashes is not None and item.is_regular() else (None, None)
         sid = hashes.lookup(key) if key is not None else None
-        if sid is not None and readable(item.path):
+        if sid is not None and not hashes.lost(sid) and readable(item.path):
             return item, key, size, (sid, None, None)
         return item, key, None, read_and_check(item.path, max_pixels, item.is_regular(), checked)
 

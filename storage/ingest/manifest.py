@@ -279,7 +279,7 @@ def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLik
                                                              int | None, Any]:
         key, size = source_key(entry[0], files) if hashes is not None else (None, None)
         sid = hashes.lookup(key) if key is not None else None
-        if sid is not None and readable(entry[0]):
+        if sid is not None and not hashes.lost(sid) and readable(entry[0]):
             return entry, key, size, (sid, None, None)
         return entry, key, None, fetch_and_check(entry[0], files, max_pixels, checked)
 

@@ -12,9 +12,12 @@ images of ~56 KB that is 560 GB read from the source — hours, and for a remote
   apply here. A listed file whose key is recorded is not opened: its sample id comes from the record.
 - :class:`BaseSamples` gives the writer the bytes of those samples in its second pass, which walks the rows in
   sample-id order: it reads the previous dataset's shards once, in order, a batch ahead on a background thread,
-  and checks each image against its id (sha256 of the bytes). A shard that is missing or unreadable, or a row
-  whose bytes do not hash to its id, is read from its source file instead (and checked the same way; a file that
-  changed meanwhile is a SourceError asking for a rerun).
+  and checks each image against its id (sha256 of the bytes). A row whose bytes do not hash to its id, or a
+  shard that fails while read, is read from its source file instead (and checked the same way; a file that
+  changed meanwhile is a SourceError asking for a rerun). Shards that are gone or have the wrong size are found
+  before the listing (:func:`lost_ranges`: one size check a shard, the footers of their neighbours), and the files
+  whose samples they held are read in the first pass like new ones: a WebDataset member can only be read again
+  by scanning its tar, so one fallback read per sample would scan a tar per sample.
 
 So the dataset written is byte-identical to a from-scratch ingest of the same files (tested), and an ingest reads
 its new files once, the previous shards once, and writes the new shards once. It also leaves each new shard's
@@ -60,7 +63,7 @@ from storage.artifacts import ArtifactStore
 from storage.datasets import DatasetRef, ShardRef, load_manifest, sample_id_array
 from storage.errors import StorageError, redact
 from storage.ingest.common import CONTENT_TAGS, SourceError, is_url, read_record
-from storage.ingest.reading import SourceFiles
+from storage.ingest.reading import SourceFiles, ordered_map
 from storage.sample_reader import _open_shard  # the checked shard opening (size against the ref, schema, rows)
 
 __all__ = ["HASHES_PREFIX", "NEW_ROWS_PREFIX", "SETTLE_NS", "BaseSamples", "SourceHashes", "file_key",
@@ -146,6 +149,65 @@ def object_key(url: str, info: Mapping[str, Any]) -> bytes | None:
     return hashlib.sha256(b"".join((_OBJECT_HEADER, url.encode("utf-8"), b"\0", meta.encode()))).digest()[:16]
 
 
+_ABOVE_ALL_IDS = "g"  # sorts after every lowercase hex id
+
+
+def lost_ranges(store: ArtifactStore, shards: tuple[ShardRef, ...]) -> list[tuple[str, str]]:
+    """The sample-id intervals ``(lo, hi)``, both bounds excluded, that the dataset's shards gone from ``store``
+    (or of another size than their refs) held, sorted: each run of such shards spans from the largest id of the
+    readable shard before it to the smallest of the one after (their footers' statistics); an empty list when all
+    are there. A neighbour whose footer cannot tell joins the run."""
+    def present(shard: ShardRef) -> bool:
+        try:
+            return store.fs.size(store._path(store._rel_from_uri(shard.artifact.uri))) == shard.artifact.size
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot check dataset shard {shard.artifact.uri}: {exc}", transient=True) from exc
+
+    ok = list(ordered_map(present, shards, workers=16))
+    if all(ok):
+        return []
+
+    def bound(i: int, which: str) -> str | None:  # the smallest / largest id of shard i, from its footer
+        try:
+            with _open_shard(store, shards[i], []) as parquet:
+                meta = parquet.metadata
+                col = parquet.schema_arrow.get_field_index("sample_id")
+                stats = [meta.row_group(g).column(col).statistics for g in range(meta.num_row_groups)]
+        except StorageError as exc:
+            if exc.transient:
+                raise
+            return None
+        if not stats or any(st is None or not st.has_min_max for st in stats):
+            return None
+        return str(stats[0].min) if which == "min" else str(stats[-1].max)
+
+    ranges: list[tuple[str, str]] = []
+    i = 0
+    while i < len(shards):
+        if ok[i]:
+            i += 1
+            continue
+        lo_i, hi_i = i - 1, i + 1
+        while hi_i < len(shards) and not ok[hi_i]:
+            hi_i += 1
+        lo = None
+        while lo is None and lo_i >= 0:
+            lo = bound(lo_i, "max")
+            lo_i -= lo is None
+        hi = None
+        while hi is None and hi_i < len(shards):
+            hi = bound(hi_i, "min") if ok[hi_i] else None
+            hi_i += hi is None
+        lo, hi = lo or "", hi or _ABOVE_ALL_IDS
+        if ranges and lo <= ranges[-1][1]:  # touches the previous run (a neighbour without a footer): join them
+            lo = ranges.pop()[0]
+        ranges.append((lo, hi))
+        i = hi_i if hi_i > i else i + 1
+    return ranges
+
+
 class SourceHashes:
     """The record of one source's files (see the module docstring): :meth:`load` the last one, :meth:`lookup`
     a listed file's key, :meth:`record` every accepted file of this ingest, :meth:`commit` once it is published.
@@ -157,6 +219,7 @@ class SourceHashes:
         self.prefix = f"{HASHES_PREFIX}/{hashlib.sha256(canonical_json(dict(scope)).encode()).hexdigest()}"
         self.policy = hashlib.sha256(canonical_json(dict(policy)).encode()).hexdigest()
         self._old_new_rows: list[str] = []  # the last record's new-rows files (removed once superseded)
+        self._lost: list[tuple[str, str]] = []  # id ranges of the loaded record's dataset in shards that are gone
         self._records = np.empty(0, _RECORD)  # the loaded record (views on its bytes), sorted by key
         self._fresh = bytearray()  # this ingest's records, 48 bytes each
 
@@ -194,12 +257,15 @@ class SourceHashes:
                          where)
                 return None
             try:
-                load_manifest(self.store, base)
+                self._lost = lost_ranges(self.store, load_manifest(self.store, base).shards)
             except StorageError as exc:
                 if exc.transient:
                     raise
                 log.warning("the dataset of source-hash record %s is unreadable (%s): every file is read", where, exc)
                 return None
+            if self._lost:
+                log.warning("%d range(s) of sample ids of the previous dataset %s are in shards that are gone or "
+                            "damaged: the files holding them are read again", len(self._lost), base.manifest.uri)
             self._old_new_rows = [r for r in head.get("new_rows", []) if isinstance(r, str)
                                   and _NEW_ROWS_NAME.match(r)]
             self._records = np.frombuffer(body, _RECORD)  # read-only views on the file's bytes: no copy
@@ -216,6 +282,14 @@ class SourceHashes:
         if pos < len(keys) and bool(keys[pos] == probe):  # as arrays: an item loses trailing NULs
             return self._records["sid"][pos].tobytes().hex()
         return None
+
+    def lost(self, sid: str) -> bool:
+        """Whether sample ``sid`` was in a shard of the loaded record's dataset that is gone (:func:`lost_ranges`):
+        its file is then read, not reused."""
+        for lo, hi in self._lost:  # a handful of runs at most
+            if lo < sid < hi:
+                return True
+        return False
 
     def record(self, key: bytes, sid: str) -> None:
         """One file this ingest accepted (read now, or found unchanged)."""

@@ -264,6 +264,8 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
                 keys[t] = source_key(shard, files)[0]
                 known = hashes.lookup(keys[t]) if keys[t] is not None else None
                 members = read_tar_members(store, known) if known is not None and readable(shard) else None
+                if members is not None and any(hashes.lost(sid) for _, sid, _, _ in members):
+                    members = None  # a sample of it is in a lost shard: the tar is read (once), not each member
                 if members is not None:
                     lists[t] = known
                     for uri, sid, label, size in members:

@@ -18,7 +18,7 @@ from ingest_pools import image_bytes, make_pool, quarantine_of, rows_of
 import storage.ingest.folder as folder_mod
 import storage.ingest.reuse as reuse_mod
 from storage.artifacts import ArtifactStore
-from storage.datasets import load_manifest
+from storage.datasets import load_manifest, read_shard
 from storage.errors import StorageError
 from storage.ingest import SourceError, ingest_image_folder
 from storage.ingest.reuse import HASHES_PREFIX, BaseSamples, SourceHashes, file_key
@@ -128,10 +128,14 @@ def test_a_corrupted_or_missing_shard_of_the_previous_dataset_is_read_from_the_s
     fetched = []
     real = folder_mod.read_file_uri
     monkeypatch.setattr(folder_mod, "read_file_uri", lambda uri: fetched.append(uri) or real(uri))
+    reads = ReadCount(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="storage.ingest.reuse"):
         grown = ingest_image_folder(store, pool, shard_rows=4)
-    assert grown.n_reused == 18 and "its samples are read from their sources" in caplog.text
-    assert 4 <= len(fetched) <= 8  # the 4 rows of the missing shard, and the damaged shard's rows that failed
+    assert "in shards that are gone or damaged" in caplog.text
+    # the missing shard's 4 files are read in the first pass with the new one; the damaged shard's rows that fail
+    # their hash are read back one by one in the second
+    assert grown.n_reused == 14 and len(reads.take()) == 5
+    assert 1 <= len(fetched) <= 4
     same_as_from_scratch(store, grown, pool, tmp_path, shard_rows=4)
 
 
@@ -342,20 +346,45 @@ def test_unchanged_webdataset_tars_are_not_read_again(store, tmp_path, monkeypat
     assert opened == ["a.tar", "b.tar"]
 
 
-def test_a_tar_member_read_again_when_the_store_lost_its_bytes(tmp_path):
+def test_tars_whose_samples_the_store_lost_are_read_whole_not_member_by_member(tmp_path, monkeypatch):
+    """A shard gone from the store: the tars holding its samples are read in the first pass, once each (a member
+    can only be read back by scanning its tar: one scan per lost sample would read a tar per sample); tars whose
+    samples are all still in the store are not opened."""
     import storage.ingest.webdataset as wds_mod
     from storage.ingest import ingest_webdataset
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for t in range(6):
+        _shard(shards / f"{t}.tar", 10 * t, 3)
+    store = ArtifactStore(tmp_path / "store")
+    first = ingest_webdataset(store, shards, shard_rows=2)
+    lost = load_manifest(store, first.dataset).shards[0]
+    lost_ids = set(read_shard(store, lost, ["sample_id"])["sample_id"].to_pylist())
+    Path(store._path(store._rel_from_uri(lost.artifact.uri))).unlink()
+    opened = []
+    real_items = wds_mod._tar_items
+    monkeypatch.setattr(wds_mod, "_tar_items", lambda shard, *a: opened.append(Path(shard).name) or
+                        real_items(shard, *a))
+    monkeypatch.setattr(wds_mod, "_read_member", lambda *a: pytest.fail("a member read back from its tar"))
+    grown = ingest_webdataset(store, shards, shard_rows=2)
+    holding = {f"{t}.tar" for t in range(6)
+               if lost_ids & {hashlib.sha256(image_bytes(10 * t + i)).hexdigest() for i in range(3)}}
+    assert sorted(opened) == sorted(holding) and 0 < len(holding) <= 2  # a 2-row shard lost
+    assert grown.n_reused == 3 * (6 - len(holding)) and grown.dataset.version == first.dataset.version
+    fresh_store = ArtifactStore(tmp_path / "fresh")
+    fresh = ingest_webdataset(fresh_store, shards, shard_rows=2, reuse=False)
+    assert [s.artifact.sha256 for s in load_manifest(store, grown.dataset).shards] == \
+        [s.artifact.sha256 for s in load_manifest(fresh_store, fresh.dataset).shards]
+
+
+def test_a_tar_member_read_again_from_its_tar(tmp_path):
+    import storage.ingest.webdataset as wds_mod
     from storage.ingest.reading import SourceFiles
 
     shards = tmp_path / "shards"
     shards.mkdir()
     _shard(shards / "a.tar", 0, 4)
-    store = ArtifactStore(tmp_path / "store")
-    first = ingest_webdataset(store, shards)
-    for shard in load_manifest(store, first.dataset).shards:  # the store lost every shard of the dataset
-        Path(store._path(store._rel_from_uri(shard.artifact.uri))).unlink()
-    grown = ingest_webdataset(store, shards)
-    assert grown.n_reused == 4 and grown.dataset.version == first.dataset.version
     uri = (shards / "a.tar").as_uri() + "#s0002.png"
     tars = {(shards / "a.tar").as_uri(): str(shards / "a.tar")}
     assert wds_mod._read_member(uri, SourceFiles(), tars) == image_bytes(2)
@@ -431,3 +460,24 @@ def test_a_webdataset_spec_that_grows_keeps_its_record(tmp_path):
     assert ingest_webdataset(store, [str(shards / f"p-{i}.tar") for i in range(3)]).n_reused == 12
     _shard(shards / "p-3.tar", 18, 6)
     assert ingest_webdataset(store, str(shards / "p-{0..3}.tar")).n_reused == 18
+
+
+def test_lost_ranges_cover_exactly_the_ids_of_the_shards_that_are_gone(tmp_path):
+    from storage.datasets import write_samples
+    from storage.ingest.reuse import lost_ranges
+
+    store = ArtifactStore(tmp_path / "store")
+    rows = [{"data": image_bytes(i), "label": "ab"[i % 2], "split": "train", "source_uri": f"file:///{i}.png"}
+            for i in range(15)]
+    shards = load_manifest(store, write_samples(store, rows, shard_rows=3)).shards
+    ids = [read_shard(store, s, ["sample_id"])["sample_id"].to_pylist() for s in shards]
+    assert lost_ranges(store, shards) == []
+    for k in (0, 2, 3):  # the first shard, and two in a row
+        Path(store._path(store._rel_from_uri(shards[k].artifact.uri))).unlink()
+    last = Path(store._path(store._rel_from_uri(shards[4].artifact.uri)))
+    last.write_bytes(last.read_bytes()[:-1])  # the last one truncated: another size
+    ranges = lost_ranges(store, shards)
+    assert ranges == [("", ids[1][0]), (ids[1][-1], "g")]  # shards 2, 3 and 4 (another size): one run to the end
+    hashes = SourceHashes(store, {"kind": "test"}, {})
+    hashes._lost = ranges
+    assert {sid for k in (0, 2, 3, 4) for sid in ids[k]} == {sid for s in ids for sid in s if hashes.lost(sid)}
