@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import logging
 import os
 import pathlib
 import re
@@ -40,6 +41,8 @@ from storage.errors import (
     StoreUnavailableError,
     redact,
 )
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["STAGING_MAX_AGE_S", "ArtifactRef", "ArtifactStore", "StagingEntry", "sha256_bytes", "sha256_file",
            "staging_max_age_s"]
@@ -312,10 +315,12 @@ class ArtifactStore:
         try:
             if self.fs.exists(target):
                 existing = self.fs.size(target)
-                if existing != size:
-                    raise ArtifactCorruptedError(f"artifact {ref.uri} exists with size {existing}, expected {size}; "
-                                                 "refusing to overwrite it")
-                return ref  # same address, same bytes: immutable, nothing to do
+                if existing == size:
+                    return ref  # same address, same bytes: immutable, nothing to do
+                # the name is the sha256 of `size` bytes, so that copy is damaged (truncated, say); the bytes in
+                # hand hash to the name: they repair it (atomically, as any publish)
+                _log.warning("artifact %s had %d bytes instead of %d (damaged): replaced by a good copy", ref.uri,
+                             existing, size)
             if self.is_local:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 with open(tmp, "rb") as fh:

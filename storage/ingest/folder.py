@@ -99,7 +99,8 @@ def ingest_image_folder(store: ArtifactStore, folder: str | os.PathLike, *, val_
 
     with DatasetWriter(store, source_name=f"image folder {shown_path(pool.root)}", shard_rows=shard_rows,
                        seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                       base=BaseSamples(store, base, read_file_uri) if base is not None else None) as writer:
+                       base=BaseSamples(store, base, read_file_uri, hashes.lost_shards) if base is not None
+                       else None) as writer:
         for item, key, size, (sid, data, problem) in ordered_map(check, pool.files()):
             uri = pathlib.Path(item.path).as_uri()
             if sid is None or (data is None and size is None):

@@ -16,8 +16,8 @@ a fingerprint that did not follow the link; a ``.png`` renamed to ``.txt`` was s
 
 Listing is streaming (a generator of :class:`ListedFile`): a pool of millions never becomes a list in memory;
 only the folder being listed is, as its file names (sorted for a fixed order; ~75 bytes a file, where the
-``os.DirEntry`` objects ``os.walk`` holds cost ~220), plus the few names whose listed type is not a plain regular
-file (links, special files: they are stat'ed when used; a plain file needs no stat to be known as one).
+``os.DirEntry`` objects ``os.walk`` holds cost ~220), each name whose listed type is not a plain regular file
+(links, special files: stat'ed when used; a plain file needs no stat to be known as one) marked by one character.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from storage.errors import redact
 from storage.ingest.common import IMAGE_EXTENSIONS, SourceError, SourceNotFoundError, absolute, is_url, shown_path
 
 __all__ = ["ImageFolder", "ListedFile", "open_image_folder"]
+
+
+_NOT_PLAIN = "\0"  # marks a listed name whose type is not a plain regular file (names never hold NUL)
 
 
 def _visible(name: str) -> bool:
@@ -97,12 +100,14 @@ class ImageFolder:
     def _walk(self, directory: str, rel: str, label: str, ancestors: set[tuple[int, int]]) -> Iterator[ListedFile]:
         try:
             st = os.stat(directory)
-            images, not_plain, subdirs = self._scan(directory)
+            images, subdirs = self._scan(directory)
         except OSError:
             return  # an unreadable subfolder holds nothing we can list (as os.walk does)
         here = ancestors | {(st.st_dev, st.st_ino)}
-        for name in images:
-            yield ListedFile(os.path.join(directory, name), f"{rel}/{name}", label, name not in not_plain)
+        for marked in images:
+            plain = not marked.endswith(_NOT_PLAIN)
+            name = marked if plain else marked[:-1]
+            yield ListedFile(os.path.join(directory, name), f"{rel}/{name}", label, plain)
         del images
         for entry in subdirs:
             try:
@@ -113,13 +118,13 @@ class ImageFolder:
                 continue  # a link back to an ancestor: following it would never end
             yield from self._walk(entry.path, f"{rel}/{entry.name}", label, here)
 
-    def _scan(self, directory: str) -> tuple[list[str], set[str], list[os.DirEntry]]:
-        """A folder's image file names (sorted), those of them whose listed type is not a plain regular file
-        (links, FIFOs, ...: usually none), and its subfolders (sorted by name); other files are counted in
+    def _scan(self, directory: str) -> tuple[list[str], list[os.DirEntry]]:
+        """A folder's image file names, sorted, each name whose listed type is not a plain regular file (a link,
+        a FIFO, ...) marked by a trailing NUL, and its subfolders (sorted by name); other files are counted in
         ``n_ignored``. Only names are kept for files: an ``os.DirEntry`` with its path costs ~220 bytes, and a
-        class folder may list millions of files."""
+        class folder may list millions of files. A name cannot hold NUL, so the mark sorts a name just where it
+        sorts unmarked (before any longer name it is a prefix of), and costs one character."""
         images: list[str] = []
-        not_plain: set[str] = set()
         subdirs: list[os.DirEntry] = []
         with os.scandir(directory) as it:
             for entry in it:
@@ -128,14 +133,12 @@ class ImageFolder:
                 if _is_dir(entry):
                     subdirs.append(entry)
                 elif _is_image_name(entry.name):
-                    images.append(entry.name)
-                    if not _is_plain_file(entry):
-                        not_plain.add(entry.name)
+                    images.append(entry.name if _is_plain_file(entry) else entry.name + _NOT_PLAIN)
                 else:
                     self.n_ignored += 1
         images.sort()
         subdirs.sort(key=lambda e: e.name)
-        return images, not_plain, subdirs
+        return images, subdirs
 
 
 def _is_plain_file(entry: os.DirEntry) -> bool:

@@ -289,7 +289,8 @@ def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLik
     with manifest_records(url, files) as (columns, records), \
             DatasetWriter(store, source_name=f"manifest {shown}", shard_rows=shard_rows, seed=seed,
                           val_fraction=val_fraction, test_fraction=test_fraction,
-                          base=BaseSamples(store, previous, fetch) if previous is not None else None) as writer:
+                          base=BaseSamples(store, previous, fetch, hashes.lost_shards) if previous is not None
+                          else None) as writer:
         for (target, label, split), key, size, (sid, data, problem) in ordered_map(check, manifest_entries(
                 columns, records, shown, base)):
             if sid is None or (data is None and size is None):

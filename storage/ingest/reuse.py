@@ -43,6 +43,7 @@ being built (sorted in place; writing it copies it once): ~1 GB at 10^7 files at
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -50,7 +51,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlparse
@@ -59,7 +60,7 @@ import numpy as np
 import pyarrow as pa
 
 from skmm.canonical_json import canonical_json
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactStore, _translate
 from storage.datasets import DatasetRef, ShardRef, load_manifest, sample_id_array
 from storage.errors import StorageError, redact
 from storage.ingest.common import CONTENT_TAGS, SourceError, is_url, read_record
@@ -152,20 +153,28 @@ def object_key(url: str, info: Mapping[str, Any]) -> bytes | None:
 _ABOVE_ALL_IDS = "g"  # sorts after every lowercase hex id
 
 
-def lost_ranges(store: ArtifactStore, shards: tuple[ShardRef, ...]) -> list[tuple[str, str]]:
-    """The sample-id intervals ``(lo, hi)``, both bounds excluded, that the dataset's shards gone from ``store``
-    (or of another size than their refs) held, sorted: each run of such shards spans from the largest id of the
-    readable shard before it to the smallest of the one after (their footers' statistics); an empty list when all
-    are there. A neighbour whose footer cannot tell joins the run."""
+def shards_present(store: ArtifactStore, shards: tuple[ShardRef, ...]) -> list[bool]:
+    """Whether each shard is in ``store`` with its ref's size (one size request a shard, 16 in flight)."""
     def present(shard: ShardRef) -> bool:
         try:
             return store.fs.size(store._path(store._rel_from_uri(shard.artifact.uri))) == shard.artifact.size
-        except FileNotFoundError:
+        except Exception as exc:  # gone, or refused (S3 answers a HEAD on a missing key with 403 without
+            error = _translate(exc, shard.artifact.uri)  # ListBucket): lost; a store that may come back: retry
+            if error.transient:
+                raise error from None
             return False
-        except OSError as exc:
-            raise StorageError(f"cannot check dataset shard {shard.artifact.uri}: {exc}", transient=True) from exc
 
-    ok = list(ordered_map(present, shards, workers=16))
+    return list(ordered_map(present, shards, workers=16))
+
+
+def lost_ranges(store: ArtifactStore, shards: tuple[ShardRef, ...],
+                present: list[bool] | None = None) -> list[tuple[str, str]]:
+    """The sample-id intervals ``(lo, hi)``, both bounds excluded, that the dataset's shards gone from ``store``
+    (or of another size than their refs; ``present``: :func:`shards_present`, computed if not given) held,
+    sorted: each run of such shards spans from the largest id of the readable shard before it to the smallest of
+    the one after (their footers' statistics); an empty list when all are there. A neighbour whose footer cannot
+    tell joins the run."""
+    ok = present if present is not None else shards_present(store, shards)
     if all(ok):
         return []
 
@@ -194,14 +203,14 @@ def lost_ranges(store: ArtifactStore, shards: tuple[ShardRef, ...]) -> list[tupl
             hi_i += 1
         lo = None
         while lo is None and lo_i >= 0:
-            lo = bound(lo_i, "max")
+            lo = bound(lo_i, "max") if ok[lo_i] else None
             lo_i -= lo is None
         hi = None
         while hi is None and hi_i < len(shards):
             hi = bound(hi_i, "min") if ok[hi_i] else None
             hi_i += hi is None
         lo, hi = lo or "", hi or _ABOVE_ALL_IDS
-        if ranges and lo <= ranges[-1][1]:  # touches the previous run (a neighbour without a footer): join them
+        if ranges and lo < ranges[-1][1]:  # reaches into the previous run (neighbours without footers): join them
             lo = ranges.pop()[0]
         ranges.append((lo, hi))
         i = hi_i if hi_i > i else i + 1
@@ -220,6 +229,8 @@ class SourceHashes:
         self.policy = hashlib.sha256(canonical_json(dict(policy)).encode()).hexdigest()
         self._old_new_rows: list[str] = []  # the last record's new-rows files (removed once superseded)
         self._lost: list[tuple[str, str]] = []  # id ranges of the loaded record's dataset in shards that are gone
+        self._lost_lows: list[str] = []
+        self.lost_shards: set[str] = set()  # the URIs of those shards (BaseSamples does not try them)
         self._records = np.empty(0, _RECORD)  # the loaded record (views on its bytes), sorted by key
         self._fresh = bytearray()  # this ingest's records, 48 bytes each
 
@@ -257,7 +268,11 @@ class SourceHashes:
                          where)
                 return None
             try:
-                self._lost = lost_ranges(self.store, load_manifest(self.store, base).shards)
+                shards = load_manifest(self.store, base).shards
+                present = shards_present(self.store, shards)
+                self._lost = lost_ranges(self.store, shards, present)
+                self._lost_lows = [lo for lo, _ in self._lost]
+                self.lost_shards = {sh.artifact.uri for sh, ok in zip(shards, present, strict=True) if not ok}
             except StorageError as exc:
                 if exc.transient:
                     raise
@@ -286,10 +301,8 @@ class SourceHashes:
     def lost(self, sid: str) -> bool:
         """Whether sample ``sid`` was in a shard of the loaded record's dataset that is gone (:func:`lost_ranges`):
         its file is then read, not reused."""
-        for lo, hi in self._lost:  # a handful of runs at most
-            if lo < sid < hi:
-                return True
-        return False
+        k = bisect.bisect_right(self._lost_lows, sid) - 1  # the ranges are sorted and disjoint
+        return k >= 0 and self._lost[k][0] < sid < self._lost[k][1]
 
     def record(self, key: bytes, sid: str) -> None:
         """One file this ingest accepted (read now, or found unchanged)."""
@@ -345,9 +358,11 @@ class BaseSamples:
     read and its images checked on a background thread while the writer works on the current one (the reads and
     sha256 release the GIL), so the second pass does not wait for the store; :meth:`close` stops it."""
 
-    def __init__(self, store: ArtifactStore, dataset: DatasetRef, fetch: Callable[[str], bytes]) -> None:
+    def __init__(self, store: ArtifactStore, dataset: DatasetRef, fetch: Callable[[str], bytes],
+                 skip: Collection[str] = ()) -> None:
         self.store, self.dataset, self.fetch = store, dataset, fetch
-        self._shards = load_manifest(store, dataset).shards
+        # ``skip``: shards known gone (SourceHashes.lost_shards): their samples were read in the first pass
+        self._shards = [sh for sh in load_manifest(store, dataset).shards if sh.artifact.uri not in skip]
         self._rows = self._batches()  # advanced only on the reader thread
         self._ids = np.empty(0, "S64")
         self._data: pa.Array | None = None

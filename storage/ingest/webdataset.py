@@ -303,8 +303,10 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
 
     with DatasetWriter(store, source_name=f"webdataset {_shown(specs)}", shard_rows=shard_rows, seed=seed,
                        val_fraction=val_fraction, test_fraction=test_fraction,
-                       base=BaseSamples(store, previous, fetch) if previous is not None else None) as writer:
-        for t, (uri, label, data, _), known, sid, problem in ordered_map(check, items()):
+                       base=BaseSamples(store, previous, fetch, hashes.lost_shards) if previous is not None
+                       else None) as writer:
+        for t, (uri, label, data, _), known, sid, problem in ordered_map(check, items(),
+                                                                        inline=lambda entry: entry[2] is not None):
             if known is not None:
                 writer.add(sid, uri, label, None, None, reused=known[1])
                 continue

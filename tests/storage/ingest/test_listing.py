@@ -31,3 +31,32 @@ def test_listing_a_flat_folder_holds_well_under_a_direntry_a_file(tmp_path):
     assert [first.rel, *rest] == [f"cat/{i:08d}.jpg" for i in range(N_FILES)] + ["dog/x.png"]
     assert held / N_FILES < 110  # measured ~275 bytes a file with os.DirEntry objects, ~80 with names
     assert first.is_regular() and first.stat().st_size == 0 and first.path == os.path.join(folder, "00000000.jpg")
+
+
+def test_a_folder_of_links_is_held_as_compactly_and_its_links_are_followed(tmp_path):
+    """Pools of links (git-annex, DVC's link cache) list every file as a link: marked in its name, not in a set."""
+    target = tmp_path / "blob"
+    target.write_bytes(b"x")
+    folder = tmp_path / "pool" / "cat"
+    folder.mkdir(parents=True)
+    for i in range(N_FILES):
+        (folder / f"{i:08d}.jpg").symlink_to(target)
+    (folder / "broken.png").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "pool" / "dog").mkdir()
+    (tmp_path / "pool" / "dog" / "x.png").touch()
+    listing = open_image_folder(tmp_path / "pool")
+
+    tracemalloc.start()
+    try:
+        files = listing.files()
+        first = next(files)
+        _, held = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    rest = list(files)
+    assert held / N_FILES < 110  # ~200 bytes a link with a set of the links' names
+    assert [f.rel for f in [first, *rest]] == [f"cat/{i:08d}.jpg" for i in range(N_FILES)] + ["cat/broken.png",
+                                                                                               "dog/x.png"]
+    assert first.is_regular() and first.stat().st_size == 1
+    broken = rest[-2]
+    assert broken.path == os.path.join(folder, "broken.png") and not broken.is_regular()

@@ -47,3 +47,18 @@ def test_ordered_map_stops_reading_when_the_consumer_fails():
             if value == 10:
                 raise RuntimeError("stop")
     assert len(taken) < 20
+
+
+def test_ordered_map_runs_inline_items_in_the_callers_thread_and_keeps_the_order():
+    import threading
+
+    caller = threading.get_ident()
+    seen: dict[int, int] = {}
+
+    def work(i: int) -> int:
+        seen[i] = threading.get_ident()
+        return i * 10
+
+    out = list(ordered_map(work, range(40), workers=3, window=5, inline=lambda i: i % 3 == 0))
+    assert out == [i * 10 for i in range(40)]
+    assert all((seen[i] == caller) == (i % 3 == 0) for i in range(40))

@@ -479,5 +479,54 @@ def test_lost_ranges_cover_exactly_the_ids_of_the_shards_that_are_gone(tmp_path)
     ranges = lost_ranges(store, shards)
     assert ranges == [("", ids[1][0]), (ids[1][-1], "g")]  # shards 2, 3 and 4 (another size): one run to the end
     hashes = SourceHashes(store, {"kind": "test"}, {})
-    hashes._lost = ranges
+    hashes._lost, hashes._lost_lows = ranges, [lo for lo, _ in ranges]
     assert {sid for k in (0, 2, 3, 4) for sid in ids[k]} == {sid for s in ids for sid in s if hashes.lost(sid)}
+
+
+def test_a_refused_size_check_on_a_gone_shard_reads_its_files_and_a_truncated_shard_is_repaired(tmp_path,
+                                                                                                 monkeypatch, caplog):
+    """S3 answers a HEAD on a missing key with 403 to a caller without ListBucket (s3fs: PermissionError): the
+    shard is lost, not the ingest. A truncated shard that the grown dataset writes again, byte for byte, is
+    replaced by the good copy (its name is the sha256 of the right bytes)."""
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=8)
+    first = ingest_image_folder(store, pool, shard_rows=3)
+    shards = load_manifest(store, first.dataset).shards
+    gone = store._path(store._rel_from_uri(shards[2].artifact.uri))
+    store.fs.rm(gone)
+    cut = Path(store._path(store._rel_from_uri(shards[5].artifact.uri)))
+    cut.write_bytes(cut.read_bytes()[:-7])
+    real = type(store.fs).size
+
+    def size(self, path, *args, **kwargs):
+        if path == gone:
+            raise PermissionError(13, "Forbidden")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(store.fs), "size", size)
+    reads = ReadCount(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        again = ingest_image_folder(store, pool, shard_rows=3)
+    assert again.dataset.version == first.dataset.version and len(reads.take()) == 6  # the two lost shards' files
+    assert "replaced by a good copy" in caplog.text and "reusing" not in caplog.text  # lost shards: not tried
+    assert cut.stat().st_size == shards[5].artifact.size
+    monkeypatch.setattr(type(store.fs), "size", real)
+    same_as_from_scratch(store, again, pool, tmp_path, shard_rows=3)
+
+
+def test_one_present_row_between_two_lost_shards_is_not_lost(tmp_path):
+    from storage.datasets import write_samples
+    from storage.ingest.reuse import lost_ranges
+
+    store = ArtifactStore(tmp_path / "store")
+    rows = [{"data": image_bytes(i), "label": "ab"[i % 2], "split": "train", "source_uri": f"file:///{i}.png"}
+            for i in range(3)]
+    shards = load_manifest(store, write_samples(store, rows, shard_rows=1)).shards
+    ids = [read_shard(store, s, ["sample_id"])["sample_id"].to_pylist()[0] for s in shards]
+    for k in (0, 2):
+        Path(store._path(store._rel_from_uri(shards[k].artifact.uri))).unlink()
+    hashes = SourceHashes(store, {"kind": "test"}, {})
+    hashes._lost = lost_ranges(store, shards)
+    hashes._lost_lows = [lo for lo, _ in hashes._lost]
+    assert hashes._lost == [("", ids[1]), (ids[1], "g")]
+    assert [hashes.lost(sid) for sid in ids] == [True, False, True]
