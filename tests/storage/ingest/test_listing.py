@@ -11,6 +11,19 @@ from storage.ingest.listing import open_image_folder
 N_FILES = 20_000
 
 
+def first_file_and_peak(listing):
+    """The first listed file, the peak of Python allocations while the listing got to it (its class folder
+    scanned, sorted and held), and the other files."""
+    tracemalloc.start()
+    try:
+        files = listing.files()
+        first = next(files)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return first, peak, list(files)
+
+
 def test_listing_a_flat_folder_holds_well_under_a_direntry_a_file(tmp_path):
     folder = tmp_path / "pool" / "cat"
     folder.mkdir(parents=True)
@@ -20,15 +33,8 @@ def test_listing_a_flat_folder_holds_well_under_a_direntry_a_file(tmp_path):
     (tmp_path / "pool" / "dog" / "x.png").touch()
     listing = open_image_folder(tmp_path / "pool")
 
-    tracemalloc.start()
-    try:
-        files = listing.files()
-        first = next(files)  # the first class folder is scanned, sorted and held now
-        _, held = tracemalloc.get_traced_memory()  # the peak, the folder's scan included
-    finally:
-        tracemalloc.stop()
-    rest = [f.rel for f in files]
-    assert [first.rel, *rest] == [f"cat/{i:08d}.jpg" for i in range(N_FILES)] + ["dog/x.png"]
+    first, held, rest = first_file_and_peak(listing)
+    assert [f.rel for f in [first, *rest]] == [f"cat/{i:08d}.jpg" for i in range(N_FILES)] + ["dog/x.png"]
     assert held / N_FILES < 110  # measured ~275 bytes a file with os.DirEntry objects, ~80 with names
     assert first.is_regular() and first.stat().st_size == 0 and first.path == os.path.join(folder, "00000000.jpg")
 
@@ -46,14 +52,7 @@ def test_a_folder_of_links_is_held_as_compactly_and_its_links_are_followed(tmp_p
     (tmp_path / "pool" / "dog" / "x.png").touch()
     listing = open_image_folder(tmp_path / "pool")
 
-    tracemalloc.start()
-    try:
-        files = listing.files()
-        first = next(files)
-        _, held = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    rest = list(files)
+    first, held, rest = first_file_and_peak(listing)
     assert held / N_FILES < 110  # ~200 bytes a link with a set of the links' names
     assert [f.rel for f in [first, *rest]] == [f"cat/{i:08d}.jpg" for i in range(N_FILES)] + ["cat/broken.png",
                                                                                                "dog/x.png"]
