@@ -94,8 +94,9 @@ class ImageFolder:
     def files(self) -> Iterator[ListedFile]:
         """Every image file, class by class, in the fixed walk order; counts other files in ``n_ignored``."""
         self.n_ignored = 0
-        for class_dir in self.class_dirs:
-            yield from self._walk(class_dir.path, class_dir.name, class_dir.name, set())
+        root = os.stat(self.root)
+        for class_dir in self.class_dirs:  # the root is every class folder's ancestor: a link back to it is skipped
+            yield from self._walk(class_dir.path, class_dir.name, class_dir.name, {(root.st_dev, root.st_ino)})
 
     def _walk(self, directory: str, rel: str, label: str, ancestors: set[tuple[int, int]]) -> Iterator[ListedFile]:
         try:

@@ -59,3 +59,15 @@ def test_a_folder_of_links_is_held_as_compactly_and_its_links_are_followed(tmp_p
     assert first.is_regular() and first.stat().st_size == 1
     broken = rest[-2]
     assert broken.path == os.path.join(folder, "broken.png") and not broken.is_regular()
+
+
+def test_a_link_back_to_the_pool_root_is_an_ancestor_too(tmp_path):
+    """A class folder holding a link to the pool's root: skipped like any link back to an ancestor (it listed
+    the whole pool again under it, root files included)."""
+    pool = tmp_path / "pool"
+    for label in ("cat", "dog"):
+        (pool / label).mkdir(parents=True)
+        (pool / label / "x.png").touch()
+    (pool / "loose.png").touch()
+    (pool / "cat" / "back").symlink_to(pool, target_is_directory=True)
+    assert [f.rel for f in open_image_folder(pool).files()] == ["cat/x.png", "dog/x.png"]

@@ -155,3 +155,21 @@ def test_shards_cut_from_many_bucket_chunks_with_many_pages_are_byte_identical_t
     meta = pq.ParquetFile(pa.BufferReader(store.get_bytes(shards[0].artifact))).metadata
     assert meta.row_group(0).column(4).total_uncompressed_size > 2 * 2**20  # several pages in the data column
     assert [s.artifact.sha256 for s in load_manifest(store, ours).shards] == [s.artifact.sha256 for s in shards]
+
+
+def test_the_writer_version_is_dataset_version_for_labels_that_need_escaping(tmp_path):
+    """The cutter builds dataset_version's JSON lines itself: labels with quotes, backslashes, control and
+    non-ASCII characters give the same version (splits: hashed, explicit and null-free)."""
+    labels = ['say "hi"', "back\\slash", "tab\there", "café", "雪", "\u2028", "plain"]
+    records = rows(64)
+    for i, r in enumerate(records):
+        r["label"] = labels[i % len(labels)]
+    store = ArtifactStore(tmp_path / "store")
+    with DatasetWriter(store, source_name="escapes", shard_rows=10, seed=1, val_fraction=0.2,
+                       test_fraction=0.1) as writer:
+        feed(writer, records)
+        result = writer.finish(source="file:///pool")
+    got = read_samples(store, result.dataset, columns=["sample_id", "label", "split"])
+    rows_back = list(zip(*(got[c].to_pylist() for c in ("sample_id", "label", "split")), strict=True))
+    assert {r[1] for r in rows_back} == set(labels)
+    assert result.dataset.version == dataset_version(rows_back)
