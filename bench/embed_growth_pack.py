@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
 import sys
 import tempfile
 import time
@@ -55,25 +54,21 @@ def main() -> None:
                         default=pathlib.Path(tempfile.gettempdir()) / "skmm-growth-pack")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
-    n, grown = args.n, args.n // 100
-    master, pool, base = args.work / "master", args.work / "pool", args.work / "store-base"
-    scale_pool.make_master(master, n + grown)
-    for path in (pool, base):
-        shutil.rmtree(path, ignore_errors=True)
-    scale_pool.make_pool(master, pool, 0, n)
+    n = args.n
+    master, pool, base, grown = scale_pool.growth_setup(args.work, n, "store-base")
     first = in_child(ingest, str(pool), str(base))["dataset"]
     first_embed = in_child(embed, first, str(base), args.model, True)
     print("first embed", first_embed, flush=True)
     scale_pool.make_pool(master, pool, n, grown)
     dataset = in_child(ingest, str(pool), str(base))["dataset"]
-    before = {p for p in base.rglob("*") if p.is_file()}
+    before = scale_pool.files_under(base)
     runs = []
     for r in range(args.repeats):
         for pack in ((True, False) if r % 2 == 0 else (False, True)):
             run = {"repeat": r, "pack": pack, **in_child(embed, dataset, str(base), args.model, pack)}
             print(run, flush=True)
             runs.append(run)
-            for path in {p for p in base.rglob("*") if p.is_file()} - before:  # back to the grown store
+            for path in scale_pool.files_under(base) - before:  # back to the grown store
                 path.unlink()
     if len({run["table_sha256"] for run in runs}) != 1:
         raise SystemExit(f"packed and unpacked tables differ: {runs}")

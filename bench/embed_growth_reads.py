@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
 import sys
 import tempfile
 import time
@@ -63,12 +62,8 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path(__file__).resolve().parent / "results" / "embed_growth_reads.json")
     args = parser.parse_args()
-    n, grown = args.n, args.n // 100
-    master, pool, base = args.work / "master", args.work / "pool", args.work / "store"
-    scale_pool.make_master(master, n + grown)
-    for path in (pool, base):
-        shutil.rmtree(path, ignore_errors=True)
-    scale_pool.make_pool(master, pool, 0, n)
+    n = args.n
+    master, pool, base, grown = scale_pool.growth_setup(args.work, n, "store")
     time.sleep(SETTLE_NS / 1e9 + 0.5)  # files changed within 2 s of the listing are read, not keyed
     first = in_child(ingest, str(pool), str(base))["dataset"]
     first_embed = in_child(embed, first, str(base), args.model)
@@ -77,7 +72,7 @@ def main() -> None:
     growth = in_child(ingest, str(pool), str(base))
     new_rows = sorted((base / NEW_ROWS_PREFIX).glob("*.parquet"))
     kept = {p: p.read_bytes() for p in new_rows}
-    before = {p for p in base.rglob("*") if p.is_file()}
+    before = scale_pool.files_under(base)
     runs = []
     for r in range(args.repeats):
         for with_rows in ((True, False) if r % 2 == 0 else (False, True)):
@@ -87,7 +82,7 @@ def main() -> None:
             run = {"repeat": r, "new_rows": with_rows, **in_child(embed, growth["dataset"], str(base), args.model)}
             print(run, flush=True)
             runs.append(run)
-            for path in {p for p in base.rglob("*") if p.is_file()} - before:  # back to the grown store
+            for path in scale_pool.files_under(base) - before:  # back to the grown store
                 path.unlink()
             for p, data in kept.items():
                 if not p.exists():

@@ -14,6 +14,7 @@ import argparse
 import io
 import os
 import pathlib
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -74,6 +75,23 @@ def make_pool(master: pathlib.Path, pool: pathlib.Path, start: int, count: int) 
         if not target.exists():
             os.link(_path(master, i), target)
     return pool
+
+
+def growth_setup(work: pathlib.Path, n: int, store: str) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path, int]:
+    """A growth benchmark's start: a master of ``n`` + 1 % images under ``work``, a fresh pool of the first ``n``
+    and an empty store folder ``work/store``; (master, pool, store path, the growth's size)."""
+    grown = n // 100
+    master, pool, base = work / "master", work / "pool", work / store
+    make_master(master, n + grown)
+    for path in (pool, base):
+        shutil.rmtree(path, ignore_errors=True)
+    make_pool(master, pool, 0, n)
+    return master, pool, base, grown
+
+
+def files_under(root: pathlib.Path) -> set[pathlib.Path]:
+    """Every file under ``root`` (a store's state, to put it back after a measured run)."""
+    return {p for p in root.rglob("*") if p.is_file()}
 
 
 if __name__ == "__main__":
