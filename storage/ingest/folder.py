@@ -23,7 +23,7 @@ from storage.ingest.common import (
 )
 from storage.ingest.listing import ListedFile, open_image_folder
 from storage.ingest.reading import ordered_map
-from storage.ingest.reuse import BaseSamples, SourceHashes, readable, source_key, uri_path
+from storage.ingest.reuse import BaseSamples, SourceHashes, source_key, uri_path
 from storage.ingest.writer import DatasetWriter
 
 __all__ = ["ingest_image_folder", "read_and_check", "read_file_uri"]
@@ -92,8 +92,8 @@ def ingest_image_folder(store: ArtifactStore, folder: str | os.PathLike, *, val_
 
     def check(item: ListedFile) -> tuple[ListedFile, bytes | None, int | None, Checked]:
         key, size = source_key(item.path) if hashes is not None and item.is_regular() else (None, None)
-        sid = hashes.lookup(key) if key is not None else None
-        if sid is not None and not hashes.lost(sid) and readable(item.path):
+        sid = hashes.reusable(key, item.path) if hashes is not None else None
+        if sid is not None:
             return item, key, size, (sid, None, None)
         return item, key, None, read_and_check(item.path, max_pixels, item.is_regular(), checked)
 

@@ -45,7 +45,7 @@ from storage.ingest.common import (
 )
 from storage.ingest.folder import read_file_uri
 from storage.ingest.reading import CredentialsMissingError, SourceFiles, ordered_map
-from storage.ingest.reuse import BaseSamples, SourceHashes, readable, source_key
+from storage.ingest.reuse import BaseSamples, SourceHashes, source_key
 from storage.ingest.writer import DatasetWriter
 
 __all__ = ["fetch_and_check", "ingest_manifest", "manifest_base", "manifest_entries", "manifest_records",
@@ -278,8 +278,8 @@ def ingest_manifest(store: ArtifactStore, manifest_path_or_url: str | os.PathLik
     def check(entry: tuple[str, str, str | None]) -> tuple[tuple[str, str, str | None], bytes | None,
                                                              int | None, Any]:
         key, size = source_key(entry[0], files) if hashes is not None else (None, None)
-        sid = hashes.lookup(key) if key is not None else None
-        if sid is not None and not hashes.lost(sid) and readable(entry[0]):
+        sid = hashes.reusable(key, entry[0]) if hashes is not None else None
+        if sid is not None:
             return entry, key, size, (sid, None, None)
         return entry, key, None, fetch_and_check(entry[0], files, max_pixels, checked)
 

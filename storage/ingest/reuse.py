@@ -298,6 +298,12 @@ class SourceHashes:
             return self._records["sid"][pos].tobytes().hex()
         return None
 
+    def reusable(self, key: bytes | None, target: str) -> str | None:
+        """The recorded sample id of a listed file (a local path or URL) with this ``key`` when its bytes can be
+        taken from the previous dataset: recorded, not in a lost shard, and openable now; else None (it is read)."""
+        sid = self.lookup(key) if key is not None else None
+        return sid if sid is not None and not self.lost(sid) and readable(target) else None
+
     def lost(self, sid: str) -> bool:
         """Whether sample ``sid`` was in a shard of the loaded record's dataset that is gone (:func:`lost_ranges`):
         its file is then read, not reused."""

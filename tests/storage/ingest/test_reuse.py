@@ -416,10 +416,11 @@ def test_a_file_this_process_cannot_open_is_read_not_reused(tmp_path, monkeypatc
     make_pool(pool, per_class=3)
     first = ingest_image_folder(store, pool)
     reads = ReadCount(monkeypatch)
-    monkeypatch.setattr(folder_mod, "readable", lambda path: not path.endswith("img1.jpg"))
+    readable = reuse_mod.readable
+    monkeypatch.setattr(reuse_mod, "readable", lambda path: not path.endswith("img1.jpg"))
     grown = ingest_image_folder(store, pool)
     assert grown.n_reused == first.n_samples - 3 and len(reads.take()) == 3  # the three img1.jpg were read
-    assert reuse_mod.readable(str(pool / "cat" / "img0.png")) and not reuse_mod.readable(str(pool / "nothing"))
+    assert readable(str(pool / "cat" / "img0.png")) and not readable(str(pool / "nothing"))
 
 
 def test_non_utf8_file_names_and_hash_signs_round_trip_through_uris(tmp_path):
