@@ -174,16 +174,44 @@ class ShardRef:
 
 @dataclass(frozen=True)
 class DatasetManifest:
-    """The manifest artifact's content: shards in sample-id order, total rows, version, schema version."""
+    """The manifest artifact's content: shards, total rows, version, schema version, and how the shards form runs.
+
+    A **run** is a sequence of shards in sample-id order whose id ranges do not overlap; the runs of a dataset hold
+    disjoint sets of samples, but their id ranges interleave. A dataset written at once is one run (``runs`` empty:
+    the manifest is then byte-identical to one written before runs existed). A grown dataset keeps its previous
+    shards that did not change and adds the new samples as a new run (:mod:`storage.ingest.writer`): ``runs`` then
+    gives the number of shards of each run, in ``shards`` order. Readers that promise sample-id order merge the
+    runs (:func:`storage.sorted_merge.merge_sorted_tables`)."""
 
     version: str
     num_rows: int
     shards: tuple[ShardRef, ...]
     schema_version: int = SCHEMA_VERSION
+    runs: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.runs:
+            _want(len(self.runs) >= 2 and all(_is_count(n) and n > 0 for n in self.runs)
+                  and sum(self.runs) == len(self.shards),
+                  f"dataset manifest runs {list(self.runs)!r:.200} do not split its {len(self.shards)} shards into "
+                  "two or more non-empty runs")
+
+    def shard_runs(self) -> tuple[tuple[ShardRef, ...], ...]:
+        """The shards grouped by run (one group for a dataset written at once)."""
+        if not self.runs:
+            return (self.shards,)
+        out, lo = [], 0
+        for n in self.runs:
+            out.append(self.shards[lo:lo + n])
+            lo += n
+        return tuple(out)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": "skmm.dataset", "schema_version": self.schema_version, "version": self.version,
-                "num_rows": self.num_rows, "shards": [s.to_dict() for s in self.shards]}
+        out = {"format": "skmm.dataset", "schema_version": self.schema_version, "version": self.version,
+               "num_rows": self.num_rows, "shards": [s.to_dict() for s in self.shards]}
+        if self.runs:
+            out["runs"] = list(self.runs)
+        return out
 
     def to_json(self) -> bytes:
         """Canonical bytes (sorted keys, no whitespace): equal manifests are equal artifacts."""
@@ -193,8 +221,8 @@ class DatasetManifest:
     def from_dict(cls, data: Any) -> DatasetManifest:
         """Parse and validate; raises MalformedRecordError (also when the shard rows do not add up)."""
         keys = {"format", "schema_version", "version", "num_rows", "shards"}
-        _want(isinstance(data, dict) and set(data) == keys,
-              f"a dataset manifest needs exactly {sorted(keys)}; got {data!r:.200}")
+        _want(isinstance(data, dict) and keys <= set(data) <= keys | {"runs"},
+              f"a dataset manifest needs exactly {sorted(keys)} (and runs, for a grown one); got {data!r:.200}")
         _want(data["format"] == "skmm.dataset", f"not a dataset manifest: format {data['format']!r:.80}")
         _want(data["schema_version"] == SCHEMA_VERSION and not isinstance(data["schema_version"], bool),
               f"unsupported dataset schema version {data['schema_version']!r:.40} (this code reads {SCHEMA_VERSION})")
@@ -205,7 +233,10 @@ class DatasetManifest:
         shards = tuple(ShardRef.from_dict(s) for s in data["shards"])
         total = sum(s.num_rows for s in shards)
         _want(total == data["num_rows"], f"dataset manifest says {data['num_rows']} rows but its shards hold {total}")
-        return cls(data["version"], data["num_rows"], shards, data["schema_version"])
+        runs = data.get("runs", ())
+        _want(isinstance(runs, list | tuple) and (runs or "runs" not in data),
+              f"dataset manifest has bad runs: {runs!r:.80}")
+        return cls(data["version"], data["num_rows"], shards, data["schema_version"], tuple(runs))
 
     @classmethod
     def from_json(cls, text: bytes | str) -> DatasetManifest:
