@@ -39,7 +39,8 @@ def dataset_rows(store: ArtifactStore, dataset: DatasetRef, sample_ids: Sequence
     """sample_id and ``columns`` of the dataset rows whose id is in ``sample_ids``, in sample-id order.
 
     Streams the verified manifest's shards one row group at a time with column projection (never ``data``);
-    ids not in the dataset are simply absent from the answer."""
+    ids not in the dataset are simply absent from the answer. The rows of a grown dataset's runs (each in id
+    order, their ids interleaved) are sorted together."""
     columns = list(columns)
     if "data" in columns:
         raise ValueError("the audit never reads the sample bytes: leave 'data' out of columns")
@@ -50,7 +51,10 @@ def dataset_rows(store: ArtifactStore, dataset: DatasetRef, sample_ids: Sequence
     manifest = load_manifest(store, dataset)
     parts = [shard_rows(store, shard, wanted, columns) for shard in manifest.shards] if len(wanted) else []
     schema = pa.schema([pa.field("sample_id", pa.string()), *(pa.field(c, pa.string()) for c in columns)])
-    return pa.concat_tables(parts) if parts else schema.empty_table()
+    if not parts:
+        return schema.empty_table()
+    rows = pa.concat_tables(parts)
+    return rows.sort_by("sample_id") if manifest.runs else rows
 
 
 def _datasets(index: LineageIndex, selections: list[str], warn: Warn | None) -> dict[str, list[dict[str, Any]]]:

@@ -426,9 +426,16 @@ def read_samples(store: ArtifactStore, dataset_ref: DatasetRef, columns: Sequenc
     """All rows of the dataset, in sample-id order, as one Table (optionally only ``columns``).
 
     Every shard is verified against its sha256 first: a corrupted or missing shard raises
-    ArtifactCorruptedError / ArtifactNotFoundError naming it.
+    ArtifactCorruptedError / ArtifactNotFoundError naming it. The rows of a grown dataset's runs (each in id order,
+    their ids interleaved) are sorted together.
     """
-    return pa.concat_tables([read_shard(store, shard, columns) for shard in load_manifest(store, dataset_ref).shards])
+    manifest = load_manifest(store, dataset_ref)
+    if not manifest.runs:
+        return pa.concat_tables([read_shard(store, shard, columns) for shard in manifest.shards])
+    wanted = None if columns is None else list(columns)
+    read = wanted if wanted is None or "sample_id" in wanted else ["sample_id", *wanted]  # the sort key
+    rows = pa.concat_tables([read_shard(store, shard, read) for shard in manifest.shards]).sort_by("sample_id")
+    return rows if read is wanted else rows.select(wanted)
 
 
 _SHARD_CACHE: OrderedDict[tuple[str, str], pa.Table] = OrderedDict()

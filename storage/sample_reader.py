@@ -6,14 +6,18 @@ the stages that need every image of it (embed, FT sketch), wasteful for those th
 few images. This module reads only the columns and row groups it needs, and still verifies what it returns:
 
 - :func:`iter_metadata` / :func:`read_metadata`: sample_id / label / split (never ``data``) of every row, shard by
-  shard. A partial read cannot check a shard's sha256, so the **dataset version** is recomputed while the rows
-  stream past (the same encoding as :func:`~storage.datasets.dataset_version`, vectorised per shard) and compared
-  with the verified manifest's: a changed id, label or split, a row out of order or a dropped row raises
-  ArtifactCorruptedError naming the dataset.
+  shard — for a grown dataset, whose runs of shards interleave in id order (see
+  :class:`~storage.datasets.DatasetManifest`), merged into sample-id order holding one shard's metadata per run
+  (:mod:`storage.sorted_merge`). A partial read cannot check a shard's sha256, so the **dataset version** is
+  recomputed while the rows stream past in id order (the same encoding as :func:`~storage.datasets.dataset_version`,
+  vectorised per table) and compared with the verified manifest's: a changed id, label or split, a row out of
+  order or a dropped row raises ArtifactCorruptedError naming the dataset.
 - :func:`read_images`: (sample_id, data) of the wanted ids only, from the row groups that hold one; each row is
   verified by its id (a sample id *is* the sha256 of the sample's bytes).
 - :func:`iter_split`: (sample_id, label[, data]) of one split's rows — or of its ``limit`` smallest ids, a
-  content-determined sample — in bounded batches, verified both ways: evaluate and finetune stream through it;
+  content-determined sample — in bounded batches, verified both ways (for several runs with images: a first pass
+  over the merged metadata verifies the version and finds the last id wanted, a second reads each run's images up
+  to it and merges them): evaluate and finetune stream through it;
   :func:`read_split_ids` gives that split's ids as one fixed-width array (select, the sketches, evaluate).
 
 Every shard's object size is checked against the manifest's ref, and its row count and schema against the
@@ -36,8 +40,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.artifacts import ArtifactRef, ArtifactStore, _translate
-from storage.datasets import ID_DTYPE, SAMPLE_SCHEMA, DatasetRef, ShardRef, load_manifest, sample_id, sample_id_array
+from storage.datasets import (
+    ID_DTYPE,
+    SAMPLE_SCHEMA,
+    DatasetManifest,
+    DatasetRef,
+    ShardRef,
+    load_manifest,
+    sample_id,
+    sample_id_array,
+)
 from storage.errors import ArtifactCorruptedError, MalformedRecordError, StorageError
+from storage.sorted_merge import merge_sorted_tables
 
 __all__ = ["METADATA_COLUMNS", "check_limit", "iter_metadata", "iter_shard", "iter_split", "read_images",
            "read_metadata", "read_split_ids", "shard_rows", "split_head"]
@@ -50,6 +64,7 @@ _HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = True
 _IMAGE_BATCH_ROWS = 256  # rows decoded at a time from a row group's data column
 _ID_BATCH_ROWS = 1 << 16  # ids (and labels) handed on at a time by read_split_ids
 _STREAM_BUFFER = 2**20  # bytes per ranged read of a column chunk (no whole column chunk in memory)
+_SPLIT_READ = ("sample_id", "label", "split")  # the metadata iter_split reads
 
 
 def _object_path(store: ArtifactStore, ref: ArtifactRef) -> str:
@@ -218,32 +233,71 @@ def _metadata_columns(columns: Sequence[str]) -> list[str]:
     return columns
 
 
-def _verified_shards(store: ArtifactStore, dataset: DatasetRef, read: Sequence[str]
+def _shard_metadata(store: ArtifactStore, shard: ShardRef, read: list[str], check: _VersionCheck) -> pa.Table:
+    """The ``read`` metadata columns of one shard, checked to hold the manifest's row count for it."""
+    parts = list(iter_shard(store, shard, read[1:]))
+    table = pa.concat_tables(parts) if parts else SAMPLE_SCHEMA.empty_table().select(read)
+    if table.num_rows != shard.num_rows:
+        raise check.fail(f"{_what(shard)} yields {table.num_rows} rows, the manifest says {shard.num_rows}")
+    return table
+
+
+def _verified_shards(store: ArtifactStore, dataset: DatasetRef, shards: Sequence[ShardRef], read: Sequence[str]
                      ) -> Iterator[tuple[ShardRef, pa.Table]]:
-    """(shard, its ``read`` metadata columns) for every shard, in order, each checked into the dataset version;
-    the version is compared with the manifest's after the last shard (ArtifactCorruptedError then)."""
+    """(shard, its ``read`` metadata columns) for every shard of a one-run dataset, in order, each checked into
+    the dataset version; the version is compared with the manifest's after the last shard (ArtifactCorruptedError
+    then)."""
     read = list(read)
     check = _VersionCheck(dataset)
-    for shard in load_manifest(store, dataset).shards:
-        parts = list(iter_shard(store, shard, read[1:]))
-        table = pa.concat_tables(parts) if parts else SAMPLE_SCHEMA.empty_table().select(read)
-        if table.num_rows != shard.num_rows:
-            raise check.fail(f"{_what(shard)} yields {table.num_rows} rows, the manifest says {shard.num_rows}")
+    for shard in shards:
+        table = _shard_metadata(store, shard, read, check)
         check.update(table)
         yield shard, table
     check.finish()
 
 
+def _merged(streams: Sequence[Iterator[pa.Table]], check: _VersionCheck) -> Iterator[pa.Table]:
+    """The runs' metadata streams merged in sample-id order; a run out of order (or holding an id that is not 64
+    characters) fails the version check, as it would in one run."""
+    try:
+        yield from merge_sorted_tables(streams)
+    except ValueError as exc:
+        raise check.fail(f"a run of its shards cannot be merged in sample-id order ({exc})") from None
+
+
+def _verified_merge(store: ArtifactStore, dataset: DatasetRef, runs: Sequence[Sequence[ShardRef]],
+                    read: Sequence[str]) -> Iterator[pa.Table]:
+    """The ``read`` metadata columns of a dataset of several runs, merged into sample-id order — one shard's
+    metadata per run in memory — and checked like :func:`_verified_shards`: row counts per shard, the version
+    over the merged rows (it hashes them in global id order) after the last."""
+    read = list(read)
+    check = _VersionCheck(dataset)
+    streams = [(_shard_metadata(store, shard, read, check) for shard in run) for run in runs]
+    for table in _merged(streams, check):
+        check.update(table)
+        yield table
+    check.finish()
+
+
+def _verified_metadata(store: ArtifactStore, dataset: DatasetRef, manifest: DatasetManifest, read: Sequence[str]
+                       ) -> Iterator[pa.Table]:
+    """The ``read`` metadata columns of every row in sample-id order, verified: one table per shard for one run,
+    per merge step for several."""
+    if not manifest.runs:
+        return (table for _, table in _verified_shards(store, dataset, manifest.shards, read))
+    return _verified_merge(store, dataset, manifest.shard_runs(), read)
+
+
 def iter_metadata(store: ArtifactStore, dataset: DatasetRef, columns: Sequence[str] = ("sample_id", "label", "split"),
                   split: str | None = None) -> Iterator[pa.Table]:
-    """``columns`` of every row (of ``split`` only, if given), one table per shard, in sample-id order; never the
-    sample bytes.
+    """``columns`` of every row (of ``split`` only, if given), one table per shard (for several runs: per step of
+    their merge, at most a shard of each), in sample-id order; never the sample bytes.
 
     Verified as it streams: once the last shard is read, ArtifactCorruptedError is raised unless the rows' dataset
     version equals the manifest's (act on the yielded rows only after the iteration ended)."""
     columns = _metadata_columns(columns)
     read = sorted({"sample_id", "label", "split", *columns}, key=list(METADATA_COLUMNS).index)
-    for _, table in _verified_shards(store, dataset, read):
+    for table in _verified_metadata(store, dataset, load_manifest(store, dataset), read):
         if split is not None:
             table = table.filter(pc.equal(table.column("split"), split))
         yield table.select(columns)
@@ -252,7 +306,8 @@ def iter_metadata(store: ArtifactStore, dataset: DatasetRef, columns: Sequence[s
 def read_metadata(store: ArtifactStore, dataset: DatasetRef, columns: Sequence[str] = ("sample_id", "label", "split"),
                   split: str | None = None) -> pa.Table:
     """``columns`` of every row (of ``split`` only, if given) as one table in sample-id order, after verifying the
-    whole dataset's version (see :func:`iter_metadata`); memory: the returned rows plus one shard's metadata."""
+    whole dataset's version (see :func:`iter_metadata`); memory: the returned rows plus one shard's metadata (one
+    per run, for several)."""
     columns = _metadata_columns(columns)
     parts = list(iter_metadata(store, dataset, columns, split))
     return pa.concat_tables(parts) if parts else SAMPLE_SCHEMA.empty_table().select(columns)
@@ -279,22 +334,26 @@ def read_images(store: ArtifactStore, dataset: DatasetRef, sample_ids: Sequence[
     Reads only the sample_id and data columns of the row groups that hold a wanted id, ``_IMAGE_BATCH_ROWS`` rows
     at a time: memory O(wanted bytes + one batch + one column-chunk read buffer). A row whose bytes do not hash to
     its id raises ArtifactCorruptedError naming it; wanted ids the dataset lacks raise ValueError naming the first;
-    a wanted sample stored without bytes (only its source_uri) raises ValueError naming it."""
+    a wanted sample stored without bytes (only its source_uri) raises ValueError naming it. The rows found in
+    several runs are sorted together (they are held anyway)."""
     wanted = pc.unique(sample_ids.cast(pa.string()) if isinstance(sample_ids, pa.Array | pa.ChunkedArray)
                        else pa.array(list(sample_ids), pa.string()))
     wanted = wanted.filter(pc.is_valid(wanted))
     wanted = wanted.take(pc.sort_indices(wanted))
     schema = pa.schema([pa.field("sample_id", pa.string()), pa.field("data", pa.binary())])
     parts: list[pa.Table] = []
+    several_runs = False
     if len(wanted):
-        for shard in load_manifest(store, dataset).shards:
+        manifest = load_manifest(store, dataset)
+        several_runs = bool(manifest.runs)
+        for shard in manifest.shards:
             parts.extend(_verified_images(store, shard, wanted, _IMAGE_BATCH_ROWS))
     found = pa.concat_tables(parts) if parts else schema.empty_table()
     if found.num_rows != len(wanted):
         missing = wanted.filter(pc.invert(pc.is_in(wanted, value_set=found.column("sample_id"))))
         raise ValueError(f"{len(missing)} wanted samples are not in dataset {dataset.manifest.uri} "
                          f"(first {missing[0].as_py()})")
-    return found
+    return found.sort_by("sample_id") if several_runs else found  # each run's rows are in order, the runs interleave
 
 
 # ---------------------------------------------------------------------------------------------- one split, streamed
@@ -326,14 +385,21 @@ def iter_split(store: ArtifactStore, dataset: DatasetRef, split: str, limit: int
     ``limit``: only the split's first ``limit`` rows, i.e. its ``limit`` smallest sample ids — ids are content
     hashes, so this is a sample fixed by the samples' content, independent of ingest order and shard layout
     (None: the whole split). Memory: one shard's metadata plus one batch of ``batch_rows`` images, whatever the
-    pool's size. Verified like :func:`iter_metadata` (the dataset version, after the last shard: every shard's
-    metadata is read even once ``limit`` rows were yielded; act on the rows only after the iteration ended) and
-    :func:`read_images` (each image by its id)."""
+    pool's size — per run, for a dataset of several runs, whose metadata is then read twice with ``images``
+    (:func:`_runs_split_images`). Verified like :func:`iter_metadata` (the dataset version, after the last shard:
+    every shard's metadata is read even once ``limit`` rows were yielded; act on the rows only after the
+    iteration ended) and :func:`read_images` (each image by its id)."""
     limit = check_limit(limit)
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, numbers.Integral) or batch_rows < 1:
         raise ValueError(f"batch_rows must be a positive integer; got {batch_rows!r}")
+    manifest = load_manifest(store, dataset)
+    if manifest.runs:
+        runs = manifest.shard_runs()
+        yield from (_runs_split_images(store, dataset, runs, split, limit, batch_rows) if images else
+                    _runs_split_rows(store, dataset, runs, split, limit, batch_rows))
+        return
     left = limit
-    for shard, table in _verified_shards(store, dataset, ("sample_id", "label", "split")):
+    for shard, table in _verified_shards(store, dataset, manifest.shards, _SPLIT_READ):
         if left == 0:
             continue  # read all the same: the version covers every row
         rows, left = split_head(table, split, left)
@@ -341,17 +407,87 @@ def iter_split(store: ArtifactStore, dataset: DatasetRef, split: str, limit: int
             for lo in range(0, rows.num_rows, batch_rows):
                 yield rows.slice(lo, batch_rows)
             continue
-        if not rows.num_rows:
+        yield from _shard_split_images(store, shard, rows, split, batch_rows)
+
+
+def _shard_split_images(store: ArtifactStore, shard: ShardRef, rows: pa.Table, split: str, batch_rows: int
+                        ) -> Iterator[pa.Table]:
+    """``rows`` (sample_id and label of some of one shard's ``split`` rows, in id order) with their verified bytes
+    as ``data``, at most ``batch_rows`` rows at a time."""
+    if not rows.num_rows:
+        return
+    rows = rows.combine_chunks()
+    ids, got = rows.column("sample_id").chunk(0), 0
+    for part in _verified_images(store, shard, ids, batch_rows):
+        yield rows.take(pc.index_in(part.column("sample_id"), value_set=ids)).append_column(
+            "data", part.column("data"))
+        got += part.num_rows
+    if got != rows.num_rows:
+        raise ArtifactCorruptedError(f"{_what(shard)} is corrupted: its metadata lists {rows.num_rows} {split} "
+                                     f"rows, its sample bytes {got}")
+
+
+def _runs_split_rows(store: ArtifactStore, dataset: DatasetRef, runs: Sequence[Sequence[ShardRef]], split: str,
+                     limit: int | None, batch_rows: int) -> Iterator[pa.Table]:
+    """:func:`iter_split` without images for several runs: the one-run loop over the merged metadata."""
+    left = limit
+    for table in _verified_merge(store, dataset, runs, _SPLIT_READ):
+        if left == 0:
+            continue  # read all the same: the version covers every row
+        rows, left = split_head(table, split, left)
+        for lo in range(0, rows.num_rows, batch_rows):
+            yield rows.slice(lo, batch_rows)
+
+
+def _split_extent(store: ArtifactStore, dataset: DatasetRef, runs: Sequence[Sequence[ShardRef]], split: str,
+                  limit: int | None) -> tuple[int, str | None]:
+    """(how many rows of ``split`` iter_split yields, the largest id among them; None if none) — from the whole
+    merged metadata, so the dataset version is verified here, before any image is read."""
+    count, last, left = 0, None, limit
+    for table in _verified_merge(store, dataset, runs, _SPLIT_READ):
+        if left == 0:
             continue
-        rows = rows.combine_chunks()
-        ids, got = rows.column("sample_id").chunk(0), 0
-        for part in _verified_images(store, shard, ids, batch_rows):
-            yield rows.take(pc.index_in(part.column("sample_id"), value_set=ids)).append_column(
-                "data", part.column("data"))
-            got += part.num_rows
-        if got != rows.num_rows:
-            raise ArtifactCorruptedError(f"{_what(shard)} is corrupted: its metadata lists {rows.num_rows} {split} "
-                                         f"rows, its sample bytes {got}")
+        rows, left = split_head(table, split, left)
+        if rows.num_rows:
+            count += rows.num_rows
+            last = rows.column("sample_id")[-1].as_py()
+    return count, last
+
+
+def _run_split_images(store: ArtifactStore, run: Sequence[ShardRef], split: str, last: str, batch_rows: int,
+                      check: _VersionCheck) -> Iterator[pa.Table]:
+    """sample_id, label and verified ``data`` of one run's ``split`` rows with ids up to ``last``, in id order, at
+    most ``batch_rows`` rows at a time; the run's shards after the one that reaches ``last`` are not read."""
+    read = list(_SPLIT_READ)
+    for shard in run:
+        table = _shard_metadata(store, shard, read, check)
+        ids = table.column("sample_id")
+        keep = pc.and_(pc.equal(table.column("split"), split), pc.less_equal(ids, last))
+        yield from _shard_split_images(store, shard, table.filter(keep).select(["sample_id", "label"]), split,
+                                       batch_rows)
+        if table.num_rows and ids[-1].as_py() >= last:
+            return  # the run is in id order: its later shards hold only larger ids
+
+
+def _runs_split_images(store: ArtifactStore, dataset: DatasetRef, runs: Sequence[Sequence[ShardRef]], split: str,
+                       limit: int | None, batch_rows: int) -> Iterator[pa.Table]:
+    """:func:`iter_split` with images for several runs, in two passes, so that neither holds the split's ids: the
+    merged metadata (the version check) gives the number of rows wanted and the last id; then each run's images
+    up to that id are read shard by shard (its metadata again) and the runs' batches merged in id order.
+
+    Memory: one shard's metadata and one batch per run. The second pass must give as many rows as the first."""
+    expected, last = _split_extent(store, dataset, runs, split, limit)
+    if last is None:
+        return
+    check = _VersionCheck(dataset)  # for its error messages: the version was compared in the first pass
+    streams = [_run_split_images(store, run, split, last, batch_rows, check) for run in runs]
+    got = 0
+    for table in merge_sorted_tables(streams):  # a merge step holds up to a batch of each run: cut it again
+        for lo in range(0, table.num_rows, batch_rows):
+            yield table.slice(lo, batch_rows)
+        got += table.num_rows
+    if got != expected:
+        raise check.fail(f"a second read of its shards gives {got} {split} rows, the first {expected}")
 
 
 def read_split_ids(store: ArtifactStore, dataset: DatasetRef, split: str, limit: int | None = None,
