@@ -902,23 +902,107 @@ def _table_id_range(store: ArtifactStore, ref: VectorTableRef) -> tuple[bytes, b
     return str(stats[0].min).encode(), str(stats[-1].max).encode()
 
 
-def _merged_rows(store: ArtifactStore, refs: Sequence[VectorTableRef], digest: str
-                 ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """The sorted union of overlapping tables (read in ``refs`` order): identical duplicates collapse to the
-    first table's row, different ones raise ValueError naming the sample."""
-    parts = [(ids.copy(), rows.copy()) for ref in refs for _, ids, rows in _scan_vectors(store, ref)]
-    ids = np.concatenate([p[0] for p in parts])
-    rows = np.concatenate([p[1] for p in parts])
-    del parts
+class _MergeCursor:
+    """One table of a streaming merge: its current scan batch, consumed from the front."""
+
+    def __init__(self, store: ArtifactStore, ref: VectorTableRef, index: int) -> None:
+        self.ref, self.index = ref, index
+        self._batches = iter(_scan_vectors(store, ref))
+        self.ids: np.ndarray = np.empty(0, ID_DTYPE)
+        self.rows: np.ndarray = np.empty((0, ref.dim), np.float32)
+
+    def refill(self) -> bool:
+        """Load the next batch once the current one is used up; False when the table is done (bytes verified)."""
+        while not len(self.ids):
+            batch = next(self._batches, None)
+            if batch is None:
+                return False
+            _, self.ids, self.rows = batch
+        return True
+
+    def take(self, bound: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """Remove and return the current batch's rows with id <= ``bound``: all the table's rows up to ``bound``
+        when ``bound`` is at most the batch's last id (the table's ids ascend)."""
+        cut = int(np.searchsorted(self.ids, bound, side="right"))
+        taken = self.ids[:cut], self.rows[:cut]
+        self.ids, self.rows = self.ids[cut:], self.rows[cut:]
+        return taken
+
+    def drain(self) -> None:
+        """Read the rest of the table, so that damaged bytes raise ArtifactCorruptedError."""
+        for _ in self._batches:
+            pass
+
+    def close(self) -> None:
+        self._batches.close()  # type: ignore[attr-defined]
+
+
+def _open_cursor(store: ArtifactStore, ref: VectorTableRef, index: int, first: bytes) -> _MergeCursor | None:
+    """A cursor on a table's first batch, or None if it has no rows. The merge opens a table when it reaches
+    ``first`` (its footer's first id): a table starting before that would come too late, so it is refused."""
+    cursor = _MergeCursor(store, ref, index)
+    if not cursor.refill():
+        return None
+    if cursor.ids[0] < first:
+        cursor.drain()
+        raise ValueError(f"vector table {ref.artifact.uri} starts at sample {cursor.ids[0].decode()}, before the "
+                         "first id its footer records")
+    return cursor
+
+
+def _merge_chunk(taken: list[tuple[_MergeCursor, np.ndarray, np.ndarray]], digest: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows taken from several tables (in ``refs`` order, every copy of each id among them) in id order:
+    identical duplicates collapse to the first table's row, different ones raise ValueError naming the sample."""
+    taken = [t for t in taken if len(t[1])]
+    if len(taken) == 1:
+        return taken[0][1], taken[0][2]
+    ids = np.concatenate([t[1] for t in taken])
+    rows = np.concatenate([t[2] for t in taken])
     order = np.argsort(ids, kind="stable")  # stable: among equal ids the earliest table comes first
     ids, rows = ids[order], rows[order]
     same = ids[1:] == ids[:-1]
     conflict = np.flatnonzero(same & ~(rows[1:] == rows[:-1]).all(axis=1))
     if conflict.size:
-        raise ValueError(f"sample {ids[conflict[0]].decode()} has different vectors in two tables of producer "
-                         f"{digest}")
+        sid = ids[conflict[0]]
+        for cursor, part, _ in taken:  # corrupted bytes explain a difference best: verify the tables holding it
+            if part[min(int(np.searchsorted(part, sid)), len(part) - 1)] == sid:
+                cursor.drain()
+        raise ValueError(f"sample {sid.decode()} has different vectors in two tables of producer {digest}")
+    if not same.any():
+        return ids, rows
     keep = np.concatenate([[True], ~same])
-    yield ids[keep], rows[keep]
+    return ids[keep], rows[keep]
+
+
+def _merged_rows(store: ArtifactStore, refs: Sequence[VectorTableRef], firsts: Sequence[bytes], digest: str
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The sorted union of overlapping tables (earlier in ``refs`` wins among identical duplicates), streamed.
+
+    A k-way merge over scan batches: each chunk ends at the smallest last id of the open tables' current batches
+    and takes every id up to it from each, so all copies of an id land in one chunk. A table is opened when the
+    merge reaches ``firsts[i]`` (its footer's first id; b"" opens it at once) and closed once used up: memory
+    is one scan batch per table overlapping the current id — about one per run — not the group's rows."""
+    pending = sorted(range(len(refs)), key=lambda i: (firsts[i], i))
+    pending.reverse()  # next to open at the end
+    live: list[_MergeCursor] = []
+    try:
+        while True:
+            live = [c for c in live if c.refill()]
+            bound = min((c.ids[-1] for c in live), default=None)
+            while pending and (bound is None or firsts[pending[-1]] <= bound):
+                i = pending.pop()
+                cursor = _open_cursor(store, refs[i], i, firsts[i])
+                if cursor is not None:
+                    live.append(cursor)
+                    bound = cursor.ids[-1] if bound is None else min(bound, cursor.ids[-1])
+            if bound is None:
+                return
+            live.sort(key=lambda c: c.index)
+            yield _merge_chunk([(c, *c.take(bound)) for c in live], digest)
+    finally:
+        for cursor in live:
+            cursor.close()
 
 
 def combine_vectors(store: ArtifactStore, refs: Sequence[VectorTableRef]) -> VectorTableRef:
@@ -927,7 +1011,8 @@ def combine_vectors(store: ArtifactStore, refs: Sequence[VectorTableRef]) -> Vec
     Refuses, with a ValueError naming both digests, tables whose producers (or kinds, or dims) differ. A sample
     present in several shards collapses if its vectors are identical and is an error otherwise. The output is
     the same artifact as :func:`write_vectors` of the union; shards whose id ranges do not overlap (a dataset's
-    shards, in any order) are streamed one row group at a time, and only overlapping ones are merged in memory.
+    shards, in any order) are streamed one row group at a time, and overlapping ones (a grown dataset's runs,
+    whose ranges interleave) are merged a scan batch per overlapping table at a time (:func:`_merged_rows`).
     """
     refs = list(refs)
     if not refs:
@@ -961,6 +1046,8 @@ def combine_vectors(store: ArtifactStore, refs: Sequence[VectorTableRef]) -> Vec
             if len(group) == 1:
                 yield from ((ids, rows) for _, ids, rows in _scan_vectors(store, refs[group[0]]))
             else:
-                yield from _merged_rows(store, [refs[i] for i in sorted(group)], head.producer_digest)
+                members = sorted(group)
+                firsts = [ranges[i][0] if ranges[i] else b"" for i in members]
+                yield from _merged_rows(store, [refs[i] for i in members], firsts, head.producer_digest)
 
     return write_vector_chunks(store, rows(), head.producer, head.kind)  # type: ignore[arg-type]
