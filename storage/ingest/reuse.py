@@ -66,6 +66,7 @@ from storage.errors import StorageError, redact
 from storage.ingest.common import CONTENT_TAGS, SourceError, is_url, read_record
 from storage.ingest.reading import SourceFiles, ordered_map
 from storage.sample_reader import _open_shard  # the checked shard opening (size against the ref, schema, rows)
+from storage.sorted_merge import merge_sorted_tables
 
 __all__ = ["HASHES_PREFIX", "NEW_ROWS_PREFIX", "SETTLE_NS", "BaseSamples", "SourceHashes", "file_key",
            "new_rows_path", "object_key", "read_new_rows", "read_tar_members", "readable", "source_key", "uri_path",
@@ -217,6 +218,25 @@ def lost_ranges(store: ArtifactStore, shards: tuple[ShardRef, ...],
     return ranges
 
 
+def runs_lost_ranges(store: ArtifactStore, runs: tuple[tuple[ShardRef, ...], ...],
+                     present: list[bool]) -> list[tuple[str, str]]:
+    """:func:`lost_ranges` of a dataset of several runs (``present`` for all shards, in run order): each run's
+    ranges, their union sorted — a run's lost interval also spans the other runs' samples in it, which are then
+    read again too (more reading, never a wrong dataset)."""
+    ranges: list[tuple[str, str]] = []
+    lo = 0
+    for run in runs:
+        ranges += lost_ranges(store, run, present[lo:lo + len(run)])
+        lo += len(run)
+    merged: list[tuple[str, str]] = []
+    for a, b in sorted(ranges):
+        if merged and a < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
 class SourceHashes:
     """The record of one source's files (see the module docstring): :meth:`load` the last one, :meth:`lookup`
     a listed file's key, :meth:`record` every accepted file of this ingest, :meth:`commit` once it is published.
@@ -268,9 +288,10 @@ class SourceHashes:
                          where)
                 return None
             try:
-                shards = load_manifest(self.store, base).shards
+                manifest = load_manifest(self.store, base)
+                shards = manifest.shards
                 present = shards_present(self.store, shards)
-                self._lost = lost_ranges(self.store, shards, present)
+                self._lost = runs_lost_ranges(self.store, manifest.shard_runs(), present)
                 self._lost_lows = [lo for lo, _ in self._lost]
                 self.lost_shards = {sh.artifact.uri for sh, ok in zip(shards, present, strict=True) if not ok}
             except StorageError as exc:
@@ -362,14 +383,20 @@ class BaseSamples:
     :meth:`fill` is called with ascending ids, each call's ids above the previous call's (the writer's second
     pass); ``fetch(uri)`` reads a sample's source when the store cannot give its bytes. The next batch of rows is
     read and its images checked on a background thread while the writer works on the current one (the reads and
-    sha256 release the GIL), so the second pass does not wait for the store; :meth:`close` stops it."""
+    sha256 release the GIL), so the second pass does not wait for the store; :meth:`close` stops it.
+
+    The writer first streams the shards' metadata (:meth:`metadata`) to find the shards whose rows all stay as
+    they are, and keeps them in the grown dataset (:meth:`keep`): their images are then never read. A dataset of
+    several runs (a grown one) is read run by run, the runs merged in id order."""
 
     def __init__(self, store: ArtifactStore, dataset: DatasetRef, fetch: Callable[[str], bytes],
                  skip: Collection[str] = ()) -> None:
         self.store, self.dataset, self.fetch = store, dataset, fetch
+        self.manifest = load_manifest(store, dataset)
         # ``skip``: shards known gone (SourceHashes.lost_shards): their samples were read in the first pass
-        self._shards = [sh for sh in load_manifest(store, dataset).shards if sh.artifact.uri not in skip]
-        self._rows = self._batches()  # advanced only on the reader thread
+        self.skip = set(skip)
+        self.kept: set[str] = set()  # shards the grown dataset keeps (keep): never read for images
+        self._rows: Iterator[tuple[np.ndarray, pa.Array, np.ndarray]] | None = None  # started by the first fill
         self._ids = np.empty(0, "S64")
         self._data: pa.Array | None = None
         self._good = np.zeros(0, bool)
@@ -382,25 +409,79 @@ class BaseSamples:
         if self._ahead is not None:
             self._ahead.cancel()
         self._reader.shutdown(wait=True, cancel_futures=True)
-        self._rows.close()
+        if self._rows is not None:
+            self._rows.close()
         if self.n_fetched:
             log.warning("reuse: %d sample(s) read from their sources again (the previous dataset %s could not give "
                         "them: see the warnings above, or bytes that did not hash to their ids)", self.n_fetched,
                         self.dataset.manifest.uri)
             self.n_fetched = 0
 
+    def keep(self, uris: Collection[str]) -> None:
+        """Shards the grown dataset keeps as they are: :meth:`fill` is never asked for their samples, so they are
+        not read. Only before the first :meth:`fill`."""
+        if self._rows is not None:
+            raise RuntimeError("BaseSamples.keep after the first fill")
+        self.kept |= set(uris)
+
+    def metadata(self, columns: tuple[str, ...] = ("sample_id", "source_uri", "label", "split"),
+                 only: Collection[str] | None = None) -> list[Iterator[pa.Table]]:
+        """One stream per run of the previous dataset: ``columns`` of its readable shards' rows in id order (never
+        the images), plus ``shard``, the shard's index in the manifest. A shard that is gone or cannot be read
+        yields no rows (so it is never kept) and is not read again: its samples come from their sources.
+
+        ``only``: just these shards (by URI), and any error is raised (the kept shards, whose rows must all be
+        found)."""
+        return [self._run_metadata(run, columns, only) for run in self._indexed_runs()]
+
+    def _indexed_runs(self) -> list[list[tuple[int, ShardRef]]]:
+        runs, k = [], 0
+        for run in self.manifest.shard_runs():
+            runs.append([(k + i, sh) for i, sh in enumerate(run)])
+            k += len(run)
+        return runs
+
+    def _run_metadata(self, run: list[tuple[int, ShardRef]], columns: tuple[str, ...],
+                      only: Collection[str] | None) -> Iterator[pa.Table]:
+        for index, shard in run:
+            if shard.artifact.uri in self.skip if only is None else shard.artifact.uri not in only:
+                continue
+            try:
+                with _open_shard(self.store, shard, list(columns)) as parquet:
+                    table = parquet.read(columns=list(columns), use_threads=False)
+            except StorageError as exc:
+                if exc.transient or only is not None:
+                    raise
+                log.warning("reusing %s: %s; its samples are read from their sources", shard.artifact.uri, exc)
+                self.skip.add(shard.artifact.uri)
+                continue
+            yield table.append_column("shard", pa.array(np.full(table.num_rows, index, np.int64)))
+
     def _batches(self) -> Iterator[tuple[np.ndarray, pa.Array, np.ndarray]]:
-        """The base dataset's rows in id order, :data:`BASE_BATCH_ROWS` at a time: ids, images (Arrow: no copy
-        of the bytes as Python objects) and which images hash to their ids. A shard that cannot be read (or
-        the rest of it, once it fails) is skipped: its samples are then read from their sources."""
-        for k, shard in enumerate(self._shards):
-            for ahead in self._shards[k:k + 2]:
+        """The base dataset's rows in id order (the runs merged), about :data:`BASE_BATCH_ROWS` at a time: ids,
+        images (Arrow: no copy of the bytes as Python objects) and which images hash to their ids. A shard that
+        cannot be read (or the rest of it, once it fails) is skipped: its samples are then read from their
+        sources."""
+        gone = self.skip | self.kept
+        runs = [[sh for _, sh in run if sh.artifact.uri not in gone] for run in self._indexed_runs()]
+        runs = [run for run in runs if run]
+        if len(runs) == 1:
+            for table in self._run_images(runs[0]):
+                yield from (self._checked(batch) for batch in table.to_batches())
+            return
+        for table in merge_sorted_tables([self._run_images(run) for run in runs]):
+            for lo in range(0, table.num_rows, BASE_BATCH_ROWS):
+                yield self._checked(table.slice(lo, BASE_BATCH_ROWS).combine_chunks().to_batches()[0])
+
+    def _run_images(self, shards: list[ShardRef]) -> Iterator[pa.Table]:
+        for k, shard in enumerate(shards):
+            for ahead in shards[k:k + 2]:
                 self._prefetch(ahead)
             try:
                 with _open_shard(self.store, shard, ["data"]) as parquet:
                     for batch in parquet.iter_batches(BASE_BATCH_ROWS, columns=["sample_id", "data"],
                                                       use_threads=False):
-                        yield self._checked(batch)
+                        yield pa.Table.from_batches([batch])
             except StorageError as exc:
                 if exc.transient:
                     raise
@@ -435,6 +516,8 @@ class BaseSamples:
 
     def _load_next(self, need: np.bytes_) -> bool:
         """Move to the next batch whose last id is at least ``need``; False when the base dataset is exhausted."""
+        if self._rows is None:
+            self._rows = self._batches()  # advanced only on the reader thread
         while True:
             ahead = self._ahead if self._ahead is not None else self._reader.submit(next, self._rows, None)
             loaded = ahead.result()

@@ -69,16 +69,19 @@ from storage.datasets import (
     DatasetRef,
     ShardRef,
     VectorTableRef,
+    sample_id_array,
 )
 from storage.errors import redact
 from storage.ingest.common import QUARANTINE_SCHEMA, IngestResult, SourceError, split_codes
 from storage.ingest.id_codes import IdCodes, digests_of_hex
 from storage.ingest.reuse import BaseSamples, write_new_rows
+from storage.sorted_merge import merge_sorted_tables
 
-__all__ = ["BUCKET_BYTES", "SPILL_BUFFER_BYTES", "DatasetWriter"]
+__all__ = ["BUCKET_BYTES", "MAX_RUNS", "SPILL_BUFFER_BYTES", "DatasetWriter"]
 
 log = logging.getLogger(__name__)
 
+MAX_RUNS = 8  # a growth that would leave more runs rewrites the whole dataset as one (compaction)
 SPILL_BUFFER_BYTES = 16 * 2**20  # pass 1: rows buffered (all buckets together) before they are appended
 BUCKET_BYTES = 64 * 2**20  # pass 2: a larger bucket is split again before it is read into memory
 
@@ -175,10 +178,15 @@ def _json(value: str | None) -> str:
 
 
 class _ShardCutter:
-    """Takes sorted row tables; writes shards of exactly ``shard_rows`` rows; hashes the dataset version."""
+    """Takes sorted row tables; writes shards of exactly ``shard_rows`` rows; hashes the dataset version.
 
-    def __init__(self, store: ArtifactStore, shard_rows: int) -> None:
+    ``kept``: the previous dataset's shards a growth keeps, by run (:meth:`DatasetWriter._kept_shards`); the new
+    shards then form one more run, and the version is hashed over every row (``add``'s ``every``)."""
+
+    def __init__(self, store: ArtifactStore, shard_rows: int,
+                 kept: tuple[tuple[ShardRef, ...], ...] = ()) -> None:
         self.store, self.shard_rows = store, shard_rows
+        self.kept = tuple(run for run in kept if run)
         self.shards: list[ShardRef] = []
         self.new_rows: list[str] = []  # the new-rows files written (storage.ingest.reuse.write_new_rows)
         self.num_rows = 0
@@ -186,7 +194,18 @@ class _ShardCutter:
         self._n_pending = 0
         self._version = hashlib.sha256(_VERSION_HEADER)
 
-    def add(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table, every: pa.Table | None = None) -> None:
+        """Rows to write (sorted, after the previous ``add``'s); ``every``: all the dataset's rows in this id range
+        (sample_id, label, split) when some of them are in kept shards — the version covers them too."""
+        self._hash(table if every is None else every)
+        if not table.num_rows:
+            return
+        self._pending.append(table)
+        self._n_pending += table.num_rows
+        while self._n_pending >= self.shard_rows:
+            self._cut(self.shard_rows)
+
+    def _hash(self, table: pa.Table) -> None:
         # dataset_version's lines, json.dumps([sid, label, split]) each, built from the JSON of each label and split
         # (few distinct values: memoised) around the id (64 hex digits: nothing to escape): 0.65 µs a row, not 2.7
         # (a bucket of tiny images holds ~10^5 rows: taken 8 192 at a time, not one Python str per row of it)
@@ -195,10 +214,6 @@ class _ShardCutter:
             lines = [f'["{sid}",{_json(label)},{_json(split)}]\n' for sid, label, split in
                      zip(*(part[c].to_pylist() for c in ("sample_id", "label", "split")), strict=True)]
             self._version.update("".join(lines).encode("ascii"))
-        self._pending.append(table)
-        self._n_pending += table.num_rows
-        while self._n_pending >= self.shard_rows:
-            self._cut(self.shard_rows)
 
     def _cut(self, n: int) -> None:
         parts, need = [], n
@@ -232,8 +247,72 @@ class _ShardCutter:
         if self._n_pending:
             self._cut(self._n_pending)
         version = self._version.hexdigest()
-        manifest = DatasetManifest(version, self.num_rows, tuple(self.shards))
-        return DatasetRef(self.store.put_bytes(manifest.to_json(), "dataset", ".json"), version, self.num_rows)
+        runs = [*self.kept, tuple(self.shards)] if self.shards else list(self.kept)
+        shards = tuple(sh for run in runs for sh in run)
+        num_rows = sum(sh.num_rows for sh in shards)
+        manifest = DatasetManifest(version, num_rows, shards,
+                                   runs=tuple(len(run) for run in runs) if len(runs) > 1 else ())
+        return DatasetRef(self.store.put_bytes(manifest.to_json(), "dataset", ".json"), version, num_rows)
+
+
+def _equal(a: pa.ChunkedArray | pa.Array, b: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Row-wise equality of two string columns as a numpy bool array (null equals null)."""
+    eq = pc.fill_null(pc.equal(a, b), False)
+    both_null = pc.and_(pc.is_null(a), pc.is_null(b))
+    return pc.or_(eq, both_null).to_numpy(zero_copy_only=False)
+
+
+class _Cursor:
+    """A stream of id-sorted tables read by id bound: :meth:`upto` gives the rows up to an id, once each."""
+
+    def __init__(self, tables: Iterator[pa.Table]) -> None:
+        self._tables = tables
+        self._head: pa.Table | None = None
+        self._ids = np.empty(0, "S64")
+
+    def upto(self, last: str) -> pa.Table:
+        """The rows not yet given whose sample id is at most ``last``."""
+        bound = np.bytes_(last.encode())
+        parts = []
+        while True:
+            if self._head is None:
+                self._head = next(self._tables, None)
+                if self._head is None:
+                    break
+                self._ids = sample_id_array(self._head["sample_id"])
+            cut = int(np.searchsorted(self._ids, bound, side="right"))
+            parts.append(self._head.slice(0, cut))
+            if cut < len(self._ids):
+                self._head, self._ids = self._head.slice(cut), self._ids[cut:]
+                break
+            self._head = None
+        return pa.concat_tables(parts) if parts else pa.table({"sample_id": pa.array([], pa.string())})
+
+    def close(self) -> None:
+        close = getattr(self._tables, "close", None)
+        if close is not None:
+            close()
+
+
+class _KeptIds:
+    """Which sorted spill rows are samples of kept shards: the kept shards' ids, merged over their runs and read
+    along with the second pass (the id column only: never a pool's worth of ids in memory)."""
+
+    def __init__(self, base: BaseSamples, kept: set[str]) -> None:
+        self._cursor = _Cursor(merge_sorted_tables(base.metadata(("sample_id",), only=kept)))
+
+    def __enter__(self) -> _KeptIds:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cursor.close()
+
+    def kept_mask(self, ids: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+        """For sorted ``ids`` (after the previous call's), whether each is in a kept shard."""
+        before = self._cursor.upto(ids[-1].as_py()) if len(ids) else None
+        if before is None or not before.num_rows:
+            return pa.array(np.zeros(len(ids), bool))
+        return pc.is_in(ids, value_set=before["sample_id"].combine_chunks())
 
 
 def _spill_root(store: ArtifactStore) -> str | None:
@@ -256,10 +335,13 @@ class DatasetWriter:
 
     def __init__(self, store: ArtifactStore, *, source_name: str, shard_rows: int, seed: int, val_fraction: float,
                  test_fraction: float, buffer_bytes: int = SPILL_BUFFER_BYTES,
-                 bucket_bytes: int = BUCKET_BYTES, base: BaseSamples | None = None) -> None:
+                 bucket_bytes: int = BUCKET_BYTES, base: BaseSamples | None = None,
+                 max_runs: int | None = None) -> None:
         self.store = store
         self.base = base  # where reused samples' bytes come from (add(..., reused=size))
+        self.max_runs = MAX_RUNS if max_runs is None else max_runs
         self.n_reused = 0
+        self.n_kept = 0  # with a base: rows of the previous dataset's shards kept as they are (set by finish)
         self.new_rows: list[str] = []  # with a base: the new-rows files of the shards written (set by finish)
         self.source_name = source_name
         self.shard_rows, self.seed = shard_rows, seed
@@ -393,7 +475,7 @@ class DatasetWriter:
             rows = rows.append_column(_FRESH, pc.invert(is_reused))
         return rows
 
-    def _drain(self, spill: _Spill, cutter: _ShardCutter) -> None:
+    def _drain(self, spill: _Spill, cutter: _ShardCutter, drop: _KeptIds | None = None) -> None:
         spill.close()
         for bucket in range(_FANOUT):
             if not spill.rows[bucket]:
@@ -404,19 +486,31 @@ class DatasetWriter:
                     for sid, uri, data, reused in zip(*(col.to_pylist() for col in batch.columns), strict=True):
                         sub.add(sid, uri, data, reused)
                 spill.remove(bucket)
-                self._drain(sub, cutter)
+                self._drain(sub, cutter, drop)
                 shutil.rmtree(sub.directory, ignore_errors=True)
                 continue
             table = spill.read(bucket)
             spill.remove(bucket)
-            cutter.add(self._rows(table.take(pc.sort_indices(table["sample_id"]))))
+            table = table.take(pc.sort_indices(table["sample_id"]))
+            if drop is None:
+                cutter.add(self._rows(table))
+                continue
+            kept = drop.kept_mask(table["sample_id"])
+            cutter.add(self._rows(table.filter(pc.invert(kept))), every=self._labelled(table))
 
     def finish(self, source: str, vectors: Callable[[], VectorTableRef] | None = None) -> IngestResult:
         """Validate, then write quarantine, shards, manifest (and ``vectors()``, if given); the result."""
         classes, split_counts = self._validate()
         qref = self._write_quarantine()
-        cutter = _ShardCutter(self.store, self.shard_rows)
-        self._drain(self._spill, cutter)
+        kept = self._kept_shards()
+        cutter = _ShardCutter(self.store, self.shard_rows, kept)
+        if any(kept):
+            self.n_kept = sum(sh.num_rows for run in kept for sh in run)
+            self.base.keep({sh.artifact.uri for run in kept for sh in run})
+            with _KeptIds(self.base, {sh.artifact.uri for run in kept for sh in run}) as drop:
+                self._drain(self._spill, cutter, drop)
+        else:
+            self._drain(self._spill, cutter)
         dataset = cutter.finish()
         self.new_rows = cutter.new_rows
         result = IngestResult(dataset=dataset, quarantine=qref, n_samples=dataset.num_rows,
@@ -425,9 +519,69 @@ class DatasetWriter:
                               vectors=vectors() if vectors is not None else None, source=redact(source),
                               n_reused=self.n_reused)
         log.info("ingested %s: %d samples, %d classes, splits %s, %d duplicates collapsed, %d quarantined, %d "
-                 "files unchanged (not read)", result.source, result.n_samples, len(result.classes),
-                 result.split_counts, result.n_duplicates_collapsed, result.n_quarantined, result.n_reused)
+                 "files unchanged (not read), %d samples in kept shards (not rewritten)", result.source,
+                 result.n_samples, len(result.classes), result.split_counts, result.n_duplicates_collapsed,
+                 result.n_quarantined, result.n_reused, self.n_kept)
         return result
+
+    def _labelled(self, table: pa.Table) -> pa.Table:
+        """sample_id, label and split of sorted spill rows (labels and splits from the bookkeeping)."""
+        codes = self._seen.codes_of(digests_of_hex(table["sample_id"]))
+        return pa.table({"sample_id": table["sample_id"],
+                         "label": pa.array(self._labels, pa.string()).take(pa.array(codes >> 2)),
+                         "split": pa.array(_SPLIT_NAMES, pa.string()).take(pa.array(codes & 3))})
+
+    def _spilled_metadata(self) -> Iterator[pa.Table]:
+        """Every spilled row's sample_id, source_uri and whether it is reused, sorted, a level-0 bucket at a time
+        (no image bytes held: a bucket's rows without them are ~200 bytes each)."""
+        self._spill.close()
+        for bucket in range(_FANOUT):
+            if not self._spill.rows[bucket]:
+                continue
+            parts = [pa.Table.from_batches([b]).select(["sample_id", "source_uri", "reused"])
+                     for b in self._spill.batches(bucket)]
+            table = pa.concat_tables(parts)
+            yield table.take(pc.sort_indices(table["sample_id"]))
+
+    def _kept_shards(self) -> tuple[tuple[ShardRef, ...], ...]:
+        """The previous dataset's shards a growth keeps as they are, by run: those whose every row is a sample of
+        this pool with the same source_uri, label and split, from a file not read now (reused). Their rows are
+        then not written again, and their images not read; the new rows form a new run. None when there is no
+        previous dataset, or when it already has ``max_runs`` runs (the grown dataset is then one run again)."""
+        if self.base is None:
+            return ()
+        manifest = self.base.manifest
+        if len(manifest.shard_runs()) >= self.max_runs:
+            log.info("the previous dataset has %d runs: the grown dataset is rewritten as one", len(manifest.runs))
+            return ()
+        matched = np.zeros(len(manifest.shards), np.int64)
+        previous = _Cursor(merge_sorted_tables(self.base.metadata()))
+        try:
+            for table in self._spilled_metadata():
+                before = previous.upto(table["sample_id"][-1].as_py())
+                if not before.num_rows:
+                    continue
+                ids = sample_id_array(table["sample_id"])
+                want = sample_id_array(before["sample_id"])
+                pos = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
+                found = ids[pos] == want
+                labelled = self._labelled(table)
+                at = pa.array(pos)
+                same = (found
+                        & table["reused"].is_valid().to_numpy(zero_copy_only=False)[pos]
+                        & _equal(before["source_uri"], table["source_uri"].take(at))
+                        & _equal(before["label"], labelled["label"].take(at))
+                        & _equal(before["split"], labelled["split"].take(at)))
+                shard = before["shard"].to_numpy()
+                matched += np.bincount(shard[same], minlength=len(matched))
+        finally:
+            previous.close()
+        keep = {i for i, sh in enumerate(manifest.shards) if matched[i] == sh.num_rows}
+        runs, k = [], 0
+        for run in manifest.shard_runs():
+            runs.append(tuple(sh for i, sh in enumerate(run, start=k) if i in keep))
+            k += len(run)
+        return tuple(runs)
 
     def _write_quarantine(self) -> ArtifactRef | None:
         if not self.quarantined:

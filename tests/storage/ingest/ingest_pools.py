@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
 from storage.artifacts import ArtifactStore
-from storage.datasets import read_samples
+from storage.datasets import DatasetRef, load_manifest, read_samples, read_shard
 from storage.ingest import IngestResult
 
 CLASSES = ("cat", "dog", "fox")
@@ -54,3 +55,26 @@ def quarantine_of(store: ArtifactStore, result: IngestResult) -> list[tuple[str,
 
 def written(store: ArtifactStore) -> list[str]:
     return store.list_paths("objects")
+
+
+def dataset_rows_by_id(store: ArtifactStore, dataset: DatasetRef) -> pa.Table:
+    """Every row of ``dataset`` (image bytes included), sorted by sample id, read shard by shard; asserts the
+    layout: each run in sample-id order with disjoint shards, no sample in two runs."""
+    runs = load_manifest(store, dataset).shard_runs()
+    tables = []
+    for run in runs:
+        part = pa.concat_tables([read_shard(store, sh) for sh in run])
+        ids = part["sample_id"].to_pylist()
+        assert ids == sorted(ids), "a run is not in sample-id order"
+        tables.append(part)
+    table = pa.concat_tables(tables)
+    ids = table["sample_id"].to_pylist()
+    assert len(set(ids)) == len(ids), "a sample in two runs"
+    return table.take(pc.sort_indices(table["sample_id"]))
+
+
+def same_dataset(store: ArtifactStore, dataset: DatasetRef, other_store: ArtifactStore, other: DatasetRef) -> None:
+    """The two datasets hold the very same rows (source URIs and image bytes included) and version, whatever
+    their shard layout (a grown dataset keeps its unchanged shards as runs)."""
+    assert (dataset.version, dataset.num_rows) == (other.version, other.num_rows)
+    assert dataset_rows_by_id(store, dataset).equals(dataset_rows_by_id(other_store, other))

@@ -11,17 +11,18 @@ import os
 import threading
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from helpers import tar_bytes
-from ingest_pools import image_bytes, make_pool, quarantine_of, rows_of
+from ingest_pools import image_bytes, make_pool, quarantine_of, rows_of, same_dataset
 
 import storage.ingest.folder as folder_mod
 import storage.ingest.reuse as reuse_mod
 from storage.artifacts import ArtifactStore
 from storage.datasets import load_manifest, read_shard
-from storage.errors import StorageError
+from storage.errors import ArtifactCorruptedError, StorageError
 from storage.ingest import SourceError, ingest_image_folder
-from storage.ingest.reuse import HASHES_PREFIX, BaseSamples, SourceHashes, file_key
+from storage.ingest.reuse import HASHES_PREFIX, BaseSamples, SourceHashes, file_key, uri_path
 
 
 @pytest.fixture(autouse=True)
@@ -59,9 +60,7 @@ def same_as_from_scratch(store: ArtifactStore, result, pool: Path, tmp_path: Pat
                 r.n_duplicates_collapsed, r.classes, r.split_counts, r.quarantine and r.quarantine.sha256)
 
     assert what(result) == what(other)  # version, counts, classes, splits, the quarantine's bytes
-    shards = [[(s.artifact.sha256, s.num_rows) for s in load_manifest(st, r.dataset).shards]
-              for st, r in ((store, result), (fresh, other))]
-    assert shards[0] == shards[1]  # the very same shard bytes (source URIs and image bytes included)
+    same_dataset(store, result.dataset, fresh, other.dataset)  # the same rows, source URIs and images included
 
 
 def test_a_grown_folder_reads_only_its_new_files_and_matches_a_from_scratch_ingest(store, tmp_path, monkeypatch):
@@ -111,32 +110,55 @@ def test_rewritten_removed_moved_and_duplicated_files(tmp_path, monkeypatch):
     same_as_from_scratch(store, grown, pool, tmp_path, shard_rows=4)
 
 
-def test_a_corrupted_or_missing_shard_of_the_previous_dataset_is_read_from_the_sources(tmp_path, monkeypatch,
-                                                                                        caplog):
+def test_a_missing_shard_of_the_previous_dataset_is_read_from_the_sources(tmp_path, monkeypatch, caplog):
     store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
     make_pool(pool, per_class=6)
     first = ingest_image_folder(store, pool, shard_rows=4)
     shards = load_manifest(store, first.dataset).shards
-    gone = Path(store._path(store._rel_from_uri(shards[1].artifact.uri)))
-    gone.unlink()
+    Path(store._path(store._rel_from_uri(shards[1].artifact.uri))).unlink()
+    (pool / "dog" / "new.png").write_bytes(image_bytes(901))
+
+    reads = ReadCount(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="storage.ingest.reuse"):
+        grown = ingest_image_folder(store, pool, shard_rows=4)
+    assert "in shards that are gone or damaged" in caplog.text
+    assert grown.n_reused == 14 and len(reads.take()) == 5  # the missing shard's 4 files and the new one
+    kept = {sh.artifact.sha256 for sh in load_manifest(store, grown.dataset).shards} & {
+        sh.artifact.sha256 for sh in shards}
+    assert shards[1].artifact.sha256 not in kept and len(kept) >= 1
+    same_as_from_scratch(store, grown, pool, tmp_path, shard_rows=4)
+
+
+def test_a_damaged_shard_is_kept_by_size_and_its_images_are_checked_where_they_are_read(tmp_path, monkeypatch):
+    """A kept shard is checked by its size and its metadata, not read whole (that is the point of keeping it):
+    a flipped image byte stays in the grown dataset, and every reader of its images names it. Once a growth
+    rewrites that shard (a file of it removed), the image that does not hash to its id is read from its source."""
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=6)
+    first = ingest_image_folder(store, pool, shard_rows=4)
+    shards = load_manifest(store, first.dataset).shards
     damaged = Path(store._path(store._rel_from_uri(shards[3].artifact.uri)))
     data = bytearray(damaged.read_bytes())
     data[len(data) // 3] ^= 0xFF  # inside the image bytes: the Parquet file still reads, one image does not hash
     damaged.write_bytes(bytes(data))
     (pool / "dog" / "new.png").write_bytes(image_bytes(901))
+    grown = ingest_image_folder(store, pool, shard_rows=4)
+    assert shards[3] in load_manifest(store, grown.dataset).shards
+    with pytest.raises(ArtifactCorruptedError, match=shards[3].artifact.sha256[:12]):
+        read_shard(store, shards[3])
 
     fetched = []
     real = folder_mod.read_file_uri
     monkeypatch.setattr(folder_mod, "read_file_uri", lambda uri: fetched.append(uri) or real(uri))
-    reads = ReadCount(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="storage.ingest.reuse"):
-        grown = ingest_image_folder(store, pool, shard_rows=4)
-    assert "in shards that are gone or damaged" in caplog.text
-    # the missing shard's 4 files are read in the first pass with the new one; the damaged shard's rows that fail
-    # their hash are read back one by one in the second
-    assert grown.n_reused == 14 and len(reads.take()) == 5
-    assert 1 <= len(fetched) <= 4
-    same_as_from_scratch(store, grown, pool, tmp_path, shard_rows=4)
+    rows = pq.read_table(damaged).to_pylist()
+    bad = [r["source_uri"] for r in rows if hashlib.sha256(r["data"]).hexdigest() != r["sample_id"]]
+    assert len(bad) == 1
+    removed = next(r["source_uri"] for r in rows if r["source_uri"] not in bad)
+    Path(uri_path(removed)).unlink()  # the shard changes: rewritten, its images read through BaseSamples
+    again = ingest_image_folder(store, pool, shard_rows=4)
+    assert shards[3] not in load_manifest(store, again.dataset).shards
+    assert fetched == bad
+    same_as_from_scratch(store, again, pool, tmp_path, shard_rows=4)
 
 
 def test_a_file_that_changes_during_the_ingest_is_an_error_not_a_stale_sample(tmp_path):
@@ -146,11 +168,11 @@ def test_a_file_that_changes_during_the_ingest_is_an_error_not_a_stale_sample(tm
     sid = rows_of(store, first)[0][0]
     path = next(p for p in pool.rglob("*.*") if hashlib.sha256(p.read_bytes()).hexdigest() == sid)
     base = BaseSamples(store, first.dataset, folder_mod.read_file_uri)
-    base._shards = ()  # as if the store had lost every shard: the bytes must come from the file
+    base.skip |= {sh.artifact.uri for sh in base.manifest.shards}  # as if the store had lost every shard
     assert base.fill([sid], [path.as_uri()]).to_pylist() == [path.read_bytes()]
     path.write_bytes(image_bytes(4242))
     base = BaseSamples(store, first.dataset, folder_mod.read_file_uri)
-    base._shards = ()
+    base.skip |= {sh.artifact.uri for sh in base.manifest.shards}
     with pytest.raises(SourceError, match="changed while the pool was being ingested"):
         base.fill([sid], [path.as_uri()])
 
@@ -293,8 +315,7 @@ def test_a_grown_s3_manifest_downloads_only_new_or_changed_objects(s3_bucket, tm
     fresh = ArtifactStore(f"s3://{bucket}/fresh", storage_options=options)
     other = ingest_manifest(fresh, url, storage_options=options, reuse=False)
     assert (grown.dataset.version, grown.n_samples) == (other.dataset.version, other.n_samples)
-    assert ([s.artifact.sha256 for s in load_manifest(store, grown.dataset).shards]
-            == [s.artifact.sha256 for s in load_manifest(fresh, other.dataset).shards])
+    same_dataset(store, grown.dataset, fresh, other.dataset)
 
 
 def _shard(path: Path, start: int, n: int, broken: bool = False) -> None:
@@ -330,8 +351,7 @@ def test_unchanged_webdataset_tars_are_not_read_again(store, tmp_path, monkeypat
     fresh = ArtifactStore(tmp_path / "fresh")
     other = ingest_webdataset(fresh, shards, reuse=False)
     assert grown.dataset.version == other.dataset.version and grown.n_quarantined == other.n_quarantined
-    assert ([s.artifact.sha256 for s in load_manifest(store, grown.dataset).shards]
-            == [s.artifact.sha256 for s in load_manifest(fresh, other.dataset).shards])
+    same_dataset(store, grown.dataset, fresh, other.dataset)
     opened.clear()
 
     again = ingest_webdataset(store, shards)  # c.tar is known now; b.tar still has its broken member
@@ -374,8 +394,7 @@ def test_tars_whose_samples_the_store_lost_are_read_whole_not_member_by_member(t
     assert grown.n_reused == 3 * (6 - len(holding)) and grown.dataset.version == first.dataset.version
     fresh_store = ArtifactStore(tmp_path / "fresh")
     fresh = ingest_webdataset(fresh_store, shards, shard_rows=2, reuse=False)
-    assert [s.artifact.sha256 for s in load_manifest(store, grown.dataset).shards] == \
-        [s.artifact.sha256 for s in load_manifest(fresh_store, fresh.dataset).shards]
+    same_dataset(store, grown.dataset, fresh_store, fresh.dataset)
 
 
 def test_a_tar_member_read_again_from_its_tar(tmp_path):

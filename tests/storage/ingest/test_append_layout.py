@@ -1,0 +1,114 @@
+"""A growth keeps the previous dataset's unchanged shards and writes only the new samples, as a new run
+(storage/ingest/writer.py): the rows and version are those of a from-scratch ingest, whatever happened to the
+pool in between, and a dataset of too many runs is compacted into one."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from ingest_pools import image_bytes, make_pool, same_dataset
+
+import storage.ingest.reuse as reuse_mod
+import storage.ingest.writer as writer_mod
+import storage.sample_reader as reader_mod
+from storage.artifacts import ArtifactStore
+from storage.datasets import load_manifest
+from storage.ingest import ingest_image_folder
+
+
+@pytest.fixture(autouse=True)
+def settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reuse_mod, "SETTLE_NS", 0)
+
+
+def from_scratch(pool: Path, tmp_path: Path, **kwargs):
+    store = ArtifactStore(tmp_path / f"fresh-{len(list(tmp_path.iterdir()))}")
+    return store, ingest_image_folder(store, pool, reuse=False, **kwargs)
+
+
+def test_a_growth_keeps_every_unchanged_shard_and_reads_none_of_their_images(tmp_path, monkeypatch):
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=12)
+    first = ingest_image_folder(store, pool, shard_rows=4)
+    before = load_manifest(store, first.dataset)
+    assert len(before.shards) == 9 and before.runs == ()
+    (pool / "dog" / "new1.png").write_bytes(image_bytes(901))
+    (pool / "cat" / "new2.png").write_bytes(image_bytes(902))
+
+    image_reads = []
+    real_open = reuse_mod._open_shard
+    monkeypatch.setattr(reuse_mod, "_open_shard", lambda store, shard, columns: (
+        image_reads.append(shard.artifact.uri) if "data" in columns else None) or real_open(store, shard, columns))
+    objects = set(store.list_paths("objects"))
+    grown = ingest_image_folder(store, pool, shard_rows=4)
+    after = load_manifest(store, grown.dataset)
+    assert after.runs == (9, 1) and after.shards[:9] == before.shards and after.shards[9].num_rows == 2
+    assert image_reads == []  # the kept shards' images are never read, and nothing else needed reading
+    new_samples = [p for p in set(store.list_paths("objects")) - objects if "/samples/" in p]
+    assert len(new_samples) == 1  # one shard written: the two new samples
+    fresh_store, fresh = from_scratch(pool, tmp_path, shard_rows=4)
+    same_dataset(store, grown.dataset, fresh_store, fresh.dataset)
+
+
+def test_a_changed_shard_is_rewritten_into_the_new_run_with_the_new_samples(tmp_path):
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=8)
+    first = ingest_image_folder(store, pool, shard_rows=4)
+    before = load_manifest(store, first.dataset)
+    victim = sorted(pool.rglob("*.*"))[5]
+    victim.unlink()  # its shard loses a row: rewritten, its other rows go to the new run
+    (pool / "fox" / "new.png").write_bytes(image_bytes(903))
+    grown = ingest_image_folder(store, pool, shard_rows=4)
+    after = load_manifest(store, grown.dataset)
+    kept = [sh for sh in after.shards if sh in before.shards]
+    assert len(kept) == len(before.shards) - 1 and after.runs == (len(kept), len(after.shards) - len(kept))
+    fresh_store, fresh = from_scratch(pool, tmp_path, shard_rows=4)
+    same_dataset(store, grown.dataset, fresh_store, fresh.dataset)
+
+
+def _mutate(pool: Path, rng: random.Random, step: int) -> None:
+    files = sorted(p for p in pool.rglob("*.*") if p.is_file())
+    for k in range(rng.randint(0, 4)):  # new files
+        cls = rng.choice(["cat", "dog", "fox"])
+        (pool / cls / f"s{step}-{k}.png").write_bytes(image_bytes(10_000 + 100 * step + k))
+    for path in rng.sample(files, min(len(files) - 9, rng.randint(0, 2))):  # removed
+        path.unlink()
+        files.remove(path)
+    if rng.random() < 0.4:  # moved to another class: its label changes (a file whose content is nowhere else)
+        contents = [p.read_bytes() for p in files]
+        path = rng.choice([p for p, c in zip(files, contents, strict=True) if contents.count(c) == 1])
+        other = next(c for c in ("cat", "dog", "fox") if c != path.parent.name)
+        path.rename(pool / other / f"moved{step}-{path.name}")
+        files.remove(path)
+    if rng.random() < 0.4:  # a duplicate that sorts before its original: the row's source_uri changes
+        path = rng.choice(files)
+        shutil.copyfile(path, path.parent / f"0dup{step}-{path.name}")
+    if rng.random() < 0.3:  # rewritten in place
+        rng.choice(files).write_bytes(image_bytes(20_000 + step))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_growths_match_from_scratch_ingests_and_runs_stay_bounded(tmp_path, monkeypatch, seed):
+    monkeypatch.setattr(writer_mod, "MAX_RUNS", 3)
+    rng = random.Random(seed)
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=5)
+    result = ingest_image_folder(store, pool, shard_rows=3)
+    kept_any = False
+    for step in range(6):
+        previous = load_manifest(store, result.dataset)
+        _mutate(pool, rng, step)
+        result = ingest_image_folder(store, pool, shard_rows=3)
+        manifest = load_manifest(store, result.dataset)
+        assert len(manifest.shard_runs()) <= 3
+        if len(previous.shard_runs()) >= 3:
+            assert manifest.runs == ()  # compacted
+        kept_any |= bool(set(manifest.shards) & set(previous.shards))
+        fresh_store, fresh = from_scratch(pool, tmp_path, shard_rows=3)
+        same_dataset(store, result.dataset, fresh_store, fresh.dataset)
+        assert reader_mod.read_split_ids(store, result.dataset, "train")[0].tolist() == \
+            reader_mod.read_split_ids(fresh_store, fresh.dataset, "train")[0].tolist()
+    assert kept_any
