@@ -382,9 +382,10 @@ def curate(
         quarantine = [ArtifactRef.from_dict(ing["quarantine"])] if ing.get("quarantine") else []
         record.outputs = [dataset.manifest, *quarantine]
         # reused: files unchanged since the store's last ingest of this source, so not read (their bytes came
-        # from that dataset's shards; storage/ingest/reuse.py)
+        # from that dataset's shards; storage/ingest/reuse.py); kept: samples in that dataset's shards kept as
+        # they are (not written again; storage/ingest/writer.py)
         record.metrics = {"samples": ing["n_samples"], "quarantined": ing["n_quarantined"],
-                          "reused": ing.get("n_reused", 0)}
+                          "reused": ing.get("n_reused", 0), "kept": ing.get("n_kept", 0)}
     if ing["n_quarantined"]:
         logger.warning("%d file(s) quarantined (unreadable); see %s", ing["n_quarantined"], ing["quarantine"]["uri"])
 

@@ -112,6 +112,8 @@ class IngestResult:
     #: samples whose file (or tar) was unchanged since this store's last ingest of the source, so not read again
     #: (how the dataset was written, not what it is: results that differ only here compare equal)
     n_reused: int = field(default=0, compare=False)
+    #: samples in shards of that previous dataset kept as they are (not written again: a grown dataset's runs)
+    n_kept: int = field(default=0, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (refs as dicts, classes as a list)."""
@@ -121,7 +123,7 @@ class IngestResult:
                 "n_quarantined": self.n_quarantined, "classes": list(self.classes),
                 "split_counts": dict(self.split_counts),
                 "vectors": self.vectors.to_dict() if self.vectors else None, "source": self.source,
-                "n_reused": self.n_reused}
+                "n_reused": self.n_reused, "n_kept": self.n_kept}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IngestResult:
@@ -132,7 +134,8 @@ class IngestResult:
                    n_quarantined=int(data["n_quarantined"]), classes=tuple(data["classes"]),
                    split_counts={str(k): int(v) for k, v in data["split_counts"].items()},
                    vectors=VectorTableRef.from_dict(data["vectors"]) if data.get("vectors") else None,
-                   source=str(data.get("source", "")), n_reused=int(data.get("n_reused", 0)))
+                   source=str(data.get("source", "")), n_reused=int(data.get("n_reused", 0)),
+                   n_kept=int(data.get("n_kept", 0)))
 
 
 # ---------------------------------------------------------------------------------------------- arguments

@@ -11,7 +11,8 @@ images of ~56 KB that is 560 GB read from the source — hours, and for a remote
   with its size and modification time restored still gets a new key — the fingerprint's DVC caveat does not
   apply here. A listed file whose key is recorded is not opened: its sample id comes from the record.
 - :class:`BaseSamples` gives the writer the bytes of those samples in its second pass, which walks the rows in
-  sample-id order: it reads the previous dataset's shards once, in order, a batch ahead on a background thread,
+  sample-id order: it reads the previous dataset's shards that are not kept once, in order (the runs of a grown
+  dataset merged), a batch ahead on a background thread,
   and checks each image against its id (sha256 of the bytes). A row whose bytes do not hash to its id, or a
   shard that fails while read, is read from its source file instead (and checked the same way; a file that
   changed meanwhile is a SourceError asking for a rerun). Shards that are gone or have the wrong size are found
@@ -19,8 +20,10 @@ images of ~56 KB that is 560 GB read from the source — hours, and for a remote
   whose samples they held are read in the first pass like new ones: a WebDataset member can only be read again
   by scanning its tar, so one fallback read per sample would scan a tar per sample.
 
-So the dataset written is byte-identical to a from-scratch ingest of the same files (tested), and an ingest reads
-its new files once, the previous shards once, and writes the new shards once. It also leaves each new shard's
+So the dataset written has the rows and version of a from-scratch ingest of the same files (tested), and an ingest
+reads its new files once; the previous shards that are kept as they are (:mod:`storage.ingest.writer`: all their
+rows unchanged) are read for their metadata only, the others once, and only the new run's shards are written. It
+also leaves each new shard's
 rows that were read now — the new samples, ~1 % of a shard at a 1 % growth — in a small side file
 (:func:`write_new_rows`), so that the embed stage reads a changed shard's id column and those rows instead of the
 shard's images; the next growth's ingest removes them.

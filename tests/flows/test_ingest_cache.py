@@ -16,7 +16,7 @@ from helpers import tar_bytes
 from PIL import Image
 
 from flows.curate import ModelConfig, SourceConfig, curate
-from storage.datasets import DatasetRef, read_samples
+from storage.datasets import DatasetRef, load_manifest, read_samples
 from tasks.store import open_store, store_spec
 
 RUN: dict[str, Any] = {"budgets": [6], "methods": ["uniform"], "seeds": [0], "sketch_dim": 8,
@@ -57,7 +57,7 @@ def test_ingest_reruns_for_an_edit_in_a_linked_class_folder_and_a_renamed_image(
         (pool / "dogs" / f"{i:02d}.png").write_bytes(image_bytes(2 * i))
     (pool / "cats").symlink_to(outside, target_is_directory=True)
     store_dir = tmp_path / "store"
-    args = {**RUN, "source": SourceConfig(kind="folder", path=str(pool)), "store_url": str(store_dir)}
+    args = {**RUN, "source": SourceConfig(kind="folder", path=str(pool), shard_rows=4), "store_url": str(store_dir)}
 
     first = curate(**args, return_state=True)
     ids = sample_ids(store_dir, first.result())
@@ -70,9 +70,12 @@ def test_ingest_reruns_for_an_edit_in_a_linked_class_folder_and_a_renamed_image(
     assert task_states(edited)["ingest"] == ["Completed"]
     after_edit = sample_ids(store_dir, edited.result())
     assert sha(new) in after_edit and sha(old) not in after_edit and len(after_edit) == 2 * PER_CLASS
-    # only the edited file was read: the ingest stage's lineage says so (storage/ingest/reuse.py)
+    # only the edited file was read, and the shards without the old image were kept: the ingest stage's lineage
+    # says so (storage/ingest/reuse.py, storage/ingest/writer.py)
+    kept = sum(sh.num_rows for sh in set(shards(store_dir, edited.result())) & set(shards(store_dir, first.result())))
+    assert 2 * PER_CLASS - 4 <= kept <= 2 * PER_CLASS - 1
     assert ingest_metrics(store_dir, edited.result()["run_id"]) == {"samples": 2 * PER_CLASS, "quarantined": 0,
-                                                                    "reused": 2 * PER_CLASS - 1}
+                                                                    "reused": 2 * PER_CLASS - 1, "kept": kept}
 
     gone = (pool / "dogs" / "05.png").read_bytes()
     (pool / "dogs" / "05.png").rename(pool / "dogs" / "05.txt")  # no longer an image
@@ -80,6 +83,10 @@ def test_ingest_reruns_for_an_edit_in_a_linked_class_folder_and_a_renamed_image(
     assert task_states(renamed)["ingest"] == ["Completed"]
     after_rename = sample_ids(store_dir, renamed.result())
     assert after_rename == after_edit - {sha(gone)}
+
+
+def shards(store_dir: pathlib.Path, result: dict) -> tuple:
+    return load_manifest(open_store(store_spec(store_dir)), DatasetRef.from_dict(result["dataset"])).shards
 
 
 def ingest_metrics(store_dir: pathlib.Path, run_id: str) -> dict:

@@ -217,8 +217,10 @@ def test_packs_on_a_two_worker_dask_cluster_give_the_from_scratch_table(prefect_
 def test_after_a_growth_ingest_changed_shards_take_their_new_images_from_the_ingests_new_rows(tmp_path,
                                                                                               monkeypatch,
                                                                                               embedded_rows):
-    """The ingest (reuse on) leaves each changed shard's new rows aside; the embed stage then reads only the id
-    column of a changed shard, never its images, and the features are the from-scratch ones."""
+    """The ingest (reuse on) leaves each written shard's new rows aside when it also holds rows read back from the
+    previous dataset (a growth keeps unchanged shards; a changed one joins the new run with the new samples); the
+    embed stage then reads only the id column of such a shard, never its images, and the features are the
+    from-scratch ones."""
     import storage.ingest.reuse as reuse_mod
     import tasks.embed as embed_mod
     from storage.ingest import ingest_image_folder
@@ -242,8 +244,11 @@ def test_after_a_growth_ingest_changed_shards_take_their_new_images_from_the_ing
     for i in (5, 17, 33):
         record = records(43)[i]
         (pool / record["label"] / f"{i:02d}.png").write_bytes(record["data"])
+    gone = records(43)[10]
+    (pool / gone["label"] / "10.png").unlink()  # its shard changes: its 7 other rows are written again
     grown = ingest_image_folder(st, pool, shard_rows=SHARD_ROWS)
-    assert grown.n_reused == 40 and 1 <= len(st.list_paths(NEW_ROWS_PREFIX)) <= 3  # per shard with a new sample
+    assert grown.n_reused == 39 and grown.n_kept == 32  # the four other shards are kept as they are
+    assert 1 <= len(st.list_paths(NEW_ROWS_PREFIX)) <= 2  # per written shard with a new sample and a reused one
 
     reads = []
     real_iter, real_read = embed_mod.iter_shard, embed_mod.read_shard
@@ -261,4 +266,4 @@ def test_after_a_growth_ingest_changed_shards_take_their_new_images_from_the_ing
 
     (pool / "0" / "extra.png").write_bytes(png(999))  # the next growth removes the last one's new rows
     ingest_image_folder(st, pool, shard_rows=SHARD_ROWS)
-    assert len(st.list_paths(NEW_ROWS_PREFIX)) == 1
+    assert len(st.list_paths(NEW_ROWS_PREFIX)) == 0  # (its new run is one new sample: nothing read back)

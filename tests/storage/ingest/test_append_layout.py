@@ -1,6 +1,6 @@
 """A growth keeps the previous dataset's unchanged shards and writes only the new samples, as a new run
 (storage/ingest/writer.py): the rows and version are those of a from-scratch ingest, whatever happened to the
-pool in between, and a dataset of too many runs is compacted into one."""
+pool in between, and a dataset at its run limit writes its smallest run again with the new samples."""
 
 from __future__ import annotations
 
@@ -97,18 +97,22 @@ def test_random_growths_match_from_scratch_ingests_and_runs_stay_bounded(tmp_pat
     store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
     make_pool(pool, per_class=5)
     result = ingest_image_folder(store, pool, shard_rows=3)
-    kept_any = False
-    for step in range(6):
+    kept_any, compacted = False, 0
+    for step in range(8):
         previous = load_manifest(store, result.dataset)
         _mutate(pool, rng, step)
         result = ingest_image_folder(store, pool, shard_rows=3)
         manifest = load_manifest(store, result.dataset)
         assert len(manifest.shard_runs()) <= 3
-        if len(previous.shard_runs()) >= 3:
-            assert manifest.runs == ()  # compacted
+        if len(previous.shard_runs()) == 3:  # compaction: the smallest previous run is written again
+            runs = previous.shard_runs()
+            smallest = runs[min(range(3), key=lambda r: (sum(sh.num_rows for sh in runs[r]), -r))]  # newest of equals
+            kept = {sh for run in manifest.shard_runs()[:-1] for sh in run}  # (the new run may cut a shard
+            assert not set(smallest) & kept  # of the same rows again: the same bytes)
+            compacted += 1
         kept_any |= bool(set(manifest.shards) & set(previous.shards))
         fresh_store, fresh = from_scratch(pool, tmp_path, shard_rows=3)
         same_dataset(store, result.dataset, fresh_store, fresh.dataset)
         assert reader_mod.read_split_ids(store, result.dataset, "train")[0].tolist() == \
             reader_mod.read_split_ids(fresh_store, fresh.dataset, "train")[0].tolist()
-    assert kept_any
+    assert kept_any and compacted
