@@ -79,7 +79,8 @@ def ingest(code: str, tars: list[str], store: str, reuse: bool = True) -> dict:
     start = time.perf_counter()
     result = ingest_webdataset(ArtifactStore(store), tars, **({} if reuse else {"reuse": False}))
     return {"ingest_s": round(time.perf_counter() - start, 1), "n_samples": result.n_samples,
-            "reused": getattr(result, "n_reused", 0), "version": result.dataset.version, "code": code}
+            "reused": getattr(result, "n_reused", 0), "kept": getattr(result, "n_kept", 0),
+            "version": result.dataset.version, "code": code}
 
 
 def growth(work: pathlib.Path, n: int, out: pathlib.Path, baseline: bool = True) -> None:
