@@ -78,6 +78,43 @@ class IdCodes:
             self._insert(key[0], key, code)
         return found
 
+    def setdefault_many(self, keys: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """:meth:`setdefault` of each of ``keys`` (``S32``) in order, at once: each key's code before it (-1 for
+        a key not seen before, which is then set to its code; a key repeated in ``keys`` sees its first
+        occurrence's code). One sorted merge per bucket instead of a binary search and a dict insert per key: a
+        growth replays a tar of 100 000 known samples."""
+        if len(keys) != len(codes):
+            raise ValueError("setdefault_many needs one code per key")
+        codes = np.asarray(codes, np.int64)
+        if len(codes) and (codes.min() < 0 or codes.max() >= 2**32):
+            raise ValueError("codes must fit 32 bits")
+        keys = np.asarray(keys, DIGEST)
+        out = np.full(len(keys), -1, np.int64)
+        if not len(keys):
+            return out
+        self.freeze()
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        before = np.full(len(uniq), -1, np.int64)  # each unique key's code before this call
+        firsts = uniq.view(np.uint8).reshape(-1, 32)[:, 0]
+        edges = np.searchsorted(firsts, np.arange(_BUCKETS + 1))  # uniq is sorted: each bucket is one slice
+        for bucket in np.flatnonzero(np.diff(edges)):
+            lo, hi = int(edges[bucket]), int(edges[bucket + 1])
+            stored = self._keys[bucket]
+            pos = np.searchsorted(stored, uniq[lo:hi])
+            found = pos < len(stored)
+            found[found] = stored[pos[found]] == uniq[lo:hi][found]
+            before[lo:hi][found] = self._codes[bucket][pos[found]]
+            new = ~found
+            if new.any():  # uniq is sorted, so the new keys go in at their (ascending) positions
+                self._keys[bucket] = np.insert(stored, pos[new], uniq[lo:hi][new])
+                self._codes[bucket] = np.insert(self._codes[bucket], pos[new],
+                                                codes[first[lo:hi][new]].astype(np.uint32))
+                self._n += int(new.sum())
+        out = before[inverse]
+        repeat = (out < 0) & (np.arange(len(keys)) != first[inverse])  # a later copy of a key new in this call
+        out[repeat] = codes[first[inverse[repeat]]]
+        return out
+
     def set(self, key: bytes, code: int) -> None:
         """Set (insert or overwrite) the code of ``key``."""
         _check(key)

@@ -258,27 +258,24 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
     keys: list[bytes | None] = [None] * len(tars)
     lists: list[str | None] = [None] * len(tars)  # the member list an unchanged tar is replayed from
 
-    def items() -> Iterator[tuple[int, _Item, tuple[str, int] | None]]:
+    def items() -> Iterator[tuple[int, _Item | None, str | None]]:
+        """The pool's entries in source order: a tar's items, or (t, None, its member list's sha256) for a tar
+        known unchanged — the list itself is read when the entry is taken, so reading ahead holds no lists."""
         for t, shard in enumerate(tars):
             if hashes is not None:
                 keys[t] = source_key(shard, files)[0]
                 known = hashes.lookup(keys[t]) if keys[t] is not None else None
-                members = read_tar_members(store, known) if known is not None and readable(shard) else None
-                if members is not None and any(hashes.lost(sid) for _, sid, _, _ in members):
-                    members = None  # a sample of it is in a lost shard: the tar is read (once), not each member
-                if members is not None:
-                    lists[t] = known
-                    for uri, sid, label, size in members:
-                        yield t, (uri, label, None, None), (sid, size)
+                if known is not None and readable(shard):
+                    yield t, None, known
                     continue
             for item in _tar_items(shard, files, label_from, json_label_field):
                 yield t, item, None
 
-    def check(entry: tuple[int, _Item, tuple[str, int] | None]) -> tuple[int, _Item, tuple[str, int] | None,
-                                                                             str | None, str | None]:
+    def check(entry: tuple[int, _Item | None, str | None]
+              ) -> tuple[int, _Item | None, str | None, str | None, str | None]:
         t, item, known = entry
         if known is not None:
-            return t, item, known, known[0], None
+            return t, item, known, None, None
         data, problem = item[2], item[3]
         if problem is not None or data is None:
             return t, item, None, None, problem or "unreadable"
@@ -296,6 +293,33 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
             listed.append((t, write_tar_members(store, members)))
         current[:] = [None, None]
 
+    def take(writer: DatasetWriter, t: int, item: _Item, sid: str | None, problem: str | None) -> None:
+        """One item of a tar read now."""
+        uri, label, data, _ = item
+        if current[0] != t:
+            end_tar()
+            current[:] = [t, []]
+        if sid is None or data is None:
+            writer.quarantine(uri, problem or "unreadable")
+            current[1] = None  # a tar with a quarantined member is read again next time
+            return
+        writer.add(sid, uri, label, None, data)
+        if current[1] is not None and hashes is not None:
+            current[1].append((uri, sid, label, len(data)))
+
+    def replay(writer: DatasetWriter, t: int, known: str) -> None:
+        """A tar known unchanged: its members in one step from its list; read now instead when the list is gone
+        or a sample of it is in a lost shard of the previous dataset (the tar is read once, not each member)."""
+        members = read_tar_members(store, known)
+        if members is not None and not any(hashes.lost(sid) for _, sid, _, _ in members):
+            lists[t] = known
+            writer.add_reused(members)
+            return
+        del members
+        for t_, item, _, sid, problem in ordered_map(
+                check, ((t, item, None) for item in _tar_items(tars[t], files, label_from, json_label_field))):
+            take(writer, t_, item, sid, problem)
+
     tar_of_uri = {source_uri(t): t for t in tars}
 
     def fetch(uri: str) -> bytes:
@@ -305,21 +329,11 @@ def ingest_webdataset(store: ArtifactStore, shards: str | os.PathLike | Sequence
                        val_fraction=val_fraction, test_fraction=test_fraction,
                        base=BaseSamples(store, previous, fetch, hashes.lost_shards) if previous is not None
                        else None) as writer:
-        for t, (uri, label, data, _), known, sid, problem in ordered_map(check, items(),
-                                                                        inline=lambda entry: entry[2] is not None):
+        for t, item, known, sid, problem in ordered_map(check, items(), inline=lambda entry: entry[2] is not None):
             if known is not None:
-                writer.add(sid, uri, label, None, None, reused=known[1])
-                continue
-            if current[0] != t:
-                end_tar()
-                current[:] = [t, []]
-            if sid is None or data is None:
-                writer.quarantine(uri, problem or "unreadable")
-                current[1] = None  # a tar with a quarantined member is read again next time
-                continue
-            writer.add(sid, uri, label, None, data)
-            if current[1] is not None and hashes is not None:
-                current[1].append((uri, sid, label, len(data)))
+                replay(writer, t, known)
+            else:
+                take(writer, t, item, sid, problem)
         end_tar()
         superseded: set[str] = set()
         if hashes is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 
 import numpy as np
 import pytest
@@ -64,3 +65,25 @@ def test_setdefault_inserts_once_and_reports_the_first_code(merge_every):
     assert codes.setdefault(digest(1), 9) == 5 and codes.setdefault(digest(2), 9) == 6 and len(codes) == 2
     codes.set(digest(1), 7)
     assert codes.get(digest(1)) == 7
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_setdefault_many_is_setdefault_of_each_key_in_order(seed: int) -> None:
+    """Against the one-key path: keys seen before, new keys, keys repeated within the call, any merge cadence."""
+    rng = random.Random(seed)
+    pool = [hashlib.sha256(str(rng.randrange(60 if seed % 2 else 5000)).encode()).digest()
+            for _ in range(rng.randrange(1, 400))]
+    one, many = IdCodes(merge_every=rng.choice([1, 3, 256])), IdCodes(merge_every=rng.choice([1, 3, 256]))
+    for key in pool[: len(pool) // 3]:
+        code = rng.randrange(100)
+        one.setdefault(key, code)
+        many.setdefault(key, code)
+    batch = pool[len(pool) // 3:] + rng.sample(pool, min(10, len(pool)))
+    codes = np.array([rng.randrange(100) for _ in batch])
+    expected = [one.setdefault(key, int(code)) for key, code in zip(batch, codes, strict=True)]
+    assert many.setdefault_many(np.array(batch, DIGEST), codes).tolist() == [-1 if e is None else e
+                                                                             for e in expected]
+    assert len(one) == len(many) and all(one.get(k) == many.get(k) for k in pool)
+    for key in (hashlib.sha256(str(rng.randrange(9000)).encode()).digest() for _ in range(20)):
+        code = rng.randrange(100)
+        assert one.setdefault(key, code) == many.setdefault(key, code)  # still one map after the call

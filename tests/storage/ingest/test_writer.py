@@ -173,3 +173,46 @@ def test_the_writer_version_is_dataset_version_for_labels_that_need_escaping(tmp
     rows_back = list(zip(*(got[c].to_pylist() for c in ("sample_id", "label", "split")), strict=True))
     assert {r[1] for r in rows_back} == set(labels)
     assert result.dataset.version == dataset_version(rows_back)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_add_reused_is_add_of_each_member_in_order(tmp_path, seed):
+    """A replayed tar's members in one step (``add_reused``) against one ``add`` each: the same dataset, counts
+    and errors — members seen before, repeated within the list, under another label (the first conflict in source
+    order is named), the tiny-bucket path of pass 2."""
+    import random
+
+    from storage.ingest.reuse import BaseSamples
+
+    rng = random.Random(seed)
+    records = rows(60)
+    previous = write_samples(ArtifactStore(tmp_path / "prev"), [dict(r, split=None) for r in records],
+                             shard_rows=7)
+    members = [(f"file:///tar#{i}", r["sample_id"], r["label"], len(r["data"])) for i, r in enumerate(records)]
+    read_now = rng.sample(records, 10)
+    batch = rng.sample(members, 40) + rng.sample(members, 8)  # repeats within the list
+    if seed % 3 == 0:  # one member under another label
+        k = rng.randrange(len(batch))
+        batch[k] = (batch[k][0], batch[k][1], "zzz", batch[k][3])
+
+    def ingest(one_by_one: bool):
+        store = ArtifactStore(tmp_path / "prev")  # the base dataset's bytes are read from it
+        base = BaseSamples(store, previous, lambda uri: pytest.fail(f"fetched {uri}"))
+        with DatasetWriter(store, source_name="pool", shard_rows=5, seed=1, val_fraction=0.2, test_fraction=0.2,
+                           base=base, bucket_bytes=rng.choice([300, 64 * 2**20])) as writer:
+            for r in read_now:
+                writer.add(r["sample_id"], r["source_uri"], r["label"], None, r["data"])
+            try:
+                if one_by_one:
+                    for uri, sid, label, size in batch:
+                        writer.add(sid, uri, label, None, None, reused=size)
+                else:
+                    writer.add_reused(batch)
+            except SourceError as exc:
+                return str(exc)
+            result = writer.finish(source="file:///tar")
+        table = read_samples(store, result.dataset)
+        return (result.dataset.version, result.n_duplicates_collapsed, result.n_reused,
+                table.sort_by("sample_id").to_pylist())
+
+    assert ingest(one_by_one=False) == ingest(one_by_one=True)
