@@ -92,7 +92,7 @@ __all__ = ["BUCKET_BYTES", "MAX_RUNS", "SPILL_BUFFER_BYTES", "DatasetWriter"]
 
 log = logging.getLogger(__name__)
 
-MAX_RUNS = 8  # a growth that would leave more runs rewrites the whole dataset as one (compaction)
+MAX_RUNS = 8  # runs a grown dataset may have: at the limit a growth writes the smallest runs again (compaction)
 SPILL_BUFFER_BYTES = 16 * 2**20  # pass 1: rows buffered (all buckets together) before they are appended
 BUCKET_BYTES = 64 * 2**20  # pass 2: a larger bucket is split again before it is read into memory
 
