@@ -116,3 +116,37 @@ def test_random_growths_match_from_scratch_ingests_and_runs_stay_bounded(tmp_pat
         assert reader_mod.read_split_ids(store, result.dataset, "train")[0].tolist() == \
             reader_mod.read_split_ids(fresh_store, fresh.dataset, "train")[0].tolist()
     assert kept_any and compacted
+
+
+def test_a_growth_reads_the_previous_shards_metadata_several_at_a_time(tmp_path, monkeypatch):
+    """On an object store each shard's metadata costs round trips: they are read METADATA_READERS at a time (in
+    order), not one after the other."""
+    import contextlib
+    import threading
+    import time
+
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=8)
+    ingest_image_folder(store, pool, shard_rows=2)  # 12 shards
+    (pool / "dog" / "new.png").write_bytes(image_bytes(904))
+    lock, active, most = threading.Lock(), [0], [0]
+    real_open = reuse_mod._open_shard
+
+    @contextlib.contextmanager
+    def slow_open(store_, shard, columns):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.05)  # a round trip
+            with real_open(store_, shard, columns) as parquet:
+                yield parquet
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(reuse_mod, "_open_shard", slow_open)
+    grown = ingest_image_folder(store, pool, shard_rows=2)
+    assert most[0] > 1 and grown.n_kept == 24
+    fresh_store, fresh = from_scratch(pool, tmp_path, shard_rows=2)
+    same_dataset(store, grown.dataset, fresh_store, fresh.dataset)
