@@ -6,6 +6,8 @@ import io
 import socket
 import tarfile
 
+from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
+
 
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
@@ -29,3 +31,54 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+class _CountingOpener(LocalFileOpener):
+    def read(self, *args):
+        out = super().read(*args)
+        self.fs.bytes_read += len(out)
+        return out
+
+    def readinto(self, buf):
+        n = super().readinto(buf)
+        self.fs.bytes_read += n or 0
+        return n
+
+
+class CountingFileSystem(LocalFileSystem):
+    """The real local filesystem, counting the bytes read through the files it opens."""
+
+    cachable = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bytes_read = 0
+
+    def _open(self, path, mode="rb", block_size=None, **kwargs):
+        if "r" in mode:
+            return _CountingOpener(self._strip_protocol(path), mode, fs=self, **kwargs)
+        return super()._open(path, mode, block_size, **kwargs)
+
+
+def replant_shard(shard, table) -> None:
+    """Write ``table`` as a local sample shard's object file (a tampered shard), padded (a key-value entry of the
+    footer) to the manifest's size, so that only reading its rows can tell."""
+    import pathlib
+
+    import pyarrow.parquet as pq
+
+    from storage.datasets import _PARQUET_OPTIONS, SAMPLE_SCHEMA
+
+    target, pad = shard.artifact.size, 0
+    for _ in range(10):
+        sink = io.BytesIO()
+        with pq.ParquetWriter(sink, SAMPLE_SCHEMA, store_schema=False, **_PARQUET_OPTIONS) as writer:
+            writer.write_table(table.cast(SAMPLE_SCHEMA), row_group_size=shard.num_rows)
+            writer.add_key_value_metadata({"pad": "x" * pad})
+        raw = sink.getvalue()
+        if len(raw) == target:
+            pathlib.Path(shard.artifact.uri.removeprefix("file://")).write_bytes(raw)
+            return
+        pad += target - len(raw)
+        assert pad >= 0, "the tampered shard is larger than the original"
+    raise AssertionError("could not pad the tampered shard to its size")

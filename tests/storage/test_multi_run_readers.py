@@ -3,7 +3,6 @@ runs' ids interleaved): every one answers exactly what it answers for the same s
 
 from __future__ import annotations
 
-import io
 import pathlib
 import random
 
@@ -11,13 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
+from helpers import CountingFileSystem, replant_shard
 
 from storage.artifacts import ArtifactStore
 from storage.audit import dataset_rows
 from storage.datasets import (
-    _PARQUET_OPTIONS,
-    SAMPLE_SCHEMA,
     DatasetManifest,
     DatasetRef,
     dataset_version,
@@ -145,23 +142,6 @@ def test_read_samples_is_in_id_order(datasets):
 
 
 # ---------------------------------------------------------------------------------------------- damage
-def _replant(shard, table: pa.Table) -> None:
-    """Write ``table`` as the shard's object file, padded (a key-value entry of the footer) to the manifest's size."""
-    pad = 0
-    for _ in range(10):
-        sink = io.BytesIO()
-        with pq.ParquetWriter(sink, SAMPLE_SCHEMA, store_schema=False, **_PARQUET_OPTIONS) as writer:
-            writer.write_table(table.cast(SAMPLE_SCHEMA), row_group_size=shard.num_rows)
-            writer.add_key_value_metadata({"pad": "x" * pad})
-        raw = sink.getvalue()
-        if len(raw) == shard.artifact.size:
-            _path(shard).write_bytes(raw)
-            return
-        pad += shard.artifact.size - len(raw)
-        assert pad >= 0, "the tampered shard is larger than the original"
-    raise AssertionError(f"cannot pad the shard to {shard.artifact.size} bytes")
-
-
 @pytest.mark.parametrize("tamper", ["label", "order"])
 def test_a_tampered_run_fails_the_version(tmp_path, tamper):
     store = ArtifactStore(tmp_path / "store")
@@ -174,7 +154,7 @@ def test_a_tampered_run_fails_the_version(tmp_path, tamper):
         table = table.set_column(2, "label", pa.array(labels, pa.string()))
     else:
         table = table.take([1, 0, *range(2, table.num_rows)])
-    _replant(shard, table)
+    replant_shard(shard, table)
     fresh = ArtifactStore(tmp_path / "store")
     with pytest.raises(ArtifactCorruptedError, match=grown.manifest.uri):
         read_metadata(fresh, grown)
@@ -205,32 +185,6 @@ def test_a_damaged_image_is_named(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- bytes read
-class _CountingOpener(LocalFileOpener):
-    def read(self, *args):
-        out = super().read(*args)
-        self.fs.bytes_read += len(out)
-        return out
-
-    def readinto(self, buf):
-        n = super().readinto(buf)
-        self.fs.bytes_read += n or 0
-        return n
-
-
-class _CountingFileSystem(LocalFileSystem):
-    """The real local filesystem, counting the bytes read through the files it opens."""
-
-    cachable = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.bytes_read = 0
-
-    def _open(self, path, mode="rb", block_size=None, **kwargs):
-        if "r" in mode:
-            return _CountingOpener(self._strip_protocol(path), mode, fs=self, **kwargs)
-        return super()._open(path, mode, block_size, **kwargs)
-
 
 def test_a_limited_split_reads_the_images_of_the_sample_only(tmp_path):
     """With images and a limit, each run's images past the sample's last id are never read, and neither are the
@@ -241,7 +195,7 @@ def test_a_limited_split_reads_the_images_of_the_sample_only(tmp_path):
     shards = load_manifest(ArtifactStore(tmp_path / "store"), grown).shards
     total = sum(s.artifact.size for s in shards)
     store = ArtifactStore(tmp_path / "store")
-    store.fs = _CountingFileSystem()
+    store.fs = CountingFileSystem()
     got = pa.concat_tables(list(iter_split(store, grown, "val", limit=2, images=True)))
     assert got.column("sample_id").to_pylist() == sorted(sample_id(r["data"]) for r in records)[:2]
     # at most two shards' image bytes (the runs holding the 2 smallest ids), metadata twice at most

@@ -3,20 +3,17 @@ of a few ids (verified by their ids); the callers in tasks read through them."""
 
 from __future__ import annotations
 
-import io
 import pathlib
 import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
+from helpers import CountingFileSystem, replant_shard
 
 from storage import datasets
 from storage.artifacts import ArtifactStore
 from storage.datasets import (
-    _PARQUET_OPTIONS,
-    SAMPLE_SCHEMA,
     dataset_version,
     load_manifest,
     read_samples,
@@ -124,23 +121,6 @@ def test_metadata_readers_never_touch_the_image_bytes(tmp_path):
         read_images(store, ref, [*others, sample_id(victim["data"])])
 
 
-def _replant(shard, table: pa.Table) -> None:
-    """Write ``table`` as the shard's object file, padded (a key-value entry of the footer) to the manifest's size."""
-    target, pad = shard.artifact.size, 0
-    for _ in range(10):
-        sink = io.BytesIO()
-        with pq.ParquetWriter(sink, SAMPLE_SCHEMA, store_schema=False, **_PARQUET_OPTIONS) as writer:
-            writer.write_table(table.cast(SAMPLE_SCHEMA), row_group_size=shard.num_rows)
-            writer.add_key_value_metadata({"pad": "x" * pad})
-        raw = sink.getvalue()
-        if len(raw) == target:
-            _path(shard).write_bytes(raw)
-            return
-        pad += target - len(raw)
-        assert pad >= 0, "the tampered shard is larger than the original"
-    raise AssertionError(f"cannot pad the shard to {target} bytes (last {len(raw)})")
-
-
 @pytest.mark.parametrize("tamper", ["label", "split", "order"])
 def test_tampered_metadata_is_caught_by_the_version(tmp_path, tamper):
     store = ArtifactStore(tmp_path / "store")
@@ -157,7 +137,7 @@ def test_tampered_metadata_is_caught_by_the_version(tmp_path, tamper):
         table = table.set_column(3, "split", pa.array(splits, pa.string()))
     else:
         table = table.take([1, 0, *range(2, 8)])
-    _replant(shard, table)
+    replant_shard(shard, table)
     fresh = ArtifactStore(tmp_path / "store")
     with pytest.raises(ArtifactCorruptedError, match=ref.manifest.uri):
         read_metadata(fresh, ref)
@@ -183,32 +163,6 @@ def test_read_images_wants_every_id(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- bytes read
-class _CountingOpener(LocalFileOpener):
-    def read(self, *args):
-        out = super().read(*args)
-        self.fs.bytes_read += len(out)
-        return out
-
-    def readinto(self, buf):
-        n = super().readinto(buf)
-        self.fs.bytes_read += n or 0
-        return n
-
-
-class CountingFileSystem(LocalFileSystem):
-    """The real local filesystem, counting the bytes read through the files it opens."""
-
-    cachable = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.bytes_read = 0
-
-    def _open(self, path, mode="rb", block_size=None, **kwargs):
-        if "r" in mode:
-            return _CountingOpener(self._strip_protocol(path), mode, fs=self, **kwargs)
-        return super()._open(path, mode, block_size, **kwargs)
-
 
 def _counting_store(path: pathlib.Path) -> ArtifactStore:
     store = ArtifactStore(path)
@@ -290,7 +244,7 @@ def test_iter_split_verifies_images_and_the_version(tmp_path):
     table = pq.read_table(_path(shard))
     labels = table.column("label").to_pylist()
     labels[3] = "1" if labels[3] != "1" else "2"
-    _replant(shard, table.set_column(2, "label", pa.array(labels, pa.string())))
+    replant_shard(shard, table.set_column(2, "label", pa.array(labels, pa.string())))
     parts = []
     with pytest.raises(ArtifactCorruptedError, match=ref.manifest.uri):  # even past the limit: at the end
         for part in iter_split(ArtifactStore(tmp_path / "store"), ref, "val", limit=1):
