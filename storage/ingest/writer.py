@@ -599,12 +599,16 @@ class DatasetWriter:
         """Every spilled row's sample_id, source_uri and whether it is reused, sorted, a level-0 bucket at a time
         (no image bytes held: a bucket's rows without them are ~200 bytes each)."""
         self._spill.close()
+        names = ("sample_id", "source_uri", "reused")
         for bucket in range(_FANOUT):
             if not self._spill.rows[bucket]:
                 continue
-            parts = [pa.Table.from_batches([b]).select(["sample_id", "source_uri", "reused"])
+            # copied out of each batch: an IPC batch's columns are slices of one buffer, its data column's bytes
+            # included, so a selection of them would hold the whole bucket's read-now images
+            parts = [pa.table({c: pa.concat_arrays([b.column(c)]) for c in names}, schema=_SPILL_SCHEMA.remove(2))
                      for b in self._spill.batches(bucket)]
             table = pa.concat_tables(parts)
+            del parts
             yield table.take(pc.sort_indices(table["sample_id"]))
 
     def _kept_shards(self) -> tuple[tuple[ShardRef, ...], ...]:

@@ -4,10 +4,12 @@ pool in between, and a dataset at its run limit writes its smallest run again wi
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from ingest_pools import image_bytes, make_pool, same_dataset
 
@@ -150,3 +152,20 @@ def test_a_growth_reads_the_previous_shards_metadata_several_at_a_time(tmp_path,
     assert most[0] > 1 and grown.n_kept == 24
     fresh_store, fresh = from_scratch(pool, tmp_path, shard_rows=2)
     same_dataset(store, grown.dataset, fresh_store, fresh.dataset)
+
+
+def test_the_previous_shards_are_joined_with_the_spill_without_its_image_bytes(tmp_path):
+    """_kept_shards reads the spill's ids and URIs a bucket at a time; the bytes of the images read now, spilled
+    beside them, must not stay in memory with them (a bucket may be far larger than BUCKET_BYTES)."""
+    store = ArtifactStore(tmp_path / "store")
+    with writer_mod.DatasetWriter(store, source_name="pool", shard_rows=4, seed=0, val_fraction=0.2,
+                                  test_fraction=0.2, buffer_bytes=2**20) as writer:
+        for i in range(40):  # one bucket (ids "00…"), 40 MiB of images read now
+            writer.add(f"00{i:062x}", f"file:///pool/{i}.png", "ab"[i % 2], None, os.urandom(2**20))
+        before = pa.total_allocated_bytes()
+        tables = writer._spilled_metadata()
+        table = next(tables)
+        held = pa.total_allocated_bytes() - before
+        tables.close()
+    assert table.num_rows == 40 and table.column_names == ["sample_id", "source_uri", "reused"]
+    assert held < 2**20
