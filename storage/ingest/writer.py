@@ -26,17 +26,17 @@ last ingest of the source is not read; pass 1 spills only its id and URI (and it
 buckets stay bounded).
 
 **A growth keeps the previous dataset's unchanged shards** (the append layout): between the passes, the previous
-shards' metadata (never their images) is merged with the sorted spill, and a shard whose every row is a reused
-sample with the same source_uri, label and split is *kept*: the grown dataset's manifest lists it as it is, in
-its run (:class:`~storage.datasets.DatasetManifest`), and pass 2 writes only the other rows — the new samples and
-those of the previous shards that changed — as one new run, asking the writer's ``base`` (the changed shards,
-read once in id order, each image checked against its id) for the reused ones' bytes. The dataset version is
-hashed over every row, kept or written, so rows and version are those of a from-scratch ingest (tested against
-one over random growths); only the shard layout differs. Why: ids are content hashes, so a 1 % growth puts new
-samples in every shard of a sorted layout, and rewriting the pool every night (560 GB at 10^7 images) was a
-growth's main cost. At ``max_runs`` runs (:data:`MAX_RUNS`) the smallest runs are written again with the new
-samples (a tiered merge). A kept shard is checked by its size and metadata, not read whole: its images are checked
-against their ids wherever they are read.
+shards' metadata (never their images) is merged with the sorted spill, and a shard whose every row is a sample of
+the pool with the same source_uri, label and split is *kept* (whether its file was read now or not: an id is its
+bytes' sha256): the grown dataset's manifest lists it as it is, in its run
+(:class:`~storage.datasets.DatasetManifest`), and pass 2 writes only the other rows — the new samples and those of
+the previous shards that changed — as one new run, asking the writer's ``base`` (the changed shards, read once in id
+order, each image checked against its id) for the reused ones' bytes. The dataset version is hashed over every row,
+kept or written, so rows and version are those of a from-scratch ingest (tested against one over random growths);
+only the shard layout differs. Why: ids are content hashes, so a 1 % growth puts new samples in every shard of a
+sorted layout, and rewriting the pool every night (560 GB at 10^7 images) was a growth's main cost. At ``max_runs``
+runs (:data:`MAX_RUNS`) the smallest runs are written again with the new samples (a tiered merge). A kept shard is
+checked by its size and metadata, not read whole: its images are checked against their ids wherever they are read.
 
 **Nothing half-written becomes visible**: the quarantine table and the shards are content-addressed objects
 nobody references until the manifest — written last — names them; if anything fails before, the shards already
@@ -596,16 +596,16 @@ class DatasetWriter:
                          "split": pa.array(_SPLIT_NAMES, pa.string()).take(pa.array(codes & 3))})
 
     def _spilled_metadata(self) -> Iterator[pa.Table]:
-        """Every spilled row's sample_id, source_uri and whether it is reused, sorted, a level-0 bucket at a time
-        (no image bytes held: a bucket's rows without them are ~200 bytes each)."""
+        """Every spilled row's sample_id and source_uri, sorted, a level-0 bucket at a time (no image bytes held: a
+        bucket's rows without them are ~200 bytes each)."""
         self._spill.close()
-        names = ("sample_id", "source_uri", "reused")
+        names = ("sample_id", "source_uri")
         for bucket in range(_FANOUT):
             if not self._spill.rows[bucket]:
                 continue
             # copied out of each batch: an IPC batch's columns are slices of one buffer, its data column's bytes
             # included, so a selection of them would hold the whole bucket's read-now images
-            parts = [pa.table({c: pa.concat_arrays([b.column(c)]) for c in names}, schema=_SPILL_SCHEMA.remove(2))
+            parts = [pa.table({c: pa.concat_arrays([b.column(c)]) for c in names})
                      for b in self._spill.batches(bucket)]
             table = pa.concat_tables(parts)
             del parts
@@ -613,8 +613,10 @@ class DatasetWriter:
 
     def _kept_shards(self) -> tuple[tuple[ShardRef, ...], ...]:
         """The previous dataset's shards a growth keeps as they are, by run: those whose every row is a sample of
-        this pool with the same source_uri, label and split, from a file not read now (reused). Their rows are
-        then not written again, and their images not read; the new rows form a new run. None without a
+        this pool with the same source_uri, label and split, whether its file was read now or not (the same id is
+        the same bytes: a file read again for another reason — its tar has a quarantined member, it changed less
+        than SETTLE_NS ago, its store gives no content tag — must not cost the shards its samples are in). Their
+        rows are then not written again, and their images not read; the new rows form a new run. None without a
         previous dataset.
 
         Compaction: the grown dataset has at most ``max_runs`` runs. When the previous one already has that many,
@@ -645,7 +647,6 @@ class DatasetWriter:
                 labelled = self._labelled(table)
                 at = pa.array(pos)
                 same = (found
-                        & table["reused"].is_valid().to_numpy(zero_copy_only=False)[pos]
                         & _equal(before["source_uri"], table["source_uri"].take(at))
                         & _equal(before["label"], labelled["label"].take(at))
                         & _equal(before["split"], labelled["split"].take(at)))
