@@ -95,7 +95,7 @@ log = logging.getLogger(__name__)
 
 
 def shards_of(dataset: dict, store: dict) -> list[dict]:
-    """The dataset's shard refs (small JSON), in sample-id order."""
+    """The dataset's shard refs (small JSON), in manifest order (each run in sample-id order)."""
     return [sh.to_dict() for sh in load_manifest(open_store(store), DatasetRef.from_dict(dataset)).shards]
 
 
