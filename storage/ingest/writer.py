@@ -34,8 +34,8 @@ the previous shards that changed — as one new run, asking the writer's ``base`
 order, each image checked against its id) for the reused ones' bytes. The dataset version is hashed over every row,
 kept or written, so rows and version are those of a from-scratch ingest (tested against one over random growths);
 only the shard layout differs. Why: ids are content hashes, so a 1 % growth puts new samples in every shard of a
-sorted layout, and rewriting the pool every night (560 GB at 10^7 images) was a growth's main cost. At ``max_runs``
-runs (:data:`MAX_RUNS`) the smallest runs are written again with the new samples (a tiered merge). A kept shard is
+sorted layout, and rewriting the pool every night (560 GB at 10^7 images) was a growth's main cost. At :data:`MAX_RUNS`
+runs the smallest runs are written again with the new samples (a tiered merge). A kept shard is
 checked by its size and metadata, not read whole: its images are checked against their ids wherever they are read.
 
 **Nothing half-written becomes visible**: the quarantine table and the shards are content-addressed objects
@@ -139,6 +139,13 @@ class _Spill:
         if self._buffered >= self.buffer_bytes:
             self.flush()
 
+    def _writer(self, bucket: int) -> pa.ipc.RecordBatchStreamWriter:
+        """The bucket's file's stream writer, opened on first use."""
+        if bucket not in self._writers:
+            sink = pa.OSFile(self._path(bucket), "wb")
+            self._writers[bucket] = (sink, pa.ipc.new_stream(sink, _SPILL_SCHEMA))
+        return self._writers[bucket][1]
+
     def add_reused(self, sids: list[str], uris: list[str], sizes: np.ndarray, buckets: np.ndarray) -> None:
         """Many reused rows (no bytes) at once, ``buckets`` their bucket numbers: one Arrow batch per bucket
         appended straight to its file (a bucket's file is sorted when read, so its row order does not matter)."""
@@ -153,22 +160,16 @@ class _Spill:
         edges = np.searchsorted(buckets[order], np.arange(_FANOUT + 1))
         for bucket in np.flatnonzero(np.diff(edges)).tolist():
             rows = order[edges[bucket]:edges[bucket + 1]]
-            if bucket not in self._writers:
-                sink = pa.OSFile(self._path(bucket), "wb")
-                self._writers[bucket] = (sink, pa.ipc.new_stream(sink, _SPILL_SCHEMA))
-            self._writers[bucket][1].write_batch(batch.take(pa.array(rows)))
+            self._writer(bucket).write_batch(batch.take(pa.array(rows)))
             self.rows[bucket] += len(rows)
             self.sizes[bucket] += int(weight[rows].sum())
 
     def flush(self) -> None:
         for bucket, (ids, uris, blobs, sizes) in self._buffers.items():
-            if bucket not in self._writers:
-                sink = pa.OSFile(self._path(bucket), "wb")
-                self._writers[bucket] = (sink, pa.ipc.new_stream(sink, _SPILL_SCHEMA))
             batch = pa.record_batch([pa.array(ids, pa.string()), pa.array(uris, pa.string()),
                                      pa.array(blobs, pa.binary()), pa.array(sizes, pa.int64())],
                                     schema=_SPILL_SCHEMA)
-            self._writers[bucket][1].write_batch(batch)
+            self._writer(bucket).write_batch(batch)
         self._buffers.clear()
         self._buffered = 0
 
@@ -367,11 +368,9 @@ class DatasetWriter:
 
     def __init__(self, store: ArtifactStore, *, source_name: str, shard_rows: int, seed: int, val_fraction: float,
                  test_fraction: float, buffer_bytes: int = SPILL_BUFFER_BYTES,
-                 bucket_bytes: int = BUCKET_BYTES, base: BaseSamples | None = None,
-                 max_runs: int | None = None) -> None:
+                 bucket_bytes: int = BUCKET_BYTES, base: BaseSamples | None = None) -> None:
         self.store = store
         self.base = base  # where reused samples' bytes come from (add(..., reused=size))
-        self.max_runs = MAX_RUNS if max_runs is None else max_runs
         self.n_reused = 0
         self.n_kept = 0  # with a base: rows of the previous dataset's shards kept as they are (set by finish)
         self.new_rows: list[str] = []  # with a base: the new-rows files of the shards written (set by finish)
@@ -619,7 +618,7 @@ class DatasetWriter:
         rows are then not written again, and their images not read; the new rows form a new run. None without a
         previous dataset.
 
-        Compaction: the grown dataset has at most ``max_runs`` runs. When the previous one already has that many,
+        Compaction: the grown dataset has at most :data:`MAX_RUNS` runs. When the previous one already has that many,
         the shards of its smallest runs are not kept (their rows join the new run) — a tiered merge: a nightly
         growth rewrites its new samples plus the smallest run, never the whole pool."""
         if self.base is None:
@@ -627,7 +626,7 @@ class DatasetWriter:
         manifest = self.base.manifest
         runs = manifest.shard_runs()
         fold = set(sorted(range(len(runs)), key=lambda r: (sum(sh.num_rows for sh in runs[r]), -r))
-                   [:max(0, len(runs) - max(self.max_runs - 1, 0))])  # the smallest (newest first among equals)
+                   [:max(0, len(runs) - max(MAX_RUNS - 1, 0))])  # the smallest (newest first among equals)
         if fold:
             log.info("the previous dataset has %d runs: the rows of %d of them are written again with the new "
                      "samples", len(runs), len(fold))
