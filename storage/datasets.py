@@ -59,6 +59,7 @@ __all__ = [
     "sample_id_array",
     "scan_vector_rows",
     "vector_sample_id",
+    "vector_table_ids",
     "write_samples",
     "write_vector_chunks",
     "write_vectors",
@@ -887,6 +888,33 @@ def read_vectors(store: ArtifactStore, ref: VectorTableRef,
         return ids, out
     wanted = _check_ids(sample_ids, "read_vectors")
     return wanted, read_vector_matrix(store, ref, np.array(wanted, dtype=ID_DTYPE).reshape(-1))
+
+
+def vector_table_ids(store: ArtifactStore, ref: VectorTableRef) -> np.ndarray:
+    """The sample ids of a stored vector table as a sorted ``ID_DTYPE`` array, from its footer and id column
+    alone (~64 bytes a row, not the ``4 · dim`` of its vectors): a *probe*, not verified against the sha256 — use
+    it to decide which tables to read (verified) at all. MalformedRecordError if the footer does not match the ref
+    (producer, rows, dim), the ids are not 64 hex digits or do not ascend strictly; the store's error if it
+    cannot be read."""
+    what = f"artifact {ref.artifact.uri}"
+    try:
+        with store.fs.open(store._path(store._rel_from_uri(ref.artifact.uri)), "rb") as fh:
+            parquet = pq.ParquetFile(_WindowFile(fh, ref.artifact.size), pre_buffer=False)
+            _check_vector_schema(ref, parquet.schema_arrow, parquet.metadata.num_rows)
+            column = parquet.read(columns=["sample_id"], use_threads=False).column("sample_id")
+    except StorageError:
+        raise
+    except (pa.ArrowInvalid, ValueError) as exc:  # not Parquet, or not this table's
+        raise MalformedRecordError(f"vector table {ref.artifact.uri} does not decode ({exc})") from None
+    except Exception as exc:  # missing, unreachable, …
+        raise _translate(exc, what) from None
+    try:
+        ids = sample_id_array(column)
+    except ValueError as exc:
+        raise MalformedRecordError(f"vector table {ref.artifact.uri}: {exc}") from None
+    _want(len(ids) == ref.num_rows and bool(np.all(ids[1:] > ids[:-1])),
+          f"vector table {ref.artifact.uri}: its sample ids do not ascend strictly")
+    return ids
 
 
 def _table_id_range(store: ArtifactStore, ref: VectorTableRef) -> tuple[bytes, bytes] | None:

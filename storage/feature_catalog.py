@@ -19,9 +19,12 @@ superseding (the entries of old, re-cut shards would otherwise pile up and be re
 Costs, for a pool of 10^7 samples in 2 048-row shards (~5 000 entries after the first run, plus one small delta per
 changed shard per growth run): the id ranges are in the entry *names*, so one listing (~1 000 names per S3 LIST
 request) is the whole index; a :class:`FeatureCatalog` lists once, lazily, on its first lookup, and is meant to
-live for one run. A lookup for a shard's ids then reads only the entries and tables whose range overlaps the
-shard's (about two full tables plus one tiny delta per earlier growth run), each verified (sha256, producer digest)
-and kept in a bounded per-catalog cache, since neighbouring shards overlap the same tables.
+live for one run. A lookup for a shard's ids then considers only the tables whose range overlaps the shard's
+(about two full tables plus one tiny delta per earlier growth run), and reads the vectors only of those whose id
+column — probed first, ~64 bytes a row — holds one of its ids: a grown dataset's new run spans the whole id range,
+and its new samples are in no table (bench/README.md §13, "A lookup reads vectors only where it finds ids"). Tables
+read are verified (sha256, producer digest) and kept in a bounded per-catalog cache, since neighbouring shards
+overlap the same tables.
 
 Not done here: compaction (after many growth runs, merging a range's deltas into one table), and entries for
 tables written before the catalog existed (their samples are computed once more, then catalogued).
@@ -42,7 +45,7 @@ import numpy as np
 
 from skmm.canonical_json import canonical_json
 from storage.artifacts import ArtifactRef, ArtifactStore
-from storage.datasets import VectorTableRef, read_vectors
+from storage.datasets import VectorTableRef, read_vectors, sample_id_array, vector_table_ids
 from storage.errors import ArtifactNotFoundError, MalformedRecordError, StorageError
 
 __all__ = ["CATALOG_PREFIX", "CatalogEntry", "FeatureCatalog", "Lookup"]
@@ -53,6 +56,7 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^([0-9a-f]{64})-([0-9a-f]{64})-([0-9a-f]{64})\.json$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TABLE_CACHE_BYTES = 256 * 2**20
+_ID_CACHE_BYTES = 64 * 2**20  # probed id columns kept per catalog (64 bytes an id: ~10^6 ids)
 log = logging.getLogger(__name__)
 
 
@@ -94,10 +98,12 @@ class CatalogEntry:
 
 
 class Lookup(NamedTuple):
-    """What a lookup found: sample id → vector (float32, a copy), and how many catalogued tables it consulted."""
+    """What a lookup found: sample id → vector (float32, a copy); how many catalogued tables it read (their
+    vectors, verified), and how many it probed by their ids alone."""
 
     vectors: dict[str, np.ndarray]
     tables: int
+    probed: int = 0
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,8 @@ class FeatureCatalog:
         self._spans: _SpanIndex | None = None  # once listed
         self._tables: OrderedDict[str, tuple[dict[str, int], np.ndarray]] = OrderedDict()
         self._table_cache_bytes = table_cache_bytes
+        self._ids: OrderedDict[str, np.ndarray | None] = OrderedDict()  # probed id columns (None: unreadable)
+        self._entries: dict[str, CatalogEntry] = {}  # entries read, by table sha256
 
     def __repr__(self) -> str:
         return f"FeatureCatalog({self.store!r}, {self.prefix!r})"
@@ -223,7 +231,16 @@ class FeatureCatalog:
             return index.meeting(lo, hi)
 
     def lookup(self, sample_ids: Sequence[str]) -> Lookup:
-        """The catalogued vectors of ``sample_ids``: read only the tables whose id range overlaps theirs.
+        """The catalogued vectors of ``sample_ids``: read only the tables whose id range overlaps theirs and whose
+        id column holds some of them.
+
+        Each overlapping table is first *probed* — its footer and id column only (~64 bytes a row; cached) — and
+        its vectors are read, verified, only if it holds a wanted id (not probed: a table already cached, and one
+        whose first or last id is wanted — an unchanged shard's own table). Why: a growth's new samples fall in the id
+        range of every table yet are in none, and reading those tables whole read the pool's vectors once per
+        growth (~20 GB at 10^7 samples × 512 floats, against ~640 MB of ids). A probe is not verified: a damaged id
+        column can only cost a sample its reuse (it is computed again, bitwise the same) or send the lookup to the
+        verified read, which finds what the table really holds.
 
         A sample held by several tables (two runs computed it at once) takes the vector of the table with the
         smallest sha256, so the answer does not depend on listing order. A table or entry that is missing,
@@ -233,10 +250,20 @@ class FeatureCatalog:
         if not wanted:
             return Lookup({}, 0)
         found: dict[str, np.ndarray] = {}
-        consulted = 0
+        consulted = probed = 0
         for span in self.overlapping(min(wanted), max(wanted)):
             if len(found) == len(wanted):
                 break
+            with self._lock:
+                cached = span.sha256 in self._tables
+            if not cached and span.min_id not in wanted and span.max_id not in wanted:  # else it holds one of ours
+                ids = self._probe(span)
+                probed += 1
+                if ids is not None:
+                    left = sample_id_array(sorted(wanted.difference(found)))
+                    pos = np.minimum(np.searchsorted(ids, left), len(ids) - 1)
+                    if not np.any(ids[pos] == left):
+                        continue  # none of ours: its vectors are not read
             table = self._table(span)
             consulted += 1
             if table is None:
@@ -244,7 +271,43 @@ class FeatureCatalog:
             index, mat = table
             for sid in wanted.difference(found).intersection(index):
                 found[sid] = mat[index[sid]].copy()
-        return Lookup(found, consulted)
+        return Lookup(found, consulted, probed)
+
+    def _entry(self, span: _Span) -> CatalogEntry:
+        """A span's entry, read once and checked against its name and this catalog (MalformedRecordError if
+        not)."""
+        with self._lock:
+            entry = self._entries.get(span.sha256)
+        if entry is not None:
+            return entry
+        where = self.store.uri(span.rel)
+        entry = CatalogEntry.from_json(self.store.read_rel(span.rel), where)
+        if (entry.name != span.rel.rsplit("/", 1)[-1] or entry.vectors.kind != self.kind
+                or entry.vectors.producer_digest != self.producer_digest):
+            raise MalformedRecordError(f"catalog entry {where} does not match its name or catalog")
+        with self._lock:
+            self._entries[span.sha256] = entry  # ~500 bytes each: one per catalogued table at most
+        return entry
+
+    def _probe(self, span: _Span) -> np.ndarray | None:
+        """The sorted ids of a span's table from its id column (cached), or None when they cannot be read that way
+        (the verified read then says why); a transient store error is raised."""
+        with self._lock:
+            if span.sha256 in self._ids:
+                self._ids.move_to_end(span.sha256)
+                return self._ids[span.sha256]
+        try:
+            ids: np.ndarray | None = vector_table_ids(self.store, self._here(self._entry(span).vectors))
+        except StorageError as exc:
+            if exc.transient:
+                raise
+            ids = None
+        with self._lock:
+            self._ids[span.sha256] = ids
+            while len(self._ids) > 1 and sum(0 if a is None else a.nbytes for a in self._ids.values()) > \
+                    _ID_CACHE_BYTES:
+                self._ids.popitem(last=False)
+        return ids
 
     def _table(self, span: _Span) -> tuple[dict[str, int], np.ndarray] | None:
         with self._lock:
@@ -254,10 +317,7 @@ class FeatureCatalog:
                 return cached
         where = self.store.uri(span.rel)
         try:
-            entry = CatalogEntry.from_json(self.store.read_rel(span.rel), where)
-            if (entry.name != span.rel.rsplit("/", 1)[-1] or entry.vectors.kind != self.kind
-                    or entry.vectors.producer_digest != self.producer_digest):
-                raise MalformedRecordError(f"catalog entry {where} does not match its name or catalog")
+            entry = self._entry(span)
             ids, mat = read_vectors(self.store, self._here(entry.vectors))
             if (ids[0], ids[-1]) != (entry.min_id, entry.max_id):
                 raise MalformedRecordError(f"catalog entry {where} misstates its table's id range")

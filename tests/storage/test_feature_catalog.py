@@ -119,3 +119,48 @@ def test_an_instance_that_listed_early_sees_another_process_entry_once_included(
     got = early.lookup(IDS[:3])
     assert sorted(got.vectors) == IDS[:3] and got.tables == 1
     np.testing.assert_array_equal(np.stack([got.vectors[s] for s in IDS[:3]]), vectors(3, 2))
+
+
+def test_a_lookup_of_uncatalogued_ids_reads_only_the_id_columns(tmp_path):
+    """A grown pool's new samples are looked up in every table their id range meets, and found in none: the
+    lookup reads those tables' sample ids, never their vectors (at 10^7 samples × 512 floats that is ~640 MB of
+    ids instead of ~20 GB of vectors a growth)."""
+    from helpers import CountingFileSystem
+
+    ids = sorted(hashlib.sha256(f"t{i}".encode()).hexdigest() for i in range(3000))
+    store = ArtifactStore(tmp_path / "store")
+    cat = catalog(store)
+    wide = np.random.default_rng(0).standard_normal((3000, 256)).astype(np.float32)
+    for part in (ids[0::3], ids[1::3], ids[2::3]):  # three tables, each spanning the whole id range
+        rows = [ids.index(s) for s in part]
+        cat.register(write_vectors(store, part, wide[rows], PRODUCER), part)
+    tables = sum(e.stat().st_size for e in (tmp_path / "store" / "objects" / "embeddings").iterdir())
+    new = [hashlib.sha256(f"new{i}".encode()).hexdigest() for i in range(20)]
+
+    counting = ArtifactStore(tmp_path / "store")
+    counting.fs = CountingFileSystem()
+    got = catalog(counting).lookup(new)
+    assert got.vectors == {} and got.tables == 0
+    assert counting.fs.bytes_read < 0.15 * tables, (counting.fs.bytes_read, tables)
+
+    counting.fs.bytes_read = 0  # a mixed lookup reads the vectors of the tables that hold some of its ids only
+    got = catalog(counting).lookup([*new, ids[1], ids[4]])
+    assert got.tables == 1 and set(got.vectors) == {ids[1], ids[4]}
+    assert np.array_equal(got.vectors[ids[4]], wide[4])
+    assert counting.fs.bytes_read < 0.6 * tables, (counting.fs.bytes_read, tables)
+
+
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
+def test_a_probe_never_lets_unverified_vectors_through(store, caplog, where):
+    """A flipped byte anywhere in a catalogued table — its id column (the probe reads it) or its vectors — costs
+    the table's samples their reuse, with a warning; no vector of a damaged table is returned."""
+    ref = write_vectors(store, IDS, vectors(len(IDS), 0), PRODUCER)
+    catalog(store).register(ref, IDS)
+    path = f"{store.root}/objects/embeddings/{ref.artifact.sha256}.parquet"
+    raw = bytearray(store.fs.cat_file(path))
+    raw[int(where * len(raw))] ^= 0x01
+    store.fs.pipe_file(path, bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="storage.feature_catalog"):
+        got = catalog(store).lookup(IDS[3:9])
+    assert got.vectors == {}
+    assert got.tables == 0 or ref.artifact.sha256 in caplog.text
