@@ -22,9 +22,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.artifacts import ArtifactRef, ArtifactStore, _translate
-from storage.datasets import DatasetRef, load_manifest
+from storage.datasets import DatasetRef, VectorTableRef, load_manifest
 from storage.errors import MalformedRecordError, StorageError
 from storage.index import LineageIndex
+from storage.linked_vectors import LINKED_FORMAT, LINKED_SUFFIX
 from storage.sample_reader import _object_path, shard_rows
 
 __all__ = ["AUDIT_COLUMNS", "dataset_rows", "model_page", "models_of_sample", "samples_of_model", "sketch_producer"]
@@ -125,7 +126,16 @@ def models_of_sample(index: LineageIndex, store: ArtifactStore, sample_id: str, 
 
 def sketch_producer(store: ArtifactStore, ref: ArtifactRef) -> dict[str, Any]:
     """What made a sketch table (its ``SketchSpec.to_dict()``, from the Parquet footer's ``skmm.producer``; only
-    the footer is read). Raises StorageError / MalformedRecordError naming the artifact."""
+    the footer is read; a linked sketch's from its manifest, :mod:`storage.linked_vectors`). Raises StorageError /
+    MalformedRecordError naming the artifact."""
+    if ref.uri.endswith(LINKED_SUFFIX):
+        try:
+            body = json.loads(store.get_bytes(ref))
+            if body.get("format") != LINKED_FORMAT:
+                raise ValueError(body.get("format"))
+            return VectorTableRef.from_dict(body["parts"][0]["vectors"]).producer
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise MalformedRecordError(f"sketch {ref.uri} is not a linked vector table") from None
     path = _object_path(store, ref)
     try:
         with store.fs.open(path, "rb", cache_type="none") as fh:

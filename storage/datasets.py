@@ -745,7 +745,15 @@ def _scan_vectors(store: ArtifactStore, ref: VectorTableRef) -> Iterable[tuple[p
 
     The bytes are read once, in order, and hashed as they stream by; the sha256 and size are checked after the
     last row group (ArtifactCorruptedError naming the artifact), and a table that does not decode is reported as
-    corrupted when its bytes do not match, as malformed otherwise. Ids must ascend strictly."""
+    corrupted when its bytes do not match, as malformed otherwise. Ids must ascend strictly.
+
+    A linked table (:mod:`storage.linked_vectors`) yields its parts merged in id order, with None for the Arrow
+    ids."""
+    if ref.artifact.uri.endswith(".json"):  # storage.linked_vectors.LINKED_SUFFIX (imported late: it imports us)
+        from storage.linked_vectors import scan_linked
+
+        yield from scan_linked(store, ref)
+        return
     what = f"artifact {ref.artifact.uri}"
     path = store._path(store._rel_from_uri(ref.artifact.uri))
     hasher, pos, size = hashlib.sha256(), 0, ref.artifact.size
@@ -882,9 +890,9 @@ def read_vectors(store: ArtifactStore, ref: VectorTableRef,
     if sample_ids is None:
         ids: list[str] = []
         out = np.empty((ref.num_rows, ref.dim), np.float32)
-        for arrow_ids, _, rows in _scan_vectors(store, ref):
+        for arrow_ids, id_bytes, rows in _scan_vectors(store, ref):
             out[len(ids):len(ids) + len(rows)] = rows
-            ids.extend(arrow_ids.to_pylist())
+            ids.extend(arrow_ids.to_pylist() if arrow_ids is not None else id_bytes.astype(str).tolist())
         return ids, out
     wanted = _check_ids(sample_ids, "read_vectors")
     return wanted, read_vector_matrix(store, ref, np.array(wanted, dtype=ID_DTYPE).reshape(-1))
@@ -918,7 +926,15 @@ def vector_table_ids(store: ArtifactStore, ref: VectorTableRef) -> np.ndarray:
 
 
 def _table_id_range(store: ArtifactStore, ref: VectorTableRef) -> tuple[bytes, bytes] | None:
-    """(first id, last id) of a stored vector table from its Parquet footer alone, or None if it lacks them."""
+    """(first id, last id) of a stored vector table from its Parquet footer alone (a linked table's: from its
+    manifest), or None if it lacks them."""
+    if ref.artifact.uri.endswith(".json"):
+        from storage.linked_vectors import linked_range
+
+        try:
+            return linked_range(store, ref)
+        except StorageError:
+            return None  # the verified read reports it properly
     try:
         with store.fs.open(store._path(store._rel_from_uri(ref.artifact.uri)), "rb") as fh:
             meta = pq.ParquetFile(_WindowFile(fh, ref.artifact.size)).metadata

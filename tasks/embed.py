@@ -70,14 +70,16 @@ from storage.datasets import (
 from storage.errors import ArtifactCorruptedError
 from storage.feature_catalog import CatalogEntry, FeatureCatalog
 from storage.ingest.reuse import read_new_rows
+from storage.linked_vectors import link_vectors
 from storage.sample_reader import iter_shard
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
 from tasks.store import open_store
 
-__all__ = ["PACK_BLOCKS", "combine_embeddings", "embed", "embed_assemble", "embed_model", "embed_pack",
-           "embed_shard", "embed_with_counts", "feature_spec", "pack_members", "packs_of", "run_embed",
-           "run_embed_assemble", "run_embed_counted", "run_embed_pack", "run_embed_shard", "shards_of"]
+__all__ = ["PACK_BLOCKS", "by_run", "combine_embeddings", "embed", "embed_assemble", "embed_model", "embed_pack",
+           "embed_shard", "embed_with_counts", "feature_spec", "link_embeddings", "pack_members", "packs_of",
+           "run_combine_runs", "run_embed", "run_embed_assemble", "run_embed_counted", "run_embed_pack",
+           "run_embed_shard", "run_link", "runs_of", "shards_of"]
 
 # embed-3: fixed-shape blocks (bitwise batch-invariant features). embed-4: 16-bit, I and F images decoded
 # faithfully (they were clipped to white), so their features changed; 8-bit images' did not. The feature catalog is
@@ -97,6 +99,11 @@ log = logging.getLogger(__name__)
 def shards_of(dataset: dict, store: dict) -> list[dict]:
     """The dataset's shard refs (small JSON), in manifest order (each run in sample-id order)."""
     return [sh.to_dict() for sh in load_manifest(open_store(store), DatasetRef.from_dict(dataset)).shards]
+
+
+def runs_of(dataset: dict, store: dict) -> list[int]:
+    """How many of :func:`shards_of`'s shards each run of the dataset holds, in order (one run: ``[shards]``)."""
+    return [len(run) for run in load_manifest(open_store(store), DatasetRef.from_dict(dataset)).shard_runs()]
 
 
 def feature_spec(model: dict[str, Any]) -> ClipSpec:
@@ -358,7 +365,31 @@ def _vectors_of(result: dict) -> dict:
 
 
 def run_combine(parts: list[dict], store: dict) -> dict:
+    """The shards' feature tables as one table."""
     return combine_vectors(open_store(store), [VectorTableRef.from_dict(_vectors_of(p)) for p in parts]).to_dict()
+
+
+def by_run(parts: list[Any], runs: list[int]) -> list[list[Any]]:
+    """``parts`` (one per shard, in manifest order) grouped by the dataset's runs (:func:`runs_of`)."""
+    if sum(runs) != len(parts):
+        raise ValueError(f"{len(parts)} shard results for runs of {runs} shards")
+    out, lo = [], 0
+    for n in runs:
+        out.append(parts[lo:lo + n])
+        lo += n
+    return out
+
+
+def run_link(runs: list[dict], store: dict) -> dict:
+    """The runs' combined tables linked as one table (:mod:`storage.linked_vectors`); one run's table as it is."""
+    return link_vectors(open_store(store), [VectorTableRef.from_dict(r) for r in runs]).to_dict()
+
+
+def run_combine_runs(parts: list[dict], runs: list[int], store: dict) -> dict:
+    """The stage's output table: each run's shard tables combined, the runs linked. Why: a grown dataset's kept
+    runs keep their combined tables (in a flow, cache hits of :func:`combine_embeddings`), so a growth writes its
+    new run's features, not the pool's again."""
+    return run_link([run_combine(group, store) for group in by_run(parts, runs)], store)
 
 
 def run_embed(dataset: dict, model: dict[str, Any], store: dict, batch_size: int = 64,
@@ -393,7 +424,7 @@ def run_embed_counted(dataset: dict, model: dict[str, Any], store: dict, batch_s
         _release_catalogs(run)
     for part in parts:
         _count_part(counts, part)
-    return run_combine(parts, store), counts
+    return run_combine_runs(parts, runs_of(dataset, store), store), counts
 
 
 @task(name="embed", cache_policy=ContentCache(code_version=CODE_VERSION,
@@ -440,8 +471,15 @@ def embed_assemble(shard: dict, pending: dict, delta: dict | None, model: dict[s
 @task(name="embed-combine", cache_policy=ContentCache(code_version=CODE_VERSION), persist_result=True,
       result_serializer="json", **RETRY)
 def combine_embeddings(parts: list[dict], store: dict) -> dict:
-    """Prefect task: the shards' feature tables as one table."""
+    """Prefect task: shard feature tables (a dataset's, or one run's) as one table."""
     return run_combine(parts, store)
+
+
+@task(name="embed-link", cache_policy=ContentCache(code_version=CODE_VERSION), persist_result=True,
+      result_serializer="json", **RETRY)
+def link_embeddings(runs: list[dict], store: dict) -> dict:
+    """Prefect task: the runs' combined feature tables linked as one table (a small manifest)."""
+    return run_link(runs, store)
 
 
 def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: dict, batch_size: int = 64,
@@ -491,7 +529,11 @@ def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: d
     _logger().info("embed: %(samples_embedded)d samples embedded in %(tower_blocks)d blocks (%(packs)d packs), "
                    "%(samples_reused)d reused from the feature catalog, %(samples_cached)d in %(shards_cached)d of "
                    "%(shards)d shards cached", counts)
-    combined = combine_embeddings.with_options(**opts)([_vectors_of(r) for r in results], store)
+    tables = [_vectors_of(r) for r in results]
+    futures = [combine_embeddings.with_options(**opts).submit(group, store)
+               for group in by_run(tables, runs_of(dataset, store))]  # a kept run's: a cache hit
+    runs = [f.result() for f in futures]
+    combined = runs[0] if len(runs) == 1 else link_embeddings.with_options(**opts)(runs, store)
     return combined, counts
 
 

@@ -33,13 +33,14 @@ from storage.datasets import (
     write_vector_chunks,
     write_vectors,
 )
+from storage.linked_vectors import link_vectors
 from storage.sample_reader import iter_metadata, read_images, read_metadata, read_split_ids
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
 from tasks.store import open_store
 
-__all__ = ["combine_sketches", "ft_sketch_shard", "gradients_sketch", "run_ft_sketch_shard", "run_sketch", "sketch",
-           "train_ids", "train_rows"]
+__all__ = ["combine_sketches", "ft_sketch_shard", "gradients_sketch", "link_sketches", "run_combine_sketches",
+           "run_ft_sketch_shard", "run_sketch", "sketch", "train_ids", "train_rows"]
 
 CODE_VERSION = "sketch-2"
 FT_CODE_VERSION = "ft-sketch-1"  # FT gradients shard by shard
@@ -103,18 +104,30 @@ def run_ft_sketch_shard(shard: dict, store: dict, model: dict[str, Any], num_cla
 def run_ft_sketch(dataset: dict, store: dict, model: dict[str, Any], sketch_dim: int, seed: int = 0, k: int = 1,
                   batch_size: int | None = None, device: str | None = None, num_classes: int | None = None) -> dict:
     """FT mode: sketched per-sample gradients of the last ``k`` tower blocks + head (label-free), shard by shard
-    (one shard's images in memory at a time), combined into one table."""
+    (one shard's images in memory at a time), combined run by run and the runs linked (one run: one table)."""
     if sketch_dim is None:
         raise ValueError("FT gradients have millions of coordinates: give a sketch_dim")
     st = open_store(store)
     ds = DatasetRef.from_dict(dataset)
     classes = num_classes or dataset_num_classes(st, ds)  # metadata of the dataset, not a per-sample label
-    parts = [run_ft_sketch_shard(sh.to_dict(), store, model, classes, sketch_dim, seed, k, batch_size, device)
-             for sh in load_manifest(st, ds).shards]
-    parts = [p for p in parts if p is not None]
-    if not parts:
+    runs = [[run_ft_sketch_shard(sh.to_dict(), store, model, classes, sketch_dim, seed, k, batch_size, device)
+             for sh in run] for run in load_manifest(st, ds).shard_runs()]
+    tables = [run_combine_sketches(parts, store) for parts in _train_parts(runs)]
+    return link_vectors(st, [VectorTableRef.from_dict(t) for t in tables]).to_dict()
+
+
+def _train_parts(runs: list[list[dict | None]]) -> list[list[dict]]:
+    """The shard sketches of each run that has train rows (a shard without any gives None); ValueError if none."""
+    out = [[p for p in parts if p is not None] for parts in runs]
+    out = [parts for parts in out if parts]
+    if not out:
         raise ValueError("the dataset has no train split to select from")
-    return combine_vectors(st, [VectorTableRef.from_dict(p) for p in parts]).to_dict()
+    return out
+
+
+def run_combine_sketches(parts: list[dict], store: dict) -> dict:
+    """Shard sketch tables (of a dataset, or of one of its runs) as one table."""
+    return combine_vectors(open_store(store), [VectorTableRef.from_dict(p) for p in parts]).to_dict()
 
 
 def run_sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | None = 64, seed: int = 0,
@@ -193,17 +206,25 @@ def ft_sketch_shard(shard: dict, store: dict, model: dict[str, Any], num_classes
 @task(name="gradients-sketch-combine", cache_policy=ContentCache(code_version=FT_CODE_VERSION), persist_result=True,
       result_serializer="json", **RETRY)
 def combine_sketches(parts: list[dict], store: dict) -> dict:
-    """Prefect task: the shards' sketch tables as one table (the one select reads)."""
+    """Prefect task: shard sketch tables (a dataset's, or one run's) as one table."""
     if not parts:
         raise ValueError("the dataset has no train split to select from")
-    return combine_vectors(open_store(store), [VectorTableRef.from_dict(p) for p in parts]).to_dict()
+    return run_combine_sketches(parts, store)
+
+
+@task(name="gradients-sketch-link", cache_policy=ContentCache(code_version=FT_CODE_VERSION), persist_result=True,
+      result_serializer="json", **RETRY)
+def link_sketches(runs: list[dict], store: dict) -> dict:
+    """Prefect task: the runs' combined sketch tables linked as one table (the one select reads)."""
+    return link_vectors(open_store(store), [VectorTableRef.from_dict(r) for r in runs]).to_dict()
 
 
 def gradients_sketch(embeddings: dict | None, dataset: dict, store: dict, opts: dict, *, sketch_dim: int | None,
                      seed: int, mode: str, model: dict[str, Any], k: int = 1, num_classes: int | None = None,
                      batch_size: int | None = None) -> dict:
     """The gradients + sketch stage inside a flow: LP as one task; FT as one task per dataset shard, submitted
-    concurrently (on the flow's task runner: threads, or Dask workers), then combined."""
+    concurrently (on the flow's task runner: threads, or Dask workers), then combined run by run (a grown
+    dataset's kept runs: cache hits) and the runs linked (:mod:`storage.linked_vectors`)."""
     if mode != "ft":
         return sketch.with_options(**opts)(embeddings, dataset, store, sketch_dim=sketch_dim, seed=seed, mode=mode,
                                            model=model, k=k)
@@ -212,8 +233,10 @@ def gradients_sketch(embeddings: dict | None, dataset: dict, store: dict, opts: 
     st = open_store(store)
     ds = DatasetRef.from_dict(dataset)
     classes = num_classes or dataset_num_classes(st, ds)
-    futures = [ft_sketch_shard.with_options(**opts).submit(sh.to_dict(), store, model, classes, sketch_dim, seed, k,
-                                                           batch_size=batch_size)
-               for sh in load_manifest(st, ds).shards]
-    parts = [p for p in (f.result() for f in futures) if p is not None]
-    return combine_sketches.with_options(**opts)(parts, store)
+    futures = [[ft_sketch_shard.with_options(**opts).submit(sh.to_dict(), store, model, classes, sketch_dim, seed,
+                                                            k, batch_size=batch_size) for sh in run]
+               for run in load_manifest(st, ds).shard_runs()]
+    runs = _train_parts([[f.result() for f in run] for run in futures])
+    combined = [combine_sketches.with_options(**opts).submit(parts, store) for parts in runs]
+    tables = [f.result() for f in combined]
+    return tables[0] if len(tables) == 1 else link_sketches.with_options(**opts)(tables, store)

@@ -48,9 +48,14 @@ def store_of(request, tmp_path):
 
 
 def table(store: dict, ref: dict) -> tuple[str, list[str], np.ndarray]:
+    """(content digest, ids, vectors) of a feature table: the digest covers the producer, the ids and the vectors'
+    bytes, so equal digests are bitwise-equal features — whether the table is one Parquet table or a grown
+    dataset's per-run tables linked (storage.linked_vectors)."""
     vectors = VectorTableRef.from_dict(ref)
     ids, mat = read_vectors(open_store(store), vectors)
-    return vectors.artifact.sha256, ids, mat
+    digest = hashlib.sha256(f"{vectors.producer_digest}\n{vectors.dim}\n{chr(10).join(ids)}\n".encode())
+    digest.update(np.ascontiguousarray(mat, np.float32).tobytes())
+    return digest.hexdigest(), ids, mat
 
 
 def test_a_grown_pool_embeds_only_its_new_samples_bitwise_as_from_scratch(store_of, embedded_rows):
@@ -267,3 +272,49 @@ def test_after_a_growth_ingest_changed_shards_take_their_new_images_from_the_ing
     (pool / "0" / "extra.png").write_bytes(png(999))  # the next growth removes the last one's new rows
     ingest_image_folder(st, pool, shard_rows=SHARD_ROWS)
     assert len(st.list_paths(NEW_ROWS_PREFIX)) == 0  # (its new run is one new sample: nothing read back)
+
+
+def test_a_grown_datasets_features_link_the_kept_runs_table_instead_of_writing_the_pool_again(prefect_api, tmp_path,
+                                                                                               monkeypatch):
+    """In a flow, a growth's embed stage combines each run of the dataset on its own — the kept run's combine is a
+    cache hit — and links the runs' tables: it writes the new samples' features, not the pool's again, and the
+    features read back are bitwise the from-scratch ones."""
+    import pyarrow.parquet as pq
+    from prefect import flow
+
+    import storage.ingest.reuse as reuse_mod
+    from storage.ingest import ingest_image_folder
+    from storage.linked_vectors import is_linked
+    from tasks.embed import embed_with_counts
+    from tasks.store import result_storage
+
+    monkeypatch.setattr(reuse_mod, "SETTLE_NS", 0)  # the files are milliseconds old
+    pool = tmp_path / "pool"
+    for i, record in enumerate(records(43)):
+        (pool / record["label"]).mkdir(parents=True, exist_ok=True)
+        if i not in (5, 17, 33):
+            (pool / record["label"] / f"{i:02d}.png").write_bytes(record["data"])
+    store = store_spec(tmp_path / "store")
+    st = open_store(store)
+    tables_dir = tmp_path / "store" / "objects" / "embeddings"
+
+    @flow(name="embed-growth-link")
+    def embed_flow(dataset: dict) -> tuple[dict, dict]:
+        return embed_with_counts(dataset, MODEL, store, {"result_storage": result_storage(store)})
+
+    first, _ = embed_flow(ingest_image_folder(st, pool, shard_rows=SHARD_ROWS).dataset.to_dict())
+    assert not is_linked(VectorTableRef.from_dict(first))
+    before = set(tables_dir.iterdir())
+    for i in (5, 17, 33):
+        record = records(43)[i]
+        (pool / record["label"] / f"{i:02d}.png").write_bytes(record["data"])
+    grown = ingest_image_folder(st, pool, shard_rows=SHARD_ROWS)
+    assert grown.n_kept == 40  # every previous shard kept: the new run is the 3 new samples
+    combined, counts = embed_flow(grown.dataset.to_dict())
+
+    assert is_linked(VectorTableRef.from_dict(combined)) and counts["samples_embedded"] == 3
+    written = [p for p in set(tables_dir.iterdir()) - before if p.suffix == ".parquet"]
+    assert sum(pq.read_metadata(p).num_rows for p in written) == 3, written  # before: the pool's 43 rows again
+    fresh = store_spec(tmp_path / "fresh")
+    scratch = ingest_image_folder(open_store(fresh), pool, shard_rows=SHARD_ROWS)
+    assert table(store, combined)[0] == table(fresh, run_embed(scratch.dataset.to_dict(), MODEL, fresh))[0]

@@ -58,3 +58,43 @@ def test_a_shard_without_train_rows_gives_no_table(tmp_path):
     assert run_ft_sketch_shard(shard, store, MODEL, num_classes=2, sketch_dim=4) is None
     with pytest.raises(ValueError, match="no train split"):
         run_ft_sketch(dataset.to_dict(), store, MODEL, sketch_dim=4)
+
+
+def test_a_grown_datasets_ft_sketch_links_one_table_per_run(tmp_path):
+    """A dataset of runs (a grown one) gets one combined sketch per run with train rows, linked: read as one table
+    it holds the train rows in sample-id order, as the same samples written at once give (up to the rounding
+    of other batches); a run without train rows adds no table."""
+    import random
+
+    from storage.datasets import DatasetManifest, DatasetRef, dataset_version, sample_id
+    from storage.ingest import render_digit_png
+    from storage.linked_vectors import is_linked, linked_parts
+
+    digits = load_digits()
+    splits = ["train", "train", "val", "test", "train"]
+    records = [{"source_uri": f"mem://{i}", "label": str(int(digits.target[i])), "split": splits[i % 5],
+                "data": render_digit_png(digits.images[i])} for i in range(60)]
+    shuffled = random.Random(0).sample(records, 60)
+    tests_only = [r for r in records if r["split"] == "test"][:4]
+    rest = [r for r in shuffled if r not in tests_only]
+    parts = [rest[:30], rest[30:], tests_only]
+    store = store_spec(tmp_path / "store")
+    st = open_store(store)
+    shards, runs = [], []
+    for part in parts:
+        run = load_manifest(st, write_samples(st, part, shard_rows=8)).shards
+        shards += run
+        runs.append(len(run))
+    version = dataset_version((sample_id(r["data"]), r["label"], r["split"]) for r in records)
+    manifest = DatasetManifest(version, 60, tuple(shards), runs=tuple(runs))
+    grown = DatasetRef(st.put_bytes(manifest.to_json(), "dataset", ".json"), version, 60)
+
+    ref = VectorTableRef.from_dict(run_ft_sketch(grown.to_dict(), store, MODEL, sketch_dim=8, seed=1,
+                                                 num_classes=10))
+    assert is_linked(ref) and len(linked_parts(st, ref)) == 2  # the test-only run has no train rows
+    at_once = write_samples(st, records, shard_rows=8)
+    ids, rows = read_vectors(st, ref)
+    want_ids, want = read_vectors(st, VectorTableRef.from_dict(
+        run_ft_sketch(at_once.to_dict(), store, MODEL, sketch_dim=8, seed=1, num_classes=10)))
+    assert ids == want_ids
+    np.testing.assert_allclose(rows, want, rtol=1e-4, atol=1e-6)
