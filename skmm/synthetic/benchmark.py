@@ -68,6 +68,9 @@ class SyntheticConfig:
     # skmm_best_val's candidates: convex SkMM and SkMMv2, and with True (the pipeline's default) also convex SkMM
     # seeded by greedy pivots through the signal rank (SkMMBest(third_candidate=True))
     third_candidate: bool = True
+    # and with True also SkMM's pivoted seeding alone for the whole budget (SkMMBest(pivoted_candidate=True)): not
+    # the pipeline's rule yet (bench/README.md §14, "A fourth candidate")
+    pivoted_candidate: bool = False
     # leverage / ridge leverage: compute the pool's scores once (first seed's SVD draw) and only sample per (n, seed)
     cache_scores: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +85,7 @@ class SyntheticConfig:
                 "discretization": self.skmm_discretization,
                 # the third coreset only serves skmm_best_val's choice: not fitted (nor timed) without it
                 **({"third_candidate": True} if self.third_candidate and self.val_fraction > 0 else {}),
+                **({"pivoted_candidate": True} if self.pivoted_candidate and self.val_fraction > 0 else {}),
             },
             "skmm": {"sketch_dim": m, "discretization": self.skmm_discretization},
             "skmm_v2": {"sketch_dim": m, "ridge": self.skmm_v2_ridge, "temperature": self.skmm_v2_temperature},

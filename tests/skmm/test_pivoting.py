@@ -210,3 +210,22 @@ def test_torch_twin_greedy_lead_then_sampled():
     rows_d = pivoted_rows_on_device(X, 16, np.random.default_rng(8), torch.device("cpu"), chunk_rows=700,
                                     pivoting="greedy", lead_pivots=10)
     assert rows_d == rows
+
+
+def test_best_of_pivoted_candidate_is_adaptive_sampling_on_the_same_sketch_and_seed():
+    from skmm.select.adaptive import AdaptiveSampling
+    from skmm.select.base import check_random_state
+    from skmm.select.moment_matching import selection_sketch
+
+    X, _ = _clusters(big=400, small=40)
+    three = SkMMBest(30, sketch_dim=16, random_state=5, third_candidate=True).fit(X)
+    four = SkMMBest(30, sketch_dim=16, random_state=5, third_candidate=True, pivoted_candidate=True).fit(X)
+    assert four.get_params()["pivoted_candidate"] is True
+    assert np.array_equal(three.indices_, four.indices_)  # the proxy still chooses between the first two
+    cands = four.selection_.info["candidates"]
+    assert list(cands) == ["skmm", "skmm_v2", "skmm_greedy_pivots", "skmm_pivoted"]
+    assert {k: v for k, v in cands.items() if k != "skmm_pivoted"} == three.selection_.info["candidates"]
+    rng = check_random_state(5)
+    S, _, _ = selection_sketch(X, 16, int(rng.integers(2**31)))
+    alone = AdaptiveSampling(30, random_state=int(rng.integers(2**31))).fit(S)
+    assert cands["skmm_pivoted"] == alone.indices_.tolist() and len(set(cands["skmm_pivoted"])) == 30

@@ -77,19 +77,21 @@ def test_runner_writes_table_csv_and_plot(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-@pytest.mark.parametrize("third", [False, True])
-def test_val_rule_keeps_the_candidate_with_the_lower_validation_risk(third):
+@pytest.mark.parametrize(("third", "fourth"), [(False, False), (True, False), (True, True)])
+def test_val_rule_keeps_the_candidate_with_the_lower_validation_risk(third, fourth):
     from skmm.synthetic.benchmark import validation_rows
 
     config = SyntheticConfig(n_samples=300, dim=80, n_clusters=5, sketch_dim=16, budgets=(12, 30), seeds=(0, 1),
-                             methods=("skmm_best",), val_fraction=0.2, cache_scores=True, third_candidate=third)
+                             methods=("skmm_best",), val_fraction=0.2, cache_scores=True, third_candidate=third,
+                             pivoted_candidate=fourth)
     result = run_synthetic(config)
     pool = make_gmm(300, 80, 5, 0.04, 0)
     from skmm.select import SkMMBest
 
-    variants = ("skmm", "skmm_v2", "skmm_greedy_pivots") if third else ("skmm", "skmm_v2")
+    variants = ("skmm", "skmm_v2", *(("skmm_greedy_pivots",) if third else ()), *(("skmm_pivoted",) if fourth else ()))
     for row in (r for r in result["rows"] if r["method"] == "skmm_best_val"):
-        sel = SkMMBest(row["n"], sketch_dim=16, random_state=row["seed"], third_candidate=third).fit(pool.X)
+        sel = SkMMBest(row["n"], sketch_dim=16, random_state=row["seed"], third_candidate=third,
+                       pivoted_candidate=fourth).fit(pool.X)
         assert tuple(sel.selection_.info["candidates"]) == variants
         val = validation_rows(300, 0.2, row["seed"])
         assert val.size == 60
