@@ -37,8 +37,9 @@ from tasks.store import open_store
 
 __all__ = ["label_array", "read_auto_sketch", "run_select", "select", "train_split"]
 
-CODE_VERSION = "select-5"  # 3: the automatic m is max(64, 2 × signal rank); 4: params record the pivot rule;
-# 5: skmm_best's params record third_candidate (SkMMBest's new parameter); indices unchanged
+CODE_VERSION = "select-6"  # 3: the automatic m is max(64, 2 × signal rank); 4: params record the pivot rule;
+# 5: skmm_best's params record third_candidate (SkMMBest's new parameter); indices unchanged; 6: and
+# pivoted_candidate
 
 # With class_balanced=True every method that can use labels spreads the budget evenly over classes
 # (the authors' per-class top-n on real data); otherwise selection is label-free, as before labelling.
