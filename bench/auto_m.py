@@ -85,7 +85,7 @@ RULES: dict[str, dict[str, Any]] = {
     # a fourth: SkMM's seeding step alone for the whole budget (randomly pivoted sampling on the reduced sketch)
     "floor64_rank2_four": {"floor": 64, "rank_mult": 2,
                            "extra": {"skmm_gsignal": ("skmm", {"pivoting": "greedy_signal"}),
-                                     "pivoted": ("adaptive", {})}},
+                                     "pivoted": ("skmm_pivoted", {})}},
 }
 
 
@@ -126,8 +126,8 @@ def digits(model: str, seeds: int, budgets: list[int], rules: list[str]) -> dict
     from skmm.finetune.linear_probe import LinearProbe
     from skmm.gradients.features import normalize_features
     from skmm.select import SkMM, SkMMv2
-    from skmm.select.adaptive import AdaptiveSampling
     from skmm.select.moment_matching import _eigen_moments, sketch_pool
+    from skmm.select.sketched_pivots import SketchedPivots
     from storage.datasets import DatasetRef, VectorTableRef, read_vectors
     from tasks.finetune import STRENGTHS
     from tasks.sketch import pool_ids
@@ -157,7 +157,7 @@ def digits(model: str, seeds: int, budgets: list[int], rules: list[str]) -> dict
             for seed in range(seeds):
                 classes = {"skmm": SkMM, "skmm_v2": SkMMv2}
                 candidates = [(v, classes[v], rule_params(rule, v)) for v in classes]
-                classes["adaptive"] = AdaptiveSampling  # only as an "extra" candidate
+                classes["skmm_pivoted"] = SketchedPivots  # only as an "extra" candidate
                 candidates += [(extra, classes[v], p) for extra, (v, p) in rule.get("extra", {}).items()]
                 for variant, cls, params in candidates:
                     if "gauss" in rule:  # the pipeline's --sketch-dim M: a Gaussian sketch of the features
@@ -182,8 +182,8 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
     import robustness
 
     from skmm.select import SkMM, SkMMv2
-    from skmm.select.adaptive import AdaptiveSampling
     from skmm.select.moment_matching import AUTO_M_MAX, _eigen_moments, sketch_pool
+    from skmm.select.sketched_pivots import SketchedPivots
     from skmm.synthetic.benchmark import validation_rows
     from skmm.synthetic.gmm import make_gmm
     from skmm.synthetic.risk import ridge_risk
@@ -206,7 +206,7 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
                     risks = {}
                     classes = {"skmm": SkMM, "skmm_v2": SkMMv2}
                     candidates = [(v, classes[v], rule_params(RULES[name], v)) for v in classes]
-                    classes["adaptive"] = AdaptiveSampling  # only as an "extra" candidate
+                    classes["skmm_pivoted"] = SketchedPivots  # only as an "extra" candidate
                     candidates += [(extra, classes[v], p) for extra, (v, p) in RULES[name].get("extra", {}).items()]
                     for variant, cls, params in candidates:
                         idx = cls(n, random_state=seed, **params).fit(X).indices_

@@ -27,9 +27,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from robustness import PAPER, RESULTS, SEEDS, SKMM_BEST_ROWS
 
 from skmm.select import SkMM, SkMMBest, SkMMv2
-from skmm.select.adaptive import AdaptiveSampling
 from skmm.select.base import check_random_state
 from skmm.select.moment_matching import selection_sketch
+from skmm.select.sketched_pivots import SketchedPivots
 from skmm.synthetic.benchmark import SyntheticConfig, validation_rows
 from skmm.synthetic.gmm import make_gmm
 from skmm.synthetic.risk import ridge_risk
@@ -69,6 +69,9 @@ def main() -> None:
         val = validation_rows(pool.X.shape[0], config.val_fraction, seed)
         for n in cfg["budgets"]:
             library = SkMMBest(n, random_state=seed, **params).fit(pool.X).selection_.info["candidates"]
+            if FOURTH:
+                library4 = SkMMBest(n, random_state=seed, **params, pivoted_candidate=True).fit(
+                    pool.X).selection_.info["candidates"]
             rng = check_random_state(seed)  # SkMMBest._select's draws, in order
             S, _, _ = selection_sketch(pool.X, params["sketch_dim"], int(rng.integers(2**31)))
             inner = int(rng.integers(2**31))
@@ -80,7 +83,8 @@ def main() -> None:
                          pivoting="greedy_signal").fit(S).indices_
             cands = {"skmm": convex, "skmm_v2": greedy, "skmm_gsignal": third}
             if FOURTH:  # SkMM's seeding step alone for the whole budget, on the same sketch and seed
-                cands["pivoted"] = AdaptiveSampling(n, random_state=inner).fit(S).indices_
+                cands["pivoted"] = SketchedPivots(n, None, random_state=inner).fit(S).indices_
+                assert cands["pivoted"].tolist() == library4["skmm_pivoted"], (seed, n)
             risks = {v: (ridge_risk(pool.X, pool.y, idx)[0], ridge_risk(pool.X, pool.y, idx, eval_rows=val)[0])
                      for v, idx in cands.items()}
             two = min(("skmm", "skmm_v2"), key=lambda v: (risks[v][1], v != "skmm"))

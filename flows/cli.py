@@ -156,6 +156,10 @@ def curate_cmd(
                                                   "SkMM seeded by greedy pivots (one more finetune per budget; "
                                                   "--no-third-candidate: the two variants only; "
                                                   "bench/README.md §14).")] = True,
+    pivoted_candidate: Annotated[bool, typer.Option(help="skmm_best's choice on the val split also tries SkMM's "
+                                                    "pivoted seeding alone for the whole budget (one more "
+                                                    "finetune per budget; bench/README.md §14, \"A fourth "
+                                                    "candidate\").")] = False,
     embeddings: Annotated[bool, typer.Option(help="SOURCE is a Parquet table of precomputed embeddings.")] = False,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val/test split.")] = 0,
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest image (width × height) ingested; larger ones are "
@@ -198,6 +202,7 @@ def curate_cmd(
                             finetune=FinetuneConfig(kind=finetune, layers=ft_layers, epochs=ft_epochs), task=task,
                             variant_choice=variant_choice, full_pool_reference=full_pool_reference,
                             val_limit=val_limit or None, third_candidate=third_candidate,
+                            pivoted_candidate=pivoted_candidate,
                             progress=sys.stderr.isatty() if progress is None else progress)
     except Exception as exc:
         _fail(exc)
@@ -263,6 +268,8 @@ def reselect_cmd(
                                                        "0: the whole val split (as in curate).")] = 10_000,
     third_candidate: Annotated[bool, typer.Option(help="skmm_best also tries convex SkMM seeded by greedy pivots "
                                                   "(as in curate).")] = True,
+    pivoted_candidate: Annotated[bool, typer.Option(help="skmm_best also tries SkMM's pivoted seeding alone (as in "
+                                                    "curate).")] = False,
     store: Annotated[str, typer.Option(help="Artifact store URL.")] = "./skmm-store",
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
@@ -279,7 +286,8 @@ def reselect_cmd(
         with _one_line_errors(verbose):
             result = reselect(run=earlier, budgets=budget_list, methods=method_list, seeds=seed_list,
                               class_balanced=class_balanced, variant_choice=variant_choice,
-                              val_limit=val_limit or None, third_candidate=third_candidate, store_url=store,
+                              val_limit=val_limit or None, third_candidate=third_candidate,
+                              pivoted_candidate=pivoted_candidate, store_url=store,
                               endpoint_url=endpoint_url)
     except Exception as exc:
         _fail(exc)
@@ -346,6 +354,8 @@ def bench_synthetic(
     third_candidate: Annotated[bool, typer.Option(help="skmm_best_val also chooses convex SkMM seeded by greedy "
                                                   "pivots, as the pipeline does; --no-third-candidate: the two "
                                                   "variants.")] = True,
+    pivoted_candidate: Annotated[bool, typer.Option(help="skmm_best_val also chooses SkMM's pivoted seeding alone "
+                                                    "(as curate --pivoted-candidate).")] = False,
     quiet: Annotated[bool, typer.Option(help="No per-run progress lines.")] = False,
 ) -> None:
     """Run the paper's synthetic experiment (SKMM.md §6) and print the risk table."""
@@ -356,7 +366,8 @@ def bench_synthetic(
     except ValueError as exc:
         _fail(exc)
     config = SyntheticConfig(n_samples=n_samples, dim=dim, sketch_dim=sketch_dim, generator_seed=generator_seed,
-                             budgets=budget_list, seeds=tuple(range(seeds)), third_candidate=third_candidate)
+                             budgets=budget_list, seeds=tuple(range(seeds)), third_candidate=third_candidate,
+                             pivoted_candidate=pivoted_candidate)
     if methods:
         from skmm.select import SELECTORS
 

@@ -148,9 +148,13 @@ VARIANTS = ("skmm", "skmm_v2")  # what "skmm_best" chooses between
 # rank (third_candidate=True, the default since the FT digits table: bench/README.md §14, "A third candidate for the
 # validation choice"; third_candidate=False: the two variants only).
 GREEDY_PIVOTS = "skmm_greedy_pivots"
+# and, opt-in (pivoted_candidate=True), SkMM's pivoted seeding alone for the whole budget (bench/README.md §14, "A
+# fourth candidate": not the default before its FT digits table)
+PIVOTED = "skmm_pivoted"
 CANDIDATES = {"skmm": ("skmm", {}), "skmm_v2": ("skmm_v2", {}),
-              GREEDY_PIVOTS: ("skmm", {"pivoting": "greedy_signal"})}  # variant -> (method, selector params)
-AUTO_SKETCH_METHODS = ("skmm", "skmm_v2", "skmm_best")  # the selectors that take sketch_dim="auto"
+              GREEDY_PIVOTS: ("skmm", {"pivoting": "greedy_signal"}),
+              PIVOTED: ("skmm_pivoted", {})}  # variant -> (method, selector params)
+AUTO_SKETCH_METHODS = ("skmm", "skmm_v2", "skmm_best", "skmm_pivoted")  # the selectors that take sketch_dim="auto"
 
 
 @dataclass
@@ -171,6 +175,7 @@ class _Stages:
     moment: dict | None = None  # auto_sketch: the sketch's moment and N × m reduction (tasks.sketch_moment), once
     val_limit: int | None = VAL_LIMIT  # choices (C, FT epoch, skmm_best's variant) on the val split's smallest ids
     third_candidate: bool = True  # skmm_best's val choice also tries GREEDY_PIVOTS
+    pivoted_candidate: bool = False  # and PIVOTED
 
     def select(self, tag: str, method: str, n: int, seed: int, extra: dict | None = None) -> dict:
         """Select with ``method`` (``extra``: more selector params, e.g. a pivot rule); a recorded stage."""
@@ -229,7 +234,8 @@ class _Stages:
         """skmm_best's variant chosen on the val split: select with each variant, finetune, score on val, keep the
         best (higher accuracy, or lower MAE; ties go to the convex form). The test split plays no part.
         Returns the kept (selection, model trained on it, info)."""
-        variants = (*VARIANTS, GREEDY_PIVOTS) if self.third_candidate else VARIANTS
+        variants = (*VARIANTS, *((GREEDY_PIVOTS,) if self.third_candidate else ()),
+                    *((PIVOTED,) if self.pivoted_candidate else ()))
         candidates = {}
         for variant in variants:
             ctag = f"{tag}.{variant}"
@@ -257,7 +263,7 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
                              model: dict[str, Any] | None = None, task: str = "classification",
                              variant_choice: str = "val", full_pool: int | None = None,
                              auto_sketch: bool = False, val_limit: int | None = VAL_LIMIT,
-                             third_candidate: bool = True) -> list[dict[str, Any]]:
+                             third_candidate: bool = True, pivoted_candidate: bool = False) -> list[dict[str, Any]]:
     """For each (method, budget, seed): select → finetune → evaluate on the test split, each a recorded stage.
 
     ``variant_choice``: how ``skmm_best`` picks between convex SkMM and greedy SkMMv2 — "val" (finetune on both
@@ -268,12 +274,12 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
     choices on the val split (the probe's C, the FT epoch, skmm_best's variant) use its ``val_limit`` smallest
     sample ids (None: all of it; tasks.finetune.VAL_LIMIT). ``third_candidate``: with ``variant_choice="val"``,
     skmm_best also tries convex SkMM seeded by greedy pivots (``GREEDY_PIVOTS``): one more coreset and finetune per
-    budget."""
+    budget; ``pivoted_candidate``: and SkMM's pivoted seeding alone (``PIVOTED``), one more again."""
     if variant_choice not in ("val", "proxy"):
         raise ValueError(f"variant_choice must be 'val' or 'proxy'; got {variant_choice!r}")
     stages = _Stages(rec, opts, store, dataset, emb, sk, class_balanced, finetune or FinetuneConfig(), model,
                      head_seed=seeds[0], auto_sketch=auto_sketch, val_limit=val_limit,
-                     third_candidate=third_candidate)
+                     third_candidate=third_candidate, pivoted_candidate=pivoted_candidate)
     results = []
     for method, n, seed in itertools.product(methods, budgets, seeds):
         tag = f"{method}.n{n}.s{seed}"
@@ -324,6 +330,7 @@ def curate(
     full_pool_reference: bool = False,
     val_limit: PositiveInt | None = VAL_LIMIT,
     third_candidate: bool = True,
+    pivoted_candidate: bool = False,
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
     batch_size: PositiveInt = 64,
@@ -344,7 +351,8 @@ def curate(
     ``val_limit``: choices on the val split use its ``val_limit`` smallest sample ids (a content-determined
     sample; None: the whole split), so that they cost the same on any pool; the test split is always evaluated
     in full. ``third_candidate``: skmm_best's choice on the val split also tries convex SkMM seeded by greedy
-    pivots (the default: a third coreset and finetune per budget; False: the two variants; bench/README.md §14).
+    pivots (the default: a third coreset and finetune per budget; False: the two variants; bench/README.md §14);
+    ``pivoted_candidate``: and SkMM's pivoted seeding alone (opt-in: one more coreset and finetune per budget).
     ``progress``: a progress bar per embedded shard on stderr (the CLI turns it on in a terminal)."""
     logger = get_run_logger()
     check_methods(methods)
@@ -366,6 +374,8 @@ def curate(
         config["val_limit"] = val_limit
     if third_candidate:  # named when on (runs before it became the default lack it and had two candidates)
         config["third_candidate"] = True
+    if pivoted_candidate:  # named only when on: the default config (and its hash) stays what it was
+        config["pivoted_candidate"] = True
     code = code_provenance()  # the code that runs, never the caller's working folder
     rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=code.git_commit, skmm_version=code.version,
                           config=config, attempt=flow_run.run_count or None)  # Prefect's run count: 2 on a retry
@@ -417,7 +427,7 @@ def curate(
                                        class_balanced, finetune, model.model_dump(), task, variant_choice,
                                        full_pool=ing["split_counts"]["train"] if full_pool_reference else None,
                                        auto_sketch=sketch_dim == "auto", val_limit=val_limit,
-                                       third_candidate=third_candidate)
+                                       third_candidate=third_candidate, pivoted_candidate=pivoted_candidate)
     rep = report_stage(rec, opts, store, results)
     # The result also goes to the store (runs/<run_id>.json), so a scheduled run can be re-selected by its id.
     return record_run_result(rec, {"run_id": rec.run_id, "store": st.url, "dataset": ing["dataset"],

@@ -79,11 +79,13 @@ def reselect(
     variant_choice: Literal["val", "proxy"] = "val",
     val_limit: PositiveInt | None = VAL_LIMIT,
     third_candidate: bool = True,
+    pivoted_candidate: bool = False,
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
 ) -> dict[str, Any]:
     """Select again from an earlier run's sketch, finetune, evaluate, report. ``run``: the earlier run's id (or a
-    unique prefix of one) in the store, or its result dict. ``val_limit``, ``third_candidate``: as in ``curate``."""
+    unique prefix of one) in the store, or its result dict. ``val_limit``, ``third_candidate``,
+    ``pivoted_candidate``: as in ``curate``."""
     check_methods(methods)
     store, st = _open(store_url, endpoint_url)
     run = _earlier(st, run, ("dataset", "embeddings", "sketch"))
@@ -94,6 +96,8 @@ def reselect(
         config["val_limit"] = val_limit
     if third_candidate:
         config["third_candidate"] = True
+    if pivoted_candidate:
+        config["pivoted_candidate"] = True
     opts, rec = _recorder(st, store, config)
     get_run_logger().info("run %s: re-selecting from run %s", rec.run_id, run.get("run_id"))
     with rec.stage("check-inputs") as record:
@@ -105,7 +109,8 @@ def reselect(
     auto_sketch = run.get("sketch_dim") == "auto"  # the earlier sketch has AUTO_M_MAX columns: m chosen again
     results = select_finetune_evaluate(rec, opts, store, run["dataset"], emb, sk, methods, budgets, seeds,
                                        class_balanced, finetune, model.model_dump(), task, variant_choice,
-                                       auto_sketch=auto_sketch, val_limit=val_limit, third_candidate=third_candidate)
+                                       auto_sketch=auto_sketch, val_limit=val_limit, third_candidate=third_candidate,
+                                       pivoted_candidate=pivoted_candidate)
     rep = report_stage(rec, opts, store, results)
     return record_run_result(rec, {"run_id": rec.run_id, "store": st.url, "dataset": run["dataset"],
                                    "quarantined": 0, "embeddings": emb, "sketch": sk,

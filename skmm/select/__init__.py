@@ -12,6 +12,7 @@ from skmm.select.greedy_moment_matching import SkMMv2
 from skmm.select.leverage import Leverage, RidgeLeverage, SketchedRidgeLeverage
 from skmm.select.moment_matching import SkMM
 from skmm.select.projection import project_capped_simplex
+from skmm.select.sketched_pivots import SketchedPivots
 from skmm.select.uniform import Uniform
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "SkMM",
     "SkMMBest",
     "SkMMv2",
+    "SketchedPivots",
     "SketchedRidgeLeverage",
     "Uniform",
     "discretize",
@@ -35,8 +37,8 @@ __all__ = [
 
 SELECTORS: dict[str, type[BaseSelector]] = {
     cls.method: cls
-    for cls in (SkMMBest, SkMM, SkMMv2, Uniform, Herding, KCenterGreedy, AdaptiveSampling, Leverage, RidgeLeverage,
-                SketchedRidgeLeverage)
+    for cls in (SkMMBest, SkMM, SkMMv2, SketchedPivots, Uniform, Herding, KCenterGreedy, AdaptiveSampling, Leverage,
+                RidgeLeverage, SketchedRidgeLeverage)
 }
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from skmm.select.adaptive import AdaptiveSampling
 from skmm.select.base import BaseSelector
 from skmm.select.greedy_moment_matching import BLOCK_ROWS, SkMMv2
 from skmm.select.moment_matching import SkMM, gram, selection_sketch
+from skmm.select.sketched_pivots import SketchedPivots
 
 __all__ = ["SkMMBest", "variance_proxy"]
 
@@ -41,8 +41,9 @@ class SkMMBest(BaseSelector):
     with ``pivoting="greedy_signal"`` on the same sketch and seed and list it in ``selection_.info["candidates"]``
     as ``"skmm_greedy_pivots"``, for a choice on labelled validation data (the pipeline's rule,
     bench/README.md §14); the label-free proxy still chooses between the first two. ``pivoted_candidate``: also
-    list SkMM's seeding step alone for the whole budget — randomly pivoted (adaptive) sampling on the same sketch
-    with the same seed — as ``"skmm_pivoted"`` (issue 10: on the protocol's test half it lifts the validation
+    list SkMM's seeding step alone for the whole budget —
+    :class:`~skmm.select.sketched_pivots.SketchedPivots` on the same sketch with the same seed — as
+    ``"skmm_pivoted"`` (issue 10: on the protocol's test half it lifts the validation
     choice from 83 % to 96 % of cells within 1.1× of the best other method; §14, "A fourth candidate")."""
 
     method = "skmm_best"
@@ -91,5 +92,6 @@ class SkMMBest(BaseSelector):
                          pivoting="greedy_signal").fit(S, y)
             info["candidates"]["skmm_greedy_pivots"] = third.indices_.tolist()
         if self.pivoted_candidate:
-            info["candidates"]["skmm_pivoted"] = AdaptiveSampling(self.n, random_state=seed).fit(S).indices_.tolist()
+            pivoted = SketchedPivots(self.n, None, random_state=seed, pivoting=self.pivoting).fit(S)
+            info["candidates"]["skmm_pivoted"] = pivoted.indices_.tolist()
         return winner.indices_, winner.weights_, winner.scores_, info

@@ -109,3 +109,41 @@ def test_the_third_candidate_is_an_option_of_curate_and_reselect():
     for command in ("curate", "reselect"):
         out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
         assert out.exit_code == 0 and "--no-third-candidate" in out.output
+
+
+def test_a_fourth_candidate_pivoted_seeding_alone_joins_the_val_choice_when_asked(prefect_server, tmp_path):
+    """--pivoted-candidate: skmm_best also selects with SkMM's pivoted seeding alone on the automatic-m sketch,
+    finetunes on it and scores it on the val split; the other three are the same cached tasks as without it, and
+    only the new candidate's select task runs."""
+    from flows.curate import CANDIDATES, PIVOTED
+    from storage.artifacts import ArtifactRef
+    from storage.selections import read_selection, selection_metadata
+
+    store_dir = tmp_path / "store"
+    args = {**FAST, "methods": ["skmm_best"], "budgets": [20], "sketch_dim": "auto", "store_url": str(store_dir)}
+    three = curate(**args)["results"][0]
+    state = curate(**args, pivoted_candidate=True, return_state=True)
+    (row,) = state.result()["results"]
+    assert set(row["val"]) == {*three["val"], PIVOTED} and len(row["val"]) == 4
+    assert all(row["val"][v] == three["val"][v] for v in three["val"])
+    score = {v: (m["accuracy"], m["macro_f1"]) for v, m in row["val"].items()}
+    assert score[row["chosen"]] == max(score.values())
+    assert sorted(task_states(state)["select"]) == ["Cached", "Cached", "Cached", "Completed"]
+    st = open_store(store_spec(store_dir))
+    kept = selection_metadata(read_selection(st, ArtifactRef.from_dict(row["selection"])))
+    assert kept["method"] == CANDIDATES[row["chosen"]][0]
+
+
+def test_the_fourth_candidate_is_an_opt_in_option_of_curate_reselect_and_the_synthetic_bench():
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app, bench_synthetic, curate_cmd, reselect_cmd
+    from flows.rerun import reselect
+
+    for fn in (curate.fn, reselect.fn, curate_cmd, reselect_cmd, bench_synthetic):
+        assert inspect.signature(fn).parameters["pivoted_candidate"].default is False
+    for command in (["curate"], ["reselect"], ["bench", "synthetic"]):
+        out = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+        assert out.exit_code == 0 and "--pivoted-candidate" in out.output

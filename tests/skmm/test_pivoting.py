@@ -212,8 +212,8 @@ def test_torch_twin_greedy_lead_then_sampled():
     assert rows_d == rows
 
 
-def test_best_of_pivoted_candidate_is_adaptive_sampling_on_the_same_sketch_and_seed():
-    from skmm.select.adaptive import AdaptiveSampling
+def test_best_of_pivoted_candidate_is_sketched_pivots_on_the_same_sketch_and_seed():
+    from skmm.select import SketchedPivots
     from skmm.select.base import check_random_state
     from skmm.select.moment_matching import selection_sketch
 
@@ -227,5 +227,22 @@ def test_best_of_pivoted_candidate_is_adaptive_sampling_on_the_same_sketch_and_s
     assert {k: v for k, v in cands.items() if k != "skmm_pivoted"} == three.selection_.info["candidates"]
     rng = check_random_state(5)
     S, _, _ = selection_sketch(X, 16, int(rng.integers(2**31)))
-    alone = AdaptiveSampling(30, random_state=int(rng.integers(2**31))).fit(S)
+    alone = SketchedPivots(30, None, random_state=int(rng.integers(2**31))).fit(S)
     assert cands["skmm_pivoted"] == alone.indices_.tolist() and len(set(cands["skmm_pivoted"])) == 30
+
+
+def test_sketched_pivots_on_the_reduced_sketch_are_those_of_the_auto_fit():
+    """The pipeline fits a selector built with sketch_dim="auto" on the already reduced N × m sketch
+    (fit_on_reduced): the rows must be those of fitting the wide sketch."""
+    from skmm.select import SketchedPivots
+    from skmm.select.auto_sketch import fit_on_reduced
+    from skmm.select.moment_matching import selection_sketch
+
+    X, _ = _clusters(big=400, small=40)
+    wide = SketchedPivots(25, "auto", random_state=9).fit(X)
+    S, _, auto = selection_sketch(X, "auto", int(np.random.default_rng(9).integers(2**31)))
+    reduced = fit_on_reduced(SketchedPivots(25, "auto", random_state=9), S, None, auto)
+    assert wide.indices_.tolist() == reduced.indices_.tolist() and len(set(wide.indices_.tolist())) == 25
+    assert wide.selection_.info["auto_sketch"] == reduced.selection_.info["auto_sketch"] == auto
+    with pytest.raises(ValueError):
+        SketchedPivots(5, pivoting="nonsense").fit(X)
