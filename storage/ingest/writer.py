@@ -16,10 +16,12 @@ in many small batches and read back once, whole, and the image bytes in them are
 **Pass 2** (``finish``, only after validation passed): buckets are read back in id order, one at a time, sorted by
 sample id, and cut into shards of exactly ``shard_rows`` rows across bucket boundaries; a bucket larger than
 :data:`BUCKET_BYTES` is first split again by the next two hex digits (and so on), so a bucket in memory stays
-bounded whatever N is. Shards are written with :func:`storage.datasets.write_samples`' Parquet settings, streamed
-into the store's staging file, so the shard and manifest artifacts are **byte-identical** to ``write_samples`` of
-the same rows (a test holds them to it), and so is the dataset version (computed while the sorted rows stream
-past, with ``dataset_version``'s encoding).
+bounded whatever N is. On a growth a bucket's size leaves out the reused bytes of its rows in kept shards (they are
+dropped, never fetched), so the buckets of a nightly growth, ~2.2 GB of reused bytes each at 10^7 samples but
+nearly all of them kept, are not split again. Shards are written with :func:`storage.datasets.write_samples`'
+Parquet settings, streamed into the store's staging file, so the shard and manifest artifacts are
+**byte-identical** to ``write_samples`` of the same rows (a test holds them to it), and so is the dataset version
+(computed while the sorted rows stream past, with ``dataset_version``'s encoding).
 
 **Reused samples** (``add(..., reused=size)``, :mod:`storage.ingest.reuse`): a file unchanged since the store's
 last ingest of the source is not read; pass 1 spills only its id and URI (and its byte count, so that pass 2's
@@ -538,18 +540,23 @@ class DatasetWriter:
             rows = rows.append_column(_FRESH, pc.invert(is_reused))
         return rows
 
-    def _drain(self, spill: _Spill, cutter: _ShardCutter, drop: _KeptIds | None = None) -> None:
+    def _drain(self, spill: _Spill, cutter: _ShardCutter, drop: _KeptIds | None = None,
+               not_fetched: list[int] | None = None) -> None:
+        """Write the spill's rows, bucket by bucket in id order (``drop``: which rows are in kept shards); a bucket
+        larger than ``bucket_bytes`` is split again first. ``not_fetched``: per bucket, the reused bytes of its
+        rows in kept shards, which are dropped, never fetched — not counted in its size."""
         spill.close()
         for bucket in range(_FANOUT):
             if not spill.rows[bucket]:
                 continue
-            if spill.sizes[bucket] > self.bucket_bytes and spill.rows[bucket] > 1 and spill.level < 31:
+            size = spill.sizes[bucket] - (not_fetched[bucket] if not_fetched else 0)
+            if size > self.bucket_bytes and spill.rows[bucket] > 1 and spill.level < 31:
                 sub = _Spill(os.path.join(spill.directory, f"{bucket:02x}"), spill.level + 1, spill.buffer_bytes)
                 for batch in spill.batches(bucket):
                     for sid, uri, data, reused in zip(*(col.to_pylist() for col in batch.columns), strict=True):
                         sub.add(sid, uri, data, reused)
                 spill.remove(bucket)
-                self._drain(sub, cutter, drop)
+                self._drain(sub, cutter, drop)  # its sizes count kept rows' bytes: rarely matters one level down
                 shutil.rmtree(sub.directory, ignore_errors=True)
                 continue
             table = spill.read(bucket)
@@ -565,13 +572,13 @@ class DatasetWriter:
         """Validate, then write quarantine, shards, manifest (and ``vectors()``, if given); the result."""
         classes, split_counts = self._validate()
         qref = self._write_quarantine()
-        kept = self._kept_shards()
+        kept, not_fetched = self._kept_shards()
         cutter = _ShardCutter(self.store, self.shard_rows, kept)
         if any(kept):
             self.n_kept = sum(sh.num_rows for run in kept for sh in run)
             self.base.keep({sh.artifact.uri for run in kept for sh in run})
             with _KeptIds(self.base, {sh.artifact.uri for run in kept for sh in run}) as drop:
-                self._drain(self._spill, cutter, drop)
+                self._drain(self._spill, cutter, drop, not_fetched)
         else:
             self._drain(self._spill, cutter)
         dataset = cutter.finish()
@@ -594,11 +601,11 @@ class DatasetWriter:
                          "label": pa.array(self._labels, pa.string()).take(pa.array(codes >> 2)),
                          "split": pa.array(_SPLIT_NAMES, pa.string()).take(pa.array(codes & 3))})
 
-    def _spilled_metadata(self) -> Iterator[pa.Table]:
-        """Every spilled row's sample_id and source_uri, sorted, a level-0 bucket at a time (no image bytes held: a
-        bucket's rows without them are ~200 bytes each)."""
+    def _spilled_metadata(self) -> Iterator[tuple[int, pa.Table]]:
+        """Every spilled row's sample_id, source_uri and reused (byte count), sorted, a level-0 bucket at a time, with
+        the bucket's number (no image bytes held: a bucket's rows without them are ~200 bytes each)."""
         self._spill.close()
-        names = ("sample_id", "source_uri")
+        names = ("sample_id", "source_uri", "reused")
         for bucket in range(_FANOUT):
             if not self._spill.rows[bucket]:
                 continue
@@ -608,9 +615,9 @@ class DatasetWriter:
                      for b in self._spill.batches(bucket)]
             table = pa.concat_tables(parts)
             del parts
-            yield table.take(pc.sort_indices(table["sample_id"]))
+            yield bucket, table.take(pc.sort_indices(table["sample_id"]))
 
-    def _kept_shards(self) -> tuple[tuple[ShardRef, ...], ...]:
+    def _kept_shards(self) -> tuple[tuple[tuple[ShardRef, ...], ...], list[int] | None]:
         """The previous dataset's shards a growth keeps as they are, by run: those whose every row is a sample of
         this pool with the same source_uri, label and split, whether its file was read now or not (the same id is
         the same bytes: a file read again for another reason — its tar has a quarantined member, it changed less
@@ -618,11 +625,15 @@ class DatasetWriter:
         rows are then not written again, and their images not read; the new rows form a new run. None without a
         previous dataset.
 
+        Also, per level-0 bucket, the reused bytes of its rows in kept shards (None when nothing is kept): pass 2
+        drops those rows and never fetches their bytes, so a bucket's size for splitting it again leaves them out
+        (at 10^7 samples they are ~2.2 GB a bucket, nearly all of its count).
+
         Compaction: the grown dataset has at most :data:`MAX_RUNS` runs. When the previous one already has that many,
         the shards of its smallest runs are not kept (their rows join the new run) — a tiered merge: a nightly
         growth rewrites its new samples plus the smallest run, never the whole pool."""
         if self.base is None:
-            return ()
+            return (), None
         manifest = self.base.manifest
         runs = manifest.shard_runs()
         fold = set(sorted(range(len(runs)), key=lambda r: (sum(sh.num_rows for sh in runs[r]), -r))
@@ -631,11 +642,14 @@ class DatasetWriter:
             log.info("the previous dataset has %d runs: the rows of %d of them are written again with the new "
                      "samples", len(runs), len(fold))
         if len(fold) == len(runs):
-            return ()
+            return (), None
         matched = np.zeros(len(manifest.shards), np.int64)
+        # per bucket: the previous shards its matched rows are in, and those rows' reused bytes by shard (a bucket
+        # meets the few shards of each run that cover its id range: ~ shards + 256 · runs pairs in all)
+        reused_by_shard: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         previous = _Cursor(merge_sorted_tables(self.base.metadata()))
         try:
-            for table in self._spilled_metadata():
+            for bucket, table in self._spilled_metadata():
                 before = previous.upto(table["sample_id"][-1].as_py())
                 if not before.num_rows:
                     continue
@@ -651,14 +665,22 @@ class DatasetWriter:
                         & _equal(before["split"], labelled["split"].take(at)))
                 shard = before["shard"].to_numpy()
                 matched += np.bincount(shard[same], minlength=len(matched))
+                reused = pc.fill_null(table["reused"], 0).to_numpy()[pos[same]]
+                shards, at_shard = np.unique(shard[same], return_inverse=True)
+                reused_by_shard[bucket] = shards, np.bincount(at_shard, weights=reused, minlength=len(shards))
         finally:
             previous.close()
         keep = {i for i, sh in enumerate(manifest.shards) if matched[i] == sh.num_rows}
-        out, k = [], 0
+        out, kept, k = [], [], 0
         for r, run in enumerate(runs):
-            out.append(() if r in fold else tuple(sh for i, sh in enumerate(run, start=k) if i in keep))
+            chosen = () if r in fold else tuple(i for i in range(k, k + len(run)) if i in keep)
+            out.append(tuple(run[i - k] for i in chosen))
+            kept.extend(chosen)
             k += len(run)
-        return tuple(out)
+        not_fetched = [0] * _FANOUT
+        for bucket, (shards, reused_bytes) in reused_by_shard.items():
+            not_fetched[bucket] = int(reused_bytes[np.isin(shards, kept)].sum())
+        return tuple(out), not_fetched
 
     def _write_quarantine(self) -> ArtifactRef | None:
         if not self.quarantined:

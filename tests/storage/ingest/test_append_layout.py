@@ -164,10 +164,10 @@ def test_the_previous_shards_are_joined_with_the_spill_without_its_image_bytes(t
             writer.add(f"00{i:062x}", f"file:///pool/{i}.png", "ab"[i % 2], None, os.urandom(2**20))
         before = pa.total_allocated_bytes()
         tables = writer._spilled_metadata()
-        table = next(tables)
+        bucket, table = next(tables)
         held = pa.total_allocated_bytes() - before
         tables.close()
-    assert table.num_rows == 40 and table.column_names == ["sample_id", "source_uri"]
+    assert bucket == 0 and table.num_rows == 40 and table.column_names == ["sample_id", "source_uri", "reused"]
     assert held < 2**20
 
 

@@ -216,3 +216,46 @@ def test_add_reused_is_add_of_each_member_in_order(tmp_path, seed):
                 table.sort_by("sample_id").to_pylist())
 
     assert ingest(one_by_one=False) == ingest(one_by_one=True)
+
+
+def _record_drains(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str, list[int], list[int]]]:
+    """Every spill pass 2 drains: (level, folder, sizes, rows) as it starts (level ≥ 1: a bucket split again)."""
+    import storage.ingest.writer as writer_mod
+
+    seen: list[tuple[int, str, list[int], list[int]]] = []
+    real = writer_mod.DatasetWriter._drain
+
+    def drain(self, spill, *args, **kwargs):
+        seen.append((spill.level, spill.directory, list(spill.sizes), list(spill.rows)))
+        return real(self, spill, *args, **kwargs)
+
+    monkeypatch.setattr(writer_mod.DatasetWriter, "_drain", drain)
+    return seen
+
+
+def test_a_growth_does_not_split_buckets_again_for_the_bytes_of_rows_in_kept_shards(tmp_path, monkeypatch):
+    """A bucket's size counts its reused rows' bytes (pass 2 fetches them), but the rows of kept shards are dropped,
+    not fetched: sized without them, the buckets of a growth that keeps every previous shard are not split again
+    (at 10^7 samples each level-0 bucket counts ~2.2 GB of reused bytes, almost all of them in kept shards)."""
+    from storage.ingest.reuse import BaseSamples
+
+    records = rows(1500, payload=2000)
+    old, new = records[:1490], records[1490:]
+    for r in records:
+        r["split"] = None
+    store = ArtifactStore(tmp_path / "store")
+    options = {"source_name": "p", "shard_rows": 25, "seed": 3, "val_fraction": 0.2, "test_fraction": 0.1}
+    with DatasetWriter(store, **options) as writer:
+        feed(writer, old)
+        first = writer.finish(source="file:///pool").dataset
+    drains = _record_drains(monkeypatch)
+    base = BaseSamples(store, first, lambda uri: pytest.fail(f"fetched {uri}"))
+    with DatasetWriter(store, **options, base=base, bucket_bytes=6000) as writer:  # ~6 rows of 2 KB a bucket
+        writer.add_reused([(r["source_uri"], r["sample_id"], r["label"], len(r["data"])) for r in old])
+        feed(writer, new)
+        assert max(writer._spill.sizes) > 6000  # the reused bytes alone would split buckets again
+        grown = writer.finish(source="file:///pool")
+    assert grown.n_kept == len(old) and [d[0] for d in drains] == [0]  # nothing split again
+    with DatasetWriter(ArtifactStore(tmp_path / "fresh"), **options) as writer:
+        feed(writer, records)
+        assert grown.dataset.version == writer.finish(source="file:///pool").dataset.version
