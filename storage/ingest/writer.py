@@ -15,13 +15,14 @@ in many small batches and read back once, whole, and the image bytes in them are
 
 **Pass 2** (``finish``, only after validation passed): buckets are read back in id order, one at a time, sorted by
 sample id, and cut into shards of exactly ``shard_rows`` rows across bucket boundaries; a bucket larger than
-:data:`BUCKET_BYTES` is first split again by the next two hex digits (and so on), so a bucket in memory stays
-bounded whatever N is. On a growth a bucket's size leaves out the reused bytes of its rows in kept shards (they are
-dropped, never fetched), so the buckets of a nightly growth, ~2.2 GB of reused bytes each at 10^7 samples but
-nearly all of them kept, are not split again. Shards are written with :func:`storage.datasets.write_samples`'
-Parquet settings, streamed into the store's staging file, so the shard and manifest artifacts are
-**byte-identical** to ``write_samples`` of the same rows (a test holds them to it), and so is the dataset version
-(computed while the sorted rows stream past, with ``dataset_version``'s encoding).
+:data:`BUCKET_BYTES` is first split again by the next two hex digits (and so on; a spill batch at a time, one Arrow
+``take`` per sub-bucket, no Python object per row), so a bucket in memory stays bounded whatever N is. On a growth a
+bucket's size leaves out the reused bytes of its rows in kept shards (they are dropped, never fetched), so the
+buckets of a nightly growth, ~2.2 GB of reused bytes each at 10^7 samples but nearly all of them kept, are not split
+again. Shards are written with :func:`storage.datasets.write_samples`' Parquet settings, streamed into the store's
+staging file, so the shard and manifest artifacts are **byte-identical** to ``write_samples`` of the same rows (a
+test holds them to it), and so is the dataset version (computed while the sorted rows stream past, with
+``dataset_version``'s encoding).
 
 **Reused samples** (``add(..., reused=size)``, :mod:`storage.ingest.reuse`): a file unchanged since the store's
 last ingest of the source is not read; pass 1 spills only its id and URI (and its byte count, so that pass 2's
@@ -112,6 +113,23 @@ _SPLIT_CODES = {None: 0, "train": 1, "val": 2, "test": 3}
 _SPLIT_NAMES = (None, "train", "val", "test")
 
 
+def _lengths(values: pa.Array) -> np.ndarray:
+    """Byte length of each value of a string or binary array (0 for null) as int64."""
+    return pc.fill_null(pc.binary_length(values), 0).to_numpy().astype(np.int64)
+
+
+_HEX_VALUES = np.zeros(256, np.int64)
+_HEX_VALUES[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+_HEX_VALUES[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def _buckets_of(ids: pa.Array, level: int) -> np.ndarray:
+    """The bucket of each id at ``level``: its hex digits ``[2·level, 2·level + 2)`` as a number (as
+    :meth:`_Spill.add` reads them), from the ids' bytes, with no Python str per id."""
+    digits = sample_id_array(ids).view(np.uint8).reshape(-1, 64)[:, 2 * level:2 * level + 2]
+    return _HEX_VALUES[digits[:, 0]] * 16 + _HEX_VALUES[digits[:, 1]]
+
+
 class _Spill:
     """256 append-only Arrow IPC files, one per value of the id's hex digits ``[2·level, 2·level + 2)``."""
 
@@ -149,15 +167,22 @@ class _Spill:
         return self._writers[bucket][1]
 
     def add_reused(self, sids: list[str], uris: list[str], sizes: np.ndarray, buckets: np.ndarray) -> None:
-        """Many reused rows (no bytes) at once, ``buckets`` their bucket numbers: one Arrow batch per bucket
-        appended straight to its file (a bucket's file is sorted when read, so its row order does not matter)."""
+        """Many reused rows (no bytes) at once, ``buckets`` their bucket numbers (see :meth:`add_batch`)."""
         if not len(sids):
             return
-        batch = pa.record_batch([pa.array(sids, pa.string()), pa.array(uris, pa.string()),
-                                 pa.nulls(len(sids), pa.binary()), pa.array(sizes, pa.int64())],
-                                schema=_SPILL_SCHEMA)
-        uri_bytes = pc.binary_length(batch.column(1)).to_numpy().astype(np.int64)
-        weight = _ROW_OVERHEAD + uri_bytes + np.asarray(sizes, np.int64)
+        self.add_batch(pa.record_batch([pa.array(sids, pa.string()), pa.array(uris, pa.string()),
+                                        pa.nulls(len(sids), pa.binary()), pa.array(sizes, pa.int64())],
+                                       schema=_SPILL_SCHEMA), buckets)
+
+    def add_batch(self, batch: pa.RecordBatch, buckets: np.ndarray) -> None:
+        """Spill rows (``_SPILL_SCHEMA``) at once, ``buckets`` their bucket numbers: one Arrow batch per bucket
+        appended straight to its file (a bucket's file is sorted when read, so its row order does not matter),
+        each row weighed as :meth:`add` weighs it (a URI by its UTF-8 bytes: its length for an ASCII one). No Python
+        object per row: a replayed tar is 10^5 rows, a bucket split again in pass 2 ~39 000 at 10^7 samples."""
+        if not batch.num_rows:
+            return
+        weight = (_ROW_OVERHEAD + _lengths(batch.column(1)) + _lengths(batch.column(2))
+                  + pc.fill_null(batch.column(3), 0).to_numpy())
         order = np.argsort(buckets, kind="stable")
         edges = np.searchsorted(buckets[order], np.arange(_FANOUT + 1))
         for bucket in np.flatnonzero(np.diff(edges)).tolist():
@@ -552,9 +577,8 @@ class DatasetWriter:
             size = spill.sizes[bucket] - (not_fetched[bucket] if not_fetched else 0)
             if size > self.bucket_bytes and spill.rows[bucket] > 1 and spill.level < 31:
                 sub = _Spill(os.path.join(spill.directory, f"{bucket:02x}"), spill.level + 1, spill.buffer_bytes)
-                for batch in spill.batches(bucket):
-                    for sid, uri, data, reused in zip(*(col.to_pylist() for col in batch.columns), strict=True):
-                        sub.add(sid, uri, data, reused)
+                for batch in spill.batches(bucket):  # a batch at a time, one take per sub-bucket
+                    sub.add_batch(batch, _buckets_of(batch.column(0), sub.level))
                 spill.remove(bucket)
                 self._drain(sub, cutter, drop)  # its sizes count kept rows' bytes: rarely matters one level down
                 shutil.rmtree(sub.directory, ignore_errors=True)

@@ -233,6 +233,39 @@ def _record_drains(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str, list
     return seen
 
 
+def test_a_bucket_is_split_again_in_arrow_batches_with_the_sizes_add_would_count(tmp_path, monkeypatch):
+    """Pass 2 splits a bucket larger than bucket_bytes by the next two hex digits a spill batch at a time (no
+    Python call per row: a fresh 10^7 ingest splits every bucket again), and the sub-spill counts each row as
+    ``_Spill.add`` would (its size decides whether it is split once more); the shards stay write_samples'."""
+    import storage.ingest.writer as writer_mod
+
+    records = rows(300)
+    store = ArtifactStore(tmp_path / "store")
+    drains = _record_drains(monkeypatch)
+    row_adds = []
+    with DatasetWriter(store, source_name="p", shard_rows=10, seed=3, val_fraction=0.2, test_fraction=0.1,
+                       buffer_bytes=500, bucket_bytes=300) as writer:
+        feed(writer, records)
+        real_add = writer_mod._Spill.add
+        monkeypatch.setattr(writer_mod._Spill, "add", lambda spill, *a, **k: row_adds.append(1) or
+                            real_add(spill, *a, **k))
+        result = writer.finish(source="file:///pool")
+    subs = [d for d in drains if d[0] == 1]
+    assert subs and row_adds == []  # buckets were split again, none of them row by row
+    for _, folder, sizes, counts in subs:
+        top = os.path.basename(folder)
+        expected_sizes, expected_rows = [0] * 256, [0] * 256
+        for r in records:
+            if r["sample_id"].startswith(top):
+                sub = int(r["sample_id"][2:4], 16)
+                expected_sizes[sub] += writer_mod._ROW_OVERHEAD + len(r["source_uri"]) + len(r["data"])
+                expected_rows[sub] += 1
+        assert (sizes, counts) == (expected_sizes, expected_rows)
+    expected = [dict(r, split=r["split"] or assign_split(r["sample_id"], 3, 0.2, 0.1)) for r in records]
+    reference = write_samples(store, expected, shard_rows=10)
+    assert result.dataset == reference
+
+
 def test_a_growth_does_not_split_buckets_again_for_the_bytes_of_rows_in_kept_shards(tmp_path, monkeypatch):
     """A bucket's size counts its reused rows' bytes (pass 2 fetches them), but the rows of kept shards are dropped,
     not fetched: sized without them, the buckets of a growth that keeps every previous shard are not split again
