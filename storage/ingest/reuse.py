@@ -428,15 +428,12 @@ class BaseSamples:
             raise RuntimeError("BaseSamples.keep after the first fill")
         self.kept |= set(uris)
 
-    def metadata(self, columns: tuple[str, ...] = ("sample_id", "source_uri", "label", "split"),
-                 only: Collection[str] | None = None) -> list[Iterator[pa.Table]]:
+    def metadata(self, columns: tuple[str, ...] = ("sample_id", "source_uri", "label", "split")
+                 ) -> list[Iterator[pa.Table]]:
         """One stream per run of the previous dataset: ``columns`` of its readable shards' rows in id order (never
         the images), plus ``shard``, the shard's index in the manifest. A shard that is gone or cannot be read
-        yields no rows (so it is never kept) and is not read again: its samples come from their sources.
-
-        ``only``: just these shards (by URI), and any error is raised (the kept shards, whose rows must all be
-        found)."""
-        return [self._run_metadata(run, columns, only) for run in self._indexed_runs()]
+        yields no rows (so it is never kept) and is not read again: its samples come from their sources."""
+        return [self._run_metadata(run, columns) for run in self._indexed_runs()]
 
     def _indexed_runs(self) -> list[list[tuple[int, ShardRef]]]:
         runs, k = [], 0
@@ -445,13 +442,11 @@ class BaseSamples:
             k += len(run)
         return runs
 
-    def _run_metadata(self, run: list[tuple[int, ShardRef]], columns: tuple[str, ...],
-                      only: Collection[str] | None) -> Iterator[pa.Table]:
+    def _run_metadata(self, run: list[tuple[int, ShardRef]], columns: tuple[str, ...]) -> Iterator[pa.Table]:
         """One run's shards' ``columns``, in order, :data:`METADATA_READERS` shards in flight (on an object store
         each shard costs a size check, a footer and a column read: ~5 000 shards at 10^7 samples, one after the
         other, would wait on ~20 000 round trips)."""
-        wanted = [(index, shard) for index, shard in run
-                  if (shard.artifact.uri not in self.skip if only is None else shard.artifact.uri in only)]
+        wanted = [(index, shard) for index, shard in run if shard.artifact.uri not in self.skip]
 
         def read(entry: tuple[int, ShardRef]) -> tuple[int, ShardRef, pa.Table | StorageError]:
             index, shard = entry
@@ -459,7 +454,7 @@ class BaseSamples:
                 with _open_shard(self.store, shard, list(columns)) as parquet:
                     return index, shard, parquet.read(columns=list(columns), use_threads=False)
             except StorageError as exc:
-                if exc.transient or only is not None:
+                if exc.transient:
                     raise
                 return index, shard, exc
 

@@ -34,12 +34,14 @@ the pool with the same source_uri, label and split is *kept* (whether its file w
 bytes' sha256): the grown dataset's manifest lists it as it is, in its run
 (:class:`~storage.datasets.DatasetManifest`), and pass 2 writes only the other rows — the new samples and those of
 the previous shards that changed — as one new run, asking the writer's ``base`` (the changed shards, read once in id
-order, each image checked against its id) for the reused ones' bytes. The dataset version is hashed over every row,
-kept or written, so rows and version are those of a from-scratch ingest (tested against one over random growths);
-only the shard layout differs. Why: ids are content hashes, so a 1 % growth puts new samples in every shard of a
-sorted layout, and rewriting the pool every night (560 GB at 10^7 images) was a growth's main cost. At :data:`MAX_RUNS`
-runs the smallest runs are written again with the new samples (a tiered merge). A kept shard is
-checked by its size and metadata, not read whole: its images are checked against their ids wherever they are read.
+order, each image checked against its id) for the reused ones' bytes. The join's matches are saved beside the spill
+(two int32 a matched row), so pass 2 drops the kept rows without reading the kept shards' ids again. The dataset
+version is hashed over every row, kept or written, so rows and version are those of a from-scratch ingest (tested
+against one over random growths); only the shard layout differs. Why: ids are content hashes, so a 1 % growth puts
+new samples in every shard of a sorted layout, and rewriting the pool every night (560 GB at 10^7 images) was a
+growth's main cost. At :data:`MAX_RUNS` runs the smallest runs are written again with the new samples (a tiered
+merge). A kept shard is checked by its size and metadata, not read whole: its images are checked against their ids
+wherever they are read.
 
 **Nothing half-written becomes visible**: the quarantine table and the shards are content-addressed objects
 nobody references until the manifest — written last — names them; if anything fails before, the shards already
@@ -354,25 +356,43 @@ class _Cursor:
             close()
 
 
-class _KeptIds:
-    """Which sorted spill rows are samples of kept shards: the kept shards' ids, merged over their runs and read
-    along with the second pass (the id column only: never a pool's worth of ids in memory)."""
+class _KeptRows:
+    """Which of pass 2's sorted rows are in kept shards, from what :meth:`DatasetWriter._kept_shards` recorded of
+    each level-0 bucket on disk (the positions of its matched rows in the bucket's sorted order, and their previous
+    shard): no second read of the kept shards' ids, and one bucket's flags in memory (a bool a row).
 
-    def __init__(self, base: BaseSamples, kept: set[str]) -> None:
-        self._cursor = _Cursor(merge_sorted_tables(base.metadata(("sample_id",), only=kept)))
+    Pass 2 reads a level-0 bucket's rows in the same order, its sub-buckets (split again by the next hex digits)
+    being consecutive slices of it: :meth:`start` a level-0 bucket, then :meth:`take` each sorted table's flags in
+    turn. ``not_fetched``: per level-0 bucket, the reused bytes of its rows in kept shards (dropped, never fetched:
+    not counted in its size for splitting it again)."""
 
-    def __enter__(self) -> _KeptIds:
-        return self
+    def __init__(self, directory: str, kept: np.ndarray, not_fetched: list[int]) -> None:
+        self.directory, self.kept, self.not_fetched = directory, kept, not_fetched
+        self._flags, self._at, self._bucket = np.zeros(0, bool), 0, -1
 
-    def __exit__(self, *exc: object) -> None:
-        self._cursor.close()
+    @staticmethod
+    def path(directory: str, bucket: int) -> str:
+        return os.path.join(directory, f"{bucket:02x}.npy")
 
-    def kept_mask(self, ids: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
-        """For sorted ``ids`` (after the previous call's), whether each is in a kept shard."""
-        before = self._cursor.upto(ids[-1].as_py()) if len(ids) else None
-        if before is None or not before.num_rows:
-            return pa.array(np.zeros(len(ids), bool))
-        return pc.is_in(ids, value_set=before["sample_id"].combine_chunks())
+    def start(self, bucket: int, rows: int) -> None:
+        """The level-0 ``bucket`` (``rows`` rows) is read next."""
+        self._check()
+        self._flags, self._at, self._bucket = np.zeros(rows, bool), 0, bucket
+        path = self.path(self.directory, bucket)
+        if os.path.exists(path):
+            positions, shards = np.load(path)
+            self._flags[positions[np.isin(shards, self.kept)]] = True
+
+    def take(self, n: int) -> np.ndarray:
+        """Whether each of the bucket's next ``n`` sorted rows is in a kept shard."""
+        if self._at + n > len(self._flags):
+            raise RuntimeError(f"pass 2 read more rows of bucket {self._bucket:02x} than it holds")
+        self._at += n
+        return self._flags[self._at - n:self._at]
+
+    def _check(self) -> None:
+        if self._at != len(self._flags):
+            raise RuntimeError(f"pass 2 read {self._at} of the {len(self._flags)} rows of bucket {self._bucket:02x}")
 
 
 def _spill_root(store: ArtifactStore) -> str | None:
@@ -565,16 +585,17 @@ class DatasetWriter:
             rows = rows.append_column(_FRESH, pc.invert(is_reused))
         return rows
 
-    def _drain(self, spill: _Spill, cutter: _ShardCutter, drop: _KeptIds | None = None,
-               not_fetched: list[int] | None = None) -> None:
-        """Write the spill's rows, bucket by bucket in id order (``drop``: which rows are in kept shards); a bucket
-        larger than ``bucket_bytes`` is split again first. ``not_fetched``: per bucket, the reused bytes of its
-        rows in kept shards, which are dropped, never fetched — not counted in its size."""
+    def _drain(self, spill: _Spill, cutter: _ShardCutter, drop: _KeptRows | None = None) -> None:
+        """Write the spill's rows, bucket by bucket in id order (``drop``: which rows are in kept shards, and how
+        many bytes of a level-0 bucket are theirs); a bucket larger than ``bucket_bytes`` is split again first."""
         spill.close()
         for bucket in range(_FANOUT):
             if not spill.rows[bucket]:
                 continue
-            size = spill.sizes[bucket] - (not_fetched[bucket] if not_fetched else 0)
+            size = spill.sizes[bucket]
+            if drop is not None and spill.level == 0:
+                drop.start(bucket, spill.rows[bucket])
+                size -= drop.not_fetched[bucket]
             if size > self.bucket_bytes and spill.rows[bucket] > 1 and spill.level < 31:
                 sub = _Spill(os.path.join(spill.directory, f"{bucket:02x}"), spill.level + 1, spill.buffer_bytes)
                 for batch in spill.batches(bucket):  # a batch at a time, one take per sub-bucket
@@ -589,20 +610,21 @@ class DatasetWriter:
             if drop is None:
                 cutter.add(self._rows(table))
                 continue
-            kept = drop.kept_mask(table["sample_id"])
+            kept = pa.array(drop.take(table.num_rows))
             cutter.add(self._rows(table.filter(pc.invert(kept))), every=self._labelled(table))
+        if drop is not None and spill.level == 0:
+            drop.start(_FANOUT, 0)  # checks that the last bucket was read whole
 
     def finish(self, source: str, vectors: Callable[[], VectorTableRef] | None = None) -> IngestResult:
         """Validate, then write quarantine, shards, manifest (and ``vectors()``, if given); the result."""
         classes, split_counts = self._validate()
         qref = self._write_quarantine()
-        kept, not_fetched = self._kept_shards()
+        kept, drop = self._kept_shards()
         cutter = _ShardCutter(self.store, self.shard_rows, kept)
         if any(kept):
             self.n_kept = sum(sh.num_rows for run in kept for sh in run)
             self.base.keep({sh.artifact.uri for run in kept for sh in run})
-            with _KeptIds(self.base, {sh.artifact.uri for run in kept for sh in run}) as drop:
-                self._drain(self._spill, cutter, drop, not_fetched)
+            self._drain(self._spill, cutter, drop)
         else:
             self._drain(self._spill, cutter)
         dataset = cutter.finish()
@@ -641,7 +663,7 @@ class DatasetWriter:
             del parts
             yield bucket, table.take(pc.sort_indices(table["sample_id"]))
 
-    def _kept_shards(self) -> tuple[tuple[tuple[ShardRef, ...], ...], list[int] | None]:
+    def _kept_shards(self) -> tuple[tuple[tuple[ShardRef, ...], ...], _KeptRows | None]:
         """The previous dataset's shards a growth keeps as they are, by run: those whose every row is a sample of
         this pool with the same source_uri, label and split, whether its file was read now or not (the same id is
         the same bytes: a file read again for another reason — its tar has a quarantined member, it changed less
@@ -649,9 +671,11 @@ class DatasetWriter:
         rows are then not written again, and their images not read; the new rows form a new run. None without a
         previous dataset.
 
-        Also, per level-0 bucket, the reused bytes of its rows in kept shards (None when nothing is kept): pass 2
-        drops those rows and never fetches their bytes, so a bucket's size for splitting it again leaves them out
-        (at 10^7 samples they are ~2.2 GB a bucket, nearly all of its count).
+        Also which spilled rows are in them (:class:`_KeptRows`; None without a previous dataset): the join finds
+        them, each level-0 bucket's matches are saved beside the spill (two int32 a matched row), so pass 2 drops
+        them without reading the kept shards' ids again. And, per level-0 bucket, the reused bytes of its rows in
+        kept shards: pass 2 never fetches them, so a bucket's size for splitting it again leaves them out (at 10^7
+        samples they are ~2.2 GB a bucket, nearly all of its count).
 
         Compaction: the grown dataset has at most :data:`MAX_RUNS` runs. When the previous one already has that many,
         the shards of its smallest runs are not kept (their rows join the new run) — a tiered merge: a nightly
@@ -671,6 +695,8 @@ class DatasetWriter:
         # per bucket: the previous shards its matched rows are in, and those rows' reused bytes by shard (a bucket
         # meets the few shards of each run that cover its id range: ~ shards + 256 · runs pairs in all)
         reused_by_shard: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        matches = os.path.join(self._dir, "kept")
+        os.makedirs(matches, exist_ok=True)
         previous = _Cursor(merge_sorted_tables(self.base.metadata()))
         try:
             for bucket, table in self._spilled_metadata():
@@ -692,6 +718,7 @@ class DatasetWriter:
                 reused = pc.fill_null(table["reused"], 0).to_numpy()[pos[same]]
                 shards, at_shard = np.unique(shard[same], return_inverse=True)
                 reused_by_shard[bucket] = shards, np.bincount(at_shard, weights=reused, minlength=len(shards))
+                np.save(_KeptRows.path(matches, bucket), np.stack([pos[same], shard[same]]).astype(np.int32))
         finally:
             previous.close()
         keep = {i for i, sh in enumerate(manifest.shards) if matched[i] == sh.num_rows}
@@ -704,7 +731,7 @@ class DatasetWriter:
         not_fetched = [0] * _FANOUT
         for bucket, (shards, reused_bytes) in reused_by_shard.items():
             not_fetched[bucket] = int(reused_bytes[np.isin(shards, kept)].sum())
-        return tuple(out), not_fetched
+        return tuple(out), _KeptRows(matches, np.array(kept, np.int64), not_fetched)
 
     def _write_quarantine(self) -> ArtifactRef | None:
         if not self.quarantined:

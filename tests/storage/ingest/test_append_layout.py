@@ -198,3 +198,28 @@ def test_shards_of_samples_read_again_unchanged_are_kept(tmp_path):
     fresh_store = ArtifactStore(tmp_path / "fresh")
     fresh = ingest_webdataset(fresh_store, shards, shard_rows=8, reuse=False)
     same_dataset(store, grown.dataset, fresh_store, fresh.dataset)
+
+
+def test_a_growth_reads_each_kept_shard_once(tmp_path, monkeypatch):
+    """The join of the previous shards' metadata with the spill already finds the rows of the kept shards: pass 2
+    drops them by what it recorded (per bucket, on disk), without reading the kept shards' ids a second time."""
+    from collections import Counter
+
+    store, pool = ArtifactStore(tmp_path / "store"), tmp_path / "pool"
+    make_pool(pool, per_class=12)
+    first = ingest_image_folder(store, pool, shard_rows=4)
+    victim = sorted(pool.rglob("*.*"))[5]
+    victim.write_bytes(image_bytes(905))  # its shard is written again, the others are kept
+    (pool / "dog" / "new.png").write_bytes(image_bytes(904))
+    opened: Counter[tuple[str, tuple[str, ...]]] = Counter()
+    real_open = reuse_mod._open_shard
+    monkeypatch.setattr(reuse_mod, "_open_shard", lambda store_, shard, columns: opened.update(
+        [(shard.artifact.uri, tuple(columns))]) or real_open(store_, shard, columns))
+    grown = ingest_image_folder(store, pool, shard_rows=4)
+    kept = set(load_manifest(store, grown.dataset).shards) & set(load_manifest(store, first.dataset).shards)
+    assert grown.n_kept == 32 and len(kept) == 8
+    for shard in kept:
+        assert [(cols, n) for (uri, cols), n in opened.items() if uri == shard.artifact.uri] == \
+            [(("sample_id", "source_uri", "label", "split"), 1)]  # its metadata, once
+    fresh_store, fresh = from_scratch(pool, tmp_path, shard_rows=4)
+    same_dataset(store, grown.dataset, fresh_store, fresh.dataset)
