@@ -87,3 +87,60 @@ def test_setdefault_many_is_setdefault_of_each_key_in_order(seed: int) -> None:
     for key in (hashlib.sha256(str(rng.randrange(9000)).encode()).digest() for _ in range(20)):
         code = rng.randrange(100)
         assert one.setdefault(key, code) == many.setdefault(key, code)  # still one map after the call
+
+
+def _stored_arrays(codes: IdCodes) -> list[np.ndarray]:
+    """Every array the map holds (its sorted buckets and any pending parts)."""
+    return [*codes._keys, *codes._codes, *(a for part in getattr(codes, "_parts", []) for a in part)]
+
+
+def test_setdefault_many_copies_the_map_an_amortised_few_times_not_once_a_call():
+    """A growth replays ~100 tars of 10^5 members, one call each: inserting each call's new ids into the sorted
+    buckets copied every bucket (the whole map, ~360 MB at 10^7 samples) once a tar. Counted: the bytes of the
+    arrays each call leaves in the map that were not there before it — a few times the map, not once a call."""
+    codes, rng = IdCodes(), np.random.default_rng(0)
+    copied, calls = 0, 100
+    for _ in range(calls):
+        before = _stored_arrays(codes)  # held: their ids are not reused
+        seen = {id(a) for a in before}
+        keys = np.frombuffer(rng.bytes(32 * 2000), DIGEST)
+        assert (codes.setdefault_many(keys, np.arange(2000)) == -1).all()
+        copied += sum(a.nbytes for a in _stored_arrays(codes) if id(a) not in seen)
+    final = sum(a.nbytes for a in _stored_arrays(codes))
+    assert len(codes) == calls * 2000 and copied < 16 * final, copied / final
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_interleaved_calls_match_a_dict(seed: int) -> None:
+    """Many setdefault_many calls (their parts pending, merged pairwise and into the buckets) interleaved with the
+    one-key calls (recent ids, updates of ids in parts) and the bulk readers, against a plain dict."""
+    rng = random.Random(seed)
+    codes, plain = IdCodes(merge_every=rng.choice([1, 3, 256])), {}
+    pool = [digest(rng.randrange(3000)) for _ in range(1500)]
+    for _ in range(60):
+        op = rng.random()
+        if op < 0.5:
+            batch = rng.sample(pool, rng.randrange(1, 80))
+            values = np.array([rng.randrange(2**32) for _ in batch])
+            expected = []
+            for key, value in zip(batch, values.tolist(), strict=True):
+                expected.append(plain.setdefault(key, value) if key in plain else -1)
+                plain.setdefault(key, value)
+            assert codes.setdefault_many(np.array(batch, DIGEST), values).tolist() == expected
+        elif op < 0.8:
+            for key in rng.sample(pool, 10):
+                value = rng.randrange(2**32)
+                found = codes.setdefault(key, value)
+                assert found == plain.get(key)
+                plain.setdefault(key, value)
+        elif op < 0.95:
+            for key in rng.sample(pool, 5):
+                value = rng.randrange(2**32)
+                codes.set(key, value)
+                plain[key] = value
+        else:
+            assert codes.codes_of(np.array(sorted(plain), DIGEST)).tolist() == [plain[k] for k in sorted(plain)]
+        assert len(codes) == len(plain)
+    assert all(codes.get(k) == v for k, v in plain.items())
+    keys = np.concatenate([k for k, _ in codes.buckets()])
+    assert [k.ljust(32, b"\0") for k in keys.tolist()] == sorted(plain)
