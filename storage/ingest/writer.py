@@ -16,13 +16,13 @@ in many small batches and read back once, whole, and the image bytes in them are
 **Pass 2** (``finish``, only after validation passed): buckets are read back in id order, one at a time, sorted by
 sample id, and cut into shards of exactly ``shard_rows`` rows across bucket boundaries; a bucket larger than
 :data:`BUCKET_BYTES` is first split again by the next two hex digits (and so on; a spill batch at a time, one Arrow
-``take`` per sub-bucket, no Python object per row), so a bucket in memory stays bounded whatever N is. On a growth a
-bucket's size leaves out the reused bytes of its rows in kept shards (they are dropped, never fetched), so the
-buckets of a nightly growth, ~2.2 GB of reused bytes each at 10^7 samples but nearly all of them kept, are not split
-again. Shards are written with :func:`storage.datasets.write_samples`' Parquet settings, streamed into the store's
-staging file, so the shard and manifest artifacts are **byte-identical** to ``write_samples`` of the same rows (a
-test holds them to it), and so is the dataset version (computed while the sorted rows stream past, with
-``dataset_version``'s encoding).
+``take`` per sub-bucket, no Python object per row; what a split costs is then mostly creating its 256 sub-spill
+files, ~1 ms each here), so a bucket in memory stays bounded whatever N is. On a growth a bucket's size leaves out
+the reused bytes of its rows in kept shards (they are dropped, never fetched), so the buckets of a nightly growth,
+~2.2 GB of reused bytes each at 10^7 samples but nearly all of them kept, are not split again. Shards are written
+with :func:`storage.datasets.write_samples`' Parquet settings, streamed into the store's staging file, so the shard
+and manifest artifacts are **byte-identical** to ``write_samples`` of the same rows (a test holds them to it), and
+so is the dataset version (computed while the sorted rows stream past, with ``dataset_version``'s encoding).
 
 **Reused samples** (``add(..., reused=size)``, :mod:`storage.ingest.reuse`): a file unchanged since the store's
 last ingest of the source is not read; pass 1 spills only its id and URI (and its byte count, so that pass 2's
@@ -179,8 +179,9 @@ class _Spill:
     def add_batch(self, batch: pa.RecordBatch, buckets: np.ndarray) -> None:
         """Spill rows (``_SPILL_SCHEMA``) at once, ``buckets`` their bucket numbers: one Arrow batch per bucket
         appended straight to its file (a bucket's file is sorted when read, so its row order does not matter),
-        each row weighed as :meth:`add` weighs it (a URI by its UTF-8 bytes: its length for an ASCII one). No Python
-        object per row: a replayed tar is 10^5 rows, a bucket split again in pass 2 ~39 000 at 10^7 samples."""
+        each row weighed as :meth:`add` weighs it but for its URI's UTF-8 bytes (``add`` counts its characters: the
+        same for an ASCII URI). No Python object per row: a replayed tar is 10^5 rows, a bucket split again in pass 2
+        ~39 000 at 10^7 samples."""
         if not batch.num_rows:
             return
         weight = (_ROW_OVERHEAD + _lengths(batch.column(1)) + _lengths(batch.column(2))
