@@ -82,3 +82,13 @@ def replant_shard(shard, table) -> None:
         pad += target - len(raw)
         assert pad >= 0, "the tampered shard is larger than the original"
     raise AssertionError("could not pad the tampered shard to its size")
+
+
+def random_sample_ids(rng, n: int):
+    """n distinct sorted sample ids (64 hex digits) as an ``ID_DTYPE`` array (numpy ``S64``)."""
+    import numpy as np
+
+    hexed = np.array([f"{b:02x}" for b in range(256)], dtype="S2")[np.frombuffer(rng.bytes(32 * n), np.uint8)]
+    ids = np.unique(hexed.view("S64"))
+    assert len(ids) == n
+    return ids

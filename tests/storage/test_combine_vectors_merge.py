@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from helpers import random_sample_ids as _random_ids
 
 import storage.datasets
 from storage.artifacts import ArtifactStore
@@ -23,14 +24,6 @@ from storage.datasets import (
 from storage.errors import ArtifactCorruptedError
 
 PRODUCER = {"model": "merge-test"}
-
-
-def _random_ids(rng: np.random.Generator, n: int) -> np.ndarray:
-    """n distinct sorted sample ids (64 hex digits) as an ``ID_DTYPE`` array."""
-    hexed = np.array([f"{b:02x}" for b in range(256)], dtype="S2")[np.frombuffer(rng.bytes(32 * n), np.uint8)]
-    ids = np.unique(hexed.view("S64"))
-    assert len(ids) == n
-    return ids
 
 
 def _table(store: ArtifactStore, ids: np.ndarray, mat: np.ndarray, rows: np.ndarray) -> VectorTableRef:

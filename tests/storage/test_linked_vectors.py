@@ -8,31 +8,20 @@ import pathlib
 
 import numpy as np
 import pytest
+from helpers import random_sample_ids as _random_ids
 
 import storage.datasets
+from storage import datasets as ds
 from storage.artifacts import ArtifactStore
-from storage.datasets import (
-    VectorTableRef,
-    combine_vectors,
-    read_vector_matrix,
-    read_vectors,
-    scan_vector_rows,
-    write_vectors,
-)
 from storage.errors import ArtifactCorruptedError, MalformedRecordError
 from storage.linked_vectors import is_linked, link_vectors, linked_parts
 
 PRODUCER = {"model": "link-test"}
 
 
-def _random_ids(rng: np.random.Generator, n: int) -> np.ndarray:
-    """n distinct sorted sample ids (64 hex digits) as an ``ID_DTYPE`` array."""
-    hexed = np.array([f"{b:02x}" for b in range(256)], dtype="S2")[np.frombuffer(rng.bytes(32 * n), np.uint8)]
-    return np.unique(hexed.view("S64"))
-
-
-def _table(store: ArtifactStore, ids: np.ndarray, mat: np.ndarray, rows: np.ndarray) -> VectorTableRef:
-    return write_vectors(store, [s.decode() for s in ids[rows]], mat[rows], PRODUCER)
+def _part(store: ArtifactStore, ids: np.ndarray, mat: np.ndarray, rows: np.ndarray) -> ds.VectorTableRef:
+    """The table of ``rows`` (one run's combined features)."""
+    return ds.write_vectors(store, [s.decode() for s in ids[rows]], mat[rows], PRODUCER)
 
 
 def _runs(rng: np.random.Generator, n: int, runs: int) -> list[np.ndarray]:
@@ -60,36 +49,36 @@ def test_every_reader_reads_a_link_of_interleaved_runs_as_the_union(tmp_path, sm
     mat = rng.standard_normal((n, 5)).astype(np.float32)
     store = ArtifactStore(tmp_path / "store")
     runs = _runs(rng, n, int(rng.integers(2, 5)))  # one table per run: each run's combined table
-    parts = [_table(store, ids, mat, rows) for rows in runs]
+    parts = [_part(store, ids, mat, rows) for rows in runs]
     linked = link_vectors(store, [parts[i] for i in rng.permutation(len(parts))])
-    union = write_vectors(store, [s.decode() for s in ids], mat, PRODUCER)
+    union = ds.write_vectors(store, [s.decode() for s in ids], mat, PRODUCER)
 
     assert is_linked(linked) and linked.num_rows == n and linked.dim == 5
     assert _object(linked).stat().st_size < 1000 * len(parts)  # a manifest, not the features again
     assert link_vectors(store, list(reversed(parts))) == linked  # the same parts in any order: the same link
-    got_ids, got = read_vectors(store, linked)
+    got_ids, got = ds.read_vectors(store, linked)
     assert got_ids == [s.decode() for s in ids] and np.array_equal(got, mat)
-    assert np.array_equal(read_vector_matrix(store, linked), mat)
+    assert np.array_equal(ds.read_vector_matrix(store, linked), mat)
     some = np.sort(rng.choice(n, n // 3, replace=False))
-    assert np.array_equal(read_vector_matrix(store, linked, ids[some[::-1]]), mat[some[::-1]])
-    rows = np.concatenate([r for _, r in scan_vector_rows(store, linked, ids[some])])
+    assert np.array_equal(ds.read_vector_matrix(store, linked, ids[some[::-1]]), mat[some[::-1]])
+    rows = np.concatenate([r for _, r in ds.scan_vector_rows(store, linked, ids[some])])
     assert np.array_equal(rows, mat[some])
-    assert combine_vectors(store, [linked]) == linked
-    assert combine_vectors(store, [linked, parts[0]]).artifact == union.artifact  # as the union's table
+    assert ds.combine_vectors(store, [linked]) == linked
+    assert ds.combine_vectors(store, [linked, parts[0]]).artifact == union.artifact  # as the union's table
 
 
 def test_one_table_is_not_linked_and_mixed_tables_are_refused(store):
-    a = write_vectors(store, ["a" * 64], np.ones((1, 3)), PRODUCER)
+    a = ds.write_vectors(store, ["a" * 64], np.ones((1, 3)), PRODUCER)
     assert link_vectors(store, [a]) is a
-    other = write_vectors(store, ["b" * 64], np.ones((1, 3)), {"model": "another"})
+    other = ds.write_vectors(store, ["b" * 64], np.ones((1, 3)), {"model": "another"})
     with pytest.raises(ValueError, match="different producers"):
         link_vectors(store, [a, other])
-    wide = write_vectors(store, ["b" * 64], np.ones((1, 4)), PRODUCER)
+    wide = ds.write_vectors(store, ["b" * 64], np.ones((1, 4)), PRODUCER)
     with pytest.raises(ValueError, match="different producers, kinds or dims"):
         link_vectors(store, [a, wide])
     with pytest.raises(ValueError, match="at least one"):
         link_vectors(store, [])
-    b = write_vectors(store, ["b" * 64], np.ones((1, 3)), PRODUCER)
+    b = ds.write_vectors(store, ["b" * 64], np.ones((1, 3)), PRODUCER)
     linked = link_vectors(store, [a, b])
     with pytest.raises(ValueError, match="link its parts"):
         link_vectors(store, [linked, a])
@@ -97,11 +86,11 @@ def test_one_table_is_not_linked_and_mixed_tables_are_refused(store):
 
 def test_a_sample_in_two_parts_is_refused_when_read(tmp_path):
     store = ArtifactStore(tmp_path / "store")
-    a = write_vectors(store, ["a" * 64, "c" * 64], np.ones((2, 3)), PRODUCER)
-    b = write_vectors(store, ["b" * 64, "c" * 64], np.ones((2, 3)), PRODUCER)  # "c…" twice, identical rows
+    a = ds.write_vectors(store, ["a" * 64, "c" * 64], np.ones((2, 3)), PRODUCER)
+    b = ds.write_vectors(store, ["b" * 64, "c" * 64], np.ones((2, 3)), PRODUCER)  # "c…" twice, identical rows
     linked = link_vectors(store, [a, b])
     with pytest.raises(MalformedRecordError, match="3 distinct samples, not 4"):
-        read_vector_matrix(store, linked)
+        ds.read_vector_matrix(store, linked)
 
 
 def test_a_damaged_part_or_manifest_is_named(tmp_path, small_batches):
@@ -109,14 +98,14 @@ def test_a_damaged_part_or_manifest_is_named(tmp_path, small_batches):
     ids = _random_ids(rng, 60)
     mat = rng.standard_normal((60, 4)).astype(np.float32)
     store = ArtifactStore(tmp_path / "store")
-    parts = [_table(store, ids, mat, rows) for rows in _runs(rng, 60, 2)]
+    parts = [_part(store, ids, mat, rows) for rows in _runs(rng, 60, 2)]
     linked = link_vectors(store, parts)
     path = _object(parts[1])
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 3] ^= 0x01
     path.write_bytes(bytes(raw))
     with pytest.raises((ArtifactCorruptedError, MalformedRecordError), match=parts[1].artifact.sha256):
-        read_vector_matrix(store, linked)
+        ds.read_vector_matrix(store, linked)
 
     body = json.loads(_object(linked).read_bytes())
     body["num_rows"] = 59
@@ -127,11 +116,11 @@ def test_a_damaged_part_or_manifest_is_named(tmp_path, small_batches):
 
 def test_a_manifest_that_misstates_its_parts_is_refused(tmp_path):
     store = ArtifactStore(tmp_path / "store")
-    a = write_vectors(store, ["a" * 64], np.ones((1, 3)), PRODUCER)
-    b = write_vectors(store, ["b" * 64], np.ones((1, 3)), PRODUCER)
+    a = ds.write_vectors(store, ["a" * 64], np.ones((1, 3)), PRODUCER)
+    b = ds.write_vectors(store, ["b" * 64], np.ones((1, 3)), PRODUCER)
     linked = link_vectors(store, [a, b])
     body = json.loads(_object(linked).read_bytes())
     body["parts"] = body["parts"][:1]
     forged = store.put_bytes(json.dumps(body).encode(), "embeddings", ".json")
     with pytest.raises(MalformedRecordError, match="at least two parts"):
-        linked_parts(store, type(linked)(forged, linked.kind, linked.producer, linked.producer_digest, 2, 3))
+        linked_parts(store, ds.VectorTableRef(forged, linked.kind, linked.producer, linked.producer_digest, 2, 3))
