@@ -44,7 +44,7 @@ class SkMMBest(BaseSelector):
     list SkMM's seeding step alone for the whole budget —
     :class:`~skmm.select.sketched_pivots.SketchedPivots` on the same sketch with the same seed — as
     ``"skmm_pivoted"`` (issue 10: on the protocol's test half it lifts the validation
-    choice from 83 % to 96 % of cells within 1.1× of the best other method; §14, "A fourth candidate")."""
+    choice from 83 % to 88–96 % of cells within 1.1× of the best other method; §14, "A fourth candidate")."""
 
     method = "skmm_best"
 
