@@ -31,7 +31,7 @@ from skmm.select.leverage import ridge_leverage_scores
 from skmm.select.moment_matching import moment_matching_weights, sketch_pool
 from skmm.select.spectrum import ridge_for, seed_count, signal_rank, spectral_ridge
 
-SKETCHED = {"skmm", "skmm_v2", "skmm_best", "sketched_ridge_leverage"}
+SKETCHED = {"skmm", "skmm_v2", "skmm_best", "skmm_pivoted", "sketched_ridge_leverage"}
 DETERMINISTIC = {"herding"}  # ignore random_state entirely
 METHODS = sorted(SELECTORS)
 
@@ -128,7 +128,7 @@ def test_different_seed_changes_randomised_methods(name):
 
 
 def test_make_selector_and_params():
-    assert set(METHODS) == {"skmm", "skmm_v2", "skmm_best", "uniform", "herding", "kcenter", "adaptive",
+    assert set(METHODS) == {"skmm", "skmm_v2", "skmm_best", "skmm_pivoted", "uniform", "herding", "kcenter", "adaptive",
                             "leverage", "ridge_leverage", "sketched_ridge_leverage"}
     with pytest.raises(ValueError, match=r"unknown selection method 'bogus'"):
         make_selector("bogus", 5)
