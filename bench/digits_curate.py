@@ -4,7 +4,7 @@ Budgets n = 50, 100, 200; 5 selection seeds; accuracy and macro-F1 on the held-o
 bar: SkMM no worse than uniform by more than one standard deviation at each budget. Run:
     .venv/bin/python bench/digits_curate.py [--model ViT-S-32] [--methods skmm_best,skmm,uniform]
         [--variant-choice val|proxy] [--gradients ft --finetune last_layers] [--sketch-dim auto|M]
-        [--third-candidate]
+        [--third-candidate] [--pivoted-candidate]
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def main() -> None:
                         help="how skmm_best picks convex SkMM or SkMMv2 (val split, or the variance proxy)")
     parser.add_argument("--third-candidate", action="store_true",
                         help="skmm_best's val choice also tries convex SkMM with greedy_signal pivots")
+    parser.add_argument("--pivoted-candidate", action="store_true",
+                        help="and SkMM's pivoted seeding alone (a fourth candidate)")
     parser.add_argument("--tag", default="", help="suffix of the result file's name")
     parser.add_argument("--store", default=None, help="store URL (default: a temporary folder)")
     args = parser.parse_args()
@@ -56,7 +58,8 @@ def main() -> None:
     result = curate(budgets=[int(b) for b in args.budgets.split(",")], methods=args.methods.split(","),
                     seeds=list(range(args.seeds)), model=ModelConfig(name=args.model), sketch_dim=sketch_dim,
                     gradients=args.gradients, finetune=finetune, class_balanced=args.class_balanced,
-                    variant_choice=args.variant_choice, third_candidate=args.third_candidate, store_url=store)
+                    variant_choice=args.variant_choice, third_candidate=args.third_candidate,
+                    pivoted_candidate=args.pivoted_candidate, store_url=store)
     wall = time.perf_counter() - start
     rows = [{**{k: r[k] for k in ("method", "n", "seed", "accuracy", "macro_f1")},
              **({"chosen": r["chosen"], "val": r["val"]} if "chosen" in r else {})} for r in result["results"]]
@@ -74,11 +77,13 @@ def main() -> None:
     ft = f"_ft{args.layers}_{args.finetune}_e{args.epochs}" if args.gradients == "ft" else ""
     name = f"digits_curate_{args.model}{ft}{'_balanced' if args.class_balanced else ''}"
     name += ("_proxy" if args.variant_choice == "proxy" else "") + ("_three" if args.third_candidate else "")
+    name += "_four" if args.pivoted_candidate else ""
     record(name + args.tag, {
         "model": args.model, "sketch_dim": sketch_dim, "gradients": args.gradients, "finetune": args.finetune,
         "layers": args.layers, "epochs": args.epochs, "lr": args.lr, "head_lr": args.head_lr,
         "class_balanced": args.class_balanced,
         "variant_choice": args.variant_choice, "third_candidate": args.third_candidate,
+        "pivoted_candidate": args.pivoted_candidate,
         "wall_s": round(wall, 1), "accuracy": acc, "macro_f1": f1,
         "skmm_not_worse_than_uniform_minus_1std": verdict, "runs": rows})
 
