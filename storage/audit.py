@@ -25,7 +25,7 @@ from storage.artifacts import ArtifactRef, ArtifactStore, _translate
 from storage.datasets import DatasetRef, VectorTableRef, load_manifest
 from storage.errors import MalformedRecordError, StorageError
 from storage.index import LineageIndex
-from storage.linked_vectors import LINKED_FORMAT, LINKED_SUFFIX
+from storage.linked_vectors import LINKED_SUFFIX, linked_manifest
 from storage.sample_reader import _object_path, shard_rows
 
 __all__ = ["AUDIT_COLUMNS", "dataset_rows", "model_page", "models_of_sample", "samples_of_model", "sketch_producer"]
@@ -129,13 +129,10 @@ def sketch_producer(store: ArtifactStore, ref: ArtifactRef) -> dict[str, Any]:
     the footer is read; a linked sketch's from its manifest, :mod:`storage.linked_vectors`). Raises StorageError /
     MalformedRecordError naming the artifact."""
     if ref.uri.endswith(LINKED_SUFFIX):
-        try:
-            body = json.loads(store.get_bytes(ref))
-            if body.get("format") != LINKED_FORMAT:
-                raise ValueError(body.get("format"))
-            return VectorTableRef.from_dict(body["parts"][0]["vectors"]).producer
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise MalformedRecordError(f"sketch {ref.uri} is not a linked vector table") from None
+        part = linked_manifest(store, ref)["parts"][0]
+        if not isinstance(part, dict):
+            raise MalformedRecordError(f"linked vector table {ref.uri} has a malformed part")
+        return VectorTableRef.from_dict(part.get("vectors")).producer
     path = _object_path(store, ref)
     try:
         with store.fs.open(path, "rb", cache_type="none") as fh:

@@ -39,6 +39,7 @@ from storage.errors import MalformedRecordError, StorageError
 
 __all__ = [
     "ID_DTYPE",
+    "LINKED_SUFFIX",
     "SAMPLE_PARQUET_OPTIONS",
     "SAMPLE_SCHEMA",
     "SCHEMA_VERSION",
@@ -49,6 +50,7 @@ __all__ = [
     "VectorTableRef",
     "combine_vectors",
     "dataset_version",
+    "is_linked",
     "load_manifest",
     "producer_digest",
     "read_samples",
@@ -749,8 +751,8 @@ def _scan_vectors(store: ArtifactStore, ref: VectorTableRef) -> Iterable[tuple[p
 
     A linked table (:mod:`storage.linked_vectors`) yields its parts merged in id order, with None for the Arrow
     ids."""
-    if ref.artifact.uri.endswith(".json"):  # storage.linked_vectors.LINKED_SUFFIX (imported late: it imports us)
-        from storage.linked_vectors import scan_linked
+    if is_linked(ref):
+        from storage.linked_vectors import scan_linked  # imported here: it imports this module
 
         yield from scan_linked(store, ref)
         return
@@ -898,6 +900,14 @@ def read_vectors(store: ArtifactStore, ref: VectorTableRef,
     return wanted, read_vector_matrix(store, ref, np.array(wanted, dtype=ID_DTYPE).reshape(-1))
 
 
+LINKED_SUFFIX = ".json"  # a vector table artifact with this suffix is a link manifest (storage.linked_vectors)
+
+
+def is_linked(ref: VectorTableRef) -> bool:
+    """Whether ``ref`` names a link manifest (:mod:`storage.linked_vectors`) rather than one Parquet table."""
+    return ref.artifact.uri.endswith(LINKED_SUFFIX)
+
+
 def vector_table_ids(store: ArtifactStore, ref: VectorTableRef) -> np.ndarray:
     """The sample ids of a stored vector table as a sorted ``ID_DTYPE`` array, from its footer and id column
     alone (~64 bytes a row, not the ``4 · dim`` of its vectors): a *probe*, not verified against the sha256 — use
@@ -928,8 +938,8 @@ def vector_table_ids(store: ArtifactStore, ref: VectorTableRef) -> np.ndarray:
 def _table_id_range(store: ArtifactStore, ref: VectorTableRef) -> tuple[bytes, bytes] | None:
     """(first id, last id) of a stored vector table from its Parquet footer alone (a linked table's: from its
     manifest), or None if it lacks them."""
-    if ref.artifact.uri.endswith(".json"):
-        from storage.linked_vectors import linked_range
+    if is_linked(ref):
+        from storage.linked_vectors import linked_range  # imported here: it imports this module
 
         try:
             return linked_range(store, ref)

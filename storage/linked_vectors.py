@@ -26,20 +26,14 @@ from typing import Any
 import numpy as np
 
 from skmm.canonical_json import canonical_json
-from storage.artifacts import ArtifactStore
-from storage.datasets import ID_DTYPE, VectorTableRef, _merged_rows, _table_id_range
+from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.datasets import ID_DTYPE, LINKED_SUFFIX, VectorTableRef, _merged_rows, _table_id_range, is_linked
 from storage.errors import MalformedRecordError
 
-__all__ = ["LINKED_FORMAT", "LINKED_SUFFIX", "is_linked", "link_vectors", "linked_parts"]
+__all__ = ["LINKED_FORMAT", "LINKED_SUFFIX", "is_linked", "link_vectors", "linked_manifest", "linked_parts"]
 
 LINKED_FORMAT = "skmm.linked-vectors"
-LINKED_SUFFIX = ".json"  # a vector table artifact with this suffix is a link manifest (tables are ".parquet")
 _VERSION = 1
-
-
-def is_linked(ref: VectorTableRef) -> bool:
-    """Whether ``ref`` names a link manifest rather than one Parquet table."""
-    return ref.artifact.uri.endswith(LINKED_SUFFIX)
 
 
 def link_vectors(store: ArtifactStore, refs: Sequence[VectorTableRef]) -> VectorTableRef:
@@ -72,12 +66,12 @@ def link_vectors(store: ArtifactStore, refs: Sequence[VectorTableRef]) -> Vector
     return VectorTableRef(artifact, head.kind, head.producer, head.producer_digest, body["num_rows"], head.dim)
 
 
-def linked_parts(store: ArtifactStore, ref: VectorTableRef) -> list[tuple[VectorTableRef, bytes, bytes]]:
-    """(part, first id, last id) of a linked table, from its manifest (verified against the ref's sha256 and
-    checked against the ref: kind, producer, dim, rows); MalformedRecordError naming the manifest if not."""
-    where = ref.artifact.uri
+def linked_manifest(store: ArtifactStore, artifact: ArtifactRef) -> dict[str, Any]:
+    """A link manifest's body, read verified (sha256, size) and checked for its keys, format, version and at least
+    two parts (each part's ref is :func:`linked_parts`' to check); MalformedRecordError naming it if not."""
+    where = artifact.uri
     try:
-        body: Any = json.loads(store.get_bytes(ref.artifact))
+        body: Any = json.loads(store.get_bytes(artifact))
     except (ValueError, UnicodeDecodeError):
         raise MalformedRecordError(f"linked vector table {where} is not valid JSON") from None
     keys = {"format", "version", "kind", "producer_digest", "dim", "num_rows", "parts"}
@@ -85,6 +79,14 @@ def linked_parts(store: ArtifactStore, ref: VectorTableRef) -> list[tuple[Vector
             or body["version"] != _VERSION or not isinstance(body["parts"], list) or len(body["parts"]) < 2):
         raise MalformedRecordError(f"linked vector table {where} needs exactly {sorted(keys)}, format "
                                    f"{LINKED_FORMAT} v{_VERSION} and at least two parts")
+    return body
+
+
+def linked_parts(store: ArtifactStore, ref: VectorTableRef) -> list[tuple[VectorTableRef, bytes, bytes]]:
+    """(part, first id, last id) of a linked table, from its manifest (verified against the ref's sha256 and
+    checked against the ref: kind, producer, dim, rows); MalformedRecordError naming the manifest if not."""
+    where = ref.artifact.uri
+    body = linked_manifest(store, ref.artifact)
     if (body["kind"], body["producer_digest"], body["dim"], body["num_rows"]) != (
             ref.kind, ref.producer_digest, ref.dim, ref.num_rows):
         raise MalformedRecordError(f"linked vector table {where} does not match its ref (kind, producer, dim, rows)")

@@ -124,3 +124,13 @@ def test_a_manifest_that_misstates_its_parts_is_refused(tmp_path):
     forged = store.put_bytes(json.dumps(body).encode(), "embeddings", ".json")
     with pytest.raises(MalformedRecordError, match="at least two parts"):
         linked_parts(store, ds.VectorTableRef(forged, linked.kind, linked.producer, linked.producer_digest, 2, 3))
+
+
+def test_the_audit_reads_a_linked_sketchs_spec_from_its_manifest(tmp_path):
+    from storage.audit import sketch_producer
+
+    store = ArtifactStore(tmp_path / "store")
+    spec = {"mode": "ft", "sketch": {"kind": "sparse_jl", "m": 3}}
+    parts = [ds.write_vectors(store, [c * 64], np.ones((1, 3)), spec, kind="sketch") for c in "ab"]
+    linked = link_vectors(store, parts)
+    assert is_linked(linked) and sketch_producer(store, linked.artifact) == parts[0].producer
