@@ -251,6 +251,7 @@ class FeatureCatalog:
             return Lookup({}, 0)
         found: dict[str, np.ndarray] = {}
         consulted = probed = 0
+        left = sample_id_array(sorted(wanted))  # the ids not found yet, sorted (sorted again only as some are found)
         for span in self.overlapping(min(wanted), max(wanted)):
             if len(found) == len(wanted):
                 break
@@ -260,7 +261,6 @@ class FeatureCatalog:
                 ids = self._probe(span)
                 probed += 1
                 if ids is not None:
-                    left = sample_id_array(sorted(wanted.difference(found)))
                     pos = np.minimum(np.searchsorted(ids, left), len(ids) - 1)
                     if not np.any(ids[pos] == left):
                         continue  # none of ours: its vectors are not read
@@ -269,8 +269,11 @@ class FeatureCatalog:
             if table is None:
                 continue
             index, mat = table
-            for sid in wanted.difference(found).intersection(index):
+            hits = wanted.difference(found).intersection(index)
+            for sid in hits:
                 found[sid] = mat[index[sid]].copy()
+            if hits:
+                left = sample_id_array(sorted(wanted.difference(found)))
         return Lookup(found, consulted, probed)
 
     def _entry(self, span: _Span) -> CatalogEntry:

@@ -79,7 +79,7 @@ from tasks.store import open_store
 __all__ = ["PACK_BLOCKS", "by_run", "combine_embeddings", "embed", "embed_assemble", "embed_model", "embed_pack",
            "embed_shard", "embed_with_counts", "feature_spec", "link_embeddings", "pack_members", "packs_of",
            "run_combine_runs", "run_embed", "run_embed_assemble", "run_embed_counted", "run_embed_pack",
-           "run_embed_shard", "run_link", "runs_of", "shards_of"]
+           "run_embed_shard", "run_link", "shards_and_runs", "shards_of"]
 
 # embed-3: fixed-shape blocks (bitwise batch-invariant features). embed-4: 16-bit, I and F images decoded
 # faithfully (they were clipped to white), so their features changed; 8-bit images' did not. The feature catalog is
@@ -98,12 +98,14 @@ log = logging.getLogger(__name__)
 
 def shards_of(dataset: dict, store: dict) -> list[dict]:
     """The dataset's shard refs (small JSON), in manifest order (each run in sample-id order)."""
-    return [sh.to_dict() for sh in load_manifest(open_store(store), DatasetRef.from_dict(dataset)).shards]
+    return shards_and_runs(dataset, store)[0]
 
 
-def runs_of(dataset: dict, store: dict) -> list[int]:
-    """How many of :func:`shards_of`'s shards each run of the dataset holds, in order (one run: ``[shards]``)."""
-    return [len(run) for run in load_manifest(open_store(store), DatasetRef.from_dict(dataset)).shard_runs()]
+def shards_and_runs(dataset: dict, store: dict) -> tuple[list[dict], list[int]]:
+    """:func:`shards_of`, and how many of them each run of the dataset holds, in order (one run: ``[shards]``),
+    from one read of the manifest."""
+    runs = load_manifest(open_store(store), DatasetRef.from_dict(dataset)).shard_runs()
+    return [sh.to_dict() for run in runs for sh in run], [len(run) for run in runs]
 
 
 def feature_spec(model: dict[str, Any]) -> ClipSpec:
@@ -370,7 +372,7 @@ def run_combine(parts: list[dict], store: dict) -> dict:
 
 
 def by_run(parts: list[Any], runs: list[int]) -> list[list[Any]]:
-    """``parts`` (one per shard, in manifest order) grouped by the dataset's runs (:func:`runs_of`)."""
+    """``parts`` (one per shard, in manifest order) grouped by the dataset's runs (:func:`shards_and_runs`)."""
     if sum(runs) != len(parts):
         raise ValueError(f"{len(parts)} shard results for runs of {runs} shards")
     out, lo = [], 0
@@ -410,7 +412,7 @@ def run_embed_counted(dataset: dict, model: dict[str, Any], store: dict, batch_s
     options = {"batch_size": batch_size, "device": device, "progress": progress}
     counts = {"samples_embedded": 0, "samples_reused": 0, "packs": 0, "tower_blocks": 0}
     try:
-        shards = shards_of(dataset, store)
+        shards, runs = shards_and_runs(dataset, store)
         parts = [run_embed_shard(sh, model, store, catalog_run=run, pack_below=block_rows if pack else 0,
                                  **options) for sh in shards]
         for members in pack_members(parts, block_rows):
@@ -424,7 +426,7 @@ def run_embed_counted(dataset: dict, model: dict[str, Any], store: dict, batch_s
         _release_catalogs(run)
     for part in parts:
         _count_part(counts, part)
-    return run_combine_runs(parts, runs_of(dataset, store), store), counts
+    return run_combine_runs(parts, runs, store), counts
 
 
 @task(name="embed", cache_policy=ContentCache(code_version=CODE_VERSION,
@@ -493,7 +495,7 @@ def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: d
     run = uuid.uuid4().hex
     model = embed_model(model)  # this machine's block size, in the tasks' cache keys
     spec = feature_spec(model)
-    shards = shards_of(dataset, store)
+    shards, runs = shards_and_runs(dataset, store)
     options = {"batch_size": batch_size, "progress": progress, "catalog_run": run, "max_pixels": max_pixels,
                "decode_workers": decode_workers}
     futures = [embed_shard.with_options(**opts).submit(sh, model, store, pack_below=spec.block_rows, **options)
@@ -531,9 +533,9 @@ def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: d
                    "%(shards)d shards cached", counts)
     tables = [_vectors_of(r) for r in results]
     futures = [combine_embeddings.with_options(**opts).submit(group, store)
-               for group in by_run(tables, runs_of(dataset, store))]  # a kept run's: a cache hit
-    runs = [f.result() for f in futures]
-    combined = runs[0] if len(runs) == 1 else link_embeddings.with_options(**opts)(runs, store)
+               for group in by_run(tables, runs)]  # a kept run's: a cache hit
+    run_tables = [f.result() for f in futures]
+    combined = run_tables[0] if len(run_tables) == 1 else link_embeddings.with_options(**opts)(run_tables, store)
     return combined, counts
 
 
