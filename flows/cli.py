@@ -158,8 +158,9 @@ def curate_cmd(
                                                   "bench/README.md §14).")] = True,
     pivoted_candidate: Annotated[bool, typer.Option(help="skmm_best's choice on the val split also tries SkMM's "
                                                     "pivoted seeding alone for the whole budget (one more "
-                                                    "finetune per budget; bench/README.md §14, \"A fourth "
-                                                    "candidate\").")] = False,
+                                                    "finetune per budget; --no-pivoted-candidate: the three "
+                                                    "others only; bench/README.md §14, \"A fourth "
+                                                    "candidate\").")] = True,
     embeddings: Annotated[bool, typer.Option(help="SOURCE is a Parquet table of precomputed embeddings.")] = False,
     split_seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val/test split.")] = 0,
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest image (width × height) ingested; larger ones are "
@@ -269,7 +270,7 @@ def reselect_cmd(
     third_candidate: Annotated[bool, typer.Option(help="skmm_best also tries convex SkMM seeded by greedy pivots "
                                                   "(as in curate).")] = True,
     pivoted_candidate: Annotated[bool, typer.Option(help="skmm_best also tries SkMM's pivoted seeding alone (as in "
-                                                    "curate).")] = False,
+                                                    "curate).")] = True,
     store: Annotated[str, typer.Option(help="Artifact store URL.")] = "./skmm-store",
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
@@ -354,8 +355,9 @@ def bench_synthetic(
     third_candidate: Annotated[bool, typer.Option(help="skmm_best_val also chooses convex SkMM seeded by greedy "
                                                   "pivots, as the pipeline does; --no-third-candidate: the two "
                                                   "variants.")] = True,
-    pivoted_candidate: Annotated[bool, typer.Option(help="skmm_best_val also chooses SkMM's pivoted seeding alone "
-                                                    "(as curate --pivoted-candidate).")] = False,
+    pivoted_candidate: Annotated[bool, typer.Option(help="skmm_best_val also chooses SkMM's pivoted seeding alone, "
+                                                    "as the pipeline does; --no-pivoted-candidate: the three "
+                                                    "others.")] = True,
     quiet: Annotated[bool, typer.Option(help="No per-run progress lines.")] = False,
 ) -> None:
     """Run the paper's synthetic experiment (SKMM.md §6) and print the risk table."""

@@ -148,8 +148,8 @@ VARIANTS = ("skmm", "skmm_v2")  # what "skmm_best" chooses between
 # rank (third_candidate=True, the default since the FT digits table: bench/README.md §14, "A third candidate for the
 # validation choice"; third_candidate=False: the two variants only).
 GREEDY_PIVOTS = "skmm_greedy_pivots"
-# and, opt-in (pivoted_candidate=True), SkMM's pivoted seeding alone for the whole budget (bench/README.md §14, "A
-# fourth candidate": not the default before its FT digits table)
+# and SkMM's pivoted seeding alone for the whole budget (pivoted_candidate=True, the default since its FT digits
+# table: bench/README.md §14, "A fourth candidate"; pivoted_candidate=False: the three before it)
 PIVOTED = "skmm_pivoted"
 CANDIDATES = {"skmm": ("skmm", {}), "skmm_v2": ("skmm_v2", {}),
               GREEDY_PIVOTS: ("skmm", {"pivoting": "greedy_signal"}),
@@ -175,7 +175,7 @@ class _Stages:
     moment: dict | None = None  # auto_sketch: the sketch's moment and N × m reduction (tasks.sketch_moment), once
     val_limit: int | None = VAL_LIMIT  # choices (C, FT epoch, skmm_best's variant) on the val split's smallest ids
     third_candidate: bool = True  # skmm_best's val choice also tries GREEDY_PIVOTS
-    pivoted_candidate: bool = False  # and PIVOTED
+    pivoted_candidate: bool = True  # and PIVOTED
 
     def select(self, tag: str, method: str, n: int, seed: int, extra: dict | None = None) -> dict:
         """Select with ``method`` (``extra``: more selector params, e.g. a pivot rule); a recorded stage."""
@@ -263,7 +263,7 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
                              model: dict[str, Any] | None = None, task: str = "classification",
                              variant_choice: str = "val", full_pool: int | None = None,
                              auto_sketch: bool = False, val_limit: int | None = VAL_LIMIT,
-                             third_candidate: bool = True, pivoted_candidate: bool = False) -> list[dict[str, Any]]:
+                             third_candidate: bool = True, pivoted_candidate: bool = True) -> list[dict[str, Any]]:
     """For each (method, budget, seed): select → finetune → evaluate on the test split, each a recorded stage.
 
     ``variant_choice``: how ``skmm_best`` picks between convex SkMM and greedy SkMMv2 — "val" (finetune on both
@@ -274,7 +274,7 @@ def select_finetune_evaluate(rec: LineageRecorder, opts: dict, store: dict, data
     choices on the val split (the probe's C, the FT epoch, skmm_best's variant) use its ``val_limit`` smallest
     sample ids (None: all of it; tasks.finetune.VAL_LIMIT). ``third_candidate``: with ``variant_choice="val"``,
     skmm_best also tries convex SkMM seeded by greedy pivots (``GREEDY_PIVOTS``): one more coreset and finetune per
-    budget; ``pivoted_candidate``: and SkMM's pivoted seeding alone (``PIVOTED``), one more again."""
+    budget; ``pivoted_candidate``: and SkMM's pivoted seeding alone (``PIVOTED``; the default), one more again."""
     if variant_choice not in ("val", "proxy"):
         raise ValueError(f"variant_choice must be 'val' or 'proxy'; got {variant_choice!r}")
     stages = _Stages(rec, opts, store, dataset, emb, sk, class_balanced, finetune or FinetuneConfig(), model,
@@ -330,7 +330,7 @@ def curate(
     full_pool_reference: bool = False,
     val_limit: PositiveInt | None = VAL_LIMIT,
     third_candidate: bool = True,
-    pivoted_candidate: bool = False,
+    pivoted_candidate: bool = True,
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
     batch_size: PositiveInt = 64,
@@ -352,7 +352,8 @@ def curate(
     sample; None: the whole split), so that they cost the same on any pool; the test split is always evaluated
     in full. ``third_candidate``: skmm_best's choice on the val split also tries convex SkMM seeded by greedy
     pivots (the default: a third coreset and finetune per budget; False: the two variants; bench/README.md §14);
-    ``pivoted_candidate``: and SkMM's pivoted seeding alone (opt-in: one more coreset and finetune per budget).
+    ``pivoted_candidate``: and SkMM's pivoted seeding alone (the default: a fourth coreset and finetune per budget;
+    False: the three before it).
     ``progress``: a progress bar per embedded shard on stderr (the CLI turns it on in a terminal)."""
     logger = get_run_logger()
     check_methods(methods)
@@ -374,7 +375,7 @@ def curate(
         config["val_limit"] = val_limit
     if third_candidate:  # named when on (runs before it became the default lack it and had two candidates)
         config["third_candidate"] = True
-    if pivoted_candidate:  # named only when on: the default config (and its hash) stays what it was
+    if pivoted_candidate:  # named when on (runs before it became the default lack it and had three candidates)
         config["pivoted_candidate"] = True
     code = code_provenance()  # the code that runs, never the caller's working folder
     rec = LineageRecorder(st, flow_run_id=flow_run.get_id(), git_commit=code.git_commit, skmm_version=code.version,

@@ -79,7 +79,7 @@ def reselect(
     variant_choice: Literal["val", "proxy"] = "val",
     val_limit: PositiveInt | None = VAL_LIMIT,
     third_candidate: bool = True,
-    pivoted_candidate: bool = False,
+    pivoted_candidate: bool = True,
     store_url: str = DEFAULT_STORE,
     endpoint_url: str | None = None,
 ) -> dict[str, Any]:

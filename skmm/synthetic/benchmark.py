@@ -68,9 +68,9 @@ class SyntheticConfig:
     # skmm_best_val's candidates: convex SkMM and SkMMv2, and with True (the pipeline's default) also convex SkMM
     # seeded by greedy pivots through the signal rank (SkMMBest(third_candidate=True))
     third_candidate: bool = True
-    # and with True also SkMM's pivoted seeding alone for the whole budget (SkMMBest(pivoted_candidate=True)): not
-    # the pipeline's rule yet (bench/README.md §14, "A fourth candidate")
-    pivoted_candidate: bool = False
+    # and with True (the pipeline's default) also SkMM's pivoted seeding alone for the whole budget
+    # (SkMMBest(pivoted_candidate=True); bench/README.md §14, "A fourth candidate")
+    pivoted_candidate: bool = True
     # leverage / ridge leverage: compute the pool's scores once (first seed's SVD draw) and only sample per (n, seed)
     cache_scores: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
