@@ -1,10 +1,13 @@
 """Stage "gradients + sketch": per-sample gradients of the pool (train split), sketched with a seeded projector.
 
 LP mode: the gradient of a linear head w.r.t. its weights is the L2-normalised feature (SKMM.md §2), so the
-gradients are the normalised embeddings, sketched to ``sketch_dim`` with a Gaussian projector when
-``sketch_dim`` < d. FT mode: per-sample cross-entropy gradients, with seeded random pseudo-labels, w.r.t. the
-last ``k`` blocks of the open_clip image tower plus a seeded head, projected batch by batch with one sparse JL
-sketch (r is in the millions; the N×r matrix never exists). The sketch table records its producer.
+gradients are the normalised embeddings, sketched to ``sketch_dim`` with a Gaussian projector when ``sketch_dim`` <
+d, one table per run of the dataset (a grown dataset's kept runs: cache hits) linked as one. Each row is projected
+in a zero-padded block of exactly LP_BLOCK rows, so a row's bits do not depend on which block or run it falls in:
+the linked sketch of a grown dataset is bitwise the sketch of the same pool written at once. FT mode: per-sample
+cross-entropy gradients, with seeded random pseudo-labels, w.r.t. the last ``k`` blocks of the open_clip image
+tower plus a seeded head, projected batch by batch with one sparse JL sketch (r is in the millions; the N×r matrix
+never exists). The sketch table records its producer.
 """
 
 from __future__ import annotations
@@ -23,29 +26,38 @@ from skmm.models.clip import ClipSpec
 from skmm.select.auto_sketch import reblock
 from skmm.sketch import GaussianProjector
 from storage.datasets import (
+    ID_DTYPE,
     DatasetRef,
     ShardRef,
     VectorTableRef,
     combine_vectors,
+    is_linked,
     load_manifest,
     read_shard,
+    sample_id_array,
     scan_vector_rows,
     write_vector_chunks,
     write_vectors,
 )
-from storage.linked_vectors import link_vectors
-from storage.sample_reader import iter_metadata, read_images, read_metadata, read_split_ids
+from storage.errors import MalformedRecordError
+from storage.linked_vectors import link_vectors, linked_parts
+from storage.sample_reader import iter_metadata, iter_shard, read_images, read_metadata, read_split_ids
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
 from tasks.store import open_store
 
-__all__ = ["combine_sketches", "ft_sketch_shard", "gradients_sketch", "link_sketches", "run_combine_sketches",
-           "run_ft_sketch_shard", "run_sketch", "sketch", "train_ids", "train_rows"]
+__all__ = ["combine_sketches", "ft_sketch_shard", "gradients_sketch", "link_sketches", "lp_sketch_parts",
+           "lp_sketch_run", "run_combine_sketches", "run_ft_sketch_shard", "run_lp_sketch_run", "run_sketch",
+           "sketch", "train_ids", "train_rows"]
 
-CODE_VERSION = "sketch-2"
+CODE_VERSION = "sketch-3"  # 3: each LP block projected zero-padded to LP_BLOCK rows (a row's bits: its own alone)
+LP_RUN_CODE_VERSION = "lp-sketch-run-1"  # LP, one run of the dataset
 FT_CODE_VERSION = "ft-sketch-1"  # FT gradients shard by shard
 MODES = ("lp", "ft")
-LP_BLOCK = 8192  # LP rows projected per batch, from the split's first row (the rows depend on it through rounding)
+# LP rows projected per matrix product. Every product has exactly this many rows (the last block zero-padded):
+# BLAS gives a row of a product of fixed shape the same bits wherever it sits (measured on MKL and OpenBLAS; a
+# product of one row takes another path and differs), so a row's sketch does not depend on its block or run.
+LP_BLOCK = 8192
 
 
 def split_columns(store: Any, dataset: DatasetRef, split: str, columns: list[str]) -> dict[str, list]:
@@ -154,33 +166,119 @@ def train_ids(store: Any, dataset: DatasetRef) -> np.ndarray:
     return train_rows(store, dataset)[0]
 
 
+def project_padded(proj: GaussianProjector, rows: np.ndarray) -> np.ndarray:
+    """``proj.project(rows)`` for at most LP_BLOCK rows, computed in a product of exactly LP_BLOCK rows (zeros
+    after ``rows``), so each row's bits are those it gets in any other LP_BLOCK-row block."""
+    if len(rows) == LP_BLOCK:
+        return proj.project(rows)
+    padded = np.zeros((LP_BLOCK, rows.shape[1]), rows.dtype)
+    padded[:len(rows)] = rows
+    return proj.project(padded)[:len(rows)]
+
+
 def _lp_blocks(store: Any, emb: VectorTableRef, ids: np.ndarray, proj: GaussianProjector | None
                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, gradient rows) of the split, LP_BLOCK rows at a time from the split's first row: the embeddings
-    read row group by row group, L2-normalised and (with ``proj``) projected block by block — per row and per
-    block exactly what normalising and projecting the whole N × d matrix in LP_BLOCK-row slices gives."""
+    """(ids, gradient rows) of ``ids``, LP_BLOCK rows at a time: the embeddings read row group by row group,
+    L2-normalised and (with ``proj``) projected block by block (:func:`project_padded`)."""
     rows = scan_vector_rows(store, emb, ids)
     for lo, block in reblock(rows, emb.dim, block_rows=LP_BLOCK):
         grads = normalize_features(block)
-        yield ids[lo:lo + len(block)], grads if proj is None else proj.project(grads)
+        yield ids[lo:lo + len(block)], grads if proj is None else project_padded(proj, grads)
 
 
-def run_lp_sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | None = 64, seed: int = 0) -> dict:
-    """LP mode, streamed: the train split's normalised features, sketched to ``sketch_dim`` when it is < d.
-
-    Holds the split's ids (64 B a sample) and a few LP_BLOCK-row blocks, never the N × d features or their
-    gradients; the table (and its sha256) is byte-identical to normalising and projecting the whole matrix."""
-    st = open_store(store)
-    ds = DatasetRef.from_dict(dataset)
-    emb = VectorTableRef.from_dict(embeddings)
-    ids = train_ids(st, ds)
-    if not len(ids):
-        raise ValueError("the dataset has no train split to select from")
+def _lp_table(store: Any, emb: VectorTableRef, ids: np.ndarray, sketch_dim: int | None, seed: int) -> dict:
+    """The LP sketch table of ``ids`` (sorted, unique, all in ``emb``): their normalised features, projected to
+    ``sketch_dim`` when it is < d. Holds the ids (64 B a sample) and a few LP_BLOCK-row blocks."""
     proj = None
     if sketch_dim is not None and sketch_dim < emb.dim:
         proj = GaussianProjector(emb.dim, sketch_dim, seed).fit()
     producer = {"mode": "lp", "features": emb.producer_digest, "sketch": None if proj is None else proj.spec.to_dict()}
-    return write_vector_chunks(st, _lp_blocks(st, emb, ids, proj), producer, kind="sketch").to_dict()
+    return write_vector_chunks(store, _lp_blocks(store, emb, ids, proj), producer, kind="sketch").to_dict()
+
+
+def run_train_ids(store: Any, shards: list[ShardRef]) -> np.ndarray:
+    """The train rows' sample ids of one run of a dataset (its shards, in order), as one sorted ``ID_DTYPE``
+    array: the id and split columns of each shard, never the image bytes. The shards are checked for size,
+    footer and id order here; the dataset's version is verified where the split is selected from (tasks.select
+    reads the split's ids verified, and the sketch's rows by them)."""
+    parts = []
+    for shard in shards:
+        for table in iter_shard(store, shard, ["split"]):
+            train = table.filter(pc.equal(table.column("split"), "train"))
+            if train.num_rows:
+                parts.append(sample_id_array(train.column("sample_id")))
+    ids = np.concatenate(parts) if parts else np.empty(0, ID_DTYPE)
+    if not np.all(ids[1:] > ids[:-1]):
+        raise MalformedRecordError(f"the run of shards from {shards[0].artifact.uri} is not in strictly ascending "
+                                   "sample-id order")
+    return ids
+
+
+def _run_first_id(store: Any, shard: ShardRef) -> bytes | None:
+    """The first sample id of a run's first shard (one row group's id column), None when it has no rows."""
+    for table in iter_shard(store, shard, []):
+        if table.num_rows:
+            return sample_id_array(table.column("sample_id").slice(0, 1))[0]
+    return None
+
+
+def lp_sketch_parts(store: Any, emb: VectorTableRef, dataset: DatasetRef
+                    ) -> list[tuple[VectorTableRef, tuple[ShardRef, ...]]] | None:
+    """(feature table, shards) for each run of ``dataset``: the table holding that run's features — for several
+    runs, the part of the linked table that the embed stage combined from that run (matched by its first id and
+    row count; one manifest read and one id column per run). None when the features are not per run (one table
+    over a dataset of several runs, e.g. precomputed embeddings): then the split is sketched in one pass."""
+    runs = load_manifest(store, dataset).shard_runs()
+    if len(runs) == 1:
+        return [(emb, runs[0])]
+    if not is_linked(emb):
+        return None
+    by_first = {lo: part for part, lo, _ in linked_parts(store, emb)}
+    out = []
+    for run in runs:
+        part = by_first.get(_run_first_id(store, run[0]))
+        if part is None or part.num_rows != sum(sh.num_rows for sh in run):
+            return None
+        out.append((part, run))
+    return out
+
+
+def run_lp_sketch_run(features: dict, shards: list[dict], store: dict, sketch_dim: int | None = 64,
+                      seed: int = 0) -> dict | None:
+    """LP mode, one run of a dataset: the sketch table of its train rows (None when it has none) from the run's
+    feature table — what a kept run's task (a cache hit) gives the next growth."""
+    st = open_store(store)
+    ids = run_train_ids(st, [ShardRef.from_dict(s) for s in shards])
+    if not len(ids):
+        return None
+    return _lp_table(st, VectorTableRef.from_dict(features), ids, sketch_dim, seed)
+
+
+def _linked_sketch(store: dict, tables: list[dict | None]) -> dict:
+    """The runs' sketch tables (None: a run without train rows) as one table; ValueError if there are none."""
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        raise ValueError("the dataset has no train split to select from")
+    return link_vectors(open_store(store), [VectorTableRef.from_dict(t) for t in tables]).to_dict()
+
+
+def run_lp_sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | None = 64, seed: int = 0) -> dict:
+    """LP mode, streamed: the train split's normalised features, sketched to ``sketch_dim`` when it is < d, run
+    by run and the runs linked (:func:`lp_sketch_parts`; one run: one table).
+
+    Holds a run's train ids (64 B a sample) and a few LP_BLOCK-row blocks, never the N × d features or their
+    gradients; each row is bitwise what projecting the whole matrix in LP_BLOCK-row blocks gives."""
+    st = open_store(store)
+    ds = DatasetRef.from_dict(dataset)
+    emb = VectorTableRef.from_dict(embeddings)
+    parts = lp_sketch_parts(st, emb, ds)
+    if parts is None:  # one feature table over several runs: the split in one pass, its ids read verified
+        ids = train_ids(st, ds)
+        if not len(ids):
+            raise ValueError("the dataset has no train split to select from")
+        return _lp_table(st, emb, ids, sketch_dim, seed)
+    return _linked_sketch(store, [run_lp_sketch_run(f.to_dict(), [sh.to_dict() for sh in run], store, sketch_dim,
+                                                    seed) for f, run in parts])
 
 
 @task(name="gradients-sketch",
@@ -191,6 +289,15 @@ def sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | None 
            device: str | None = None) -> dict:
     """Prefect task wrapper of :func:`run_sketch` (the LP stage; FT runs per shard, see :func:`gradients_sketch`)."""
     return run_sketch(embeddings, dataset, store, sketch_dim, seed, mode, model, k, batch_size, device)
+
+
+@task(name="gradients-sketch-lp-run", cache_policy=ContentCache(code_version=LP_RUN_CODE_VERSION),
+      persist_result=True, result_serializer="json", **RETRY)
+def lp_sketch_run(features: dict, shards: list[dict], store: dict, sketch_dim: int | None = 64,
+                  seed: int = 0) -> dict | None:
+    """Prefect task: one run's LP sketch (:func:`run_lp_sketch_run`), keyed on the run's feature table and shards,
+    so a grown dataset's kept runs are cache hits and a growth sketches only its new run."""
+    return run_lp_sketch_run(features, shards, store, sketch_dim, seed)
 
 
 @task(name="gradients-sketch-shard",
@@ -222,12 +329,24 @@ def link_sketches(runs: list[dict], store: dict) -> dict:
 def gradients_sketch(embeddings: dict | None, dataset: dict, store: dict, opts: dict, *, sketch_dim: int | None,
                      seed: int, mode: str, model: dict[str, Any], k: int = 1, num_classes: int | None = None,
                      batch_size: int | None = None) -> dict:
-    """The gradients + sketch stage inside a flow: LP as one task; FT as one task per dataset shard, submitted
-    concurrently (on the flow's task runner: threads, or Dask workers), then combined run by run (a grown
-    dataset's kept runs: cache hits) and the runs linked (:mod:`storage.linked_vectors`)."""
-    if mode != "ft":
-        return sketch.with_options(**opts)(embeddings, dataset, store, sketch_dim=sketch_dim, seed=seed, mode=mode,
-                                           model=model, k=k)
+    """The gradients + sketch stage inside a flow: LP as one task per run of the dataset (one task over the whole
+    split when the features are not per run); FT as one task per dataset shard, submitted concurrently (on the
+    flow's task runner: threads, or Dask workers), then combined run by run. Either way a grown dataset's kept
+    runs are cache hits, and the runs' tables are linked (:mod:`storage.linked_vectors`)."""
+    if mode not in MODES:
+        raise ValueError(f"gradient mode must be one of {MODES}; got {mode!r}")
+    if mode == "lp":
+        st = open_store(store)
+        parts = lp_sketch_parts(st, VectorTableRef.from_dict(embeddings), DatasetRef.from_dict(dataset))
+        if parts is None:
+            return sketch.with_options(**opts)(embeddings, dataset, store, sketch_dim=sketch_dim, seed=seed,
+                                               mode=mode, model=model, k=k)
+        futures = [lp_sketch_run.with_options(**opts).submit(f.to_dict(), [sh.to_dict() for sh in run], store,
+                                                             sketch_dim, seed) for f, run in parts]
+        tables = [t for t in (f.result() for f in futures) if t is not None]
+        if not tables:
+            raise ValueError("the dataset has no train split to select from")
+        return tables[0] if len(tables) == 1 else link_sketches.with_options(**opts)(tables, store)
     if sketch_dim is None:
         raise ValueError("FT gradients have millions of coordinates: give a sketch_dim")
     st = open_store(store)

@@ -114,7 +114,7 @@ def test_a_failed_run_retried_with_the_prefect_cli_reuses_every_stage_before_the
     assert (retried.id, retried.name, retried.run_count) == (failed.id, failed.name, 2)
     # Attempt 1 ran every stage up to the fault (nothing after it), and each completed.
     assert not AFTER_FAULT & first.keys(), first
-    assert {"ingest", "embed", "gradients-sketch", "select", "finetune-linear-probe"} <= first.keys(), first
+    assert {"ingest", "embed", "gradients-sketch-lp-run", "select", "finetune-linear-probe"} <= first.keys(), first
     assert all(state == "Completed" for states in first.values() for state in states), first
     # Attempt 2: every one of those stages is served from the cache; the stages after the fault really run.
     before = {name: states for name, states in second.items() if name not in AFTER_FAULT}

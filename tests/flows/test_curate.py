@@ -40,7 +40,7 @@ def test_curate_digits_local_cache_and_audit(prefect_server, tmp_path):
     # Only the budget changes: ingest/embed/sketch hit, select/finetune/evaluate run.
     third = curate(**{**args, "budgets": [30]}, return_state=True)
     states = task_states(third)
-    for stage in ("ingest", "embed", "gradients-sketch"):
+    for stage in ("ingest", "embed", "gradients-sketch-lp-run"):
         assert states[stage] == ["Cached"], (stage, states)
     for stage in ("select", "finetune-linear-probe", "evaluate"):
         assert "Completed" in states[stage], (stage, states)
