@@ -4,9 +4,10 @@ pool's combined table again (the code before).
 
 A pool of N ~56 KB JPEGs (bench/scale_pool.py) is ingested (reuse on) and embedded in a flow (the tiny tower,
 2 048-row shards), grown by 1 % (the new samples form a second run: every previous shard is kept), ingested and
-embedded again in a flow; every step in a fresh child process with its own temporary Prefect server. Measured for
-the growth's embed flow: the bytes and rows of the feature tables it wrote (new objects under
-``objects/embeddings``), its wall time, and the features read back (their digest must equal a from-scratch run's).
+embedded again in a flow, then the LP gradients + sketch stage (m = 16); every step in a fresh child process with its
+own temporary Prefect server. Measured for the growth's flow: the bytes and rows of the feature tables it wrote (new
+objects under ``objects/embeddings``) and of the sketch tables (``objects/sketch``), each stage's wall time, and the
+features and sketch read back (their digests must equal a from-scratch run's).
 Run it on each checkout (``PYTHONPATH``) with its own ``--work``:
 
     PYTHONPATH=. .venv/bin/python bench/embed_growth_link.py --n 10000 --label after
@@ -39,28 +40,46 @@ def ingest_and_embed(pool: str, store: str, prefect_home: str) -> dict:
     from storage.datasets import VectorTableRef, read_vectors
     from tasks.embed import embed_with_counts
     from tasks.ingest import ingest
+    from tasks.sketch import gradients_sketch
     from tasks.store import open_store, result_storage, store_spec
 
     spec = store_spec(store)
     tables = pathlib.Path(store) / "objects" / "embeddings"
+    sketches = pathlib.Path(store) / "objects" / "sketch"
+
+    def listed(folder: pathlib.Path) -> set:
+        return set(folder.iterdir()) if folder.exists() else set()
+
+    def digest_of(ref: dict) -> tuple[str, int]:
+        ids, mat = read_vectors(open_store(spec), VectorTableRef.from_dict(ref))
+        return hashlib.sha256("\n".join(ids).encode() + mat.tobytes()).hexdigest(), len(ids)
+
+    def rows_bytes(paths: set) -> tuple[int, int, int]:
+        tabs = [p for p in paths if p.suffix == ".parquet"]
+        return len(tabs), sum(pq.read_metadata(p).num_rows for p in tabs), sum(p.stat().st_size for p in paths)
 
     @flow(name="bench-embed-growth")
     def run() -> dict:
         opts = {"result_storage": result_storage(spec)}
         ing = ingest.with_options(**opts)({"kind": "folder", "path": pool}, spec)
-        before = set(tables.iterdir()) if tables.exists() else set()
+        before, before_sk = listed(tables), listed(sketches)
         start = time.perf_counter()
         combined, counts = embed_with_counts(ing["dataset"], MODEL, spec, opts)
         stage_s = time.perf_counter() - start
-        written = [p for p in set(tables.iterdir()) - before]
-        ids, mat = read_vectors(open_store(spec), VectorTableRef.from_dict(combined))
-        digest = hashlib.sha256("\n".join(ids).encode() + mat.tobytes()).hexdigest()
+        start = time.perf_counter()
+        sk = gradients_sketch(combined, ing["dataset"], spec, opts, sketch_dim=16, seed=0, mode="lp", model=MODEL)
+        sketch_s = time.perf_counter() - start
+        n_tables, rows, size = rows_bytes(listed(tables) - before)
+        sk_tables, sk_rows, sk_size = rows_bytes(listed(sketches) - before_sk)
+        digest, num_rows = digest_of(combined)
+        sk_digest, sk_num_rows = digest_of(sk)
         return {"embed_stage_s": round(stage_s, 2), "samples_embedded": counts["samples_embedded"],
                 "shards_cached": counts["shards_cached"], "kept": ing.get("n_kept"),
-                "tables_written": len([p for p in written if p.suffix == ".parquet"]),
-                "feature_rows_written": sum(pq.read_metadata(p).num_rows for p in written if p.suffix == ".parquet"),
-                "feature_bytes_written": sum(p.stat().st_size for p in written), "features_digest": digest,
-                "num_rows": len(ids)}
+                "tables_written": n_tables, "feature_rows_written": rows, "feature_bytes_written": size,
+                "features_digest": digest, "num_rows": num_rows,
+                "sketch_stage_s": round(sketch_s, 2), "sketch_tables_written": sk_tables,
+                "sketch_rows_written": sk_rows, "sketch_bytes_written": sk_size, "sketch_digest": sk_digest,
+                "sketch_num_rows": sk_num_rows}
 
     return run()
 
