@@ -36,6 +36,7 @@ from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from skmm.canonical_json import canonical_json
 from storage.artifacts import ArtifactRef, ArtifactStore
 from storage.errors import StorageError
+from storage.verify_memo import verify_remembered
 
 __all__ = ["UNCHECKED_KINDS", "CachedResultRefused", "ContentCache", "JsonLocalResultsFileSystem",
            "JsonResultsFileSystem", "accept_cached", "artifact_refs", "content_view", "plain_json_record",
@@ -152,14 +153,16 @@ def _run_key() -> str:
 
 def verify_once(store: ArtifactStore, ref: ArtifactRef) -> None:
     """Raise (ArtifactNotFoundError, ArtifactCorruptedError, StoreUnavailableError) unless ``ref``'s object is in
-    ``store`` with its size and sha256; each (store, object) is hashed at most once per run."""
+    ``store`` with its size and sha256; each (store, object) is checked at most once per run, and hashed only when
+    this machine has not hashed it already in the state the store reports for it now (its stat, or its ETag:
+    :mod:`storage.verify_memo`)."""
     if ref.kind in UNCHECKED_KINDS:
         return
     run, key = _run_key(), (store.url, ref.uri, ref.sha256, ref.size)
     with _verified_lock:
         if key in _verified.get(run, ()):
             return
-    store.verify(ref)
+    verify_remembered(store, ref)
     with _verified_lock:
         _verified.setdefault(run, set()).add(key)
         _verified.move_to_end(run)
@@ -176,8 +179,9 @@ def accept_cached(content: bytes, path: str, store: ArtifactStore) -> bytes:
     (a cache hit must not hide a deleted or damaged model, selection, manifest, feature or sketch table).
     Dataset shards (kind ``samples``) are not hashed: they are the bulk of a pool (hashing them on every rerun
     would cost more than the stages the cache saves), a hit never reads them, and every read that does verifies
-    them. Each object is hashed once per run, so a run pays for each object it names once; at 10^7 samples the
-    largest are the feature tables (10^7 × 512 float32 ≈ 20 GB).
+    them. Each object is checked once per run, and hashed only when this machine has not hashed it before in the
+    state the store reports now (:mod:`storage.verify_memo`): at 10^7 samples the kept runs' feature and sketch
+    tables (~30 GB) are hashed once, not every night.
     """
     try:
         record = plain_json_record(content, path)

@@ -6,6 +6,7 @@ Tests that take ``store`` run once against each backend with the same body.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 
 import pytest
@@ -19,6 +20,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # Hermetic: no lineage to an OpenLineage backend this machine may configure (the OpenLineage tests set their own).
 os.environ["OPENLINEAGE_DISABLED"] = "true"
+# Hermetic: the memo of verified artifacts (storage/verify_memo.py) in the system temp folder, never ~/.cache; the
+# Prefect workers the tests start inherit it.
+os.environ["SKMM_CACHE_DIR"] = tempfile.mkdtemp(prefix="skmm-test-cache-")
 
 
 @pytest.fixture(scope="session")
