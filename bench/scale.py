@@ -12,7 +12,8 @@ peak RSS (ru_maxrss, from wait4) is recorded with its wall time:
 - ``growth``: the pool grown by 1 % (new files in the same folders), ingested again, then embedded: how many
   samples went through the tower, how many were reused from the feature catalog;
 - ``dask``: at the first pipeline size, the embed stage as a Prefect flow on a local Dask cluster of 1 worker,
-  then 2 workers (one thread each; fresh stores, so nothing is cached or reused): the throughput ratio.
+  then 2 workers (one thread each; fresh stores, so nothing is cached or reused): the throughput ratio; and the
+  same shards on plain Dask tasks without Prefect (``plain_*``), the ratio the machine allows.
 
     .venv/bin/python bench/scale.py [--sizes 10000,50000,200000] [--pipeline-sizes 10000,50000]
                                     [--work /tmp/skmm-scale] [--out bench/results/scale.json]
@@ -131,33 +132,65 @@ def select_plain(sketch: dict, dataset: dict, store: str, budget: int) -> dict:
 
 
 def _warm_worker() -> None:
+    """What a worker's first task would otherwise pay for once: the imports of the task's modules and Prefect's
+    task engine, and the tower."""
+    import prefect.task_engine  # noqa: F401
+
+    import tasks.embed  # noqa: F401
     from skmm.models.clip import ClipSpec, load_clip
 
     load_clip(ClipSpec(MODEL["name"], init_seed=MODEL["init_seed"]), "cpu")
 
 
 def embed_on_dask(dataset: dict, store: str, workers: int, prefect_home: str) -> dict:
-    """The embed stage as a Prefect flow on a local Dask cluster of ``workers`` processes (one thread each)."""
-    os.environ["PREFECT_HOME"] = prefect_home
-    from distributed import Client, LocalCluster
+    """The embed stage as a Prefect flow on the pipeline's own local Dask cluster (``dask_task_runner(workers=…)``,
+    started inside the flow run, so its workers report to the flow's temporary server), one thread each: one
+    torch thread and no decode worker process per Dask worker (set in the environment, which the runner passes on;
+    a worker that forked decoders would use a second core, and 1 worker would not be one thread). The cluster is
+    started and its workers build the tower before the clock starts."""
+    os.environ.update(PREFECT_HOME=prefect_home, SKMM_DECODE_WORKERS="0", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     from prefect import flow
+    from prefect.context import FlowRunContext
 
     from flows.runners import dask_task_runner
     from tasks.embed import embed_with_counts
     from tasks.store import result_storage, store_spec
 
     spec = store_spec(store)
-    with LocalCluster(n_workers=workers, processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+
+    @flow(name="bench-embed-dask", task_runner=dask_task_runner(workers=workers))
+    def bench_embed() -> dict:
+        client = FlowRunContext.get().task_runner.client  # starts the cluster
+        client.wait_for_workers(workers, timeout=300)
         client.run(_warm_worker)  # workers import open_clip and build the tower before the clock starts
+        start = time.perf_counter()
+        _, counts = embed_with_counts(dataset, MODEL, spec, {"result_storage": result_storage(spec)})
+        return {"stage_s": round(time.perf_counter() - start, 2), **counts}
 
-        @flow(name="bench-embed-dask", task_runner=dask_task_runner(address=cluster.scheduler_address))
-        def bench_embed() -> dict:
-            start = time.perf_counter()
-            _, counts = embed_with_counts(dataset, MODEL, spec, {"result_storage": result_storage(spec)})
-            return {"stage_s": round(time.perf_counter() - start, 2), **counts}
+    return bench_embed()
 
-        return bench_embed()
+
+def embed_on_plain_dask(dataset: dict, store: str, workers: int) -> dict:
+    """The same shards' embedding (``run_embed_shard``, one Dask task each) on a local cluster of ``workers``
+    processes, one thread each, **without Prefect**: the machine's own ceiling for the ratio, with no flow process
+    or Prefect server sharing its cores."""
+    env = {"SKMM_DECODE_WORKERS": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    os.environ.update(env)
+    from distributed import Client, LocalCluster
+
+    from storage.datasets import DatasetRef, load_manifest
+    from tasks.embed import run_embed_shard
+    from tasks.store import open_store, store_spec
+
+    spec = store_spec(store)
+    shards = [sh.to_dict() for sh in load_manifest(open_store(spec), DatasetRef.from_dict(dataset)).shards]
+    with LocalCluster(n_workers=workers, processes=True, threads_per_worker=1, dashboard_address=None,
+                      env=env) as cluster, Client(cluster) as client:
+        client.wait_for_workers(workers, timeout=300)
+        client.run(_warm_worker)
+        start = time.perf_counter()
+        done = client.gather([client.submit(run_embed_shard, sh, MODEL, spec, pure=False) for sh in shards])
+        return {"stage_s": round(time.perf_counter() - start, 2), "samples_embedded": sum(d["embedded"] for d in done)}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -180,6 +213,15 @@ def run_size(n: int, args: argparse.Namespace, pipeline: bool, dask: bool) -> di
             print(f"[N={n}] dask {workers}: {out['dask'][f'workers_{workers}']}", flush=True)
         one, two = (out["dask"][f"workers_{w}"]["stage_s"] for w in (1, 2))
         out["dask"]["throughput_ratio_2_vs_1"] = round(one / two, 3)
+        for workers in (1, 2):  # the same without Prefect: what the machine allows
+            dstore = work / f"store-{n}-plain{workers}"
+            shutil.rmtree(dstore, ignore_errors=True)
+            ing = in_child(ingest_with_prefect_shards, str(pool), str(dstore), home)
+            plain = in_child(embed_on_plain_dask, ing["dataset"], str(dstore), workers)
+            out["dask"][f"plain_workers_{workers}"] = plain
+            print(f"[N={n}] plain dask {workers}: {plain}", flush=True)
+        one, two = (out["dask"][f"plain_workers_{w}"]["stage_s"] for w in (1, 2))
+        out["dask"]["plain_throughput_ratio_2_vs_1"] = round(one / two, 3)
     shutil.rmtree(home, ignore_errors=True)
     return out
 

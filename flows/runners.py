@@ -9,9 +9,17 @@ task runner — no scheduler of our own:
     curate.with_options(task_runner=dask_task_runner(gpus=["0", "1"]))       # one worker per GPU
 
 Workers must reach the store (an s3:// store for a cluster of several machines; a local folder works on one
-machine) and import this package (install it on every worker). Each worker runs one task at a time by default:
-torch already uses the worker's cores (Dask sets OMP/MKL threads to 1 per worker process, so give a worker one
-task thread per core you want it to use).
+machine) and import this package (install it on every worker). Each worker runs one task at a time by default.
+
+A local cluster (``workers`` or ``gpus``) shares this machine's cores among its task slots (workers × threads per
+worker): each worker's embed tasks get that share, as a single process gets the machine — share − 1 decode worker
+processes (``SKMM_DECODE_WORKERS``) and torch threads = share (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``; Dask sets 1
+per worker otherwise) — so that workers do not oversubscribe the cores (with the machine's default, every worker
+forked cores − 1 decoders). ``SKMM_DECODE_WORKERS`` set in the environment wins. On an existing cluster
+(``address``) set these in each worker's environment. A local cluster is started inside the flow run, and its
+workers are given that run's Prefect API: without ``PREFECT_API_URL`` (the embedded temporary server) each worker
+would otherwise start a temporary server of its own on its first task (~8 s of CPU each) and record its task runs
+there instead of with the flow's.
 
 Scheduled runs cannot pass a Python object as a parameter, so deployments set the same choice through the
 environment of the worker's job (``SKMM_DASK_WORKERS``, ``SKMM_DASK_ADDRESS``, ``SKMM_DASK_GPUS``), which
@@ -26,22 +34,71 @@ from typing import Any
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-__all__ = ["DASK_ENV", "dask_task_runner", "gpu_cluster", "task_runner_from_env"]
+__all__ = ["DASK_ENV", "dask_task_runner", "gpu_cluster", "local_cluster", "prefect_api_env", "task_runner_from_env",
+           "worker_env"]
 
 #: Environment variables that choose the task runner of a scheduled run (see :func:`task_runner_from_env`).
 DASK_ENV = ("SKMM_DASK_WORKERS", "SKMM_DASK_ADDRESS", "SKMM_DASK_GPUS")
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def worker_env(workers: int, threads_per_worker: int = 1, cores: int | None = None,
+               environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of each worker of a local cluster of ``workers`` × ``threads_per_worker`` task slots on
+    ``cores`` cores (default: the cores this process may use): a slot's share s = max(cores // slots, 1) gives
+    s − 1 decode worker processes and s torch threads. ``SKMM_DECODE_WORKERS``, ``OMP_NUM_THREADS`` and
+    ``MKL_NUM_THREADS`` set in ``environ`` (default: this process's) are passed on as they are: the user's choice."""
+    env = os.environ if environ is None else environ
+    share = max((cores or _cores()) // max(workers * threads_per_worker, 1), 1)
+    chosen = {"SKMM_DECODE_WORKERS": str(share - 1), "OMP_NUM_THREADS": str(share), "MKL_NUM_THREADS": str(share)}
+    return {name: env.get(name, "").strip() or value for name, value in chosen.items()}
+
+
+def prefect_api_env() -> dict[str, str]:
+    """``PREFECT_API_URL`` of the Prefect API this process reports to, for workers started now: the configured
+    one, else the embedded temporary server's while it runs (a flow run started it); empty when there is none."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            server = SubprocessASGIServer._instances.get(None)
+            url = server.api_url if server is not None and server.running else None
+        except Exception:  # another Prefect's internals: the workers then find a server as before
+            url = None
+    return {"PREFECT_API_URL": str(url)} if url else {}
+
+
+def local_cluster(n_workers: int, threads_per_worker: int = 1, **options: Any):
+    """A Dask LocalCluster of ``n_workers`` processes for the flow run being executed: each with its share of
+    the cores (:func:`worker_env`) and the run's Prefect API (:func:`prefect_api_env`)."""
+    from distributed import LocalCluster
+
+    env = {**worker_env(n_workers, threads_per_worker), **prefect_api_env()}
+    return LocalCluster(n_workers=n_workers, processes=True, threads_per_worker=threads_per_worker,
+                        dashboard_address=None, env=env, **options)
+
+
 def gpu_cluster(devices: Sequence[str], threads_per_worker: int = 1, **scheduler_options: Any):
     """A local Dask cluster with one worker process per GPU: worker ``gpu-<d>`` sees only device ``d``
-    (``CUDA_VISIBLE_DEVICES=d``, set by its nanny before the worker starts, so CUDA never sees the others)."""
+    (``CUDA_VISIBLE_DEVICES=d``, set by its nanny before the worker starts, so CUDA never sees the others), and
+    its share of the host's cores for decoding (:func:`worker_env`)."""
     from distributed import Nanny, Scheduler, SpecCluster
 
     devices = [str(d).strip() for d in devices if str(d).strip()]
     if not devices:
         raise ValueError("gpu_cluster needs at least one device id (e.g. ['0', '1'])")
+    share = {**worker_env(len(devices), threads_per_worker), **prefect_api_env()}
     workers = {f"gpu-{d}": {"cls": Nanny, "options": {"nthreads": threads_per_worker,
-                                                      "env": {"CUDA_VISIBLE_DEVICES": d}}}
+                                                      "env": {**share, "CUDA_VISIBLE_DEVICES": d}}}
                for d in devices}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, **scheduler_options}}
     return SpecCluster(workers=workers, scheduler=scheduler, name="skmm-gpus")
@@ -67,9 +124,8 @@ def dask_task_runner(workers: int | None = None, address: str | None = None, gpu
                               cluster_kwargs={"devices": list(gpus), "threads_per_worker": threads_per_worker})
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--dask-workers must be a positive integer; got {workers!r}")
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={"n_workers": workers, "processes": True,
-                                          "threads_per_worker": threads_per_worker, "dashboard_address": None})
+    return DaskTaskRunner(cluster_class=local_cluster,
+                          cluster_kwargs={"n_workers": workers, "threads_per_worker": threads_per_worker})
 
 
 def task_runner_from_env(environ: Mapping[str, str] | None = None) -> TaskRunner:

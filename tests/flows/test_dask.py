@@ -7,7 +7,7 @@ import pytest
 from flow_helpers import FAST, task_states
 
 from flows.curate import SourceConfig, curate
-from flows.runners import dask_task_runner, gpu_cluster, task_runner_from_env
+from flows.runners import dask_task_runner, gpu_cluster, local_cluster, task_runner_from_env, worker_env
 from storage.artifacts import ArtifactRef
 from storage.datasets import VectorTableRef, read_vectors
 from storage.selections import read_selection
@@ -66,6 +66,64 @@ def test_runner_choices_are_checked():
     assert type(runner).__name__ == "DaskTaskRunner" and runner.address == "tcp://10.0.0.1:8786"
 
 
+def test_a_local_clusters_workers_share_the_cores_instead_of_each_taking_them_all(monkeypatch):
+    """Each worker of a local cluster gets its share of the cores: share − 1 decode processes and share torch
+    threads, as one process gets the machine. Before, every worker forked cores − 1 decoders (with 2 workers on 2
+    cores: 2 encoders and 2 decoders on 2 cores), so a 2-worker cluster barely outran one worker."""
+    from distributed import Client
+
+    for name in ("SKMM_DECODE_WORKERS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    assert worker_env(2, cores=2) == {"SKMM_DECODE_WORKERS": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert worker_env(1, cores=16)["SKMM_DECODE_WORKERS"] == "15"
+    assert worker_env(4, 2, cores=16)["OMP_NUM_THREADS"] == "2"
+    assert worker_env(3, cores=2)["SKMM_DECODE_WORKERS"] == "0"  # more slots than cores: one core each, no decoders
+    mine = worker_env(2, cores=2, environ={"SKMM_DECODE_WORKERS": "3", "OMP_NUM_THREADS": "4"})  # the user's choice
+    assert (mine["SKMM_DECODE_WORKERS"], mine["OMP_NUM_THREADS"], mine["MKL_NUM_THREADS"]) == ("3", "4", "1")
+    runner = dask_task_runner(workers=2)
+    assert runner.cluster_class is local_cluster and runner.cluster_kwargs == {"n_workers": 2, "threads_per_worker": 1}
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=120)
+        seen = client.run(lambda: {k: __import__("os").environ.get(k) for k in worker_env(2)})
+    assert list(seen.values()) == [worker_env(2)] * 2
+
+
+TEMPORARY_SERVER_FLOW = """
+import os
+from prefect import flow, task
+from flows.runners import dask_task_runner, prefect_api_env
+
+@task
+def where() -> str | None:
+    return os.environ.get("PREFECT_API_URL")
+
+@flow(task_runner=dask_task_runner(workers=1))
+def probe() -> tuple:
+    return prefect_api_env().get("PREFECT_API_URL"), where.submit().result()
+
+print("RESULT", *probe())
+"""
+
+
+def test_a_local_clusters_workers_report_to_the_flows_temporary_server(tmp_path):
+    """With the embedded temporary server (no PREFECT_API_URL), the workers of a cluster the flow starts are given
+    that server's API: before, each worker started a temporary server of its own on its first task (~8 s of CPU,
+    and its task runs recorded there)."""
+    import os
+    import subprocess
+    import sys
+
+    from server_helpers import prefect_env
+
+    env = prefect_env(tmp_path / "home")  # no PREFECT_API_URL: the flow starts a temporary server
+    out = subprocess.run([sys.executable, "-c", TEMPORARY_SERVER_FLOW], env=env, cwd=os.getcwd(), text=True,
+                         capture_output=True, timeout=300, check=False)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")), None)
+    assert line is not None, out.stdout[-2000:] + out.stderr[-4000:]
+    _, flow_api, worker_api = line.split()
+    assert flow_api.startswith("http://127.0.0.1:") and worker_api == flow_api
+
+
 def test_gpu_cluster_gives_each_worker_one_device():
     """One worker per device, each seeing only its own (checked in the workers' environment; no GPU needed)."""
     from distributed import Client
@@ -76,6 +134,8 @@ def test_gpu_cluster_gives_each_worker_one_device():
         names = {w["name"]: w for w in client.scheduler_info()["workers"].values()}
     assert sorted(seen.values()) == ["0", "1"]
     assert sorted(names) == ["gpu-0", "gpu-1"]
+    assert gpu_cluster(["0"]).worker_spec["gpu-0"]["options"]["env"]["SKMM_DECODE_WORKERS"] == \
+        worker_env(1)["SKMM_DECODE_WORKERS"]  # the host's cores for decoding, less one
     with pytest.raises(ValueError, match="at least one device"):
         gpu_cluster([])
 
