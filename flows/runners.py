@@ -15,7 +15,7 @@ A local cluster (``workers`` or ``gpus``) shares this machine's cores among its 
 worker): each worker's embed tasks get that share, as a single process gets the machine — share − 1 decode worker
 processes (``SKMM_DECODE_WORKERS``) and torch threads = share (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``; Dask sets 1
 per worker otherwise) — so that workers do not oversubscribe the cores (with the machine's default, every worker
-forked cores − 1 decoders). ``SKMM_DECODE_WORKERS`` set in the environment wins. On an existing cluster
+forked cores − 1 decoders). These variables set in the environment win (the user's choice). On an existing cluster
 (``address``) set these in each worker's environment. A local cluster is started inside the flow run, and its
 workers are given that run's Prefect API: without ``PREFECT_API_URL`` (the embedded temporary server) each worker
 would otherwise start a temporary server of its own on its first task (~8 s of CPU each) and record its task runs
