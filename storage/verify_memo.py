@@ -18,7 +18,7 @@ The memo is **machine-local** (``SKMM_CACHE_DIR``, default ``$XDG_CACHE_HOME/skm
 turns it off), never in the store: whoever can write a shared store could otherwise write a forged object and a
 record vouching for it. One empty file per (store, object, ref, state), named by their digest and written
 atomically; a lost or half-written memo costs a hash, never a wrong answer, so the folder may be deleted at any
-time (entries are never pruned: a few per new artifact hashed, ~4 KB each on disk). What it does not catch: a local
+time (entries are never pruned: an empty file per artifact state hashed). What it does not catch: a local
 file whose bytes change while its stat does not (bit rot under an unchanged inode), as with DVC and git.
 """
 
