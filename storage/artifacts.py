@@ -45,7 +45,7 @@ from storage.errors import (
 _log = logging.getLogger(__name__)
 
 __all__ = ["STAGING_MAX_AGE_S", "ArtifactRef", "ArtifactStore", "StagingEntry", "sha256_bytes", "sha256_file",
-           "staging_max_age_s"]
+           "staging_max_age_s", "write_local_atomically"]
 
 _KIND = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _SUFFIX = re.compile(r"^(\.[A-Za-z0-9]{1,16}){0,2}$")
@@ -110,6 +110,20 @@ def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
+
+
+def write_local_atomically(target: pathlib.Path, content: bytes) -> None:
+    """Write a local file whole or not at all: a temporary file beside it (its parents created), renamed over it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,10 @@ import json
 import os
 import pathlib
 import stat
-import tempfile
 import time
 from typing import Any
 
-from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.artifacts import ArtifactRef, ArtifactStore, write_local_atomically
 from storage.ingest.common import CONTENT_TAGS
 
 __all__ = ["SETTLE_NS", "VerifyMemo", "memo_dir", "object_state", "verify_remembered"]
@@ -97,17 +96,8 @@ class VerifyMemo:
 
     def add(self, store: ArtifactStore, ref: ArtifactRef, state: str) -> None:
         """Record that ``ref``'s object hashed to it in ``state`` (atomically; a failure to record is ignored)."""
-        entry = self._entry(store, ref, state)
         with contextlib.suppress(OSError):
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{entry.name}.", dir=entry.parent)
-            try:
-                os.close(fd)
-                os.replace(tmp, entry)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            write_local_atomically(self._entry(store, ref, state), b"")
 
 
 def verify_remembered(store: ArtifactStore, ref: ArtifactRef, memo: VerifyMemo | None = None) -> bool:

@@ -15,13 +15,10 @@ else reads as a miss, so the task runs again and rewrites the record.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import pathlib
-import tempfile
 import threading
 import urllib.parse
 from collections import OrderedDict
@@ -34,7 +31,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
 from skmm.canonical_json import canonical_json
-from storage.artifacts import ArtifactRef, ArtifactStore
+from storage.artifacts import ArtifactRef, ArtifactStore, write_local_atomically
 from storage.errors import StorageError
 from storage.verify_memo import verify_remembered
 
@@ -275,16 +272,7 @@ class JsonLocalResultsFileSystem(LocalFileSystem):
 
     def _write_record(self, path: str, content: bytes) -> str:
         resolved = self._resolve_path(path)
-        resolved.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{resolved.name}.", dir=resolved.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(content)
-            os.replace(tmp, resolved)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_local_atomically(resolved, content)
         return str(resolved)
 
     async def aread_path(self, path: str) -> bytes:
