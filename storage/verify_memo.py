@@ -11,8 +11,9 @@ ctime, inode, device, mode; any write changes the ctime, which no user can set b
 and content tags (S3's ETag is a digest of the bytes, GCS's generation and Azure's etag change with every write).
 After an object hashed to its ref, its state is recorded here; while the store reports the same state, the object
 is taken as verified without being read. Anything else is hashed as before: another state, an object changed less
-than :data:`SETTLE_NS` before its stat (timestamps are coarse: git's "racily clean" rule), a store that gives no
-content tag (plain HTTP), or a memo that is off.
+than 2 s before its stat (timestamps are coarse: git's "racily clean" rule), a store that gives no content tag
+(plain HTTP), or a memo that is off. The state is the 16-byte key the ingest gives a source file or object for the
+same purpose (:func:`storage.ingest.reuse.file_key`, :func:`~storage.ingest.reuse.object_key`: one rule for both).
 
 The memo is **machine-local** (``SKMM_CACHE_DIR``, default ``$XDG_CACHE_HOME/skmm`` or ``~/.cache/skmm``; ``off``
 turns it off), never in the store: whoever can write a shared store could otherwise write a forged object and a
@@ -26,20 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import pathlib
 import stat
 import time
-from typing import Any
 
 from storage.artifacts import ArtifactRef, ArtifactStore, write_local_atomically
-from storage.ingest.common import CONTENT_TAGS
+from storage.ingest.reuse import file_key, object_key
 
-__all__ = ["SETTLE_NS", "VerifyMemo", "memo_dir", "object_state", "verify_remembered"]
+__all__ = ["VerifyMemo", "memo_dir", "object_state", "verify_remembered"]
 
-SETTLE_NS = 2_000_000_000  # an object changed less than this before its stat has no state (coarse timestamps)
-_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 _HEADER = b"skmm-verified/1\0"
 _now_ns = time.time_ns  # the clock the settle rule reads (a test may move it)
 
@@ -62,19 +59,12 @@ def object_state(store: ArtifactStore, ref: ArtifactRef, now_ns: int | None = No
         target = store._path(store._rel_from_uri(ref.uri))
         if store.is_local:
             st = os.stat(target)
-            now_ns = _now_ns() if now_ns is None else now_ns
-            if not stat.S_ISREG(st.st_mode) or now_ns - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLE_NS:
-                return None
-            return json.dumps(["file", st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_mode])
-        if ref.uri.split("://", 1)[0].lower() not in _OBJECT_STORES:
-            return None
-        with contextlib.suppress(Exception):
-            store.fs.invalidate_cache(target)  # a listing's cached info may predate a write
-        info: dict[str, Any] = store.fs.info(target)
-        tags = [[k, str(info[k])] for k in CONTENT_TAGS if info.get(k) not in (None, "")]
-        if not tags or not isinstance(info.get("size"), int) or any(v.startswith("W/") for _, v in tags):
-            return None
-        return json.dumps(["object", info["size"], tags], separators=(",", ":"))
+            key = file_key(target, st, _now_ns() if now_ns is None else now_ns) if stat.S_ISREG(st.st_mode) else None
+        else:
+            with contextlib.suppress(Exception):
+                store.fs.invalidate_cache(target)  # a listing's cached info may predate a write
+            key = object_key(ref.uri, store.fs.info(target))
+        return key.hex() if key is not None else None
     except Exception:
         return None
 
