@@ -34,18 +34,13 @@ from typing import Any
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from skmm.models.clip import available_cores
+
 __all__ = ["DASK_ENV", "dask_task_runner", "gpu_cluster", "local_cluster", "prefect_api_env", "task_runner_from_env",
            "worker_env"]
 
 #: Environment variables that choose the task runner of a scheduled run (see :func:`task_runner_from_env`).
 DASK_ENV = ("SKMM_DASK_WORKERS", "SKMM_DASK_ADDRESS", "SKMM_DASK_GPUS")
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def worker_env(workers: int, threads_per_worker: int = 1, cores: int | None = None,
@@ -55,7 +50,7 @@ def worker_env(workers: int, threads_per_worker: int = 1, cores: int | None = No
     s − 1 decode worker processes and s torch threads. ``SKMM_DECODE_WORKERS``, ``OMP_NUM_THREADS`` and
     ``MKL_NUM_THREADS`` set in ``environ`` (default: this process's) are passed on as they are: the user's choice."""
     env = os.environ if environ is None else environ
-    share = max((cores or _cores()) // max(workers * threads_per_worker, 1), 1)
+    share = max((cores or available_cores()) // max(workers * threads_per_worker, 1), 1)
     chosen = {"SKMM_DECODE_WORKERS": str(share - 1), "OMP_NUM_THREADS": str(share), "MKL_NUM_THREADS": str(share)}
     return {name: env.get(name, "").strip() or value for name, value in chosen.items()}
 

@@ -100,6 +100,7 @@ __all__ = [
     "MAX_PIXELS",
     "TINY_MODEL",
     "ClipSpec",
+    "available_cores",
     "check_model_name",
     "check_precision",
     "clear_model_cache",
@@ -380,6 +381,14 @@ def check_precision(precision: str, device: Any = None) -> None:
                          "default) or 'bf16'")
 
 
+def available_cores() -> int:
+    """The cores this process may use (its CPU affinity; the machine's count where affinity is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def default_decode_workers() -> int:
     """Decode worker processes by default: ``$SKMM_DECODE_WORKERS`` when set (0: decode in the calling thread),
     else the cores this process may use, less one for encoding (at least 1)."""
@@ -388,11 +397,7 @@ def default_decode_workers() -> int:
         if not env.isdigit():
             raise ValueError(f"{DECODE_WORKERS_ENV} must be a non-negative integer; got {env!r}")
         return int(env)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(cores - 1, 1)
+    return max(available_cores() - 1, 1)
 
 
 def _check_model_name(open_clip, name: str) -> None:
