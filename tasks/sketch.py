@@ -41,7 +41,7 @@ from storage.datasets import (
 )
 from storage.errors import MalformedRecordError
 from storage.linked_vectors import link_vectors, linked_parts
-from storage.sample_reader import iter_metadata, iter_shard, read_images, read_metadata, read_split_ids
+from storage.sample_reader import fill_ids, iter_metadata, iter_shard, read_images, read_metadata, read_split_ids
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
 from tasks.store import open_store
@@ -200,14 +200,14 @@ def run_train_ids(store: Any, shards: list[ShardRef]) -> np.ndarray:
     """The train rows' sample ids of one run of a dataset (its shards, in order), as one sorted ``ID_DTYPE``
     array: the id and split columns of each shard, never the image bytes. The shards are checked for size,
     footer and id order here; the dataset's version is verified where the split is selected from (tasks.select
-    reads the split's ids verified, and the sketch's rows by them)."""
-    parts = []
+    reads the split's ids verified, and the sketch's rows by them). One array sized by the run's rows and shrunk
+    in place, as :func:`~storage.sample_reader.read_split_ids` fills the split's."""
+    ids = np.empty(sum(sh.num_rows for sh in shards), ID_DTYPE)
+    n = 0
     for shard in shards:
         for table in iter_shard(store, shard, ["split"]):
-            train = table.filter(pc.equal(table.column("split"), "train"))
-            if train.num_rows:
-                parts.append(sample_id_array(train.column("sample_id")))
-    ids = np.concatenate(parts) if parts else np.empty(0, ID_DTYPE)
+            n = fill_ids(ids, n, table.filter(pc.equal(table.column("split"), "train")).column("sample_id"))
+    ids.resize(n, refcheck=False)
     if not np.all(ids[1:] > ids[:-1]):
         raise MalformedRecordError(f"the run of shards from {shards[0].artifact.uri} is not in strictly ascending "
                                    "sample-id order")
@@ -254,12 +254,17 @@ def run_lp_sketch_run(features: dict, shards: list[dict], store: dict, sketch_di
     return _lp_table(st, VectorTableRef.from_dict(features), ids, sketch_dim, seed)
 
 
-def _linked_sketch(store: dict, tables: list[dict | None]) -> dict:
-    """The runs' sketch tables (None: a run without train rows) as one table; ValueError if there are none."""
+def _train_tables(tables: list[dict | None]) -> list[dict]:
+    """The runs' sketch tables that exist (None: a run without train rows); ValueError if there are none."""
     tables = [t for t in tables if t is not None]
     if not tables:
         raise ValueError("the dataset has no train split to select from")
-    return link_vectors(open_store(store), [VectorTableRef.from_dict(t) for t in tables]).to_dict()
+    return tables
+
+
+def _linked_sketch(store: dict, tables: list[dict | None]) -> dict:
+    """The runs' sketch tables (None: a run without train rows) as one table; ValueError if there are none."""
+    return link_vectors(open_store(store), [VectorTableRef.from_dict(t) for t in _train_tables(tables)]).to_dict()
 
 
 def run_lp_sketch(embeddings: dict, dataset: dict, store: dict, sketch_dim: int | None = 64, seed: int = 0) -> dict:
@@ -343,9 +348,7 @@ def gradients_sketch(embeddings: dict | None, dataset: dict, store: dict, opts: 
                                                mode=mode, model=model, k=k)
         futures = [lp_sketch_run.with_options(**opts).submit(f.to_dict(), [sh.to_dict() for sh in run], store,
                                                              sketch_dim, seed) for f, run in parts]
-        tables = [t for t in (f.result() for f in futures) if t is not None]
-        if not tables:
-            raise ValueError("the dataset has no train split to select from")
+        tables = _train_tables([f.result() for f in futures])
         return tables[0] if len(tables) == 1 else link_sketches.with_options(**opts)(tables, store)
     if sketch_dim is None:
         raise ValueError("FT gradients have millions of coordinates: give a sketch_dim")
