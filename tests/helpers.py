@@ -9,6 +9,17 @@ import tarfile
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
 
+def random_png(seed: int) -> bytes:
+    """A 16 × 16 RGB PNG of seeded random pixels (a distinct image, so a distinct sample id, per seed)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket() as s:

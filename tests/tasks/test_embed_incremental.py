@@ -4,11 +4,10 @@ from-scratch run (the tiny open_clip tower, real stores on local disk and moto's
 from __future__ import annotations
 
 import hashlib
-import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import random_png
 
 from skmm.models.clip import default_block_rows
 from storage.datasets import VectorTableRef, read_vectors, write_samples
@@ -19,15 +18,8 @@ MODEL = {"name": "skmm-tiny-vit", "pretrained": None, "init_seed": 0}
 SHARD_ROWS = 8
 
 
-def png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def records(n: int) -> list[dict]:
-    return [{"data": png(i), "label": str(i % 2), "source_uri": f"mem://pool/{i}.png"} for i in range(n)]
+    return [{"data": random_png(i), "label": str(i % 2), "source_uri": f"mem://pool/{i}.png"} for i in range(n)]
 
 
 POOL = sorted(records(43), key=lambda r: hashlib.sha256(r["data"]).hexdigest())
@@ -269,7 +261,7 @@ def test_after_a_growth_ingest_changed_shards_take_their_new_images_from_the_ing
     assert scratch.dataset.version == grown.dataset.version
     assert table(store, combined)[0] == table(fresh, run_embed(scratch.dataset.to_dict(), MODEL, fresh))[0]
 
-    (pool / "0" / "extra.png").write_bytes(png(999))  # the next growth removes the last one's new rows
+    (pool / "0" / "extra.png").write_bytes(random_png(999))  # the next growth removes the last one's new rows
     ingest_image_folder(st, pool, shard_rows=SHARD_ROWS)
     assert len(st.list_paths(NEW_ROWS_PREFIX)) == 0  # (its new run is one new sample: nothing read back)
 

@@ -5,12 +5,11 @@ tables and keys, are unchanged."""
 from __future__ import annotations
 
 import hashlib
-import io
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import random_png
 
 from skmm.models.clip import ClipSpec, default_block_rows
 from storage.datasets import VectorTableRef, read_vectors, write_samples
@@ -20,14 +19,7 @@ from tasks.store import open_store, store_spec
 MODEL = {"name": "skmm-tiny-vit", "pretrained": None, "init_seed": 0}
 
 
-def png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-POOL = sorted(({"data": png(i), "label": str(i % 2), "source_uri": f"mem://pool/{i}.png"} for i in range(20)),
+POOL = sorted(({"data": random_png(i), "label": str(i % 2), "source_uri": f"mem://pool/{i}.png"} for i in range(20)),
               key=lambda r: hashlib.sha256(r["data"]).hexdigest())
 
 

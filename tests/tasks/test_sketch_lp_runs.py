@@ -3,12 +3,11 @@ new run's is the only one written, and the linked sketch is bitwise the sketch o
 
 from __future__ import annotations
 
-import io
 import random
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import random_png
 
 from skmm.sketch import GaussianProjector
 from storage.datasets import (
@@ -34,13 +33,7 @@ SHARD_ROWS = 8
 
 def images(n: int) -> list[dict]:
     """n random 16 × 16 PNGs in two class folders."""
-    out = []
-    for i in range(n):
-        buf = io.BytesIO()
-        pixels = np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-        Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
-        out.append({"data": buf.getvalue(), "label": str(i % 2)})
-    return out
+    return [{"data": random_png(i), "label": str(i % 2)} for i in range(n)]
 
 
 def records(n: int) -> list[dict]:
