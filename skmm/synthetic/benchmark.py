@@ -18,7 +18,7 @@ import numpy as np
 
 from skmm.select import make_selector
 from skmm.synthetic.gmm import make_gmm
-from skmm.synthetic.risk import ridge_risk
+from skmm.synthetic.risk import DEFAULT_ALPHAS, ridge_risk, ridge_risks_by_alpha
 
 __all__ = ["SyntheticConfig", "run_synthetic", "summarize", "write_report"]
 
@@ -73,6 +73,9 @@ class SyntheticConfig:
     pivoted_candidate: bool = True
     # leverage / ridge leverage: compute the pool's scores once (first seed's SVD draw) and only sample per (n, seed)
     cache_scores: bool = False
+    # True: every row also records the coreset's risk at the best α of the ridge's grid (``risk_best_alpha``,
+    # ``best_alpha``), beside the risk at the α its 2-fold CV picks (``risk``): an evaluation aid (ridge_risks_by_alpha)
+    alpha_grid: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def method_params(self, method: str) -> dict[str, Any]:
@@ -134,19 +137,27 @@ def run_synthetic(config: SyntheticConfig, progress: Callable[[dict], None] | No
                        "select_seconds": round(select_seconds, 4),
                        "clusters_covered": int(np.unique(pool.cluster[indices]).size),
                        "chosen": info.get("chosen", "")}
+                if config.alpha_grid:
+                    row.update(_best_alpha(pool, indices))
                 rows.append(row)
                 if progress:
                     progress(row)
                 if method == "skmm_best" and config.val_fraction > 0:
-                    row = _val_choice_row(pool, info, config.val_fraction, row, indices)
+                    row = _val_choice_row(pool, info, config.val_fraction, row, indices, config.alpha_grid)
                     rows.append(row)
                     if progress:
                         progress(row)
     return {"rows": rows, "full_data_risk": full_risk, "full_data_alpha": full_alpha, "config": asdict(config)}
 
 
+def _best_alpha(pool, indices: np.ndarray) -> dict[str, float]:
+    risks = ridge_risks_by_alpha(pool.X, pool.y, indices)
+    best = int(np.argmin(risks))
+    return {"risk_best_alpha": float(risks[best]), "best_alpha": float(DEFAULT_ALPHAS[best])}
+
+
 def _val_choice_row(pool, info: dict[str, Any], fraction: float, proxy_row: dict[str, Any],
-                    proxy_indices: np.ndarray) -> dict[str, Any]:
+                    proxy_indices: np.ndarray, alpha_grid: bool = False) -> dict[str, Any]:
     """The pipeline's rule on skmm_best's candidates (two, or three with ``third_candidate``): lower ridge risk on
     the validation rows wins (the first listed, convex SkMM, on ties), reported as method ``skmm_best_val``."""
     val = validation_rows(pool.X.shape[0], fraction, proxy_row["seed"])
@@ -159,8 +170,11 @@ def _val_choice_row(pool, info: dict[str, Any], fraction: float, proxy_row: dict
     _, variant, idx = best
     risk, alpha = (proxy_row["risk"], proxy_row["alpha"]) if np.array_equal(idx, proxy_indices) else \
         ridge_risk(pool.X, pool.y, idx)
-    return {**proxy_row, "method": "skmm_best_val", "risk": risk, "alpha": alpha,
-            "clusters_covered": int(np.unique(pool.cluster[idx]).size), "chosen": variant}
+    row = {**proxy_row, "method": "skmm_best_val", "risk": risk, "alpha": alpha,
+           "clusters_covered": int(np.unique(pool.cluster[idx]).size), "chosen": variant}
+    if alpha_grid and not np.array_equal(idx, proxy_indices):
+        row.update(_best_alpha(pool, idx))
+    return row
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import GridSearchCV
 
-__all__ = ["DEFAULT_ALPHAS", "ridge_risk"]
+__all__ = ["DEFAULT_ALPHAS", "ridge_risk", "ridge_risks_by_alpha"]
 
 DEFAULT_ALPHAS = np.linspace(1e-3, 1e2, 10)
 
@@ -30,3 +30,19 @@ def ridge_risk(X: np.ndarray, y: np.ndarray, coreset: np.ndarray | None = None,
     rows = slice(None) if eval_rows is None else np.asarray(eval_rows)
     residual = y[rows] - search.best_estimator_.predict(X[rows])
     return float(residual @ residual / residual.shape[0]), float(search.best_params_["alpha"])
+
+
+def ridge_risks_by_alpha(X: np.ndarray, y: np.ndarray, coreset: np.ndarray,
+                         alphas: np.ndarray = DEFAULT_ALPHAS) -> np.ndarray:
+    """The risk over all N rows of the same ridge fit on X[coreset] at each α of the grid — what the coreset can
+    give whatever α the 2-fold CV of :func:`ridge_risk` picks (its risk is the entry at the α it picked). An
+    evaluation aid only: at budgets near the cluster count that CV is close to a coin toss between α's whose risks
+    differ 10-fold (bench/README.md §14, "The ridge's α at small budgets")."""
+    idx = np.asarray(coreset)
+    out = np.empty(len(alphas))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, alpha in enumerate(alphas):
+            residual = y - Ridge(alpha=alpha, solver="lsqr", fit_intercept=False).fit(X[idx], y[idx]).predict(X)
+            out[i] = residual @ residual / residual.shape[0]
+    return out

@@ -115,3 +115,32 @@ def test_runner_rejects_a_budget_larger_than_the_pool():
     with pytest.raises(ValueError, match="larger than the pool"):
         run_synthetic(SyntheticConfig(n_samples=50, dim=20, n_clusters=3, budgets=(60,), seeds=(0,),
                                       methods=("uniform",)))
+
+
+def test_risk_at_every_alpha_of_the_grid_contains_the_cv_pick():
+    from skmm.synthetic.risk import DEFAULT_ALPHAS, ridge_risks_by_alpha
+
+    pool = make_gmm(300, 80, 5, 0.04, 0)
+    coreset = np.random.default_rng(3).choice(300, 24, replace=False)
+    risk, alpha = ridge_risk(pool.X, pool.y, coreset)
+    risks = ridge_risks_by_alpha(pool.X, pool.y, coreset)
+    assert risks.shape == DEFAULT_ALPHAS.shape
+    assert risks[list(DEFAULT_ALPHAS).index(alpha)] == risk  # the same fit as the CV's refit, to the bit
+    assert risks.min() <= risk
+
+
+def test_alpha_grid_rows_record_the_best_alpha_of_each_coreset():
+    from skmm.synthetic.risk import ridge_risks_by_alpha
+
+    config = SyntheticConfig(n_samples=300, dim=80, n_clusters=5, sketch_dim=16, budgets=(12, 30), seeds=(0,),
+                             methods=("skmm_best", "uniform"), val_fraction=0.2, alpha_grid=True)
+    rows = run_synthetic(config)["rows"]
+    assert rows and all(r["risk_best_alpha"] <= r["risk"] and "best_alpha" in r for r in rows)
+    pool = make_gmm(300, 80, 5, 0.04, 0)
+    (row,) = [r for r in rows if r["method"] == "uniform" and r["n"] == 12]
+    from skmm.select import make_selector
+
+    coreset = make_selector("uniform", 12, random_state=0).fit(pool.X).indices_
+    assert row["risk_best_alpha"] == ridge_risks_by_alpha(pool.X, pool.y, coreset).min()
+    assert "risk_best_alpha" not in run_synthetic(SyntheticConfig(**{**config.__dict__, "alpha_grid": False,
+                                                                      "methods": ("uniform",)}))["rows"][0]
