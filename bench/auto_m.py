@@ -86,6 +86,16 @@ RULES: dict[str, dict[str, Any]] = {
     "floor64_rank2_four": {"floor": 64, "rank_mult": 2,
                            "extra": {"skmm_gsignal": ("skmm", {"pivoting": "greedy_signal"}),
                                      "pivoted": ("skmm_pivoted", {})}},
+    # convex SkMM with pivoting="auto": greedy pivots through the signal rank only when the budget is tight,
+    # n < ``tight`` × signal rank (skmm.select.spectrum.pivoting_for), beside the other three candidates
+    **{f"floor64_rank2_four_tight{t}": {"floor": 64, "rank_mult": 2, "tight": t,
+                                        "by_variant": {"skmm": {"pivoting": "auto"}},
+                                        "extra": {"skmm_gsignal": ("skmm", {"pivoting": "greedy_signal"}),
+                                                  "pivoted": ("skmm_pivoted", {})}}
+       for t in (1.5, 2, 3, 5)},
+    # the same for convex SkMM alone (no extra candidates: its own column is the point)
+    **{f"floor64_rank2_convex_tight{t}": {"floor": 64, "rank_mult": 2, "tight": t,
+                                          "by_variant": {"skmm": {"pivoting": "auto"}}} for t in (2, 5)},
 }
 
 
@@ -181,7 +191,7 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
     convex and greedy risks and the pipeline's val-sample choice between them (skmm_best_val's rule)."""
     import robustness
 
-    from skmm.select import SkMM, SkMMv2
+    from skmm.select import SkMM, SkMMv2, spectrum
     from skmm.select.moment_matching import AUTO_M_MAX, _eigen_moments, sketch_pool
     from skmm.select.sketched_pivots import SketchedPivots
     from skmm.synthetic.benchmark import validation_rows
@@ -189,6 +199,7 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
     from skmm.synthetic.risk import ridge_risk
 
     configs = [c for c in robustness.all_configs() if c["half"] in halves]
+    shipped_tight = spectrum.TIGHT_BUDGET_MULTIPLE  # rules with their own "tight" multiple set it for their fits
     rows = []
     for cfg in configs:
         pool = make_gmm(cfg["n_samples"], cfg["dim"], cfg["n_clusters"], cfg["std_max"], cfg["generator_seed"])
@@ -208,6 +219,7 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
                     candidates = [(v, classes[v], rule_params(RULES[name], v)) for v in classes]
                     classes["skmm_pivoted"] = SketchedPivots  # only as an "extra" candidate
                     candidates += [(extra, classes[v], p) for extra, (v, p) in RULES[name].get("extra", {}).items()]
+                    spectrum.TIGHT_BUDGET_MULTIPLE = RULES[name].get("tight", shipped_tight)
                     for variant, cls, params in candidates:
                         idx = cls(n, random_state=seed, **params).fit(X).indices_
                         risks[variant] = (ridge_risk(pool.X, pool.y, idx)[0],
@@ -274,6 +286,9 @@ def best_other() -> dict[tuple[str, int], float]:
             if r["method"] not in ("skmm", "skmm_v2", *robustness.SKMM_BEST_ROWS)]
     rows += [r for r in robustness.read_runs(robustness.RESULTS / "now" / "runs.csv")
              if r["method"] in ("skmm", "skmm_v2")]
+    # the development family: every other method (convex SkMM and SkMMv2 at the configured m included) in one run
+    rows += [r for r in robustness.read_runs(robustness.RESULTS / "dev" / "runs.csv")
+             if r["method"] not in robustness.SKMM_BEST_ROWS]
     cells = robustness.summary(rows)
     return {key: min(v for v in means.values()) for key, means in cells.items()}
 
@@ -286,7 +301,7 @@ def summarise_protocol(out: dict[str, Any]) -> str:
     lines = ["| rule | half | cells | skmm_best_val <= 1.1x | worst | median | convex worst | greedy worst | m range |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rule in sorted({r["rule"] for r in rows}):
-        for half in ("val", "paper", "test"):
+        for half in ("val", "dev", "paper", "test"):
             sub = [r for r in rows if r["rule"] == rule and r["half"] == half]
             if not sub:
                 continue
