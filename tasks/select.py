@@ -37,9 +37,10 @@ from tasks.store import open_store
 
 __all__ = ["label_array", "read_auto_sketch", "run_select", "select", "train_split"]
 
-CODE_VERSION = "select-6"  # 3: the automatic m is max(64, 2 × signal rank); 4: params record the pivot rule;
+CODE_VERSION = "select-7"  # 3: the automatic m is max(64, 2 × signal rank); 4: params record the pivot rule;
 # 5: skmm_best's params record third_candidate (SkMMBest's new parameter); indices unchanged; 6: and
-# pivoted_candidate
+# pivoted_candidate; 7: the selectors' default pivoting "auto" (convex SkMM greedy through the signal rank at a
+# tight budget, n < 5 × signal rank: other rows there)
 
 # With class_balanced=True every method that can use labels spreads the budget evenly over classes
 # (the authors' per-class top-n on real data); otherwise selection is label-free, as before labelling.

@@ -8,11 +8,15 @@ import numpy as np
 
 from skmm.select.base import BaseSelector
 
-__all__ = ["FLOAT64_CACHE_BYTES", "PIVOTINGS", "PIVOT_BAND", "AdaptiveSampling", "pivot_rule", "randomly_pivoted_rows"]
+__all__ = ["AUTO_PIVOTING", "FLOAT64_CACHE_BYTES", "PIVOTINGS", "PIVOT_BAND", "AdaptiveSampling", "pivot_rule",
+           "randomly_pivoted_rows", "selector_pivoting"]
 
 # named pivot rules (pivot_rule); a number β > 0 samples ∝ residual^β
 PIVOTINGS = ("sampled", "greedy", "banded", "directed", "greedy_signal", "banded_signal", "directed_signal")
 PIVOT_BAND = 0.5  # "banded": draw among the rows whose residual is at least this fraction of the largest
+# The selectors' default: each one's validated rule — convex SkMM greedy through the signal rank at a tight budget
+# (skmm.select.spectrum.pivoting_for), "sampled" for SkMMv2 and SketchedPivots (bench/README.md §14)
+AUTO_PIVOTING = "auto"
 
 # Bytes of float64 row blocks of X that randomly_pivoted_rows(block_rows=…) may keep across pivots instead of
 # converting them again at each one. 0 by default: the selectors hold no float64 copy of the sketch (one block's
@@ -106,6 +110,15 @@ def pivot_rule(pivoting: str | float) -> tuple[float, float]:
     if isinstance(pivoting, bool) or not isinstance(pivoting, int | float) or not pivoting > 0:
         raise ValueError(f"pivoting must be one of {PIVOTINGS} or a number > 0; got {pivoting!r}")
     return float(pivoting), 0.0
+
+
+def selector_pivoting(pivoting: str | float) -> str | float:
+    """The pivot rule a selector other than convex SkMM runs for its ``pivoting`` parameter: "auto" is "sampled";
+    any other value is validated (:func:`pivot_rule`) and kept."""
+    if isinstance(pivoting, str) and pivoting == AUTO_PIVOTING:
+        return "sampled"
+    pivot_rule(pivoting)
+    return pivoting
 
 
 def _pick_pivot(residual: np.ndarray, total: float, rule: tuple[float, float], rng: np.random.Generator,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from skmm.select.adaptive import AUTO_PIVOTING
 from skmm.select.base import BaseSelector
 from skmm.select.greedy_moment_matching import BLOCK_ROWS, SkMMv2
 from skmm.select.moment_matching import SkMM, gram, selection_sketch
@@ -37,7 +38,8 @@ class SkMMBest(BaseSelector):
     Parameters are those of :class:`~skmm.select.moment_matching.SkMM` and
     :class:`~skmm.select.greedy_moment_matching.SkMMv2`; ``device`` (None: numpy; "auto", "cpu", "cuda" or
     "cuda:k": torch ops, skmm/select/_torch_ops.py) and ``pivoting`` (the seeding's pivot rule,
-    :func:`~skmm.select.adaptive.pivot_rule`) go to both candidates. ``third_candidate``: also fit convex SkMM
+    :func:`~skmm.select.adaptive.pivot_rule`; "auto", the default, gives each candidate its own validated rule)
+    go to every candidate. ``third_candidate``: also fit convex SkMM
     with ``pivoting="greedy_signal"`` on the same sketch and seed and list it in ``selection_.info["candidates"]``
     as ``"skmm_greedy_pivots"``, for a choice on labelled validation data (the pipeline's rule,
     bench/README.md §14); the label-free proxy still chooses between the first two. ``pivoted_candidate``: also
@@ -55,7 +57,7 @@ class SkMMBest(BaseSelector):
     def __init__(self, n: int, sketch_dim: int | None = None, c_s: float = 0.999, max_iter: int = 500,
                  discretization: str = "systematic", block_size: int = 1, temperature: float = 0.0,
                  ridge: float | str = "auto", seeding: str = "pivoted", random_state: int | None = 0,
-                 device: str | None = None, pivoting: str | float = "sampled",
+                 device: str | None = None, pivoting: str | float = AUTO_PIVOTING,
                  third_candidate: bool = False, pivoted_candidate: bool = False) -> None:
         super().__init__(n, random_state)
         self.sketch_dim = sketch_dim

@@ -20,7 +20,7 @@ import numpy as np
 
 from skmm._validation import check_positive_int
 from skmm.select._torch_ops import device_label, greedy_on_device, resolve_device
-from skmm.select.adaptive import pivot_rule, randomly_pivoted_rows
+from skmm.select.adaptive import AUTO_PIVOTING, randomly_pivoted_rows, selector_pivoting
 from skmm.select.base import BaseSelector
 from skmm.select.moment_matching import gram, selection_sketch
 from skmm.select.spectrum import ridge_for, seed_count, signal_rank, spectral_ridge
@@ -81,8 +81,8 @@ class SkMMv2(BaseSelector):
     and the greedy steps' passes over the sketch run — None (the default) numpy; "auto" CUDA when torch sees it,
     else numpy; "cpu", "cuda" or "cuda:k" torch on that device, in float64 as the numpy path (equal to it but for
     rounding in another order: skmm/select/_torch_ops.py). Recorded as ``info["device"]``. ``pivoting``: how the
-    seeding picks each pivot (:func:`~skmm.select.adaptive.pivot_rule`; "sampled", the default, ∝ residual;
-    "greedy_signal" the largest residual for the first signal-rank pivots, then ∝ residual).
+    seeding picks each pivot (:func:`~skmm.select.adaptive.pivot_rule`; "auto", the default, is "sampled": ∝
+    residual; "greedy_signal" the largest residual for the first signal-rank pivots, then ∝ residual).
     """
 
     method = "skmm_v2"
@@ -97,7 +97,7 @@ class SkMMv2(BaseSelector):
         seed_rows: int | None = None,
         random_state: int | None = 0,
         device: str | None = None,
-        pivoting: str | float = "sampled",
+        pivoting: str | float = AUTO_PIVOTING,
     ) -> None:
         super().__init__(n, random_state)
         self.sketch_dim = sketch_dim
@@ -112,7 +112,7 @@ class SkMMv2(BaseSelector):
         block = check_positive_int(self.block_size, "block_size")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
-        pivot_rule(self.pivoting)  # validates it
+        pivoting = selector_pivoting(self.pivoting)  # validates it
         device = resolve_device(self.device)
         S, spec, auto = selection_sketch(X, self.sketch_dim, int(rng.integers(2**31)))
         N, m = S.shape
@@ -131,14 +131,14 @@ class SkMMv2(BaseSelector):
             if isinstance(self.seed_rows, bool) or not isinstance(self.seed_rows, int) or self.seed_rows < 0:
                 raise ValueError(f"seed_rows must be None or an integer >= 0; got {self.seed_rows!r}")
             n_seed = min(self.seed_rows, self.n, m)
-        lead = rank if str(self.pivoting).endswith("_signal") else None
+        lead = rank if str(pivoting).endswith("_signal") else None
         if device is not None:
             order, seeded = greedy_on_device(S, sigma, eps, n_seed, self.n, block,
                                              None if self.temperature == 0 else self._pick, rng, device,
-                                             pivoting=self.pivoting, lead_pivots=lead)
+                                             pivoting=pivoting, lead_pivots=lead)
             return np.array(order), None, None, {"sketch": spec, "seeded": seeded, "ridge": eps, "signal_rank": rank,
                                                  "auto_sketch": auto, "device": device_label(device)}
-        seeds, _ = (randomly_pivoted_rows(S, n_seed, rng, block_rows=BLOCK_ROWS, pivoting=self.pivoting,
+        seeds, _ = (randomly_pivoted_rows(S, n_seed, rng, block_rows=BLOCK_ROWS, pivoting=pivoting,
                                           lead_pivots=lead) if n_seed else ([], None))
         chosen = np.zeros(N, dtype=bool)
         chosen[seeds] = True

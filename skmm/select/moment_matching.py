@@ -18,11 +18,11 @@ import numpy as np
 
 from skmm._validation import check_positive_int
 from skmm.select._torch_ops import device_label, fista_on_device, pivoted_rows_on_device, resolve_device
-from skmm.select.adaptive import pivot_rule, randomly_pivoted_rows
+from skmm.select.adaptive import AUTO_PIVOTING, pivot_rule, randomly_pivoted_rows
 from skmm.select.auto_sketch import BLOCK_ROWS, add_gram, auto_projection, eigen_moments, project_rows, row_blocks
 from skmm.select.base import BaseSelector, discretize
 from skmm.select.projection import project_capped_simplex
-from skmm.select.spectrum import seed_count, signal_rank
+from skmm.select.spectrum import pivoting_for, seed_count, signal_rank
 from skmm.sketch import GaussianProjector
 
 __all__ = ["AUTO_M_MAX", "SkMM", "gram", "moment_matching_weights", "selection_sketch", "sketch_pool"]
@@ -194,11 +194,14 @@ class SkMM(BaseSelector):
     n-subset and the sampling. ``device``: where the moment-matching solver and the pivoted seeding run — None
     (the default) numpy; "auto" CUDA when torch sees it, else numpy; "cpu", "cuda" or "cuda:k" torch on that
     device (equal to the numpy weights to rounding; see skmm/select/_torch_ops.py). Recorded as ``info["device"]``.
-    ``pivoting``: how the seeding picks each pivot (:func:`~skmm.select.adaptive.pivot_rule`) — "sampled" (the
-    default) ∝ residual; "greedy_signal" the largest residual for the first signal-rank pivots, then ∝ residual
-    (it stops convex SkMM's collapse at budgets about equal to the cluster count on the validation half, 135× →
-    3.3×, but lost on the paper's pool and the test half: bench/README.md, "Budgets about equal to the cluster
-    count", so it is opt-in); "greedy", "banded", "directed", their ``*_signal`` forms, or a number β.
+    ``pivoting``: how the seeding picks each pivot (:func:`~skmm.select.adaptive.pivot_rule`) — "auto" (the
+    default): "greedy_signal" at a tight budget, n < 5 × the signal rank, else "sampled"
+    (:func:`~skmm.select.spectrum.pivoting_for`; recorded as ``info["pivoting"]``); "sampled" ∝ residual (the
+    default before; at a tight budget it leaves small clusters out: 130× the best method's risk on the
+    validation half); "greedy_signal" the largest residual for the first signal-rank pivots, then ∝ residual (as
+    the default at every budget it lost on the paper's pool: it takes the noisiest rows once every cluster has
+    one; bench/README.md §14, "Budgets about equal to the cluster count" and "Convex SkMM at a tight budget");
+    "greedy", "banded", "directed", their ``*_signal`` forms, or a number β.
     """
 
     method = "skmm"
@@ -213,7 +216,7 @@ class SkMM(BaseSelector):
         seeding: str = "pivoted",
         random_state: int | None = 0,
         device: str | None = None,
-        pivoting: str | float = "sampled",
+        pivoting: str | float = AUTO_PIVOTING,
     ) -> None:
         super().__init__(n, random_state)
         self.sketch_dim = sketch_dim
@@ -234,7 +237,8 @@ class SkMM(BaseSelector):
                              "'systematic' or 'per_class'")
         if self.seeding not in ("pivoted", "none"):
             raise ValueError(f"seeding must be 'pivoted' or 'none'; got {self.seeding!r}")
-        pivot_rule(self.pivoting)  # validates it
+        if self.pivoting != AUTO_PIVOTING:
+            pivot_rule(self.pivoting)  # validates it
         device = resolve_device(self.device)
         seed = int(rng.integers(2**31))
         S, spec, auto = selection_sketch(X, self.sketch_dim, seed)
@@ -245,17 +249,19 @@ class SkMM(BaseSelector):
         strata = info.pop("strata")
         lam = np.asarray(info["eigenvalues"])
         n_seed = 0
+        rank = signal_rank(lam)
+        pivoting = pivoting_for(self.n, rank) if self.pivoting == AUTO_PIVOTING else self.pivoting
         if self.seeding == "pivoted" and self.discretization != "per_class":  # class quotas fix the whole budget
-            n_seed = seed_count(self.n, S.shape[1], signal_rank(lam))
-        lead = signal_rank(lam) if str(self.pivoting).endswith("_signal") else None
+            n_seed = seed_count(self.n, S.shape[1], rank)
+        lead = rank if str(pivoting).endswith("_signal") else None
         if n_seed == 0:
             idx = discretize(w, self.n, self.discretization, rng, y, strata=strata)
         else:
             if device is None:
-                seeds, _ = randomly_pivoted_rows(S, n_seed, rng, block_rows=65536, pivoting=self.pivoting,
+                seeds, _ = randomly_pivoted_rows(S, n_seed, rng, block_rows=65536, pivoting=pivoting,
                                                  lead_pivots=lead)
             else:
-                seeds = pivoted_rows_on_device(S, n_seed, rng, device, pivoting=self.pivoting, lead_pivots=lead)
+                seeds = pivoted_rows_on_device(S, n_seed, rng, device, pivoting=pivoting, lead_pivots=lead)
             idx = np.asarray(seeds, dtype=np.int64)
             if n_seed < self.n:  # the rest of the budget by moment matching, over the rows not seeded
                 rest = self.n - n_seed
@@ -267,6 +273,7 @@ class SkMM(BaseSelector):
                 idx = np.concatenate([idx, discretize(np.minimum(w_rest, 1.0 / rest), rest, self.discretization,
                                                       rng, y, strata=strata)])
         info["seeded"] = n_seed
+        info["pivoting"] = pivoting
         info["sketch"] = spec
         info["auto_sketch"] = auto
         info["device"] = device_label(device)

@@ -9,6 +9,8 @@
 - ``seed_count``: how many rows both SkMM variants take by randomly pivoted sampling before their own step:
   m when n >= m (as the authors' SkMMv2); when n < m, max(⌊n/2⌋, signal rank), capped at n — enough pivots to
   reach every signal direction (a small cluster is one), the rest of the budget left to the variant's own rule.
+- ``pivoting_for``: convex SkMM's pivot rule for the seeding ("auto"): greedy through the signal rank when the
+  budget is under 5 × the signal rank, where sampled pivots can miss a small cluster; sampled otherwise.
 - ``auto_sketch_dim``: the sketch dimension m, from the spectrum of a wider sketch: max(64, 2 × signal rank),
   at most the spectrum's size. The budget does not enter (budgets below m are the seeding rule's business).
 The rules were chosen on the validation half of bench/robustness.py (bench/README.md, "SkMM off its tuning pool");
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["AUTO_M_FLOOR", "AUTO_M_RANK_MULTIPLE", "auto_sketch_dim", "ridge_for", "seed_count", "signal_rank",
-           "spectral_ridge"]
+__all__ = ["AUTO_M_FLOOR", "AUTO_M_RANK_MULTIPLE", "TIGHT_BUDGET_MULTIPLE", "auto_sketch_dim", "pivoting_for",
+           "ridge_for", "seed_count", "signal_rank", "spectral_ridge"]
 
 AUTO_M_FLOOR = 64  # automatic m: at least this many leading directions …
 AUTO_M_RANK_MULTIPLE = 2  # … and at least this multiple of the signal rank (many clusters need more)
+TIGHT_BUDGET_MULTIPLE = 5  # pivoting="auto": a budget below this multiple of the signal rank is "tight"
 
 
 def _check(lam: np.ndarray) -> np.ndarray:
@@ -68,6 +71,16 @@ def seed_count(n: int, m: int, rank: int) -> int:
     if n >= m:
         return m
     return min(n, max(n // 2, rank))
+
+
+def pivoting_for(n: int, rank: int) -> str:
+    """Convex SkMM's ``pivoting="auto"``: "greedy_signal" when the budget is tight, n < 5 × the signal rank — a few
+    rows per signal direction (a cluster), where sampled pivots can leave a small cluster out and the coreset has
+    no estimate of its label — else "sampled" (the authors' rule; greedy pivots at every budget lost where the
+    budget leaves room: once each cluster has a row the arg-max takes the noisiest ones). The multiple was chosen
+    among 1.5, 2, 3, 5 and ∞ (always greedy) on the protocol's validation half and development family
+    (bench/README.md §14, "Convex SkMM at a tight budget")."""
+    return "greedy_signal" if n < TIGHT_BUDGET_MULTIPLE * rank else "sampled"
 
 
 def auto_sketch_dim(lam: np.ndarray, floor: int = AUTO_M_FLOOR, rank_multiple: int = AUTO_M_RANK_MULTIPLE) -> int:

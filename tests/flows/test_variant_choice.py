@@ -95,7 +95,7 @@ def test_a_third_candidate_seeded_by_greedy_pivots_joins_the_val_choice(prefect_
     st = open_store(store_spec(store_dir))
     kept = selection_metadata(read_selection(st, ArtifactRef.from_dict(row["selection"])))
     assert kept["method"] == CANDIDATES[row["chosen"]][0]
-    assert kept["params"]["pivoting"] == ("greedy_signal" if row["chosen"] == GREEDY_PIVOTS else "sampled")
+    assert kept["params"]["pivoting"] == ("greedy_signal" if row["chosen"] == GREEDY_PIVOTS else "auto")
 
 
 def test_the_third_candidate_is_an_option_of_curate_and_reselect():

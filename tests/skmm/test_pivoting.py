@@ -8,6 +8,7 @@ import pytest
 
 from skmm.select import SkMM, SkMMBest, SkMMv2
 from skmm.select.adaptive import pivot_rule, randomly_pivoted_rows
+from skmm.select.sketched_pivots import SketchedPivots
 
 
 def _clusters(seed: int = 0, k: int = 10, big: int = 3000, small: int = 4, d: int = 32,
@@ -117,20 +118,54 @@ def test_selectors_cover_every_cluster_at_the_cluster_count_with_greedy_pivots(c
     assert greedy.get_params()["pivoting"] == "greedy"
 
 
-@pytest.mark.parametrize("cls", [SkMM, SkMMv2, SkMMBest])
+@pytest.mark.parametrize("cls", [SkMMv2, SketchedPivots])
 def test_default_is_sampled_bitwise(cls):
-    assert cls(10).get_params()["pivoting"] == "sampled"
+    assert cls(10).get_params()["pivoting"] == "auto"  # "auto" is "sampled" for every selector but convex SkMM
     X, _ = _clusters(4, big=800)
     a = cls(24, random_state=3).fit(X)
     b = cls(24, random_state=3, pivoting="sampled").fit(X)
     assert np.array_equal(a.indices_, b.indices_)
 
 
+@pytest.mark.parametrize(("n", "rule"), [(10, "greedy_signal"), (49, "greedy_signal"), (50, "sampled"),
+                                         (64, "sampled")])
+def test_convex_default_pivots_greedily_only_at_a_tight_budget(n, rule):
+    """Convex SkMM's "auto": greedy through the signal rank when n < 5 × signal rank (here 10), else sampled —
+    the same rows as asking for that rule, and the rule it took is recorded."""
+    X, _ = _clusters(4, big=800, small=60)
+    assert SkMM(n).get_params()["pivoting"] == "auto"
+    auto = SkMM(n, random_state=3).fit(X)
+    assert auto.selection_.info["pivoting"] == rule
+    assert np.array_equal(auto.indices_, SkMM(n, random_state=3, pivoting=rule).fit(X).indices_)
+
+
+def test_convex_default_covers_the_clusters_at_the_cluster_count():
+    """Where sampled pivots leave a small cluster out for some seed (the convex collapse of bench/README.md §14),
+    the default covers every cluster for every seed."""
+    X, labels = _clusters(big=600, small=60)
+    assert min(len(set(labels[SkMM(10, random_state=s, pivoting="sampled").fit(X).indices_])) for s in range(6)) < 10
+    assert min(len(set(labels[SkMM(10, random_state=s).fit(X).indices_])) for s in range(6)) == 10
+
+
+def test_best_of_default_gives_each_candidate_its_own_rule():
+    X, _ = _clusters(4, big=800, small=60)
+    best = SkMMBest(10, random_state=3, pivoted_candidate=True).fit(X)
+    sampled = SkMMBest(10, random_state=3, pivoted_candidate=True, pivoting="sampled").fit(X)
+    auto, old = best.selection_.info["candidates"], sampled.selection_.info["candidates"]
+    assert auto["skmm_v2"] == old["skmm_v2"] and auto["skmm_pivoted"] == old["skmm_pivoted"]
+    assert auto["skmm"] != old["skmm"]  # n = 10 < 5 × 10: convex SkMM pivots greedily
+
+
+def test_auto_pivoting_is_not_a_pivot_rule():
+    with pytest.raises(ValueError, match="pivoting"):
+        randomly_pivoted_rows(_clusters(big=100)[0], 4, np.random.default_rng(0), pivoting="auto")
+
+
 def test_convex_greedy_signal_covers_the_clusters_where_sampled_pivots_miss():
-    """Convex SkMM at n = the cluster count: the default sampled seeding leaves a small cluster out for some
-    seed, greedy through the signal rank never."""
+    """Convex SkMM at n = the cluster count: sampled seeding (the default before "auto") leaves a small cluster
+    out for some seed, greedy through the signal rank never."""
     X, labels = _clusters(big=600, small=60)  # signal rank 10 (the spectrum's widest gap is above the noise)
-    old = [len(set(labels[SkMM(10, random_state=s).fit(X).indices_])) for s in range(6)]
+    old = [len(set(labels[SkMM(10, random_state=s, pivoting="sampled").fit(X).indices_])) for s in range(6)]
     new = [len(set(labels[SkMM(10, random_state=s, pivoting="greedy_signal").fit(X).indices_])) for s in range(6)]
     assert min(old) < 10
     assert min(new) == 10
