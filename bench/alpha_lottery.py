@@ -1,0 +1,92 @@
+"""The ridge's α at small budgets (issue 10): is a cell's risk ratio the coreset or the α its 2-fold CV picked?
+
+For each named protocol cell (configuration:n), 4 seeds, the SkMM candidates on the pipeline's automatic-m sketch
+(convex SkMM with its default pivoting, SkMMv2, the pivoted seeding alone) and k-center, adaptive sampling and
+uniform on the pool: the risk at the α the authors' 2-fold CV picks (the protocol's risk), the risk at the best α of
+the same grid (``skmm.synthetic.risk.ridge_risks_by_alpha``), the α picked per seed, and the clusters missed.
+
+    SKMM_BENCH_THREADS=1 .venv/bin/python bench/alpha_lottery.py --cells c14:32,paper:64,c10:68
+→ bench/out/alpha_lottery.json and a table on stdout (ratios to the lowest mean in the cell, per column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def cell(cfg: dict, n: int, seeds: int) -> dict:
+    from skmm.select import SkMM, SkMMv2, make_selector
+    from skmm.select.moment_matching import AUTO_M_MAX, _eigen_moments, sketch_pool
+    from skmm.select.sketched_pivots import SketchedPivots
+    from skmm.select.spectrum import auto_sketch_dim
+    from skmm.synthetic.gmm import make_gmm
+    from skmm.synthetic.risk import DEFAULT_ALPHAS, ridge_risk, ridge_risks_by_alpha
+
+    pool = make_gmm(cfg["n_samples"], cfg["dim"], cfg["n_clusters"], cfg["std_max"], cfg["generator_seed"])
+    present = np.flatnonzero(pool.sizes)
+    out: dict[str, list[dict]] = {}
+    for seed in range(seeds):
+        # as bench/auto_m.py: the selector's first draw seeds the m_max-column sketch, then the leading m directions
+        S, _ = sketch_pool(pool.X, AUTO_M_MAX, int(np.random.default_rng(seed).integers(2**31)))
+        lam, V = _eigen_moments(S)
+        X = (S @ V[:, :auto_sketch_dim(lam)]).astype(S.dtype)
+        coresets = {"skmm": SkMM(n, random_state=seed).fit(X).indices_,
+                    "skmm_v2": SkMMv2(n, random_state=seed).fit(X).indices_,
+                    "skmm_pivoted": SketchedPivots(n, random_state=seed).fit(X).indices_}
+        for method in ("kcenter", "adaptive", "uniform"):
+            coresets[method] = make_selector(method, n, random_state=seed).fit(pool.X).indices_
+        for method, idx in coresets.items():
+            risk, alpha = ridge_risk(pool.X, pool.y, idx)
+            grid = ridge_risks_by_alpha(pool.X, pool.y, idx)
+            out.setdefault(method, []).append({
+                "seed": seed, "risk": risk, "alpha": alpha, "risk_best_alpha": float(grid.min()),
+                "best_alpha": float(DEFAULT_ALPHAS[int(np.argmin(grid))]),
+                "clusters_missed": int(np.setdiff1d(present, pool.cluster[idx]).size)})
+    return out
+
+
+def main() -> None:
+    import robustness
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", required=True, help="comma-separated configuration:n, e.g. c14:32,paper:64")
+    parser.add_argument("--seeds", type=int, default=4)
+    args = parser.parse_args()
+    configs = {c["name"]: c for c in robustness.all_configs()}
+    result = {}
+    lines = ["| cell | method | CV risk / best | best-α risk / best | α picked per seed | clusters missed |",
+             "|---|---|---|---|---|---|"]
+    for spec in args.cells.split(","):
+        name, n = spec.split(":")
+        if name not in configs:
+            raise SystemExit(f"unknown configuration {name!r}")
+        runs = cell(configs[name], int(n), args.seeds)
+        result[spec] = runs
+        mean = {m: np.mean([r["risk"] for r in rs]) for m, rs in runs.items()}
+        mean_g = {m: np.mean([r["risk_best_alpha"] for r in rs]) for m, rs in runs.items()}
+        for m, rs in runs.items():
+            alphas = ", ".join(f"{r['alpha']:.3g}" for r in rs)
+            missed = sum(r["clusters_missed"] for r in rs)
+            lines.append(f"| {spec} | {m} | {mean[m] / min(mean.values()):.2f} | {mean_g[m] / min(mean_g.values()):.2f}"
+                         f" | {alphas} | {missed} |")
+        print(spec, "done", flush=True)
+    path = Path(os.environ.get("SKMM_BENCH_OUT", Path(__file__).parent / "out")) / "alpha_lottery.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print("\n".join(lines))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(int(os.environ.get("SKMM_BENCH_THREADS", "1"))):
+        main()
