@@ -93,6 +93,11 @@ RULES: dict[str, dict[str, Any]] = {
                                         "extra": {"skmm_gsignal": ("skmm", {"pivoting": "greedy_signal"}),
                                                   "pivoted": ("skmm_pivoted", {})}}
        for t in (1.5, 2, 3, 5)},
+    # the four candidates with convex SkMM's sampled pivots, its default before pivoting="auto" (rules that name no
+    # pivoting run the selectors' defaults of the code that ran them)
+    "floor64_rank2_four_sampled": {"floor": 64, "rank_mult": 2, "by_variant": {"skmm": {"pivoting": "sampled"}},
+                                   "extra": {"skmm_gsignal": ("skmm", {"pivoting": "greedy_signal"}),
+                                             "pivoted": ("skmm_pivoted", {})}},
     # the same for convex SkMM alone (no extra candidates: its own column is the point)
     **{f"floor64_rank2_convex_tight{t}": {"floor": 64, "rank_mult": 2, "tight": t,
                                           "by_variant": {"skmm": {"pivoting": "auto"}}} for t in (2, 5)},
