@@ -39,10 +39,11 @@ def ridge_risks_by_alpha(X: np.ndarray, y: np.ndarray, coreset: np.ndarray,
     evaluation aid only: at budgets near the cluster count that CV is close to a coin toss between α's whose risks
     differ 10-fold (bench/README.md §14, "The ridge's α at small budgets")."""
     idx = np.asarray(coreset)
+    Xs, ys = X[idx], y[idx]  # gathered once for the whole grid
     out = np.empty(len(alphas))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, alpha in enumerate(alphas):
-            residual = y - Ridge(alpha=alpha, solver="lsqr", fit_intercept=False).fit(X[idx], y[idx]).predict(X)
+            residual = y - Ridge(alpha=alpha, solver="lsqr", fit_intercept=False).fit(Xs, ys).predict(X)
             out[i] = residual @ residual / residual.shape[0]
     return out
