@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def cell(cfg: dict, n: int, seeds: int) -> dict:
+    from auto_m import protocol_sketch, reduced
+
     from skmm.select import SkMM, SkMMv2, make_selector
-    from skmm.select.moment_matching import AUTO_M_MAX, _eigen_moments, sketch_pool
     from skmm.select.sketched_pivots import SketchedPivots
     from skmm.select.spectrum import auto_sketch_dim
     from skmm.synthetic.gmm import make_gmm
@@ -34,10 +35,8 @@ def cell(cfg: dict, n: int, seeds: int) -> dict:
     present = np.flatnonzero(pool.sizes)
     out: dict[str, list[dict]] = {}
     for seed in range(seeds):
-        # as bench/auto_m.py: the selector's first draw seeds the m_max-column sketch, then the leading m directions
-        S, _ = sketch_pool(pool.X, AUTO_M_MAX, int(np.random.default_rng(seed).integers(2**31)))
-        lam, V = _eigen_moments(S)
-        X = (S @ V[:, :auto_sketch_dim(lam)]).astype(S.dtype)
+        S, lam, V = protocol_sketch(pool.X, seed)  # as bench/auto_m.py, then the leading m directions
+        X = reduced(S, lam, V, auto_sketch_dim(lam))
         coresets = {"skmm": SkMM(n, random_state=seed).fit(X).indices_,
                     "skmm_v2": SkMMv2(n, random_state=seed).fit(X).indices_,
                     "skmm_pivoted": SketchedPivots(n, random_state=seed).fit(X).indices_}

@@ -136,6 +136,16 @@ def reduced(S: np.ndarray, lam: np.ndarray, V: np.ndarray, m: int) -> np.ndarray
     return (S @ V[:, :m].astype(S.dtype)).astype(S.dtype)
 
 
+def protocol_sketch(X: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(S, λ, V) for a protocol pool as the library's auto path makes them: the m_max-column Gaussian sketch seeded
+    by the selector's first draw of ``seed``, and the eigenpairs (descending) of its moment SᵀS/N."""
+    from skmm.select.moment_matching import AUTO_M_MAX, _eigen_moments, sketch_pool
+
+    S, _ = sketch_pool(X, AUTO_M_MAX, int(np.random.default_rng(seed).integers(2**31)))
+    lam, V = _eigen_moments(S)
+    return S, lam, V
+
+
 def digits(model: str, seeds: int, budgets: list[int], rules: list[str]) -> dict[str, Any]:
     from flows.curate import ModelConfig, curate
     from skmm.finetune.linear_probe import LinearProbe
@@ -197,7 +207,6 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
     import robustness
 
     from skmm.select import SkMM, SkMMv2, spectrum
-    from skmm.select.moment_matching import AUTO_M_MAX, _eigen_moments, sketch_pool
     from skmm.select.sketched_pivots import SketchedPivots
     from skmm.synthetic.benchmark import validation_rows
     from skmm.synthetic.gmm import make_gmm
@@ -210,9 +219,7 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
         pool = make_gmm(cfg["n_samples"], cfg["dim"], cfg["n_clusters"], cfg["std_max"], cfg["generator_seed"])
         start = time.perf_counter()
         for seed in range(seeds):
-            # the library's auto path: the selector's first draw seeds the m_max-column Gaussian sketch
-            S, _ = sketch_pool(pool.X, AUTO_M_MAX, int(np.random.default_rng(seed).integers(2**31)))
-            lam, V = _eigen_moments(S)
+            S, lam, V = protocol_sketch(pool.X, seed)
             lam_c = centered_spectrum(S)
             val = validation_rows(pool.X.shape[0], 0.1, seed)
             for name in rules:
