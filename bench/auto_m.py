@@ -200,10 +200,11 @@ def digits(model: str, seeds: int, budgets: list[int], rules: list[str]) -> dict
             "centered_spectrum": lam_c.tolist(), "rows": rows}
 
 
-def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, ...] = ("val", "paper")
-             ) -> dict[str, Any]:
+def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, ...] = ("val", "paper"),
+             seed_offset: int = 0) -> dict[str, Any]:
     """Each rule on the protocol's validation half and the paper's pool (budgets <= max_n), per (config, n, seed):
-    convex and greedy risks and the pipeline's val-sample choice between them (skmm_best_val's rule)."""
+    convex and greedy risks and the pipeline's val-sample choice between them (skmm_best_val's rule). Seeds
+    ``seed_offset`` … ``seed_offset + seeds - 1`` (another offset: a replicate, bench/seed_replicates.py)."""
     import robustness
 
     from skmm.select import SkMM, SkMMv2, spectrum
@@ -218,7 +219,7 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
     for cfg in configs:
         pool = make_gmm(cfg["n_samples"], cfg["dim"], cfg["n_clusters"], cfg["std_max"], cfg["generator_seed"])
         start = time.perf_counter()
-        for seed in range(seeds):
+        for seed in range(seed_offset, seed_offset + seeds):
             S, lam, V = protocol_sketch(pool.X, seed)
             lam_c = centered_spectrum(S)
             val = validation_rows(pool.X.shape[0], 0.1, seed)
@@ -254,6 +255,10 @@ def main() -> None:
                         help="protocol halves: choose a rule on val (and the paper's pool); test only to report")
     parser.add_argument("--tag", default="", help="suffix of the output file's name")
     parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--seed-offset", type=int, default=0, help="protocol: the first seed (a replicate's seeds)")
+    parser.add_argument("--best-other", default="",
+                        help="protocol: the robustness run (label) whose other methods set the bar, e.g. a "
+                             "replicate's with the same seeds (default: the runs of §14 at seeds 0-3)")
     args = parser.parse_args()
     rules = args.rules.split(",")
     start = time.perf_counter()
@@ -261,7 +266,8 @@ def main() -> None:
         out = digits(args.model, args.seeds, [int(b) for b in args.budgets.split(",")], rules)
         name = f"auto_m_digits_{args.model}"
     else:
-        out = protocol(args.seeds, rules, halves=tuple(args.halves.split(",")))
+        out = protocol(args.seeds, rules, halves=tuple(args.halves.split(",")), seed_offset=args.seed_offset)
+        out["best_other"] = args.best_other
         name = "auto_m_protocol"
     out["wall_s"] = time.perf_counter() - start
     name += args.tag
@@ -289,10 +295,16 @@ def summarise(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def best_other() -> dict[tuple[str, int], float]:
+def best_other(label: str = "") -> dict[tuple[str, int], float]:
     """(config, n) → the lowest mean risk of every other method (robustness.py's "best other"): the baseline run's
-    non-SkMM rows and the current run's convex SkMM and SkMMv2 at the configuration's own m."""
+    non-SkMM rows and the current run's convex SkMM and SkMMv2 at the configuration's own m; with ``label``, every
+    non-skmm_best row of that robustness run (e.g. a replicate at other seeds)."""
     import robustness
+
+    if label:
+        rows = [r for r in robustness.read_runs(robustness.RESULTS / label / "runs.csv")
+                if r["method"] not in robustness.SKMM_BEST_ROWS]
+        return {key: min(means.values()) for key, means in robustness.summary(rows).items()}
 
     rows = [r for r in robustness.read_runs(robustness.RESULTS / "baseline" / "runs.csv")
             if r["method"] not in ("skmm", "skmm_v2", *robustness.SKMM_BEST_ROWS)]
@@ -308,7 +320,7 @@ def best_other() -> dict[tuple[str, int], float]:
 def summarise_protocol(out: dict[str, Any]) -> str:
     """Per rule and half: the share of (config, n <= 200) cells where the val-choice row is within 1.1× the best
     other method, its worst ratio, and convex SkMM's worst ratio."""
-    best = best_other()
+    best = best_other(out.get("best_other", ""))
     rows = out["rows"]
     lines = ["| rule | half | cells | skmm_best_val <= 1.1x | worst | median | convex worst | greedy worst | m range |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -201,6 +201,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--max-n", type=int, default=None, help="run only the budgets up to this one")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
+                        help="comma-separated seeds (default 0,1,2,3); other seeds give a replicate of the table "
+                             "with new sketches, selections and validation samples on the same pools")
     parser.add_argument("--alpha-grid", action="store_true",
                         help="also record each coreset's risk at the best α of the ridge's grid")
     parser.add_argument("--report", action="store_true", help="only rewrite table.md from runs.csv")
@@ -208,6 +211,10 @@ def main() -> None:
                         help="a results folder whose rows complete the table for the methods this run did not "
                              "run (baselines whose code did not change: the same seeds give the same rows)")
     args = parser.parse_args()
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers; got {args.seeds!r}")
     out = pathlib.Path(args.out) if args.out else RESULTS / args.label
     out.mkdir(parents=True, exist_ok=True)
     configs = all_configs()
@@ -224,7 +231,8 @@ def main() -> None:
                 print(f"{cfg['name']}: already in {runs_path}, skipped", flush=True)
                 continue
             start = time.perf_counter()
-            result = run_config(cfg, methods=args.methods.split(","), max_n=args.max_n, alpha_grid=args.alpha_grid)
+            result = run_config(cfg, seeds=seeds, methods=args.methods.split(","), max_n=args.max_n,
+                                alpha_grid=args.alpha_grid)
             full[cfg["name"]] = result["full_data_risk"]
             rows = [{"config": cfg["name"], "half": cfg["half"], **r} for r in result["rows"]]
             new = not runs_path.exists()

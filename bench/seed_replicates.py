@@ -1,0 +1,229 @@
+"""How far the robustness protocol's acceptance figures move with the seeds alone (issue 10).
+
+Two runs of ``bench/robustness.py`` on the same configurations with disjoint seed sets (``--seeds``) are two
+replicates of the protocol: the same pools and code, new sketches, selections and validation samples. This script
+puts them side by side, for the authors' CV risk and, where both runs recorded it (``--alpha-grid``), each
+coreset's risk at its best α:
+
+- the issue's acceptance figures (share of cells with skmm_best_val ≤ 1.1× the best other method, its worst ratio,
+  convex SkMM's worst ratio to the best method) on each replicate and on the pooled seeds;
+- how many cells change verdict (≤ 1.1× in one replicate, > 1.1× in the other);
+- each method against itself: per cell, the larger of its two replicate means over the smaller. A ratio a method
+  shows against an identical copy of itself is noise, so it bounds what a 4-seed table can tell apart.
+
+    .venv/bin/python bench/seed_replicates.py --runs grid,replicate_s4_7 --half val
+→ a markdown report on stdout and bench/out/seed_replicates_<half>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import robustness
+
+COLUMNS = {"risk": "CV", "risk_best_alpha": "best α"}
+
+
+def load(label: str, half: str, max_n: int) -> list[dict[str, Any]]:
+    """One run's rows for ``half`` at n <= ``max_n``. ``A+B``: run A's rows, completed by run B's for the
+    (configuration, method) pairs A did not run (as robustness.py's ``--reuse``)."""
+    names = {c["name"] for c in robustness.all_configs() if c["half"] == half}
+    rows: list[dict[str, Any]] = []
+    for part in label.split("+"):
+        path = Path(part)
+        runs = robustness.read_runs((path if path.exists() else robustness.RESULTS / part) / "runs.csv")
+        have = {(r["config"], r["method"]) for r in rows}
+        rows += [r for r in runs if (r["config"], r["method"]) not in have]
+    return [r for r in rows if r["config"] in names and int(r["n"]) <= max_n]
+
+
+def self_ratios(a: dict, b: dict, method: str) -> list[float]:
+    """Per cell present in both replicates: max(mean_a, mean_b) / min(mean_a, mean_b) of ``method``."""
+    out = []
+    for key in sorted(set(a) & set(b)):
+        if method in a[key] and method in b[key]:
+            x, y = a[key][method], b[key][method]
+            out.append(max(x, y) / min(x, y))
+    return out
+
+
+def verdicts(rows: list[dict[str, Any]], column: str) -> dict[tuple[str, int], float]:
+    """(config, n) → skmm_best_val's ratio to the best other method."""
+    return {key: robustness.ratios(cells, "skmm_best_val")[0]
+            for key, cells in robustness.summary(rows, column).items() if "skmm_best_val" in cells}
+
+
+def cross_fitted(a: dict, b: dict) -> list[float]:
+    """Per cell: skmm_best_val's mean on replicate b over the b-mean of the method that was the best other on
+    replicate a — the best other chosen on one set of seeds and measured on the other, so that a lucky draw of a
+    high-variance baseline does not set the bar it is then compared with (the minimum of seven noisy means is
+    biased low)."""
+    out = []
+    for key in sorted(set(a) & set(b)):
+        if "skmm_best_val" in a[key] and "skmm_best_val" in b[key]:
+            _, best = robustness.ratios(a[key], "skmm_best_val")
+            if best in b[key]:
+                out.append(b[key]["skmm_best_val"] / b[key][best])
+    return out
+
+
+def compare(reps: dict[str, list[dict[str, Any]]], half: str, max_n: int) -> dict[str, Any]:
+    configs = robustness.all_configs()
+    seeds = {label: sorted({int(r["seed"]) for r in rows}) for label, rows in reps.items()}
+    labels = list(reps)
+    overlap = set(seeds[labels[0]]) & set(seeds[labels[1]])
+    if overlap:
+        raise SystemExit(f"the two runs share seeds {sorted(overlap)}: replicates need disjoint seed sets")
+    pooled = reps[labels[0]] + reps[labels[1]]
+    out: dict[str, Any] = {"half": half, "max_n": max_n, "seeds": seeds, "columns": {}}
+    for column in COLUMNS:
+        if not all(any(r.get(column) not in (None, "") for r in rows) for rows in reps.values()):
+            continue
+        res: dict[str, Any] = {}
+        for label, rows in [*reps.items(), ("pooled", pooled)]:
+            res[label] = robustness.acceptance(rows, configs, half, max_n, column)
+        va, vb = (verdicts(reps[label], column) for label in labels)
+        keys = sorted(set(va) & set(vb))
+        res["cells"] = len(keys)
+        res["verdict_flips"] = [f"{k[0]}:{k[1]}" for k in keys if (va[k] <= 1.1) != (vb[k] <= 1.1)]
+        res["ratio_per_cell"] = {f"{k[0]}:{k[1]}": [va[k], vb[k]] for k in keys}
+        sa, sb = (robustness.summary(reps[label], column) for label in labels)
+        methods = sorted({m for cells in sa.values() for m in cells})
+        res["cross_fitted"] = {}
+        for x, y in ((0, 1), (1, 0)):
+            rs = np.array(cross_fitted((sa, sb)[x], (sa, sb)[y]))
+            res["cross_fitted"][f"best other chosen on {labels[x]}, measured on {labels[y]}"] = {
+                "cells": int(rs.size), "within_1.1": float(np.mean(rs <= 1.1)), "worst": float(rs.max()),
+                "median": float(np.median(rs))}
+        res["self"] = {}
+        for method in methods:
+            rs = np.array(self_ratios(sa, sb, method))
+            if rs.size:
+                res["self"][method] = {"median": float(np.median(rs)), "worst": float(rs.max()),
+                                       "above_1.1": float(np.mean(rs > 1.1)), "above_2": float(np.mean(rs > 2))}
+        out["columns"][column] = res
+    return out
+
+
+def auto_m_rows(path: str, half: str, max_n: int) -> list[dict[str, Any]]:
+    """bench/auto_m.py protocol rows (one rule) for ``half`` at n <= ``max_n``."""
+    file = Path(path)
+    file = file if file.exists() else robustness.RESULTS.parent / "auto_m" / path
+    rows = [r for r in json.loads(file.read_text())["rows"] if r["half"] == half and r["n"] <= max_n]
+    rules = {r["rule"] for r in rows}
+    if len(rules) != 1:
+        raise SystemExit(f"{path}: expected the rows of one rule for half {half}; found {sorted(rules)}")
+    return rows
+
+
+def auto_m_ratios(auto: list[dict[str, Any]], others: list[dict[str, Any]]) -> dict[tuple[str, int], dict]:
+    """(config, n) → skmm_best_val's and convex SkMM's mean risk at the automatic m over the best other method's
+    (every robustness row but skmm_best's, convex SkMM and SkMMv2 at the configured m included, as auto_m.py)."""
+    best = {key: min(v for k, v in cells.items() if k not in robustness.SKMM_BEST_ROWS)
+            for key, cells in robustness.summary(others).items()}
+    out = {}
+    for key in sorted({(r["config"], r["n"]) for r in auto}):
+        sub = [r for r in auto if (r["config"], r["n"]) == key]
+        out[key] = {v: float(np.mean([r[v] for r in sub])) / best[key] for v in ("skmm_best_val", "skmm")}
+    return out
+
+
+def compare_auto_m(files: list[str], reps: dict[str, list[dict[str, Any]]], half: str, max_n: int
+                   ) -> dict[str, Any]:
+    """The acceptance figures at the pipeline's automatic m (bench/auto_m.py) per replicate and pooled; each
+    replicate's bar is the robustness run with its seeds."""
+    autos = [auto_m_rows(f, half, max_n) for f in files]
+    labels = list(reps)
+    for rows, label in zip(autos, labels, strict=True):
+        if {r["seed"] for r in rows} != {int(r["seed"]) for r in reps[label]}:
+            raise SystemExit(f"the automatic-m rows and the robustness run {label} have different seeds")
+    ratios = {label: auto_m_ratios(a, reps[label]) for a, label in zip(autos, labels, strict=True)}
+    ratios["pooled"] = auto_m_ratios(autos[0] + autos[1], reps[labels[0]] + reps[labels[1]])
+    out: dict[str, Any] = {"files": files}
+    for label, cells in ratios.items():
+        best = np.array([c["skmm_best_val"] for c in cells.values()])
+        out[label] = {"cells": len(cells), "within_1.1": float(np.mean(best <= 1.1)), "worst": float(best.max()),
+                      "convex_worst": float(max(c["skmm"] for c in cells.values()))}
+    a, b = (ratios[label] for label in labels)
+    out["verdict_flips"] = [f"{k[0]}:{k[1]}" for k in sorted(set(a) & set(b))
+                            if (a[k]["skmm_best_val"] <= 1.1) != (b[k]["skmm_best_val"] <= 1.1)]
+    return out
+
+
+def markdown(out: dict[str, Any]) -> str:
+    labels = list(out["seeds"])
+    lines = [f"Half {out['half']}, n <= {out['max_n']}; seeds: "
+             + "; ".join(f"{k} {v}" for k, v in out["seeds"].items()), ""]
+    for column, res in out["columns"].items():
+        lines += [f"**{COLUMNS[column]} risk**", "",
+                  "| seeds | cells | skmm_best_val <= 1.1x | worst | convex SkMM worst |", "|---|---|---|---|---|"]
+        for label in [*labels, "pooled"]:
+            acc = res[label]
+            best = acc.get("skmm_best_val", {})
+            nan = float("nan")
+            lines.append(f"| {label} | {acc['cells']} | {best.get('within_1.1', nan):.0%} | "
+                         f"{best.get('worst', nan):.2f} | {acc.get('skmm_convex_worst_vs_best', nan):.2f} |")
+        for name, c in res["cross_fitted"].items():
+            lines.append(f"| skmm_best_val against the {name} | {c['cells']} | {c['within_1.1']:.0%} | "
+                         f"{c['worst']:.2f} | |")
+        lines += ["", f"Cells whose verdict (<= 1.1x) flips between the replicates: {len(res['verdict_flips'])} of "
+                  f"{res['cells']} ({', '.join(res['verdict_flips']) or 'none'})", "",
+                  "| method against itself | median | worst | cells > 1.1x | cells > 2x |", "|---|---|---|---|---|"]
+        for method, s in res["self"].items():
+            lines.append(f"| {method} | {s['median']:.2f} | {s['worst']:.2f} | {s['above_1.1']:.0%} | "
+                         f"{s['above_2']:.0%} |")
+        lines.append("")
+    if "auto_m" in out:
+        res = out["auto_m"]
+        lines += ["**CV risk at the automatic m** (bench/auto_m.py rows; convex SkMM against the best other)", "",
+                  "| seeds | cells | skmm_best_val <= 1.1x | worst | convex SkMM worst |", "|---|---|---|---|---|"]
+        for label in [*labels, "pooled"]:
+            r = res[label]
+            lines.append(f"| {label} | {r['cells']} | {r['within_1.1']:.0%} | {r['worst']:.2f} | "
+                         f"{r['convex_worst']:.2f} |")
+        lines += ["", f"Cells whose verdict flips: {len(res['verdict_flips'])} "
+                  f"({', '.join(res['verdict_flips']) or 'none'})", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", required=True,
+                        help="two robustness labels (or folders), comma-separated; A+B completes run A with B's rows")
+    parser.add_argument("--half", default="val", choices=("val", "dev", "paper", "test"))
+    parser.add_argument("--max-n", type=int, default=200)
+    parser.add_argument("--auto-m", default="",
+                        help="two bench/auto_m.py protocol files with the two runs' seeds, comma-separated: the "
+                             "figures at the automatic m too")
+    args = parser.parse_args()
+    labels = args.runs.split(",")
+    if len(labels) != 2:
+        parser.error("--runs takes exactly two labels")
+    reps = {label: load(label, args.half, args.max_n) for label in labels}
+    for label, rows in reps.items():
+        if not rows:
+            raise SystemExit(f"{label}: no rows for half {args.half} at n <= {args.max_n}")
+    out = compare(reps, args.half, args.max_n)
+    if args.auto_m:
+        files = args.auto_m.split(",")
+        if len(files) != 2:
+            parser.error("--auto-m takes exactly two files")
+        out["auto_m"] = compare_auto_m(files, reps, args.half, args.max_n)
+    path = Path(os.environ.get("SKMM_BENCH_OUT", Path(__file__).parent / "out")) / f"seed_replicates_{args.half}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(markdown(out))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
