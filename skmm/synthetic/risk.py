@@ -2,6 +2,10 @@
 
 Ridge(solver='lsqr', fit_intercept=False) with α chosen by 2-fold GridSearchCV on the coreset over
 linspace(1e-3, 1e2, 10) — the authors' notebook settings; risk = mean over all N rows of (y − xᵀθ_S)².
+
+The authors' CV splits the coreset into its two contiguous halves in the order the selector lists it, so the same
+set of rows can score differently in another order (a greedy selector's farthest-first order is not neutral).
+``fold_seed`` gives the order-free variant: the coreset's rows in pool order, split into shuffled folds.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import warnings
 
 import numpy as np
 from sklearn.linear_model import Ridge
-from sklearn.model_selection import GridSearchCV
+from sklearn.model_selection import GridSearchCV, KFold
 
 __all__ = ["DEFAULT_ALPHAS", "ridge_risk", "ridge_risks_by_alpha"]
 
@@ -19,10 +23,18 @@ DEFAULT_ALPHAS = np.linspace(1e-3, 1e2, 10)
 
 def ridge_risk(X: np.ndarray, y: np.ndarray, coreset: np.ndarray | None = None,
                alphas: np.ndarray = DEFAULT_ALPHAS, cv: int = 2,
-               eval_rows: np.ndarray | None = None) -> tuple[float, float]:
-    """Fit on X[coreset] (all rows when None) and return (risk over ``eval_rows`` — all rows when None, chosen α)."""
+               eval_rows: np.ndarray | None = None, fold_seed: int | None = None) -> tuple[float, float]:
+    """Fit on X[coreset] (all rows when None) and return (risk over ``eval_rows`` — all rows when None, chosen α).
+
+    ``fold_seed`` None: the authors' folds, contiguous in the coreset's order. An integer: the coreset as a set —
+    its rows sorted by pool index and split into ``cv`` shuffled folds seeded by ``fold_seed``, so that the risk
+    does not depend on the order the selector listed them in."""
     idx = np.arange(X.shape[0]) if coreset is None else np.asarray(coreset)
-    search = GridSearchCV(Ridge(solver="lsqr", fit_intercept=False), {"alpha": list(alphas)}, cv=cv,
+    folds: int | KFold = cv
+    if fold_seed is not None:
+        idx = np.sort(idx)
+        folds = KFold(cv, shuffle=True, random_state=fold_seed)
+    search = GridSearchCV(Ridge(solver="lsqr", fit_intercept=False), {"alpha": list(alphas)}, cv=folds,
                           scoring="neg_mean_squared_error")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -144,3 +144,33 @@ def test_alpha_grid_rows_record_the_best_alpha_of_each_coreset():
     assert row["risk_best_alpha"] == ridge_risks_by_alpha(pool.X, pool.y, coreset).min()
     assert "risk_best_alpha" not in run_synthetic(SyntheticConfig(**{**config.__dict__, "alpha_grid": False,
                                                                       "methods": ("uniform",)}))["rows"][0]
+
+
+def test_authors_cv_risk_depends_on_the_listing_order_and_fold_seed_removes_it():
+    # the authors' 2-fold CV takes the coreset's contiguous halves: the same k-center set scores 1000x apart in its
+    # farthest-first order and in pool order (the pool lists its clusters in turn, so each fold misses some)
+    from skmm.select import make_selector
+
+    pool = make_gmm(300, 80, 5, 0.04, 0)
+    coreset = make_selector("kcenter", 8, random_state=0).fit(pool.X).indices_
+    as_listed, in_pool_order = ridge_risk(pool.X, pool.y, coreset), ridge_risk(pool.X, pool.y, np.sort(coreset))
+    assert as_listed[1] != in_pool_order[1] and in_pool_order[0] > 100 * as_listed[0]
+    shuffled = ridge_risk(pool.X, pool.y, coreset, fold_seed=3)
+    for order in (np.sort(coreset), coreset[::-1], np.random.default_rng(1).permutation(coreset)):
+        assert ridge_risk(pool.X, pool.y, order, fold_seed=3) == shuffled  # a set: any order, the same bits
+
+
+def test_shuffled_cv_rows_score_each_coreset_as_a_set():
+    from skmm.select import make_selector
+
+    config = SyntheticConfig(n_samples=300, dim=80, n_clusters=5, sketch_dim=16, budgets=(12,), seeds=(2,),
+                             methods=("skmm_best", "uniform"), val_fraction=0.2, shuffled_cv=True)
+    rows = run_synthetic(config)["rows"]
+    pool = make_gmm(300, 80, 5, 0.04, 0)
+    (row,) = [r for r in rows if r["method"] == "uniform"]
+    coreset = make_selector("uniform", 12, random_state=2).fit(pool.X).indices_
+    assert (row["risk_shuffled_cv"], row["alpha_shuffled_cv"]) == ridge_risk(pool.X, pool.y, coreset, fold_seed=2)
+    (val_row,) = [r for r in rows if r["method"] == "skmm_best_val"]
+    assert val_row["chosen_shuffled_cv"] in {"skmm", "skmm_v2", "skmm_gsignal", "skmm_pivoted"}
+    assert "risk_shuffled_cv" not in run_synthetic(SyntheticConfig(**{**config.__dict__, "shuffled_cv": False,
+                                                                       "methods": ("uniform",)}))["rows"][0]
