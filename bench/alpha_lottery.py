@@ -3,10 +3,11 @@
 For each named protocol cell (configuration:n), 4 seeds, the SkMM candidates on the pipeline's automatic-m sketch
 (convex SkMM with its default pivoting, SkMMv2, the pivoted seeding alone) and k-center, adaptive sampling and
 uniform on the pool: the risk at the α the authors' 2-fold CV picks (the protocol's risk), the risk at the best α of
-the same grid (``skmm.synthetic.risk.ridge_risks_by_alpha``), the α picked per seed, and the clusters missed.
+the same grid (``skmm.synthetic.risk.ridge_risks_by_alpha``), the α picked per seed, the clusters missed, and the
+CV risk of the same set in pool order and with shuffled folds (the authors' folds follow the listing order).
 
     SKMM_BENCH_THREADS=1 .venv/bin/python bench/alpha_lottery.py --cells c14:32,paper:64,c10:68
-→ bench/out/alpha_lottery.json and a table on stdout (ratios to the lowest mean in the cell, per column).
+→ bench/out/alpha_lottery<tag>.json and a table on stdout (ratios to the lowest mean in the cell, per column).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def cell(cfg: dict, n: int, seeds: int) -> dict:
             grid = ridge_risks_by_alpha(pool.X, pool.y, idx)
             out.setdefault(method, []).append({
                 "seed": seed, "risk": risk, "alpha": alpha, "risk_best_alpha": float(grid.min()),
+                # the same set in pool order, and as a set with shuffled folds (the authors' CV follows the order)
+                "risk_pool_order": ridge_risk(pool.X, pool.y, np.sort(idx))[0],
+                "risk_shuffled_cv": ridge_risk(pool.X, pool.y, idx, fold_seed=seed)[0],
                 "best_alpha": float(DEFAULT_ALPHAS[int(np.argmin(grid))]),
                 "clusters_missed": int(np.setdiff1d(present, pool.cluster[idx]).size)})
     return out
@@ -58,26 +62,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", required=True, help="comma-separated configuration:n, e.g. c14:32,paper:64")
     parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--tag", default="", help="suffix of the output file's name")
     args = parser.parse_args()
     configs = {c["name"]: c for c in robustness.all_configs()}
     result = {}
-    lines = ["| cell | method | CV risk / best | best-α risk / best | α picked per seed | clusters missed |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| cell | method | CV risk / best | pool order / best | shuffled folds / best | best-α risk / best | "
+             "α picked per seed | clusters missed |", "|---|---|---|---|---|---|---|---|"]
     for spec in args.cells.split(","):
         name, n = spec.split(":")
         if name not in configs:
             raise SystemExit(f"unknown configuration {name!r}")
         runs = cell(configs[name], int(n), args.seeds)
         result[spec] = runs
-        mean = {m: np.mean([r["risk"] for r in rs]) for m, rs in runs.items()}
-        mean_g = {m: np.mean([r["risk_best_alpha"] for r in rs]) for m, rs in runs.items()}
+        cols = {c: {m: np.mean([r[c] for r in rs]) for m, rs in runs.items()}
+                for c in ("risk", "risk_pool_order", "risk_shuffled_cv", "risk_best_alpha")}
         for m, rs in runs.items():
             alphas = ", ".join(f"{r['alpha']:.3g}" for r in rs)
             missed = sum(r["clusters_missed"] for r in rs)
-            lines.append(f"| {spec} | {m} | {mean[m] / min(mean.values()):.2f} | {mean_g[m] / min(mean_g.values()):.2f}"
-                         f" | {alphas} | {missed} |")
+            ratios = " | ".join(f"{v[m] / min(v.values()):.2f}" for v in cols.values())
+            lines.append(f"| {spec} | {m} | {ratios} | {alphas} | {missed} |")
         print(spec, "done", flush=True)
-    path = Path(os.environ.get("SKMM_BENCH_OUT", Path(__file__).parent / "out")) / "alpha_lottery.json"
+    path = Path(os.environ.get("SKMM_BENCH_OUT", Path(__file__).parent / "out")) / f"alpha_lottery{args.tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print("\n".join(lines))

@@ -201,10 +201,12 @@ def digits(model: str, seeds: int, budgets: list[int], rules: list[str]) -> dict
 
 
 def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, ...] = ("val", "paper"),
-             seed_offset: int = 0) -> dict[str, Any]:
+             seed_offset: int = 0, shuffled_cv: bool = False) -> dict[str, Any]:
     """Each rule on the protocol's validation half and the paper's pool (budgets <= max_n), per (config, n, seed):
     convex and greedy risks and the pipeline's val-sample choice between them (skmm_best_val's rule). Seeds
-    ``seed_offset`` … ``seed_offset + seeds - 1`` (another offset: a replicate, bench/seed_replicates.py)."""
+    ``seed_offset`` … ``seed_offset + seeds - 1`` (another offset: a replicate, bench/seed_replicates.py).
+    ``shuffled_cv``: every risk (and the val choice's) with each coreset as a set, its CV folds shuffled by the seed
+    (``ridge_risk``'s ``fold_seed``) instead of the authors' contiguous halves."""
     import robustness
 
     from skmm.select import SkMM, SkMMv2, spectrum
@@ -233,10 +235,11 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
                     classes["skmm_pivoted"] = SketchedPivots  # only as an "extra" candidate
                     candidates += [(extra, classes[v], p) for extra, (v, p) in RULES[name].get("extra", {}).items()]
                     spectrum.TIGHT_BUDGET_MULTIPLE = RULES[name].get("tight", shipped_tight)
+                    folds = seed if shuffled_cv else None
                     for variant, cls, params in candidates:
                         idx = cls(n, random_state=seed, **params).fit(X).indices_
-                        risks[variant] = (ridge_risk(pool.X, pool.y, idx)[0],
-                                          ridge_risk(pool.X, pool.y, idx, eval_rows=val)[0])
+                        risks[variant] = (ridge_risk(pool.X, pool.y, idx, fold_seed=folds)[0],
+                                          ridge_risk(pool.X, pool.y, idx, eval_rows=val, fold_seed=folds)[0])
                     chosen = min(risks, key=lambda v: (risks[v][1], v != "skmm"))
                     rows.append({"config": cfg["name"], "half": cfg["half"], "rule": name, "n": n, "seed": seed,
                                  "m": m, "skmm": risks["skmm"][0], "skmm_v2": risks["skmm_v2"][0],
@@ -256,6 +259,9 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the output file's name")
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--seed-offset", type=int, default=0, help="protocol: the first seed (a replicate's seeds)")
+    parser.add_argument("--shuffled-cv", action="store_true",
+                        help="protocol: the risk of each coreset as a set (shuffled CV folds); the bar is then the "
+                             "--best-other run's risk_shuffled_cv column")
     parser.add_argument("--best-other", default="",
                         help="protocol: the robustness run (label) whose other methods set the bar, e.g. a "
                              "replicate's with the same seeds (default: the runs of §14 at seeds 0-3)")
@@ -266,8 +272,12 @@ def main() -> None:
         out = digits(args.model, args.seeds, [int(b) for b in args.budgets.split(",")], rules)
         name = f"auto_m_digits_{args.model}"
     else:
-        out = protocol(args.seeds, rules, halves=tuple(args.halves.split(",")), seed_offset=args.seed_offset)
+        if args.shuffled_cv and not args.best_other:
+            parser.error("--shuffled-cv needs --best-other: a robustness run with --shuffled-cv")
+        out = protocol(args.seeds, rules, halves=tuple(args.halves.split(",")), seed_offset=args.seed_offset,
+                       shuffled_cv=args.shuffled_cv)
         out["best_other"] = args.best_other
+        out["column"] = "risk_shuffled_cv" if args.shuffled_cv else "risk"
         name = "auto_m_protocol"
     out["wall_s"] = time.perf_counter() - start
     name += args.tag
@@ -295,16 +305,20 @@ def summarise(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def best_other(label: str = "") -> dict[tuple[str, int], float]:
+def best_other(label: str = "", column: str = "risk") -> dict[tuple[str, int], float]:
     """(config, n) → the lowest mean risk of every other method (robustness.py's "best other"): the baseline run's
     non-SkMM rows and the current run's convex SkMM and SkMMv2 at the configuration's own m; with ``label``, every
-    non-skmm_best row of that robustness run (e.g. a replicate at other seeds)."""
+    non-skmm_best row of that robustness run (e.g. a replicate at other seeds; "A+B": run A completed by run B's
+    rows for the (configuration, method) pairs A lacks, as bench/seed_replicates.py), its ``column``."""
     import robustness
 
     if label:
-        rows = [r for r in robustness.read_runs(robustness.RESULTS / label / "runs.csv")
-                if r["method"] not in robustness.SKMM_BEST_ROWS]
-        return {key: min(means.values()) for key, means in robustness.summary(rows).items()}
+        rows: list[dict[str, Any]] = []
+        for part in label.split("+"):
+            done = {(r["config"], r["method"]) for r in rows}
+            rows += [r for r in robustness.read_runs(robustness.RESULTS / part / "runs.csv")
+                     if r["method"] not in robustness.SKMM_BEST_ROWS and (r["config"], r["method"]) not in done]
+        return {key: min(means.values()) for key, means in robustness.summary(rows, column).items()}
 
     rows = [r for r in robustness.read_runs(robustness.RESULTS / "baseline" / "runs.csv")
             if r["method"] not in ("skmm", "skmm_v2", *robustness.SKMM_BEST_ROWS)]
@@ -320,7 +334,7 @@ def best_other(label: str = "") -> dict[tuple[str, int], float]:
 def summarise_protocol(out: dict[str, Any]) -> str:
     """Per rule and half: the share of (config, n <= 200) cells where the val-choice row is within 1.1× the best
     other method, its worst ratio, and convex SkMM's worst ratio."""
-    best = best_other(out.get("best_other", ""))
+    best = best_other(out.get("best_other", ""), out.get("column", "risk"))
     rows = out["rows"]
     lines = ["| rule | half | cells | skmm_best_val <= 1.1x | worst | median | convex worst | greedy worst | m range |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -75,16 +75,17 @@ def all_configs() -> list[dict[str, Any]]:
 
 
 def run_config(cfg: dict[str, Any], seeds=SEEDS, methods=METHODS, max_n: int | None = None,
-               alpha_grid: bool = False) -> dict[str, Any]:
+               alpha_grid: bool = False, shuffled_cv: bool = False) -> dict[str, Any]:
     """``max_n``: run only the budgets up to it (the acceptance looks at n <= 200); ``alpha_grid``: also record
-    each coreset's risk at the best α of the ridge's grid (SyntheticConfig.alpha_grid)."""
+    each coreset's risk at the best α of the ridge's grid (SyntheticConfig.alpha_grid); ``shuffled_cv``: also its
+    CV risk as a set, folds shuffled (SyntheticConfig.shuffled_cv)."""
     from skmm.synthetic.benchmark import SyntheticConfig, run_synthetic
 
     config = SyntheticConfig(n_samples=cfg["n_samples"], dim=cfg["dim"], n_clusters=cfg["n_clusters"],
                              std_max=cfg["std_max"], generator_seed=cfg["generator_seed"],
                              budgets=[b for b in cfg["budgets"] if max_n is None or b <= max_n],
                              seeds=tuple(seeds), sketch_dim=cfg["sketch_dim"], methods=tuple(methods),
-                             val_fraction=0.1, cache_scores=True, alpha_grid=alpha_grid)
+                             val_fraction=0.1, cache_scores=True, alpha_grid=alpha_grid, shuffled_cv=shuffled_cv)
     return run_synthetic(config)
 
 
@@ -150,7 +151,8 @@ def markdown(rows: list[dict[str, Any]], configs: list[dict[str, Any]], full: di
             lines.append(f"| {desc} | {n}{' < m' if n < c['sketch_dim'] else ''} | " + " | ".join(vals)
                          + f" | {best:.3g} ({full.get(name, float('nan')):.3g}) |")
         if half != "paper":
-            for column, what in (("risk", ""), ("risk_best_alpha", ", each coreset at its best α of the grid")):
+            for column, what in (("risk", ""), ("risk_best_alpha", ", each coreset at its best α of the grid"),
+                                 ("risk_shuffled_cv", ", each coreset as a set: shuffled CV folds")):
                 acc = acceptance(rows, configs, half, column=column)
                 if acc["cells"]:
                     lines.append(f"\nAcceptance on the {half} half (n ≤ 200, {acc['cells']} cells{what}): "
@@ -206,6 +208,8 @@ def main() -> None:
                              "with new sketches, selections and validation samples on the same pools")
     parser.add_argument("--alpha-grid", action="store_true",
                         help="also record each coreset's risk at the best α of the ridge's grid")
+    parser.add_argument("--shuffled-cv", action="store_true",
+                        help="also record each coreset's CV risk as a set (rows in pool order, shuffled folds)")
     parser.add_argument("--report", action="store_true", help="only rewrite table.md from runs.csv")
     parser.add_argument("--reuse", default=None,
                         help="a results folder whose rows complete the table for the methods this run did not "
@@ -232,12 +236,20 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             result = run_config(cfg, seeds=seeds, methods=args.methods.split(","), max_n=args.max_n,
-                                alpha_grid=args.alpha_grid)
+                                alpha_grid=args.alpha_grid, shuffled_cv=args.shuffled_cv)
             full[cfg["name"]] = result["full_data_risk"]
             rows = [{"config": cfg["name"], "half": cfg["half"], **r} for r in result["rows"]]
+            fields = list(dict.fromkeys(k for r in rows for k in r))  # skmm_best_val rows add their own keys
             new = not runs_path.exists()
+            if not new:  # append under the file's own header, never a shifted one
+                with runs_path.open(newline="") as fh:
+                    header = next(csv.reader(fh), [])
+                extra = sorted(set(fields) - set(header))
+                if extra:
+                    raise SystemExit(f"{runs_path} has columns {header}; this run adds {extra}: use another --label")
+                fields = header
             with runs_path.open("a", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer = csv.DictWriter(fh, fieldnames=fields)
                 if new:
                     writer.writeheader()
                 writer.writerows(rows)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import robustness
 
-COLUMNS = {"risk": "CV", "risk_best_alpha": "best α"}
+COLUMNS = {"risk": "CV", "risk_best_alpha": "best α", "risk_shuffled_cv": "shuffled-fold CV (the coreset as a set)"}
 
 
 def load(label: str, half: str, max_n: int) -> list[dict[str, Any]]:
