@@ -308,16 +308,12 @@ def summarise(out: dict[str, Any]) -> str:
 def best_other(label: str = "", column: str = "risk") -> dict[tuple[str, int], float]:
     """(config, n) → the lowest mean risk of every other method (robustness.py's "best other"): the baseline run's
     non-SkMM rows and the current run's convex SkMM and SkMMv2 at the configuration's own m; with ``label``, every
-    non-skmm_best row of that robustness run (e.g. a replicate at other seeds; "A+B": run A completed by run B's
-    rows for the (configuration, method) pairs A lacks, as bench/seed_replicates.py), its ``column``."""
+    non-skmm_best row of that robustness run (e.g. a replicate at other seeds; "A+B" as
+    ``robustness.read_label``), its ``column``."""
     import robustness
 
     if label:
-        rows: list[dict[str, Any]] = []
-        for part in label.split("+"):
-            done = {(r["config"], r["method"]) for r in rows}
-            rows += [r for r in robustness.read_runs(robustness.RESULTS / part / "runs.csv")
-                     if r["method"] not in robustness.SKMM_BEST_ROWS and (r["config"], r["method"]) not in done]
+        rows = [r for r in robustness.read_label(label) if r["method"] not in robustness.SKMM_BEST_ROWS]
         return {key: min(means.values()) for key, means in robustness.summary(rows, column).items()}
 
     rows = [r for r in robustness.read_runs(robustness.RESULTS / "baseline" / "runs.csv")

@@ -187,6 +187,18 @@ def compare(before: list[dict[str, Any]], after: list[dict[str, Any]], configs: 
     return "\n".join(rows) + "\n"
 
 
+def read_label(label: str) -> list[dict[str, Any]]:
+    """A run's rows by its label (a folder under bench/results/robustness/, or a path). ``A+B``: run A's rows,
+    completed by run B's for the (configuration, method) pairs A did not run (as ``--reuse``)."""
+    rows: list[dict[str, Any]] = []
+    for part in label.split("+"):
+        path = pathlib.Path(part)
+        runs = read_runs((path if path.exists() else RESULTS / part) / "runs.csv")
+        have = {(r["config"], r["method"]) for r in rows}
+        rows += [r for r in runs if (r["config"], r["method"]) not in have]
+    return rows
+
+
 def read_runs(path: pathlib.Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

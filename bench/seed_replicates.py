@@ -2,8 +2,8 @@
 
 Two runs of ``bench/robustness.py`` on the same configurations with disjoint seed sets (``--seeds``) are two
 replicates of the protocol: the same pools and code, new sketches, selections and validation samples. This script
-puts them side by side, for the authors' CV risk and, where both runs recorded it (``--alpha-grid``), each
-coreset's risk at its best α:
+puts them side by side, for the authors' CV risk and, where both runs recorded them, each coreset's risk at its
+best α (``--alpha-grid``) and its CV risk as a set (``--shuffled-cv``):
 
 - the issue's acceptance figures (share of cells with skmm_best_val ≤ 1.1× the best other method, its worst ratio,
   convex SkMM's worst ratio to the best method) on each replicate and on the pooled seeds;
@@ -34,16 +34,9 @@ COLUMNS = {"risk": "CV", "risk_best_alpha": "best α", "risk_shuffled_cv": "shuf
 
 
 def load(label: str, half: str, max_n: int) -> list[dict[str, Any]]:
-    """One run's rows for ``half`` at n <= ``max_n``. ``A+B``: run A's rows, completed by run B's for the
-    (configuration, method) pairs A did not run (as robustness.py's ``--reuse``)."""
+    """One run's rows for ``half`` at n <= ``max_n`` (``robustness.read_label``: "A+B" completes run A with B's)."""
     names = {c["name"] for c in robustness.all_configs() if c["half"] == half}
-    rows: list[dict[str, Any]] = []
-    for part in label.split("+"):
-        path = Path(part)
-        runs = robustness.read_runs((path if path.exists() else robustness.RESULTS / part) / "runs.csv")
-        have = {(r["config"], r["method"]) for r in rows}
-        rows += [r for r in runs if (r["config"], r["method"]) not in have]
-    return [r for r in rows if r["config"] in names and int(r["n"]) <= max_n]
+    return [r for r in robustness.read_label(label) if r["config"] in names and int(r["n"]) <= max_n]
 
 
 def self_ratios(a: dict, b: dict, method: str) -> list[float]:
