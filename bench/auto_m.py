@@ -101,6 +101,10 @@ RULES: dict[str, dict[str, Any]] = {
     # the same for convex SkMM alone (no extra candidates: its own column is the point)
     **{f"floor64_rank2_convex_tight{t}": {"floor": 64, "rank_mult": 2, "tight": t,
                                           "by_variant": {"skmm": {"pivoting": "auto"}}} for t in (2, 5)},
+    # … with greedy pivots for the whole seeding at a tight budget, not only through the signal rank
+    # (skmm.select.spectrum.TIGHT_PIVOTING; dev d10 n = 40, bench/pivot_coverage.py)
+    "floor64_rank2_convex_tight5_greedy": {"floor": 64, "rank_mult": 2, "tight": 5, "tight_pivoting": "greedy",
+                                           "by_variant": {"skmm": {"pivoting": "auto"}}},
 }
 
 
@@ -217,6 +221,7 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
 
     configs = [c for c in robustness.all_configs() if c["half"] in halves]
     shipped_tight = spectrum.TIGHT_BUDGET_MULTIPLE  # rules with their own "tight" multiple set it for their fits
+    shipped_pivoting = spectrum.TIGHT_PIVOTING  # … and their own tight-budget pivots
     rows = []
     for cfg in configs:
         pool = make_gmm(cfg["n_samples"], cfg["dim"], cfg["n_clusters"], cfg["std_max"], cfg["generator_seed"])
@@ -235,6 +240,7 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
                     classes["skmm_pivoted"] = SketchedPivots  # only as an "extra" candidate
                     candidates += [(extra, classes[v], p) for extra, (v, p) in RULES[name].get("extra", {}).items()]
                     spectrum.TIGHT_BUDGET_MULTIPLE = RULES[name].get("tight", shipped_tight)
+                    spectrum.TIGHT_PIVOTING = RULES[name].get("tight_pivoting", shipped_pivoting)
                     folds = seed if shuffled_cv else None
                     for variant, cls, params in candidates:
                         idx = cls(n, random_state=seed, **params).fit(X).indices_

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["AUTO_M_FLOOR", "AUTO_M_RANK_MULTIPLE", "TIGHT_BUDGET_MULTIPLE", "auto_sketch_dim", "pivoting_for",
+__all__ = ["AUTO_M_FLOOR", "AUTO_M_RANK_MULTIPLE", "TIGHT_BUDGET_MULTIPLE", "TIGHT_PIVOTING", "auto_sketch_dim",
+           "pivoting_for",
            "ridge_for", "seed_count", "signal_rank", "spectral_ridge"]
 
 AUTO_M_FLOOR = 64  # automatic m: at least this many leading directions …
 AUTO_M_RANK_MULTIPLE = 2  # … and at least this multiple of the signal rank (many clusters need more)
 TIGHT_BUDGET_MULTIPLE = 5  # pivoting="auto": a budget below this multiple of the signal rank is "tight"
+TIGHT_PIVOTING = "greedy_signal"  # … and takes these pivots (bench/auto_m.py compares others on the protocol)
 
 
 def _check(lam: np.ndarray) -> np.ndarray:
@@ -74,13 +76,13 @@ def seed_count(n: int, m: int, rank: int) -> int:
 
 
 def pivoting_for(n: int, rank: int) -> str:
-    """Convex SkMM's ``pivoting="auto"``: "greedy_signal" when the budget is tight, n < 5 × the signal rank — a few
-    rows per signal direction (a cluster), where sampled pivots can leave a small cluster out and the coreset has
-    no estimate of its label — else "sampled" (the authors' rule; greedy pivots at every budget lost where the
-    budget leaves room: once each cluster has a row the arg-max takes the noisiest ones). The multiple was chosen
-    among 1.5, 2, 3, 5 and ∞ (always greedy) on the protocol's validation half and development family
-    (bench/README.md §14, "Convex SkMM at a tight budget")."""
-    return "greedy_signal" if n < TIGHT_BUDGET_MULTIPLE * rank else "sampled"
+    """Convex SkMM's ``pivoting="auto"``: ``TIGHT_PIVOTING`` ("greedy_signal") when the budget is tight, n < 5 × the
+    signal rank — a few rows per signal direction (a cluster), where sampled pivots can leave a small cluster out
+    and the coreset has no estimate of its label — else "sampled" (the authors' rule; greedy pivots at every budget
+    lost where the budget leaves room: once each cluster has a row the arg-max takes the noisiest ones). The
+    multiple was chosen among 1.5, 2, 3, 5 and ∞ (always greedy) on the protocol's validation half and development
+    family (bench/README.md §14, "Convex SkMM at a tight budget")."""
+    return TIGHT_PIVOTING if n < TIGHT_BUDGET_MULTIPLE * rank else "sampled"
 
 
 def auto_sketch_dim(lam: np.ndarray, floor: int = AUTO_M_FLOOR, rank_multiple: int = AUTO_M_RANK_MULTIPLE) -> int:
