@@ -24,8 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["AUTO_M_FLOOR", "AUTO_M_RANK_MULTIPLE", "TIGHT_BUDGET_MULTIPLE", "TIGHT_PIVOTING", "auto_sketch_dim",
-           "pivoting_for",
-           "ridge_for", "seed_count", "signal_rank", "spectral_ridge"]
+           "pivoting_for", "ridge_for", "seed_count", "signal_rank", "spectral_ridge"]
 
 AUTO_M_FLOOR = 64  # automatic m: at least this many leading directions …
 AUTO_M_RANK_MULTIPLE = 2  # … and at least this multiple of the signal rank (many clusters need more)

@@ -169,33 +169,39 @@ def _shuffled_cv(pool, indices: np.ndarray, seed: int) -> dict[str, float]:
     return {"risk_shuffled_cv": risk, "alpha_shuffled_cv": alpha}
 
 
+def _choose_on_val(pool, candidates: dict[str, Any], val: np.ndarray, fold_seed: int | None = None
+                   ) -> tuple[str, np.ndarray]:
+    """The candidate whose ridge fit (``ridge_risk``'s folds: ``fold_seed``) has the lowest risk on the ``val`` rows;
+    the first listed on ties."""
+    best = None
+    for variant, rows in candidates.items():
+        idx = np.asarray(rows)
+        val_risk = ridge_risk(pool.X, pool.y, idx, eval_rows=val, fold_seed=fold_seed)[0]
+        if best is None or val_risk < best[0]:
+            best = (val_risk, variant, idx)
+    return best[1], best[2]
+
+
 def _val_choice_row(pool, info: dict[str, Any], fraction: float, proxy_row: dict[str, Any],
                     proxy_indices: np.ndarray, alpha_grid: bool = False, shuffled_cv: bool = False
                     ) -> dict[str, Any]:
     """The pipeline's rule on skmm_best's candidates (two, or three with ``third_candidate``): lower ridge risk on
     the validation rows wins (the first listed, convex SkMM, on ties), reported as method ``skmm_best_val``. With
-    ``shuffled_cv`` the same rule runs again with the set's fit (shuffled folds) for ``risk_shuffled_cv``."""
+    ``shuffled_cv`` the same rule runs again with the set's fit (shuffled folds) for ``risk_shuffled_cv``. The
+    proxy row's risks are reused where the choice is the proxy's own coreset."""
     val = validation_rows(pool.X.shape[0], fraction, proxy_row["seed"])
-    best = None
-    for variant in info["candidates"]:
-        idx = np.asarray(info["candidates"][variant])
-        val_risk = ridge_risk(pool.X, pool.y, idx, eval_rows=val)[0]
-        if best is None or val_risk < best[0]:
-            best = (val_risk, variant, idx)
-    _, variant, idx = best
-    risk, alpha = (proxy_row["risk"], proxy_row["alpha"]) if np.array_equal(idx, proxy_indices) else \
-        ridge_risk(pool.X, pool.y, idx)
+    variant, idx = _choose_on_val(pool, info["candidates"], val)
+    is_proxy = np.array_equal(idx, proxy_indices)
+    risk, alpha = (proxy_row["risk"], proxy_row["alpha"]) if is_proxy else ridge_risk(pool.X, pool.y, idx)
     row = {**proxy_row, "method": "skmm_best_val", "risk": risk, "alpha": alpha,
            "clusters_covered": int(np.unique(pool.cluster[idx]).size), "chosen": variant}
-    if alpha_grid and not np.array_equal(idx, proxy_indices):
+    if alpha_grid and not is_proxy:
         row.update(_best_alpha(pool, idx))
     if shuffled_cv:
-        seed = proxy_row["seed"]
-        scored = [(ridge_risk(pool.X, pool.y, np.asarray(c), eval_rows=val, fold_seed=seed)[0], v)
-                  for v, c in info["candidates"].items()]
-        variant_s = min(scored, key=lambda t: t[0])[1]  # min keeps the first listed on ties
-        row.update(_shuffled_cv(pool, np.asarray(info["candidates"][variant_s]), seed),
-                   chosen_shuffled_cv=variant_s)
+        variant_s, idx_s = _choose_on_val(pool, info["candidates"], val, fold_seed=proxy_row["seed"])
+        if not np.array_equal(idx_s, proxy_indices):
+            row.update(_shuffled_cv(pool, idx_s, proxy_row["seed"]))
+        row["chosen_shuffled_cv"] = variant_s
     return row
 
 
