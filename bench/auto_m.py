@@ -23,11 +23,13 @@ A rule may also carry selector parameters: ``params`` for both variants, ``by_va
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +206,21 @@ def digits(model: str, seeds: int, budgets: list[int], rules: list[str]) -> dict
             "centered_spectrum": lam_c.tolist(), "rows": rows}
 
 
+@contextlib.contextmanager
+def tight_budget_rule(rule: dict[str, Any]) -> Iterator[None]:
+    """Fit under the rule's own tight-budget multiple and pivots (skmm.select.spectrum's module constants, which
+    ``pivoting="auto"`` reads), the shipped ones restored afterwards."""
+    from skmm.select import spectrum
+
+    shipped = spectrum.TIGHT_BUDGET_MULTIPLE, spectrum.TIGHT_PIVOTING
+    spectrum.TIGHT_BUDGET_MULTIPLE = rule.get("tight", shipped[0])
+    spectrum.TIGHT_PIVOTING = rule.get("tight_pivoting", shipped[1])
+    try:
+        yield
+    finally:
+        spectrum.TIGHT_BUDGET_MULTIPLE, spectrum.TIGHT_PIVOTING = shipped
+
+
 def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, ...] = ("val", "paper"),
              seed_offset: int = 0, shuffled_cv: bool = False) -> dict[str, Any]:
     """Each rule on the protocol's validation half and the paper's pool (budgets <= max_n), per (config, n, seed):
@@ -213,15 +230,13 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
     (``ridge_risk``'s ``fold_seed``) instead of the authors' contiguous halves."""
     import robustness
 
-    from skmm.select import SkMM, SkMMv2, spectrum
+    from skmm.select import SkMM, SkMMv2
     from skmm.select.sketched_pivots import SketchedPivots
     from skmm.synthetic.benchmark import validation_rows
     from skmm.synthetic.gmm import make_gmm
     from skmm.synthetic.risk import ridge_risk
 
     configs = [c for c in robustness.all_configs() if c["half"] in halves]
-    shipped_tight = spectrum.TIGHT_BUDGET_MULTIPLE  # rules with their own "tight" multiple set it for their fits
-    shipped_pivoting = spectrum.TIGHT_PIVOTING  # … and their own tight-budget pivots
     rows = []
     for cfg in configs:
         pool = make_gmm(cfg["n_samples"], cfg["dim"], cfg["n_clusters"], cfg["std_max"], cfg["generator_seed"])
@@ -239,11 +254,10 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
                     candidates = [(v, classes[v], rule_params(RULES[name], v)) for v in classes]
                     classes["skmm_pivoted"] = SketchedPivots  # only as an "extra" candidate
                     candidates += [(extra, classes[v], p) for extra, (v, p) in RULES[name].get("extra", {}).items()]
-                    spectrum.TIGHT_BUDGET_MULTIPLE = RULES[name].get("tight", shipped_tight)
-                    spectrum.TIGHT_PIVOTING = RULES[name].get("tight_pivoting", shipped_pivoting)
                     folds = seed if shuffled_cv else None
                     for variant, cls, params in candidates:
-                        idx = cls(n, random_state=seed, **params).fit(X).indices_
+                        with tight_budget_rule(RULES[name]):
+                            idx = cls(n, random_state=seed, **params).fit(X).indices_
                         risks[variant] = (ridge_risk(pool.X, pool.y, idx, fold_seed=folds)[0],
                                           ridge_risk(pool.X, pool.y, idx, eval_rows=val, fold_seed=folds)[0])
                     chosen = min(risks, key=lambda v: (risks[v][1], v != "skmm"))
@@ -319,8 +333,7 @@ def best_other(label: str = "", column: str = "risk") -> dict[tuple[str, int], f
     import robustness
 
     if label:
-        rows = [r for r in robustness.read_label(label) if r["method"] not in robustness.SKMM_BEST_ROWS]
-        return {key: min(means.values()) for key, means in robustness.summary(rows, column).items()}
+        return robustness.best_other_means(robustness.read_label(label), column)
 
     rows = [r for r in robustness.read_runs(robustness.RESULTS / "baseline" / "runs.csv")
             if r["method"] not in ("skmm", "skmm_v2", *robustness.SKMM_BEST_ROWS)]
@@ -329,13 +342,14 @@ def best_other(label: str = "", column: str = "risk") -> dict[tuple[str, int], f
     # the development family: every other method (convex SkMM and SkMMv2 at the configured m included) in one run
     rows += [r for r in robustness.read_runs(robustness.RESULTS / "dev" / "runs.csv")
              if r["method"] not in robustness.SKMM_BEST_ROWS]
-    cells = robustness.summary(rows)
-    return {key: min(v for v in means.values()) for key, means in cells.items()}
+    return robustness.best_other_means(rows)
 
 
 def summarise_protocol(out: dict[str, Any]) -> str:
     """Per rule and half: the share of (config, n <= 200) cells where the val-choice row is within 1.1× the best
     other method, its worst ratio, and convex SkMM's worst ratio."""
+    import robustness
+
     best = best_other(out.get("best_other", ""), out.get("column", "risk"))
     rows = out["rows"]
     lines = ["| rule | half | cells | skmm_best_val <= 1.1x | worst | median | convex worst | greedy worst | m range |",
@@ -345,9 +359,8 @@ def summarise_protocol(out: dict[str, Any]) -> str:
             sub = [r for r in rows if r["rule"] == rule and r["half"] == half]
             if not sub:
                 continue
-            keys = sorted({(r["config"], r["n"]) for r in sub})
-            ratio = {k: {v: float(np.mean([r[v] for r in sub if (r["config"], r["n"]) == k])) / best[k]
-                         for v in ("skmm_best_val", "skmm", "skmm_v2")} for k in keys}
+            ratio = robustness.mean_ratios(sub, best, ("skmm_best_val", "skmm", "skmm_v2"))
+            keys = list(ratio)
             vals = np.array([ratio[k]["skmm_best_val"] for k in keys])
             ms = [r["m"] for r in sub]
             lines.append(f"| {rule} | {half} | {len(keys)} | {np.mean(vals <= 1.1):.0%} | {vals.max():.2f} | "

@@ -109,6 +109,24 @@ def ratios(cells: dict[str, float], method: str) -> tuple[float, str]:
     return cells[method] / others[best], best
 
 
+def best_other_means(rows: list[dict[str, Any]], column: str = "risk") -> dict[tuple[str, int], float]:
+    """(config, n) → the lowest mean ``column`` of the methods in ``rows`` other than skmm_best's rows: the bar a
+    selection at another setting (bench/auto_m.py's automatic m) is measured against."""
+    return {key: min(v for k, v in cells.items() if k not in SKMM_BEST_ROWS)
+            for key, cells in summary(rows, column).items()}
+
+
+def mean_ratios(rows: list[dict[str, Any]], best: dict[tuple[str, int], float], columns: tuple[str, ...]
+                ) -> dict[tuple[str, int], dict[str, float]]:
+    """(config, n) → each of ``columns``' mean over the cell's ``rows`` (one dict per seed, e.g. bench/auto_m.py's)
+    divided by ``best`` of that cell."""
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        cells[(r["config"], r["n"])].append(r)
+    return {key: {c: float(np.mean([r[c] for r in cells[key]])) / best[key] for c in columns}
+            for key in sorted(cells)}
+
+
 def acceptance(rows: list[dict[str, Any]], configs: list[dict[str, Any]], half: str, max_n: int = 200,
                column: str = "risk") -> dict:
     """The issue's targets on one half: skmm_best (each rule) ≤ 1.1× best other in ≥ 90 % of cells, never > 2×;
@@ -193,10 +211,14 @@ def read_label(label: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for part in label.split("+"):
         path = pathlib.Path(part)
-        runs = read_runs((path if path.exists() else RESULTS / part) / "runs.csv")
-        have = {(r["config"], r["method"]) for r in rows}
-        rows += [r for r in runs if (r["config"], r["method"]) not in have]
+        rows = completed(rows, read_runs((path if path.exists() else RESULTS / part) / "runs.csv"))
     return rows
+
+
+def completed(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` and the rows of ``other`` for the (configuration, method) pairs ``rows`` lacks."""
+    have = {(r["config"], r["method"]) for r in rows}
+    return rows + [r for r in other if (r["config"], r["method"]) not in have]
 
 
 def read_runs(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -272,8 +294,7 @@ def main() -> None:
     if args.reuse:
         reuse = pathlib.Path(args.reuse)
         other = read_runs((reuse if reuse.is_absolute() or reuse.exists() else RESULTS / args.reuse) / "runs.csv")
-        have = {(r["config"], r["method"]) for r in rows}
-        rows += [r for r in other if (r["config"], r["method"]) not in have]
+        rows = completed(rows, other)
         if not full:
             other_full = (reuse if reuse.exists() else RESULTS / args.reuse) / "full_data_risk.json"
             full = json.loads(other_full.read_text()) if other_full.exists() else {}

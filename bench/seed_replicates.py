@@ -121,13 +121,7 @@ def auto_m_rows(path: str, half: str, max_n: int) -> list[dict[str, Any]]:
 def auto_m_ratios(auto: list[dict[str, Any]], others: list[dict[str, Any]]) -> dict[tuple[str, int], dict]:
     """(config, n) → skmm_best_val's and convex SkMM's mean risk at the automatic m over the best other method's
     (every robustness row but skmm_best's, convex SkMM and SkMMv2 at the configured m included, as auto_m.py)."""
-    best = {key: min(v for k, v in cells.items() if k not in robustness.SKMM_BEST_ROWS)
-            for key, cells in robustness.summary(others).items()}
-    out = {}
-    for key in sorted({(r["config"], r["n"]) for r in auto}):
-        sub = [r for r in auto if (r["config"], r["n"]) == key]
-        out[key] = {v: float(np.mean([r[v] for r in sub])) / best[key] for v in ("skmm_best_val", "skmm")}
-    return out
+    return robustness.mean_ratios(auto, robustness.best_other_means(others), ("skmm_best_val", "skmm"))
 
 
 def compare_auto_m(files: list[str], reps: dict[str, list[dict[str, Any]]], half: str, max_n: int
