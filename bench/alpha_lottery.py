@@ -24,15 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def cell(cfg: dict, n: int, seeds: int) -> dict:
+    import robustness
     from auto_m import protocol_sketch, reduced
 
     from skmm.select import SkMM, SkMMv2, make_selector
     from skmm.select.sketched_pivots import SketchedPivots
     from skmm.select.spectrum import auto_sketch_dim
-    from skmm.synthetic.gmm import make_gmm
     from skmm.synthetic.risk import DEFAULT_ALPHAS, ridge_risk, ridge_risks_by_alpha
 
-    pool = make_gmm(cfg["n_samples"], cfg["dim"], cfg["n_clusters"], cfg["std_max"], cfg["generator_seed"])
+    pool = robustness.make_pool(cfg)
     present = np.flatnonzero(pool.sizes)
     out: dict[str, list[dict]] = {}
     for seed in range(seeds):

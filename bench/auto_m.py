@@ -233,13 +233,12 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
     from skmm.select import SkMM, SkMMv2
     from skmm.select.sketched_pivots import SketchedPivots
     from skmm.synthetic.benchmark import validation_rows
-    from skmm.synthetic.gmm import make_gmm
     from skmm.synthetic.risk import ridge_risk
 
     configs = [c for c in robustness.all_configs() if c["half"] in halves]
     rows = []
     for cfg in configs:
-        pool = make_gmm(cfg["n_samples"], cfg["dim"], cfg["n_clusters"], cfg["std_max"], cfg["generator_seed"])
+        pool = robustness.make_pool(cfg)
         start = time.perf_counter()
         for seed in range(seed_offset, seed_offset + seeds):
             S, lam, V = protocol_sketch(pool.X, seed)

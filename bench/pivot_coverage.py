@@ -26,7 +26,6 @@ def main() -> None:
 
     from skmm.select import SkMM
     from skmm.select.spectrum import signal_rank
-    from skmm.synthetic.gmm import make_gmm
     from skmm.synthetic.risk import ridge_risk
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +38,7 @@ def main() -> None:
     if name not in configs:
         raise SystemExit(f"unknown configuration {name!r}")
     cfg, n = configs[name], int(n)
-    pool = make_gmm(cfg["n_samples"], cfg["dim"], cfg["n_clusters"], cfg["std_max"], cfg["generator_seed"])
+    pool = robustness.make_pool(cfg)
     present = np.flatnonzero(pool.sizes)
     rows = []
     for seed in range(args.seeds):

@@ -74,6 +74,13 @@ def all_configs() -> list[dict[str, Any]]:
     return [dict(PAPER), *family(), *dev_family()]
 
 
+def make_pool(cfg: dict[str, Any]) -> Any:
+    """A configuration's pool: the authors' generator with its N, r, cluster count, std_max and seed."""
+    from skmm.synthetic.gmm import make_gmm
+
+    return make_gmm(cfg["n_samples"], cfg["dim"], cfg["n_clusters"], cfg["std_max"], cfg["generator_seed"])
+
+
 def run_config(cfg: dict[str, Any], seeds=SEEDS, methods=METHODS, max_n: int | None = None,
                alpha_grid: bool = False, shuffled_cv: bool = False) -> dict[str, Any]:
     """``max_n``: run only the budgets up to it (the acceptance looks at n <= 200); ``alpha_grid``: also record

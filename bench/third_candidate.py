@@ -24,14 +24,13 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from robustness import PAPER, RESULTS, SEEDS, SKMM_BEST_ROWS
+from robustness import PAPER, RESULTS, SEEDS, SKMM_BEST_ROWS, make_pool
 
 from skmm.select import SkMM, SkMMBest, SkMMv2
 from skmm.select.base import check_random_state
 from skmm.select.moment_matching import selection_sketch
 from skmm.select.sketched_pivots import SketchedPivots
 from skmm.synthetic.benchmark import SyntheticConfig, validation_rows
-from skmm.synthetic.gmm import make_gmm
 from skmm.synthetic.risk import ridge_risk
 
 FOURTH = "--four" in sys.argv  # also the fourth candidate: randomly pivoted sampling on the sketch
@@ -63,7 +62,7 @@ def main() -> None:
                              std_max=cfg["std_max"], sketch_dim=cfg["sketch_dim"],
                              generator_seed=cfg["generator_seed"])
     params = {**config.method_params("skmm_best"), "pivoted_candidate": FOURTH}  # the default lists the fourth
-    pool = make_gmm(cfg["n_samples"], cfg["dim"], cfg["n_clusters"], cfg["std_max"], cfg["generator_seed"])
+    pool = make_pool(cfg)
     start, rows = time.perf_counter(), []
     for seed in SEEDS:
         val = validation_rows(pool.X.shape[0], config.val_fraction, seed)
