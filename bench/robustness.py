@@ -214,12 +214,23 @@ def compare(before: list[dict[str, Any]], after: list[dict[str, Any]], configs: 
 
 def read_label(label: str) -> list[dict[str, Any]]:
     """A run's rows by its label (a folder under bench/results/robustness/, or a path). ``A+B``: run A's rows,
-    completed by run B's for the (configuration, method) pairs A did not run (as ``--reuse``)."""
-    rows: list[dict[str, Any]] = []
-    for part in label.split("+"):
-        path = pathlib.Path(part)
-        rows = completed(rows, read_runs((path if path.exists() else RESULTS / part) / "runs.csv"))
-    return rows
+    completed by run B's for the (configuration, method) pairs A did not run (as ``--reuse``). ``A|B``: the rows
+    of runs A and B pooled — replicates with disjoint seeds read as one table with more seeds per cell (``+``
+    binds tighter: ``A+B|C``)."""
+    pooled: list[dict[str, Any]] = []
+    seen: set[tuple[str, str, str, str]] = set()
+    for run in label.split("|"):
+        rows: list[dict[str, Any]] = []
+        for part in run.split("+"):
+            path = pathlib.Path(part)
+            rows = completed(rows, read_runs((path if path.exists() else RESULTS / part) / "runs.csv"))
+        keys = {(r["config"], r["method"], r["n"], r["seed"]) for r in rows}
+        if keys & seen:
+            raise SystemExit(f"{label}: {run} repeats (configuration, method, n, seed) rows of the runs before it; "
+                             "'|' pools runs with disjoint seeds")
+        seen |= keys
+        pooled += rows
+    return pooled
 
 
 def completed(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[dict[str, Any]]:

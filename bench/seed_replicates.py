@@ -108,10 +108,16 @@ def compare(reps: dict[str, list[dict[str, Any]]], half: str, max_n: int) -> dic
 
 
 def auto_m_rows(path: str, half: str, max_n: int) -> list[dict[str, Any]]:
-    """bench/auto_m.py protocol rows (one rule) for ``half`` at n <= ``max_n``."""
-    file = Path(path)
-    file = file if file.exists() else robustness.RESULTS.parent / "auto_m" / path
-    rows = [r for r in json.loads(file.read_text())["rows"] if r["half"] == half and r["n"] <= max_n]
+    """bench/auto_m.py protocol rows (one rule) for ``half`` at n <= ``max_n``; ``a.json|b.json`` pools files
+    with disjoint seeds."""
+    rows = []
+    for part in path.split("|"):
+        file = Path(part)
+        file = file if file.exists() else robustness.RESULTS.parent / "auto_m" / part
+        rows += [r for r in json.loads(file.read_text())["rows"] if r["half"] == half and r["n"] <= max_n]
+    keys = [(r["config"], r["n"], r["seed"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise SystemExit(f"{path}: the pooled files repeat (configuration, n, seed) rows; pool disjoint seeds")
     rules = {r["rule"] for r in rows}
     if len(rules) != 1:
         raise SystemExit(f"{path}: expected the rows of one rule for half {half}; found {sorted(rules)}")
@@ -185,12 +191,13 @@ def markdown(out: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", required=True,
-                        help="two robustness labels (or folders), comma-separated; A+B completes run A with B's rows")
+                        help="two robustness labels (or folders), comma-separated; A+B completes run A with B's "
+                             "rows, A|B pools runs with disjoint seeds into one replicate")
     parser.add_argument("--half", default="val", choices=("val", "dev", "paper", "test"))
     parser.add_argument("--max-n", type=int, default=200)
     parser.add_argument("--auto-m", default="",
-                        help="two bench/auto_m.py protocol files with the two runs' seeds, comma-separated: the "
-                             "figures at the automatic m too")
+                        help="two bench/auto_m.py protocol files with the two runs' seeds, comma-separated (a|b "
+                             "pools files): the figures at the automatic m too")
     args = parser.parse_args()
     labels = args.runs.split(",")
     if len(labels) != 2:
