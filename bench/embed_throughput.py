@@ -159,7 +159,9 @@ def main() -> None:
         "spec_digest": spec.digest, "device": str(device), "n_images": args.n, "batch_size": args.batch_size,
         "images": args.images, "mean_image_kb": round(image_kb, 1), "precision": args.precision,
         "block_rows": block_rows, "decode_workers": workers, "load_average": list(os.getloadavg()),
-        "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "model_build_s": round(load_s, 3),
+        "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # OpenMP's idle threads spin (unset) or sleep
+        "model_build_s": round(load_s, 3),
         "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "cpu_seconds": {k: [round(t, 3) for t in v] for k, v in cpu_times.items()},
         "bare_images_per_s": round(bare_ips, 1), "embed_images_per_s": round(embed_ips, 1),
