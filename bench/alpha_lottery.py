@@ -30,7 +30,7 @@ def cell(cfg: dict, n: int, seeds: int) -> dict:
     from skmm.select import SkMM, SkMMv2, make_selector
     from skmm.select.sketched_pivots import SketchedPivots
     from skmm.select.spectrum import auto_sketch_dim
-    from skmm.synthetic.risk import DEFAULT_ALPHAS, ridge_risk, ridge_risks_by_alpha
+    from skmm.synthetic.risk import DEFAULT_ALPHAS, cv_errors, ridge_risk, ridge_risks_by_alpha
 
     pool = robustness.make_pool(cfg)
     present = np.flatnonzero(pool.sizes)
@@ -46,18 +46,27 @@ def cell(cfg: dict, n: int, seeds: int) -> dict:
         for method, idx in coresets.items():
             risk, alpha = ridge_risk(pool.X, pool.y, idx)
             grid = ridge_risks_by_alpha(pool.X, pool.y, idx)
+            errors = cv_errors(pool.X, pool.y, idx)
+            shuffled_risk, shuffled_alpha = ridge_risk(pool.X, pool.y, idx, fold_seed=seed)
+            scale = pool.scales[pool.cluster[idx]]
             out.setdefault(method, []).append({
                 "seed": seed, "risk": risk, "alpha": alpha, "risk_best_alpha": float(grid.min()),
                 # the same set in pool order, and as a set with shuffled folds (the authors' CV follows the order)
                 "risk_pool_order": ridge_risk(pool.X, pool.y, np.sort(idx))[0],
-                "risk_shuffled_cv": ridge_risk(pool.X, pool.y, idx, fold_seed=seed)[0],
+                "risk_shuffled_cv": shuffled_risk, "alpha_shuffled_cv": shuffled_alpha,
                 "best_alpha": float(DEFAULT_ALPHAS[int(np.argmin(grid))]),
+                # how far apart the CV's errors over the α grid are (a tie when tiny), and whether the listing puts
+                # the large-scale clusters in its first fold (mean cluster scale a_c of the first half over the second)
+                "cv_error_spread": float((errors.max() - errors.min()) / errors.min()),
+                "fold_scale_ratio": float(scale[:len(idx) // 2].mean() / scale[len(idx) // 2:].mean()),
                 "clusters_missed": int(np.setdiff1d(present, pool.cluster[idx]).size)})
     return out
 
 
 def main() -> None:
     import robustness
+
+    from skmm.synthetic.risk import DEFAULT_ALPHAS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", required=True, help="comma-separated configuration:n, e.g. c14:32,paper:64")
@@ -67,7 +76,8 @@ def main() -> None:
     configs = {c["name"]: c for c in robustness.all_configs()}
     result = {}
     lines = ["| cell | method | CV risk / best | pool order / best | shuffled folds / best | best-α risk / best | "
-             "α picked per seed | clusters missed |", "|---|---|---|---|---|---|---|---|"]
+             "α picked per seed | seeds at α = 100 as listed / shuffled | CV error spread, largest | "
+             "fold scale ratio, median | clusters missed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for spec in args.cells.split(","):
         name, n = spec.split(":")
         if name not in configs:
@@ -80,7 +90,11 @@ def main() -> None:
             alphas = ", ".join(f"{r['alpha']:.3g}" for r in rs)
             missed = sum(r["clusters_missed"] for r in rs)
             ratios = " | ".join(f"{v[m] / min(v.values()):.2f}" for v in cols.values())
-            lines.append(f"| {spec} | {m} | {ratios} | {alphas} | {missed} |")
+            top = DEFAULT_ALPHAS[-1]
+            picks = f"{sum(r['alpha'] == top for r in rs)} / {sum(r['alpha_shuffled_cv'] == top for r in rs)}"
+            spread = max(r["cv_error_spread"] for r in rs)
+            folds = np.median([r["fold_scale_ratio"] for r in rs])
+            lines.append(f"| {spec} | {m} | {ratios} | {alphas} | {picks} | {spread:.1e} | {folds:.2f} | {missed} |")
         print(spec, "done", flush=True)
     path = Path(os.environ.get("SKMM_BENCH_OUT", Path(__file__).parent / "out")) / f"alpha_lottery{args.tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,19 +16,14 @@ import numpy as np
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import GridSearchCV, KFold
 
-__all__ = ["DEFAULT_ALPHAS", "ridge_risk", "ridge_risks_by_alpha"]
+__all__ = ["DEFAULT_ALPHAS", "cv_errors", "ridge_risk", "ridge_risks_by_alpha"]
 
 DEFAULT_ALPHAS = np.linspace(1e-3, 1e2, 10)
 
 
-def ridge_risk(X: np.ndarray, y: np.ndarray, coreset: np.ndarray | None = None,
-               alphas: np.ndarray = DEFAULT_ALPHAS, cv: int = 2,
-               eval_rows: np.ndarray | None = None, fold_seed: int | None = None) -> tuple[float, float]:
-    """Fit on X[coreset] (all rows when None) and return (risk over ``eval_rows`` — all rows when None, chosen α).
-
-    ``fold_seed`` None: the authors' folds, contiguous in the coreset's order. An integer: the coreset as a set —
-    its rows sorted by pool index and split into ``cv`` shuffled folds seeded by ``fold_seed``, so that the risk
-    does not depend on the order the selector listed them in."""
+def _cv_search(X: np.ndarray, y: np.ndarray, coreset: np.ndarray | None, alphas: np.ndarray, cv: int,
+               fold_seed: int | None) -> GridSearchCV:
+    """The authors' α search on the coreset, fitted (folds as :func:`ridge_risk` describes)."""
     idx = np.arange(X.shape[0]) if coreset is None else np.asarray(coreset)
     folds: int | KFold = cv
     if fold_seed is not None:
@@ -39,9 +34,30 @@ def ridge_risk(X: np.ndarray, y: np.ndarray, coreset: np.ndarray | None = None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         search.fit(X[idx], y[idx])
+    return search
+
+
+def ridge_risk(X: np.ndarray, y: np.ndarray, coreset: np.ndarray | None = None,
+               alphas: np.ndarray = DEFAULT_ALPHAS, cv: int = 2,
+               eval_rows: np.ndarray | None = None, fold_seed: int | None = None) -> tuple[float, float]:
+    """Fit on X[coreset] (all rows when None) and return (risk over ``eval_rows`` — all rows when None, chosen α).
+
+    ``fold_seed`` None: the authors' folds, contiguous in the coreset's order. An integer: the coreset as a set —
+    its rows sorted by pool index and split into ``cv`` shuffled folds seeded by ``fold_seed``, so that the risk
+    does not depend on the order the selector listed them in."""
+    search = _cv_search(X, y, coreset, alphas, cv, fold_seed)
     rows = slice(None) if eval_rows is None else np.asarray(eval_rows)
     residual = y[rows] - search.best_estimator_.predict(X[rows])
     return float(residual @ residual / residual.shape[0]), float(search.best_params_["alpha"])
+
+
+def cv_errors(X: np.ndarray, y: np.ndarray, coreset: np.ndarray | None = None,
+              alphas: np.ndarray = DEFAULT_ALPHAS, cv: int = 2, fold_seed: int | None = None) -> np.ndarray:
+    """The CV's mean validation error at each α of the grid, which :func:`ridge_risk` picks the lowest of. An
+    evaluation aid: where these differ by a few parts in a million (budgets near the cluster count, where most of
+    a fold's rows come from clusters the other fold lacks) the α picked is a tie broken by the folds
+    (bench/README.md §14, "Sixteen seeds on the test half")."""
+    return -_cv_search(X, y, coreset, alphas, cv, fold_seed).cv_results_["mean_test_score"]
 
 
 def ridge_risks_by_alpha(X: np.ndarray, y: np.ndarray, coreset: np.ndarray,

@@ -174,3 +174,18 @@ def test_shuffled_cv_rows_score_each_coreset_as_a_set():
     assert val_row["chosen_shuffled_cv"] in {"skmm", "skmm_v2", "skmm_gsignal", "skmm_pivoted"}
     assert "risk_shuffled_cv" not in run_synthetic(SyntheticConfig(**{**config.__dict__, "shuffled_cv": False,
                                                                        "methods": ("uniform",)}))["rows"][0]
+
+
+def test_cv_errors_are_what_the_ridge_risk_chooses_alpha_from():
+    # the CV's validation error per α of the grid: its argmin is the α ridge_risk picks, as listed and as a set
+    from skmm.select import make_selector
+    from skmm.synthetic.risk import DEFAULT_ALPHAS, cv_errors
+
+    pool = make_gmm(300, 80, 5, 0.04, 0)
+    coreset = make_selector("kcenter", 12, random_state=0).fit(pool.X).indices_
+    for fold_seed in (None, 3):
+        errors = cv_errors(pool.X, pool.y, coreset, fold_seed=fold_seed)
+        assert errors.shape == DEFAULT_ALPHAS.shape and np.all(errors > 0)
+        _, alpha = ridge_risk(pool.X, pool.y, coreset, fold_seed=fold_seed)
+        assert DEFAULT_ALPHAS[int(np.argmin(errors))] == alpha
+    assert not np.array_equal(cv_errors(pool.X, pool.y, coreset), cv_errors(pool.X, pool.y, np.sort(coreset)))
