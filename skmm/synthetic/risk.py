@@ -56,7 +56,7 @@ def cv_errors(X: np.ndarray, y: np.ndarray, coreset: np.ndarray | None = None,
     """The CV's mean validation error at each α of the grid, which :func:`ridge_risk` picks the lowest of. An
     evaluation aid: where these differ by a few parts in a million (budgets near the cluster count, where most of
     a fold's rows come from clusters the other fold lacks) the α picked is a tie broken by the folds
-    (bench/README.md §14, "Sixteen seeds on the test half")."""
+    (bench/README.md §14, "c11 n = 32: the CV's α is a tie")."""
     return -_cv_search(X, y, coreset, alphas, cv, fold_seed).cv_results_["mean_test_score"]
 
 
