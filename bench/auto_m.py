@@ -233,7 +233,7 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
     from skmm.select import SkMM, SkMMv2
     from skmm.select.sketched_pivots import SketchedPivots
     from skmm.synthetic.benchmark import validation_rows
-    from skmm.synthetic.risk import ridge_risk
+    from skmm.synthetic.risk import ridge_risk_on_rows
 
     configs = [c for c in robustness.all_configs() if c["half"] in halves]
     rows = []
@@ -257,8 +257,7 @@ def protocol(seeds: int, rules: list[str], max_n: int = 200, halves: tuple[str, 
                     for variant, cls, params in candidates:
                         with tight_budget_rule(RULES[name]):
                             idx = cls(n, random_state=seed, **params).fit(X).indices_
-                        risks[variant] = (ridge_risk(pool.X, pool.y, idx, fold_seed=folds)[0],
-                                          ridge_risk(pool.X, pool.y, idx, eval_rows=val, fold_seed=folds)[0])
+                        risks[variant] = ridge_risk_on_rows(pool.X, pool.y, idx, (None, val), fold_seed=folds)[0]
                     chosen = min(risks, key=lambda v: (risks[v][1], v != "skmm"))
                     rows.append({"config": cfg["name"], "half": cfg["half"], "rule": name, "n": n, "seed": seed,
                                  "m": m, "skmm": risks["skmm"][0], "skmm_v2": risks["skmm_v2"][0],

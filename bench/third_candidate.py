@@ -31,7 +31,7 @@ from skmm.select.base import check_random_state
 from skmm.select.moment_matching import selection_sketch
 from skmm.select.sketched_pivots import SketchedPivots
 from skmm.synthetic.benchmark import SyntheticConfig, validation_rows
-from skmm.synthetic.risk import ridge_risk
+from skmm.synthetic.risk import ridge_risk_on_rows
 
 FOURTH = "--four" in sys.argv  # also the fourth candidate: randomly pivoted sampling on the sketch
 
@@ -82,8 +82,7 @@ def main() -> None:
             if FOURTH:  # SkMM's seeding step alone for the whole budget, on the same sketch and seed
                 cands["pivoted"] = SketchedPivots(n, None, random_state=inner).fit(S).indices_
                 assert cands["pivoted"].tolist() == library["skmm_pivoted"], (seed, n)
-            risks = {v: (ridge_risk(pool.X, pool.y, idx)[0], ridge_risk(pool.X, pool.y, idx, eval_rows=val)[0])
-                     for v, idx in cands.items()}
+            risks = {v: ridge_risk_on_rows(pool.X, pool.y, idx, (None, val))[0] for v, idx in cands.items()}
             two = min(("skmm", "skmm_v2"), key=lambda v: (risks[v][1], v != "skmm"))
             three = min(("skmm", "skmm_v2", "skmm_gsignal"), key=lambda v: (risks[v][1], v != "skmm"))
             four = min(cands, key=lambda v: (risks[v][1], v != "skmm"))

@@ -18,7 +18,7 @@ import numpy as np
 
 from skmm.select import make_selector
 from skmm.synthetic.gmm import make_gmm
-from skmm.synthetic.risk import DEFAULT_ALPHAS, ridge_risk, ridge_risks_by_alpha
+from skmm.synthetic.risk import DEFAULT_ALPHAS, ridge_risk, ridge_risk_on_rows, ridge_risks_by_alpha
 
 __all__ = ["SyntheticConfig", "run_synthetic", "summarize", "write_report"]
 
@@ -170,16 +170,16 @@ def _shuffled_cv(pool, indices: np.ndarray, seed: int) -> dict[str, float]:
 
 
 def _choose_on_val(pool, candidates: dict[str, Any], val: np.ndarray, fold_seed: int | None = None
-                   ) -> tuple[str, np.ndarray]:
-    """The candidate whose ridge fit (``ridge_risk``'s folds: ``fold_seed``) has the lowest risk on the ``val`` rows;
-    the first listed on ties."""
+                   ) -> tuple[str, np.ndarray, float, float]:
+    """The candidate whose ridge fit (``ridge_risk``'s folds: ``fold_seed``) has the lowest risk on the ``val`` rows,
+    the first listed on ties: (its name, its rows, the same fit's risk on the whole pool, its α)."""
     best = None
     for variant, rows in candidates.items():
         idx = np.asarray(rows)
-        val_risk = ridge_risk(pool.X, pool.y, idx, eval_rows=val, fold_seed=fold_seed)[0]
+        (val_risk, risk), alpha = ridge_risk_on_rows(pool.X, pool.y, idx, (val, None), fold_seed=fold_seed)
         if best is None or val_risk < best[0]:
-            best = (val_risk, variant, idx)
-    return best[1], best[2]
+            best = (val_risk, variant, idx, risk, alpha)
+    return best[1:]
 
 
 def _val_choice_row(pool, info: dict[str, Any], fraction: float, proxy_row: dict[str, Any],
@@ -188,20 +188,16 @@ def _val_choice_row(pool, info: dict[str, Any], fraction: float, proxy_row: dict
     """The pipeline's rule on skmm_best's candidates (two, or three with ``third_candidate``): lower ridge risk on
     the validation rows wins (the first listed, convex SkMM, on ties), reported as method ``skmm_best_val``. With
     ``shuffled_cv`` the same rule runs again with the set's fit (shuffled folds) for ``risk_shuffled_cv``. The
-    proxy row's risks are reused where the choice is the proxy's own coreset."""
+    proxy row's best-α risk is reused where the choice is the proxy's own coreset."""
     val = validation_rows(pool.X.shape[0], fraction, proxy_row["seed"])
-    variant, idx = _choose_on_val(pool, info["candidates"], val)
-    is_proxy = np.array_equal(idx, proxy_indices)
-    risk, alpha = (proxy_row["risk"], proxy_row["alpha"]) if is_proxy else ridge_risk(pool.X, pool.y, idx)
+    variant, idx, risk, alpha = _choose_on_val(pool, info["candidates"], val)
     row = {**proxy_row, "method": "skmm_best_val", "risk": risk, "alpha": alpha,
            "clusters_covered": int(np.unique(pool.cluster[idx]).size), "chosen": variant}
-    if alpha_grid and not is_proxy:
+    if alpha_grid and not np.array_equal(idx, proxy_indices):
         row.update(_best_alpha(pool, idx))
     if shuffled_cv:
-        variant_s, idx_s = _choose_on_val(pool, info["candidates"], val, fold_seed=proxy_row["seed"])
-        if not np.array_equal(idx_s, proxy_indices):
-            row.update(_shuffled_cv(pool, idx_s, proxy_row["seed"]))
-        row["chosen_shuffled_cv"] = variant_s
+        variant_s, _, risk_s, alpha_s = _choose_on_val(pool, info["candidates"], val, fold_seed=proxy_row["seed"])
+        row.update({"risk_shuffled_cv": risk_s, "alpha_shuffled_cv": alpha_s, "chosen_shuffled_cv": variant_s})
     return row
 
 

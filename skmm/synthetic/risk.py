@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import GridSearchCV, KFold
 
-__all__ = ["DEFAULT_ALPHAS", "cv_errors", "ridge_risk", "ridge_risks_by_alpha"]
+__all__ = ["DEFAULT_ALPHAS", "cv_errors", "ridge_risk", "ridge_risk_on_rows", "ridge_risks_by_alpha"]
 
 DEFAULT_ALPHAS = np.linspace(1e-3, 1e2, 10)
 
@@ -45,10 +45,22 @@ def ridge_risk(X: np.ndarray, y: np.ndarray, coreset: np.ndarray | None = None,
     ``fold_seed`` None: the authors' folds, contiguous in the coreset's order. An integer: the coreset as a set —
     its rows sorted by pool index and split into ``cv`` shuffled folds seeded by ``fold_seed``, so that the risk
     does not depend on the order the selector listed them in."""
+    (risk,), alpha = ridge_risk_on_rows(X, y, coreset, (eval_rows,), alphas, cv, fold_seed)
+    return risk, alpha
+
+
+def ridge_risk_on_rows(X: np.ndarray, y: np.ndarray, coreset: np.ndarray | None,
+                       row_sets: tuple[np.ndarray | None, ...], alphas: np.ndarray = DEFAULT_ALPHAS, cv: int = 2,
+                       fold_seed: int | None = None) -> tuple[tuple[float, ...], float]:
+    """:func:`ridge_risk` over several row sets (None: all rows) from one fit — e.g. the risk on the pool and on a
+    validation sample — instead of one α search per set: (the risks, in ``row_sets``' order; chosen α)."""
     search = _cv_search(X, y, coreset, alphas, cv, fold_seed)
-    rows = slice(None) if eval_rows is None else np.asarray(eval_rows)
-    residual = y[rows] - search.best_estimator_.predict(X[rows])
-    return float(residual @ residual / residual.shape[0]), float(search.best_params_["alpha"])
+    risks = []
+    for eval_rows in row_sets:
+        rows = slice(None) if eval_rows is None else np.asarray(eval_rows)
+        residual = y[rows] - search.best_estimator_.predict(X[rows])
+        risks.append(float(residual @ residual / residual.shape[0]))
+    return tuple(risks), float(search.best_params_["alpha"])
 
 
 def cv_errors(X: np.ndarray, y: np.ndarray, coreset: np.ndarray | None = None,

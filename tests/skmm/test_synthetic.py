@@ -189,3 +189,16 @@ def test_cv_errors_are_what_the_ridge_risk_chooses_alpha_from():
         _, alpha = ridge_risk(pool.X, pool.y, coreset, fold_seed=fold_seed)
         assert DEFAULT_ALPHAS[int(np.argmin(errors))] == alpha
     assert not np.array_equal(cv_errors(pool.X, pool.y, coreset), cv_errors(pool.X, pool.y, np.sort(coreset)))
+
+
+def test_one_fit_gives_the_risk_on_every_row_set_as_separate_fits_do():
+    from skmm.select import make_selector
+    from skmm.synthetic.risk import ridge_risk_on_rows
+
+    pool = make_gmm(300, 80, 5, 0.04, 0)
+    coreset = make_selector("kcenter", 12, random_state=0).fit(pool.X).indices_
+    val = np.arange(0, 300, 7)
+    for fold_seed in (None, 3):
+        (full, on_val), alpha = ridge_risk_on_rows(pool.X, pool.y, coreset, (None, val), fold_seed=fold_seed)
+        assert (full, alpha) == ridge_risk(pool.X, pool.y, coreset, fold_seed=fold_seed)
+        assert (on_val, alpha) == ridge_risk(pool.X, pool.y, coreset, eval_rows=val, fold_seed=fold_seed)
