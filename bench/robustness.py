@@ -22,6 +22,7 @@ import os
 import pathlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -217,20 +218,26 @@ def read_label(label: str) -> list[dict[str, Any]]:
     completed by run B's for the (configuration, method) pairs A did not run (as ``--reuse``). ``A|B``: the rows
     of runs A and B pooled — replicates with disjoint seeds read as one table with more seeds per cell (``+``
     binds tighter: ``A+B|C``)."""
-    pooled: list[dict[str, Any]] = []
-    seen: set[tuple[str, str, str, str]] = set()
+    runs = []
     for run in label.split("|"):
         rows: list[dict[str, Any]] = []
         for part in run.split("+"):
             path = pathlib.Path(part)
             rows = completed(rows, read_runs((path if path.exists() else RESULTS / part) / "runs.csv"))
-        keys = {(r["config"], r["method"], r["n"], r["seed"]) for r in rows}
-        if keys & seen:
-            raise SystemExit(f"{label}: {run} repeats (configuration, method, n, seed) rows of the runs before it; "
-                             "'|' pools runs with disjoint seeds")
-        seen |= keys
-        pooled += rows
-    return pooled
+        runs.append(rows)
+    return pooled(runs, lambda r: (r["config"], r["method"], r["n"], r["seed"]), label)
+
+
+def pooled(groups: list[list[dict[str, Any]]], key: Callable[[dict[str, Any]], tuple], what: str
+           ) -> list[dict[str, Any]]:
+    """The rows of replicates as one list; refused when a ``key`` (configuration, n, seed, …) comes twice, since
+    pooling is for disjoint seeds."""
+    rows = [r for group in groups for r in group]
+    keys = [key(r) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise SystemExit(f"{what}: the pooled runs repeat rows (the same configuration, n and seed); pool runs with "
+                         "disjoint seeds")
+    return rows
 
 
 def completed(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[dict[str, Any]]:

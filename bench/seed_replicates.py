@@ -107,51 +107,49 @@ def compare(reps: dict[str, list[dict[str, Any]]], half: str, max_n: int) -> dic
     return out
 
 
-def auto_m_rows(path: str, half: str, max_n: int) -> list[dict[str, Any]]:
-    """bench/auto_m.py protocol rows (one rule) for ``half`` at n <= ``max_n``; ``a.json|b.json`` pools files
-    with disjoint seeds."""
-    rows = []
+def auto_m_rows(path: str, half: str, max_n: int) -> tuple[list[dict[str, Any]], str]:
+    """bench/auto_m.py protocol rows (one rule) for ``half`` at n <= ``max_n``, and the risk they hold: "risk" (the
+    authors' CV) or "risk_shuffled_cv" (auto_m.py --shuffled-cv). ``a.json|b.json`` pools files with disjoint
+    seeds."""
+    groups, columns = [], set()
     for part in path.split("|"):
         file = Path(part)
         file = file if file.exists() else robustness.RESULTS.parent / "auto_m" / part
         data = json.loads(file.read_text())
-        # the risk the file's rows hold: the authors' CV, or each coreset as a set (auto_m.py --shuffled-cv)
-        rows += [{**r, "column": data.get("column", "risk")} for r in data["rows"]
-                 if r["half"] == half and r["n"] <= max_n]
-    keys = [(r["config"], r["n"], r["seed"]) for r in rows]
-    if len(set(keys)) != len(keys):
-        raise SystemExit(f"{path}: the pooled files repeat (configuration, n, seed) rows; pool disjoint seeds")
+        groups.append([r for r in data["rows"] if r["half"] == half and r["n"] <= max_n])
+        columns.add(data.get("column", "risk"))
+    rows = robustness.pooled(groups, lambda r: (r["config"], r["n"], r["seed"]), path)
     rules = {r["rule"] for r in rows}
     if len(rules) != 1:
         raise SystemExit(f"{path}: expected the rows of one rule for half {half}; found {sorted(rules)}")
-    if len({r["column"] for r in rows}) > 1:
+    if len(columns) > 1:
         raise SystemExit(f"{path}: the pooled files hold different risks (authors' CV and shuffled folds)")
-    return rows
+    return rows, columns.pop()
 
 
-def auto_m_ratios(auto: list[dict[str, Any]], others: list[dict[str, Any]]) -> dict[tuple[str, int], dict]:
-    """(config, n) → skmm_best_val's and convex SkMM's mean risk at the automatic m over the best other method's
-    (every robustness row but skmm_best's, convex SkMM and SkMMv2 at the configured m included, as auto_m.py), in
-    the risk the automatic-m rows hold."""
-    column = auto[0]["column"] if auto else "risk"
+def auto_m_ratios(auto: list[dict[str, Any]], others: list[dict[str, Any]], column: str = "risk"
+                  ) -> dict[tuple[str, int], dict]:
+    """(config, n) → skmm_best_val's and convex SkMM's mean ``column`` at the automatic m over the best other
+    method's (every robustness row but skmm_best's, convex SkMM and SkMMv2 at the configured m included, as
+    auto_m.py)."""
     return robustness.mean_ratios(auto, robustness.best_other_means(others, column), ("skmm_best_val", "skmm"))
 
 
 def compare_auto_m(files: list[str], reps: dict[str, list[dict[str, Any]]], half: str, max_n: int
                    ) -> dict[str, Any]:
     """The acceptance figures at the pipeline's automatic m (bench/auto_m.py) per replicate and pooled; each
-    replicate's bar is the robustness run with its seeds."""
-    autos = [auto_m_rows(f, half, max_n) for f in files]
-    columns = {r["column"] for rows in autos for r in rows}
-    if len(columns) != 1:
-        raise SystemExit(f"{files}: the two replicates' automatic-m rows hold different risks {sorted(columns)}")
+    replicate's bar is the robustness run with its seeds, in the risk the files hold."""
+    (auto_a, column), (auto_b, column_b) = (auto_m_rows(f, half, max_n) for f in files)
+    if column != column_b:
+        raise SystemExit(f"{files}: the two replicates' automatic-m rows hold different risks {column}, {column_b}")
     labels = list(reps)
-    for rows, label in zip(autos, labels, strict=True):
+    autos = {labels[0]: auto_a, labels[1]: auto_b}
+    for label, rows in autos.items():
         if {r["seed"] for r in rows} != {int(r["seed"]) for r in reps[label]}:
             raise SystemExit(f"the automatic-m rows and the robustness run {label} have different seeds")
-    ratios = {label: auto_m_ratios(a, reps[label]) for a, label in zip(autos, labels, strict=True)}
-    ratios["pooled"] = auto_m_ratios(autos[0] + autos[1], reps[labels[0]] + reps[labels[1]])
-    out: dict[str, Any] = {"files": files, "column": columns.pop()}
+    ratios = {label: auto_m_ratios(rows, reps[label], column) for label, rows in autos.items()}
+    ratios["pooled"] = auto_m_ratios(auto_a + auto_b, reps[labels[0]] + reps[labels[1]], column)
+    out: dict[str, Any] = {"files": files, "column": column}
     for label, cells in ratios.items():
         best = np.array([c["skmm_best_val"] for c in cells.values()])
         out[label] = {"cells": len(cells), "within_1.1": float(np.mean(best <= 1.1)), "worst": float(best.max()),
