@@ -6,18 +6,23 @@ sklearn digits upscaled to the model's input size as PNG (the figures before par
 "ViT-S-32", random init (seed 0; no weights can be downloaded here), fp32, 224 px. All paths use the same
 weights and images; the bare loop is open_clip's README recipe: decode + ``preprocess`` per image,
 ``torch.stack``, ``model.encode_image`` under ``torch.no_grad()`` in batches of ``--batch-size``, normalise,
-concatenate. ``embed`` is ``embed_images`` as the pipeline calls it (decode workers: cores − 1 by default, or
-``--workers``; the device's block size, or ``--block-rows``; ``--precision``); ``serial`` is ``embed_images``
-with ``decode_workers=0`` (decoding in the calling thread, as before), timed too unless ``--no-serial``.
+concatenate. ``embed`` is ``embed_images`` as the pipeline calls it (on the CPU: one block worker process per
+torch thread, each decoding and encoding whole blocks with one thread, or ``--encode-workers``; with
+``--workers`` or on CUDA: decode workers, cores − 1 by default, feeding the caller's encode threads; the device's
+block size, or ``--block-rows``; ``--precision``); ``decode`` is ``embed_images`` with ``encode_workers=0`` (the
+decode workers' arrangement, the CPU default before block workers), timed on the CPU unless ``--no-decode``;
+``serial`` is ``embed_images`` with ``decode_workers=0`` (decoding in the calling thread), timed too unless
+``--no-serial``.
 Runs alternate (bare, embed, serial, bare, embed, serial, …) after a warm-up so drift on a shared machine hits
-all alike; the process CPU seconds of each run are recorded too (children's included for ``embed``). Asserted:
-``embed`` and ``serial`` give bitwise the same features (and, at fp32 with 64-row blocks, the bare loop's within
+all alike; the process CPU seconds of each run are recorded too (children's included). Asserted: ``embed``,
+``decode`` and ``serial`` give bitwise the same features (and, at fp32 with 64-row blocks, the bare loop's within
 1e-5). Targets: embed/bare ≥ 0.9 on best-of images/s (the original target), and, on JPEGs with decode workers,
 the median of the per-repeat ratios embed/bare ≥ 1.15 (issue 12: decoding overlapped with encoding).
 Each path takes ~10–30 s on the 2-core CPU at n = 512.
 
     .venv/bin/python bench/embed_throughput.py [--n 512] [--images jpeg] [--repeats 5] [--device cpu]
-                                               [--workers N] [--precision fp32|tf32|bf16] [--block-rows R]
+                                               [--workers N] [--encode-workers N] [--no-decode] [--no-serial]
+                                               [--precision fp32|tf32|bf16] [--block-rows R]
 """
 
 from __future__ import annotations
@@ -89,6 +94,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", choices=("jpeg", "digits"), default="jpeg")
     parser.add_argument("--workers", type=int, default=None, help="decode workers of embed (default cores - 1)")
+    parser.add_argument("--encode-workers", type=int, default=None,
+                        help="block workers of embed on the CPU (default: one per torch thread; 0: off)")
+    parser.add_argument("--no-decode", action="store_true", help="skip the encode_workers=0 path (CPU)")
     parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
     parser.add_argument("--block-rows", type=int, default=None, help="default: the device's block size")
     parser.add_argument("--no-serial", action="store_true", help="skip the decode_workers=0 path")
@@ -106,7 +114,12 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run_embed() -> np.ndarray:
-        return embed_images(images, spec, batch_size=args.batch_size, device=device, decode_workers=args.workers)
+        return embed_images(images, spec, batch_size=args.batch_size, device=device, decode_workers=args.workers,
+                            encode_workers=args.encode_workers)
+
+    def run_decode() -> np.ndarray:
+        return embed_images(images, spec, batch_size=args.batch_size, device=device, decode_workers=args.workers,
+                            encode_workers=0)
 
     def run_serial() -> np.ndarray:
         return embed_images(images, spec, batch_size=args.batch_size, device=device, decode_workers=0)
@@ -119,7 +132,10 @@ def main() -> None:
     embed_images(warm, spec, batch_size=args.batch_size, device=device)
     bare_loop(model, preprocess, warm, args.batch_size, device)
 
-    paths = [("bare", run_bare), ("embed", run_embed)] + ([] if args.no_serial else [("serial", run_serial)])
+    block_workers = embed_module_block_workers(args.encode_workers, args.workers, args.n, block_rows, device)
+    decode_path = device.type == "cpu" and block_workers and not args.no_decode
+    paths = [("bare", run_bare), ("embed", run_embed)] + ([("decode", run_decode)] if decode_path else []) + (
+        [] if args.no_serial else [("serial", run_serial)])
     times: dict[str, list[float]] = {name: [] for name, _ in paths}
     cpu_times: dict[str, list[float]] = {name: [] for name, _ in paths}
     outputs: dict[str, np.ndarray] = {}
@@ -145,20 +161,30 @@ def main() -> None:
     max_diff = float(np.abs(outputs["embed"] - outputs["bare"]).max())
     pair_ratios = [b / e for b, e in zip(times["bare"], times["embed"], strict=True)]  # per repeat: ABAB
     median_pair_ratio = statistics.median(pair_ratios)
-    workers = embed_module_workers(args.workers, args.n, block_rows)
+    workers = 0 if block_workers else embed_module_workers(args.workers, args.n, block_rows)
     extra: dict = {}
+    if "decode" in times:
+        extra.update({
+            "decode_images_per_s": round(args.n / min(times["decode"]), 1),
+            "decode_path_workers": embed_module_workers(args.workers, args.n, block_rows),
+            "median_pair_ratio_decode_over_bare": round(statistics.median(
+                [b / d for b, d in zip(times["bare"], times["decode"], strict=True)]), 3),
+            "median_ratio_embed_over_decode": round(statistics.median(
+                [d / e for d, e in zip(times["decode"], times["embed"], strict=True)]), 3),
+            "bitwise_equal_embed_decode": bool(np.array_equal(outputs["embed"], outputs["decode"]))})
     if "serial" in times:
-        extra = {"serial_images_per_s": round(args.n / min(times["serial"]), 1),
+        extra |= {"serial_images_per_s": round(args.n / min(times["serial"]), 1),
                  "median_ratio_embed_over_serial": round(statistics.median(
                      [s / e for s, e in zip(times["serial"], times["embed"], strict=True)]), 3),
                  "bitwise_equal_embed_serial": bool(np.array_equal(outputs["embed"], outputs["serial"]))}
-    overlap_target = 1.15 if args.images == "jpeg" and workers else None
+    overlap_target = 1.15 if args.images == "jpeg" and (workers or block_workers) else None
     name = "embed_throughput" + (f"_{device.type}" if device.type != "cpu" else "") + args.tag
     record(name, {
         "model": args.model, "pretrained": None, "init_seed": 0, "image_size": spec.image_size,
         "spec_digest": spec.digest, "device": str(device), "n_images": args.n, "batch_size": args.batch_size,
         "images": args.images, "mean_image_kb": round(image_kb, 1), "precision": args.precision,
-        "block_rows": block_rows, "decode_workers": workers, "load_average": list(os.getloadavg()),
+        "block_rows": block_rows, "decode_workers": workers, "block_workers": block_workers,
+        "load_average": list(os.getloadavg()),
         "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # OpenMP's idle threads spin (unset) or sleep
         "model_build_s": round(load_s, 3),
@@ -177,9 +203,18 @@ def main() -> None:
     })
     # Asserted after recording, so that a failure keeps its figures.
     assert not unstable, f"features changed between repeats: {unstable}"
-    assert extra.get("bitwise_equal_embed_serial", True), "the decode workers changed the features"
+    assert extra.get("bitwise_equal_embed_serial", True), "the workers changed the features"
+    assert extra.get("bitwise_equal_embed_decode", True), "the block workers changed the features"
     if args.precision == "fp32" and block_rows == 64 and device.type == "cpu":
         assert max_diff <= 1e-5, f"embed_images and the bare loop disagree by {max_diff}"
+
+
+def embed_module_block_workers(requested: int | None, decode_requested: int | None, n: int, block_rows: int,
+                               device: torch.device) -> int:
+    """The block workers ``embed_images`` uses for this call (its own rule, at this process's torch threads)."""
+    from skmm.models.clip import _encode_workers
+
+    return _encode_workers(requested, decode_requested, n, block_rows, device, torch.get_num_threads())
 
 
 def embed_module_workers(requested: int | None, n: int, block_rows: int) -> int:

@@ -12,10 +12,11 @@ Workers must reach the store (an s3:// store for a cluster of several machines; 
 machine) and import this package (install it on every worker). Each worker runs one task at a time by default.
 
 A local cluster (``workers`` or ``gpus``) shares this machine's cores among its task slots (workers × threads per
-worker): each worker's embed tasks get that share, as a single process gets the machine — share − 1 decode worker
-processes (``SKMM_DECODE_WORKERS``) and torch threads = share (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``; Dask sets 1
-per worker otherwise) — so that workers do not oversubscribe the cores (with the machine's default, every worker
-forked cores − 1 decoders). These variables set in the environment win (the user's choice). On an existing cluster
+worker): each worker's embed tasks get that share as torch threads (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``; Dask
+sets 1 per worker otherwise), so that workers do not oversubscribe the cores. ``SKMM_DECODE_WORKERS`` (share − 1)
+is set too, but Dask's worker processes are daemonic and may not fork children, so they decode and encode in
+their own process: neither the decode workers nor the CPU's block workers of :func:`skmm.models.embed_images`
+run there. These variables set in the environment win (the user's choice). On an existing cluster
 (``address``) set these in each worker's environment. A local cluster is started inside the flow run, and its
 workers are given that run's Prefect API: without ``PREFECT_API_URL`` (the embedded temporary server) each worker
 would otherwise start a temporary server of its own on its first task (~8 s of CPU each) and record its task runs
@@ -47,8 +48,9 @@ def worker_env(workers: int, threads_per_worker: int = 1, cores: int | None = No
                environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of each worker of a local cluster of ``workers`` × ``threads_per_worker`` task slots on
     ``cores`` cores (default: the cores this process may use): a slot's share s = max(cores // slots, 1) gives
-    s − 1 decode worker processes and s torch threads. ``SKMM_DECODE_WORKERS``, ``OMP_NUM_THREADS`` and
-    ``MKL_NUM_THREADS`` set in ``environ`` (default: this process's) are passed on as they are: the user's choice."""
+    s torch threads (and s − 1 decode worker processes where the worker may fork; Dask's daemonic ones may not).
+    ``SKMM_DECODE_WORKERS``, ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` set in ``environ`` (default: this
+    process's) are passed on as they are: the user's choice."""
     env = os.environ if environ is None else environ
     share = max((cores or available_cores()) // max(workers * threads_per_worker, 1), 1)
     chosen = {"SKMM_DECODE_WORKERS": str(share - 1), "OMP_NUM_THREADS": str(share), "MKL_NUM_THREADS": str(share)}

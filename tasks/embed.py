@@ -31,8 +31,9 @@ in the spec's dict, hence in every table's producer, the catalog's scope and the
 differ from the defaults, and in the stage's counts (lineage metrics) always: features computed at another
 precision or block shape are never mixed. The default CPU spec is unchanged (64-row fp32 blocks), so are its
 tables and keys.
-Decoding runs in worker processes while the tower encodes (``decode_workers``, not part of any key: the bits do
-not depend on it).
+Decoding runs in worker processes while the tower encodes (``decode_workers``), and on the CPU in one block worker
+per torch thread that decodes and encodes whole blocks (``$SKMM_ENCODE_WORKERS``; see
+:func:`skmm.models.clip.embed_images`). Neither is part of any key: the bits do not depend on them.
 
 Caveat shared with the task cache: features are bitwise reproducible on one machine and build; a store shared by
 CPU and GPU machines at the same block size and precision mixes their (float32 round-off apart) features, at

@@ -43,6 +43,16 @@ Decisions:
   ~56 KB JPEGs): see bench/README.md §8. Where a process may not fork children (a daemonic process, e.g. a Dask
   worker, or no ``fork`` start method) decoding runs in the calling thread. ``$SKMM_DECODE_WORKERS`` sets the
   default (e.g. for the flow's tasks).
+- **On the CPU, one block worker per core.** There the caller's encode threads already keep the cores busy, so
+  decode workers have no idle core to use (bench/README.md §8). By default a CPU call instead forks one *block
+  worker* per torch thread it would use (``encode_workers``; ``$SKMM_ENCODE_WORKERS``): each decodes and
+  encodes whole blocks with one torch thread, so one core decodes while another encodes, and no core waits on
+  the others' share of a parallel region. The model is inherited by the fork (weights shared, not copied);
+  each worker holds one block's activations. The blocks and their shapes are the same, and the thread count
+  changes no bit, so the features are bitwise those of the other paths. One call per process uses block
+  workers by default (the flow's concurrent shard tasks would otherwise fork as many each); a concurrent call
+  takes the decode workers' path. Off where decode workers are off, for a single block, for one thread, and
+  when the caller chose ``decode_workers``.
 - **Bitwise batch invariance.** On one machine and build, an image's features are the same bits whatever the
   batch size, shard split, row order or thread count: :func:`embed_images` encodes in blocks of exactly
   ``BLOCK_ROWS`` images (the last one zero-padded, pad rows dropped). Why: MKL's sgemm picks its kernel, hence
@@ -106,6 +116,7 @@ __all__ = [
     "clear_model_cache",
     "default_block_rows",
     "default_decode_workers",
+    "default_encode_workers",
     "embed_images",
     "embed_shards",
     "load_clip",
@@ -133,6 +144,7 @@ SMALL_CUDA_BLOCK_ROWS = 256
 SMALL_CUDA_BYTES = 16 * 2**30
 MAX_BLOCK_ROWS = 1 << 16
 DECODE_WORKERS_ENV = "SKMM_DECODE_WORKERS"
+ENCODE_WORKERS_ENV = "SKMM_ENCODE_WORKERS"
 # The largest image decoded (width × height): Pillow's default decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS.
 MAX_PIXELS = 89_478_485
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -398,6 +410,17 @@ def default_decode_workers() -> int:
             raise ValueError(f"{DECODE_WORKERS_ENV} must be a non-negative integer; got {env!r}")
         return int(env)
     return max(available_cores() - 1, 1)
+
+
+def default_encode_workers(threads: int) -> int:
+    """Block worker processes by default on the CPU: ``$SKMM_ENCODE_WORKERS`` when set (0: off), else one per
+    torch thread the call would use (``threads``), none for a single thread."""
+    env = os.environ.get(ENCODE_WORKERS_ENV, "").strip()
+    if env:
+        if not env.isdigit():
+            raise ValueError(f"{ENCODE_WORKERS_ENV} must be a non-negative integer; got {env!r}")
+        return int(env)
+    return threads if threads >= 2 else 0
 
 
 def _check_model_name(open_clip, name: str) -> None:
@@ -847,7 +870,9 @@ def _serial_blocks(images: Iterable[Any], rows: int, batch_size: int, preprocess
         yield torch.stack(pending)
 
 
-_WORKER: dict[str, Any] = {}  # a decode worker's preprocess and pixel limit (set by its initializer)
+_WORKER: dict[str, Any] = {}  # a worker's model, preprocess, pixel limit, … (set by its initializer)
+# Held by the embed_images call whose default block workers are running: one call's worth of processes at a time.
+_BLOCK_WORKERS_IN_USE = threading.Lock()
 
 
 def _init_decode_worker(preprocess, max_pixels: int) -> None:
@@ -872,38 +897,78 @@ def _can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon
 
 
-def _parallel_blocks(images: Iterable[Any], rows: int, preprocess, max_pixels: int,
-                     workers: int) -> Iterator[torch.Tensor]:
-    """The blocks of :func:`_serial_blocks`, decoded by ``workers`` forked processes, one block per job, in
-    order; ``workers + 1`` jobs in flight, so the caller encodes block k while later blocks are decoded."""
+def _jobs(images: Iterable[Any], rows: int) -> Iterator[tuple[list[Any], int]]:
+    """The input as ``(images, index of the first)`` jobs of ``rows`` images, type-checked here (so that a wrong
+    item is named by its index, not by a pickling error) and with memoryviews sent as bytes."""
+    start = 0
+    for batch in _batches(images, rows):
+        for i, b in enumerate(batch):
+            _check_bytes(b, start + i)
+        yield [bytes(b) if isinstance(b, memoryview) else b for b in batch], start
+        start += len(batch)
+
+
+def _in_workers(images: Iterable[Any], rows: int, workers: int, job, initializer, initargs: tuple,
+                inflight_jobs: int) -> Iterator[Any]:
+    """``job(images, start)`` on each block of ``rows`` images, in ``workers`` forked processes, results in
+    order; ``inflight_jobs`` jobs are queued at a time, so the workers never wait for the caller."""
     import multiprocessing
     from concurrent.futures import Future, ProcessPoolExecutor
 
     import torch.multiprocessing  # noqa: F401 - registers the reductions that return tensors via shared memory
 
-    def jobs() -> Iterator[tuple[list[Any], int]]:
-        start = 0
-        for batch in _batches(images, rows):
-            for i, b in enumerate(batch):  # type errors name the image here, not in a pickling error
-                _check_bytes(b, start + i)
-            yield [bytes(b) if isinstance(b, memoryview) else b for b in batch], start
-            start += len(batch)
-
-    todo = jobs()
+    todo = _jobs(images, rows)
     inflight: deque[Future] = deque()
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                             initializer=_init_decode_worker, initargs=(preprocess, max_pixels)) as pool:
+                             initializer=initializer, initargs=initargs) as pool:
         try:
-            for batch, start in itertools.islice(todo, workers + 1):
-                inflight.append(pool.submit(_decode_block, batch, start))
+            for batch, start in itertools.islice(todo, inflight_jobs):
+                inflight.append(pool.submit(job, batch, start))
             while inflight:
-                block = inflight.popleft().result()
+                result = inflight.popleft().result()
                 for batch, start in itertools.islice(todo, 1):
-                    inflight.append(pool.submit(_decode_block, batch, start))
-                yield block
+                    inflight.append(pool.submit(job, batch, start))
+                yield result
         finally:
             for future in inflight:
                 future.cancel()
+
+
+def _parallel_blocks(images: Iterable[Any], rows: int, preprocess, max_pixels: int,
+                     workers: int) -> Iterator[torch.Tensor]:
+    """The blocks of :func:`_serial_blocks`, decoded by ``workers`` forked processes, one block per job, in
+    order; ``workers + 1`` jobs in flight, so the caller encodes block k while later blocks are decoded."""
+    return _in_workers(images, rows, workers, _decode_block, _init_decode_worker, (preprocess, max_pixels),
+                       workers + 1)
+
+
+def _init_block_worker(model, preprocess, max_pixels: int, rows: int, normalize: bool, precision: str) -> None:
+    """A block worker's start: one torch thread (each core runs its own worker); the model is the caller's,
+    inherited by the fork (its weights are shared, not copied)."""
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER.update(model=model, preprocess=preprocess, max_pixels=max_pixels, rows=rows, normalize=normalize,
+                   precision=precision)
+
+
+def _embed_block(batch: list[bytes], start: int) -> np.ndarray:
+    """One block decoded and encoded in a block worker: its rows' features."""
+    import torch
+
+    w = _WORKER
+    with torch.inference_mode():
+        block = torch.stack([_decode(b, start + i, w["preprocess"], w["max_pixels"]) for i, b in enumerate(batch)])
+        features = _encode_block(w["model"], block, w["rows"], torch.device("cpu"), w["normalize"], w["precision"])
+    return features.numpy()
+
+
+def _block_worker_features(images: Iterable[Any], rows: int, workers: int, model, preprocess, max_pixels: int,
+                           normalize: bool, precision: str) -> Iterator[np.ndarray]:
+    """Each block's features, decoded and encoded by ``workers`` forked processes (one torch thread each), in
+    order; two jobs per worker in flight."""
+    return _in_workers(images, rows, workers, _embed_block, _init_block_worker,
+                       (model, preprocess, max_pixels, rows, normalize, precision), 2 * workers)
 
 
 def _decode_workers(requested: int | None, total: int | None, rows: int) -> int:
@@ -919,6 +984,35 @@ def _decode_workers(requested: int | None, total: int | None, rows: int) -> int:
         if requested:
             log.warning("decode_workers=%d ignored: this process may not fork children (daemonic, or no 'fork' "
                         "start method); decoding in the calling thread", requested)
+        return 0
+    return workers
+
+
+def _encode_workers(requested: int | None, decode_requested: int | None, total: int | None, rows: int,
+                    device: torch.device, threads: int) -> int:
+    """How many block workers this call uses: processes that each decode and encode whole blocks with one torch
+    thread (CPU only). ``requested`` is used as given; by default (``None``) one per torch thread of the call
+    (:func:`default_encode_workers`), unless the caller chose the decode arrangement (``decode_requested`` not
+    None), the input fits one block, or decode worker processes are off (``$SKMM_DECODE_WORKERS=0``). 0 where the
+    process may not fork (with a warning when workers were asked for)."""
+    if device.type != "cpu":
+        if requested:
+            raise ValueError(f"encode_workers is for the CPU; on {device.type} the device encodes (set "
+                             "decode_workers for the decoding processes)")
+        return 0
+    if requested is None:
+        if decode_requested is not None or (total is not None and total <= rows):
+            return 0
+        env_set = bool(os.environ.get(ENCODE_WORKERS_ENV, "").strip())
+        if not env_set and os.environ.get(DECODE_WORKERS_ENV, "").strip() == "0":
+            return 0
+        workers = default_encode_workers(threads)
+    else:
+        workers = requested
+    if workers and not _can_fork():
+        if requested:
+            log.warning("encode_workers=%d ignored: this process may not fork children (daemonic, or no 'fork' "
+                        "start method); encoding in the calling process", requested)
         return 0
     return workers
 
@@ -972,6 +1066,7 @@ def embed_images(
     num_threads: int | None = None,
     max_pixels: int = MAX_PIXELS,
     decode_workers: int | None = None,
+    encode_workers: int | None = None,
 ) -> np.ndarray:
     """Embed encoded images (PNG/JPEG/… bytes) with ``spec``'s image tower: an (N, embed_dim) float32 array.
 
@@ -986,7 +1081,10 @@ def embed_images(
     torch's intra-op threads for this call only (use 1 per worker when shards run in parallel processes). A bad
     image raises ValueError naming its index; an image of more than ``max_pixels`` pixels (width × height)
     raises ValueError naming its sample (sha256) before decoding. ``precision="tf32"`` on a non-CUDA device
-    raises ValueError.
+    raises ValueError. ``encode_workers`` (CPU only): processes that each decode *and* encode whole blocks with one
+    torch thread, instead of decode workers feeding the caller's threads (``None``: one per torch thread of the
+    call, when it has two or more, the input spans several blocks and ``decode_workers`` is not given; ``0``:
+    off). One call at a time per process uses them by default; a concurrent call takes the decode workers' path.
     """
     import torch
 
@@ -1002,6 +1100,10 @@ def embed_images(
         isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 0
     ):
         raise ValueError(f"decode_workers must be None or a non-negative integer; got {decode_workers!r}")
+    if encode_workers is not None and (
+        isinstance(encode_workers, bool) or not isinstance(encode_workers, int) or encode_workers < 0
+    ):
+        raise ValueError(f"encode_workers must be None or a non-negative integer; got {encode_workers!r}")
     if isinstance(images, bytes | bytearray | memoryview):
         raise TypeError("images must be an iterable of encoded images, not a single bytes object (wrap it in a list)")
     dev = resolve_device(device)
@@ -1009,7 +1111,25 @@ def embed_images(
     model, preprocess = _cached_model(spec, dev)
     rows = spec.block_rows
     total = len(images) if hasattr(images, "__len__") else None
-    workers = _decode_workers(decode_workers, total, rows)
+    threads = num_threads if num_threads is not None else torch.get_num_threads()
+    block_workers = _encode_workers(encode_workers, decode_workers, total, rows, dev, threads)
+    held = False
+    if block_workers and encode_workers is None:  # the default: one call's worth of processes per process
+        held = _BLOCK_WORKERS_IN_USE.acquire(blocking=False)
+        block_workers = block_workers if held else 0
+    try:
+        return _embed(images, spec, model, preprocess, dev, rows, total, batch_size, progress, normalize,
+                      num_threads, max_pixels, decode_workers, block_workers)
+    finally:
+        if held:
+            _BLOCK_WORKERS_IN_USE.release()
+
+
+def _embed(images: Iterable[Any], spec: ClipSpec, model, preprocess, dev: torch.device, rows: int,
+           total: int | None, batch_size: int, progress: bool, normalize: bool, num_threads: int | None,
+           max_pixels: int, decode_workers: int | None, block_workers: int) -> np.ndarray:
+    """:func:`embed_images` once its arguments are checked and its model loaded."""
+    import torch
 
     bar = None
     if progress:
@@ -1017,24 +1137,36 @@ def embed_images(
 
         bar = tqdm(total=total, unit="img", desc=f"embed {spec.model}")
     out: list[np.ndarray] = []
+    if block_workers:
+        blocks = _block_worker_features(images, rows, block_workers, model, preprocess, max_pixels, normalize,
+                                        spec.precision)
+    else:
+        workers = _decode_workers(decode_workers, total, rows)
+        blocks = (_parallel_blocks(images, rows, preprocess, max_pixels, workers) if workers
+                  else _serial_blocks(images, rows, batch_size, preprocess, max_pixels))
     previous: torch.Tensor | None = None  # the last block's features, fetched after the next block is queued
-    blocks = (_parallel_blocks(images, rows, preprocess, max_pixels, workers) if workers
-              else _serial_blocks(images, rows, batch_size, preprocess, max_pixels))
     try:
-        with _torch_threads(num_threads), _cuda_math(dev, spec.precision == "tf32"), torch.inference_mode():
-            for block in blocks:
-                features = _encode_block(model, block, rows, dev, normalize, spec.precision)
+        if block_workers:
+            for features in blocks:
+                out.append(features)
+                if bar is not None:
+                    bar.update(len(features))
+        else:
+            with _torch_threads(num_threads), _cuda_math(dev, spec.precision == "tf32"), torch.inference_mode():
+                for block in blocks:
+                    features = _encode_block(model, block, rows, dev, normalize, spec.precision)
+                    if previous is not None:
+                        out.append(previous.cpu().numpy())
+                    previous = features
+                    if bar is not None:
+                        bar.update(len(block))
                 if previous is not None:
                     out.append(previous.cpu().numpy())
-                previous = features
-                if bar is not None:
-                    bar.update(len(block))
-            if previous is not None:
-                out.append(previous.cpu().numpy())
-            if not out:
+        if not out:
+            with torch.inference_mode():
                 return np.zeros((0, _embed_dim(model, spec, dev)), dtype=np.float32)
     finally:
-        blocks.close()  # stops the decode workers early when encoding failed
+        blocks.close()  # stops the workers early when encoding (or a worker) failed
         if bar is not None:
             bar.close()
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)

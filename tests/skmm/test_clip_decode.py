@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pathlib
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -116,6 +117,151 @@ def test_default_worker_count_and_where_forking_is_not_allowed(monkeypatch, capl
     with caplog.at_level(logging.WARNING, logger=clip_module.__name__):
         assert clip_module._decode_workers(2, 1000, 64) == 0
     assert "decode_workers=2 ignored" in caplog.text
+
+
+# ------------------------------------------------------------------- block workers: decode and encode per core
+
+
+def _pids_calling(monkeypatch, tmp_path, name: str) -> pathlib.Path:
+    """Spy on ``clip_module.<name>`` (it still runs): each call appends its process id to the returned file.
+    Forked workers inherit the spy."""
+    real = getattr(clip_module, name)
+    log = tmp_path / f"{name}.pids"
+
+    def spying(*args, **kwargs):
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(clip_module, name, spying)
+    return log
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_block_workers_change_no_bit(pool, serial, workers):
+    assert np.array_equal(embed_images(pool, TINY, device="cpu", encode_workers=workers), serial)
+
+
+def test_block_workers_stream_an_iterator_and_small_blocks_bitwise(pool):
+    spec = ClipSpec(TINY_MODEL, block_rows=8)  # 19 blocks: many jobs in flight, results kept in order
+    reference = embed_images(pool, spec, device="cpu", decode_workers=0, batch_size=5)
+    assert np.array_equal(embed_images(iter(pool), spec, device="cpu", encode_workers=2), reference)
+    parts = embed_shards([pool[:37], pool[37:]], spec, device="cpu", encode_workers=2)
+    assert np.array_equal(np.concatenate(parts), reference)
+    bf16 = ClipSpec(TINY_MODEL, precision="bf16")
+    assert np.array_equal(embed_images(pool, bf16, device="cpu", encode_workers=2),
+                          embed_images(pool, bf16, device="cpu", decode_workers=0))
+    raw = embed_images(pool, TINY, device="cpu", normalize=False, decode_workers=0)
+    assert np.array_equal(embed_images(pool, TINY, device="cpu", normalize=False, encode_workers=2), raw)
+
+
+def test_block_workers_decode_and_encode_outside_the_caller(pool, monkeypatch, tmp_path):
+    decoded = _pids_calling(monkeypatch, tmp_path, "_decode")
+    encoded = _pids_calling(monkeypatch, tmp_path, "_encode_block")
+    threads = torch.get_num_threads()
+    embed_images(pool, TINY, device="cpu", encode_workers=2)
+    decoders = decoded.read_text().split()
+    encoders = encoded.read_text().split()
+    assert len(decoders) == len(pool) and len(encoders) == 3  # 150 images, three 64-row blocks
+    assert str(os.getpid()) not in set(decoders) | set(encoders)
+    assert set(encoders) <= set(decoders)  # a block is decoded and encoded by the same worker
+    assert torch.get_num_threads() == threads  # the caller's threads are untouched
+
+
+def test_a_block_worker_runs_torch_with_one_thread():
+    import multiprocessing
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
+                             initializer=clip_module._init_block_worker,
+                             initargs=(None, None, 1, 64, True, "fp32")) as workers:
+        assert workers.submit(torch.get_num_threads).result() == 1
+
+
+def test_bad_images_in_a_block_worker_are_named_as_in_the_serial_path(pool):
+    bad = [*pool[:70], b"\x89PNG\r\n\x1a\n truncated", *pool[70:80]]
+    with pytest.raises(ValueError, match=r"^image 70 could not be decoded \(18 bytes\)"):
+        embed_images(bad, TINY, device="cpu", encode_workers=2)
+    with pytest.raises(TypeError, match="image 66: expected encoded image bytes, got str"):
+        embed_images([*pool[:66], "cat.png"], TINY, device="cpu", encode_workers=2)
+    for wrong in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="encode_workers"):
+            embed_images(pool, TINY, device="cpu", encode_workers=wrong)
+    assert embed_images([], TINY, device="cpu", encode_workers=2).shape == (0, 32)
+
+
+def test_block_workers_are_for_the_cpu():
+    with pytest.raises(ValueError, match="encode_workers is for the CPU"):
+        clip_module._encode_workers(2, None, 1000, 64, torch.device("cuda"), 4)
+    assert clip_module._encode_workers(None, None, 1000, 64, torch.device("cuda"), 4) == 0  # the device encodes
+
+
+def test_default_block_workers(monkeypatch, caplog):
+    cpu = torch.device("cpu")
+    for name in ("SKMM_DECODE_WORKERS", "SKMM_ENCODE_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    rule = clip_module._encode_workers
+    assert rule(None, None, 1000, 64, cpu, 2) == 2  # one process per torch thread the call would use
+    assert rule(None, None, None, 64, cpu, 4) == 4  # an iterator
+    assert rule(None, None, 1000, 64, cpu, 1) == 0  # one thread: the caller encodes, a decode worker overlaps
+    assert rule(None, None, 64, 64, cpu, 4) == 0  # one block: nothing to share out
+    assert rule(None, 2, 1000, 64, cpu, 4) == 0  # decode workers asked for: that arrangement
+    assert rule(None, 0, 1000, 64, cpu, 4) == 0  # decoding in the calling thread asked for: no processes
+    assert rule(3, None, 10, 64, cpu, 1) == 3  # asked for: used
+    assert rule(0, None, 1000, 64, cpu, 4) == 0
+    monkeypatch.setenv("SKMM_DECODE_WORKERS", "0")  # no worker processes by default
+    assert rule(None, None, 1000, 64, cpu, 4) == 0
+    monkeypatch.delenv("SKMM_DECODE_WORKERS")
+    monkeypatch.setenv("SKMM_ENCODE_WORKERS", "3")
+    assert rule(None, None, 1000, 64, cpu, 2) == 3
+    monkeypatch.setenv("SKMM_ENCODE_WORKERS", "0")  # off: the decode workers' arrangement
+    assert rule(None, None, 1000, 64, cpu, 4) == 0
+    monkeypatch.setenv("SKMM_ENCODE_WORKERS", "x")
+    with pytest.raises(ValueError, match="SKMM_ENCODE_WORKERS must be a non-negative integer"):
+        rule(None, None, 1000, 64, cpu, 4)
+    monkeypatch.delenv("SKMM_ENCODE_WORKERS")
+    monkeypatch.setattr(clip_module, "_can_fork", lambda: False)  # e.g. a daemonic Dask worker
+    assert rule(None, None, 1000, 64, cpu, 4) == 0
+    with caplog.at_level(logging.WARNING, logger=clip_module.__name__):
+        assert rule(2, None, 1000, 64, cpu, 4) == 0
+    assert "encode_workers=2 ignored" in caplog.text
+
+
+def test_default_embedding_uses_block_workers_once_per_process(pool, serial, monkeypatch, tmp_path):
+    # By default the CPU path runs one process per torch thread; a second call at the same time in this process
+    # (the flow's shard tasks run in threads) takes the decode workers' path instead of forking as many again.
+    for name in ("SKMM_DECODE_WORKERS", "SKMM_ENCODE_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    encoded = _pids_calling(monkeypatch, tmp_path, "_encode_block")
+    X = embed_images(pool, TINY, device="cpu", num_threads=2)
+    assert np.array_equal(X, serial)
+    assert str(os.getpid()) not in encoded.read_text().split()
+    encoded.unlink()
+    with clip_module._BLOCK_WORKERS_IN_USE:  # another call holds this process's block workers
+        assert np.array_equal(embed_images(pool, TINY, device="cpu", num_threads=2), serial)
+    assert set(encoded.read_text().split()) == {str(os.getpid())}  # encoded here, decoded by a worker
+
+
+def test_concurrent_default_calls_in_threads_equal_serial(pool, serial, monkeypatch):
+    # The flow's shard tasks embed in threads of one process: one call gets the block workers, the others the
+    # decode workers, released together; every result is the serial path's bits.
+    import threading
+
+    for name in ("SKMM_DECODE_WORKERS", "SKMM_ENCODE_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    barrier = threading.Barrier(3)
+    results: list[np.ndarray] = []
+
+    def run() -> None:
+        barrier.wait()
+        results.append(embed_images(pool, TINY, device="cpu", num_threads=2))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and all(np.array_equal(r, serial) for r in results)
+    assert not clip_module._BLOCK_WORKERS_IN_USE.locked()
 
 
 # --------------------------------------------------------------------------------------- precision and blocks
