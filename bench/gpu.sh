@@ -6,8 +6,9 @@
 #   bash bench/gpu.sh           # on the CUDA machine
 #   bash bench/gpu.sh --tiny    # the same commands on the CPU at tiny sizes (the tiny tower): checks the script
 #
-# Every step runs under its own time limit (the limits add up to ~15.5 min; the steps' expected total is ~8.5); a
-# failing step is reported and the others still run; the exit status is 1 when any step failed.
+# Every step runs under its own time limit (the limits add up to ~16 min; the steps' expected total is ~8.5, an
+# estimate: the script has not run on a device yet); a failing step is reported and the others still run; the
+# exit status is 1 when any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TINY=0
@@ -50,13 +51,14 @@ step 75 embed_bf16 "${EMBED[@]}" --precision bf16 --no-serial --tag "_${MODEL}_b
 (( TINY )) || step 75 embed_tf32 "${EMBED[@]}" --precision tf32 --no-serial --tag "_${MODEL}_tf32"
 # 2b. The host's CPU (16 cores): ViT-S-32 on JPEGs, block workers (one process per core) against the bare loop at
 #     16 torch threads and the decode workers' arrangement (15 decoders feeding 16 threads).
-(( TINY )) || step 120 embed_host_cpu "$PY" bench/embed_throughput.py --device cpu --model ViT-S-32 --n 2048 \
+(( TINY )) || step 120 embed_host_cpu "$PY" bench/embed_throughput.py --device cpu --model ViT-S-32 --n 1024 \
   --repeats 2 --no-serial --tag _host_cpu16
 # 3. Sketch throughput (linear-head gradients) on the device.
 step 45 sketch "$PY" bench/sketch_throughput.py --device "$DEV" --batch "$SKETCH_BATCH" --seconds "$SECONDS_"
 # 3b. FT per-sample gradients of the last block + head, sketched to m = 512, batch sized for the device.
-step 90 ft_sketch "$PY" bench/ft_sketch_throughput.py --device "$DEV" --model "$MODEL" --n "$FT_N" --k 1 \
-  --sketch-dim 512
+#     Images decoded by the stage's workers (cores − 1 on CUDA), and again serially (--compare-serial): the overlap.
+step 120 ft_sketch "$PY" bench/ft_sketch_throughput.py --device "$DEV" --model "$MODEL" --n "$FT_N" --k 1 \
+  --sketch-dim 512 --compare-serial
 # 4. SkMM selection (convex, 500 FISTA steps), m = 64, n = 10 000: the solver on the device at N = 10^6 and 10^7,
 #    the numpy path at 10^6 beside it (numpy at 10^7: bench/README.md §12), one child process per run.
 if (( TINY )); then

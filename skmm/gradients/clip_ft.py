@@ -31,6 +31,13 @@ Decisions:
   An out-of-memory error still halves the batch and retries it (down to 1). The batch size is a run setting,
   not part of the producer: a row depends on it only through float rounding (~1e-7), like the device.
 - **Sketch**: sparse JL ("sjlt") by default; see :func:`ft_gradient_sketch` for why not the dense Gaussian.
+- **Decoding off the critical path on CUDA**: images are decoded and preprocessed in ``decode_workers`` forked
+  processes (by default on CUDA the embed stage's: cores − 1, none for a single batch, ``$SKMM_DECODE_WORKERS``),
+  64 images per job whatever the batch, while the gradients of the batch before are computed; the batch is
+  pinned and copied asynchronously. Serial decoding would cap the stage at the CPU's decode rate (~2.6 ms per
+  ~56 KB JPEG on one core, bench/README.md §8) whatever the device. On the CPU the default stays serial: the
+  gradients keep the cores busy, and a decode worker made the stage slower (measured 0.79–0.87× on 2 cores).
+  The rows are bitwise those of serial decoding at the same batch size.
 - fp32 throughout; TF32 off on CUDA during the call (as in embedding), so rows agree across batch sizes,
   orders and devices to ~1e-5.
 """
@@ -41,7 +48,7 @@ import logging
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,6 +81,7 @@ BLOCKS = "visual.transformer.resblocks"
 # Modules of an open_clip VisionTransformer that run after the residual blocks (plus the `proj` parameter).
 _POST_MODULES = ("attn_pool", "attn_pool_contrastive", "ln_post")
 _VMAP_FALLBACK = r"There is a performance drop because we have not yet implemented the batching rule"
+DECODE_ROWS = 64  # images per decode job, whatever the batch: bounded shared memory for the jobs in flight
 CPU_BATCH = 32  # the FT batch on the CPU (and every non-CUDA device): the value before batches were sized
 MAX_BATCH = 1024
 MEMORY_FRACTION = 0.25  # of the CUDA device's free memory, for one batch's gradients, activations and sketch
@@ -279,31 +287,83 @@ def ft_batch_size(device: Any, num_params: int, sketch_dim: int | None, *, activ
     return min(1 << (fits.bit_length() - 1), 1 << (max_batch.bit_length() - 1))
 
 
+class _Halving:
+    """Batches of rows that halve on a CUDA out-of-memory error, across the calls of one stage run."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.warned = False
+
+    def rows(self, n: int, step: Callable[[int, int], np.ndarray]) -> list[np.ndarray]:
+        """``step(lo, hi)`` over ``[0, n)`` in batches of at most ``batch_size``; on a CUDA out-of-memory error the
+        batch is halved and the same rows retried (down to 1, then the error propagates); later batches keep the
+        smaller size. Logged once (a warning) per :class:`_Halving`."""
+        rows: list[np.ndarray] = []
+        lo = 0
+        while lo < n:
+            hi = min(lo + self.batch_size, n)
+            try:
+                rows.append(step(lo, hi))
+            except torch.cuda.OutOfMemoryError:
+                if hi - lo == 1:
+                    raise
+                smaller = (hi - lo) // 2
+                if not self.warned:
+                    log.warning("FT gradients: out of memory on a batch of %d images; retrying it with %d (and "
+                                "halving again if needed)", hi - lo, smaller)
+                    self.warned = True
+                self.batch_size = smaller
+            else:
+                lo = hi
+                continue
+            if torch.cuda.is_available():  # outside the except block: the error's frames no longer hold the tensors
+                torch.cuda.empty_cache()
+        return rows
+
+
 def _batched_rows(n: int, batch_size: int, step: Callable[[int, int], np.ndarray]) -> list[np.ndarray]:
-    """``step(lo, hi)`` over ``[0, n)`` in batches of ``batch_size``; on a CUDA out-of-memory error the batch is
-    halved and the same rows retried (down to 1, then the error propagates); later batches keep the smaller
-    size. Logged once (a warning) per call."""
-    rows: list[np.ndarray] = []
-    lo, warned = 0, False
-    while lo < n:
-        hi = min(lo + batch_size, n)
-        try:
-            rows.append(step(lo, hi))
-        except torch.cuda.OutOfMemoryError:
-            if hi - lo == 1:
-                raise
-            smaller = (hi - lo) // 2
-            if not warned:
-                log.warning("FT gradients: out of memory on a batch of %d images; retrying it with %d (and "
-                            "halving again if needed)", hi - lo, smaller)
-                warned = True
-            batch_size = smaller
-        else:
-            lo = hi
-            continue
-        if torch.cuda.is_available():  # outside the except block: the error's frames no longer hold the tensors
-            torch.cuda.empty_cache()
-    return rows
+    """``step(lo, hi)`` over ``[0, n)`` in batches of ``batch_size``, halving on out-of-memory (:class:`_Halving`)."""
+    return _Halving(batch_size).rows(n, step)
+
+
+def _ft_decode_workers(requested: int | None, total: int, batch_size: int, device: torch.device) -> int:
+    """Decode processes for the stage: ``requested``, or by default none on the CPU (the gradients keep every core
+    busy: a decode worker made the stage 0.79–0.87× as fast, bench/README.md §8) and the embed stage's rule on
+    CUDA (cores − 1, none when the images fit one batch or ``$SKMM_DECODE_WORKERS=0``); none where the process
+    may not fork."""
+    from skmm.models.clip import _decode_workers
+
+    if requested is None and device.type == "cpu":
+        return 0
+    return _decode_workers(requested, total, batch_size)
+
+
+def _decoded_batches(images: Sequence[Any], batch_size: int, preprocess: Any,
+                     workers: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(offset, pixels)`` for consecutive batches of ``batch_size`` images, decoded in this thread or by
+    ``workers`` processes (:data:`DECODE_ROWS` images per job, several jobs ahead of the caller)."""
+    if not workers:
+        for lo in range(0, len(images), batch_size):
+            yield lo, decode_images(images[lo:lo + batch_size], preprocess, lo)
+        return
+    from skmm.models.clip import MAX_PIXELS, _parallel_blocks
+
+    blocks = _parallel_blocks(images, DECODE_ROWS, preprocess, MAX_PIXELS, workers)
+    pending: list[torch.Tensor] = []
+    have = lo = 0
+    try:
+        for block in blocks:
+            pending.append(block)
+            have += len(block)
+            while have >= batch_size:
+                joined = pending[0] if len(pending) == 1 else torch.cat(pending)
+                yield lo, joined[:batch_size]
+                rest = joined[batch_size:]
+                pending, have, lo = ([rest] if len(rest) else []), len(rest), lo + batch_size
+        if have:
+            yield lo, pending[0] if len(pending) == 1 else torch.cat(pending)
+    finally:
+        blocks.close()
 
 
 def ft_gradient_sketch(
@@ -318,6 +378,7 @@ def ft_gradient_sketch(
     batch_size: int | None = None,
     device: Any = None,
     projector_kind: str = "sjlt",
+    decode_workers: int | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Sketched per-sample FT gradients of a pool: ``(G̃ (N, m) float32, producer)``, rows in input order.
 
@@ -332,7 +393,9 @@ def ft_gradient_sketch(
     (ViT-B/32, k=1: r ≈ 7.5M, so 3.8G normals per batch at m=512: minutes per batch), fine only for small r.
     The producer records everything that determines the rows; store it with them.
     ``batch_size=None``: :func:`ft_batch_size` (32 on the CPU, sized to the free memory on CUDA); a CUDA
-    out-of-memory error halves the batch and retries it. Neither the batch nor the device is in the producer.
+    out-of-memory error halves the batch and retries it. ``decode_workers``: processes that decode while the
+    gradients are computed (``None``: cores − 1 on CUDA, none on the CPU; ``0``: in the calling thread).
+    Neither the batch, the device nor the decode workers are in the producer.
     """
     from skmm.models.clip import ClipSpec, _ieee_fp32, resolve_device
     from skmm.sketch import make_projector
@@ -353,6 +416,10 @@ def ft_gradient_sketch(
     seed = _check_seed(seed)
     if batch_size is not None:
         batch_size = check_positive_int(batch_size, "batch_size")
+    if decode_workers is not None and (
+        isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 0
+    ):
+        raise ValueError(f"decode_workers must be None or a non-negative integer; got {decode_workers!r}")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be a positive integer; got {k!r}")
     if k < 1:
@@ -380,17 +447,27 @@ def ft_gradient_sketch(
         log.info("FT gradients: batch size %d on %s (r = %d)", batch_size, dev, r)
     suffix = _Suffix(model, int(k))
 
-    def step(lo: int, hi: int) -> np.ndarray:
-        pixels = decode_images(images[lo:hi], preprocess, lo).to(dev)
+    def step(pixels: torch.Tensor, lo: int, hi: int) -> np.ndarray:
+        if dev.type == "cuda":
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(dev, non_blocking=True)
         with torch.no_grad():
             tokens = model.prefix(pixels, int(k))
         grads = per_sample_gradients(suffix, tokens, labels[lo:hi], names)
         out = projector.project(grads) if projector is not None else grads
         return out.detach().float().cpu().numpy()
 
-    with _ieee_fp32(dev), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_VMAP_FALLBACK)
-        rows = _batched_rows(len(images), batch_size, step)
+    halving = _Halving(batch_size)
+    rows: list[np.ndarray] = []
+    workers = _ft_decode_workers(decode_workers, len(images), batch_size, dev)
+    batches = _decoded_batches(images, batch_size, preprocess, workers)
+    try:
+        with _ieee_fp32(dev), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_VMAP_FALLBACK)
+            for lo, pixels in batches:
+                rows.extend(halving.rows(len(pixels), lambda a, b, p=pixels, o=lo: step(p[a:b], o + a, o + b)))
+    finally:
+        batches.close()  # stops the decode workers early when a batch failed
     producer = {
         "mode": "ft",
         "model": spec.to_dict(),
