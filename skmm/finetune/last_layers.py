@@ -21,6 +21,8 @@ Decisions:
   images' tokens are kept only up to ``val_cache_bytes`` (default 4 GiB: 27 000 ViT-B/32 images, 4 000 of a
   ViT-L/14); above it each epoch's val pass decodes and runs the full tower again, in the same batches, so the
   val accuracies, the best epoch and the weights are bitwise the same (``val_tokens_cached_`` says which).
+  Images are decoded as in the FT gradient stage: by worker processes on CUDA, while the device runs the prefix
+  of the batch before; in the calling thread on the CPU. Bitwise the same tokens either way.
 - **Reproducible**: the head is seeded (``init_head``), shuffling uses a ``torch.Generator`` seeded with
   ``seed``; on the same device and thread count the same seed gives bit-identical weights. TF32 is off on CUDA.
 - **Best epoch**: with a validation split the epoch with the highest val accuracy is kept (the earliest on
@@ -50,8 +52,9 @@ from skmm.gradients.clip_ft import (
     VisualWithHead,
     _check_images,
     _check_seed,
+    _decoded_batches,
+    _ft_decode_workers,
     build_ft_model,
-    decode_images,
     ft_parameter_names,
 )
 
@@ -163,12 +166,17 @@ class LastLayersFinetuner:
         self.param_names_ = names
 
     def _token_batches(self, images: list[Any]) -> Iterator[torch.Tensor]:
-        """Tokens entering the first trained block, ``batch_size`` images at a time, on the CPU."""
+        """Tokens entering the first trained block, ``batch_size`` images at a time, on the CPU; the images are
+        decoded as in the FT gradient stage (by worker processes on CUDA, in this thread on the CPU)."""
         model, dev = self.model_, self._device()
-        with torch.no_grad():
-            for lo in range(0, len(images), self.batch_size):
-                pixels = decode_images(images[lo:lo + self.batch_size], self._preprocess, lo).to(dev)
-                yield model.prefix(pixels, self.k).cpu()
+        workers = _ft_decode_workers(None, len(images), self.batch_size, dev)
+        batches = _decoded_batches(images, self.batch_size, self._preprocess, workers)
+        try:
+            with torch.no_grad():
+                for _, pixels in batches:
+                    yield model.prefix(pixels.to(dev), self.k).cpu()
+        finally:
+            batches.close()  # stops the decode workers when the caller stops early
 
     def _tokens(self, images: list[Any]) -> torch.Tensor:
         """Tokens entering the first trained block, for every image, on the CPU."""

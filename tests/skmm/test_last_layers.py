@@ -215,3 +215,23 @@ def test_val_tokens_over_the_cache_budget_are_recomputed_with_the_same_result(di
     assert streamed.state_bytes() == fitted.state_bytes()
     with pytest.raises(ValueError, match="val_cache_bytes"):
         LastLayersFinetuner(TINY, val_cache_bytes=-1)
+
+
+def test_decode_workers_change_no_bit_of_the_finetuned_model(digits, fitted, monkeypatch):
+    """The finetuner decodes as the FT gradient stage does: in worker processes on CUDA. Forced here on the CPU
+    (2 workers for every token pass, the streamed val split included): the same weights and history, bit for bit."""
+    from skmm.finetune import last_layers
+
+    images, labels = digits
+    asked: list[int] = []
+
+    def two_workers(requested, total, batch_size, device):
+        asked.append(total)
+        return 2
+
+    monkeypatch.setattr(last_layers, "_ft_decode_workers", two_workers)
+    for cache in (last_layers.VAL_CACHE_BYTES, 0):
+        got = LastLayersFinetuner(TINY, **FIT, val_cache_bytes=cache).fit(images[:120], labels[:120], images[120:],
+                                                                           labels[120:])
+        assert got.state_bytes() == fitted.state_bytes() and got.history_ == fitted.history_
+    assert 120 in asked and 40 in asked  # the train and val token passes went through the workers
