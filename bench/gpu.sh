@@ -38,6 +38,9 @@ step() {  # step LIMIT_S NAME COMMAND...: run with a time limit, log to $SKMM_BE
 }
 
 (( TINY )) || nvidia-smi -L
+# Decoded blocks come back to the encoder through shared memory (torch.multiprocessing): /dev/shm must hold the
+# jobs in flight (on CUDA up to cores × 512 preprocessed images, ~0.3 GB each job).
+df -h /dev/shm | tail -1
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 

@@ -47,12 +47,13 @@ Decisions:
   decode workers have no idle core to use (bench/README.md §8). By default a CPU call instead forks one *block
   worker* per torch thread it would use (``encode_workers``; ``$SKMM_ENCODE_WORKERS``): each decodes and
   encodes whole blocks with one torch thread, so one core decodes while another encodes, and no core waits on
-  the others' share of a parallel region. The model is inherited by the fork (weights shared, not copied);
-  each worker holds one block's activations. The blocks and their shapes are the same, and the thread count
-  changes no bit, so the features are bitwise those of the other paths. One call per process uses block
-  workers by default (the flow's concurrent shard tasks would otherwise fork as many each); a concurrent call
-  takes the decode workers' path. Off where decode workers are off, for a single block, for one thread, and
-  when the caller chose ``decode_workers``.
+  the others' share of a parallel region. The model is inherited by the fork (weights shared, not copied).
+  Each worker holds one block's activations, so by default no more workers start than fit in half the memory
+  still available (a conservative estimate for ViT towers, :func:`_block_worker_bytes`). The blocks and their
+  shapes are the same, and the thread count changes no bit, so the features are bitwise those of the other
+  paths. One call per process uses block workers by default (the flow's concurrent shard tasks would otherwise
+  fork as many each); a concurrent call takes the decode workers' path. Off where decode workers are off, for
+  a single block, for one thread, and when the caller chose ``decode_workers``.
 - **Bitwise batch invariance.** On one machine and build, an image's features are the same bits whatever the
   batch size, shard split, row order or thread count: :func:`embed_images` encodes in blocks of exactly
   ``BLOCK_ROWS`` images (the last one zero-padded, pad rows dropped). Why: MKL's sgemm picks its kernel, hence
@@ -1017,6 +1018,65 @@ def _encode_workers(requested: int | None, decode_requested: int | None, total: 
     return workers
 
 
+def _available_memory_bytes() -> int | None:
+    """Memory this process may still take: the kernel's MemAvailable, or less under a cgroup v2 limit (a
+    container); None when unknown."""
+    available = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as fh:
+            used = int(fh.read().strip())
+        if limit != "max":
+            left = max(int(limit) - used, 0)
+            available = left if available is None else min(available, left)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _block_worker_bytes(model, rows: int) -> int | None:
+    """A conservative estimate of one block worker's own memory for a ViT tower: twice the input block plus the
+    largest activations of a block pass (attention scores and softmax, the MLP's hidden layer and its GELU, six
+    copies of the residual stream), float32. Measured private memory per worker at ``rows=64``: 136–166 MiB for
+    ViT-S-32 (estimate 219 MiB), 257–264 MiB for ViT-B-32 (estimate 365 MiB). None for other towers (ResNets)."""
+    visual = getattr(model, "visual", None)
+    transformer = getattr(visual, "transformer", None)
+    grid, size = getattr(visual, "grid_size", None), _square(getattr(visual, "image_size", None))
+    try:
+        block = transformer.resblocks[0]
+        width, heads, hidden = transformer.width, block.attn.num_heads, block.mlp.c_fc.out_features
+        tokens = grid[0] * grid[1] + 1
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if size is None:
+        return None
+    per_image = 3 * size * size + 2 * heads * tokens * tokens + 2 * tokens * hidden + 6 * tokens * width
+    return 2 * 4 * rows * per_image
+
+
+def _memory_capped(workers: int, model, rows: int) -> int:
+    """``workers``, fewer when their estimated memory (:func:`_block_worker_bytes`) would pass half the memory
+    still available; 0 (the decode workers' path) when fewer than two would fit."""
+    need, available = _block_worker_bytes(model, rows), _available_memory_bytes()
+    if not workers or need is None or available is None:
+        return workers
+    fit = available // 2 // need
+    if fit >= workers:
+        return workers
+    log.info("block workers: %d of %d fit in half the available memory (%.1f GiB, ~%.2f GiB each)%s", fit,
+             workers, available / 2**30, need / 2**30, "" if fit >= 2 else "; using the decode workers instead")
+    return fit if fit >= 2 else 0
+
+
 def _encode_block(model, block: torch.Tensor, rows: int, device: torch.device, normalize: bool,
                   precision: str) -> torch.Tensor:
     """Encode up to ``rows`` stacked preprocessed images as one zero-padded block of exactly ``rows`` images;
@@ -1114,8 +1174,9 @@ def embed_images(
     threads = num_threads if num_threads is not None else torch.get_num_threads()
     block_workers = _encode_workers(encode_workers, decode_workers, total, rows, dev, threads)
     held = False
-    if block_workers and encode_workers is None:  # the default: one call's worth of processes per process
-        held = _BLOCK_WORKERS_IN_USE.acquire(blocking=False)
+    if block_workers and encode_workers is None:  # the default: one call's worth of processes per process,
+        block_workers = _memory_capped(block_workers, model, rows)  # as many as the memory holds
+        held = bool(block_workers) and _BLOCK_WORKERS_IN_USE.acquire(blocking=False)
         block_workers = block_workers if held else 0
     try:
         return _embed(images, spec, model, preprocess, dev, rows, total, batch_size, progress, normalize,

@@ -264,6 +264,35 @@ def test_concurrent_default_calls_in_threads_equal_serial(pool, serial, monkeypa
     assert not clip_module._BLOCK_WORKERS_IN_USE.locked()
 
 
+def test_block_worker_memory_estimate_and_cap(monkeypatch):
+    model, _ = clip_module._cached_model(TINY, torch.device("cpu"))
+    need = clip_module._block_worker_bytes(model, 64)
+    assert need > 0 and clip_module._block_worker_bytes(model, 128) > need  # grows with the block
+    assert clip_module._block_worker_bytes(object(), 64) is None  # not a ViT tower: no estimate, no cap
+    available = clip_module._available_memory_bytes()
+    assert available is None or available > 0
+    monkeypatch.setattr(clip_module, "_available_memory_bytes", lambda: 20 * need)
+    assert clip_module._memory_capped(4, model, 64) == 4
+    assert clip_module._memory_capped(16, model, 64) == 10  # half of the memory, one estimate each
+    monkeypatch.setattr(clip_module, "_available_memory_bytes", lambda: 3 * need)
+    assert clip_module._memory_capped(4, model, 64) == 0  # one would fit: the decode workers' path
+    monkeypatch.setattr(clip_module, "_available_memory_bytes", lambda: None)
+    assert clip_module._memory_capped(4, model, 64) == 4  # unknown: as asked
+
+
+def test_without_memory_for_two_block_workers_the_default_takes_the_decode_path(pool, serial, monkeypatch,
+                                                                                 tmp_path):
+    for name in ("SKMM_DECODE_WORKERS", "SKMM_ENCODE_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(clip_module, "_available_memory_bytes", lambda: 1)
+    encoded = _pids_calling(monkeypatch, tmp_path, "_encode_block")
+    assert np.array_equal(embed_images(pool, TINY, device="cpu", num_threads=2), serial)
+    assert set(encoded.read_text().split()) == {str(os.getpid())}  # encoded in the caller
+    encoded.unlink()
+    assert np.array_equal(embed_images(pool, TINY, device="cpu", encode_workers=2), serial)  # asked for: used
+    assert str(os.getpid()) not in encoded.read_text().split()
+
+
 # --------------------------------------------------------------------------------------- precision and blocks
 
 
