@@ -82,7 +82,6 @@ BLOCKS = "visual.transformer.resblocks"
 # Modules of an open_clip VisionTransformer that run after the residual blocks (plus the `proj` parameter).
 _POST_MODULES = ("attn_pool", "attn_pool_contrastive", "ln_post")
 _VMAP_FALLBACK = r"There is a performance drop because we have not yet implemented the batching rule"
-DECODE_ROWS = 64  # images per decode job, whatever the batch: bounded shared memory for the jobs in flight
 CPU_BATCH = 32  # the FT batch on the CPU (and every non-CUDA device): the value before batches were sized
 MAX_BATCH = 1024
 MEMORY_FRACTION = 0.25  # of the CUDA device's free memory, for one batch's gradients, activations and sketch
@@ -339,32 +338,24 @@ def _ft_decode_workers(requested: int | None, total: int, batch_size: int, devic
     return _decode_workers(requested, total, batch_size)
 
 
-def _decoded_batches(images: Sequence[Any], batch_size: int, preprocess: Any,
-                     workers: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _decoded_batches(images: Sequence[Any], batch_size: int, preprocess: Any, workers: int,
+                     pin: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
     """``(offset, pixels)`` for consecutive batches of ``batch_size`` images, decoded in this thread or by
-    ``workers`` processes (:data:`DECODE_ROWS` images per job, several jobs ahead of the caller)."""
+    ``workers`` processes (the embed stage's decode jobs, regrouped; page-locked when ``pin``)."""
     if not workers:
         for lo in range(0, len(images), batch_size):
             yield lo, decode_images(images[lo:lo + batch_size], preprocess, lo)
         return
     from skmm.models.clip import MAX_PIXELS, _parallel_blocks
 
-    blocks = _parallel_blocks(images, DECODE_ROWS, preprocess, MAX_PIXELS, workers)
-    pending: list[torch.Tensor] = []
-    have = lo = 0
+    batches = _parallel_blocks(images, batch_size, preprocess, MAX_PIXELS, workers, pin=pin)
+    lo = 0
     try:
-        for block in blocks:
-            pending.append(block)
-            have += len(block)
-            while have >= batch_size:
-                joined = pending[0] if len(pending) == 1 else torch.cat(pending)
-                yield lo, joined[:batch_size]
-                rest = joined[batch_size:]
-                pending, have, lo = ([rest] if len(rest) else []), len(rest), lo + batch_size
-        if have:
-            yield lo, pending[0] if len(pending) == 1 else torch.cat(pending)
+        for pixels in batches:
+            yield lo, pixels
+            lo += len(pixels)
     finally:
-        blocks.close()
+        batches.close()
 
 
 def ft_gradient_sketch(
@@ -449,8 +440,6 @@ def ft_gradient_sketch(
     suffix = _Suffix(model, int(k))
 
     def step(pixels: torch.Tensor, lo: int, hi: int) -> np.ndarray:
-        if dev.type == "cuda":
-            pixels = pixels.pin_memory()
         pixels = pixels.to(dev, non_blocking=True)
         with torch.no_grad():
             tokens = model.prefix(pixels, int(k))
@@ -461,7 +450,7 @@ def ft_gradient_sketch(
     halving = _Halving(batch_size)
     rows: list[np.ndarray] = []
     workers = _ft_decode_workers(decode_workers, len(images), batch_size, dev)
-    batches = _decoded_batches(images, batch_size, preprocess, workers)
+    batches = _decoded_batches(images, batch_size, preprocess, workers, pin=dev.type == "cuda")
     try:
         with _ieee_fp32(dev), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_VMAP_FALLBACK)

@@ -35,10 +35,12 @@ Decisions:
   ones). The block size is part of the spec too: the dict carries it when it is not 64 (so the default spec,
   its digest and every table written before are unchanged), since another shape may round differently.
 - **Decoding overlaps encoding.** :func:`embed_images` decodes and preprocesses in ``decode_workers`` forked
-  worker processes (default: cores − 1, at least 1; serial for a single block), one fixed block per job, so
-  block k is encoded while blocks k+1.. are decoded. Each worker runs torch with 1 thread (the parent's encode
-  threads are unchanged); blocks come back through shared memory, in order, and are pinned and copied
-  asynchronously to a CUDA device. The block composition is the serial path's, and the preprocessing is the
+  worker processes (default: cores − 1, at least 1; serial for a single block), in jobs of at most 64 images
+  (``DECODE_JOB_ROWS``), so block k is encoded while later images are decoded. Each worker runs torch with 1
+  thread (the parent's encode threads are unchanged); the jobs come back through shared memory, in order, and
+  are regrouped into blocks (on a CUDA device by one copy into page-locked memory, then copied asynchronously).
+  Small jobs keep the shared memory in flight small: 512-image CUDA blocks as jobs would hold ~0.3 GB each.
+  The block composition is the serial path's, and the preprocessing is the
   same code, so the features are bitwise those of ``decode_workers=0``. Measured on the 2-core CPU (ViT-S-32,
   ~56 KB JPEGs): see bench/README.md §8. Where a process may not fork children (a daemonic process, e.g. a Dask
   worker, or no ``fork`` start method) decoding runs in the calling thread. ``$SKMM_DECODE_WORKERS`` sets the
@@ -144,6 +146,9 @@ CUDA_BLOCK_ROWS = 512
 SMALL_CUDA_BLOCK_ROWS = 256
 SMALL_CUDA_BYTES = 16 * 2**30
 MAX_BLOCK_ROWS = 1 << 16
+# Images per decode job, whatever the block: the jobs in flight (workers + 1) sit in shared memory, 38 MB each at
+# 224 px, where 512-image CUDA blocks as jobs would take 0.3 GB each.
+DECODE_JOB_ROWS = 64
 DECODE_WORKERS_ENV = "SKMM_DECODE_WORKERS"
 ENCODE_WORKERS_ENV = "SKMM_ENCODE_WORKERS"
 # The largest image decoded (width × height): Pillow's default decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS.
@@ -935,12 +940,59 @@ def _in_workers(images: Iterable[Any], rows: int, workers: int, job, initializer
                 future.cancel()
 
 
-def _parallel_blocks(images: Iterable[Any], rows: int, preprocess, max_pixels: int,
-                     workers: int) -> Iterator[torch.Tensor]:
-    """The blocks of :func:`_serial_blocks`, decoded by ``workers`` forked processes, one block per job, in
-    order; ``workers + 1`` jobs in flight, so the caller encodes block k while later blocks are decoded."""
-    return _in_workers(images, rows, workers, _decode_block, _init_decode_worker, (preprocess, max_pixels),
-                       workers + 1)
+def _regrouped(chunks: Iterable[torch.Tensor], rows: int, pin: bool = False) -> Iterator[torch.Tensor]:
+    """Consecutive stacked images regrouped into tensors of ``rows`` (the last one shorter); each assembled by one
+    copy into a new tensor, page-locked when ``pin`` (for an asynchronous copy to a CUDA device)."""
+    import torch
+
+    pending: list[torch.Tensor] = []
+    have = 0
+
+    def take(n: int) -> torch.Tensor:
+        nonlocal pending, have
+        if not pin and len(pending) == 1 and len(pending[0]) == n:
+            out, pending = pending[0], []
+        else:
+            out = torch.empty((n, *pending[0].shape[1:]), dtype=pending[0].dtype, pin_memory=pin)
+            filled = 0
+            while filled < n:
+                part = pending[0][: n - filled]
+                out[filled:filled + len(part)] = part
+                filled += len(part)
+                rest = pending[0][len(part):]
+                pending = ([rest] if len(rest) else []) + pending[1:]
+        have -= n
+        return out
+
+    for chunk in chunks:
+        pending.append(chunk)
+        have += len(chunk)
+        while have >= rows:
+            yield take(rows)
+    if have:
+        yield take(have)
+
+
+def _parallel_blocks(images: Iterable[Any], rows: int, preprocess, max_pixels: int, workers: int,
+                     pin: bool = False) -> Iterator[torch.Tensor]:
+    """The blocks of :func:`_serial_blocks`, decoded by ``workers`` forked processes in jobs of at most
+    :data:`DECODE_JOB_ROWS` images (so the shared memory in flight stays small whatever the block), regrouped in
+    order into blocks of ``rows`` (page-locked when ``pin``); ``workers + 1`` jobs in flight, so the caller
+    encodes block k while later images are decoded."""
+    job = min(rows, DECODE_JOB_ROWS)
+    chunks = _in_workers(images, job, workers, _decode_block, _init_decode_worker, (preprocess, max_pixels),
+                         workers + 1)
+    if job == rows and not pin:
+        return chunks
+    return _closing(_regrouped(chunks, rows, pin), chunks)
+
+
+def _closing(outer: Iterator[Any], inner: Iterator[Any]) -> Iterator[Any]:
+    """``outer``'s items; closing it (or finishing) closes ``inner`` too (the worker pool behind it)."""
+    try:
+        yield from outer
+    finally:
+        inner.close()
 
 
 def _init_block_worker(model, preprocess, max_pixels: int, rows: int, normalize: bool, precision: str) -> None:
@@ -1094,7 +1146,7 @@ def _encode_block(model, block: torch.Tensor, rows: int, device: torch.device, n
         padded = block.new_zeros((rows, *block.shape[1:]))
         padded[:n] = block
         block = padded
-    if device.type == "cuda":
+    if device.type == "cuda" and not block.is_pinned():
         block = block.pin_memory()
     with _autocast(device, precision):
         features = model.encode_image(block.to(device, non_blocking=True))
@@ -1203,7 +1255,7 @@ def _embed(images: Iterable[Any], spec: ClipSpec, model, preprocess, dev: torch.
                                         spec.precision)
     else:
         workers = _decode_workers(decode_workers, total, rows)
-        blocks = (_parallel_blocks(images, rows, preprocess, max_pixels, workers) if workers
+        blocks = (_parallel_blocks(images, rows, preprocess, max_pixels, workers, pin=dev.type == "cuda") if workers
                   else _serial_blocks(images, rows, batch_size, preprocess, max_pixels))
     previous: torch.Tensor | None = None  # the last block's features, fetched after the next block is queued
     try:

@@ -119,6 +119,45 @@ def test_default_worker_count_and_where_forking_is_not_allowed(monkeypatch, capl
     assert "decode_workers=2 ignored" in caplog.text
 
 
+def test_regrouped_keeps_order_and_passes_whole_chunks_through():
+    x = torch.arange(150 * 2, dtype=torch.float32).reshape(150, 2)
+    chunks = [x[:64], x[64:128], x[128:]]
+    out = list(clip_module._regrouped(iter(chunks), 100))
+    assert [len(t) for t in out] == [100, 50] and torch.equal(torch.cat(out), x)
+    same = list(clip_module._regrouped(iter(chunks), 64))
+    assert [len(t) for t in same] == [64, 64, 22] and same[0] is chunks[0]  # a chunk of the right size: no copy
+    small = list(clip_module._regrouped(iter(chunks), 7))
+    assert {len(t) for t in small[:-1]} == {7} and torch.equal(torch.cat(small), x)
+    assert list(clip_module._regrouped(iter([]), 8)) == []
+
+
+def test_decode_jobs_stay_small_whatever_the_block(pool, monkeypatch):
+    # CUDA blocks are 512 images: decoded as one job each, cores × 512 preprocessed images (0.3 GB a job at
+    # 224 px) would sit in shared memory. Jobs are at most DECODE_JOB_ROWS images, regrouped into the block.
+    spec = ClipSpec(TINY_MODEL, block_rows=100)
+    reference = embed_images(pool, spec, device="cpu", decode_workers=0)
+    real = clip_module._jobs
+    jobs: list[tuple[int, int]] = []
+
+    def spying(images, rows):
+        for batch, start in real(images, rows):
+            jobs.append((start, len(batch)))
+            yield batch, start
+
+    monkeypatch.setattr(clip_module, "_jobs", spying)
+    shapes: list[int] = []
+    encode = clip_module._encode_block
+
+    def encoding(model, block, rows, *args):
+        shapes.append(len(block))
+        return encode(model, block, rows, *args)
+
+    monkeypatch.setattr(clip_module, "_encode_block", encoding)
+    assert np.array_equal(embed_images(pool, spec, device="cpu", decode_workers=2), reference)
+    assert jobs == [(0, 64), (64, 64), (128, 22)]  # 150 images in jobs of 64
+    assert shapes == [100, 50]  # encoded in the spec's blocks
+
+
 # ------------------------------------------------------------------- block workers: decode and encode per core
 
 
