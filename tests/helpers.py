@@ -103,3 +103,41 @@ def random_sample_ids(rng, n: int):
     ids = np.unique(hexed.view("S64"))
     assert len(ids) == n
     return ids
+
+
+def spy_on(monkeypatch, module, name: str, log, *, arg: int | None = None):
+    """Wrap ``module.<name>`` (it still runs): each call appends a line to ``log`` (a path) with the calling
+    process's id, and its positional argument ``arg`` when given. Forked workers inherit the spy, so the lines
+    say which processes made the calls. Returns ``log``."""
+    import os
+
+    real = getattr(module, name)
+
+    def spying(*args, **kwargs):
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}" + ("" if arg is None else f" {args[arg]}") + "\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spying)
+    return log
+
+
+def gradients_out_of_memory_above(monkeypatch, limit: int) -> list[int]:
+    """Make ``skmm.gradients.clip_ft.per_sample_gradients`` raise a CUDA out-of-memory error on batches of more
+    than ``limit`` images (smaller ones run for real); the batch sizes it is called with are appended to the
+    returned list."""
+    import torch
+
+    from skmm.gradients import clip_ft
+
+    real = clip_ft.per_sample_gradients
+    sizes: list[int] = []
+
+    def limited(model, inputs, labels, names):
+        sizes.append(len(inputs))
+        if len(inputs) > limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (test): {len(inputs)} images")
+        return real(model, inputs, labels, names)
+
+    monkeypatch.setattr(clip_ft, "per_sample_gradients", limited)
+    return sizes

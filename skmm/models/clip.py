@@ -1033,10 +1033,16 @@ def _decode_workers(requested: int | None, total: int | None, rows: int) -> int:
         workers = default_decode_workers()
     else:
         workers = requested
+    return _if_forkable(workers, requested, "decode_workers", "decoding in the calling thread")
+
+
+def _if_forkable(workers: int, requested: int | None, name: str, instead: str) -> int:
+    """``workers``, or 0 where this process may not fork children (a daemonic process, or no ``fork`` start
+    method), with a warning when they were asked for (``requested``)."""
     if workers and not _can_fork():
         if requested:
-            log.warning("decode_workers=%d ignored: this process may not fork children (daemonic, or no 'fork' "
-                        "start method); decoding in the calling thread", requested)
+            log.warning("%s=%d ignored: this process may not fork children (daemonic, or no 'fork' start method); "
+                        "%s", name, requested, instead)
         return 0
     return workers
 
@@ -1062,12 +1068,7 @@ def _encode_workers(requested: int | None, decode_requested: int | None, total: 
         workers = default_encode_workers(threads)
     else:
         workers = requested
-    if workers and not _can_fork():
-        if requested:
-            log.warning("encode_workers=%d ignored: this process may not fork children (daemonic, or no 'fork' "
-                        "start method); encoding in the calling process", requested)
-        return 0
-    return workers
+    return _if_forkable(workers, requested, "encode_workers", "encoding in the calling process")
 
 
 def _available_memory_bytes() -> int | None:

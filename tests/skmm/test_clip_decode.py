@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import pathlib
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -16,6 +15,8 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from helpers import spy_on
 
 from skmm.models import TINY_MODEL, ClipSpec, check_precision, default_block_rows, embed_images, embed_shards
 from skmm.models import clip as clip_module
@@ -58,16 +59,7 @@ def test_decode_workers_stream_an_iterator_and_small_blocks_bitwise(pool):
 
 
 def test_decoding_runs_in_worker_processes(pool, monkeypatch, tmp_path):
-    # A spy on the real decoder (it still decodes): which processes called it. Forked workers inherit it.
-    real = clip_module._decode
-    log = tmp_path / "pids"
-
-    def spying(data, index, preprocess, max_pixels=clip_module.MAX_PIXELS):
-        with open(log, "a") as fh:
-            fh.write(f"{os.getpid()} {index}\n")
-        return real(data, index, preprocess, max_pixels)
-
-    monkeypatch.setattr(clip_module, "_decode", spying)
+    log = spy_on(monkeypatch, clip_module, "_decode", tmp_path / "pids", arg=1)  # which processes decoded
     threads = torch.get_num_threads()
     embed_images(pool, TINY, device="cpu", decode_workers=2)
     rows = [line.split() for line in log.read_text().splitlines()]
@@ -161,21 +153,6 @@ def test_decode_jobs_stay_small_whatever_the_block(pool, monkeypatch):
 # ------------------------------------------------------------------- block workers: decode and encode per core
 
 
-def _pids_calling(monkeypatch, tmp_path, name: str) -> pathlib.Path:
-    """Spy on ``clip_module.<name>`` (it still runs): each call appends its process id to the returned file.
-    Forked workers inherit the spy."""
-    real = getattr(clip_module, name)
-    log = tmp_path / f"{name}.pids"
-
-    def spying(*args, **kwargs):
-        with open(log, "a") as fh:
-            fh.write(f"{os.getpid()}\n")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(clip_module, name, spying)
-    return log
-
-
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_block_workers_change_no_bit(pool, serial, workers):
     assert np.array_equal(embed_images(pool, TINY, device="cpu", encode_workers=workers), serial)
@@ -195,8 +172,8 @@ def test_block_workers_stream_an_iterator_and_small_blocks_bitwise(pool):
 
 
 def test_block_workers_decode_and_encode_outside_the_caller(pool, monkeypatch, tmp_path):
-    decoded = _pids_calling(monkeypatch, tmp_path, "_decode")
-    encoded = _pids_calling(monkeypatch, tmp_path, "_encode_block")
+    decoded = spy_on(monkeypatch, clip_module, "_decode", tmp_path / "_decode.pids")
+    encoded = spy_on(monkeypatch, clip_module, "_encode_block", tmp_path / "_encode_block.pids")
     threads = torch.get_num_threads()
     embed_images(pool, TINY, device="cpu", encode_workers=2)
     decoders = decoded.read_text().split()
@@ -270,7 +247,7 @@ def test_default_embedding_uses_block_workers_once_per_process(pool, serial, mon
     # (the flow's shard tasks run in threads) takes the decode workers' path instead of forking as many again.
     for name in ("SKMM_DECODE_WORKERS", "SKMM_ENCODE_WORKERS"):
         monkeypatch.delenv(name, raising=False)
-    encoded = _pids_calling(monkeypatch, tmp_path, "_encode_block")
+    encoded = spy_on(monkeypatch, clip_module, "_encode_block", tmp_path / "_encode_block.pids")
     X = embed_images(pool, TINY, device="cpu", num_threads=2)
     assert np.array_equal(X, serial)
     assert str(os.getpid()) not in encoded.read_text().split()
@@ -324,7 +301,7 @@ def test_without_memory_for_two_block_workers_the_default_takes_the_decode_path(
     for name in ("SKMM_DECODE_WORKERS", "SKMM_ENCODE_WORKERS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(clip_module, "_available_memory_bytes", lambda: 1)
-    encoded = _pids_calling(monkeypatch, tmp_path, "_encode_block")
+    encoded = spy_on(monkeypatch, clip_module, "_encode_block", tmp_path / "_encode_block.pids")
     assert np.array_equal(embed_images(pool, TINY, device="cpu", num_threads=2), serial)
     assert set(encoded.read_text().split()) == {str(os.getpid())}  # encoded in the caller
     encoded.unlink()

@@ -15,6 +15,8 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from helpers import gradients_out_of_memory_above, spy_on
+
 from skmm.gradients import clip_ft
 from skmm.gradients.clip_ft import ft_gradient_sketch
 from skmm.models import TINY_MODEL, ClipSpec
@@ -56,15 +58,7 @@ def test_decode_workers_change_no_bit_at_a_batch_size(pool, serial, batch_size, 
 
 def test_decoding_runs_in_worker_processes(pool, monkeypatch, tmp_path):
     images, ids = pool
-    real = clip_module._decode
-    log = tmp_path / "pids"
-
-    def spying(data, index, preprocess, max_pixels=clip_module.MAX_PIXELS):
-        with open(log, "a") as fh:
-            fh.write(f"{os.getpid()} {index}\n")
-        return real(data, index, preprocess, max_pixels)
-
-    monkeypatch.setattr(clip_module, "_decode", spying)
+    log = spy_on(monkeypatch, clip_module, "_decode", tmp_path / "pids", arg=1)
     threads = torch.get_num_threads()
     ft_gradient_sketch(images, ids, TINY, batch_size=32, decode_workers=2, **ARGS)
     rows = [line.split() for line in log.read_text().splitlines()]
@@ -100,17 +94,8 @@ def test_out_of_memory_halving_with_decode_workers(pool, monkeypatch, caplog):
     """A batch of 32 decoded by the workers ends as batches of 4 after simulated CUDA out-of-memory errors: the
     rows of a run at batch 4 (bitwise: the same sub-batches), one warning."""
     images, ids = pool
-    real = clip_ft.per_sample_gradients
-    sizes: list[int] = []
-
-    def limited(model, inputs, labels, names):
-        sizes.append(len(inputs))
-        if len(inputs) > 5:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (test): {len(inputs)} images")
-        return real(model, inputs, labels, names)
-
     ref, _ = ft_gradient_sketch(images, ids, TINY, batch_size=4, decode_workers=0, **ARGS)
-    monkeypatch.setattr(clip_ft, "per_sample_gradients", limited)
+    sizes = gradients_out_of_memory_above(monkeypatch, 5)
     with caplog.at_level(logging.WARNING, logger="skmm.gradients.clip_ft"):
         got, _ = ft_gradient_sketch(images, ids, TINY, batch_size=32, decode_workers=2, **ARGS)
     assert sizes[:4] == [32, 16, 8, 4] and max(sizes[4:]) <= 4

@@ -13,9 +13,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from helpers import gradients_out_of_memory_above
 from sklearn.datasets import load_digits
 
-import skmm.gradients.clip_ft as clip_ft
 from skmm.gradients.clip_ft import (
     CPU_BATCH,
     _batched_rows,
@@ -151,18 +151,9 @@ def test_ft_gradient_sketch_recovers_from_out_of_memory(pool, monkeypatch, caplo
     """The real gradient function, wrapped to raise a CUDA out-of-memory error above 5 images: a batch of 32
     ends as batches of 4, with the rows of a run at batch 4 (up to rounding) and one warning."""
     images, ids = pool
-    real = clip_ft.per_sample_gradients
-    sizes: list[int] = []
-
-    def limited(model, inputs, labels, names):
-        sizes.append(len(inputs))
-        if len(inputs) > 5:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (test): {len(inputs)} images")
-        return real(model, inputs, labels, names)
-
     ref, p_ref = ft_gradient_sketch(images, ids, TINY, k=1, num_classes=10, sketch_dim=16, seed=3, batch_size=4,
                                     device="cpu")
-    monkeypatch.setattr(clip_ft, "per_sample_gradients", limited)
+    sizes = gradients_out_of_memory_above(monkeypatch, 5)
     with caplog.at_level(logging.WARNING, logger="skmm.gradients.clip_ft"):
         got, p_got = ft_gradient_sketch(images, ids, TINY, k=1, num_classes=10, sketch_dim=16, seed=3,
                                         batch_size=32, device="cpu")
