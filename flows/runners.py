@@ -14,9 +14,10 @@ machine) and import this package (install it on every worker). Each worker runs 
 A local cluster (``workers`` or ``gpus``) shares this machine's cores among its task slots (workers × threads per
 worker): each worker's embed tasks get that share as torch threads (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``; Dask
 sets 1 per worker otherwise), so that workers do not oversubscribe the cores. ``SKMM_DECODE_WORKERS`` (share − 1)
-is set too, but Dask's worker processes are daemonic and may not fork children, so they decode and encode in
-their own process: neither the decode workers nor the CPU's block workers of :func:`skmm.models.embed_images`
-run there. These variables set in the environment win (the user's choice). On an existing cluster
+is set too, but Dask's worker processes are daemonic and may not fork children: neither the decode worker
+processes nor the CPU's block workers of :func:`skmm.models.embed_images` run there. On the CPU a worker decodes
+and encodes in its own process; where a GPU encodes, it decodes in that many threads instead. These variables
+set in the environment win (the user's choice). On an existing cluster
 (``address``) set these in each worker's environment. A local cluster is started inside the flow run, and its
 workers are given that run's Prefect API: without ``PREFECT_API_URL`` (the embedded temporary server) each worker
 would otherwise start a temporary server of its own on its first task (~8 s of CPU each) and record its task runs

@@ -52,8 +52,8 @@ from skmm.gradients.clip_ft import (
     VisualWithHead,
     _check_images,
     _check_seed,
+    _decode_plan,
     _decoded_batches,
-    _ft_decode_workers,
     build_ft_model,
     ft_parameter_names,
 )
@@ -169,8 +169,8 @@ class LastLayersFinetuner:
         """Tokens entering the first trained block, ``batch_size`` images at a time, on the CPU; the images are
         decoded as in the FT gradient stage (by worker processes on CUDA, in this thread on the CPU)."""
         model, dev = self.model_, self._device()
-        workers = _ft_decode_workers(None, len(images), self.batch_size, dev)
-        batches = _decoded_batches(images, self.batch_size, self._preprocess, workers)
+        workers, threads = _decode_plan(None, len(images), self.batch_size, dev)
+        batches = _decoded_batches(images, self.batch_size, self._preprocess, workers, threads=threads)
         try:
             with torch.no_grad():
                 for _, pixels in batches:

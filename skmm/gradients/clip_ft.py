@@ -335,20 +335,33 @@ def _ft_decode_workers(requested: int | None, total: int, batch_size: int, devic
 
     if requested is None and device.type == "cpu":
         return 0
-    return _decode_workers(requested, total, batch_size)
+    return _decode_workers(requested, total, batch_size, device)
+
+
+def _decode_plan(requested: int | None, total: int, batch_size: int, device: torch.device) -> tuple[int, bool]:
+    """``(workers, threads)``: :func:`_ft_decode_workers` processes, or where the process may not fork, as many
+    decode threads on CUDA (:func:`skmm.models.clip._decode_threads`)."""
+    from skmm.models.clip import _decode_threads
+
+    workers = _ft_decode_workers(requested, total, batch_size, device)
+    if workers:
+        return workers, False
+    threads = _decode_threads(requested, total, batch_size, device)
+    return threads, bool(threads)
 
 
 def _decoded_batches(images: Sequence[Any], batch_size: int, preprocess: Any, workers: int,
-                     pin: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+                     pin: bool = False, threads: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
     """``(offset, pixels)`` for consecutive batches of ``batch_size`` images, decoded in this thread or by
-    ``workers`` processes (the embed stage's decode jobs, regrouped; page-locked when ``pin``)."""
+    ``workers`` processes, or threads when ``threads`` (the embed stage's decode jobs, regrouped; page-locked
+    when ``pin``)."""
     if not workers:
         for lo in range(0, len(images), batch_size):
             yield lo, decode_images(images[lo:lo + batch_size], preprocess, lo)
         return
     from skmm.models.clip import MAX_PIXELS, _parallel_blocks
 
-    batches = _parallel_blocks(images, batch_size, preprocess, MAX_PIXELS, workers, pin=pin)
+    batches = _parallel_blocks(images, batch_size, preprocess, MAX_PIXELS, workers, pin=pin, threads=threads)
     lo = 0
     try:
         for pixels in batches:
@@ -449,8 +462,8 @@ def ft_gradient_sketch(
 
     halving = _Halving(batch_size)
     rows: list[np.ndarray] = []
-    workers = _ft_decode_workers(decode_workers, len(images), batch_size, dev)
-    batches = _decoded_batches(images, batch_size, preprocess, workers, pin=dev.type == "cuda")
+    workers, threads = _decode_plan(decode_workers, len(images), batch_size, dev)
+    batches = _decoded_batches(images, batch_size, preprocess, workers, pin=dev.type == "cuda", threads=threads)
     try:
         with _ieee_fp32(dev), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_VMAP_FALLBACK)

@@ -43,7 +43,8 @@ Decisions:
   The block composition is the serial path's, and the preprocessing is the
   same code, so the features are bitwise those of ``decode_workers=0``. Measured on the 2-core CPU (ViT-S-32,
   ~56 KB JPEGs): see bench/README.md §8. Where a process may not fork children (a daemonic process, e.g. a Dask
-  worker, or no ``fork`` start method) decoding runs in the calling thread. ``$SKMM_DECODE_WORKERS`` sets the
+  worker, or no ``fork`` start method) decoding runs in the calling thread on the CPU, and in as many threads
+  where a device encodes (:func:`_decode_threads`). ``$SKMM_DECODE_WORKERS`` sets the
   default (e.g. for the flow's tasks).
 - **On the CPU, one block worker per core.** There the caller's encode threads already keep the cores busy, so
   decode workers have no idle core to use (bench/README.md §8). By default a CPU call instead forks one *block
@@ -891,10 +892,14 @@ def _init_decode_worker(preprocess, max_pixels: int) -> None:
 
 def _decode_block(batch: list[bytes], start: int) -> torch.Tensor:
     """One block decoded in a worker: its images stacked (sent back through shared memory)."""
+    return _decode_stack(batch, start, _WORKER["preprocess"], _WORKER["max_pixels"])
+
+
+def _decode_stack(batch: list[bytes], start: int, preprocess, max_pixels: int) -> torch.Tensor:
+    """``batch`` decoded and preprocessed, stacked (its first image is image ``start`` of the call)."""
     import torch
 
-    return torch.stack([_decode(b, start + i, _WORKER["preprocess"], _WORKER["max_pixels"])
-                        for i, b in enumerate(batch)])
+    return torch.stack([_decode(b, start + i, preprocess, max_pixels) for i, b in enumerate(batch)])
 
 
 def _can_fork() -> bool:
@@ -914,19 +919,25 @@ def _jobs(images: Iterable[Any], rows: int) -> Iterator[tuple[list[Any], int]]:
         start += len(batch)
 
 
-def _in_workers(images: Iterable[Any], rows: int, workers: int, job, initializer, initargs: tuple,
-                inflight_jobs: int) -> Iterator[Any]:
-    """``job(images, start)`` on each block of ``rows`` images, in ``workers`` forked processes, results in
-    order; ``inflight_jobs`` jobs are queued at a time, so the workers never wait for the caller."""
+def _process_pool(workers: int, initializer, initargs: tuple):
+    """``workers`` forked processes, each started by ``initializer(*initargs)``."""
     import multiprocessing
-    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor
 
     import torch.multiprocessing  # noqa: F401 - registers the reductions that return tensors via shared memory
 
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=initializer,
+                               initargs=initargs)
+
+
+def _in_workers(images: Iterable[Any], rows: int, executor, job, inflight_jobs: int) -> Iterator[Any]:
+    """``job(images, start)`` on each block of ``rows`` images, in ``executor`` (a pool, shut down at the end),
+    results in order; ``inflight_jobs`` jobs are queued at a time, so the workers never wait for the caller."""
+    from concurrent.futures import Future
+
     todo = _jobs(images, rows)
     inflight: deque[Future] = deque()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                             initializer=initializer, initargs=initargs) as pool:
+    with executor as pool:
         try:
             for batch, start in itertools.islice(todo, inflight_jobs):
                 inflight.append(pool.submit(job, batch, start))
@@ -974,14 +985,22 @@ def _regrouped(chunks: Iterable[torch.Tensor], rows: int, pin: bool = False) -> 
 
 
 def _parallel_blocks(images: Iterable[Any], rows: int, preprocess, max_pixels: int, workers: int,
-                     pin: bool = False) -> Iterator[torch.Tensor]:
-    """The blocks of :func:`_serial_blocks`, decoded by ``workers`` forked processes in jobs of at most
-    :data:`DECODE_JOB_ROWS` images (so the shared memory in flight stays small whatever the block), regrouped in
-    order into blocks of ``rows`` (page-locked when ``pin``); ``workers + 1`` jobs in flight, so the caller
-    encodes block k while later images are decoded."""
+                     pin: bool = False, threads: bool = False) -> Iterator[torch.Tensor]:
+    """The blocks of :func:`_serial_blocks`, decoded by ``workers`` forked processes (or threads of this process
+    when ``threads``) in jobs of at most :data:`DECODE_JOB_ROWS` images (so the shared memory in flight stays
+    small whatever the block), regrouped in order into blocks of ``rows`` (page-locked when ``pin``);
+    ``workers + 1`` jobs in flight, so the caller encodes block k while later images are decoded."""
+    import functools
+    from concurrent.futures import ThreadPoolExecutor
+
     job = min(rows, DECODE_JOB_ROWS)
-    chunks = _in_workers(images, job, workers, _decode_block, _init_decode_worker, (preprocess, max_pixels),
-                         workers + 1)
+    if threads:
+        chunks = _in_workers(images, job, ThreadPoolExecutor(workers, thread_name_prefix="skmm-decode"),
+                             functools.partial(_decode_stack, preprocess=preprocess, max_pixels=max_pixels),
+                             workers + 1)
+    else:
+        chunks = _in_workers(images, job, _process_pool(workers, _init_decode_worker, (preprocess, max_pixels)),
+                             _decode_block, workers + 1)
     if job == rows and not pin:
         return chunks
     return _closing(_regrouped(chunks, rows, pin), chunks)
@@ -1020,20 +1039,36 @@ def _block_worker_features(images: Iterable[Any], rows: int, workers: int, model
                            normalize: bool, precision: str) -> Iterator[np.ndarray]:
     """Each block's features, decoded and encoded by ``workers`` forked processes (one torch thread each), in
     order; two jobs per worker in flight."""
-    return _in_workers(images, rows, workers, _embed_block, _init_block_worker,
-                       (model, preprocess, max_pixels, rows, normalize, precision), 2 * workers)
+    pool = _process_pool(workers, _init_block_worker, (model, preprocess, max_pixels, rows, normalize, precision))
+    return _in_workers(images, rows, pool, _embed_block, 2 * workers)
 
 
-def _decode_workers(requested: int | None, total: int | None, rows: int) -> int:
+def _decode_workers(requested: int | None, total: int | None, rows: int, device: torch.device | None = None) -> int:
     """How many decode processes this call uses: ``requested`` (0 = serial), or by default cores − 1 unless
-    the input fits one block; 0 where the process may not fork (with a warning when workers were asked for)."""
+    the input fits one block; 0 where the process may not fork (with a warning when workers were asked for; on
+    a ``device`` other than the CPU, :func:`_decode_threads` decode instead)."""
     if requested is None:
         if total is not None and total <= rows:
             return 0  # one block: nothing to overlap
         workers = default_decode_workers()
     else:
         workers = requested
-    return _if_forkable(workers, requested, "decode_workers", "decoding in the calling thread")
+    instead = ("decoding in threads of this process" if device is not None and device.type != "cpu"
+               else "decoding in the calling thread")
+    return _if_forkable(workers, requested, "decode_workers", instead)
+
+
+def _decode_threads(requested: int | None, total: int | None, rows: int, device: torch.device) -> int:
+    """Decode threads where decode processes cannot run (a process that may not fork, e.g. a daemonic Dask
+    worker) and the device, not the CPU, encodes: ``requested``, or by default as many as decode processes
+    would be (cores − 1, none for one block, ``$SKMM_DECODE_WORKERS``). Pillow's decoding and resizing and
+    torch's ops release the GIL: on 2 cores, 2 threads decoded 1.73× as fast as one (bench/decode_threads.py).
+    None on the CPU, whose cores encode."""
+    if device.type == "cpu" or requested == 0 or _can_fork():
+        return 0
+    if requested is None:
+        return 0 if total is not None and total <= rows else default_decode_workers()
+    return requested
 
 
 def _if_forkable(workers: int, requested: int | None, name: str, instead: str) -> int:
@@ -1255,8 +1290,10 @@ def _embed(images: Iterable[Any], spec: ClipSpec, model, preprocess, dev: torch.
         blocks = _block_worker_features(images, rows, block_workers, model, preprocess, max_pixels, normalize,
                                         spec.precision)
     else:
-        workers = _decode_workers(decode_workers, total, rows)
-        blocks = (_parallel_blocks(images, rows, preprocess, max_pixels, workers, pin=dev.type == "cuda") if workers
+        workers = _decode_workers(decode_workers, total, rows, dev)
+        threads = 0 if workers else _decode_threads(decode_workers, total, rows, dev)
+        blocks = (_parallel_blocks(images, rows, preprocess, max_pixels, workers or threads, pin=dev.type == "cuda",
+                                   threads=bool(threads)) if workers or threads
                   else _serial_blocks(images, rows, batch_size, preprocess, max_pixels))
     previous: torch.Tensor | None = None  # the last block's features, fetched after the next block is queued
     try:

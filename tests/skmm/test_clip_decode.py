@@ -150,6 +150,44 @@ def test_decode_jobs_stay_small_whatever_the_block(pool, monkeypatch):
     assert shapes == [100, 50]  # encoded in the spec's blocks
 
 
+def test_decode_threads_where_processes_cannot_fork_and_a_device_encodes(monkeypatch):
+    monkeypatch.delenv("SKMM_DECODE_WORKERS", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    rule = clip_module._decode_threads
+    assert rule(None, 1000, 64, cuda) == 0  # this process may fork: decode processes
+    monkeypatch.setattr(clip_module, "_can_fork", lambda: False)  # e.g. a daemonic Dask worker
+    assert rule(None, 1000, 64, cuda) == clip_module.default_decode_workers()
+    assert rule(None, None, 64, cuda) == clip_module.default_decode_workers()  # an iterator
+    assert rule(None, 64, 64, cuda) == 0  # one block
+    assert rule(3, 10, 64, cuda) == 3 and rule(0, 1000, 64, cuda) == 0
+    assert rule(None, 1000, 64, cpu) == 0 and rule(3, 1000, 64, cpu) == 0  # the CPU's cores encode
+    monkeypatch.setenv("SKMM_DECODE_WORKERS", "0")
+    assert rule(None, 1000, 64, cuda) == 0
+
+
+def test_decode_threads_change_no_bit_and_name_bad_images(pool, serial, monkeypatch):
+    import threading
+
+    names: set[str] = set()
+    real = clip_module._decode
+
+    def spying(*args, **kwargs):
+        names.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(clip_module, "_decode", spying)
+    monkeypatch.setattr(clip_module, "_decode_threads", lambda *args: 2)  # as on CUDA in a daemonic worker
+    monkeypatch.setattr(clip_module, "_can_fork", lambda: False)
+    for spec in (TINY, ClipSpec(TINY_MODEL, block_rows=100)):
+        reference = serial if spec is TINY else embed_images(pool, spec, device="cpu", decode_workers=0)
+        names.clear()
+        assert np.array_equal(embed_images(pool, spec, device="cpu", decode_workers=2), reference)
+        assert names and all(n.startswith("skmm-decode") for n in names)  # decoded in the threads
+    bad = [*pool[:70], b"\x89PNG\r\n\x1a\n truncated", *pool[70:80]]
+    with pytest.raises(ValueError, match=r"^image 70 could not be decoded \(18 bytes\)"):
+        embed_images(bad, TINY, device="cpu", decode_workers=2)
+
+
 # ------------------------------------------------------------------- block workers: decode and encode per core
 
 

@@ -101,3 +101,17 @@ def test_out_of_memory_halving_with_decode_workers(pool, monkeypatch, caplog):
     assert sizes[:4] == [32, 16, 8, 4] and max(sizes[4:]) <= 4
     assert got.tobytes() == ref.tobytes()
     assert len([r for r in caplog.records if "out of memory" in r.getMessage()]) == 1
+
+
+def test_decode_threads_on_cuda_where_the_process_may_not_fork(pool, monkeypatch):
+    monkeypatch.delenv("SKMM_DECODE_WORKERS", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert clip_ft._decode_plan(None, 1000, 32, cuda) == (clip_module.default_decode_workers(), False)
+    monkeypatch.setattr(clip_module, "_can_fork", lambda: False)  # a daemonic Dask worker
+    assert clip_ft._decode_plan(None, 1000, 32, cuda) == (clip_module.default_decode_workers(), True)
+    assert clip_ft._decode_plan(None, 1000, 32, cpu) == (0, False)
+    images, ids = pool
+    reference, _ = ft_gradient_sketch(images, ids, TINY, batch_size=32, decode_workers=0, **ARGS)
+    monkeypatch.setattr(clip_ft, "_decode_plan", lambda *args: (2, True))  # forced on the CPU
+    rows, _ = ft_gradient_sketch(images, ids, TINY, batch_size=32, **ARGS)
+    assert rows.tobytes() == reference.tobytes()

@@ -218,20 +218,22 @@ def test_val_tokens_over_the_cache_budget_are_recomputed_with_the_same_result(di
 
 
 def test_decode_workers_change_no_bit_of_the_finetuned_model(digits, fitted, monkeypatch):
-    """The finetuner decodes as the FT gradient stage does: in worker processes on CUDA. Forced here on the CPU
-    (2 workers for every token pass, the streamed val split included): the same weights and history, bit for bit."""
+    """The finetuner decodes as the FT gradient stage does: in worker processes (or threads) on CUDA. Forced here
+    on the CPU (2 for every token pass, the streamed val split included): the same weights and history, bit for
+    bit."""
     from skmm.finetune import last_layers
 
     images, labels = digits
     asked: list[int] = []
+    for threads in (False, True):  # processes, or threads where the process may not fork
 
-    def two_workers(requested, total, batch_size, device):
-        asked.append(total)
-        return 2
+        def two(requested, total, batch_size, device, threads=threads):
+            asked.append(total)
+            return 2, threads
 
-    monkeypatch.setattr(last_layers, "_ft_decode_workers", two_workers)
-    for cache in (last_layers.VAL_CACHE_BYTES, 0):
-        got = LastLayersFinetuner(TINY, **FIT, val_cache_bytes=cache).fit(images[:120], labels[:120], images[120:],
-                                                                           labels[120:])
-        assert got.state_bytes() == fitted.state_bytes() and got.history_ == fitted.history_
+        monkeypatch.setattr(last_layers, "_decode_plan", two)
+        for cache in (last_layers.VAL_CACHE_BYTES, 0):
+            got = LastLayersFinetuner(TINY, **FIT, val_cache_bytes=cache).fit(images[:120], labels[:120],
+                                                                               images[120:], labels[120:])
+            assert got.state_bytes() == fitted.state_bytes() and got.history_ == fitted.history_
     assert 120 in asked and 40 in asked  # the train and val token passes went through the workers
