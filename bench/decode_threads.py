@@ -3,8 +3,8 @@ GIL. Where a process may not fork (a daemonic Dask worker) and a GPU encodes, ``
 threads instead of worker processes; this measures what threads give over one thread, on ~56 KB 256×256 JPEGs
 (bench/scale_pool.py's images) with ViT-S-32's preprocessing, in the embed stage's 64-image decode jobs.
 
-    .venv/bin/python bench/decode_threads.py [--n 512] [--threads 2] [--repeats 3]
-→ bench/out/decode_threads.json (or $SKMM_BENCH_OUT). Asserted: the threads' tensors equal one thread's.
+    .venv/bin/python bench/decode_threads.py [--n 512] [--threads 2] [--repeats 3] [--torch-threads 1]
+→ bench/out/decode_threads[_torchN].json (or $SKMM_BENCH_OUT). Asserted: the threads' tensors equal one thread's.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch's intra-op threads during the decode (the stage sets 1)")
     args = parser.parse_args()
 
-    torch.set_num_threads(1)  # as in a decode worker: the parallelism is the threads'
+    torch.set_num_threads(args.torch_threads)  # 1 as in the stage: the parallelism is the decode threads'
     _, preprocess = _cached_model(ClipSpec("ViT-S-32", init_seed=0), torch.device("cpu"))
     images = jpegs(args.n)
     starts = range(0, args.n, DECODE_JOB_ROWS)
@@ -49,13 +51,14 @@ def main() -> None:
             threaded = torch.cat(list(pool.map(job, starts)))
             many.append(time.perf_counter() - t)
         assert torch.equal(serial, threaded), "threads changed the decoded tensors"
-    result = {"n": args.n, "threads": args.threads, "repeats": args.repeats, "cores": len(os.sched_getaffinity(0)),
+    result = {"n": args.n, "threads": args.threads, "torch_threads": args.torch_threads, "repeats": args.repeats,
+              "cores": len(os.sched_getaffinity(0)),
               "load_average": list(os.getloadavg()),
               "seconds_one_thread": [round(x, 3) for x in one], "seconds_threads": [round(x, 3) for x in many],
               "images_per_s_one_thread": round(args.n / statistics.median(one), 1),
               "images_per_s_threads": round(args.n / statistics.median(many), 1),
               "speedup_median": round(statistics.median(one) / statistics.median(many), 3)}
-    record("decode_threads", result)
+    record("decode_threads" + ("" if args.torch_threads == 1 else f"_torch{args.torch_threads}"), result)
 
 
 if __name__ == "__main__":
