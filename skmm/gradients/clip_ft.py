@@ -36,7 +36,7 @@ Decisions:
   64 images per job whatever the batch, while the gradients of the batch before are computed; the batch is
   pinned and copied asynchronously. Serial decoding would cap the stage at the CPU's decode rate (~2.6 ms per
   ~56 KB JPEG on one core, bench/README.md §8) whatever the device. On the CPU the default stays serial: the
-  gradients keep the cores busy, and a decode worker made the stage slower (measured 0.79–0.87× on 2 cores).
+  gradients keep the cores busy, and a decode worker made the stage slower (measured 0.79–0.88× on 2 cores).
   The rows are bitwise those of serial decoding at the same batch size. The finetuner
   (:class:`skmm.finetune.LastLayersFinetuner`) decodes its token passes the same way.
 - fp32 throughout; TF32 off on CUDA during the call (as in embedding), so rows agree across batch sizes,
@@ -328,7 +328,7 @@ def _batched_rows(n: int, batch_size: int, step: Callable[[int, int], np.ndarray
 
 def _ft_decode_workers(requested: int | None, total: int, batch_size: int, device: torch.device) -> int:
     """Decode processes for the stage: ``requested``, or by default none on the CPU (the gradients keep every core
-    busy: a decode worker made the stage 0.79–0.87× as fast, bench/README.md §8) and the embed stage's rule on
+    busy: a decode worker made the stage 0.79–0.88× as fast, bench/README.md §5) and the embed stage's rule on
     CUDA (cores − 1, none when the images fit one batch or ``$SKMM_DECODE_WORKERS=0``); none where the process
     may not fork."""
     from skmm.models.clip import _decode_workers
