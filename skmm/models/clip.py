@@ -930,10 +930,13 @@ def _process_pool(workers: int, initializer, initargs: tuple):
                                initargs=initargs)
 
 
-def _in_workers(images: Iterable[Any], rows: int, executor, job, inflight_jobs: int) -> Iterator[Any]:
+def _in_workers(images: Iterable[Any], rows: int, executor, job, inflight_jobs: int,
+                who: str = "a worker process", fewer: str = "ask for fewer") -> Iterator[Any]:
     """``job(images, start)`` on each block of ``rows`` images, in ``executor`` (a pool, shut down at the end),
-    results in order; ``inflight_jobs`` jobs are queued at a time, so the workers never wait for the caller."""
+    results in order; ``inflight_jobs`` jobs are queued at a time, so the workers never wait for the caller. A
+    worker process killed from outside raises RuntimeError naming ``who`` and how to run ``fewer``."""
     from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
 
     todo = _jobs(images, rows)
     inflight: deque[Future] = deque()
@@ -942,7 +945,11 @@ def _in_workers(images: Iterable[Any], rows: int, executor, job, inflight_jobs: 
             for batch, start in itertools.islice(todo, inflight_jobs):
                 inflight.append(pool.submit(job, batch, start))
             while inflight:
-                result = inflight.popleft().result()
+                try:
+                    result = inflight.popleft().result()
+                except BrokenProcessPool as e:
+                    raise RuntimeError(f"{who} died, killed from outside (e.g. by the out-of-memory killer): {e} "
+                                       f"Fewer workers need less memory: {fewer}.") from e
                 for batch, start in itertools.islice(todo, 1):
                     inflight.append(pool.submit(job, batch, start))
                 yield result
@@ -1000,7 +1007,9 @@ def _parallel_blocks(images: Iterable[Any], rows: int, preprocess, max_pixels: i
                              workers + 1)
     else:
         chunks = _in_workers(images, job, _process_pool(workers, _init_decode_worker, (preprocess, max_pixels)),
-                             _decode_block, workers + 1)
+                             _decode_block, workers + 1,
+                             who="a decode worker process",
+                             fewer=f"decode_workers= or ${DECODE_WORKERS_ENV} (0: none)")
     if job == rows and not pin:
         return chunks
     return _closing(_regrouped(chunks, rows, pin), chunks)
@@ -1040,7 +1049,9 @@ def _block_worker_features(images: Iterable[Any], rows: int, workers: int, model
     """Each block's features, decoded and encoded by ``workers`` forked processes (one torch thread each), in
     order; two jobs per worker in flight."""
     pool = _process_pool(workers, _init_block_worker, (model, preprocess, max_pixels, rows, normalize, precision))
-    return _in_workers(images, rows, pool, _embed_block, 2 * workers)
+    return _in_workers(images, rows, pool, _embed_block, 2 * workers,
+                       who="a block worker process",
+                       fewer=f"encode_workers= or ${ENCODE_WORKERS_ENV} (0: none)")
 
 
 def _decode_workers(requested: int | None, total: int | None, rows: int, device: torch.device | None = None) -> int:

@@ -347,6 +347,23 @@ def test_without_memory_for_two_block_workers_the_default_takes_the_decode_path(
     assert str(os.getpid()) not in encoded.read_text().split()
 
 
+@pytest.mark.parametrize("workers", [{"encode_workers": 2}, {"decode_workers": 2}])
+def test_a_worker_that_dies_is_a_clear_error(pool, monkeypatch, workers):
+    # A worker killed mid-call (e.g. by the kernel's out-of-memory killer) breaks the pool: the error says which
+    # workers and how to run with fewer, instead of concurrent.futures' bare BrokenProcessPool.
+    real = clip_module._decode
+
+    def dying(data, index, *args, **kwargs):
+        if index == 70:
+            os._exit(9)
+        return real(data, index, *args, **kwargs)
+
+    monkeypatch.setattr(clip_module, "_decode", dying)  # inherited by the forked workers
+    kind, env = ("block", "SKMM_ENCODE_WORKERS") if "encode_workers" in workers else ("decode", "SKMM_DECODE_WORKERS")
+    with pytest.raises(RuntimeError, match=rf"^a {kind} worker process died, killed from .*\${env} \(0: none\)"):
+        embed_images(pool, TINY, device="cpu", **workers)
+
+
 # --------------------------------------------------------------------------------------- precision and blocks
 
 
