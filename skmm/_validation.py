@@ -41,6 +41,13 @@ def check_matrix(X: Any, name: str = "X", dtype: Any = np.float64) -> np.ndarray
     return arr
 
 
+def check_worker_count(value: Any, name: str) -> int | None:
+    """Return ``value`` (None, or a non-negative int: how many worker processes), or raise ValueError."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{name} must be None or a non-negative integer; got {value!r}")
+    return value
+
+
 def check_positive_int(value: Any, name: str) -> int:
     """Return ``value`` as an int, or raise if it is not a positive integer."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skmm._validation import check_positive_int
+from skmm._validation import check_positive_int, check_worker_count
 from skmm.gradients.features import pseudo_labels
 from skmm.gradients.finetune import gradient_dim, last_k_parameter_names, per_sample_gradients
 
@@ -321,11 +321,6 @@ class _Halving:
         return rows
 
 
-def _batched_rows(n: int, batch_size: int, step: Callable[[int, int], np.ndarray]) -> list[np.ndarray]:
-    """``step(lo, hi)`` over ``[0, n)`` in batches of ``batch_size``, halving on out-of-memory (:class:`_Halving`)."""
-    return _Halving(batch_size).rows(n, step)
-
-
 def _ft_decode_workers(requested: int | None, total: int, batch_size: int, device: torch.device) -> int:
     """Decode processes for the stage: ``requested``, or by default none on the CPU (the gradients keep every core
     busy: a decode worker made the stage 0.79–0.88× as fast, bench/README.md §5) and the embed stage's rule on
@@ -421,10 +416,7 @@ def ft_gradient_sketch(
     seed = _check_seed(seed)
     if batch_size is not None:
         batch_size = check_positive_int(batch_size, "batch_size")
-    if decode_workers is not None and (
-        isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 0
-    ):
-        raise ValueError(f"decode_workers must be None or a non-negative integer; got {decode_workers!r}")
+    check_worker_count(decode_workers, "decode_workers")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be a positive integer; got {k!r}")
     if k < 1:

@@ -104,6 +104,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from skmm._validation import check_worker_count
 from skmm.canonical_json import canonical_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -408,26 +409,28 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _env_count(name: str) -> int | None:
+    """The non-negative integer in environment variable ``name``; None when it is unset or blank."""
+    env = os.environ.get(name, "").strip()
+    if not env:
+        return None
+    if not env.isdigit():
+        raise ValueError(f"{name} must be a non-negative integer; got {env!r}")
+    return int(env)
+
+
 def default_decode_workers() -> int:
     """Decode worker processes by default: ``$SKMM_DECODE_WORKERS`` when set (0: decode in the calling thread),
     else the cores this process may use, less one for encoding (at least 1)."""
-    env = os.environ.get(DECODE_WORKERS_ENV, "").strip()
-    if env:
-        if not env.isdigit():
-            raise ValueError(f"{DECODE_WORKERS_ENV} must be a non-negative integer; got {env!r}")
-        return int(env)
-    return max(available_cores() - 1, 1)
+    env = _env_count(DECODE_WORKERS_ENV)
+    return max(available_cores() - 1, 1) if env is None else env
 
 
 def default_encode_workers(threads: int) -> int:
     """Block worker processes by default on the CPU: ``$SKMM_ENCODE_WORKERS`` when set (0: off), else one per
     torch thread the call would use (``threads``), none for a single thread."""
-    env = os.environ.get(ENCODE_WORKERS_ENV, "").strip()
-    if env:
-        if not env.isdigit():
-            raise ValueError(f"{ENCODE_WORKERS_ENV} must be a non-negative integer; got {env!r}")
-        return int(env)
-    return threads if threads >= 2 else 0
+    env = _env_count(ENCODE_WORKERS_ENV)
+    return (threads if threads >= 2 else 0) if env is None else env
 
 
 def _check_model_name(open_clip, name: str) -> None:
@@ -1039,7 +1042,7 @@ def _embed_block(batch: list[bytes], start: int) -> np.ndarray:
 
     w = _WORKER
     with torch.inference_mode():
-        block = torch.stack([_decode(b, start + i, w["preprocess"], w["max_pixels"]) for i, b in enumerate(batch)])
+        block = _decode_stack(batch, start, w["preprocess"], w["max_pixels"])
         features = _encode_block(w["model"], block, w["rows"], torch.device("cpu"), w["normalize"], w["precision"])
     return features.numpy()
 
@@ -1058,15 +1061,17 @@ def _decode_workers(requested: int | None, total: int | None, rows: int, device:
     """How many decode processes this call uses: ``requested`` (0 = serial), or by default cores − 1 unless
     the input fits one block; 0 where the process may not fork (with a warning when workers were asked for; on
     a ``device`` other than the CPU, :func:`_decode_threads` decode instead)."""
-    if requested is None:
-        if total is not None and total <= rows:
-            return 0  # one block: nothing to overlap
-        workers = default_decode_workers()
-    else:
-        workers = requested
     instead = ("decoding in threads of this process" if device is not None and device.type != "cpu"
                else "decoding in the calling thread")
-    return _if_forkable(workers, requested, "decode_workers", instead)
+    return _if_forkable(_wanted_decoders(requested, total, rows), requested, "decode_workers", instead)
+
+
+def _wanted_decoders(requested: int | None, total: int | None, rows: int) -> int:
+    """Decoders asked for, wherever they run: ``requested``, or by default cores − 1 (``$SKMM_DECODE_WORKERS``)
+    unless the input fits one block (nothing to overlap)."""
+    if requested is not None:
+        return requested
+    return 0 if total is not None and total <= rows else default_decode_workers()
 
 
 def _decode_threads(requested: int | None, total: int | None, rows: int, device: torch.device) -> int:
@@ -1075,11 +1080,9 @@ def _decode_threads(requested: int | None, total: int | None, rows: int, device:
     would be (cores − 1, none for one block, ``$SKMM_DECODE_WORKERS``). Pillow's decoding and resizing and
     torch's ops release the GIL: on 2 cores, 2 threads decoded 1.73× as fast as one (bench/decode_threads.py).
     None on the CPU, whose cores encode."""
-    if device.type == "cpu" or requested == 0 or _can_fork():
+    if device.type == "cpu" or _can_fork():
         return 0
-    if requested is None:
-        return 0 if total is not None and total <= rows else default_decode_workers()
-    return requested
+    return _wanted_decoders(requested, total, rows)
 
 
 def _if_forkable(workers: int, requested: int | None, name: str, instead: str) -> int:
@@ -1108,9 +1111,8 @@ def _encode_workers(requested: int | None, decode_requested: int | None, total: 
     if requested is None:
         if decode_requested is not None or (total is not None and total <= rows):
             return 0
-        env_set = bool(os.environ.get(ENCODE_WORKERS_ENV, "").strip())
-        if not env_set and os.environ.get(DECODE_WORKERS_ENV, "").strip() == "0":
-            return 0
+        if _env_count(ENCODE_WORKERS_ENV) is None and _env_count(DECODE_WORKERS_ENV) == 0:
+            return 0  # worker processes are off
         workers = default_encode_workers(threads)
     else:
         workers = requested
@@ -1255,14 +1257,8 @@ def embed_images(
         raise ValueError(f"num_threads must be None or a positive integer; got {num_threads!r}")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
         raise ValueError(f"max_pixels must be a positive integer; got {max_pixels!r}")
-    if decode_workers is not None and (
-        isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 0
-    ):
-        raise ValueError(f"decode_workers must be None or a non-negative integer; got {decode_workers!r}")
-    if encode_workers is not None and (
-        isinstance(encode_workers, bool) or not isinstance(encode_workers, int) or encode_workers < 0
-    ):
-        raise ValueError(f"encode_workers must be None or a non-negative integer; got {encode_workers!r}")
+    check_worker_count(decode_workers, "decode_workers")
+    check_worker_count(encode_workers, "encode_workers")
     if isinstance(images, bytes | bytearray | memoryview):
         raise TypeError("images must be an iterable of encoded images, not a single bytes object (wrap it in a list)")
     dev = resolve_device(device)
@@ -1302,9 +1298,9 @@ def _embed(images: Iterable[Any], spec: ClipSpec, model, preprocess, dev: torch.
                                         spec.precision)
     else:
         workers = _decode_workers(decode_workers, total, rows, dev)
-        threads = 0 if workers else _decode_threads(decode_workers, total, rows, dev)
-        blocks = (_parallel_blocks(images, rows, preprocess, max_pixels, workers or threads, pin=dev.type == "cuda",
-                                   threads=bool(threads)) if workers or threads
+        decode_threads = 0 if workers else _decode_threads(decode_workers, total, rows, dev)
+        blocks = (_parallel_blocks(images, rows, preprocess, max_pixels, workers or decode_threads,
+                                   pin=dev.type == "cuda", threads=bool(decode_threads)) if workers or decode_threads
                   else _serial_blocks(images, rows, batch_size, preprocess, max_pixels))
     previous: torch.Tensor | None = None  # the last block's features, fetched after the next block is queued
     try:

@@ -68,24 +68,32 @@ def test_decoding_runs_in_worker_processes(pool, monkeypatch, tmp_path):
     assert torch.get_num_threads() == threads  # the parent's encode threads are untouched
 
 
-def test_a_decode_worker_runs_torch_with_one_thread():
+@pytest.mark.parametrize("initializer, initargs", [
+    (clip_module._init_decode_worker, (None, 1)),  # a decode worker
+    (clip_module._init_block_worker, (None, None, 1, 64, True, "fp32")),  # a block worker
+])
+def test_a_worker_runs_torch_with_one_thread(initializer, initargs):
     import multiprocessing
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
-                             initializer=clip_module._init_decode_worker, initargs=(None, 1)) as workers:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=initializer,
+                             initargs=initargs) as workers:
         assert workers.submit(torch.get_num_threads).result() == 1
 
 
-def test_bad_images_in_a_worker_are_named_as_in_the_serial_path(pool):
+@pytest.mark.parametrize("workers", [{"decode_workers": 1}, {"encode_workers": 2}])
+def test_bad_images_in_a_worker_are_named_as_in_the_serial_path(pool, workers):
     bad = [*pool[:70], b"\x89PNG\r\n\x1a\n truncated", *pool[70:80]]
     with pytest.raises(ValueError, match=r"^image 70 could not be decoded \(18 bytes\)"):
-        embed_images(bad, TINY, device="cpu", decode_workers=1)
+        embed_images(bad, TINY, device="cpu", **workers)
     with pytest.raises(TypeError, match="image 66: expected encoded image bytes, got str"):
-        embed_images([*pool[:66], "cat.png"], TINY, device="cpu", decode_workers=1)
-    with pytest.raises(ValueError, match="decode_workers"):
-        embed_images(pool, TINY, device="cpu", decode_workers=-1)
+        embed_images([*pool[:66], "cat.png"], TINY, device="cpu", **workers)
+    (name, _), = workers.items()
+    for wrong in (-1, True, 1.5):
+        with pytest.raises(ValueError, match=name):
+            embed_images(pool, TINY, device="cpu", **{name: wrong})
     view = [memoryview(b) for b in pool[:70]]  # memoryviews are sent to workers as bytes
-    assert embed_images(view, TINY, device="cpu", decode_workers=1).shape == (70, 32)
+    assert embed_images(view, TINY, device="cpu", **workers).shape == (70, 32)
+    assert embed_images([], TINY, device="cpu", **workers).shape == (0, 32)
 
 
 def test_default_worker_count_and_where_forking_is_not_allowed(monkeypatch, caplog):
@@ -220,27 +228,6 @@ def test_block_workers_decode_and_encode_outside_the_caller(pool, monkeypatch, t
     assert str(os.getpid()) not in set(decoders) | set(encoders)
     assert set(encoders) <= set(decoders)  # a block is decoded and encoded by the same worker
     assert torch.get_num_threads() == threads  # the caller's threads are untouched
-
-
-def test_a_block_worker_runs_torch_with_one_thread():
-    import multiprocessing
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
-                             initializer=clip_module._init_block_worker,
-                             initargs=(None, None, 1, 64, True, "fp32")) as workers:
-        assert workers.submit(torch.get_num_threads).result() == 1
-
-
-def test_bad_images_in_a_block_worker_are_named_as_in_the_serial_path(pool):
-    bad = [*pool[:70], b"\x89PNG\r\n\x1a\n truncated", *pool[70:80]]
-    with pytest.raises(ValueError, match=r"^image 70 could not be decoded \(18 bytes\)"):
-        embed_images(bad, TINY, device="cpu", encode_workers=2)
-    with pytest.raises(TypeError, match="image 66: expected encoded image bytes, got str"):
-        embed_images([*pool[:66], "cat.png"], TINY, device="cpu", encode_workers=2)
-    for wrong in (-1, True, 1.5):
-        with pytest.raises(ValueError, match="encode_workers"):
-            embed_images(pool, TINY, device="cpu", encode_workers=wrong)
-    assert embed_images([], TINY, device="cpu", encode_workers=2).shape == (0, 32)
 
 
 def test_block_workers_are_for_the_cpu():

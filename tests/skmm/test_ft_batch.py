@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 
 from skmm.gradients.clip_ft import (
     CPU_BATCH,
-    _batched_rows,
+    _Halving,
     _Suffix,
     build_ft_model,
     ft_activation_bytes,
@@ -125,7 +125,7 @@ def test_batched_rows_halve_on_out_of_memory_and_log_once(caplog):
         return np.arange(lo, hi, dtype=np.float32)[:, None]
 
     with caplog.at_level(logging.WARNING, logger="skmm.gradients.clip_ft"):
-        rows = _batched_rows(21, 16, step)
+        rows = _Halving(16).rows(21, step)
     np.testing.assert_array_equal(np.concatenate(rows)[:, 0], np.arange(21))
     # 16 fails, 8 fails, 4 fails, then 2-row batches for the rest: the failing batch is retried, not restarted.
     assert calls[:4] == [(0, 16), (0, 8), (0, 4), (0, 2)]
@@ -138,13 +138,13 @@ def test_batched_rows_reraise_at_one_and_pass_other_errors():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
 
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        _batched_rows(5, 4, oom)
+        _Halving(4).rows(5, oom)
 
     def broken(lo: int, hi: int) -> np.ndarray:
         raise RuntimeError("not a memory error")
 
     with pytest.raises(RuntimeError, match="not a memory error"):
-        _batched_rows(5, 4, broken)
+        _Halving(4).rows(5, broken)
 
 
 def test_ft_gradient_sketch_recovers_from_out_of_memory(pool, monkeypatch, caplog):
