@@ -75,6 +75,7 @@ from storage.linked_vectors import link_vectors
 from storage.sample_reader import iter_shard
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
+from tasks.shard_window import shard_task_window, submit_windowed
 from tasks.store import open_store
 
 __all__ = ["PACK_BLOCKS", "by_run", "combine_embeddings", "embed", "embed_assemble", "embed_model", "embed_pack",
@@ -499,8 +500,10 @@ def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: d
     shards, runs = shards_and_runs(dataset, store)
     options = {"batch_size": batch_size, "progress": progress, "catalog_run": run, "max_pixels": max_pixels,
                "decode_workers": decode_workers}
-    futures = [embed_shard.with_options(**opts).submit(sh, model, store, pack_below=spec.block_rows, **options)
-               for sh in shards]
+    window = shard_task_window()  # shard tasks in flight at a time (Prefect's thread pool has no bound)
+    shard_task = embed_shard.with_options(**opts)
+    futures = submit_windowed(lambda sh: shard_task.submit(sh, model, store, pack_below=spec.block_rows, **options),
+                              shards, window)
     counts: dict[str, Any] = {"shards": len(shards), "shards_cached": 0, "samples_cached": 0, "samples_embedded": 0,
                               "samples_reused": 0, "packs": 0, "tower_blocks": 0, "precision": spec.precision,
                               "block_rows": spec.block_rows}
@@ -508,14 +511,15 @@ def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: d
         results = [f.result() for f in futures]
         finals = list(futures)
         packs = pack_members(results, spec.block_rows)
-        pack_futures = [embed_pack.with_options(**opts).submit([results[i]["pending"] for i in members], model,
-                                                               store, **options) for members in packs]
-        assemble = {}
-        for members, pack_future in zip(packs, pack_futures, strict=True):
-            delta = pack_future.result()["delta"]
-            for i in members:
-                assemble[i] = embed_assemble.with_options(**opts).submit(shards[i], results[i]["pending"], delta,
-                                                                         model, store, **options)
+        pack_task, assemble_task = embed_pack.with_options(**opts), embed_assemble.with_options(**opts)
+        pack_futures = submit_windowed(lambda members: pack_task.submit([results[i]["pending"] for i in members],
+                                                                        model, store, **options), packs, window)
+        members_of = [(i, pack_future) for members, pack_future in zip(packs, pack_futures, strict=True)
+                      for i in members]
+        assemble = dict(zip([i for i, _ in members_of], submit_windowed(
+            lambda item: assemble_task.submit(shards[item[0]], results[item[0]]["pending"],
+                                              item[1].result()["delta"], model, store, **options),
+            members_of, window), strict=True))
         for i, future in assemble.items():
             results[i], finals[i] = future.result(), future
     finally:  # shards that ran in this process shared one catalog; the run is over
@@ -533,8 +537,9 @@ def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: d
                    "%(samples_reused)d reused from the feature catalog, %(samples_cached)d in %(shards_cached)d of "
                    "%(shards)d shards cached", counts)
     tables = [_vectors_of(r) for r in results]
-    futures = [combine_embeddings.with_options(**opts).submit(group, store)
-               for group in by_run(tables, runs)]  # a kept run's: a cache hit
+    combine_task = combine_embeddings.with_options(**opts)
+    futures = submit_windowed(lambda group: combine_task.submit(group, store), by_run(tables, runs),
+                              window)  # a kept run's: a cache hit
     run_tables = [f.result() for f in futures]
     combined = run_tables[0] if len(run_tables) == 1 else link_embeddings.with_options(**opts)(run_tables, store)
     return combined, counts
@@ -542,6 +547,7 @@ def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: d
 
 def embed(dataset: dict, model: dict[str, Any], store: dict, opts: dict, batch_size: int = 64,
           progress: bool = False) -> dict:
-    """Submit one ``embed`` task per shard (they run concurrently), then combine: call inside a flow.
+    """Submit one ``embed`` task per shard (a window of them in flight: :mod:`tasks.shard_window`), then combine:
+    call inside a flow.
     ``progress`` shows a bar per shard (not part of the cache key)."""
     return embed_with_counts(dataset, model, store, opts, batch_size=batch_size, progress=progress)[0]

@@ -12,6 +12,7 @@ never exists). The sketch table records its producer.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +45,7 @@ from storage.linked_vectors import link_vectors, linked_parts
 from storage.sample_reader import fill_ids, iter_metadata, iter_shard, read_images, read_metadata, read_split_ids
 from tasks.cache import ContentCache
 from tasks.retry import RETRY
+from tasks.shard_window import shard_task_window, submit_windowed
 from tasks.store import open_store
 
 __all__ = ["combine_sketches", "ft_sketch_shard", "gradients_sketch", "link_sketches", "lp_sketch_parts",
@@ -335,9 +337,10 @@ def gradients_sketch(embeddings: dict | None, dataset: dict, store: dict, opts: 
                      seed: int, mode: str, model: dict[str, Any], k: int = 1, num_classes: int | None = None,
                      batch_size: int | None = None) -> dict:
     """The gradients + sketch stage inside a flow: LP as one task per run of the dataset (one task over the whole
-    split when the features are not per run); FT as one task per dataset shard, submitted concurrently (on the
-    flow's task runner: threads, or Dask workers), then combined run by run. Either way a grown dataset's kept
-    runs are cache hits, and the runs' tables are linked (:mod:`storage.linked_vectors`)."""
+    split when the features are not per run); FT as one task per dataset shard, a window of them in flight at a
+    time (:mod:`tasks.shard_window`; on the flow's task runner: threads, or Dask workers), then combined run by
+    run. Either way a grown dataset's kept runs are cache hits, and the runs' tables are linked
+    (:mod:`storage.linked_vectors`)."""
     if mode not in MODES:
         raise ValueError(f"gradient mode must be one of {MODES}; got {mode!r}")
     if mode == "lp":
@@ -346,8 +349,9 @@ def gradients_sketch(embeddings: dict | None, dataset: dict, store: dict, opts: 
         if parts is None:
             return sketch.with_options(**opts)(embeddings, dataset, store, sketch_dim=sketch_dim, seed=seed,
                                                mode=mode, model=model, k=k)
-        futures = [lp_sketch_run.with_options(**opts).submit(f.to_dict(), [sh.to_dict() for sh in run], store,
-                                                             sketch_dim, seed) for f, run in parts]
+        run_task = lp_sketch_run.with_options(**opts)
+        futures = submit_windowed(lambda part: run_task.submit(part[0].to_dict(), [sh.to_dict() for sh in part[1]],
+                                                               store, sketch_dim, seed), parts, shard_task_window())
         tables = _train_tables([f.result() for f in futures])
         return tables[0] if len(tables) == 1 else link_sketches.with_options(**opts)(tables, store)
     if sketch_dim is None:
@@ -355,10 +359,14 @@ def gradients_sketch(embeddings: dict | None, dataset: dict, store: dict, opts: 
     st = open_store(store)
     ds = DatasetRef.from_dict(dataset)
     classes = num_classes or dataset_num_classes(st, ds)
-    futures = [[ft_sketch_shard.with_options(**opts).submit(sh.to_dict(), store, model, classes, sketch_dim, seed,
-                                                            k, batch_size=batch_size) for sh in run]
-               for run in load_manifest(st, ds).shard_runs()]
-    runs = _train_parts([[f.result() for f in run] for run in futures])
-    combined = [combine_sketches.with_options(**opts).submit(parts, store) for parts in runs]
+    window = shard_task_window()  # shard tasks in flight at a time (Prefect's thread pool has no bound)
+    shard_task, combine_task = ft_sketch_shard.with_options(**opts), combine_sketches.with_options(**opts)
+    shard_runs = load_manifest(st, ds).shard_runs()
+    flat = submit_windowed(lambda sh: shard_task.submit(sh.to_dict(), store, model, classes, sketch_dim, seed, k,
+                                                        batch_size=batch_size),
+                           [sh for run in shard_runs for sh in run], window)
+    ends = itertools.accumulate(len(run) for run in shard_runs)
+    runs = _train_parts([[f.result() for f in flat[a:b]] for a, b in itertools.pairwise([0, *ends])])
+    combined = submit_windowed(lambda parts: combine_task.submit(parts, store), runs, window)
     tables = [f.result() for f in combined]
     return tables[0] if len(tables) == 1 else link_sketches.with_options(**opts)(tables, store)

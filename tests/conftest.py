@@ -25,6 +25,18 @@ os.environ["OPENLINEAGE_DISABLED"] = "true"
 os.environ["SKMM_CACHE_DIR"] = tempfile.mkdtemp(prefix="skmm-test-cache-")
 
 
+@pytest.fixture(autouse=True)
+def _no_block_workers_between_tests():
+    """Each test starts without the shared block workers a previous one left lingering (forked before that test's
+    spies, they would not run them)."""
+    import sys
+
+    clip = sys.modules.get("skmm.models.clip")
+    if clip is not None:
+        clip.shutdown_worker_pools()
+    yield
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1 (or an endpoint given by SKMM_TEST_S3_ENDPOINT, e.g. from .ci/run)."""

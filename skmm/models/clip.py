@@ -45,7 +45,9 @@ Decisions:
   ~56 KB JPEGs): see bench/README.md §8. Where a process may not fork children (a daemonic process, e.g. a Dask
   worker, or no ``fork`` start method) decoding runs in the calling thread on the CPU, and in as many threads
   where a device encodes (:func:`_decode_threads`). ``$SKMM_DECODE_WORKERS`` sets the
-  default (e.g. for the flow's tasks).
+  default (e.g. for the flow's tasks). The default decode workers are one pool per process, shared by its
+  concurrent calls with the same preprocessing and kept :data:`SHARED_POOL_LINGER_S` seconds after the last
+  (:func:`_shared_pool`), so a shard's call forks none; ``decode_workers=k`` forks k for the call alone.
 - **On the CPU, one block worker per core.** There the caller's encode threads already keep the cores busy, so
   decode workers have no idle core to use (bench/README.md §8). By default a CPU call instead forks one *block
   worker* per torch thread it would use (``encode_workers``; ``$SKMM_ENCODE_WORKERS``): each decodes and
@@ -54,9 +56,12 @@ Decisions:
   Each worker holds one block's activations, so by default no more workers start than fit in half the memory
   still available (a conservative estimate for ViT towers, :func:`_block_worker_bytes`). The blocks and their
   shapes are the same, and the thread count changes no bit, so the features are bitwise those of the other
-  paths. One call per process uses block workers by default (the flow's concurrent shard tasks would otherwise
-  fork as many each); a concurrent call takes the decode workers' path. Off where decode workers are off, for
-  a single block, for one thread, and when the caller chose ``decode_workers``.
+  paths. By default a process has one pool of block workers, shared by its concurrent calls of one model (the
+  flow's shard tasks run in threads): their blocks interleave in it, so one call's last blocks do not leave
+  cores idle, and the pool outlives a call by :data:`SHARED_POOL_LINGER_S` seconds, so the next shard's call
+  forks nothing. Before, a concurrent call took the decode workers' path beside them and oversubscribed the
+  cores (bench/README.md §13, "A bounded window of shard tasks"). Off where decode workers are off, for a
+  single block, for one thread, and when the caller chose ``decode_workers``.
 - **Bitwise batch invariance.** On one machine and build, an image's features are the same bits whatever the
   batch size, shard split, row order or thread count: :func:`embed_images` encodes in blocks of exactly
   ``BLOCK_ROWS`` images (the last one zero-padded, pad rows dropped). Why: MKL's sgemm picks its kernel, hence
@@ -126,6 +131,7 @@ __all__ = [
     "embed_shards",
     "load_clip",
     "resolve_device",
+    "shutdown_worker_pools",
 ]
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / "configs"
@@ -722,9 +728,11 @@ _CACHE_SIZE = 2
 
 
 def clear_model_cache() -> None:
-    """Forget the models :func:`embed_images` keeps between calls."""
+    """Forget the models :func:`embed_images` keeps between calls (and shut down the idle worker pools holding
+    one)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+    shutdown_worker_pools()
 
 
 def _weights_stamp(spec: ClipSpec) -> tuple | None:
@@ -881,8 +889,109 @@ def _serial_blocks(images: Iterable[Any], rows: int, batch_size: int, preprocess
 
 
 _WORKER: dict[str, Any] = {}  # a worker's model, preprocess, pixel limit, … (set by its initializer)
-# Held by the embed_images call whose default block workers are running: one call's worth of processes at a time.
-_BLOCK_WORKERS_IN_USE = threading.Lock()
+SHARED_POOL_LINGER_S = 10.0  # an unused shared worker pool is shut down after this many seconds
+
+
+@dataclass(eq=False)
+class _SharedPool:
+    """Worker processes of one kind ("block": decode + encode; "decode"), shared by this process's concurrent
+    calls with the same inputs (``objects``, compared by identity: the model, the preprocessing; ``params`` by
+    value): their jobs interleave in one pool (one call's last jobs do not leave cores idle), and no call forks
+    its own."""
+
+    kind: str
+    objects: tuple
+    params: tuple
+    workers: int
+    executor: Any
+    users: int = 0
+    timer: threading.Timer | None = None
+
+    def serves(self, objects: tuple, params: tuple) -> bool:
+        return all(a is b for a, b in zip(self.objects, objects, strict=True)) and self.params == params
+
+
+_SHARED_POOLS: dict[str, _SharedPool] = {}
+_SHARED_POOLS_CHANGE = threading.Condition()  # guards _SHARED_POOLS; notified when a pool's last user leaves
+
+
+@contextlib.contextmanager
+def _shared_pool(kind: str, objects: tuple, params: tuple, workers: int, initializer,
+                 wait: bool) -> Iterator[_SharedPool | None]:
+    """This process's shared pool of ``kind`` for these inputs, started (``workers`` processes, each begun by
+    ``initializer(*objects, *params)``) when there is none. While a pool of the kind serves other inputs, a call
+    waits until it has no user (``wait``), or gets None (a pool of its own, then). Left running
+    :data:`SHARED_POOL_LINGER_S` seconds after its last user (the next shard's call reuses it); a broken pool (a
+    killed worker) is dropped."""
+    with _SHARED_POOLS_CHANGE:
+        while True:
+            pool = _SHARED_POOLS.get(kind)
+            if pool is not None and _pool_broken(pool.executor):
+                _drop_shared_pool(pool)
+                continue
+            if pool is not None and pool.serves(objects, params):
+                break
+            if pool is None or pool.users == 0:
+                if pool is not None:
+                    _drop_shared_pool(pool)
+                executor = _process_pool(workers, initializer, (*objects, *params))
+                pool = _SHARED_POOLS[kind] = _SharedPool(kind, objects, params, workers, executor)
+                break
+            if not wait:
+                pool = None
+                break
+            _SHARED_POOLS_CHANGE.wait()  # the pool serves other inputs
+        if pool is not None:
+            if pool.timer is not None:
+                pool.timer.cancel()
+                pool.timer = None
+            pool.users += 1
+    if pool is None:
+        yield None
+        return
+    try:
+        yield pool
+    finally:
+        with _SHARED_POOLS_CHANGE:
+            pool.users -= 1
+            if pool.users == 0:
+                if _pool_broken(pool.executor) or _SHARED_POOLS.get(kind) is not pool:
+                    _drop_shared_pool(pool)
+                else:
+                    pool.timer = threading.Timer(SHARED_POOL_LINGER_S, _linger_ended, (pool,))
+                    pool.timer.daemon = True
+                    pool.timer.start()
+            _SHARED_POOLS_CHANGE.notify_all()
+
+
+def _pool_broken(executor) -> bool:
+    return bool(getattr(executor, "_broken", False))
+
+
+def _drop_shared_pool(pool: _SharedPool) -> None:
+    """Shut ``pool`` down and forget it (call with :data:`_SHARED_POOLS_CHANGE` held)."""
+    if pool.timer is not None:
+        pool.timer.cancel()
+        pool.timer = None
+    if _SHARED_POOLS.get(pool.kind) is pool:
+        del _SHARED_POOLS[pool.kind]
+    pool.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def shutdown_worker_pools() -> None:
+    """Shut this process's idle shared worker pools (block and decode workers) down now: their memory back at
+    once, instead of :data:`SHARED_POOL_LINGER_S` seconds after their last call."""
+    with _SHARED_POOLS_CHANGE:
+        for pool in list(_SHARED_POOLS.values()):
+            if pool.users == 0:
+                _drop_shared_pool(pool)
+
+
+def _linger_ended(pool: _SharedPool) -> None:
+    with _SHARED_POOLS_CHANGE:
+        if pool.users == 0 and pool.timer is not None:
+            pool.timer = None
+            _drop_shared_pool(pool)
 
 
 def _init_decode_worker(preprocess, max_pixels: int) -> None:
@@ -934,16 +1043,17 @@ def _process_pool(workers: int, initializer, initargs: tuple):
 
 
 def _in_workers(images: Iterable[Any], rows: int, executor, job, inflight_jobs: int,
-                who: str = "a worker process", fewer: str = "ask for fewer") -> Iterator[Any]:
-    """``job(images, start)`` on each block of ``rows`` images, in ``executor`` (a pool, shut down at the end),
-    results in order; ``inflight_jobs`` jobs are queued at a time, so the workers never wait for the caller. A
-    worker process killed from outside raises RuntimeError naming ``who`` and how to run ``fewer``."""
+                who: str = "a worker process", fewer: str = "ask for fewer", shut_down: bool = True) -> Iterator[Any]:
+    """``job(images, start)`` on each block of ``rows`` images, in ``executor`` (a pool, shut down at the end
+    unless ``shut_down`` is False: a pool shared with other calls), results in order; ``inflight_jobs`` jobs are
+    queued at a time, so the workers never wait for the caller. A worker process killed from outside raises
+    RuntimeError naming ``who`` and how to run ``fewer``."""
     from concurrent.futures import Future
     from concurrent.futures.process import BrokenProcessPool
 
     todo = _jobs(images, rows)
     inflight: deque[Future] = deque()
-    with executor as pool:
+    with executor if shut_down else contextlib.nullcontext(executor) as pool:
         try:
             for batch, start in itertools.islice(todo, inflight_jobs):
                 inflight.append(pool.submit(job, batch, start))
@@ -995,11 +1105,13 @@ def _regrouped(chunks: Iterable[torch.Tensor], rows: int, pin: bool = False) -> 
 
 
 def _parallel_blocks(images: Iterable[Any], rows: int, preprocess, max_pixels: int, workers: int,
-                     pin: bool = False, threads: bool = False) -> Iterator[torch.Tensor]:
+                     pin: bool = False, threads: bool = False, shared: bool = False) -> Iterator[torch.Tensor]:
     """The blocks of :func:`_serial_blocks`, decoded by ``workers`` forked processes (or threads of this process
     when ``threads``) in jobs of at most :data:`DECODE_JOB_ROWS` images (so the shared memory in flight stays
     small whatever the block), regrouped in order into blocks of ``rows`` (page-locked when ``pin``);
-    ``workers + 1`` jobs in flight, so the caller encodes block k while later images are decoded."""
+    ``workers + 1`` jobs in flight, so the caller encodes block k while later images are decoded. ``shared``:
+    the processes are this process's shared decode pool (:func:`_shared_pool`) when it serves this
+    preprocessing or is free, else a pool of this call's own."""
     import functools
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1009,13 +1121,26 @@ def _parallel_blocks(images: Iterable[Any], rows: int, preprocess, max_pixels: i
                              functools.partial(_decode_stack, preprocess=preprocess, max_pixels=max_pixels),
                              workers + 1)
     else:
-        chunks = _in_workers(images, job, _process_pool(workers, _init_decode_worker, (preprocess, max_pixels)),
-                             _decode_block, workers + 1,
-                             who="a decode worker process",
-                             fewer=f"decode_workers= or ${DECODE_WORKERS_ENV} (0: none)")
+        chunks = _decoded_in_processes(images, job, preprocess, max_pixels, workers, shared)
     if job == rows and not pin:
         return chunks
     return _closing(_regrouped(chunks, rows, pin), chunks)
+
+
+def _decoded_in_processes(images: Iterable[Any], job: int, preprocess, max_pixels: int, workers: int,
+                          shared: bool) -> Iterator[torch.Tensor]:
+    """Jobs of ``job`` images decoded in order by ``workers`` processes: the shared decode pool when ``shared``
+    and it is free for this preprocessing, else a pool of this call's own."""
+    who, fewer = "a decode worker process", f"decode_workers= or ${DECODE_WORKERS_ENV} (0: none)"
+    if shared:
+        with _shared_pool("decode", (preprocess,), (max_pixels,), workers, _init_decode_worker,
+                          wait=False) as pool:
+            if pool is not None:
+                yield from _in_workers(images, job, pool.executor, _decode_block, pool.workers + 1, who=who,
+                                       fewer=fewer, shut_down=False)
+                return
+    yield from _in_workers(images, job, _process_pool(workers, _init_decode_worker, (preprocess, max_pixels)),
+                           _decode_block, workers + 1, who=who, fewer=fewer)
 
 
 def _closing(outer: Iterator[Any], inner: Iterator[Any]) -> Iterator[Any]:
@@ -1048,13 +1173,19 @@ def _embed_block(batch: list[bytes], start: int) -> np.ndarray:
 
 
 def _block_worker_features(images: Iterable[Any], rows: int, workers: int, model, preprocess, max_pixels: int,
-                           normalize: bool, precision: str) -> Iterator[np.ndarray]:
+                           normalize: bool, precision: str, shared: bool = False) -> Iterator[np.ndarray]:
     """Each block's features, decoded and encoded by ``workers`` forked processes (one torch thread each), in
-    order; two jobs per worker in flight."""
-    pool = _process_pool(workers, _init_block_worker, (model, preprocess, max_pixels, rows, normalize, precision))
-    return _in_workers(images, rows, pool, _embed_block, 2 * workers,
-                       who="a block worker process",
-                       fewer=f"encode_workers= or ${ENCODE_WORKERS_ENV} (0: none)")
+    order; two jobs per worker in flight. ``shared``: in this process's shared pool (:func:`_shared_pool`; a call
+    with another model waits for it), else in a pool of this call's own."""
+    who, fewer = "a block worker process", f"encode_workers= or ${ENCODE_WORKERS_ENV} (0: none)"
+    if not shared:
+        pool = _process_pool(workers, _init_block_worker, (model, preprocess, max_pixels, rows, normalize, precision))
+        yield from _in_workers(images, rows, pool, _embed_block, 2 * workers, who=who, fewer=fewer)
+        return
+    with _shared_pool("block", (model, preprocess), (max_pixels, rows, normalize, precision), workers,
+                      _init_block_worker, wait=True) as pool:
+        yield from _in_workers(images, rows, pool.executor, _embed_block, 2 * pool.workers, who=who, fewer=fewer,
+                               shut_down=False)
 
 
 def _decode_workers(requested: int | None, total: int | None, rows: int, device: torch.device | None = None) -> int:
@@ -1245,7 +1376,7 @@ def embed_images(
     raises ValueError. ``encode_workers`` (CPU only): processes that each decode *and* encode whole blocks with one
     torch thread, instead of decode workers feeding the caller's threads (``None``: one per torch thread of the
     call, when it has two or more, the input spans several blocks and ``decode_workers`` is not given; ``0``:
-    off). One call at a time per process uses them by default; a concurrent call takes the decode workers' path.
+    off). By default the process's concurrent calls of one model share one pool of them (:func:`_shared_pool`).
     """
     import torch
 
@@ -1268,22 +1399,16 @@ def embed_images(
     total = len(images) if hasattr(images, "__len__") else None
     threads = num_threads if num_threads is not None else torch.get_num_threads()
     block_workers = _encode_workers(encode_workers, decode_workers, total, rows, dev, threads)
-    held = False
-    if block_workers and encode_workers is None:  # the default: one call's worth of processes per process,
+    shared = bool(block_workers) and encode_workers is None  # the default: one pool per process, shared
+    if shared:
         block_workers = _memory_capped(block_workers, model, rows)  # as many as the memory holds
-        held = bool(block_workers) and _BLOCK_WORKERS_IN_USE.acquire(blocking=False)
-        block_workers = block_workers if held else 0
-    try:
-        return _embed(images, spec, model, preprocess, dev, rows, total, batch_size, progress, normalize,
-                      num_threads, max_pixels, decode_workers, block_workers)
-    finally:
-        if held:
-            _BLOCK_WORKERS_IN_USE.release()
+    return _embed(images, spec, model, preprocess, dev, rows, total, batch_size, progress, normalize,
+                  num_threads, max_pixels, decode_workers, block_workers, shared)
 
 
 def _embed(images: Iterable[Any], spec: ClipSpec, model, preprocess, dev: torch.device, rows: int,
            total: int | None, batch_size: int, progress: bool, normalize: bool, num_threads: int | None,
-           max_pixels: int, decode_workers: int | None, block_workers: int) -> np.ndarray:
+           max_pixels: int, decode_workers: int | None, block_workers: int, shared: bool = False) -> np.ndarray:
     """:func:`embed_images` once its arguments are checked and its model loaded."""
     import torch
 
@@ -1295,12 +1420,13 @@ def _embed(images: Iterable[Any], spec: ClipSpec, model, preprocess, dev: torch.
     out: list[np.ndarray] = []
     if block_workers:
         blocks = _block_worker_features(images, rows, block_workers, model, preprocess, max_pixels, normalize,
-                                        spec.precision)
+                                        spec.precision, shared)
     else:
         workers = _decode_workers(decode_workers, total, rows, dev)
         decode_threads = 0 if workers else _decode_threads(decode_workers, total, rows, dev)
         blocks = (_parallel_blocks(images, rows, preprocess, max_pixels, workers or decode_threads,
-                                   pin=dev.type == "cuda", threads=bool(decode_threads)) if workers or decode_threads
+                                   pin=dev.type == "cuda", threads=bool(decode_threads),
+                                   shared=decode_workers is None) if workers or decode_threads
                   else _serial_blocks(images, rows, batch_size, preprocess, max_pixels))
     previous: torch.Tensor | None = None  # the last block's features, fetched after the next block is queued
     try:

@@ -267,42 +267,106 @@ def test_default_block_workers(monkeypatch, caplog):
     assert "encode_workers=2 ignored" in caplog.text
 
 
-def test_default_embedding_uses_block_workers_once_per_process(pool, serial, monkeypatch, tmp_path):
-    # By default the CPU path runs one process per torch thread; a second call at the same time in this process
-    # (the flow's shard tasks run in threads) takes the decode workers' path instead of forking as many again.
+def test_default_calls_share_one_pool_of_block_workers_that_lingers(pool, serial, monkeypatch, tmp_path):
+    # By default the CPU path runs one process per torch thread, in one pool per process: the next call (the next
+    # shard) forks nothing, and the pool is shut down a while after its last call.
+    import time
+
     for name in ("SKMM_DECODE_WORKERS", "SKMM_ENCODE_WORKERS"):
         monkeypatch.delenv(name, raising=False)
     encoded = spy_on(monkeypatch, clip_module, "_encode_block", tmp_path / "_encode_block.pids")
-    X = embed_images(pool, TINY, device="cpu", num_threads=2)
-    assert np.array_equal(X, serial)
-    assert str(os.getpid()) not in encoded.read_text().split()
-    encoded.unlink()
-    with clip_module._BLOCK_WORKERS_IN_USE:  # another call holds this process's block workers
-        assert np.array_equal(embed_images(pool, TINY, device="cpu", num_threads=2), serial)
-    assert set(encoded.read_text().split()) == {str(os.getpid())}  # encoded here, decoded by a worker
+    started = spy_on(monkeypatch, clip_module, "_process_pool", tmp_path / "_process_pool.pids")
+    assert np.array_equal(embed_images(pool, TINY, device="cpu", num_threads=2), serial)
+    first = set(encoded.read_text().split())
+    assert str(os.getpid()) not in first and len(first) == 2
+    assert np.array_equal(embed_images(pool, TINY, device="cpu", num_threads=2), serial)
+    assert started.read_text().split() == [str(os.getpid())]  # one pool for both calls
+    assert set(encoded.read_text().split()) == first  # the same two processes
+    shared = clip_module._SHARED_POOLS.get("block")
+    assert shared is not None and shared.users == 0 and shared.timer is not None
+
+    monkeypatch.setattr(clip_module, "SHARED_POOL_LINGER_S", 0.2)
+    assert np.array_equal(embed_images(pool, TINY, device="cpu", num_threads=2), serial)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (clip_module._SHARED_POOLS.get("block") is not None or any(
+            _alive(int(pid)) for pid in first)):
+        time.sleep(0.05)
+    assert clip_module._SHARED_POOLS.get("block") is None  # shut down after its linger
+    assert not any(_alive(int(pid)) for pid in first)  # and its processes have exited
+    assert np.array_equal(embed_images(pool, TINY, device="cpu", num_threads=2), serial)  # a new pool
+    assert started.read_text().split() == [str(os.getpid())] * 2
 
 
-def test_concurrent_default_calls_in_threads_equal_serial(pool, serial, monkeypatch):
-    # The flow's shard tasks embed in threads of one process: one call gets the block workers, the others the
-    # decode workers, released together; every result is the serial path's bits.
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_concurrent_default_calls_in_threads_share_the_pool_and_equal_serial(pool, serial, monkeypatch, tmp_path):
+    # The flow's shard tasks embed in threads of one process: their blocks interleave in one pool of block workers
+    # (no call forks its own, none runs beside them on busy cores); every result is the serial path's bits. A
+    # call with another model waits until the pool has no user, then gets a pool of its own.
     import threading
 
     for name in ("SKMM_DECODE_WORKERS", "SKMM_ENCODE_WORKERS"):
         monkeypatch.delenv(name, raising=False)
+    other = ClipSpec(TINY_MODEL, init_seed=1)
+    other_serial = embed_images(pool, other, device="cpu", decode_workers=0)
+    started = spy_on(monkeypatch, clip_module, "_process_pool", tmp_path / "_process_pool.pids")
     barrier = threading.Barrier(3)
-    results: list[np.ndarray] = []
+    results: dict[int, np.ndarray] = {}
 
-    def run() -> None:
+    def run(i: int, spec: ClipSpec) -> None:
         barrier.wait()
-        results.append(embed_images(pool, TINY, device="cpu", num_threads=2))
+        results[i] = embed_images(pool, spec, device="cpu", num_threads=2)
 
-    threads = [threading.Thread(target=run) for _ in range(3)]
+    threads = [threading.Thread(target=run, args=(i, TINY)) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 3 and all(np.array_equal(r, serial) for r in results)
-    assert not clip_module._BLOCK_WORKERS_IN_USE.locked()
+    assert len(results) == 3 and all(np.array_equal(r, serial) for r in results.values())
+    assert len(started.read_text().split()) == 1  # one pool for the three calls
+    assert clip_module._SHARED_POOLS["block"].users == 0
+
+    barrier = threading.Barrier(2)
+    results.clear()
+    threads = [threading.Thread(target=run, args=(0, TINY)), threading.Thread(target=run, args=(1, other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert np.array_equal(results[0], serial) and np.array_equal(results[1], other_serial)
+
+
+def test_default_decode_workers_are_shared_and_chosen_ones_are_the_calls_own(pool, serial, monkeypatch, tmp_path):
+    # The decode workers' default path (on CUDA, or encode_workers=0) keeps one pool per process for the next
+    # call too; decode_workers=k forks k for the call alone, as before. Another model's concurrent call, while the
+    # pool serves the first, gets a pool of its own instead of waiting.
+    for name in ("SKMM_DECODE_WORKERS", "SKMM_ENCODE_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    started = spy_on(monkeypatch, clip_module, "_process_pool", tmp_path / "_process_pool.pids")
+    for _ in range(2):
+        assert np.array_equal(embed_images(pool, TINY, device="cpu", encode_workers=0), serial)
+    assert len(started.read_text().split()) == 1 and clip_module._SHARED_POOLS["decode"].users == 0
+    for _ in range(2):
+        assert np.array_equal(embed_images(pool, TINY, device="cpu", decode_workers=1), serial)
+    assert len(started.read_text().split()) == 3
+
+    other = ClipSpec(TINY_MODEL, init_seed=1)
+    other_serial = embed_images(pool, other, device="cpu", decode_workers=0)
+    preprocess = clip_module._cached_model(TINY, torch.device("cpu"))[1]
+    blocks = clip_module._parallel_blocks(pool, 64, preprocess, clip_module.MAX_PIXELS, 1, shared=True)
+    next(blocks)  # a call in the middle of its images holds the shared pool (it reuses the lingering one)
+    assert len(started.read_text().split()) == 3
+    assert np.array_equal(embed_images(pool, other, device="cpu", encode_workers=0), other_serial)
+    assert len(started.read_text().split()) == 4  # its own pool: the shared one serves the other preprocessing
+    blocks.close()
+    assert clip_module._SHARED_POOLS["decode"].users == 0
 
 
 def test_block_worker_memory_estimate_and_cap(monkeypatch):
