@@ -120,6 +120,7 @@ def test_bad_parameters_and_inputs_are_named(call, match):
         call()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_matches_cpu(kind):

@@ -1,0 +1,65 @@
+"""bench/gpu.sh, the device script, keeps to its time budget: steps past it are skipped and reported, and the
+results come back as one archive (a device call returns at most 8 files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_STEPS = ["cuda_tests", "embed_fp32", "embed_bf16", "ft_sketch", "select_device", "embed_host_cpu", "sketch",
+              "select_numpy"]
+
+
+def run_gpu_sh(tmp_path: pathlib.Path, budget: str, *args: str, min_step: str = "15") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "SKMM_GPU_SH_BUDGET_S": budget, "SKMM_GPU_SH_MIN_STEP_S": min_step,
+           "SKMM_BENCH_OUT": str(tmp_path / "results"), "PREFECT_HOME": str(tmp_path / "prefect")}
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def steps(tmp_path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "results" / "gpu_sh_steps.jsonl").read_text().splitlines()]
+
+
+def test_steps_past_the_budget_are_skipped_reported_and_packed(tmp_path):
+    done = run_gpu_sh(tmp_path, "0", "--pack", str(tmp_path / "out"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"SKIPPED (budget): {' '.join(TINY_STEPS)}" in done.stdout
+    lines = steps(tmp_path)
+    assert [line["step"] for line in lines] == TINY_STEPS and all(line["skipped"] for line in lines)
+    assert os.listdir(tmp_path / "out") == ["gpu_results.tar.gz"]  # one file, replaced whole after every step
+    with tarfile.open(tmp_path / "out" / "gpu_results.tar.gz") as archive:
+        names = {pathlib.PurePath(name).name for name in archive.getnames()}
+    assert {"gpu_sh_steps.jsonl", "gpu_sh_machine.log"} <= names
+
+
+def test_every_step_is_cut_to_the_budget_left(tmp_path):
+    # A 15 s budget for minutes of steps: each runs under what is left of it (the first ones, killed at that limit)
+    # or is skipped once less than a second is left; whichever way the time falls, the script keeps to its budget.
+    start = time.monotonic()
+    done = run_gpu_sh(tmp_path, "15", min_step="1")
+    elapsed = time.monotonic() - start
+    lines = steps(tmp_path)
+    assert [line["step"] for line in lines] == TINY_STEPS and done.returncode == 1
+    for line in lines:
+        if line.get("skipped"):
+            assert line["budget_left_s"] < 1
+        else:
+            assert 1 <= line["limit_s"] <= 15 - line["started_s"]
+    assert lines[-1].get("skipped")  # the tiny steps take minutes
+    assert elapsed < 15 + 5 + 20  # the budget, the last step's kill grace, and bash/Python start-up
+
+
+def test_a_bad_budget_or_argument_is_refused(tmp_path):
+    bad = run_gpu_sh(tmp_path, "ten")
+    assert bad.returncode == 2 and "SKMM_GPU_SH_BUDGET_S must be whole seconds" in bad.stderr
+    odd = run_gpu_sh(tmp_path, "10", "--fast")
+    assert odd.returncode == 2 and "usage" in odd.stderr
+    low = run_gpu_sh(tmp_path, "10", min_step="-1")
+    assert low.returncode == 2 and "SKMM_GPU_SH_MIN_STEP_S must be whole seconds" in low.stderr
