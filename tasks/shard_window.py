@@ -1,9 +1,9 @@
 """How many shard tasks a stage keeps in flight: a window over its submissions.
 
 Prefect's default task runner, the ``ThreadPoolTaskRunner``, has no bound (``sys.maxsize`` threads), so a stage
-that submitted one task per shard ran every shard at once: a 10^6-image pool in 2 048-row shards was ~490
-concurrent embed calls, each holding its shard's images and forking its own decode workers (cores − 1 each), and
-~490 FT models sizing their batches against the same free device memory. The stages now submit through
+that submitted one task per shard ran every shard at once: a 10^6-image pool in 2 048-row shards would be ~490
+concurrent embed calls, each holding its shard's images and forking its own workers (cores − 1 decode workers
+each), and ~490 FT models sizing their batches against the same free device memory. The stages now submit through
 :func:`submit_windowed`: at most :func:`shard_task_window` tasks in flight, the next submitted as soon as one
 finishes. On a thread-pool runner the default is 2, because every embed or FT task already uses all of the
 machine's cores (the process's shared block or decode workers, torch threads) or its device, and a second
