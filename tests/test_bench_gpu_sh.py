@@ -40,10 +40,10 @@ def test_steps_past_the_budget_are_skipped_reported_and_packed(tmp_path):
 
 
 def test_every_step_is_cut_to_the_budget_left(tmp_path):
-    # A 15 s budget for minutes of steps: each runs under what is left of it (the first ones, killed at that limit)
+    # A 10 s budget for minutes of steps: each runs under what is left of it (the first ones, killed at that limit)
     # or is skipped once less than a second is left; whichever way the time falls, the script keeps to its budget.
     start = time.monotonic()
-    done = run_gpu_sh(tmp_path, "15", min_step="1")
+    done = run_gpu_sh(tmp_path, "10", min_step="1")
     elapsed = time.monotonic() - start
     lines = steps(tmp_path)
     assert [line["step"] for line in lines] == TINY_STEPS and done.returncode == 1
@@ -51,9 +51,9 @@ def test_every_step_is_cut_to_the_budget_left(tmp_path):
         if line.get("skipped"):
             assert line["budget_left_s"] < 1
         else:
-            assert 1 <= line["limit_s"] <= 15 - line["started_s"]
+            assert 1 <= line["limit_s"] <= 10 - line["started_s"]
     assert lines[-1].get("skipped")  # the tiny steps take minutes
-    assert elapsed < 15 + 5 + 20  # the budget, the last step's kill grace, and bash/Python start-up
+    assert elapsed < 10 + 5 + 20  # the budget, the last step's kill grace, and bash/Python start-up
 
 
 def test_a_bad_budget_or_argument_is_refused(tmp_path):
