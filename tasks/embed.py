@@ -515,12 +515,11 @@ def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: d
         pack_futures = submit_windowed(lambda members: pack_task.submit([results[i]["pending"] for i in members],
                                                                         model, store, **options), packs, window)
         members_of = [(i, pack_future) for members, pack_future in zip(packs, pack_futures, strict=True)
-                      for i in members]
-        assemble = dict(zip([i for i, _ in members_of], submit_windowed(
-            lambda item: assemble_task.submit(shards[item[0]], results[item[0]]["pending"],
-                                              item[1].result()["delta"], model, store, **options),
-            members_of, window), strict=True))
-        for i, future in assemble.items():
+                      for i in members]  # each changed shard with the pack that embedded its new samples
+        assembled = submit_windowed(lambda item: assemble_task.submit(
+            shards[item[0]], results[item[0]]["pending"], item[1].result()["delta"], model, store, **options),
+            members_of, window)
+        for (i, _), future in zip(members_of, assembled, strict=True):
             results[i], finals[i] = future.result(), future
     finally:  # shards that ran in this process shared one catalog; the run is over
         _release_catalogs(run)

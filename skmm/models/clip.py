@@ -964,6 +964,20 @@ def _shared_pool(kind: str, objects: tuple, params: tuple, workers: int, initial
             _SHARED_POOLS_CHANGE.notify_all()
 
 
+@contextlib.contextmanager
+def _call_pool(kind: str, objects: tuple, params: tuple, workers: int, initializer, shared: bool,
+               wait: bool) -> Iterator[tuple[Any, int]]:
+    """``(executor, workers)`` for one call: this process's shared pool of ``kind`` when ``shared`` and it serves
+    these inputs (:func:`_shared_pool`), else ``workers`` processes of the call's own, shut down when it ends."""
+    if shared:
+        with _shared_pool(kind, objects, params, workers, initializer, wait) as pool:
+            if pool is not None:
+                yield pool.executor, pool.workers
+                return
+    with _process_pool(workers, initializer, (*objects, *params)) as executor:
+        yield executor, workers
+
+
 def _pool_broken(executor) -> bool:
     return bool(getattr(executor, "_broken", False))
 
@@ -1043,32 +1057,31 @@ def _process_pool(workers: int, initializer, initargs: tuple):
 
 
 def _in_workers(images: Iterable[Any], rows: int, executor, job, inflight_jobs: int,
-                who: str = "a worker process", fewer: str = "ask for fewer", shut_down: bool = True) -> Iterator[Any]:
-    """``job(images, start)`` on each block of ``rows`` images, in ``executor`` (a pool, shut down at the end
-    unless ``shut_down`` is False: a pool shared with other calls), results in order; ``inflight_jobs`` jobs are
-    queued at a time, so the workers never wait for the caller. A worker process killed from outside raises
-    RuntimeError naming ``who`` and how to run ``fewer``."""
+                who: str = "a worker process", fewer: str = "ask for fewer") -> Iterator[Any]:
+    """``job(images, start)`` on each block of ``rows`` images, in ``executor`` (a pool the caller owns: its
+    own, or one shared with other calls), results in order; ``inflight_jobs`` jobs are queued at a time, so the
+    workers never wait for the caller; closing the generator cancels this call's queued jobs. A worker process
+    killed from outside raises RuntimeError naming ``who`` and how to run ``fewer``."""
     from concurrent.futures import Future
     from concurrent.futures.process import BrokenProcessPool
 
     todo = _jobs(images, rows)
     inflight: deque[Future] = deque()
-    with executor if shut_down else contextlib.nullcontext(executor) as pool:
-        try:
-            for batch, start in itertools.islice(todo, inflight_jobs):
-                inflight.append(pool.submit(job, batch, start))
-            while inflight:
-                try:
-                    result = inflight.popleft().result()
-                except BrokenProcessPool as e:
-                    raise RuntimeError(f"{who} died, killed from outside (e.g. by the out-of-memory killer): {e} "
-                                       f"Fewer workers need less memory: {fewer}.") from e
-                for batch, start in itertools.islice(todo, 1):
-                    inflight.append(pool.submit(job, batch, start))
-                yield result
-        finally:
-            for future in inflight:
-                future.cancel()
+    try:
+        for batch, start in itertools.islice(todo, inflight_jobs):
+            inflight.append(executor.submit(job, batch, start))
+        while inflight:
+            try:
+                result = inflight.popleft().result()
+            except BrokenProcessPool as e:
+                raise RuntimeError(f"{who} died, killed from outside (e.g. by the out-of-memory killer): {e} "
+                                   f"Fewer workers need less memory: {fewer}.") from e
+            for batch, start in itertools.islice(todo, 1):
+                inflight.append(executor.submit(job, batch, start))
+            yield result
+    finally:
+        for future in inflight:
+            future.cancel()
 
 
 def _regrouped(chunks: Iterable[torch.Tensor], rows: int, pin: bool = False) -> Iterator[torch.Tensor]:
@@ -1112,35 +1125,34 @@ def _parallel_blocks(images: Iterable[Any], rows: int, preprocess, max_pixels: i
     ``workers + 1`` jobs in flight, so the caller encodes block k while later images are decoded. ``shared``:
     the processes are this process's shared decode pool (:func:`_shared_pool`) when it serves this
     preprocessing or is free, else a pool of this call's own."""
-    import functools
-    from concurrent.futures import ThreadPoolExecutor
-
     job = min(rows, DECODE_JOB_ROWS)
-    if threads:
-        chunks = _in_workers(images, job, ThreadPoolExecutor(workers, thread_name_prefix="skmm-decode"),
-                             functools.partial(_decode_stack, preprocess=preprocess, max_pixels=max_pixels),
-                             workers + 1)
-    else:
-        chunks = _decoded_in_processes(images, job, preprocess, max_pixels, workers, shared)
+    chunks = (_decoded_in_threads(images, job, preprocess, max_pixels, workers) if threads
+              else _decoded_in_processes(images, job, preprocess, max_pixels, workers, shared))
     if job == rows and not pin:
         return chunks
     return _closing(_regrouped(chunks, rows, pin), chunks)
+
+
+def _decoded_in_threads(images: Iterable[Any], job: int, preprocess, max_pixels: int,
+                        workers: int) -> Iterator[torch.Tensor]:
+    """Jobs of ``job`` images decoded in order by ``workers`` threads of this process."""
+    import functools
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="skmm-decode") as executor:
+        yield from _in_workers(images, job, executor,
+                               functools.partial(_decode_stack, preprocess=preprocess, max_pixels=max_pixels),
+                               workers + 1)
 
 
 def _decoded_in_processes(images: Iterable[Any], job: int, preprocess, max_pixels: int, workers: int,
                           shared: bool) -> Iterator[torch.Tensor]:
     """Jobs of ``job`` images decoded in order by ``workers`` processes: the shared decode pool when ``shared``
     and it is free for this preprocessing, else a pool of this call's own."""
-    who, fewer = "a decode worker process", f"decode_workers= or ${DECODE_WORKERS_ENV} (0: none)"
-    if shared:
-        with _shared_pool("decode", (preprocess,), (max_pixels,), workers, _init_decode_worker,
-                          wait=False) as pool:
-            if pool is not None:
-                yield from _in_workers(images, job, pool.executor, _decode_block, pool.workers + 1, who=who,
-                                       fewer=fewer, shut_down=False)
-                return
-    yield from _in_workers(images, job, _process_pool(workers, _init_decode_worker, (preprocess, max_pixels)),
-                           _decode_block, workers + 1, who=who, fewer=fewer)
+    with _call_pool("decode", (preprocess,), (max_pixels,), workers, _init_decode_worker, shared,
+                    wait=False) as (executor, n):
+        yield from _in_workers(images, job, executor, _decode_block, n + 1, who="a decode worker process",
+                               fewer=f"decode_workers= or ${DECODE_WORKERS_ENV} (0: none)")
 
 
 def _closing(outer: Iterator[Any], inner: Iterator[Any]) -> Iterator[Any]:
@@ -1177,15 +1189,10 @@ def _block_worker_features(images: Iterable[Any], rows: int, workers: int, model
     """Each block's features, decoded and encoded by ``workers`` forked processes (one torch thread each), in
     order; two jobs per worker in flight. ``shared``: in this process's shared pool (:func:`_shared_pool`; a call
     with another model waits for it), else in a pool of this call's own."""
-    who, fewer = "a block worker process", f"encode_workers= or ${ENCODE_WORKERS_ENV} (0: none)"
-    if not shared:
-        pool = _process_pool(workers, _init_block_worker, (model, preprocess, max_pixels, rows, normalize, precision))
-        yield from _in_workers(images, rows, pool, _embed_block, 2 * workers, who=who, fewer=fewer)
-        return
-    with _shared_pool("block", (model, preprocess), (max_pixels, rows, normalize, precision), workers,
-                      _init_block_worker, wait=True) as pool:
-        yield from _in_workers(images, rows, pool.executor, _embed_block, 2 * pool.workers, who=who, fewer=fewer,
-                               shut_down=False)
+    with _call_pool("block", (model, preprocess), (max_pixels, rows, normalize, precision), workers,
+                    _init_block_worker, shared, wait=True) as (executor, n):
+        yield from _in_workers(images, rows, executor, _embed_block, 2 * n, who="a block worker process",
+                               fewer=f"encode_workers= or ${ENCODE_WORKERS_ENV} (0: none)")
 
 
 def _decode_workers(requested: int | None, total: int | None, rows: int, device: torch.device | None = None) -> int:
