@@ -167,11 +167,15 @@ class _Suffix(VisualWithHead):
 
 
 def init_head(embed_dim: int, num_classes: int, seed: int) -> nn.Linear:
-    """The head every FT model starts from: weight ~ N(0, 1/embed_dim) drawn on the CPU from ``seed``, bias 0."""
+    """The head every FT model starts from: weight ~ N(0, 1/embed_dim) drawn on the CPU from ``seed``, bias 0.
+
+    Nothing is drawn from torch's process-wide generator (``skip_init``: no default init). A seeded tower build
+    in another thread holds that generator (``load_clip``), and a draw landing inside it would change its tower.
+    """
     embed_dim = check_positive_int(embed_dim, "embed_dim")
     num_classes = _check_num_classes(num_classes)
     seed = _check_seed(seed)
-    head = nn.Linear(embed_dim, num_classes)
+    head = nn.utils.skip_init(nn.Linear, embed_dim, num_classes)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         head.weight.copy_(torch.randn(num_classes, embed_dim, generator=gen) / math.sqrt(embed_dim))

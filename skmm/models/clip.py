@@ -19,7 +19,10 @@ Decisions:
   limit (skipped behind an ``HTTPS_PROXY``) and an unreachable host fails at once with the same clear error.
   Downloads happen only when the host answers.
 - **Random init is reproducible and private**: the towers are built under ``torch.random.fork_rng`` with
-  ``torch.manual_seed(init_seed)``, so the caller's global RNG is left as it was.
+  ``torch.manual_seed(init_seed)``, so the caller's global RNG is left as it was. That generator is
+  process-wide, so builds take a lock, and nothing else in skmm draws from it (heads come from generators of
+  their own, ``skip_init``): a draw from another thread during a build would change the tower. Code of your own
+  that draws from torch's global generator in threads beside skmm's stages breaks that guarantee.
 - Weights always load strictly; a mismatch names the first missing/unexpected/mis-shaped keys. Tags whose
   weights were trained with QuickGELU (``openai``) get the matching activation, as open_clip's ``-quickgelu``
   model names do (plain open_clip only warns and then computes different features).
@@ -697,7 +700,8 @@ def load_clip(spec: ClipSpec, device: Any = None):
 
     # Build on the CPU under a private, seeded RNG: reproducible towers, caller's RNG untouched. torch's default
     # generator is process-wide, so seeded builds in concurrent threads (shards embedded in parallel) would
-    # interleave their draws: one build at a time.
+    # interleave their draws: one build at a time, and no other draw from it anywhere in skmm (see the module
+    # docstring; tests/skmm/test_clip_ft.py checks the FT path).
     with _SEEDED_BUILD_LOCK, torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(spec.init_seed)
         try:

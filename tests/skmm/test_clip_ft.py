@@ -197,3 +197,40 @@ def test_cuda_rows_match_cpu(pool, sketched):
                                              batch_size=8, device="cuda")
     assert producer_gpu == producer
     np.testing.assert_allclose(S_gpu, S, rtol=1e-4, atol=1e-4)
+
+
+def test_init_head_and_the_ft_path_leave_the_global_rng_as_it_was(pool):
+    """The FT path's seeded tower build holds a lock over torch's process-wide generator; any draw from that
+    generator outside it (nn.Linear's own init was one) can land inside another thread's build and change its
+    tower. So nothing else on the path may draw from it."""
+    images, ids = pool
+    before = torch.random.get_rng_state()
+    init_head(8, 3, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    ft_gradient_sketch(images[:4], ids[:4], TINY, k=1, num_classes=10, sketch_dim=16, seed=3, device="cpu")
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_concurrent_calls_give_the_rows_of_calls_one_at_a_time(pool):
+    """The FT sketch stage runs shard tasks in threads of one process: each call's random-init tower and rows must
+    be those of a call alone (they were not: one thread's head init drew from the generator inside another's
+    seeded build, so that shard's rows came from another tower)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    images, ids = pool
+    parts = [(images[i::3], ids[i::3]) for i in range(3)]
+
+    def call(part, barrier=None):
+        if barrier is not None:
+            barrier.wait()
+        return ft_gradient_sketch(part[0], part[1], TINY, k=1, num_classes=10, sketch_dim=16, seed=3,
+                                  device="cpu")[0]
+
+    alone = [call(part) for part in parts]
+    for _ in range(3):
+        barrier = threading.Barrier(len(parts))
+        with ThreadPoolExecutor(len(parts)) as pool_:
+            together = list(pool_.map(call, parts, [barrier] * len(parts)))
+        for a, b in zip(alone, together, strict=True):
+            assert np.array_equal(a, b)

@@ -237,3 +237,12 @@ def test_decode_workers_change_no_bit_of_the_finetuned_model(digits, fitted, mon
                                                                                images[120:], labels[120:])
             assert got.state_bytes() == fitted.state_bytes() and got.history_ == fitted.history_
     assert 120 in asked and 40 in asked  # the train and val token passes went through the workers
+
+
+def test_fit_and_predict_leave_the_global_rng_as_it_was(digits):
+    """The head is drawn from its own generator and nothing else draws from torch's process-wide one, so a fit in
+    one thread cannot change a seeded tower built in another (skmm.models.clip.load_clip)."""
+    images, labels = digits
+    before = torch.random.get_rng_state()
+    LastLayersFinetuner(TINY, **{**FIT, "epochs": 1}).fit(images[:16], labels[:16]).predict(images[:2])
+    assert torch.equal(torch.random.get_rng_state(), before)

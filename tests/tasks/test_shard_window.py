@@ -99,7 +99,16 @@ def test_the_ft_sketch_stage_keeps_at_most_the_window_of_shard_tasks_in_flight(p
 
     table = VectorTableRef.from_dict(ft_flow(dataset.to_dict(), store))
     assert overlap.calls == 5 and overlap.peak == DEFAULT_SHARD_TASKS  # was 5
-    assert len(read_vectors(open_store(store), table)[0]) == 40
+    ids, rows = read_vectors(open_store(store), table)
+    assert len(ids) == 40
+    # The rows of shards one at a time, outside Prefect: concurrent shard tasks change no bit (a head drawn from
+    # torch's global generator inside another shard's seeded tower build once did).
+    alone = store_spec(tmp_path / "alone")
+    alone_dataset = write_samples(open_store(alone), records, shard_rows=8).to_dict()
+    serial = VectorTableRef.from_dict(sketch_module.run_ft_sketch(alone_dataset, alone, MODEL, sketch_dim=8, seed=0,
+                                                                  num_classes=10))
+    assert read_vectors(open_store(alone), serial)[0] == ids
+    assert np.array_equal(read_vectors(open_store(alone), serial)[1], rows)
 
 
 def test_submit_windowed_keeps_the_order_and_the_bound(prefect_api):
