@@ -27,12 +27,13 @@ Decisions:
   weights were trained with QuickGELU (``openai``) get the matching activation, as open_clip's ``-quickgelu``
   model names do (plain open_clip only warns and then computes different features).
 - **Precision** (``ClipSpec.precision``): ``"fp32"`` (the default) means IEEE fp32 on CUDA too (TF32 is
-  switched off for the duration of a call and restored after), so CPU and GPU features agree to float32 round-off
-  (3e-5 measured), not bitwise. ``"tf32"`` lets CUDA's matmuls and convolutions use TF32 tensor cores (faster;
-  inputs rounded to a 10-bit mantissa); it is refused on other devices, where it would compute fp32 features
-  under another name. ``"bf16"`` encodes under ``torch.autocast(dtype=bfloat16)`` (CUDA or CPU). Both are
-  part of the spec (its dict and digest), so their features are never mixed with fp32 ones. The switches are
-  process-wide: calls with different precisions must not run in concurrent threads of one process.
+  switched off for the duration of a call and restored after), so CPU and GPU features agree to float32
+  round-off (3e-5 measured), not bitwise. ``"tf32"`` lets CUDA's matmuls and convolutions use TF32 tensor cores
+  (faster; inputs rounded to a 10-bit mantissa); it is refused on other devices, where it would compute fp32
+  features under another name. ``"bf16"`` encodes under ``torch.autocast(dtype=bfloat16)`` (CUDA or CPU). Both
+  are part of the spec (its dict and digest), so their features are never mixed with fp32 ones. The switches
+  are process-wide: concurrent calls that want the same ones hold them together, a call that wants others
+  waits until they have left, and the last one out restores the process's (``_ProcessSetting``).
 - **Block size per device** (``ClipSpec.block_rows``): the fixed block (below) is 64 images by default, the CPU's
   figure; :func:`default_block_rows` gives a device's (512 on a CUDA device with 16 GiB or more, 256 on smaller
   ones). The block size is part of the spec too: the dict carries it when it is not 64 (so the default spec,
@@ -106,7 +107,7 @@ import sys
 import threading
 import urllib.parse
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -769,37 +770,103 @@ def _cached_model(spec: ClipSpec, device: torch.device):
     return loaded
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Use ``n`` intra-op threads for the block, then restore the previous count."""
+class _ProcessSetting:
+    """A process-wide setting (torch's thread count, CUDA's math flags) held by the calls that need a value of it.
+
+    The first call in saves what it finds and applies its value; calls wanting the same value join it; a call
+    wanting another waits until every holder has left; the last one out restores what the first found. A context
+    manager that saved and restored on its own restored under a concurrent call (the stages run two shard calls
+    at once in threads), which then ran on with the process's values: TF32 convolutions in an fp32 call, or the
+    process left with one call's thread count. A thread that holds one value and asks for another gets a
+    RuntimeError, not a deadlock.
+    """
+
+    def __init__(self, name: str, read: Callable[[], Any], write: Callable[[Any], None]) -> None:
+        self.name, self._read, self._write = name, read, write
+        self._changed = threading.Condition()
+        self._value: Any = None
+        self._saved: Any = None
+        self._holders = 0
+        self._mine = threading.local()
+
+    @contextlib.contextmanager
+    def hold(self, value: Any) -> Iterator[None]:
+        depth = getattr(self._mine, "depth", 0)
+        if depth and value != self._value:
+            raise RuntimeError(f"this thread already holds {self.name} at {self._value!r}; a nested call cannot "
+                               f"change it to {value!r}")
+        with self._changed:
+            self._changed.wait_for(lambda: self._holders == 0 or self._value == value)
+            if self._holders == 0:
+                self._saved = self._read()
+                self._write(value)
+                self._value = value
+            self._holders += 1
+        self._mine.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._mine.depth = depth
+            with self._changed:
+                self._holders -= 1
+                if self._holders == 0:
+                    self._write(self._saved)
+                    self._value = self._saved = None
+                    self._changed.notify_all()
+
+
+def _read_threads() -> int:
     import torch
 
+    return torch.get_num_threads()
+
+
+def _write_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _read_cuda_math() -> tuple[bool, ...]:
+    import torch
+
+    cudnn = torch.backends.cudnn
+    return (torch.backends.cuda.matmul.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic,
+            cudnn.allow_tf32)
+
+
+def _write_cuda_math(flags: tuple[bool, ...]) -> None:
+    import torch
+
+    cudnn = torch.backends.cudnn
+    torch.backends.cuda.matmul.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32 = (
+        flags)
+
+
+_THREADS = _ProcessSetting("torch's thread count", _read_threads, _write_threads)
+_CUDA_MATH = _ProcessSetting("CUDA's math flags", _read_cuda_math, _write_cuda_math)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Use ``n`` intra-op threads for the block, then restore the previous count (shared by concurrent calls
+    with the same ``n``: :class:`_ProcessSetting`)."""
     if n is None:
         yield
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
+    with _THREADS.hold(n):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
 def _cuda_math(device: torch.device, tf32: bool) -> Iterator[None]:
-    """TF32 on CUDA off (fp32, bf16) or on (tf32) for the call, then restored; cuDNN deterministic."""
-    import torch
-
+    """TF32 on CUDA off (fp32, bf16) or on (tf32) for the call, then restored; cuDNN deterministic, without
+    benchmarking. Concurrent calls share or wait for the flags (:class:`_ProcessSetting`)."""
     if device.type != "cuda":
         yield
         return
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=tf32):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
+    with _CUDA_MATH.hold((tf32, True, False, True, tf32)):
+        yield
 
 
 def _ieee_fp32(device: torch.device) -> contextlib.AbstractContextManager:

@@ -1,20 +1,26 @@
-"""Towers built in concurrent threads are the same tower: the seeded random init must not race.
+"""Calls in concurrent threads: the same tower, the same features, and process-wide settings that hold.
 
 The flow embeds shards in parallel threads; each thread that misses the model cache builds the tower under
 ``torch.manual_seed(init_seed)``. torch's default generator is process-wide, so two builds at once used to
 interleave their draws and give different weights (and features) from one run to the next.
+
+torch's thread count and CUDA's math flags (TF32, cuDNN's determinism) are process-wide too. A call that set
+them and restored what it found on leaving restored them under a concurrent call, which then ran on with the
+process's values (TF32 convolutions in an fp32 call) or left the process with the first call's thread count.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
-from skmm.models.clip import ClipSpec, clear_model_cache, embed_images, load_clip
+from skmm.models.clip import ClipSpec, _cuda_math, _torch_threads, clear_model_cache, embed_images, load_clip
 from storage.ingest import render_digit_png
 
 
@@ -58,3 +64,124 @@ def test_concurrent_embeds_equal_serial():
     for _ in range(2):
         clear_model_cache()
         assert all(np.array_equal(serial, o) for o in _at_once(lambda: embed_images(images, spec), 4))
+
+
+CUDA = torch.device("cuda")  # the flags are set on any build; no device is used
+
+
+def _math_flags() -> tuple[bool, ...]:
+    cudnn = torch.backends.cudnn
+    return (torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark)
+
+
+IEEE = (False, False, True, False)
+
+
+def _overlapping(first, second) -> dict[str, Any]:
+    """Thread 1 enters ``first()``; thread 2 then enters ``second()`` (at once, or when 1 lets it); 1 leaves, then 2.
+    What each saw inside (``"1"``, ``"2"``, ``"2 after 1 left"``) and whether 2 got in while 1 was inside."""
+    seen: dict[str, Any] = {}
+    one_in, two_in, one_out = threading.Event(), threading.Event(), threading.Event()
+
+    def one() -> None:
+        with first():
+            seen["1"] = _state()
+            one_in.set()
+            two_in.wait(0.5)  # 2 may be held back until 1 leaves: then it never gets in while 1 is inside
+            seen["1 leaving"] = True
+        one_out.set()
+
+    def two() -> None:
+        one_in.wait()
+        with second():
+            seen["2 entered before 1 left"] = "1 leaving" not in seen
+            seen["2"] = _state()
+            two_in.set()
+            one_out.wait(10)
+            seen["2 after 1 left"] = _state()
+
+    threads = [threading.Thread(target=one), threading.Thread(target=two)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return seen
+
+
+def _state() -> tuple:
+    return (*_math_flags(), torch.get_num_threads())
+
+
+@pytest.fixture
+def settings():
+    """The process's math flags and thread count, put back after the test whatever happens."""
+    flags, threads = _math_flags(), torch.get_num_threads()
+    yield flags, threads
+    cudnn = torch.backends.cudnn
+    torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = flags
+    torch.set_num_threads(threads)
+
+
+def test_an_fp32_call_keeps_ieee_math_after_a_concurrent_one_leaves(settings):
+    flags, _threads = settings
+    seen = _overlapping(lambda: _cuda_math(CUDA, tf32=False), lambda: _cuda_math(CUDA, tf32=False))
+    assert seen["2 entered before 1 left"]  # the same setting: held together
+    assert seen["1"][:4] == seen["2"][:4] == IEEE
+    assert seen["2 after 1 left"][:4] == IEEE  # was the process's flags (TF32 convolutions, not deterministic)
+    assert _math_flags() == flags  # the last one out restores what was there
+
+
+def test_a_call_wanting_other_math_waits_for_the_holders_to_leave(settings):
+    flags, _threads = settings
+    seen = _overlapping(lambda: _cuda_math(CUDA, tf32=False), lambda: _cuda_math(CUDA, tf32=True))
+    assert seen["1"][:4] == IEEE
+    assert not seen["2 entered before 1 left"]
+    assert seen["2"][:4] == (True, True, True, False)
+    assert _math_flags() == flags
+
+
+def test_concurrent_thread_counts_are_restored_by_the_last_call_out(settings):
+    _flags, threads = settings
+    seen = _overlapping(lambda: _torch_threads(1), lambda: _torch_threads(1))
+    assert seen["2 entered before 1 left"] and seen["2 after 1 left"][4] == 1
+    assert torch.get_num_threads() == threads  # was left at 1 when the second call out restored the first's 1
+    seen = _overlapping(lambda: _torch_threads(1), lambda: _torch_threads(threads + 1))
+    assert not seen["2 entered before 1 left"] and seen["2"][4] == threads + 1
+    assert torch.get_num_threads() == threads
+
+
+def test_a_nested_call_may_keep_the_setting_but_not_change_it(settings):
+    flags, _threads = settings
+    with _cuda_math(CUDA, tf32=False), _cuda_math(CUDA, tf32=False):
+        assert _math_flags() == IEEE
+    assert _math_flags() == flags
+    with _cuda_math(CUDA, tf32=False), pytest.raises(RuntimeError, match="already holds"):
+        with _cuda_math(CUDA, tf32=True):
+            pass
+    assert _math_flags() == flags
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_concurrent_cuda_calls_of_two_precisions_equal_each_alone():
+    """Two fp32 calls and a tf32 call at once on the device: each call's features are bitwise its own alone (the
+    fp32 ones ran on with TF32 convolutions once the first fp32 call left and restored the process's flags)."""
+    from sklearn.datasets import load_digits
+
+    from skmm.models.clip import default_block_rows
+
+    images = [render_digit_png(p) for p in load_digits().images[:300]]
+    rows = default_block_rows("cuda")
+    specs = [ClipSpec("skmm-tiny-vit", precision=p, block_rows=rows) for p in ("fp32", "fp32", "tf32")]
+    alone = [embed_images(images, spec, device="cuda") for spec in specs]
+    flags = _math_flags()
+
+    def call(spec: ClipSpec, barrier: threading.Barrier) -> np.ndarray:
+        barrier.wait()
+        return embed_images(images, spec, device="cuda")
+
+    for _ in range(2):
+        with ThreadPoolExecutor(len(specs)) as pool:
+            together = list(pool.map(call, specs, [threading.Barrier(len(specs))] * len(specs)))
+        assert all(np.array_equal(a, b) for a, b in zip(alone, together, strict=True))
+    assert _math_flags() == flags
