@@ -45,6 +45,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -57,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skmm._process_setting import ProcessSetting
 from skmm._validation import check_positive_int, check_worker_count
 from skmm.gradients.features import pseudo_labels
 from skmm.gradients.finetune import gradient_dim, last_k_parameter_names, per_sample_gradients
@@ -325,6 +327,37 @@ class _Halving:
         return rows
 
 
+def _is_vmap_fallback_filter(f: tuple) -> bool:
+    return f[0] == "ignore" and f[1] is not None and f[1].pattern == _VMAP_FALLBACK
+
+
+def _ignore_vmap_fallback(ignore: bool) -> None:
+    if ignore:
+        warnings.filterwarnings("ignore", message=_VMAP_FALLBACK)
+        return
+    warnings.filters[:] = [f for f in warnings.filters if not _is_vmap_fallback_filter(f)]
+    mutated = getattr(warnings, "_filters_mutated", None)  # what catch_warnings calls: resets the registries
+    if mutated is not None:
+        mutated()
+
+
+_VMAP_WARNING = ProcessSetting("the vmap fallback warning's filter",
+                               lambda: any(map(_is_vmap_fallback_filter, warnings.filters)), _ignore_vmap_fallback)
+
+
+@contextlib.contextmanager
+def _quiet_vmap_fallback() -> Iterator[None]:
+    """torch's warning that vmap falls back to a loop for an op without a batching rule, hidden for the call.
+
+    The filter is process-wide, so concurrent calls hold it together (:class:`~skmm._process_setting.ProcessSetting`):
+    a per-call ``warnings.catch_warnings()`` is not thread-safe, and with two calls overlapping, the first out
+    dropped the second's filter and the second out left the first's in place for good. Only this filter is added
+    and taken away; the others are left as they are.
+    """
+    with _VMAP_WARNING.hold(True):
+        yield
+
+
 def _ft_decode_workers(requested: int | None, total: int, batch_size: int, device: torch.device) -> int:
     """Decode processes for the stage: ``requested``, or by default none on the CPU (the gradients keep every core
     busy: a decode worker made the stage 0.79–0.88× as fast, bench/README.md §5) and the embed stage's rule on
@@ -461,8 +494,7 @@ def ft_gradient_sketch(
     workers, threads = _decode_plan(decode_workers, len(images), batch_size, dev)
     batches = _decoded_batches(images, batch_size, preprocess, workers, pin=dev.type == "cuda", threads=threads)
     try:
-        with _ieee_fp32(dev), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_VMAP_FALLBACK)
+        with _ieee_fp32(dev), _quiet_vmap_fallback():
             for lo, pixels in batches:
                 rows.extend(halving.rows(len(pixels), lambda a, b, p=pixels, o=lo: step(p[a:b], o + a, o + b)))
     finally:

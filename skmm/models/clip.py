@@ -18,8 +18,9 @@ Decisions:
   change the process for everyone else); instead one TCP connection to the download host is tried with a 3 s
   limit (skipped behind an ``HTTPS_PROXY``) and an unreachable host fails at once with the same clear error.
   Downloads happen only when the host answers.
-- **Random init is reproducible and private**: the towers are built under ``torch.random.fork_rng`` with
-  ``torch.manual_seed(init_seed)``, so the caller's global RNG is left as it was. That generator is
+- **Random init is reproducible and private**: the towers are built on the CPU under ``torch.random.fork_rng``
+  with the CPU generator seeded to ``init_seed`` (CUDA's generators untouched), so the caller's global RNG is
+  left as it was. That generator is
   process-wide, so builds take a lock, and nothing else in skmm draws from it (heads come from generators of
   their own, ``skip_init``): a draw from another thread during a build would change the tower. Code of your own
   that draws from torch's global generator in threads beside skmm's stages breaks that guarantee.
@@ -33,7 +34,7 @@ Decisions:
   features under another name. ``"bf16"`` encodes under ``torch.autocast(dtype=bfloat16)`` (CUDA or CPU). Both
   are part of the spec (its dict and digest), so their features are never mixed with fp32 ones. The switches
   are process-wide: concurrent calls that want the same ones hold them together, a call that wants others
-  waits until they have left, and the last one out restores the process's (``_ProcessSetting``).
+  waits until they have left, and the last one out restores the process's (``skmm._process_setting``).
 - **Block size per device** (``ClipSpec.block_rows``): the fixed block (below) is 64 images by default, the CPU's
   figure; :func:`default_block_rows` gives a device's (512 on a CUDA device with 16 GiB or more, 256 on smaller
   ones). The block size is part of the spec too: the dict carries it when it is not 64 (so the default spec,
@@ -107,12 +108,13 @@ import sys
 import threading
 import urllib.parse
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from skmm._process_setting import ProcessSetting
 from skmm._validation import check_worker_count
 from skmm.canonical_json import canonical_json
 
@@ -704,7 +706,9 @@ def load_clip(spec: ClipSpec, device: Any = None):
     # interleave their draws: one build at a time, and no other draw from it anywhere in skmm (see the module
     # docstring; tests/skmm/test_clip_ft.py checks the FT path).
     with _SEEDED_BUILD_LOCK, torch.random.fork_rng(devices=[]), _quiet_open_clip():
-        torch.manual_seed(spec.init_seed)
+        # The CPU generator only: the build is on the CPU, and torch.manual_seed would also reseed every CUDA
+        # device's generator, which fork_rng(devices=[]) does not restore.
+        torch.random.default_generator.manual_seed(spec.init_seed)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(arch, device="cpu", **kwargs)
         except (RuntimeError, FileNotFoundError, ImportError) as e:
@@ -758,61 +762,16 @@ def _cached_model(spec: ClipSpec, device: torch.device):
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    with _LOAD_LOCK:  # threads missing the cache together load the tower once
+    with _LOAD_LOCK:  # threads missing the cache together load the tower once: it is cached before they look
         with _CACHE_LOCK:
             if key in _CACHE:
                 return _CACHE[key]
         loaded = load_clip(spec, device)
-    with _CACHE_LOCK:
-        _CACHE[key] = loaded
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        with _CACHE_LOCK:
+            _CACHE[key] = loaded
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
     return loaded
-
-
-class _ProcessSetting:
-    """A process-wide setting (torch's thread count, CUDA's math flags) held by the calls that need a value of it.
-
-    The first call in saves what it finds and applies its value; calls wanting the same value join it; a call
-    wanting another waits until every holder has left; the last one out restores what the first found. A context
-    manager that saved and restored on its own restored under a concurrent call (the stages run two shard calls
-    at once in threads), which then ran on with the process's values: TF32 convolutions in an fp32 call, or the
-    process left with one call's thread count. A thread that holds one value and asks for another gets a
-    RuntimeError, not a deadlock.
-    """
-
-    def __init__(self, name: str, read: Callable[[], Any], write: Callable[[Any], None]) -> None:
-        self.name, self._read, self._write = name, read, write
-        self._changed = threading.Condition()
-        self._value: Any = None
-        self._saved: Any = None
-        self._holders = 0
-        self._mine = threading.local()
-
-    @contextlib.contextmanager
-    def hold(self, value: Any) -> Iterator[None]:
-        depth = getattr(self._mine, "depth", 0)
-        if depth and value != self._value:
-            raise RuntimeError(f"this thread already holds {self.name} at {self._value!r}; a nested call cannot "
-                               f"change it to {value!r}")
-        with self._changed:
-            self._changed.wait_for(lambda: self._holders == 0 or self._value == value)
-            if self._holders == 0:
-                self._saved = self._read()
-                self._write(value)
-                self._value = value
-            self._holders += 1
-        self._mine.depth = depth + 1
-        try:
-            yield
-        finally:
-            self._mine.depth = depth
-            with self._changed:
-                self._holders -= 1
-                if self._holders == 0:
-                    self._write(self._saved)
-                    self._value = self._saved = None
-                    self._changed.notify_all()
 
 
 def _read_threads() -> int:
@@ -843,14 +802,14 @@ def _write_cuda_math(flags: tuple[bool, ...]) -> None:
         flags)
 
 
-_THREADS = _ProcessSetting("torch's thread count", _read_threads, _write_threads)
-_CUDA_MATH = _ProcessSetting("CUDA's math flags", _read_cuda_math, _write_cuda_math)
+_THREADS = ProcessSetting("torch's thread count", _read_threads, _write_threads)
+_CUDA_MATH = ProcessSetting("CUDA's math flags", _read_cuda_math, _write_cuda_math)
 
 
 @contextlib.contextmanager
 def _torch_threads(n: int | None) -> Iterator[None]:
     """Use ``n`` intra-op threads for the block, then restore the previous count (shared by concurrent calls
-    with the same ``n``: :class:`_ProcessSetting`)."""
+    with the same ``n``: :class:`~skmm._process_setting.ProcessSetting`)."""
     if n is None:
         yield
         return
@@ -861,7 +820,7 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 @contextlib.contextmanager
 def _cuda_math(device: torch.device, tf32: bool) -> Iterator[None]:
     """TF32 on CUDA off (fp32, bf16) or on (tf32) for the call, then restored; cuDNN deterministic, without
-    benchmarking. Concurrent calls share or wait for the flags (:class:`_ProcessSetting`)."""
+    benchmarking. Concurrent calls share or wait for the flags (:class:`~skmm._process_setting.ProcessSetting`)."""
     if device.type != "cuda":
         yield
         return

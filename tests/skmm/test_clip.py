@@ -96,10 +96,13 @@ def test_tiny_model_loads_well_under_a_second(open_clip_loaded):
     assert preprocess(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
 
 
-def test_random_init_does_not_touch_the_global_rng(open_clip_loaded):
+def test_random_init_does_not_touch_the_global_rng(open_clip_loaded, monkeypatch):
     state = torch.get_rng_state()
+    seeded = []  # torch.manual_seed also seeds every CUDA device (lazily, at CUDA's start without a device)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
     load_clip(ClipSpec(TINY_MODEL, init_seed=11), device="cpu")
     assert torch.equal(state, torch.get_rng_state())
+    assert seeded == []  # the tower is built on the CPU: only the CPU generator is seeded (and restored)
 
 
 def test_unknown_model_name_is_a_clear_error(open_clip_loaded):

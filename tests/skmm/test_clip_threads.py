@@ -12,6 +12,7 @@ process's values (TF32 convolutions in an fp32 call) or left the process with th
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -185,3 +186,72 @@ def test_concurrent_cuda_calls_of_two_precisions_equal_each_alone():
             together = list(pool.map(call, specs, [threading.Barrier(len(specs))] * len(specs)))
         assert all(np.array_equal(a, b) for a, b in zip(alone, together, strict=True))
     assert _math_flags() == flags
+
+
+def test_threads_missing_the_model_cache_together_load_the_tower_once(monkeypatch):
+    """The loading thread used to release the load lock before putting the tower in the cache: a thread waiting on
+    that lock then missed the cache and loaded a second tower (its calls then could not share the first one's
+    block workers, which are kept per model). The loading thread is held up right there to widen that window."""
+    import skmm.models.clip as clip_module
+
+    loads, mine = [], threading.local()
+    real_load, real_lock = clip_module.load_clip, clip_module._CACHE_LOCK
+
+    def load(spec, device):
+        loads.append(threading.get_ident())
+        mine.loaded = True
+        return real_load(spec, device)
+
+    class SlowAfterLoading:
+        def __enter__(self):
+            if getattr(mine, "loaded", False):
+                mine.loaded = False
+                time.sleep(0.3)
+            return real_lock.__enter__()
+
+        def __exit__(self, *exc):
+            return real_lock.__exit__(*exc)
+
+    monkeypatch.setattr(clip_module, "load_clip", load)
+    monkeypatch.setattr(clip_module, "_CACHE_LOCK", SlowAfterLoading())
+    clear_model_cache()
+    spec = ClipSpec("skmm-tiny-vit", init_seed=5)
+    models = _at_once(lambda: clip_module._cached_model(spec, torch.device("cpu"))[0], 3)
+    assert len(loads) == 1
+    assert all(m is models[0] for m in models)
+
+
+def test_overlapping_ft_calls_keep_the_vmap_warning_quiet_and_leave_the_filters_as_they_were():
+    """The FT path hides one warning of torch's vmap. A per-call ``warnings.catch_warnings()`` is not thread-safe:
+    with two calls overlapping, the first out dropped the second's filter (the warning showed) and the second out
+    put the first's back for good."""
+    import warnings
+
+    from skmm.gradients.clip_ft import _is_vmap_fallback_filter, _quiet_vmap_fallback
+
+    def quiet() -> bool:
+        return any(map(_is_vmap_fallback_filter, warnings.filters))
+
+    before = list(warnings.filters)
+    seen: dict[str, bool] = {}
+    one_in, one_out = threading.Event(), threading.Event()
+
+    def one() -> None:
+        with _quiet_vmap_fallback():
+            one_in.set()
+            time.sleep(0.1)
+        one_out.set()
+
+    def two() -> None:
+        one_in.wait()
+        with _quiet_vmap_fallback():
+            one_out.wait(10)
+            seen["quiet after 1 left"] = quiet()
+
+    threads = [threading.Thread(target=one), threading.Thread(target=two)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"quiet after 1 left": True}
+    assert warnings.filters == before

@@ -1,0 +1,57 @@
+"""One process-wide setting held by concurrent calls (torch's thread count, CUDA's math flags, a warning filter).
+
+The pipeline's stages run two shard calls at once in threads of one process. A call that saved such a setting on
+entry and restored it on exit restored it under the other call, which then ran on with the process's value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+__all__ = ["ProcessSetting"]
+
+
+class ProcessSetting:
+    """A process-wide setting, read and written by ``read()`` / ``write(value)``, held by the calls that need it.
+
+    The first call in saves what it finds and applies its value; calls wanting the same value join it; a call
+    wanting another waits until every holder has left; the last one out restores what the first found. A thread
+    that holds one value and asks for another gets a RuntimeError, not a deadlock. (Seen before: TF32
+    convolutions in an fp32 call, a process left with one call's thread count, a warning filter left behind.)
+    """
+
+    def __init__(self, name: str, read: Callable[[], Any], write: Callable[[Any], None]) -> None:
+        self.name, self._read, self._write = name, read, write
+        self._changed = threading.Condition()
+        self._value: Any = None
+        self._saved: Any = None
+        self._holders = 0
+        self._mine = threading.local()
+
+    @contextlib.contextmanager
+    def hold(self, value: Any) -> Iterator[None]:
+        depth = getattr(self._mine, "depth", 0)
+        if depth and value != self._value:
+            raise RuntimeError(f"this thread already holds {self.name} at {self._value!r}; a nested call cannot "
+                               f"change it to {value!r}")
+        with self._changed:
+            self._changed.wait_for(lambda: self._holders == 0 or self._value == value)
+            if self._holders == 0:
+                self._saved = self._read()
+                self._write(value)
+                self._value = value
+            self._holders += 1
+        self._mine.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._mine.depth = depth
+            with self._changed:
+                self._holders -= 1
+                if self._holders == 0:
+                    self._write(self._saved)
+                    self._value = self._saved = None
+                    self._changed.notify_all()
