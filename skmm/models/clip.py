@@ -59,7 +59,7 @@ Decisions:
   encodes whole blocks with one torch thread, so one core decodes while another encodes, and no core waits on
   the others' share of a parallel region. The model is inherited by the fork (weights shared, not copied).
   Each worker holds one block's activations, so by default no more workers start than fit in half the memory
-  still available (a conservative estimate for ViT towers, :func:`_block_worker_bytes`). The blocks and their
+  still available (a conservative estimate per tower, :func:`_block_worker_bytes`). The blocks and their
   shapes are the same, and the thread count changes no bit, so the features are bitwise those of the other
   paths. By default a process has one pool of block workers, shared by its concurrent calls of one model (the
   flow's shard tasks run in threads): their blocks interleave in it, so one call's last blocks do not leave
@@ -107,6 +107,7 @@ import re
 import sys
 import threading
 import urllib.parse
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -1313,23 +1314,78 @@ def _available_memory_bytes() -> int | None:
 
 
 def _block_worker_bytes(model, rows: int) -> int | None:
-    """A conservative estimate of one block worker's own memory for a ViT tower: twice the input block plus the
-    largest activations of a block pass (attention scores and softmax, the MLP's hidden layer and its GELU, six
-    copies of the residual stream), float32. Measured private memory per worker at ``rows=64``: 136–166 MiB for
-    ViT-S-32 (estimate 219 MiB), 257–264 MiB for ViT-B-32 (estimate 365 MiB). None for other towers (ResNets)."""
+    """A conservative estimate of one block worker's own memory for a block of ``rows`` images.
+
+    ViT towers: twice the input block plus the largest activations of a block pass (attention scores and softmax,
+    the MLP's hidden layer and its GELU, six copies of the residual stream), float32. Measured private memory per
+    worker at ``rows=64``: 136–205 MiB for ViT-S-32 (estimate 219 MiB), 207–278 MiB for ViT-B-32 (estimate
+    365 MiB). Other towers (ResNets): three times the input block plus the largest input + output of any one
+    module in a one-image forward pass (:func:`_one_image_peak_bytes`), times ``rows``; RN50 and RN101 measured
+    777–899 MiB (estimate 1 286 MiB; bench/block_worker_memory.py). None when the tower's input size is unknown.
+    """
     visual = getattr(model, "visual", None)
+    size = _square(getattr(visual, "image_size", None))
+    if size is None:
+        return None
     transformer = getattr(visual, "transformer", None)
-    grid, size = getattr(visual, "grid_size", None), _square(getattr(visual, "image_size", None))
+    grid = getattr(visual, "grid_size", None)
     try:
         block = transformer.resblocks[0]
         width, heads, hidden = transformer.width, block.attn.num_heads, block.mlp.c_fc.out_features
         tokens = grid[0] * grid[1] + 1
     except (AttributeError, IndexError, TypeError):
-        return None
-    if size is None:
-        return None
+        peak = _one_image_peak_bytes(visual, size)
+        return None if peak is None else 3 * rows * (4 * 3 * size * size + peak)
     per_image = 3 * size * size + 2 * heads * tokens * tokens + 2 * tokens * hidden + 6 * tokens * width
     return 2 * 4 * rows * per_image
+
+
+_ONE_IMAGE_PEAKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tower -> bytes (per model, once)
+_ONE_IMAGE_LOCK = threading.Lock()
+
+
+def _one_image_peak_bytes(visual, size: int) -> int | None:
+    """The largest input + output bytes of any module of ``visual`` in a forward pass of one zero image of
+    ``size`` px (measured once per tower, then kept); None if the tower cannot run one.
+
+    Forward hooks see every thread's passes through the tower (the model is shared by the calls of a process),
+    so only this thread's pass is counted.
+    """
+    import torch
+
+    def nbytes(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, list | tuple):
+            return sum(nbytes(v) for v in value)
+        return 0
+
+    with _ONE_IMAGE_LOCK:
+        if visual in _ONE_IMAGE_PEAKS:
+            return _ONE_IMAGE_PEAKS[visual]
+        me, peak = threading.get_ident(), 0
+
+        def hook(module, inputs, output) -> None:
+            nonlocal peak
+            if threading.get_ident() == me:
+                peak = max(peak, nbytes(inputs) + nbytes(output))
+
+        try:
+            param = next(visual.parameters())
+            handles = [m.register_forward_hook(hook) for m in visual.modules()]
+        except (AttributeError, StopIteration, TypeError):
+            return None
+        try:
+            with torch.inference_mode():
+                visual(torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device))
+        except Exception as e:  # an unknown tower: no estimate rather than a failed call
+            log.debug("no one-image memory figure for %s: %s", type(visual).__name__, e)
+            return None
+        finally:
+            for handle in handles:
+                handle.remove()
+        _ONE_IMAGE_PEAKS[visual] = peak
+        return peak
 
 
 def _memory_capped(workers: int, model, rows: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -373,7 +374,7 @@ def test_block_worker_memory_estimate_and_cap(monkeypatch):
     model, _ = clip_module._cached_model(TINY, torch.device("cpu"))
     need = clip_module._block_worker_bytes(model, 64)
     assert need > 0 and clip_module._block_worker_bytes(model, 128) > need  # grows with the block
-    assert clip_module._block_worker_bytes(object(), 64) is None  # not a ViT tower: no estimate, no cap
+    assert clip_module._block_worker_bytes(object(), 64) is None  # no image tower: no estimate, no cap
     available = clip_module._available_memory_bytes()
     assert available is None or available > 0
     monkeypatch.setattr(clip_module, "_available_memory_bytes", lambda: 20 * need)
@@ -383,6 +384,59 @@ def test_block_worker_memory_estimate_and_cap(monkeypatch):
     assert clip_module._memory_capped(4, model, 64) == 0  # one would fit: the decode workers' path
     monkeypatch.setattr(clip_module, "_available_memory_bytes", lambda: None)
     assert clip_module._memory_capped(4, model, 64) == 4  # unknown: as asked
+
+
+def _tiny_resnet(image_size: int = 64):
+    """A model whose image tower is open_clip's ModifiedResNet (the RN50 family's), small enough for a test."""
+    from open_clip.modified_resnet import ModifiedResNet
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.visual = ModifiedResNet(layers=[1, 1, 1, 1], output_dim=32, heads=2, image_size=image_size,
+                                         width=16).eval()
+
+    return Model()
+
+
+def test_resnet_towers_get_a_memory_estimate_too():
+    """ResNet towers had no estimate, so nothing capped their block workers; RN50's measure ~850 MiB each
+    (bench/block_worker_memory.py). The estimate comes from one image's forward pass and scales with the block."""
+    model = _tiny_resnet()
+    need = clip_module._block_worker_bytes(model, 64)
+    assert need is not None and need > 0
+    assert clip_module._block_worker_bytes(model, 128) == 2 * need  # activations scale with the block
+    assert clip_module._block_worker_bytes(_tiny_resnet(128), 64) > 3 * need  # and with the pixels
+    assert clip_module._block_worker_bytes(model, 64) == need  # the same model: the same figure
+
+
+def test_a_resnet_estimate_is_not_changed_by_a_concurrent_forward_pass():
+    """The one-image pass hooks the tower's modules; another thread's forward through the same (cached) model at
+    that moment must neither count in the estimate nor be changed."""
+    model = _tiny_resnet()
+    alone = clip_module._block_worker_bytes(_tiny_resnet(), 64)
+    block = torch.zeros(64, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model.visual(block)
+    stop, outputs = threading.Event(), []
+
+    def forward() -> None:
+        with torch.inference_mode():
+            while not stop.is_set():
+                outputs.append(model.visual(block))
+
+    thread = threading.Thread(target=forward)
+    thread.start()
+    try:
+        estimates = []
+        for _ in range(5):
+            clip_module._ONE_IMAGE_PEAKS.clear()  # measure again each time
+            estimates.append(clip_module._block_worker_bytes(model, 64))
+    finally:
+        stop.set()
+        thread.join()
+    assert estimates == [alone] * 5
+    assert outputs and all(torch.equal(o, expected) for o in outputs)
 
 
 def test_without_memory_for_two_block_workers_the_default_takes_the_decode_path(pool, serial, monkeypatch,
