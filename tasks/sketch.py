@@ -55,7 +55,8 @@ __all__ = ["combine_sketches", "ft_sketch_shard", "gradients_sketch", "link_sket
 CODE_VERSION = "sketch-3"  # 3: each LP block projected zero-padded to LP_BLOCK rows (a row's bits: its own alone)
 LP_RUN_CODE_VERSION = "lp-sketch-run-1"  # LP, one run of the dataset
 FT_CODE_VERSION = "ft-sketch-2"  # FT gradients shard by shard; 2: shards sketched concurrently under 1 could come
-# from another random-init tower (a head init drew from the generator inside another shard's seeded build)
+# from another random-init tower (a head init drew from the generator inside another shard's seeded build), and
+# rows are now bitwise independent of their shard (eval mode in every batch, each batch zero-padded to the size)
 MODES = ("lp", "ft")
 # LP rows projected per matrix product. Every product has exactly this many rows (the last block zero-padded):
 # BLAS gives a row of a product of fixed shape the same bits wherever it sits (measured on MKL and OpenBLAS; a

@@ -158,11 +158,14 @@ class VisualWithHead(nn.Module):
 
 
 class _Suffix(VisualWithHead):
-    """The same tower and head (shared, same parameter names) whose forward is ``suffix(tokens, k)``."""
+    """The same tower and head (shared, same parameter names) whose forward is ``suffix(tokens, k)``, in the
+    model's mode: a new module starts in train mode, and per_sample_gradients puts a model back in the mode it
+    found, which then reached the shared tower (train mode from the second batch on: other bits)."""
 
     def __init__(self, model: VisualWithHead, k: int) -> None:
         super().__init__(model.visual, model.head)
         self.k = self._check_k(k)
+        self.train(model.training)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.suffix(tokens, self.k)
@@ -423,7 +426,9 @@ def ft_gradient_sketch(
     Sample i's pseudo-label is ``pseudo_labels([sample_ids[i]], num_classes, seed)``; its row is the
     cross-entropy gradient of ``build_ft_model(spec, num_classes, seed)`` w.r.t. :func:`ft_parameter_names`
     (r entries), projected by ``make_projector(projector_kind, r, sketch_dim, seed)``: one projector for the
-    whole pool. A row depends only on the image, its id and the arguments, never on batch size or order.
+    whole pool. A row depends only on the image, its id and the arguments: at one batch size bitwise, whatever
+    the order, the shard or the rows beside it (every batch is zero-padded to ``batch_size``); across batch
+    sizes to float32 rounding.
     ``sketch_dim=None`` or ``>= r`` returns the unsketched gradients (N, r) with ``producer["sketch"] = None``.
     ``projector_kind`` defaults to "sjlt" (sparse JL: same guarantee, O(r) per sample, Γ drawn once and cached):
     the dense "gaussian"/"rademacher" sketches regenerate all r×m entries of Γ on the CPU for every batch
@@ -482,12 +487,19 @@ def ft_gradient_sketch(
     suffix = _Suffix(model, int(k))
 
     def step(pixels: torch.Tensor, lo: int, hi: int) -> np.ndarray:
+        # Zero-padded to the batch size (the size after any halving): every pass has one shape, so a row's bits do
+        # not depend on how many rows share its batch (a shard's last one), nor on its shard or place.
         pixels = pixels.to(dev, non_blocking=True)
+        y = labels[lo:hi]
+        pad = halving.batch_size - (hi - lo)
+        if pad > 0:
+            pixels = torch.cat([pixels, pixels.new_zeros((pad, *pixels.shape[1:]))])
+            y = torch.cat([y, y.new_zeros(pad)])
         with torch.no_grad():
             tokens = model.prefix(pixels, int(k))
-        grads = per_sample_gradients(suffix, tokens, labels[lo:hi], names)
+        grads = per_sample_gradients(suffix, tokens, y, names)
         out = projector.project(grads) if projector is not None else grads
-        return out.detach().float().cpu().numpy()
+        return out[:hi - lo].detach().float().cpu().numpy()
 
     halving = _Halving(batch_size)
     rows: list[np.ndarray] = []

@@ -234,3 +234,36 @@ def test_concurrent_calls_give_the_rows_of_calls_one_at_a_time(pool):
             together = list(pool_.map(call, parts, [barrier] * len(parts)))
         for a, b in zip(alone, together, strict=True):
             assert np.array_equal(a, b)
+
+
+def test_at_one_batch_size_rows_are_bitwise_independent_of_order_and_shards(pool, sketched):
+    """Every batch is zero-padded to ``batch_size`` images, so every gradient pass has one shape and a row's bits
+    do not depend on which shard, or which part of a shard's last batch, it fell in (they did: a shorter last
+    batch computed other bits, so a re-sharded or grown pool changed its rows)."""
+    images, ids = pool
+    S, _ = sketched  # batch_size=7: batches of 7, 7 and 6
+    order = np.random.default_rng(1).permutation(N)
+    shuffled, _ = ft_gradient_sketch([images[i] for i in order], [ids[i] for i in order], TINY, k=1, num_classes=10,
+                                     sketch_dim=16, seed=3, batch_size=7, device="cpu")
+    assert np.array_equal(shuffled, S[order])
+    parts = [ft_gradient_sketch(images[a:b], ids[a:b], TINY, k=1, num_classes=10, sketch_dim=16, seed=3,
+                                batch_size=7, device="cpu")[0] for a, b in ((0, 3), (3, 11), (11, N))]
+    assert np.array_equal(np.concatenate(parts), S)
+
+
+def test_every_batch_runs_the_tower_in_eval_mode(pool):
+    """The gradients' wrapper of the tower was a new module, in train mode; per_sample_gradients puts its model back
+    in the mode it found, so after a call's first batch the shared tower ran in train mode (MHA's fast path off,
+    other bits; dropout on where a tower has any). A row then depended on whether its batch came first."""
+    from skmm.gradients.clip_ft import _Suffix
+
+    images, ids = pool
+    model, preprocess = build_ft_model(TINY, 10, 3, "cpu")
+    tokens = model.prefix(decode_images(images[:2], preprocess), 1).detach()
+    per_sample_gradients(_Suffix(model, 1), tokens, torch.tensor([1, 2]), ft_parameter_names(model, 1))
+    assert not model.training and not any(m.training for m in model.modules())
+
+    kwargs = dict(k=1, num_classes=10, sketch_dim=16, seed=3, batch_size=1, device="cpu")
+    rows, _ = ft_gradient_sketch([images[0], images[0], images[1]], [ids[0], ids[0], ids[1]], TINY, **kwargs)
+    alone, _ = ft_gradient_sketch(images[1:2], ids[1:2], TINY, **kwargs)
+    assert np.array_equal(rows[0], rows[1]) and np.array_equal(rows[2], alone[0])
