@@ -68,13 +68,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
+    import torch
+
     from skmm.models.clip import ClipSpec, _block_worker_bytes, _cached_model, embed_images, shutdown_worker_pools
 
     images = jpegs(args.n)
     results = {}
     for name in args.models.split(","):
         spec = ClipSpec(model=name)
-        model, _ = _cached_model(spec, __import__("torch").device("cpu"))
+        model, _ = _cached_model(spec, torch.device("cpu"))
         estimate = _block_worker_bytes(model, spec.block_rows)
         sampler = Sampler()
         sampler.start()

@@ -19,8 +19,11 @@ class ProcessSetting:
 
     The first call in saves what it finds and applies its value; calls wanting the same value join it; a call
     wanting another waits until every holder has left; the last one out restores what the first found. A thread
-    that holds one value and asks for another gets a RuntimeError, not a deadlock. (Seen before: TF32
-    convolutions in an fp32 call, a process left with one call's thread count, a warning filter left behind.)
+    that holds one value and asks for another gets a RuntimeError, not a deadlock. A write that fails on the way
+    in is undone; one that fails on the way out still lets the waiting calls in. A call wanting another value
+    waits until no call holds the current one: there is no queue, so calls with the held value may keep joining
+    (the stages never mix values). (Seen before this: TF32 convolutions in an fp32 call, a process left with one
+    call's thread count, a warning filter left behind.)
     """
 
     def __init__(self, name: str, read: Callable[[], Any], write: Callable[[Any], None]) -> None:
@@ -40,9 +43,14 @@ class ProcessSetting:
         with self._changed:
             self._changed.wait_for(lambda: self._holders == 0 or self._value == value)
             if self._holders == 0:
-                self._saved = self._read()
-                self._write(value)
-                self._value = value
+                saved = self._read()
+                try:
+                    self._write(value)
+                except BaseException:
+                    with contextlib.suppress(Exception):  # a write that failed halfway: put back what was there
+                        self._write(saved)
+                    raise
+                self._saved, self._value = saved, value
             self._holders += 1
         self._mine.depth = depth + 1
         try:
@@ -52,6 +60,7 @@ class ProcessSetting:
             with self._changed:
                 self._holders -= 1
                 if self._holders == 0:
-                    self._write(self._saved)
+                    saved = self._saved
                     self._value = self._saved = None
-                    self._changed.notify_all()
+                    self._changed.notify_all()  # before the write: a failing restore must not strand the waiters
+                    self._write(saved)

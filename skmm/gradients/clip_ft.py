@@ -361,6 +361,16 @@ def _quiet_vmap_fallback() -> Iterator[None]:
         yield
 
 
+def _padded_rows(rows: int, batch_size: int, device: torch.device) -> int:
+    """The rows a batch of ``rows`` is zero-padded to: ``batch_size`` on the CPU (one shape for every pass, so a
+    row's bits do not depend on its batch); on CUDA, where the batch follows the free memory and may be 1 024,
+    the smallest power of two ≥ ``rows`` up to ``batch_size`` (a shard's short last batch costs under twice its
+    rows, not a whole batch)."""
+    if device.type == "cpu" or rows >= batch_size:
+        return batch_size
+    return min(batch_size, 1 << (rows - 1).bit_length())
+
+
 def _ft_decode_workers(requested: int | None, total: int, batch_size: int, device: torch.device) -> int:
     """Decode processes for the stage: ``requested``, or by default none on the CPU (the gradients keep every core
     busy: a decode worker made the stage 0.79–0.88× as fast, bench/README.md §5) and the embed stage's rule on
@@ -426,9 +436,9 @@ def ft_gradient_sketch(
     Sample i's pseudo-label is ``pseudo_labels([sample_ids[i]], num_classes, seed)``; its row is the
     cross-entropy gradient of ``build_ft_model(spec, num_classes, seed)`` w.r.t. :func:`ft_parameter_names`
     (r entries), projected by ``make_projector(projector_kind, r, sketch_dim, seed)``: one projector for the
-    whole pool. A row depends only on the image, its id and the arguments: at one batch size bitwise, whatever
-    the order, the shard or the rows beside it (every batch is zero-padded to ``batch_size``); across batch
-    sizes to float32 rounding.
+    whole pool. A row depends only on the image, its id and the arguments: on the CPU at one batch size bitwise,
+    whatever the order, the shard or the rows beside it (every batch is zero-padded to ``batch_size``); across
+    batch sizes, and on CUDA (:func:`_padded_rows`), to float32 rounding.
     ``sketch_dim=None`` or ``>= r`` returns the unsketched gradients (N, r) with ``producer["sketch"] = None``.
     ``projector_kind`` defaults to "sjlt" (sparse JL: same guarantee, O(r) per sample, Γ drawn once and cached):
     the dense "gaussian"/"rademacher" sketches regenerate all r×m entries of Γ on the CPU for every batch
@@ -487,11 +497,11 @@ def ft_gradient_sketch(
     suffix = _Suffix(model, int(k))
 
     def step(pixels: torch.Tensor, lo: int, hi: int) -> np.ndarray:
-        # Zero-padded to the batch size (the size after any halving): every pass has one shape, so a row's bits do
-        # not depend on how many rows share its batch (a shard's last one), nor on its shard or place.
+        # Zero-padded (_padded_rows): every pass has one shape, so a row's bits do not depend on how many rows
+        # share its batch (a shard's last one), nor on its shard or place.
         pixels = pixels.to(dev, non_blocking=True)
         y = labels[lo:hi]
-        pad = halving.batch_size - (hi - lo)
+        pad = _padded_rows(hi - lo, halving.batch_size, dev) - (hi - lo)
         if pad > 0:
             pixels = torch.cat([pixels, pixels.new_zeros((pad, *pixels.shape[1:]))])
             y = torch.cat([y, y.new_zeros(pad)])

@@ -809,13 +809,25 @@ _CUDA_MATH = ProcessSetting("CUDA's math flags", _read_cuda_math, _write_cuda_ma
 
 @contextlib.contextmanager
 def _torch_threads(n: int | None) -> Iterator[None]:
-    """Use ``n`` intra-op threads for the block, then restore the previous count (shared by concurrent calls
-    with the same ``n``: :class:`~skmm._process_setting.ProcessSetting`)."""
+    """Use ``n`` intra-op threads in this thread for the block, then restore its count.
+
+    torch (OpenMP) keeps a count per thread, and ``set_num_threads`` also sets the count that threads started
+    later take. This thread's own count is set and restored by the call; that default is held like the other
+    process-wide settings (:class:`~skmm._process_setting.ProcessSetting`: the last call out restores it), so
+    overlapping calls no longer leave it at one call's count.
+    """
+    import torch
+
     if n is None:
         yield
         return
+    own = torch.get_num_threads()
     with _THREADS.hold(n):
-        yield
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(own)
 
 
 @contextlib.contextmanager
@@ -825,6 +837,7 @@ def _cuda_math(device: torch.device, tf32: bool) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
+    # (matmul TF32, cuDNN enabled, benchmark, deterministic, cuDNN TF32): _read_cuda_math's order
     with _CUDA_MATH.hold((tf32, True, False, True, tf32)):
         yield
 
@@ -1319,9 +1332,10 @@ def _block_worker_bytes(model, rows: int) -> int | None:
     ViT towers: twice the input block plus the largest activations of a block pass (attention scores and softmax,
     the MLP's hidden layer and its GELU, six copies of the residual stream), float32. Measured private memory per
     worker at ``rows=64``: 136–205 MiB for ViT-S-32 (estimate 219 MiB), 207–278 MiB for ViT-B-32 (estimate
-    365 MiB). Other towers (ResNets): three times the input block plus the largest input + output of any one
-    module in a one-image forward pass (:func:`_one_image_peak_bytes`), times ``rows``; RN50 and RN101 measured
-    777–899 MiB (estimate 1 286 MiB; bench/block_worker_memory.py). None when the tower's input size is unknown.
+    365 MiB). Other towers (ResNets): three times ``rows`` × (one input image + the largest input + output of any
+    one module in a one-image forward pass, :func:`_one_image_peak_bytes`); RN50 and RN101 measured 777–899 MiB
+    (estimate 1 286 MiB; bench/block_worker_memory.py). None when the tower's input size is unknown or that
+    pass fails.
     """
     visual = getattr(model, "visual", None)
     size = _square(getattr(visual, "image_size", None))
@@ -1370,21 +1384,21 @@ def _one_image_peak_bytes(visual, size: int) -> int | None:
             if threading.get_ident() == me:
                 peak = max(peak, nbytes(inputs) + nbytes(output))
 
+        handles = []
         try:
             param = next(visual.parameters())
-            handles = [m.register_forward_hook(hook) for m in visual.modules()]
-        except (AttributeError, StopIteration, TypeError):
-            return None
-        try:
+            for module in visual.modules():
+                handles.append(module.register_forward_hook(hook))
             with torch.inference_mode():
                 visual(torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device))
-        except Exception as e:  # an unknown tower: no estimate rather than a failed call
+        except Exception as e:  # an unknown tower: no estimate (and no cap) rather than a failed call
             log.debug("no one-image memory figure for %s: %s", type(visual).__name__, e)
-            return None
+            peak = None
         finally:
             for handle in handles:
                 handle.remove()
-        _ONE_IMAGE_PEAKS[visual] = peak
+        with contextlib.suppress(TypeError):  # kept, the failures too (a tower that cannot be weakly referenced)
+            _ONE_IMAGE_PEAKS[visual] = peak
         return peak
 
 

@@ -407,7 +407,24 @@ def test_resnet_towers_get_a_memory_estimate_too():
     assert need is not None and need > 0
     assert clip_module._block_worker_bytes(model, 128) == 2 * need  # activations scale with the block
     assert clip_module._block_worker_bytes(_tiny_resnet(128), 64) > 3 * need  # and with the pixels
-    assert clip_module._block_worker_bytes(model, 64) == need  # the same model: the same figure
+    passes = []
+    model.visual.register_forward_pre_hook(lambda module, args: passes.append(1))
+    assert clip_module._block_worker_bytes(model, 64) == need and passes == []  # measured once per tower
+    assert not any(m._forward_hooks for m in model.visual.modules())  # the measuring hooks are gone
+
+
+def test_a_tower_whose_one_image_pass_fails_gets_no_estimate_once():
+    model = _tiny_resnet()
+    passes = []
+
+    def fail(module, args):
+        passes.append(1)
+        raise RuntimeError("this tower cannot run a 1-image pass")
+
+    model.visual.layer1.register_forward_pre_hook(fail)
+    assert clip_module._block_worker_bytes(model, 64) is None
+    assert clip_module._block_worker_bytes(model, 64) is None and len(passes) == 1  # the failure is kept too
+    assert not any(m._forward_hooks for m in model.visual.modules())
 
 
 def test_a_resnet_estimate_is_not_changed_by_a_concurrent_forward_pass():

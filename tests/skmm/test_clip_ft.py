@@ -267,3 +267,12 @@ def test_every_batch_runs_the_tower_in_eval_mode(pool):
     rows, _ = ft_gradient_sketch([images[0], images[0], images[1]], [ids[0], ids[0], ids[1]], TINY, **kwargs)
     alone, _ = ft_gradient_sketch(images[1:2], ids[1:2], TINY, **kwargs)
     assert np.array_equal(rows[0], rows[1]) and np.array_equal(rows[2], alone[0])
+
+
+def test_batches_are_padded_to_one_shape_on_the_cpu_and_to_a_power_of_two_on_cuda():
+    from skmm.gradients.clip_ft import _padded_rows
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [_padded_rows(r, 32, cpu) for r in (1, 5, 31, 32)] == [32] * 4
+    assert [_padded_rows(r, 1024, cuda) for r in (1, 2, 3, 50, 513, 1024)] == [1, 2, 4, 64, 1024, 1024]
+    assert _padded_rows(50, 48, cuda) == 48  # never past the batch size

@@ -21,7 +21,16 @@ import numpy as np
 import pytest
 import torch
 
-from skmm.models.clip import ClipSpec, _cuda_math, _torch_threads, clear_model_cache, embed_images, load_clip
+from skmm.models.clip import (
+    ClipSpec,
+    _cuda_math,
+    _read_cuda_math,
+    _torch_threads,
+    _write_cuda_math,
+    clear_model_cache,
+    embed_images,
+    load_clip,
+)
 from storage.ingest import render_digit_png
 
 
@@ -71,11 +80,11 @@ CUDA = torch.device("cuda")  # the flags are set on any build; no device is used
 
 
 def _math_flags() -> tuple[bool, ...]:
-    cudnn = torch.backends.cudnn
-    return (torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark)
+    """(matmul TF32, cuDNN enabled, benchmark, deterministic, TF32)."""
+    return _read_cuda_math()
 
 
-IEEE = (False, False, True, False)
+IEEE = (False, True, False, True, False)
 
 
 def _overlapping(first, second) -> dict[str, Any]:
@@ -83,16 +92,22 @@ def _overlapping(first, second) -> dict[str, Any]:
     What each saw inside (``"1"``, ``"2"``, ``"2 after 1 left"``) and whether 2 got in while 1 was inside."""
     seen: dict[str, Any] = {}
     one_in, two_in, one_out = threading.Event(), threading.Event(), threading.Event()
+    warm = threading.Barrier(2)
 
     def one() -> None:
+        torch.get_num_threads()  # a thread that has used torch (as a task runner's threads have)
+        warm.wait()
         with first():
             seen["1"] = _state()
             one_in.set()
             two_in.wait(0.5)  # 2 may be held back until 1 leaves: then it never gets in while 1 is inside
             seen["1 leaving"] = True
+        seen["1 out"] = _state()
         one_out.set()
 
     def two() -> None:
+        torch.get_num_threads()
+        warm.wait()
         one_in.wait()
         with second():
             seen["2 entered before 1 left"] = "1 leaving" not in seen
@@ -100,6 +115,7 @@ def _overlapping(first, second) -> dict[str, Any]:
             two_in.set()
             one_out.wait(10)
             seen["2 after 1 left"] = _state()
+        seen["2 out"] = _state()
 
     threads = [threading.Thread(target=one), threading.Thread(target=two)]
     for t in threads:
@@ -118,8 +134,7 @@ def settings():
     """The process's math flags and thread count, put back after the test whatever happens."""
     flags, threads = _math_flags(), torch.get_num_threads()
     yield flags, threads
-    cudnn = torch.backends.cudnn
-    torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = flags
+    _write_cuda_math(flags)
     torch.set_num_threads(threads)
 
 
@@ -127,28 +142,43 @@ def test_an_fp32_call_keeps_ieee_math_after_a_concurrent_one_leaves(settings):
     flags, _threads = settings
     seen = _overlapping(lambda: _cuda_math(CUDA, tf32=False), lambda: _cuda_math(CUDA, tf32=False))
     assert seen["2 entered before 1 left"]  # the same setting: held together
-    assert seen["1"][:4] == seen["2"][:4] == IEEE
-    assert seen["2 after 1 left"][:4] == IEEE  # was the process's flags (TF32 convolutions, not deterministic)
+    assert seen["1"][:5] == seen["2"][:5] == IEEE
+    assert seen["2 after 1 left"][:5] == IEEE  # was the process's flags (TF32 convolutions, not deterministic)
     assert _math_flags() == flags  # the last one out restores what was there
 
 
 def test_a_call_wanting_other_math_waits_for_the_holders_to_leave(settings):
     flags, _threads = settings
     seen = _overlapping(lambda: _cuda_math(CUDA, tf32=False), lambda: _cuda_math(CUDA, tf32=True))
-    assert seen["1"][:4] == IEEE
+    assert seen["1"][:5] == IEEE
     assert not seen["2 entered before 1 left"]
-    assert seen["2"][:4] == (True, True, True, False)
+    assert seen["2"][:5] == (True, True, False, True, True)
     assert _math_flags() == flags
 
 
-def test_concurrent_thread_counts_are_restored_by_the_last_call_out(settings):
+def _new_thread_count() -> int:
+    """The thread count a thread started now takes."""
+    out: list[int] = []
+    thread = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def test_concurrent_thread_counts_are_each_threads_own_and_the_default_is_restored(settings):
+    """torch (OpenMP here) keeps a thread count per thread, and set_num_threads also sets the count that threads
+    started later take. Each call sets, and then restores, its own thread's count; the default for new threads is
+    held like the other settings. The second of two overlapping calls used to restore the first's count as that
+    default, so every thread started afterwards ran on one thread."""
     _flags, threads = settings
     seen = _overlapping(lambda: _torch_threads(1), lambda: _torch_threads(1))
-    assert seen["2 entered before 1 left"] and seen["2 after 1 left"][4] == 1
-    assert torch.get_num_threads() == threads  # was left at 1 when the second call out restored the first's 1
+    assert seen["2 entered before 1 left"] and seen["1"][5] == seen["2"][5] == seen["2 after 1 left"][5] == 1
+    assert seen["1 out"][5] == seen["2 out"][5] == threads  # each thread's own count back
+    assert _new_thread_count() == threads and torch.get_num_threads() == threads
     seen = _overlapping(lambda: _torch_threads(1), lambda: _torch_threads(threads + 1))
-    assert not seen["2 entered before 1 left"] and seen["2"][4] == threads + 1
-    assert torch.get_num_threads() == threads
+    assert not seen["2 entered before 1 left"] and seen["2"][5] == threads + 1
+    assert seen["1 out"][5] == seen["2 out"][5] == threads
+    assert _new_thread_count() == threads and torch.get_num_threads() == threads
 
 
 def test_a_nested_call_may_keep_the_setting_but_not_change_it(settings):
