@@ -49,3 +49,17 @@ def record(name: str, result: dict) -> pathlib.Path:
     tmp.replace(path)
     print(json.dumps(result, indent=2))
     return path
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and its descendants (from /proc/<pid>/task/*/children)."""
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return out

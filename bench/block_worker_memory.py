@@ -21,7 +21,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import record
+from _common import record, tree_pids
 from embed_throughput import jpegs
 
 
@@ -37,16 +37,6 @@ def private_kib(pid: int) -> int:
     return total
 
 
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out.extend(int(c) for c in (task / "children").read_text().split())
-        except OSError:
-            pass
-    return out
-
-
 class Sampler(threading.Thread):
     """Peak private memory of each child process of this one while running."""
 
@@ -56,7 +46,7 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            for pid in children(os.getpid()):
+            for pid in tree_pids(os.getpid())[1:]:
                 self.peaks[pid] = max(self.peaks.get(pid, 0), private_kib(pid))
             time.sleep(0.02)
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import numpy as np
-from _common import record
+from _common import record, tree_pids
 from scale_pool import image_bytes
 
 import skmm.models.clip as clip
@@ -39,20 +39,6 @@ import tasks.embed as embed_module
 from storage.datasets import VectorTableRef, read_vectors, write_samples
 from tasks.shard_window import SHARD_TASKS_ENV
 from tasks.store import open_store, result_storage, store_spec
-
-
-def tree_pids(root: int) -> list[int]:
-    """``root`` and its descendants (from /proc/<pid>/task/*/children)."""
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-            except OSError:
-                pass
-    return out
 
 
 def pss_kib(pid: int) -> int:

@@ -1326,16 +1326,19 @@ def _available_memory_bytes() -> int | None:
     return available
 
 
+WORKER_BASE_BYTES = 32 << 20  # a block worker's own memory before any block (measured: ~20 MiB with the tiny tower)
+
+
 def _block_worker_bytes(model, rows: int) -> int | None:
-    """A conservative estimate of one block worker's own memory for a block of ``rows`` images.
+    """A conservative estimate of one block worker's own memory for a block of ``rows`` images:
+    :data:`WORKER_BASE_BYTES` plus the block's.
 
     ViT towers: twice the input block plus the largest activations of a block pass (attention scores and softmax,
-    the MLP's hidden layer and its GELU, six copies of the residual stream), float32. Measured private memory per
-    worker at ``rows=64``: 136–205 MiB for ViT-S-32 (estimate 219 MiB), 207–278 MiB for ViT-B-32 (estimate
-    365 MiB). Other towers (ResNets): three times ``rows`` × (one input image + the largest input + output of any
-    one module in a one-image forward pass, :func:`_one_image_peak_bytes`); RN50 and RN101 measured 777–899 MiB
-    (estimate 1 286 MiB; bench/block_worker_memory.py). None when the tower's input size is unknown or that
-    pass fails.
+    the MLP's hidden layer and its GELU, six copies of the residual stream), float32. Other towers (ResNets):
+    three times ``rows`` × (one input image + the largest input + output of any one module in a one-image forward
+    pass, :func:`_one_image_peak_bytes`). Measured private memory per worker at ``rows=64``
+    (bench/block_worker_memory.py), against the estimate: ViT-S-32 136–205 MiB (251), ViT-B-32 207–283 MiB
+    (397), RN50 and RN101 777–899 MiB (1 318). None when the tower's input size is unknown or that pass fails.
     """
     visual = getattr(model, "visual", None)
     size = _square(getattr(visual, "image_size", None))
@@ -1349,9 +1352,9 @@ def _block_worker_bytes(model, rows: int) -> int | None:
         tokens = grid[0] * grid[1] + 1
     except (AttributeError, IndexError, TypeError):
         peak = _one_image_peak_bytes(visual, size)
-        return None if peak is None else 3 * rows * (4 * 3 * size * size + peak)
+        return None if peak is None else WORKER_BASE_BYTES + 3 * rows * (4 * 3 * size * size + peak)
     per_image = 3 * size * size + 2 * heads * tokens * tokens + 2 * tokens * hidden + 6 * tokens * width
-    return 2 * 4 * rows * per_image
+    return WORKER_BASE_BYTES + 2 * 4 * rows * per_image
 
 
 _ONE_IMAGE_PEAKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tower -> bytes (per model, once)

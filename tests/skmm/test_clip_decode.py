@@ -405,8 +405,9 @@ def test_resnet_towers_get_a_memory_estimate_too():
     model = _tiny_resnet()
     need = clip_module._block_worker_bytes(model, 64)
     assert need is not None and need > 0
-    assert clip_module._block_worker_bytes(model, 128) == 2 * need  # activations scale with the block
-    assert clip_module._block_worker_bytes(_tiny_resnet(128), 64) > 3 * need  # and with the pixels
+    base = clip_module.WORKER_BASE_BYTES
+    assert clip_module._block_worker_bytes(model, 128) - base == 2 * (need - base)  # the block's scale with it
+    assert clip_module._block_worker_bytes(_tiny_resnet(128), 64) - base > 3 * (need - base)  # and the pixels
     passes = []
     model.visual.register_forward_pre_hook(lambda module, args: passes.append(1))
     assert clip_module._block_worker_bytes(model, 64) == need and passes == []  # measured once per tower

@@ -87,9 +87,11 @@ def _math_flags() -> tuple[bool, ...]:
 IEEE = (False, True, False, True, False)
 
 
-def _overlapping(first, second) -> dict[str, Any]:
+def _overlapping(first, second, look: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Thread 1 enters ``first()``; thread 2 then enters ``second()`` (at once, or when 1 lets it); 1 leaves, then 2.
-    What each saw inside (``"1"``, ``"2"``, ``"2 after 1 left"``) and whether 2 got in while 1 was inside."""
+    What each saw (``look()``, by default :func:`_state`) inside (``"1"``, ``"2"``, ``"2 after 1 left"``) and after
+    (``"1 out"``, ``"2 out"``), and whether 2 got in while 1 was inside."""
+    look = look or _state
     seen: dict[str, Any] = {}
     one_in, two_in, one_out = threading.Event(), threading.Event(), threading.Event()
     warm = threading.Barrier(2)
@@ -98,11 +100,11 @@ def _overlapping(first, second) -> dict[str, Any]:
         torch.get_num_threads()  # a thread that has used torch (as a task runner's threads have)
         warm.wait()
         with first():
-            seen["1"] = _state()
+            seen["1"] = look()
             one_in.set()
             two_in.wait(0.5)  # 2 may be held back until 1 leaves: then it never gets in while 1 is inside
             seen["1 leaving"] = True
-        seen["1 out"] = _state()
+        seen["1 out"] = look()
         one_out.set()
 
     def two() -> None:
@@ -111,11 +113,11 @@ def _overlapping(first, second) -> dict[str, Any]:
         one_in.wait()
         with second():
             seen["2 entered before 1 left"] = "1 leaving" not in seen
-            seen["2"] = _state()
+            seen["2"] = look()
             two_in.set()
             one_out.wait(10)
-            seen["2 after 1 left"] = _state()
-        seen["2 out"] = _state()
+            seen["2 after 1 left"] = look()
+        seen["2 out"] = look()
 
     threads = [threading.Thread(target=one), threading.Thread(target=two)]
     for t in threads:
@@ -263,25 +265,7 @@ def test_overlapping_ft_calls_keep_the_vmap_warning_quiet_and_leave_the_filters_
         return any(map(_is_vmap_fallback_filter, warnings.filters))
 
     before = list(warnings.filters)
-    seen: dict[str, bool] = {}
-    one_in, one_out = threading.Event(), threading.Event()
-
-    def one() -> None:
-        with _quiet_vmap_fallback():
-            one_in.set()
-            time.sleep(0.1)
-        one_out.set()
-
-    def two() -> None:
-        one_in.wait()
-        with _quiet_vmap_fallback():
-            one_out.wait(10)
-            seen["quiet after 1 left"] = quiet()
-
-    threads = [threading.Thread(target=one), threading.Thread(target=two)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert seen == {"quiet after 1 left": True}
-    assert warnings.filters == before
+    seen = _overlapping(_quiet_vmap_fallback, _quiet_vmap_fallback, look=quiet)
+    assert seen["2 entered before 1 left"] and seen["2 after 1 left"]  # was dropped when the first call left
+    assert not seen["2 out"]
+    assert warnings.filters == before  # the first call's filter was left behind for good
