@@ -362,11 +362,11 @@ def _quiet_vmap_fallback() -> Iterator[None]:
 
 
 def _padded_rows(rows: int, batch_size: int, device: torch.device) -> int:
-    """The rows a batch of ``rows`` is zero-padded to: ``batch_size`` on the CPU (one shape for every pass, so a
+    """The rows a batch of ``rows`` is zero-padded to: ``batch_size`` off CUDA (one shape for every pass, so a
     row's bits do not depend on its batch); on CUDA, where the batch follows the free memory and may be 1 024,
     the smallest power of two ≥ ``rows`` up to ``batch_size`` (a shard's short last batch costs under twice its
     rows, not a whole batch)."""
-    if device.type == "cpu" or rows >= batch_size:
+    if device.type != "cuda" or rows >= batch_size:
         return batch_size
     return min(batch_size, 1 << (rows - 1).bit_length())
 
