@@ -20,10 +20,10 @@ Decisions:
   Downloads happen only when the host answers.
 - **Random init is reproducible and private**: the towers are built on the CPU under ``torch.random.fork_rng``
   with the CPU generator seeded to ``init_seed`` (CUDA's generators untouched), so the caller's global RNG is
-  left as it was. That generator is
-  process-wide, so builds take a lock, and nothing else in skmm draws from it (heads come from generators of
-  their own, ``skip_init``): a draw from another thread during a build would change the tower. Code of your own
-  that draws from torch's global generator in threads beside skmm's stages breaks that guarantee.
+  left as it was. That generator is process-wide, so builds take a lock, and nothing else in skmm draws from it
+  (heads come from generators of their own, ``skip_init``): a draw from another thread during a build would
+  change the tower. Code of your own that draws from torch's global generator in threads beside skmm's stages
+  breaks that guarantee.
 - Weights always load strictly; a mismatch names the first missing/unexpected/mis-shaped keys. Tags whose
   weights were trained with QuickGELU (``openai``) get the matching activation, as open_clip's ``-quickgelu``
   model names do (plain open_clip only warns and then computes different features).
