@@ -27,9 +27,10 @@ Decisions:
   (:func:`skmm.gradients.per_sample_gradients`). Memory grows as batch_size × r.
 - **Batch size** (:func:`ft_batch_size`): 32 on the CPU (so CPU rows and caches are what they always were); on
   CUDA the largest power of two in [1, 1024] whose estimated footprint (12·r bytes of gradient rows per sample,
-  :func:`ft_activation_bytes` of activations, the sketch's row) fits in a quarter of the device's free memory.
-  An out-of-memory error still halves the batch and retries it (down to 1). The batch size is a run setting,
-  not part of the producer: a row depends on it only through float rounding (~1e-7), like the device.
+  :func:`ft_activation_bytes` of activations, the sketch's row) fits in a quarter of the device's memory (its
+  total, not what is free at the moment, so the batch does not depend on what else runs). An out-of-memory
+  error still halves the batch and retries it (down to 1). The batch size is a run setting, not part of the
+  producer: a row depends on it only through float rounding (~1e-7), like the device.
 - **Sketch**: sparse JL ("sjlt") by default; see :func:`ft_gradient_sketch` for why not the dense Gaussian.
 - **Decoding off the critical path on CUDA**: images are decoded and preprocessed in ``decode_workers`` forked
   processes (by default on CUDA the embed stage's: cores − 1, none for a single batch, ``$SKMM_DECODE_WORKERS``),
@@ -86,7 +87,7 @@ _POST_MODULES = ("attn_pool", "attn_pool_contrastive", "ln_post")
 _VMAP_FALLBACK = r"There is a performance drop because we have not yet implemented the batching rule"
 CPU_BATCH = 32  # the FT batch on the CPU (and every non-CUDA device): the value before batches were sized
 MAX_BATCH = 1024
-MEMORY_FRACTION = 0.25  # of the CUDA device's free memory, for one batch's gradients, activations and sketch
+MEMORY_FRACTION = 0.25  # of the CUDA device's memory, for one batch's gradients, activations and sketch
 GRAD_COPIES = 3  # float32 (batch, r) tensors alive at the peak: vmap's per-parameter grads, their concatenation,
 # and the backward's per-sample weight-gradient products (plus a bool finite mask): 12·r bytes a sample
 log = logging.getLogger(__name__)
@@ -269,16 +270,18 @@ def ft_activation_bytes(model: VisualWithHead, k: int) -> int:
 
 
 def ft_batch_size(device: Any, num_params: int, sketch_dim: int | None, *, activation_bytes: int = 0,
-                  fixed_bytes: int = 0, free_bytes: int | None = None, fraction: float = MEMORY_FRACTION,
+                  fixed_bytes: int = 0, memory_bytes: int | None = None, fraction: float = MEMORY_FRACTION,
                   max_batch: int = MAX_BATCH) -> int:
     """The FT batch size for ``device``: :data:`CPU_BATCH` (32) off CUDA; on CUDA the largest power of two in
-    [1, ``max_batch``] whose footprint fits ``fraction`` of the free memory less ``fixed_bytes``.
+    [1, ``max_batch``] whose footprint fits ``fraction`` of the device's memory less ``fixed_bytes``.
 
     Per image: ``GRAD_COPIES`` float32 rows of the ``num_params`` (r) gradient coordinates, the sketched row
-    (``sketch_dim`` floats) and ``activation_bytes`` (:func:`ft_activation_bytes`). ``free_bytes``: the free
-    device memory; ``None`` asks ``torch.cuda.mem_get_info(device)`` (give a figure to size for another
-    device, or to test). ``fixed_bytes``: memory taken once the run starts that is not free-memory yet (e.g. the
-    SJLT cache). A batch of 1 is returned even when one image does not fit the budget (the run will tell).
+    (``sketch_dim`` floats) and ``activation_bytes`` (:func:`ft_activation_bytes`). ``memory_bytes``: the device
+    memory to size for; ``None`` takes the device's total (``torch.cuda.get_device_properties``), not what is
+    free at the moment: the batch, and so a row's bits, must not depend on what else holds the device (the
+    other shard task in flight, another process; a batch that does not fit is halved). Give a figure to size
+    for another device, or to test. ``fixed_bytes``: memory taken once the run starts (e.g. the SJLT cache). A
+    batch of 1 is returned even when one image does not fit the budget (the run will tell).
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda":
@@ -287,10 +290,10 @@ def ft_batch_size(device: Any, num_params: int, sketch_dim: int | None, *, activ
     max_batch = check_positive_int(max_batch, "max_batch")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must lie in (0, 1]; got {fraction!r}")
-    if free_bytes is None:
-        free_bytes = torch.cuda.mem_get_info(dev)[0]
+    if memory_bytes is None:
+        memory_bytes = torch.cuda.get_device_properties(dev).total_memory
     per_image = 4 * GRAD_COPIES * num_params + 4 * (sketch_dim or 0) + int(activation_bytes)
-    fits = int((fraction * int(free_bytes) - int(fixed_bytes)) // per_image)
+    fits = int((fraction * int(memory_bytes) - int(fixed_bytes)) // per_image)
     if fits < 1:
         return 1
     return min(1 << (fits.bit_length() - 1), 1 << (max_batch.bit_length() - 1))
@@ -363,7 +366,7 @@ def _quiet_vmap_fallback() -> Iterator[None]:
 
 def _padded_rows(rows: int, batch_size: int, device: torch.device) -> int:
     """The rows a batch of ``rows`` is zero-padded to: ``batch_size`` off CUDA (one shape for every pass, so a
-    row's bits do not depend on its batch); on CUDA, where the batch follows the free memory and may be 1 024,
+    row's bits do not depend on its batch); on CUDA, where the batch may be 1 024,
     the smallest power of two ≥ ``rows`` up to ``batch_size`` (a shard's short last batch costs under twice its
     rows, not a whole batch)."""
     if device.type != "cuda" or rows >= batch_size:
@@ -444,7 +447,7 @@ def ft_gradient_sketch(
     the dense "gaussian"/"rademacher" sketches regenerate all r×m entries of Γ on the CPU for every batch
     (ViT-B/32, k=1: r ≈ 7.5M, so 3.8G normals per batch at m=512: minutes per batch), fine only for small r.
     The producer records everything that determines the rows; store it with them.
-    ``batch_size=None``: :func:`ft_batch_size` (32 on the CPU, sized to the free memory on CUDA); a CUDA
+    ``batch_size=None``: :func:`ft_batch_size` (32 on the CPU, sized to the device's memory on CUDA); a CUDA
     out-of-memory error halves the batch and retries it. ``decode_workers``: processes that decode while the
     gradients are computed (``None``: cores − 1 on CUDA, none on the CPU; ``0``: in the calling thread).
     Neither the batch, the device nor the decode workers are in the producer.

@@ -46,33 +46,34 @@ def pool() -> tuple[list[bytes], list[str]]:
 
 def test_cpu_batch_is_32_whatever_the_memory():
     assert CPU_BATCH == 32
-    assert ft_batch_size("cpu", 7_000_000, 512, free_bytes=10**15) == 32
+    assert ft_batch_size("cpu", 7_000_000, 512, memory_bytes=10**15) == 32
     assert ft_batch_size(torch.device("cpu"), 1, None, activation_bytes=10**12) == 32
 
 
-def test_cuda_batch_arithmetic_with_a_given_free_memory():
+def test_cuda_batch_arithmetic_with_a_given_memory():
     r, m = 7_000_000, 512
     per = 12 * r + 4 * m  # 3 float32 rows of r, the sketched row
     # A quarter of 140 GB over 84 MB per image: 416 images -> 256 (the largest power of two that fits).
-    assert ft_batch_size("cuda", r, m, free_bytes=140 * 10**9) == 256
+    assert ft_batch_size("cuda", r, m, memory_bytes=140 * 10**9) == 256
     assert 256 * per <= 140 * 10**9 / 4 < 512 * per
     # Activations and fixed bytes count: exactly 64 images fit, 64 and one byte more do not.
     act, fixed = 5_000_000, 10**9
     budget = 64 * (per + act)
-    assert ft_batch_size("cuda:0", r, m, activation_bytes=act, fixed_bytes=fixed, free_bytes=4 * (budget + fixed)) == 64
     assert ft_batch_size("cuda:0", r, m, activation_bytes=act, fixed_bytes=fixed,
-                         free_bytes=4 * (budget + fixed) - 4) == 32
+                         memory_bytes=4 * (budget + fixed)) == 64
+    assert ft_batch_size("cuda:0", r, m, activation_bytes=act, fixed_bytes=fixed,
+                         memory_bytes=4 * (budget + fixed) - 4) == 32
     # Other fractions; the cap at 1024 (and at a smaller max_batch, rounded down to a power of two); the floor at 1.
-    assert ft_batch_size("cuda", r, m, free_bytes=128 * per, fraction=0.5) == 64
-    assert ft_batch_size("cuda", 1000, None, free_bytes=10**15) == 1024
-    assert ft_batch_size("cuda", 1000, None, free_bytes=10**15, max_batch=100) == 64
-    assert ft_batch_size("cuda", r, m, free_bytes=GiB) == 2
-    assert ft_batch_size("cuda", r, m, free_bytes=10**6) == 1
-    assert ft_batch_size("cuda", r, m, fixed_bytes=10 * GiB, free_bytes=4 * GiB) == 1
+    assert ft_batch_size("cuda", r, m, memory_bytes=128 * per, fraction=0.5) == 64
+    assert ft_batch_size("cuda", 1000, None, memory_bytes=10**15) == 1024
+    assert ft_batch_size("cuda", 1000, None, memory_bytes=10**15, max_batch=100) == 64
+    assert ft_batch_size("cuda", r, m, memory_bytes=GiB) == 2
+    assert ft_batch_size("cuda", r, m, memory_bytes=10**6) == 1
+    assert ft_batch_size("cuda", r, m, fixed_bytes=10 * GiB, memory_bytes=4 * GiB) == 1
     with pytest.raises(ValueError, match="fraction"):
-        ft_batch_size("cuda", r, m, free_bytes=GiB, fraction=0)
+        ft_batch_size("cuda", r, m, memory_bytes=GiB, fraction=0)
     with pytest.raises(ValueError, match="num_params"):
-        ft_batch_size("cuda", 0, m, free_bytes=GiB)
+        ft_batch_size("cuda", 0, m, memory_bytes=GiB)
 
 
 def _saved_bytes(model, k: int, batch: int) -> int:
@@ -175,3 +176,19 @@ def test_cuda_auto_batch_rows_equal_batch_32(pool):
                                    device="cuda")
     assert p_auto == p_32
     np.testing.assert_allclose(auto, b32, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_batch_follows_the_devices_memory_not_what_is_free_now(monkeypatch):
+    """Sized on the free memory, the batch (and so the rows' bits) depended on what else held the device at that
+    moment: the other shard task in flight, another process. It is sized on the device's total memory now."""
+
+    class Properties:
+        total_memory = 140 * 10**9
+
+    def free_memory(device=None):
+        raise AssertionError("the batch must not depend on the memory free at the moment")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Properties())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", free_memory)
+    assert ft_batch_size("cuda", 7_000_000, 512) == ft_batch_size("cuda", 7_000_000, 512, memory_bytes=140 * 10**9)
+    assert ft_batch_size("cuda", 7_000_000, 512) == 256
