@@ -514,12 +514,13 @@ def embed_with_counts(dataset: dict, model: dict[str, Any], store: dict, opts: d
         pack_task, assemble_task = embed_pack.with_options(**opts), embed_assemble.with_options(**opts)
         pack_futures = submit_windowed(lambda members: pack_task.submit([results[i]["pending"] for i in members],
                                                                         model, store, **options), packs, window)
-        members_of = [(i, pack_future) for members, pack_future in zip(packs, pack_futures, strict=True)
-                      for i in members]  # each changed shard with the pack that embedded its new samples
+        changed = [i for members in packs for i in members]
+        deltas = (pack_future.result()["delta"] for pack_future in pack_futures)  # one result read per pack
+        # Each changed shard with its pack's delta, read lazily: a pack's shards are assembled once it is done.
+        shard_deltas = ((i, delta) for members, delta in zip(packs, deltas, strict=True) for i in members)
         assembled = submit_windowed(lambda item: assemble_task.submit(
-            shards[item[0]], results[item[0]]["pending"], item[1].result()["delta"], model, store, **options),
-            members_of, window)
-        for (i, _), future in zip(members_of, assembled, strict=True):
+            shards[item[0]], results[item[0]]["pending"], item[1], model, store, **options), shard_deltas, window)
+        for i, future in zip(changed, assembled, strict=True):
             results[i], finals[i] = future.result(), future
     finally:  # shards that ran in this process shared one catalog; the run is over
         _release_catalogs(run)

@@ -954,6 +954,12 @@ class _SharedPool:
     def serves(self, objects: tuple, params: tuple) -> bool:
         return all(a is b for a, b in zip(self.objects, objects, strict=True)) and self.params == params
 
+    def stop_lingering(self) -> None:
+        """Cancel the shut-down timer started when its last user left, if any."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
 
 _SHARED_POOLS: dict[str, _SharedPool] = {}
 _SHARED_POOLS_CHANGE = threading.Condition()  # guards _SHARED_POOLS; notified when a pool's last user leaves
@@ -986,9 +992,7 @@ def _shared_pool(kind: str, objects: tuple, params: tuple, workers: int, initial
                 break
             _SHARED_POOLS_CHANGE.wait()  # the pool serves other inputs
         if pool is not None:
-            if pool.timer is not None:
-                pool.timer.cancel()
-                pool.timer = None
+            pool.stop_lingering()
             pool.users += 1
     if pool is None:
         yield None
@@ -1028,9 +1032,7 @@ def _pool_broken(executor) -> bool:
 
 def _drop_shared_pool(pool: _SharedPool) -> None:
     """Shut ``pool`` down and forget it (call with :data:`_SHARED_POOLS_CHANGE` held)."""
-    if pool.timer is not None:
-        pool.timer.cancel()
-        pool.timer = None
+    pool.stop_lingering()
     if _SHARED_POOLS.get(pool.kind) is pool:
         del _SHARED_POOLS[pool.kind]
     pool.executor.shutdown(wait=False, cancel_futures=True)
