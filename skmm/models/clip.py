@@ -52,7 +52,9 @@ Decisions:
   where a device encodes (:func:`_decode_threads`). ``$SKMM_DECODE_WORKERS`` sets the
   default (e.g. for the flow's tasks). The default decode workers are one pool per process, shared by its
   concurrent calls with the same preprocessing and kept :data:`SHARED_POOL_LINGER_S` seconds after the last
-  (:func:`_shared_pool`), so a shard's call forks none; ``decode_workers=k`` forks k for the call alone.
+  (:func:`_shared_pool`), so a shard's call forks none; ``decode_workers=k`` forks k for the call alone. A
+  multiprocessing child stops its shared pools when it ends (:func:`_shut_down_at_exit`; it waited on their
+  workers for ever), and a forked child starts without its parent's (:func:`_forget_parents_pools`).
 - **On the CPU, one block worker per core.** There the caller's encode threads already keep the cores busy, so
   decode workers have no idle core to use (bench/README.md §8). By default a CPU call instead forks one *block
   worker* per torch thread it would use (``encode_workers``; ``$SKMM_ENCODE_WORKERS``): each decodes and
@@ -963,6 +965,49 @@ class _SharedPool:
 
 _SHARED_POOLS: dict[str, _SharedPool] = {}
 _SHARED_POOLS_CHANGE = threading.Condition()  # guards _SHARED_POOLS; notified when a pool's last user leaves
+_EXIT_HOOK_PID: int | None = None  # the process whose exit shuts its shared pools down (see _shut_down_at_exit)
+_INHERITED_POOLS: list[_SharedPool] = []  # a forked child's copies of its parent's pools: kept, never used
+
+
+def _shut_down_at_exit() -> None:
+    """Stop every shared pool of this process and join its workers, whatever their users (the process ends).
+
+    A multiprocessing child ends in ``multiprocessing.util._exit_function``, which joins the child's own children
+    and never runs the interpreter shutdown that stops ``concurrent.futures`` pools: a lingering pool's workers
+    waited for work for ever, and the child with them. This runs as one of that function's finalizers, before the
+    pools' queues are closed (their finalizers' priority is 10). In the main process the interpreter has stopped
+    the pools already, and this finds nothing left to do."""
+    with _SHARED_POOLS_CHANGE:
+        pools = list(_SHARED_POOLS.values())
+        _SHARED_POOLS.clear()
+    for pool in pools:
+        pool.stop_lingering()
+        pool.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _hook_exit() -> None:
+    """Register :func:`_shut_down_at_exit` once per process (a multiprocessing child starts with no finalizers)."""
+    global _EXIT_HOOK_PID
+    if _EXIT_HOOK_PID != os.getpid():
+        import multiprocessing.util
+
+        multiprocessing.util.Finalize(None, _shut_down_at_exit, exitpriority=100)
+        _EXIT_HOOK_PID = os.getpid()
+
+
+def _forget_parents_pools() -> None:
+    """In a forked child: start without shared pools. The parent's pool objects were copied, not the threads that
+    feed their workers, so a job sent there never ran; shutting them down, or letting them be collected, would
+    signal the parent's workers through the pipes both share, so they are kept aside, unused. The guard is new
+    too: another thread may have held it when the process forked."""
+    global _SHARED_POOLS_CHANGE
+    _INHERITED_POOLS.extend(_SHARED_POOLS.values())
+    _SHARED_POOLS.clear()
+    _SHARED_POOLS_CHANGE = threading.Condition()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parents_pools)
 
 
 @contextlib.contextmanager
@@ -984,6 +1029,7 @@ def _shared_pool(kind: str, objects: tuple, params: tuple, workers: int, initial
             if pool is None or pool.users == 0:
                 if pool is not None:
                     _drop_shared_pool(pool)
+                _hook_exit()
                 executor = _process_pool(workers, initializer, (*objects, *params))
                 pool = _SHARED_POOLS[kind] = _SharedPool(kind, objects, params, workers, executor)
                 break
