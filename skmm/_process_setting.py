@@ -7,7 +7,9 @@ entry and restored it on exit restored it under the other call, which then ran o
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,8 +24,9 @@ class ProcessSetting:
     that holds one value and asks for another gets a RuntimeError, not a deadlock. A write that fails on the way
     in is undone; one that fails on the way out still lets the waiting calls in. A call wanting another value
     waits until no call holds the current one: there is no queue, so calls with the held value may keep joining
-    (the stages never mix values). (Seen before this: TF32 convolutions in an fp32 call, a process left with one
-    call's thread count, a warning filter left behind.)
+    (the stages never mix values). A forked child keeps only the forking thread's holds (:meth:`_forked`). (Seen
+    before this: TF32 convolutions in an fp32 call, a process left with one call's thread count, a warning filter
+    left behind.)
     """
 
     def __init__(self, name: str, read: Callable[[], Any], write: Callable[[Any], None]) -> None:
@@ -33,6 +36,23 @@ class ProcessSetting:
         self._saved: Any = None
         self._holders = 0
         self._mine = threading.local()
+        if hasattr(os, "register_at_fork"):
+            me = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: (setting := me()) is not None and setting._forked())
+
+    def _forked(self) -> None:
+        """In a forked child only the forking thread goes on: the other threads' holds are gone with them (they
+        would have made a call wanting another value wait for ever), and their lock too. When the forking thread
+        held nothing, what they held is put back."""
+        self._changed = threading.Condition()
+        own = getattr(self._mine, "depth", 0)
+        if self._holders == own:
+            return
+        self._holders = own
+        if own == 0:
+            with contextlib.suppress(Exception):  # the value they held stays: better than no child
+                self._write(self._saved)
+            self._value = self._saved = None
 
     @contextlib.contextmanager
     def hold(self, value: Any) -> Iterator[None]:

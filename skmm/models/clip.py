@@ -54,7 +54,8 @@ Decisions:
   concurrent calls with the same preprocessing and kept :data:`SHARED_POOL_LINGER_S` seconds after the last
   (:func:`_shared_pool`), so a shard's call forks none; ``decode_workers=k`` forks k for the call alone. A
   multiprocessing child stops its shared pools when it ends (:func:`_shut_down_at_exit`; it waited on their
-  workers for ever), and a forked child starts without its parent's (:func:`_forget_parents_pools`).
+  workers for ever), and a forked child starts without its parent's, and with new locks
+  (:func:`_forget_parents_pools`).
 - **On the CPU, one block worker per core.** There the caller's encode threads already keep the cores busy, so
   decode workers have no idle core to use (bench/README.md §8). By default a CPU call instead forks one *block
   worker* per torch thread it would use (``encode_workers``; ``$SKMM_ENCODE_WORKERS``): each decodes and
@@ -996,14 +997,18 @@ def _hook_exit() -> None:
 
 
 def _forget_parents_pools() -> None:
-    """In a forked child: start without shared pools. The parent's pool objects were copied, not the threads that
-    feed their workers, so a job sent there never ran; shutting them down, or letting them be collected, would
-    signal the parent's workers through the pipes both share, so they are kept aside, unused. The guard is new
-    too: another thread may have held it when the process forked."""
-    global _SHARED_POOLS_CHANGE
+    """In a forked child: start without shared pools, and with new locks.
+
+    The parent's pool objects were copied, not the threads that feed their workers, so a job sent there never ran;
+    shutting them down, or letting them be collected, would signal the parent's workers through the pipes both
+    share, so they are kept aside, unused. The module's locks are new: another thread of the parent may have held
+    one (a tower loading takes seconds) when it forked, and that thread does not exist in the child."""
+    global _SHARED_POOLS_CHANGE, _REGISTER_LOCK, _SEEDED_BUILD_LOCK, _CACHE_LOCK, _LOAD_LOCK, _ONE_IMAGE_LOCK
     _INHERITED_POOLS.extend(_SHARED_POOLS.values())
     _SHARED_POOLS.clear()
     _SHARED_POOLS_CHANGE = threading.Condition()
+    _REGISTER_LOCK, _SEEDED_BUILD_LOCK, _CACHE_LOCK, _LOAD_LOCK, _ONE_IMAGE_LOCK = (
+        threading.Lock(), threading.Lock(), threading.Lock(), threading.Lock(), threading.Lock())
 
 
 if hasattr(os, "register_at_fork"):

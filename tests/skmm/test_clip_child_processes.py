@@ -95,3 +95,40 @@ def test_a_forked_child_uses_pools_of_its_own_and_leaves_its_parents_working(ser
     assert np.array_equal(np.load(tmp_path / "features.npy"), serial)
     assert clip_module._SHARED_POOLS.get("block") is parents  # the parent's pool, still serving it
     assert np.array_equal(embed_images(IMAGES, TINY, device="cpu", num_threads=2), serial)
+
+
+def _embed_a_new_tower(out: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # GNU OpenMP's thread pool does not survive a fork: no parallel region here
+    spec = ClipSpec(TINY_MODEL, init_seed=7)  # not in the model cache: it must be loaded, under the load lock
+    np.save(out, embed_images(IMAGES[:10], spec, device="cpu", decode_workers=0))
+
+
+def test_a_child_forked_while_another_thread_loads_a_tower_can_load_one(tmp_path):
+    import threading
+
+    loading, done = threading.Event(), threading.Event()
+
+    def slow_load() -> None:  # a tower loading (seconds for a real one) when the process forks
+        with clip_module._LOAD_LOCK:
+            loading.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=slow_load, daemon=True)
+    thread.start()
+    assert loading.wait(5)
+    try:
+        child = multiprocessing.get_context("fork").Process(target=_embed_a_new_tower,
+                                                            args=(str(tmp_path / "f.npy"),))
+        child.start()
+        child.join(JOIN_S)
+        if child.is_alive():
+            child.kill()
+            child.join(10)
+            pytest.fail("the forked child waited for its parent's load lock")
+        assert child.exitcode == 0
+    finally:
+        done.set()
+        thread.join(10)
+    assert np.load(tmp_path / "f.npy").shape[0] == 10

@@ -3,6 +3,7 @@ the setting's own write, fails."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -69,3 +70,73 @@ def test_a_restore_that_fails_still_releases_the_waiting_calls():
     box.fail_on = set()
     assert got_in.wait(5), "the call waiting for another value was never let in"
     thread.join(5)
+
+
+def _in_forked_child(check) -> int:
+    """``check()`` in a forked child (True: exit 0); the child's exit status, or a failure when it hangs."""
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        code = 1
+        try:
+            code = 0 if check() else 3
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung")
+
+
+def _holds_within(setting: ProcessSetting, value: str, seconds: float = 5) -> bool:
+    got_in = threading.Event()
+
+    def hold() -> None:
+        with setting.hold(value):
+            got_in.set()
+
+    threading.Thread(target=hold, daemon=True).start()
+    return got_in.wait(seconds)
+
+
+def test_a_forked_child_drops_the_holds_of_its_parents_other_threads():
+    # Another thread holds "a" when the process forks: in the child that thread is gone, so the child must neither
+    # wait for it to leave nor keep its value.
+    box = Value()
+    setting = ProcessSetting("box", box.read, box.write)
+    inside, leave = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with setting.hold("a"):
+            inside.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    assert inside.wait(5)
+    try:
+        assert _in_forked_child(lambda: box.value == "process" and _holds_within(setting, "b")
+                                and box.value == "process") == 0
+        assert box.value == "a"  # the parent's hold is untouched
+    finally:
+        leave.set()
+        thread.join(5)
+    assert box.value == "process"
+
+
+def test_a_forked_child_keeps_the_forking_threads_own_hold():
+    box = Value()
+    setting = ProcessSetting("box", box.read, box.write)
+
+    def child() -> bool:
+        with setting.hold("a"):  # joins the hold it inherited
+            pass
+        return box.value == "a" and not _holds_within(setting, "b", 0.3)
+
+    with setting.hold("a"):
+        assert _in_forked_child(child) == 0
+    assert box.value == "process"
