@@ -17,8 +17,9 @@ sets 1 per worker otherwise), so that workers do not oversubscribe the cores. ``
 is set too, but Dask's worker processes are daemonic and may not fork children: neither the decode worker
 processes nor the CPU's block workers of :func:`skmm.models.embed_images` run there. On the CPU a worker decodes
 and encodes in its own process; where a GPU encodes, it decodes in that many threads instead. These variables
-set in the environment win (the user's choice). On an existing cluster
-(``address``) set these in each worker's environment. A local cluster is started inside the flow run, and its
+set in the environment win (the user's choice). Its workers also start with glibc's mmap threshold at 32 MiB
+(:func:`spawn_env`): Dask's memory trimming otherwise made decoding and encoding 1.3–1.4× slower. On an existing
+cluster (``address``) set these in each worker's environment. A local cluster is started inside the flow run, and its
 workers are given that run's Prefect API: without ``PREFECT_API_URL`` (the embedded temporary server) each worker
 would otherwise start a temporary server of its own on its first task (~8 s of CPU each) and record its task runs
 there instead of with the flow's.
@@ -30,6 +31,7 @@ environment of the worker's job (``SKMM_DASK_WORKERS``, ``SKMM_DASK_ADDRESS``, `
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,8 +40,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from skmm.models.clip import available_cores
 
-__all__ = ["DASK_ENV", "dask_task_runner", "gpu_cluster", "local_cluster", "prefect_api_env", "task_runner_from_env",
-           "worker_env"]
+__all__ = ["DASK_ENV", "MMAP_THRESHOLD_BYTES", "dask_task_runner", "gpu_cluster", "local_cluster", "prefect_api_env",
+           "spawn_env", "task_runner_from_env", "worker_env"]
 
 #: Environment variables that choose the task runner of a scheduled run (see :func:`task_runner_from_env`).
 DASK_ENV = ("SKMM_DASK_WORKERS", "SKMM_DASK_ADDRESS", "SKMM_DASK_GPUS")
@@ -56,6 +58,39 @@ def worker_env(workers: int, threads_per_worker: int = 1, cores: int | None = No
     share = max((cores or available_cores()) // max(workers * threads_per_worker, 1), 1)
     chosen = {"SKMM_DECODE_WORKERS": str(share - 1), "OMP_NUM_THREADS": str(share), "MKL_NUM_THREADS": str(share)}
     return {name: env.get(name, "").strip() or value for name, value in chosen.items()}
+
+
+#: glibc's ceiling for its dynamic mmap threshold on 64-bit machines (32 MiB): see :func:`spawn_env`.
+MMAP_THRESHOLD_BYTES = 32 << 20
+
+
+def spawn_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a local cluster's workers are started with, before their process starts (glibc reads it then):
+    ``MALLOC_MMAP_THRESHOLD_`` at :data:`MMAP_THRESHOLD_BYTES`, or the value in ``environ`` (default: this
+    process's), the user's choice.
+
+    Dask's nanny starts every worker with ``MALLOC_TRIM_THRESHOLD_`` set (to hand freed memory back to the
+    system), and setting it turns glibc's dynamic mmap threshold off: every allocation over 128 KiB, so each
+    tensor of a forward pass and each decoded image, became a fresh ``mmap`` whose pages were faulted in again.
+    ViT-S-32 decoded 1.41× and encoded 1.27× slower in such a worker than in a plain process (bench/README.md
+    §13). With the threshold where glibc's dynamic one would climb to, allocations are reused as in a plain
+    process, and Dask's trimming stays."""
+    env = os.environ if environ is None else environ
+    return {"MALLOC_MMAP_THRESHOLD_": env.get("MALLOC_MMAP_THRESHOLD_", "").strip() or str(MMAP_THRESHOLD_BYTES)}
+
+
+@functools.cache
+def _nanny_class() -> type:
+    """A Dask ``Nanny`` whose worker process starts with :func:`spawn_env` (the nanny's ``env`` is only applied
+    once the worker runs: too late for glibc)."""
+    from distributed import Nanny
+
+    class SpawnEnvNanny(Nanny):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.pre_spawn_env.update(spawn_env())
+
+    return SpawnEnvNanny
 
 
 def prefect_api_env() -> dict[str, str]:
@@ -77,25 +112,26 @@ def prefect_api_env() -> dict[str, str]:
 
 def local_cluster(n_workers: int, threads_per_worker: int = 1, **options: Any):
     """A Dask LocalCluster of ``n_workers`` processes for the flow run being executed: each with its share of
-    the cores (:func:`worker_env`) and the run's Prefect API (:func:`prefect_api_env`)."""
+    the cores (:func:`worker_env`), the run's Prefect API (:func:`prefect_api_env`) and glibc's mmap threshold
+    from its start (:func:`spawn_env`)."""
     from distributed import LocalCluster
 
     env = {**worker_env(n_workers, threads_per_worker), **prefect_api_env()}
     return LocalCluster(n_workers=n_workers, processes=True, threads_per_worker=threads_per_worker,
-                        dashboard_address=None, env=env, **options)
+                        dashboard_address=None, env=env, worker_class=_nanny_class(), **options)
 
 
 def gpu_cluster(devices: Sequence[str], threads_per_worker: int = 1, **scheduler_options: Any):
     """A local Dask cluster with one worker process per GPU: worker ``gpu-<d>`` sees only device ``d``
     (``CUDA_VISIBLE_DEVICES=d``, set by its nanny before the worker starts, so CUDA never sees the others), and
     its share of the host's cores for decoding (:func:`worker_env`)."""
-    from distributed import Nanny, Scheduler, SpecCluster
+    from distributed import Scheduler, SpecCluster
 
     devices = [str(d).strip() for d in devices if str(d).strip()]
     if not devices:
         raise ValueError("gpu_cluster needs at least one device id (e.g. ['0', '1'])")
     share = {**worker_env(len(devices), threads_per_worker), **prefect_api_env()}
-    workers = {f"gpu-{d}": {"cls": Nanny, "options": {"nthreads": threads_per_worker,
+    workers = {f"gpu-{d}": {"cls": _nanny_class(), "options": {"nthreads": threads_per_worker,
                                                       "env": {**share, "CUDA_VISIBLE_DEVICES": d}}}
                for d in devices}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, **scheduler_options}}
