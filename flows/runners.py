@@ -15,9 +15,8 @@ A local cluster (``workers`` or ``gpus``) shares this machine's cores among its 
 worker): each worker's embed tasks get that share as torch threads (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``; Dask
 sets 1 per worker otherwise), so that workers do not oversubscribe the cores. ``SKMM_DECODE_WORKERS`` (share − 1)
 is set too, but Dask's worker processes are daemonic and may not fork children: neither the decode worker
-processes nor the CPU's block worker processes of :func:`skmm.models.embed_images` run there. On the CPU a worker
-runs the same blocks in share threads of its own process instead (one torch thread each); where a GPU encodes, it
-decodes in share − 1 threads. These variables
+processes nor the CPU's block workers of :func:`skmm.models.embed_images` run there. On the CPU a worker decodes
+and encodes in its own process; where a GPU encodes, it decodes in that many threads instead. These variables
 set in the environment win (the user's choice). Its workers also start with glibc's mmap threshold at 32 MiB
 (:func:`spawn_env`): Dask's memory trimming otherwise made decoding and encoding 1.3–1.4× slower. On an existing
 cluster (``address``) set these in each worker's environment. A local cluster is started inside the flow run, and its
@@ -52,10 +51,9 @@ def worker_env(workers: int, threads_per_worker: int = 1, cores: int | None = No
                environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of each worker of a local cluster of ``workers`` × ``threads_per_worker`` task slots on
     ``cores`` cores (default: the cores this process may use): a slot's share s = max(cores // slots, 1) gives
-    s torch threads, hence s block workers on the CPU when s ≥ 2 (threads in Dask's daemonic workers, which may
-    not fork), and s − 1 decode workers where a device encodes. ``SKMM_DECODE_WORKERS``, ``OMP_NUM_THREADS`` and
-    ``MKL_NUM_THREADS`` set in ``environ`` (default: this process's) are passed on as they are: the user's
-    choice."""
+    s torch threads (and s − 1 decode worker processes where the worker may fork; Dask's daemonic ones may not).
+    ``SKMM_DECODE_WORKERS``, ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` set in ``environ`` (default: this
+    process's) are passed on as they are: the user's choice."""
     env = os.environ if environ is None else environ
     share = max((cores or available_cores()) // max(workers * threads_per_worker, 1), 1)
     chosen = {"SKMM_DECODE_WORKERS": str(share - 1), "OMP_NUM_THREADS": str(share), "MKL_NUM_THREADS": str(share)}

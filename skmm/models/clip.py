@@ -48,8 +48,8 @@ Decisions:
   The block composition is the serial path's, and the preprocessing is the
   same code, so the features are bitwise those of ``decode_workers=0``. Measured on the 2-core CPU (ViT-S-32,
   ~56 KB JPEGs): see bench/README.md §8. Where a process may not fork children (a daemonic process, e.g. a Dask
-  worker, or no ``fork`` start method) the CPU's block workers run as threads (below), and decoding runs in as
-  many threads where a device encodes (:func:`_decode_threads`). ``$SKMM_DECODE_WORKERS`` sets the
+  worker, or no ``fork`` start method) decoding runs in the calling thread on the CPU, and in as many threads
+  where a device encodes (:func:`_decode_threads`). ``$SKMM_DECODE_WORKERS`` sets the
   default (e.g. for the flow's tasks). The default decode workers are one pool per process, shared by its
   concurrent calls with the same preprocessing and kept :data:`SHARED_POOL_LINGER_S` seconds after the last
   (:func:`_shared_pool`), so a shard's call forks none; ``decode_workers=k`` forks k for the call alone. A
@@ -69,10 +69,7 @@ Decisions:
   cores idle, and the pool outlives a call by :data:`SHARED_POOL_LINGER_S` seconds, so the next shard's call
   forks nothing. Before, a concurrent call took the decode workers' path beside them and oversubscribed the
   cores (bench/README.md §13, "A bounded window of shard tasks"). Off where decode workers are off, for a
-  single block, for one thread, and when the caller chose ``decode_workers``. Where the process may not fork
-  (a Dask worker given several cores), the same blocks run in as many *block threads* of the process, one torch
-  thread each (:func:`_block_thread_features`): before, such a worker decoded every image in the calling
-  thread while its cores waited (bench/README.md §13, "Dask on the CPU").
+  single block, for one thread, and when the caller chose ``decode_workers``.
 - **Bitwise batch invariance.** On one machine and build, an image's features are the same bits whatever the
   batch size, shard split, row order or thread count: :func:`embed_images` encodes in blocks of exactly
   ``BLOCK_ROWS`` images (the last one zero-padded, pad rows dropped). Why: MKL's sgemm picks its kernel, hence
@@ -1275,39 +1272,13 @@ def _init_block_worker(model, preprocess, max_pixels: int, rows: int, normalize:
 
 def _embed_block(batch: list[bytes], start: int) -> np.ndarray:
     """One block decoded and encoded in a block worker: its rows' features."""
+    import torch
+
     w = _WORKER
-    return _decode_and_encode(batch, start, w["model"], w["preprocess"], w["max_pixels"], w["rows"], w["normalize"],
-                              w["precision"])
-
-
-def _decode_and_encode(batch: list[bytes], start: int, model, preprocess, max_pixels: int, rows: int,
-                       normalize: bool, precision: str) -> np.ndarray:
-    """One block decoded and encoded on the CPU in the calling thread (a block worker's, or a block thread's):
-    its rows' features."""
-    import torch
-
     with torch.inference_mode():
-        block = _decode_stack(batch, start, preprocess, max_pixels)
-        features = _encode_block(model, block, rows, torch.device("cpu"), normalize, precision)
+        block = _decode_stack(batch, start, w["preprocess"], w["max_pixels"])
+        features = _encode_block(w["model"], block, w["rows"], torch.device("cpu"), w["normalize"], w["precision"])
     return features.numpy()
-
-
-def _block_thread_features(images: Iterable[Any], rows: int, threads: int, model, preprocess, max_pixels: int,
-                           normalize: bool, precision: str) -> Iterator[np.ndarray]:
-    """Each block's features, decoded and encoded by ``threads`` threads of this process with one torch thread
-    each, in order: the block workers' arrangement where this process may not fork them (a daemonic Dask worker
-    with several cores). Pillow's decoding and torch's ops release the GIL. The process's default thread count is
-    held at one meanwhile (:func:`_torch_threads`), since a thread setting its own count sets it too."""
-    import functools
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    job = functools.partial(_decode_and_encode, model=model, preprocess=preprocess, max_pixels=max_pixels,
-                            rows=rows, normalize=normalize, precision=precision)
-    with _torch_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="skmm-block",
-                                               initializer=torch.set_num_threads, initargs=(1,)) as executor:
-        yield from _in_workers(images, rows, executor, job, 2 * threads, who="a block thread")
 
 
 def _block_worker_features(images: Iterable[Any], rows: int, workers: int, model, preprocess, max_pixels: int,
@@ -1365,8 +1336,8 @@ def _encode_workers(requested: int | None, decode_requested: int | None, total: 
     """How many block workers this call uses: processes that each decode and encode whole blocks with one torch
     thread (CPU only). ``requested`` is used as given; by default (``None``) one per torch thread of the call
     (:func:`default_encode_workers`), unless the caller chose the decode arrangement (``decode_requested`` not
-    None), the input fits one block, or decode worker processes are off (``$SKMM_DECODE_WORKERS=0``). Where the
-    process may not fork, :func:`embed_images` runs them as threads (:func:`_block_thread_features`)."""
+    None), the input fits one block, or decode worker processes are off (``$SKMM_DECODE_WORKERS=0``). 0 where the
+    process may not fork (with a warning when workers were asked for)."""
     if device.type != "cpu":
         if requested:
             raise ValueError(f"encode_workers is for the CPU; on {device.type} the device encodes (set "
@@ -1380,7 +1351,7 @@ def _encode_workers(requested: int | None, decode_requested: int | None, total: 
         workers = default_encode_workers(threads)
     else:
         workers = requested
-    return workers
+    return _if_forkable(workers, requested, "encode_workers", "encoding in the calling process")
 
 
 def _available_memory_bytes() -> int | None:
@@ -1569,7 +1540,6 @@ def embed_images(
     torch thread, instead of decode workers feeding the caller's threads (``None``: one per torch thread of the
     call, when it has two or more, the input spans several blocks and ``decode_workers`` is not given; ``0``:
     off). By default the process's concurrent calls of one model share one pool of them (:func:`_shared_pool`).
-    Where this process may not fork (a daemonic Dask worker), they are threads of this process instead.
     """
     import torch
 
@@ -1592,20 +1562,16 @@ def embed_images(
     total = len(images) if hasattr(images, "__len__") else None
     threads = num_threads if num_threads is not None else torch.get_num_threads()
     block_workers = _encode_workers(encode_workers, decode_workers, total, rows, dev, threads)
-    if encode_workers is None:
-        block_workers = _memory_capped(block_workers, model, rows)  # as many as the memory holds
-    block_threads = 0
-    if block_workers and not _can_fork():  # e.g. a daemonic Dask worker: the same blocks, in threads
-        block_workers, block_threads = 0, block_workers
     shared = bool(block_workers) and encode_workers is None  # the default: one pool per process, shared
+    if shared:
+        block_workers = _memory_capped(block_workers, model, rows)  # as many as the memory holds
     return _embed(images, spec, model, preprocess, dev, rows, total, batch_size, progress, normalize,
-                  num_threads, max_pixels, decode_workers, block_workers, shared, block_threads)
+                  num_threads, max_pixels, decode_workers, block_workers, shared)
 
 
 def _embed(images: Iterable[Any], spec: ClipSpec, model, preprocess, dev: torch.device, rows: int,
            total: int | None, batch_size: int, progress: bool, normalize: bool, num_threads: int | None,
-           max_pixels: int, decode_workers: int | None, block_workers: int, shared: bool = False,
-           block_threads: int = 0) -> np.ndarray:
+           max_pixels: int, decode_workers: int | None, block_workers: int, shared: bool = False) -> np.ndarray:
     """:func:`embed_images` once its arguments are checked and its model loaded."""
     import torch
 
@@ -1618,9 +1584,6 @@ def _embed(images: Iterable[Any], spec: ClipSpec, model, preprocess, dev: torch.
     if block_workers:
         blocks = _block_worker_features(images, rows, block_workers, model, preprocess, max_pixels, normalize,
                                         spec.precision, shared)
-    elif block_threads:
-        blocks = _block_thread_features(images, rows, block_threads, model, preprocess, max_pixels, normalize,
-                                        spec.precision)
     else:
         workers = _decode_workers(decode_workers, total, rows, dev)
         decode_threads = 0 if workers else _decode_threads(decode_workers, total, rows, dev)
@@ -1630,7 +1593,7 @@ def _embed(images: Iterable[Any], spec: ClipSpec, model, preprocess, dev: torch.
                   else _serial_blocks(images, rows, batch_size, preprocess, max_pixels))
     previous: torch.Tensor | None = None  # the last block's features, fetched after the next block is queued
     try:
-        if block_workers or block_threads:
+        if block_workers:
             for features in blocks:
                 out.append(features)
                 if bar is not None:

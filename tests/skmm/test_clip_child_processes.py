@@ -132,33 +132,3 @@ def test_a_child_forked_while_another_thread_loads_a_tower_can_load_one(tmp_path
         done.set()
         thread.join(10)
     assert np.load(tmp_path / "f.npy").shape[0] == 10
-
-
-def _embed_in_a_daemon(out: str) -> None:
-    """A daemonic process (as a Dask worker is) may not fork: the blocks run in threads of the process."""
-    import threading
-
-    names = set()
-    encode = clip_module._encode_block
-
-    def spy(*args, **kwargs):
-        names.add(threading.current_thread().name)
-        return encode(*args, **kwargs)
-
-    clip_module._encode_block = spy
-    features = embed_images(IMAGES, TINY, device="cpu", num_threads=2)
-    assert len(names) == 2 and all(name.startswith("skmm-block") for name in names), names
-    np.save(out, features)
-
-
-def test_a_daemonic_child_encodes_in_block_threads(serial, tmp_path, default_workers):
-    # spawned, not forked: GNU OpenMP's threads, which the parent used, do not survive a fork
-    child = multiprocessing.get_context("spawn").Process(target=_embed_in_a_daemon, args=(str(tmp_path / "f.npy"),),
-                                                         daemon=True)
-    child.start()
-    child.join(JOIN_S)
-    if child.is_alive():
-        child.kill()
-        pytest.fail(f"the daemonic child did not finish within {JOIN_S} s")
-    assert child.exitcode == 0
-    assert np.array_equal(np.load(tmp_path / "f.npy"), serial)

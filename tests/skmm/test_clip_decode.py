@@ -261,56 +261,11 @@ def test_default_block_workers(monkeypatch, caplog):
     with pytest.raises(ValueError, match="SKMM_ENCODE_WORKERS must be a non-negative integer"):
         rule(None, None, 1000, 64, cpu, 4)
     monkeypatch.delenv("SKMM_ENCODE_WORKERS")
-    monkeypatch.setattr(clip_module, "_can_fork", lambda: False)  # e.g. a daemonic Dask worker: block threads
-    assert rule(None, None, 1000, 64, cpu, 4) == 4
+    monkeypatch.setattr(clip_module, "_can_fork", lambda: False)  # e.g. a daemonic Dask worker
+    assert rule(None, None, 1000, 64, cpu, 4) == 0
     with caplog.at_level(logging.WARNING, logger=clip_module.__name__):
-        assert rule(2, None, 1000, 64, cpu, 4) == 2
-    assert "ignored" not in caplog.text
-
-
-def _thread_spy(monkeypatch) -> list[tuple[str, int]]:
-    """(thread name, torch threads) of every block encoded from now on."""
-    seen: list[tuple[str, int]] = []
-    encode = clip_module._encode_block
-
-    def spy(*args, **kwargs):
-        seen.append((threading.current_thread().name, torch.get_num_threads()))
-        return encode(*args, **kwargs)
-
-    monkeypatch.setattr(clip_module, "_encode_block", spy)
-    return seen
-
-
-def _new_threads_count() -> int:
-    counts: list[int] = []
-    thread = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
-    thread.start()
-    thread.join()
-    return counts[0]
-
-
-def test_where_the_process_may_not_fork_block_threads_encode_bitwise(pool, serial, monkeypatch):
-    # A daemonic Dask worker given two cores decoded every image in the calling thread while the cores waited;
-    # the blocks now run in one thread per core, one torch thread each, with the same bits.
-    for name in ("SKMM_DECODE_WORKERS", "SKMM_ENCODE_WORKERS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(clip_module, "_can_fork", lambda: False)
-    forked = []
-    monkeypatch.setattr(clip_module, "_process_pool", lambda *a, **k: forked.append(a))
-    seen = _thread_spy(monkeypatch)
-    own, default = torch.get_num_threads(), _new_threads_count()
-    assert np.array_equal(embed_images(pool, TINY, device="cpu", num_threads=2), serial)
-    assert np.array_equal(embed_images(iter(pool), TINY, device="cpu", num_threads=2), serial)  # streamed
-    assert not forked
-    assert len(seen) == 2 * 3 and {threads for _, threads in seen} == {1}
-    assert all(name.startswith("skmm-block") for name, _ in seen) and len({name for name, _ in seen}) == 2
-    assert (torch.get_num_threads(), _new_threads_count()) == (own, default)  # both restored
-    bad = [*pool[:70], b"not an image", *pool[70:]]
-    with pytest.raises(ValueError, match=r"^image 70 could not be decoded \(12 bytes\)"):
-        embed_images(bad, TINY, device="cpu", num_threads=2)
-    seen.clear()
-    assert np.array_equal(embed_images(pool, TINY, device="cpu", num_threads=2, encode_workers=0), serial)
-    assert {name for name, _ in seen} == {threading.current_thread().name}  # off: the calling thread encodes
+        assert rule(2, None, 1000, 64, cpu, 4) == 0
+    assert "encode_workers=2 ignored" in caplog.text
 
 
 def test_default_calls_share_one_pool_of_block_workers_that_lingers(pool, serial, monkeypatch, tmp_path):
