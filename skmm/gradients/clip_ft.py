@@ -452,9 +452,11 @@ def ft_gradient_sketch(
     gradients are computed (``None``: cores − 1 on CUDA, none on the CPU; ``0``: in the calling thread).
     Neither the batch, the device nor the decode workers are in the producer.
     """
+    from skmm.mkl_reproducibility import ensure_reproducible_mkl
     from skmm.models.clip import ClipSpec, _ieee_fp32, resolve_device
     from skmm.sketch import make_projector
 
+    ensure_reproducible_mkl()  # a row's gradients independent of its place in a batch
     if isinstance(spec, dict):
         spec = ClipSpec.from_dict(spec)
     if not isinstance(spec, ClipSpec):

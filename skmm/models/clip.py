@@ -76,8 +76,10 @@ Decisions:
   its summation order, from the matrix shape (measured: a 384×384 product with 1–3, 5–7 or 9 rows rounds those
   rows differently than a 64-row product), so a shard's short last batch changed the last bits of its rows.
   With one shape, every block runs the same kernels; no layer mixes images, so pad rows and neighbours change
-  nothing. Padding the caller's batches instead fixes shard counts but not batch sizes;
-  ``torch.use_deterministic_algorithms`` and oneDNN off change nothing on the CPU. On CUDA the fixed shape
+  nothing, given MKL's reproducible mode (``MKL_CBWR``, set when skmm is imported: without it, on an AVX2-only
+  AMD EPYC some shapes rounded a row by its place in the block; :mod:`skmm.mkl_reproducibility`). Padding the
+  caller's batches instead fixes shard counts but not batch sizes; ``torch.use_deterministic_algorithms`` and
+  oneDNN off change nothing on the CPU. On CUDA the fixed shape
   should make cuBLAS bitwise too (it is deterministic per shape and GPU); not yet checked on a GPU. Cost: the
   last block's pad rows only (under 64 images a call, none for a 2 048-row shard): ViT-S-32 on the 2-core CPU
   ran 0.87–1.05× as fast as before on 500 images (``bench/embed_batch_invariance.py``; noise of a shared
@@ -1543,6 +1545,9 @@ def embed_images(
     """
     import torch
 
+    from skmm.mkl_reproducibility import ensure_reproducible_mkl
+
+    ensure_reproducible_mkl()  # an image's features independent of its place in a block
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     if num_threads is not None and (

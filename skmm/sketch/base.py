@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from skmm._validation import check_positive_int
+from skmm.mkl_reproducibility import ensure_reproducible_mkl
 from skmm.sketch.spec import SketchSpec
 
 __all__ = ["BlockProjector", "Projector"]
@@ -92,6 +93,7 @@ class Projector(ABC):
     def project(self, X: Any) -> Any:
         """Return X Γ for a batch X of shape (batch, r): numpy in, numpy out; torch in, torch out (same device)."""
         spec = self.spec
+        ensure_reproducible_mkl()  # a row's sketch independent of its place in X
         is_numpy = not isinstance(X, torch.Tensor)
         t = self._check_input(X).to(_TORCH_DTYPES[spec.dtype])
         with torch.no_grad():

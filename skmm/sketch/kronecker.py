@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from skmm._validation import check_positive_int
+from skmm.mkl_reproducibility import ensure_reproducible_mkl
 from skmm.sketch.base import Projector, _block_rng
 from skmm.sketch.spec import SketchSpec
 
@@ -75,6 +76,7 @@ class KroneckerProjector(Projector):
     def project_factors(self, left: Any, right: Any) -> Any:
         """Sketch the rank-one rows left_i ⊗ right_i (e.g. p − y and φ) without forming them: O((C + d)·m)."""
         spec = self.spec
+        ensure_reproducible_mkl()  # a row's sketch independent of its place in the batch
         is_numpy = not isinstance(left, torch.Tensor)
         a = left if isinstance(left, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(left))
         b = right if isinstance(right, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(right))
