@@ -30,7 +30,6 @@ CNR_DEFAULT = "AUTO"
 _BRANCH = 1  # MKL_CBWR_BRANCH: the query for the current code path
 _OFF = 1  # MKL_CBWR_BRANCH_OFF: CNR off
 _AUTO = 2  # MKL_CBWR_AUTO
-_warned = False
 
 
 def request_reproducible_mkl() -> None:
@@ -62,19 +61,18 @@ def mkl_cnr_branch() -> int | None:
     return None if lib is None else int(lib.mkl_serv_cbwr_get(_BRANCH))
 
 
+@functools.cache
 def ensure_reproducible_mkl() -> int | None:
     """CNR on in torch's MKL if it is off (MKL ran before skmm was imported, or ``MKL_CBWR`` was removed): switched
-    to AUTO where MKL still allows it, else one warning. Returns the branch in force (None: no MKL). Cheap after
-    the first call."""
-    global _warned
+    to AUTO where MKL still allows it, else one warning. Returns the branch in force (None: no MKL). The answer is
+    computed once per process: MKL fixes its mode at its first call, so it cannot change afterwards (and the
+    projectors call this on every batch)."""
     branch = mkl_cnr_branch()
     if branch != _OFF:
         return branch
     if _mkl().mkl_serv_cbwr_set(_AUTO) == 0:
         return mkl_cnr_branch()
-    if not _warned:
-        _warned = True
-        log.warning("MKL's reproducible mode (MKL_CBWR) could not be switched on: MKL ran before skmm was imported. "
-                    "On some CPUs a row's features or gradients may then depend on its position in a batch; set "
-                    "%s=%s in the environment, or import skmm first.", CNR_ENV, CNR_DEFAULT)
+    log.warning("MKL's reproducible mode (MKL_CBWR) could not be switched on: MKL ran before skmm was imported. "
+                "On some CPUs a row's features or gradients may then depend on its position in a batch; set "
+                "%s=%s in the environment, or import skmm first.", CNR_ENV, CNR_DEFAULT)
     return branch

@@ -79,11 +79,11 @@ Decisions:
   nothing, given MKL's reproducible mode (``MKL_CBWR``, set when skmm is imported: without it, on an AVX2-only
   AMD EPYC some shapes rounded a row by its place in the block; :mod:`skmm.mkl_reproducibility`). Padding the
   caller's batches instead fixes shard counts but not batch sizes; ``torch.use_deterministic_algorithms`` and
-  oneDNN off change nothing on the CPU. On CUDA the fixed shape
-  should make cuBLAS bitwise too (it is deterministic per shape and GPU); not yet checked on a GPU. Cost: the
-  last block's pad rows only (under 64 images a call, none for a 2 048-row shard): ViT-S-32 on the 2-core CPU
-  ran 0.87–1.05× as fast as before on 500 images (``bench/embed_batch_invariance.py``; noise of a shared
-  machine), but a call with a few images pays for a whole block.
+  oneDNN off change nothing on the CPU. On CUDA the fixed shape should make cuBLAS bitwise too (it is
+  deterministic per shape and GPU); not yet checked on a GPU. Cost: the last block's pad rows only (under 64
+  images a call, none for a 2 048-row shard): ViT-S-32 on the 2-core CPU ran 0.87–1.05× as fast as before on
+  500 images (``bench/embed_batch_invariance.py``; noise of a shared machine), but a call with a few images pays
+  for a whole block.
 - Images are decoded with Pillow and converted to 8-bit RGB by one rule (:func:`_to_rgb`): 16-bit samples keep
   their high byte (``v >> 8``, as Pillow itself reads 16-bit RGB(A) PNGs), 32-bit integer (``I``) samples are
   taken as 16-bit (clipped to 0–65 535, then ``>> 8``), floats (``F``) as 0.0–1.0 intensities (× 255, rounded,
