@@ -3,7 +3,8 @@
 The same flow (``tasks.embed.embed_with_counts``) runs the same shards of one pool of ~54 KB JPEGs
 (bench/scale_pool.py), each arrangement in a fresh child process with a fresh store (nothing cached or reused),
 the tower built before the clock starts. Recorded: the stage's seconds, the flow process's peak RSS and each Dask
-worker's:
+worker's, and the CPU seconds each thread of the flow process (``threads``) or of each Dask worker spent in the
+stage (``cpu_by_thread``: the busiest threads by name; the block worker processes of ``threads`` not included):
 
 - ``threads``: Prefect's thread pool, the pipeline's default (two shard tasks in flight, one block worker per
   core, shared by both);
@@ -60,6 +61,33 @@ def _peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _thread_cpu() -> dict[int, tuple[str, float]]:
+    """This process's threads: native id -> (name, CPU seconds so far). Python threads by their ``threading``
+    name, the others (OpenMP's, torch's, C libraries') by the kernel's ``comm``."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in pathlib.Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            comm = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended while being read
+            continue
+        tid = int(task.name)
+        out[tid] = (names.get(tid, comm), (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
+    return out
+
+
+def cpu_by_thread(before: dict, after: dict, top: int = 8) -> dict:
+    """CPU seconds each thread spent between two :func:`_thread_cpu` snapshots (threads born in between count
+    from zero), the busiest ``top`` by name, and the process's total."""
+    spent = sorted(((after[t][1] - before.get(t, ("", 0.0))[1], after[t][0], t) for t in after), reverse=True)
+    return {"total_s": round(sum(s for s, _, _ in spent), 2), "threads": len(spent),
+            "busiest": [{"name": n, "tid": t, "cpu_s": round(s, 2)} for s, n, t in spent[:top]]}
+
+
 def _features(store: str, embeddings: dict) -> np.ndarray:
     from storage.datasets import VectorTableRef, read_vectors
     from tasks.store import open_store, store_spec
@@ -93,11 +121,15 @@ def embed_flow(arrangement: str, dataset: dict, store: str, model: dict, prefect
             client = FlowRunContext.get().task_runner.client  # starts the cluster
             client.wait_for_workers(workers, timeout=300)
             client.run(_warm, model)
+        cpu_before = client.run(_thread_cpu) if workers else {"flow": _thread_cpu()}
         start = time.perf_counter()
         embeddings, counts = embed_with_counts(dataset, model, spec, {"result_storage": result_storage(spec)})
         seconds = time.perf_counter() - start
+        cpu_after = client.run(_thread_cpu) if workers else {"flow": _thread_cpu()}
         workers_rss = (sorted(client.run(_peak_rss_mib).values()) if workers else [])
-        return {"stage_s": round(seconds, 2), "embeddings": embeddings, "worker_peak_rss_mib": workers_rss, **counts}
+        cpu = [cpu_by_thread(cpu_before[w], cpu_after[w]) for w in sorted(cpu_after)]
+        return {"stage_s": round(seconds, 2), "embeddings": embeddings, "worker_peak_rss_mib": workers_rss,
+                "cpu_by_thread": cpu, **counts}
 
     out = bench_embed()
     out["features_sha256"] = hashlib.sha256(np.ascontiguousarray(_features(store, out["embeddings"]))).hexdigest()
@@ -136,7 +168,8 @@ def main() -> None:
                 digests[arrangement].add(result["features_sha256"])
                 runs.append({"repeat": repeat, "arrangement": arrangement, "stage_s": result["stage_s"],
                              "peak_rss_mib": result["peak_rss_mib"], "samples_embedded": result["samples_embedded"],
-                             "worker_peak_rss_mib": result["worker_peak_rss_mib"]})
+                             "worker_peak_rss_mib": result["worker_peak_rss_mib"],
+                             "cpu_by_thread": result["cpu_by_thread"]})
                 print(runs[-1], flush=True)
     finally:
         shutil.rmtree(home, ignore_errors=True)
