@@ -31,9 +31,11 @@ environment of the worker's job (``SKMM_DASK_WORKERS``, ``SKMM_DASK_ADDRESS``, `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -79,16 +81,60 @@ def spawn_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return {"MALLOC_MMAP_THRESHOLD_": env.get("MALLOC_MMAP_THRESHOLD_", "").strip() or str(MMAP_THRESHOLD_BYTES)}
 
 
+_KEPT_LOCK = threading.Lock()
+_kept: dict[str, str | None] = {}  # this process's values of the variables nannies are writing, None: unset
+_keepers = 0
+
+
+@contextlib.contextmanager
+def _environment_kept(names: Iterable[str]) -> Iterator[None]:
+    """Put this process's ``names`` back as they were once the last of the overlapping calls leaves.
+
+    A Dask nanny writes the variables its worker must start with into the environment of the process that runs
+    it, just before spawning the worker, and leaves them there (Dask's docs: "even if this means poisoning the
+    process running the Nanny"). The nannies of a cluster start concurrently with the same values, so the first
+    one in saves what was there and the last one out restores it."""
+    global _keepers
+    with _KEPT_LOCK:
+        for name in names:
+            _kept.setdefault(name, os.environ.get(name))
+        _keepers += 1
+    try:
+        yield
+    finally:
+        with _KEPT_LOCK:
+            _keepers -= 1
+            if _keepers == 0:
+                for name, value in _kept.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
+                _kept.clear()
+
+
 @functools.cache
 def _nanny_class() -> type:
-    """A Dask ``Nanny`` whose worker process starts with :func:`spawn_env` (the nanny's ``env`` is only applied
-    once the worker runs: too late for glibc)."""
+    """A Dask ``Nanny`` whose worker process starts with its final environment, and which leaves this process's
+    environment as it found it.
+
+    Dask starts a worker's process with its ``pre-spawn-environ`` (``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``,
+    ``MALLOC_TRIM_THRESHOLD_``, ...) and applies the nanny's ``env`` only once the worker runs. That is too late
+    for glibc (:func:`spawn_env`), and too late for torch where the main module imports it (a user's script; the
+    ``skmm`` command's does not): the spawned worker imports that module again first, so OpenMP and MKL read one
+    thread, and a worker given two cores encoded on one (bench/README.md §13). So each variable Dask sets before
+    spawning takes the nanny's final value there (the nannies of one cluster share them: :func:`worker_env`)."""
     from distributed import Nanny
 
     class SpawnEnvNanny(Nanny):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            self.pre_spawn_env.update({name: self.env[name] for name in self.pre_spawn_env if name in self.env})
             self.pre_spawn_env.update(spawn_env())
+
+        async def instantiate(self) -> Any:
+            with _environment_kept(self.pre_spawn_env):
+                return await super().instantiate()
 
     return SpawnEnvNanny
 

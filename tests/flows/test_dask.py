@@ -113,6 +113,76 @@ def test_a_local_clusters_workers_start_with_glibcs_mmap_threshold(monkeypatch):
     assert "MALLOC_TRIM_THRESHOLD_" in seen  # Dask's trimming stays
 
 
+# A main module that imports torch at the top, as a user's script or bench/dask_cpu.py does: Dask's spawned
+# workers import it again (as ``__mp_main__``) before the nanny applies their environment, so torch's OpenMP and
+# MKL read the thread counts the workers' processes started with.
+TORCH_FIRST_MAIN = """
+import os
+import torch
+
+def threads():
+    import torch
+    return torch.get_num_threads()
+
+if __name__ == "__main__":
+    from distributed import Client
+    from flows.runners import local_cluster
+    cores = len(os.sched_getaffinity(0))  # one worker's share: every core
+    for _ in range(2):  # a second cluster in the same process gets its share too
+        with local_cluster(1) as cluster, Client(cluster) as client:
+            print("RESULT", cores, client.submit(threads, pure=False).result(), flush=True)
+"""
+
+
+def test_a_local_clusters_workers_encode_with_their_share_of_threads_even_where_torch_loads_first(tmp_path):
+    """Dask sets OMP_NUM_THREADS=1 (and MKL's, OpenBLAS's) in the environment a worker process starts with, and
+    the nanny's own values (ours: the worker's share of the cores) only once the worker runs. Where the main
+    module imports torch (a user's script, bench/dask_cpu.py), the spawned worker loaded torch before that: a
+    worker given two cores encoded on one thread (bench/README.md §13: a 2-core worker half the default runner's
+    speed; its torch threads used 0.3 of the stage's 83 CPU seconds)."""
+    import os
+    import subprocess
+    import sys
+
+    main = tmp_path / "torch_first.py"
+    main.write_text(TORCH_FIRST_MAIN)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, str(main)], env=env, cwd=os.getcwd(), text=True, capture_output=True,
+                         timeout=300, check=False)
+    results = [ln.split()[1:] for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
+    assert len(results) == 2, out.stdout[-2000:] + out.stderr[-4000:]
+    for share, used in results:
+        assert used == share, results
+
+
+def test_starting_a_local_cluster_leaves_this_processs_environment_as_it_was(monkeypatch):
+    """Dask's nanny writes the variables it sets before spawning a worker (OMP_NUM_THREADS=1,
+    MALLOC_TRIM_THRESHOLD_, ...) into the environment of the process that starts the cluster, and leaves them
+    there: the flow's process then handed one thread to every process it started later (a second cluster's
+    workers took OMP_NUM_THREADS=1 for the user's choice)."""
+    import os
+
+    from distributed import Client
+
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_",
+             "MALLOC_MMAP_THRESHOLD_")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYTHONHASHSEED", "11")
+
+    def environment() -> dict[str, str]:  # less Dask's marker of the process that imported it (proctitle)
+        return {k: v for k, v in os.environ.items() if k != "__DASK_PARENT_PID"}
+
+    before = environment()
+    with local_cluster(1) as cluster, Client(cluster) as client:
+        client.wait_for_workers(1, timeout=120)
+        assert environment() == before
+        (started,) = client.run(_start_environment).values()
+    assert environment() == before
+    assert (started["OMP_NUM_THREADS"], started["MKL_NUM_THREADS"]) == (
+        worker_env(1)["OMP_NUM_THREADS"], worker_env(1)["MKL_NUM_THREADS"])  # set as the worker's process starts
+
+
 TEMPORARY_SERVER_FLOW = """
 import os
 from prefect import flow, task
