@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import tarfile
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
@@ -141,3 +145,24 @@ def gradients_out_of_memory_above(monkeypatch, limit: int) -> list[int]:
 
     monkeypatch.setattr(clip_ft, "per_sample_gradients", limited)
     return sizes
+
+
+@contextlib.contextmanager
+def held_by_another_thread(enter: Callable[[], Any], timeout: float = 60.0) -> Iterator[threading.Thread]:
+    """Another thread enters the context manager ``enter()`` (a lock, a setting's hold) and stays inside until
+    the block ends: what a fork in the block finds held by a thread that the child will not have."""
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with enter():
+            inside.set()
+            leave.wait(timeout)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert inside.wait(5), "the other thread did not get in"
+    try:
+        yield thread
+    finally:
+        leave.set()
+        thread.join(10)

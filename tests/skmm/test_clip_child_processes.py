@@ -16,6 +16,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from helpers import held_by_another_thread
 from PIL import Image
 
 from skmm.models import TINY_MODEL, ClipSpec, embed_images
@@ -106,19 +107,7 @@ def _embed_a_new_tower(out: str) -> None:
 
 
 def test_a_child_forked_while_another_thread_loads_a_tower_can_load_one(tmp_path):
-    import threading
-
-    loading, done = threading.Event(), threading.Event()
-
-    def slow_load() -> None:  # a tower loading (seconds for a real one) when the process forks
-        with clip_module._LOAD_LOCK:
-            loading.set()
-            done.wait(60)
-
-    thread = threading.Thread(target=slow_load, daemon=True)
-    thread.start()
-    assert loading.wait(5)
-    try:
+    with held_by_another_thread(lambda: clip_module._LOAD_LOCK):  # a tower loading (seconds for a real one)
         child = multiprocessing.get_context("fork").Process(target=_embed_a_new_tower,
                                                             args=(str(tmp_path / "f.npy"),))
         child.start()
@@ -128,7 +117,4 @@ def test_a_child_forked_while_another_thread_loads_a_tower_can_load_one(tmp_path
             child.join(10)
             pytest.fail("the forked child waited for its parent's load lock")
         assert child.exitcode == 0
-    finally:
-        done.set()
-        thread.join(10)
     assert np.load(tmp_path / "f.npy").shape[0] == 10

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from helpers import held_by_another_thread
 
 from skmm._process_setting import ProcessSetting
 
@@ -108,23 +109,10 @@ def test_a_forked_child_drops_the_holds_of_its_parents_other_threads():
     # wait for it to leave nor keep its value.
     box = Value()
     setting = ProcessSetting("box", box.read, box.write)
-    inside, leave = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with setting.hold("a"):
-            inside.set()
-            leave.wait(30)
-
-    thread = threading.Thread(target=holder, daemon=True)
-    thread.start()
-    assert inside.wait(5)
-    try:
+    with held_by_another_thread(lambda: setting.hold("a")):
         assert _in_forked_child(lambda: box.value == "process" and _holds_within(setting, "b")
                                 and box.value == "process") == 0
         assert box.value == "a"  # the parent's hold is untouched
-    finally:
-        leave.set()
-        thread.join(5)
     assert box.value == "process"
 
 
