@@ -14,10 +14,10 @@ machine) and import this package (install it on every worker). Each worker runs 
 A local cluster (``workers`` or ``gpus``) shares this machine's cores among its task slots (workers × threads per
 worker): each worker's embed tasks get that share as torch threads (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``; Dask
 sets 1 per worker otherwise), so that workers do not oversubscribe the cores. ``SKMM_DECODE_WORKERS`` (share − 1)
-is set too, but Dask's worker processes are daemonic and may not fork children: neither the decode worker
-processes nor the CPU's block workers of :func:`skmm.models.embed_images` run there. On the CPU a worker decodes
-and encodes in its own process; where a GPU encodes, it decodes in that many threads instead. These variables
-set in the environment win (the user's choice). Its workers also start with glibc's mmap threshold at 32 MiB
+is set too, and a local cluster's workers are not daemonic (Dask's are by default), so they may fork the decode
+worker processes and the CPU's block workers of :func:`skmm.models.embed_images`, as one process does. These
+variables set in the environment win (the user's choice); the workers start with them (Dask otherwise applies them
+only once a worker runs, after its ``OMP_NUM_THREADS=1``). Its workers also start with glibc's mmap threshold at 32 MiB
 (:func:`spawn_env`): Dask's memory trimming otherwise made decoding and encoding 1.3–1.4× slower. On an existing
 cluster (``address``) set these in each worker's environment. A local cluster is started inside the flow run, and its
 workers are given that run's Prefect API: without ``PREFECT_API_URL`` (the embedded temporary server) each worker
@@ -42,8 +42,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from skmm.models.clip import available_cores
 
-__all__ = ["DASK_ENV", "MMAP_THRESHOLD_BYTES", "dask_task_runner", "gpu_cluster", "local_cluster", "prefect_api_env",
-           "spawn_env", "task_runner_from_env", "worker_env"]
+__all__ = ["DAEMON_SETTING", "DASK_ENV", "MMAP_THRESHOLD_BYTES", "dask_task_runner", "gpu_cluster", "local_cluster",
+           "prefect_api_env", "spawn_env", "task_runner_from_env", "worker_env"]
 
 #: Environment variables that choose the task runner of a scheduled run (see :func:`task_runner_from_env`).
 DASK_ENV = ("SKMM_DASK_WORKERS", "SKMM_DASK_ADDRESS", "SKMM_DASK_GPUS")
@@ -53,7 +53,7 @@ def worker_env(workers: int, threads_per_worker: int = 1, cores: int | None = No
                environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of each worker of a local cluster of ``workers`` × ``threads_per_worker`` task slots on
     ``cores`` cores (default: the cores this process may use): a slot's share s = max(cores // slots, 1) gives
-    s torch threads (and s − 1 decode worker processes where the worker may fork; Dask's daemonic ones may not).
+    s torch threads (and s − 1 decode worker processes, or s block workers on the CPU).
     ``SKMM_DECODE_WORKERS``, ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` set in ``environ`` (default: this
     process's) are passed on as they are: the user's choice."""
     env = os.environ if environ is None else environ
@@ -81,49 +81,67 @@ def spawn_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return {"MALLOC_MMAP_THRESHOLD_": env.get("MALLOC_MMAP_THRESHOLD_", "").strip() or str(MMAP_THRESHOLD_BYTES)}
 
 
-_KEPT_LOCK = threading.Lock()
+#: Dask's setting for its worker processes: daemonic (its default) processes may not fork children.
+DAEMON_SETTING = "distributed.worker.daemon"
+
+_SPAWN_LOCK = threading.Lock()
 _kept: dict[str, str | None] = {}  # this process's values of the variables nannies are writing, None: unset
-_keepers = 0
+_kept_daemon: list[Any] = []  # Dask's daemon setting as it was before the first nanny in
+_spawning = 0
 
 
 @contextlib.contextmanager
-def _environment_kept(names: Iterable[str]) -> Iterator[None]:
-    """Put this process's ``names`` back as they were once the last of the overlapping calls leaves.
+def _spawning_workers(names: Iterable[str]) -> Iterator[None]:
+    """While our nannies start their workers: Dask's worker processes not daemonic, and this process's ``names``
+    put back as they were once the last of the overlapping calls leaves.
 
     A Dask nanny writes the variables its worker must start with into the environment of the process that runs
     it, just before spawning the worker, and leaves them there (Dask's docs: "even if this means poisoning the
-    process running the Nanny"). The nannies of a cluster start concurrently with the same values, so the first
-    one in saves what was there and the last one out restores it."""
-    global _keepers
-    with _KEPT_LOCK:
+    process running the Nanny"); and it reads ``distributed.worker.daemon`` from the global configuration right
+    then. The nannies of a cluster start concurrently with the same values, so the first one in saves what was
+    there and the last one out restores it."""
+    import dask
+
+    global _spawning
+    with _SPAWN_LOCK:
+        if _spawning == 0:
+            _kept_daemon[:] = [dask.config.get(DAEMON_SETTING, default=True)]
+            dask.config.set({DAEMON_SETTING: False})
         for name in names:
             _kept.setdefault(name, os.environ.get(name))
-        _keepers += 1
+        _spawning += 1
     try:
         yield
     finally:
-        with _KEPT_LOCK:
-            _keepers -= 1
-            if _keepers == 0:
+        with _SPAWN_LOCK:
+            _spawning -= 1
+            if _spawning == 0:
                 for name, value in _kept.items():
                     if value is None:
                         os.environ.pop(name, None)
                     else:
                         os.environ[name] = value
                 _kept.clear()
+                dask.config.set({DAEMON_SETTING: _kept_daemon.pop()})
 
 
 @functools.cache
 def _nanny_class() -> type:
-    """A Dask ``Nanny`` whose worker process starts with its final environment, and which leaves this process's
-    environment as it found it.
+    """A Dask ``Nanny`` whose worker process starts with its final environment and may fork children, and which
+    leaves this process's environment as it found it.
 
     Dask starts a worker's process with its ``pre-spawn-environ`` (``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``,
     ``MALLOC_TRIM_THRESHOLD_``, ...) and applies the nanny's ``env`` only once the worker runs. That is too late
     for glibc (:func:`spawn_env`), and too late for torch where the main module imports it (a user's script; the
     ``skmm`` command's does not): the spawned worker imports that module again first, so OpenMP and MKL read one
     thread, and a worker given two cores encoded on one (bench/README.md §13). So each variable Dask sets before
-    spawning takes the nanny's final value there (the nannies of one cluster share them: :func:`worker_env`)."""
+    spawning takes the nanny's final value there (the nannies of one cluster share them: :func:`worker_env`).
+
+    Its worker is not daemonic (:func:`_spawning_workers`; Dask's ``distributed.worker.daemon``, the maintainers'
+    answer for tasks that start processes), so a worker with more than one core decodes and encodes in block
+    worker processes, as one process does, and a GPU's worker decodes in processes rather than threads: one
+    2-core worker decoded in its task's thread while its second core idled (bench/README.md §13). The worker
+    still ends with its nanny (Dask closes it, and a worker whose parent died exits by itself)."""
     from distributed import Nanny
 
     class SpawnEnvNanny(Nanny):
@@ -133,7 +151,7 @@ def _nanny_class() -> type:
             self.pre_spawn_env.update(spawn_env())
 
         async def instantiate(self) -> Any:
-            with _environment_kept(self.pre_spawn_env):
+            with _spawning_workers(self.pre_spawn_env):
                 return await super().instantiate()
 
     return SpawnEnvNanny

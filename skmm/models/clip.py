@@ -48,9 +48,9 @@ Decisions:
   The block composition is the serial path's, and the preprocessing is the
   same code, so the features are bitwise those of ``decode_workers=0``. Measured on the 2-core CPU (ViT-S-32,
   ~56 KB JPEGs): see bench/README.md §8. Where a process may not fork children (a daemonic process, e.g. a Dask
-  worker, or no ``fork`` start method) decoding runs in the calling thread on the CPU, and in as many threads
-  where a device encodes (:func:`_decode_threads`). ``$SKMM_DECODE_WORKERS`` sets the
-  default (e.g. for the flow's tasks). The default decode workers are one pool per process, shared by its
+  worker by Dask's default, not the pipeline's; or no ``fork`` start method) decoding runs in the calling thread
+  on the CPU, and in as many threads where a device encodes (:func:`_decode_threads`). ``$SKMM_DECODE_WORKERS``
+  sets the default (e.g. for the flow's tasks). The default decode workers are one pool per process, shared by its
   concurrent calls with the same preprocessing and kept :data:`SHARED_POOL_LINGER_S` seconds after the last
   (:func:`_shared_pool`), so a shard's call forks none; ``decode_workers=k`` forks k for the call alone. A
   multiprocessing child stops its shared pools when it ends (:func:`_shut_down_at_exit`; it waited on their

@@ -7,7 +7,15 @@ import pytest
 from flow_helpers import FAST, task_states
 
 from flows.curate import SourceConfig, curate
-from flows.runners import dask_task_runner, gpu_cluster, local_cluster, spawn_env, task_runner_from_env, worker_env
+from flows.runners import (
+    DAEMON_SETTING,
+    dask_task_runner,
+    gpu_cluster,
+    local_cluster,
+    spawn_env,
+    task_runner_from_env,
+    worker_env,
+)
 from storage.artifacts import ArtifactRef
 from storage.datasets import VectorTableRef, read_vectors
 from storage.selections import read_selection
@@ -181,6 +189,62 @@ def test_starting_a_local_cluster_leaves_this_processs_environment_as_it_was(mon
     assert environment() == before
     assert (started["OMP_NUM_THREADS"], started["MKL_NUM_THREADS"]) == (
         worker_env(1)["OMP_NUM_THREADS"], worker_env(1)["MKL_NUM_THREADS"])  # set as the worker's process starts
+
+
+def _embed_in_this_process(images: list[bytes]) -> tuple[bool, bool, object]:
+    import multiprocessing
+
+    from skmm.models import TINY_MODEL, ClipSpec, embed_images
+    from skmm.models.clip import _can_fork
+
+    features = embed_images(images, ClipSpec(TINY_MODEL, init_seed=3), device="cpu")
+    return multiprocessing.current_process().daemon, _can_fork(), features
+
+
+def test_a_local_clusters_workers_may_fork_so_a_many_core_worker_embeds_as_one_process_does():
+    """Dask's workers are daemonic, and a daemonic process may not fork: a worker with several cores decoded in
+    its task's thread while a core idled (bench/README.md §13), and a GPU's worker decoded in threads. Our local
+    clusters' workers are not daemonic (Dask's ``distributed.worker.daemon``), so they fork the block or decode
+    workers a single process would; the features are bitwise the same. Dask's setting is put back afterwards."""
+    import dask
+    import numpy as np
+    from distributed import Client
+    from helpers import random_png
+
+    images = [random_png(i) for i in range(150)]  # three 64-image blocks: block workers where the worker may fork
+    with local_cluster(1) as cluster, Client(cluster) as client:
+        daemonic, can_fork, features = client.submit(_embed_in_this_process, images, pure=False).result()
+    assert (daemonic, can_fork) == (False, True)
+    assert np.array_equal(features, _embed_in_this_process(images)[2])
+    assert dask.config.get(DAEMON_SETTING) is True  # Dask's own default, for clusters that are not ours
+
+
+STRANDED_CLUSTER = """
+import sys
+from distributed import Client
+from flows.runners import local_cluster
+
+if __name__ == "__main__":
+    cluster = local_cluster(1)
+    client = Client(cluster)
+    client.wait_for_workers(1, timeout=120)
+    print("STARTED", flush=True)
+    sys.exit(3)  # neither the client nor the cluster closed
+"""
+
+
+def test_a_process_that_exits_without_closing_its_cluster_does_not_wait_for_the_workers(tmp_path):
+    """Python joins a process's non-daemonic children when it exits; a cluster left open must not make the flow's
+    process wait for its workers (Dask closes its clusters at exit)."""
+    import os
+    import subprocess
+    import sys
+
+    main = tmp_path / "stranded.py"
+    main.write_text(STRANDED_CLUSTER)
+    out = subprocess.run([sys.executable, str(main)], cwd=os.getcwd(), text=True, capture_output=True, timeout=180,
+                         check=False)
+    assert "STARTED" in out.stdout and out.returncode == 3, out.stdout[-2000:] + out.stderr[-4000:]
 
 
 TEMPORARY_SERVER_FLOW = """
