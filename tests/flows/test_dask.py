@@ -220,22 +220,36 @@ def test_a_local_clusters_workers_may_fork_so_a_many_core_worker_embeds_as_one_p
 
 
 STRANDED_CLUSTER = """
+import io
 import sys
+
+import numpy as np
 from distributed import Client
+from PIL import Image
+
 from flows.runners import local_cluster
+
+def embed(images):  # leaves the worker's shared block workers running, as a shard task does
+    from skmm.models import TINY_MODEL, ClipSpec, embed_images
+    return embed_images(images, ClipSpec(TINY_MODEL, init_seed=3), device="cpu").shape
+
+def png(seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
 
 if __name__ == "__main__":
     cluster = local_cluster(1)
     client = Client(cluster)
-    client.wait_for_workers(1, timeout=120)
-    print("STARTED", flush=True)
+    print("EMBEDDED", client.submit(embed, [png(i) for i in range(150)], pure=False).result(), flush=True)
     sys.exit(3)  # neither the client nor the cluster closed
 """
 
 
 def test_a_process_that_exits_without_closing_its_cluster_does_not_wait_for_the_workers(tmp_path):
-    """Python joins a process's non-daemonic children when it exits; a cluster left open must not make the flow's
-    process wait for its workers (Dask closes its clusters at exit)."""
+    """Python joins a process's non-daemonic children when it exits; a cluster left open, its worker holding the
+    block workers of an embed, must not make the flow's process wait for its workers (Dask closes its clusters at
+    exit, and the worker stops its block workers as it ends)."""
     import os
     import subprocess
     import sys
@@ -244,7 +258,7 @@ def test_a_process_that_exits_without_closing_its_cluster_does_not_wait_for_the_
     main.write_text(STRANDED_CLUSTER)
     out = subprocess.run([sys.executable, str(main)], cwd=os.getcwd(), text=True, capture_output=True, timeout=180,
                          check=False)
-    assert "STARTED" in out.stdout and out.returncode == 3, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "EMBEDDED (150, " in out.stdout and out.returncode == 3, out.stdout[-2000:] + out.stderr[-4000:]
 
 
 TEMPORARY_SERVER_FLOW = """
