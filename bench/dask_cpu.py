@@ -10,8 +10,8 @@ stage (``cpu_by_thread``: the busiest threads by name; the block worker processe
   core, shared by both);
 - ``dask_<w>x1``: a local cluster of as many one-thread workers as cores (``dask_task_runner(workers=cores)``),
   each decoding and encoding its shard in its own process;
-- ``dask_1x<c>``: one worker with all the cores (``dask_task_runner(workers=1)``): its torch threads encode, and
-  a Dask worker may not fork, so no block or decode worker processes run there.
+- ``dask_1x<c>``: one worker with all the cores (``dask_task_runner(workers=1)``): one block worker process per
+  core, as in one process (the pipeline's local clusters' workers may fork; Dask's own are daemonic and may not).
 
 Every arrangement keeps the runner's own defaults for threads and workers (``flows.runners.worker_env``). The
 features of each are checked bitwise against the first.
