@@ -5,7 +5,9 @@ Tests that take ``store`` run once against each backend with the same body.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import uuid
 
@@ -23,6 +25,16 @@ os.environ["OPENLINEAGE_DISABLED"] = "true"
 # Hermetic: the memo of verified artifacts (storage/verify_memo.py) in the system temp folder, never ~/.cache; the
 # Prefect workers the tests start inherit it.
 os.environ["SKMM_CACHE_DIR"] = tempfile.mkdtemp(prefix="skmm-test-cache-")
+
+
+def _remove_test_cache(path: str = os.environ["SKMM_CACHE_DIR"], owner: int = os.getpid()) -> None:
+    """The session's memo folder goes with the session (each run left one in the temp folder); only the process
+    that made it removes it, not a forked child that exits normally."""
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+atexit.register(_remove_test_cache)
 
 
 @pytest.fixture(autouse=True)
