@@ -86,7 +86,7 @@ DAEMON_SETTING = "distributed.worker.daemon"
 
 _SPAWN_LOCK = threading.Lock()
 _kept: dict[str, str | None] = {}  # this process's values of the variables nannies are writing, None: unset
-_kept_daemon: list[Any] = []  # Dask's daemon setting as it was before the first nanny in
+_daemon_before: Any = None  # Dask's daemon setting as it was before the first nanny in
 _spawning = 0
 
 
@@ -102,10 +102,10 @@ def _spawning_workers(names: Iterable[str]) -> Iterator[None]:
     there and the last one out restores it."""
     import dask
 
-    global _spawning
+    global _spawning, _daemon_before
     with _SPAWN_LOCK:
         if _spawning == 0:
-            _kept_daemon[:] = [dask.config.get(DAEMON_SETTING, default=True)]
+            _daemon_before = dask.config.get(DAEMON_SETTING, default=True)
             dask.config.set({DAEMON_SETTING: False})
         for name in names:
             _kept.setdefault(name, os.environ.get(name))
@@ -122,7 +122,7 @@ def _spawning_workers(names: Iterable[str]) -> Iterator[None]:
                     else:
                         os.environ[name] = value
                 _kept.clear()
-                dask.config.set({DAEMON_SETTING: _kept_daemon.pop()})
+                dask.config.set({DAEMON_SETTING: _daemon_before})
 
 
 @functools.cache
@@ -147,7 +147,7 @@ def _nanny_class() -> type:
     class SpawnEnvNanny(Nanny):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.pre_spawn_env.update({name: self.env[name] for name in self.pre_spawn_env if name in self.env})
+            self.pre_spawn_env.update({name: self.env[name] for name in self.pre_spawn_env})  # env holds them all
             self.pre_spawn_env.update(spawn_env())
 
         async def instantiate(self) -> Any:
