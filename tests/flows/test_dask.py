@@ -220,12 +220,10 @@ def test_a_local_clusters_workers_may_fork_so_a_many_core_worker_embeds_as_one_p
 
 
 STRANDED_CLUSTER = """
-import io
 import sys
 
-import numpy as np
 from distributed import Client
-from PIL import Image
+from helpers import random_png
 
 from flows.runners import local_cluster
 
@@ -233,15 +231,10 @@ def embed(images):  # leaves the worker's shared block workers running, as a sha
     from skmm.models import TINY_MODEL, ClipSpec, embed_images
     return embed_images(images, ClipSpec(TINY_MODEL, init_seed=3), device="cpu").shape
 
-def png(seed):
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
 if __name__ == "__main__":
     cluster = local_cluster(1)
     client = Client(cluster)
-    print("EMBEDDED", client.submit(embed, [png(i) for i in range(150)], pure=False).result(), flush=True)
+    print("EMBEDDED", client.submit(embed, [random_png(i) for i in range(150)], pure=False).result(), flush=True)
     sys.exit(3)  # neither the client nor the cluster closed
 """
 
@@ -251,13 +244,16 @@ def test_a_process_that_exits_without_closing_its_cluster_does_not_wait_for_the_
     block workers of an embed, must not make the flow's process wait for its workers (Dask closes its clusters at
     exit, and the worker stops its block workers as it ends)."""
     import os
+    import pathlib
     import subprocess
     import sys
 
     main = tmp_path / "stranded.py"
     main.write_text(STRANDED_CLUSTER)
-    out = subprocess.run([sys.executable, str(main)], cwd=os.getcwd(), text=True, capture_output=True, timeout=180,
-                         check=False)
+    tests = str(pathlib.Path(__file__).resolve().parents[1])  # for tests/helpers.py
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, str(main)], env=env, cwd=os.getcwd(), text=True, capture_output=True,
+                         timeout=180, check=False)
     assert "EMBEDDED (150, " in out.stdout and out.returncode == 3, out.stdout[-2000:] + out.stderr[-4000:]
 
 
