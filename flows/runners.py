@@ -35,7 +35,7 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -88,41 +88,67 @@ _SPAWN_LOCK = threading.Lock()
 _kept: dict[str, str | None] = {}  # this process's values of the variables nannies are writing, None: unset
 _daemon_before: Any = None  # Dask's daemon setting as it was before the first nanny in
 _spawning = 0
+_spawning_values: dict[str, str] = {}  # what the nannies spawning now write
+#: How often a nanny whose values differ from those being spawned with looks again (seconds).
+SPAWN_POLL_SECONDS = 0.05
 
 
-@contextlib.contextmanager
-def _spawning_workers(names: Iterable[str]) -> Iterator[None]:
-    """While our nannies start their workers: Dask's worker processes not daemonic, and this process's ``names``
-    put back as they were once the last of the overlapping calls leaves.
-
-    A Dask nanny writes the variables its worker must start with into the environment of the process that runs
-    it, just before spawning the worker, and leaves them there (Dask's docs: "even if this means poisoning the
-    process running the Nanny"); and it reads ``distributed.worker.daemon`` from the global configuration right
-    then. The nannies of a cluster start concurrently with the same values, so the first one in saves what was
-    there and the last one out restores it."""
+def _join_spawning(values: Mapping[str, str]) -> bool:
+    """Join the nannies spawning now if they write the same ``values`` (or none is), as :func:`_spawning_workers`
+    does; False where they write others."""
     import dask
 
     global _spawning, _daemon_before
     with _SPAWN_LOCK:
+        if _spawning and _spawning_values != values:
+            return False
         if _spawning == 0:
             _daemon_before = dask.config.get(DAEMON_SETTING, default=True)
             dask.config.set({DAEMON_SETTING: False})
-        for name in names:
-            _kept.setdefault(name, os.environ.get(name))
+            _spawning_values.update(values)
+            for name in values:
+                _kept[name] = os.environ.get(name)
         _spawning += 1
+        return True
+
+
+def _leave_spawning() -> None:
+    import dask
+
+    global _spawning
+    with _SPAWN_LOCK:
+        _spawning -= 1
+        if _spawning == 0:
+            for name, value in _kept.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            _kept.clear()
+            _spawning_values.clear()
+            dask.config.set({DAEMON_SETTING: _daemon_before})
+
+
+@contextlib.asynccontextmanager
+async def _spawning_workers(values: Mapping[str, str]) -> AsyncIterator[None]:
+    """While our nannies start their workers: Dask's worker processes not daemonic, and this process's
+    environment put back as it was once the last of the overlapping nannies leaves.
+
+    A Dask nanny writes the variables its worker must start with (``values``) into the environment of the process
+    that runs it, and leaves them there (Dask's docs: "even if this means poisoning the process running the
+    Nanny"); its worker is spawned a moment later from another thread, with whatever that environment holds then.
+    It reads ``distributed.worker.daemon`` from the global configuration right then too. So nannies that write the
+    same values (those of one cluster) spawn together, the first one in saving what was there and the last one out
+    restoring it; a nanny that writes other values (another cluster's, with another share) waits until they are
+    done."""
+    import asyncio
+
+    while not _join_spawning(values):
+        await asyncio.sleep(SPAWN_POLL_SECONDS)
     try:
         yield
     finally:
-        with _SPAWN_LOCK:
-            _spawning -= 1
-            if _spawning == 0:
-                for name, value in _kept.items():
-                    if value is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = value
-                _kept.clear()
-                dask.config.set({DAEMON_SETTING: _daemon_before})
+        _leave_spawning()
 
 
 @functools.cache
@@ -151,7 +177,7 @@ def _nanny_class() -> type:
             self.pre_spawn_env.update(spawn_env())
 
         async def instantiate(self) -> Any:
-            with _spawning_workers(self.pre_spawn_env):
+            async with _spawning_workers(self.pre_spawn_env):
                 return await super().instantiate()
 
     return SpawnEnvNanny

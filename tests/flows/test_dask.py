@@ -191,6 +191,47 @@ def test_starting_a_local_cluster_leaves_this_processs_environment_as_it_was(mon
         worker_env(1)["OMP_NUM_THREADS"], worker_env(1)["MKL_NUM_THREADS"])  # set as the worker's process starts
 
 
+def test_clusters_started_together_start_each_worker_with_its_own_clusters_share(monkeypatch):
+    """A nanny writes its worker's variables into this process's environment and its worker is spawned from
+    another thread a moment later: two clusters with different shares, started at once in one process (two
+    flow runs), gave one cluster's workers the other's OMP_NUM_THREADS. The spawn is slowed here to make the
+    window as wide as a loaded machine's."""
+    import multiprocessing.context
+    import threading
+    import time
+
+    from distributed import Client
+
+    monkeypatch.setattr("flows.runners.available_cores", lambda: 4)  # shares 4 (1 worker) and 2 (2 workers)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "SKMM_DECODE_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    spawn = multiprocessing.context.SpawnProcess._Popen
+
+    def slow_spawn(process_obj):
+        time.sleep(1.0)
+        return spawn(process_obj)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "_Popen", staticmethod(slow_spawn))
+    barrier, seen, errors = threading.Barrier(2), {}, []
+
+    def start(workers: int) -> None:
+        try:
+            barrier.wait(timeout=60)
+            with local_cluster(workers) as cluster, Client(cluster) as client:
+                client.wait_for_workers(workers, timeout=120)
+                seen[workers] = sorted(env["OMP_NUM_THREADS"] for env in client.run(_start_environment).values())
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(workers,)) for workers in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert seen == {1: ["4"], 2: ["2", "2"]}
+
+
 def _embed_in_this_process(images: list[bytes]) -> tuple[bool, bool, object]:
     import multiprocessing
 
