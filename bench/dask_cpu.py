@@ -3,8 +3,10 @@
 The same flow (``tasks.embed.embed_with_counts``) runs the same shards of one pool of ~54 KB JPEGs
 (bench/scale_pool.py), each arrangement in a fresh child process with a fresh store (nothing cached or reused),
 the tower built before the clock starts. Recorded: the stage's seconds, the flow process's peak RSS and each Dask
-worker's, and the CPU seconds each thread of the flow process (``threads``) or of each Dask worker spent in the
-stage (``cpu_by_thread``: the busiest threads by name; the block worker processes of ``threads`` not included):
+worker's, the memory of the processes each of them started (``children_memory``: block and decode workers, peak
+RSS and unique memory; one list per flow process or Dask worker), and the CPU seconds each thread of the flow
+process (``threads``) or of each Dask worker spent in the stage (``cpu_by_thread``: the busiest threads by name;
+the block worker processes not included):
 
 - ``threads``: Prefect's thread pool, the pipeline's default (two shard tasks in flight, one block worker per
   core, shared by both);
@@ -59,6 +61,26 @@ def _peak_rss_mib() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _children_memory() -> list[dict]:
+    """The live processes this one started, at any depth (the block and decode workers, which outlive the stage in
+    a process-wide pool; Prefect's temporary server): each one's peak RSS (the kernel's ``VmHWM``, which counts the
+    shared libraries' pages, torch's among them, in every process) and its unique memory now (USS), in MiB, and
+    its command."""
+    import psutil  # distributed's dependency
+
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            status = pathlib.Path(f"/proc/{child.pid}/status").read_text()
+            uss = child.memory_full_info().uss
+            command = " ".join(child.cmdline())
+        except (OSError, psutil.Error):  # it ended while being read
+            continue
+        kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        out.append({"peak_rss_mib": round(kib / 1024, 1), "uss_mib": round(uss / 2**20, 1), "command": command[:100]})
+    return sorted(out, key=lambda c: c["peak_rss_mib"])
 
 
 def _thread_cpu() -> dict[int, tuple[str, float]]:
@@ -127,9 +149,10 @@ def embed_flow(arrangement: str, dataset: dict, store: str, model: dict, prefect
         seconds = time.perf_counter() - start
         cpu_after = client.run(_thread_cpu) if workers else {"flow": _thread_cpu()}
         workers_rss = (sorted(client.run(_peak_rss_mib).values()) if workers else [])
+        children = client.run(_children_memory) if workers else {"flow": _children_memory()}
         cpu = [cpu_by_thread(cpu_before[w], cpu_after[w]) for w in sorted(cpu_after)]
         return {"stage_s": round(seconds, 2), "embeddings": embeddings, "worker_peak_rss_mib": workers_rss,
-                "cpu_by_thread": cpu, **counts}
+                "children_memory": [children[w] for w in sorted(children)], "cpu_by_thread": cpu, **counts}
 
     out = bench_embed()
     out["features_sha256"] = hashlib.sha256(np.ascontiguousarray(_features(store, out["embeddings"]))).hexdigest()
@@ -169,6 +192,7 @@ def main() -> None:
                 runs.append({"repeat": repeat, "arrangement": arrangement, "stage_s": result["stage_s"],
                              "peak_rss_mib": result["peak_rss_mib"], "samples_embedded": result["samples_embedded"],
                              "worker_peak_rss_mib": result["worker_peak_rss_mib"],
+                             "children_memory": result["children_memory"],
                              "cpu_by_thread": result["cpu_by_thread"]})
                 print(runs[-1], flush=True)
     finally:
@@ -179,7 +203,8 @@ def main() -> None:
                for a, s in seconds.items()}
     same = len(set().union(*digests.values())) == 1
     result = {"model": model, "n": args.n, "shard_rows": args.shard_rows, "cores": cores, "runs": runs,
-              "summary": summary, "features_bitwise_equal": same}
+              "summary": summary, "features_bitwise_equal": same,
+              "features_sha256": sorted(set().union(*digests.values()))}
     print(record(f"dask_cpu_{args.model}", result))
     for a, s in summary.items():
         print(f"{a:>12}: {s}")
