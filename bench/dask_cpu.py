@@ -66,8 +66,8 @@ def _peak_rss_mib() -> float:
 def _children_memory() -> list[dict]:
     """The live processes this one started, at any depth (the block and decode workers, which outlive the stage in
     a process-wide pool; Prefect's temporary server): each one's peak RSS (the kernel's ``VmHWM``, which counts the
-    shared libraries' pages, torch's among them, in every process) and its unique memory now (USS), in MiB, and
-    its command."""
+    pages a forked worker still shares with its parent, and the shared libraries') and its unique memory now (USS),
+    in MiB, and its command (a forked worker's is its parent's)."""
     import psutil  # distributed's dependency
 
     out = []
