@@ -3,10 +3,10 @@ whose temporary server never fires schedules): registration (cron + timezone sto
 plans runs on it), a run triggered now and executed by a real process worker, a served interval schedule that
 fires by itself, and prefect.yaml agreeing with the Python definitions.
 
-The server (tests/server_helpers.py, a fixture per module) runs on a free loopback port with its own PREFECT_HOME
-and SQLite file; workers and ``serve`` run in their own process group and are stopped, with the flow runs they
-spawned, whatever the outcome. Runs use the
-bundled digits and the tiny open_clip tower; the module shares one store, so later runs hit the first's cache.
+The server (tests/server_helpers.py, one for tests/deployments) runs on a free loopback port with its own
+PREFECT_HOME and SQLite file; workers and ``serve`` run in their own process group and are stopped, with the flow
+runs they spawned, whatever the outcome. Runs use the bundled digits and the tiny open_clip tower; the module
+shares one store, so later runs hit the first's cache.
 """
 
 from __future__ import annotations
@@ -192,15 +192,31 @@ def test_refuses_to_run_without_a_standing_server(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: PREFECT_API_URL is not set: point it at a standing server")
 
 
-@pytest.mark.parametrize(("args", "message"), [
+BAD_DEPLOY_OPTIONS = [
     (["--source", "{tmp}/missing-pool"], "error: source '{tmp}/missing-pool' does not exist or is no manifest "),
     (["--timezone", "Mars/Olympus_Mons"], "error: --timezone 'Mars/Olympus_Mons' is not an IANA timezone"),
     (["--methods", "skmm_best,nope"], "error: unknown selection method(s) ['nope']"),
     (["--dask-address", "127.0.0.1:8786"], "error: --dask-address must be a scheduler URL"),
-])
-def test_bad_deploy_options_are_one_line_and_exit_2(tmp_path, args, message):
-    """The real module run as a user runs it: one line on stderr, no traceback, before any server is contacted
-    (PREFECT_API_URL points at a port where nothing listens)."""
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_DEPLOY_OPTIONS)
+def test_bad_deploy_options_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    """One line on stderr, no traceback, before any server is contacted (PREFECT_API_URL points at a port where
+    nothing listens)."""
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}), \
+            pytest.raises(SystemExit) as info:
+        main(["deploy", *[a.format(tmp=tmp_path) for a in args]])
+    assert info.value.code == 2
+    out = capsys.readouterr()
+    assert out.err.count("\n") == 1 and out.err.startswith(message.format(tmp=tmp_path)), out.err
+    assert out.out == ""
+
+
+def test_a_bad_deploy_option_is_one_line_where_the_module_runs_as_a_user_runs_it(tmp_path):
+    """The real module in its own interpreter (``python -m deployments.curate_nightly``): exit 2, one line, no
+    traceback, nothing on stdout (the cases above run in this process: each interpreter costs ~5 s)."""
+    args, message = BAD_DEPLOY_OPTIONS[0]
     env = prefect_env(tmp_path / "home", f"http://127.0.0.1:{free_port()}/api")
     cmd = [sys.executable, "-m", "deployments.curate_nightly", "deploy", *[a.format(tmp=tmp_path) for a in args]]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

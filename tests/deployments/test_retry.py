@@ -91,7 +91,7 @@ def test_a_failed_run_retried_with_the_prefect_cli_reuses_every_stage_before_the
 
     fault.write_text("evaluate")
     worker_log = tmp_path / "worker.log"
-    env = prefect_env(server.root / "worker-home", server.api_url, PREFECT_WORKER_QUERY_SECONDS="1")
+    env = prefect_env(server.root / "retry-worker-home", server.api_url, PREFECT_WORKER_QUERY_SECONDS="1")
     with running(worker_command(POOL), worker_log, env):
         with api(server.api_url):
             triggered = run_deployment("curate/retry", timeout=0, as_subflow=False)
@@ -105,7 +105,7 @@ def test_a_failed_run_retried_with_the_prefect_cli_reuses_every_stage_before_the
 
         fault.unlink()  # the operator's fix
         cli = subprocess.run([str(pathlib.Path(sys.executable).parent / "prefect"), "flow-run", "retry", failed.name],
-                             cwd=REPO, env=prefect_env(server.root / "cli-home", server.api_url), text=True,
+                             cwd=REPO, env=prefect_env(server.root / "retry-cli-home", server.api_url), text=True,
                              capture_output=True, stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT_S, check=False)
         assert cli.returncode == 0 and "scheduled for retry" in cli.stdout, cli.stdout + cli.stderr
         retried = wait_final(server.api_url, failed.id, worker_log)
