@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -17,8 +18,10 @@ TINY_STEPS = ["cuda_tests", "embed_fp32", "embed_bf16", "ft_sketch", "select_dev
 
 
 def run_gpu_sh(tmp_path: pathlib.Path, budget: str, *args: str, min_step: str = "15") -> subprocess.CompletedProcess:
+    (tmp_path / "tmp").mkdir(exist_ok=True)  # the steps' temp folder: a step killed at its limit cleans up nothing
     env = {**os.environ, "PYTHON": sys.executable, "SKMM_GPU_SH_BUDGET_S": budget, "SKMM_GPU_SH_MIN_STEP_S": min_step,
-           "SKMM_BENCH_OUT": str(tmp_path / "results"), "PREFECT_HOME": str(tmp_path / "prefect")}
+           "SKMM_BENCH_OUT": str(tmp_path / "results"), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "TMPDIR": str(tmp_path / "tmp")}
     return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny", *args], env=env, capture_output=True,
                           text=True, timeout=120)
 
@@ -42,9 +45,13 @@ def test_steps_past_the_budget_are_skipped_reported_and_packed(tmp_path):
 def test_every_step_is_cut_to_the_budget_left(tmp_path):
     # A 10 s budget for minutes of steps: each runs under what is left of it (the first ones, killed at that limit)
     # or is skipped once less than a second is left; whichever way the time falls, the script keeps to its budget.
+    litter_before = set(pathlib.Path(tempfile.gettempdir()).glob("skmm-*"))
     start = time.monotonic()
     done = run_gpu_sh(tmp_path, "10", min_step="1")
     elapsed = time.monotonic() - start
+    # A step killed at its limit skips its exit handlers (the test session's memo folder is removed by one): what
+    # the steps write to the temp folder goes to the test's own, never to the system's.
+    assert set(pathlib.Path(tempfile.gettempdir()).glob("skmm-*")) <= litter_before
     lines = steps(tmp_path)
     assert [line["step"] for line in lines] == TINY_STEPS and done.returncode == 1
     for line in lines:
