@@ -39,7 +39,7 @@ deploy: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	.ci/ensure-chromium
-	PREFECT_HOME=$$(mktemp -d) $(BIN)/pytest -q $(PYTEST_ARGS)
+	home=$$(mktemp -d) && trap 'rm -rf "$$home"' EXIT && PREFECT_HOME=$$home $(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
