@@ -1145,12 +1145,20 @@ def _jobs(images: Iterable[Any], rows: int) -> Iterator[tuple[list[Any], int]]:
 
 
 def _process_pool(workers: int, initializer, initargs: tuple):
-    """``workers`` forked processes, each started by ``initializer(*initargs)``."""
+    """``workers`` forked processes, each started by ``initializer(*initargs)``.
+
+    A worker sends its tensors back through shared memory, passing each one's file descriptor over a socket in a
+    ``pymp-*`` temp folder. Made in the worker, that folder is removed only by the worker's own exit handlers, so
+    a worker killed (by the out-of-memory killer, say) or terminated with its broken pool left it in the system's
+    temp folder. This process's folder is made first instead: the workers inherit it, and it goes when this
+    process exits."""
     import multiprocessing
+    import multiprocessing.util
     from concurrent.futures import ProcessPoolExecutor
 
     import torch.multiprocessing  # noqa: F401 - registers the reductions that return tensors via shared memory
 
+    multiprocessing.util.get_temp_dir()
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=initializer,
                                initargs=initargs)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pathlib
 import threading
 from concurrent.futures import ProcessPoolExecutor
 
@@ -485,6 +486,55 @@ def test_a_worker_that_dies_is_a_clear_error(pool, monkeypatch, workers):
     kind, env = ("block", "SKMM_ENCODE_WORKERS") if "encode_workers" in workers else ("decode", "SKMM_DECODE_WORKERS")
     with pytest.raises(RuntimeError, match=rf"^a {kind} worker process died, killed from .*\${env} \(0: none\)"):
         embed_images(pool, TINY, device="cpu", **workers)
+
+
+_WORKERS_DIE = """
+import io, os, time
+import numpy as np
+from PIL import Image
+from skmm.models import TINY_MODEL, ClipSpec, embed_images
+from skmm.models import clip as clip_module
+
+def jpeg(seed):
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (36, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels, mode="RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+real = clip_module._decode
+
+def dying(data, index, *args, **kwargs):
+    if index == 70:
+        time.sleep(1.0)  # the other worker sends its block (images 0-63) back first
+        os._exit(9)
+    return real(data, index, *args, **kwargs)
+
+clip_module._decode = dying  # inherited by the forked workers
+for workers in ({"encode_workers": 2}, {"decode_workers": 2}):
+    try:
+        embed_images([jpeg(i) for i in range(150)], ClipSpec(TINY_MODEL), device="cpu", **workers)
+    except RuntimeError as exc:
+        assert "worker process died" in str(exc), exc
+    else:
+        raise SystemExit("no worker died")
+"""
+
+
+def test_workers_that_die_leave_nothing_in_the_temp_folder(tmp_path):
+    """A worker that sent a block back through shared memory had made a temp folder of its own (``pymp-*``, for
+    the socket that passes the memory's file descriptor), and a worker that is killed, or terminated with its
+    broken pool, never removes it: each such death (the out-of-memory killer's, say) left one in the system's temp
+    folder, for every run of the test suite too. The workers now share their parent's, removed when it exits."""
+    import subprocess
+    import sys
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    done = subprocess.run([sys.executable, "-c", _WORKERS_DIE], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=pathlib.Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in temp.glob("pymp-*")) == []
 
 
 # --------------------------------------------------------------------------------------- precision and blocks
