@@ -201,10 +201,10 @@ def main() -> None:
     summary = {a: {"median_s": statistics.median(s), "images_per_s": round(args.n / statistics.median(s), 1),
                    "throughput_vs_" + arrangements[0]: round(base / statistics.median(s), 3)}
                for a, s in seconds.items()}
-    same = len(set().union(*digests.values())) == 1
+    shas = sorted(set().union(*digests.values()))
+    same = len(shas) == 1
     result = {"model": model, "n": args.n, "shard_rows": args.shard_rows, "cores": cores, "runs": runs,
-              "summary": summary, "features_bitwise_equal": same,
-              "features_sha256": sorted(set().union(*digests.values()))}
+              "summary": summary, "features_bitwise_equal": same, "features_sha256": shas}
     print(record(f"dask_cpu_{args.model}", result))
     for a, s in summary.items():
         print(f"{a:>12}: {s}")

@@ -45,7 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-from _common import peak_rss_mb, record
+from _common import best_of, peak_rss_mb, record
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -101,28 +101,15 @@ def overlap_ceiling(model, preprocess, images: list[bytes], batch_size: int, thr
     blocks with one thread, take ``(d + e1) / workers`` at best (no contention between them). Their ratio is the
     ceiling of embed/bare: where decoding is a small share of the time, no overlap reaches the issue's 1.15."""
     block = images[:batch_size]
-
-    def decode() -> torch.Tensor:
-        return torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in block])
-
-    def timed(fn) -> float:
-        fn()  # warm
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        d = timed(decode)
-        x = decode()
+        d, _ = best_of(lambda: decode_batch(preprocess, block), repeats)
+        x = decode_batch(preprocess, block)
         with torch.no_grad():
-            e1 = timed(lambda: model.encode_image(x))
+            e1, _ = best_of(lambda: model.encode_image(x), repeats)
             torch.set_num_threads(threads)
-            e_t = timed(lambda: model.encode_image(x))
+            e_t, _ = best_of(lambda: model.encode_image(x), repeats)
     finally:
         torch.set_num_threads(before)
     return {"block_rows": len(block), "decode_block_s": round(d, 3), "encode_block_1_thread_s": round(e1, 3),
@@ -130,12 +117,17 @@ def overlap_ceiling(model, preprocess, images: list[bytes], batch_size: int, thr
             "block_workers": workers, "overlap_ceiling_embed_over_bare": round((d + e_t) / ((d + e1) / workers), 3)}
 
 
+def decode_batch(preprocess, batch: list[bytes]) -> torch.Tensor:
+    """open_clip's README recipe for a batch: decode, ``preprocess`` each image, stack."""
+    return torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch])
+
+
 def bare_loop(model, preprocess, images: list[bytes], batch_size: int, device: torch.device) -> np.ndarray:
     rows = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
-            x = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch]).to(device)
+            x = decode_batch(preprocess, batch).to(device)
             f = model.encode_image(x)
             f = f / f.norm(dim=-1, keepdim=True)
             rows.append(f.cpu().numpy())
