@@ -489,17 +489,10 @@ def test_a_worker_that_dies_is_a_clear_error(pool, monkeypatch, workers):
 
 
 _WORKERS_DIE = """
-import io, os, time
-import numpy as np
-from PIL import Image
+import os, time
+from helpers import random_png
 from skmm.models import TINY_MODEL, ClipSpec, embed_images
 from skmm.models import clip as clip_module
-
-def jpeg(seed):
-    buf = io.BytesIO()
-    pixels = np.random.default_rng(seed).integers(0, 256, (36, 40, 3), dtype=np.uint8)
-    Image.fromarray(pixels, mode="RGB").save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 real = clip_module._decode
 
@@ -512,7 +505,7 @@ def dying(data, index, *args, **kwargs):
 clip_module._decode = dying  # inherited by the forked workers
 for workers in ({"encode_workers": 2}, {"decode_workers": 2}):
     try:
-        embed_images([jpeg(i) for i in range(150)], ClipSpec(TINY_MODEL), device="cpu", **workers)
+        embed_images([random_png(i) for i in range(150)], ClipSpec(TINY_MODEL), device="cpu", **workers)
     except RuntimeError as exc:
         assert "worker process died" in str(exc), exc
     else:
@@ -530,9 +523,11 @@ def test_workers_that_die_leave_nothing_in_the_temp_folder(tmp_path):
 
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = {**os.environ, "TMPDIR": str(temp)}
+    tests = str(pathlib.Path(__file__).resolve().parents[1])  # for tests/helpers.py
+    env = {**os.environ, "TMPDIR": str(temp),
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", _WORKERS_DIE], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=pathlib.Path(__file__).resolve().parents[2])
+                          cwd=pathlib.Path(tests).parent)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in temp.glob("pymp-*")) == []
 
