@@ -219,7 +219,7 @@ class LastLayersFinetuner:
         ``classes``: the full label set (e.g. the dataset's), so the head has one output per class even when the
         coreset misses some — then it starts exactly at the head the FT-mode gradients were taken at.
         """
-        from skmm.models.clip import _ieee_fp32
+        from skmm._cuda_math import ieee_fp32
 
         images = _check_images(images)
         if not images:
@@ -258,7 +258,7 @@ class LastLayersFinetuner:
         gen = torch.Generator().manual_seed(self.seed)
         history: list[dict[str, Any]] = []
         best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-        with _ieee_fp32(dev):
+        with ieee_fp32(dev):
             tokens = self._tokens(images)
             val_tokens = self._cached_val_tokens(val_images) if val_images is not None else None
             self.val_tokens_cached_ = val_tokens is not None
@@ -303,13 +303,13 @@ class LastLayersFinetuner:
 
     def decision_function(self, images: Sequence[bytes]) -> np.ndarray:
         """Logits, (N, classes) float32, columns in ``classes_`` order."""
-        from skmm.models.clip import _ieee_fp32
+        from skmm._cuda_math import ieee_fp32
 
         self._check_fitted()
         images = _check_images(images)
         if not images:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        with _ieee_fp32(self._device()):
+        with ieee_fp32(self._device()):
             return self._logits(self._tokens(images)).numpy().astype(np.float32)
 
     def predict(self, images: Sequence[bytes]) -> np.ndarray:

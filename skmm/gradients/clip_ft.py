@@ -452,8 +452,9 @@ def ft_gradient_sketch(
     gradients are computed (``None``: cores − 1 on CUDA, none on the CPU; ``0``: in the calling thread).
     Neither the batch, the device nor the decode workers are in the producer.
     """
+    from skmm._cuda_math import ieee_fp32
     from skmm.mkl_reproducibility import ensure_reproducible_mkl
-    from skmm.models.clip import ClipSpec, _ieee_fp32, resolve_device
+    from skmm.models.clip import ClipSpec, resolve_device
     from skmm.sketch import make_projector
 
     ensure_reproducible_mkl()  # a row's gradients independent of its place in a batch
@@ -521,7 +522,7 @@ def ft_gradient_sketch(
     workers, threads = _decode_plan(decode_workers, len(images), batch_size, dev)
     batches = _decoded_batches(images, batch_size, preprocess, workers, pin=dev.type == "cuda", threads=threads)
     try:
-        with _ieee_fp32(dev), _quiet_vmap_fallback():
+        with ieee_fp32(dev), _quiet_vmap_fallback():
             for lo, pixels in batches:
                 rows.extend(halving.rows(len(pixels), lambda a, b, p=pixels, o=lo: step(p[a:b], o + a, o + b)))
     finally:

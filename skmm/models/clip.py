@@ -120,6 +120,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from skmm._cuda_math import cuda_math
 from skmm._process_setting import ProcessSetting
 from skmm._validation import check_worker_count
 from skmm.canonical_json import canonical_json
@@ -792,24 +793,7 @@ def _write_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _read_cuda_math() -> tuple[bool, ...]:
-    import torch
-
-    cudnn = torch.backends.cudnn
-    return (torch.backends.cuda.matmul.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic,
-            cudnn.allow_tf32)
-
-
-def _write_cuda_math(flags: tuple[bool, ...]) -> None:
-    import torch
-
-    cudnn = torch.backends.cudnn
-    torch.backends.cuda.matmul.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32 = (
-        flags)
-
-
 _THREADS = ProcessSetting("torch's thread count", _read_threads, _write_threads)
-_CUDA_MATH = ProcessSetting("CUDA's math flags", _read_cuda_math, _write_cuda_math)
 
 
 @contextlib.contextmanager
@@ -833,23 +817,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
             yield
         finally:
             torch.set_num_threads(own)
-
-
-@contextlib.contextmanager
-def _cuda_math(device: torch.device, tf32: bool) -> Iterator[None]:
-    """TF32 on CUDA off (fp32, bf16) or on (tf32) for the call, then restored; cuDNN deterministic, without
-    benchmarking. Concurrent calls share or wait for the flags (:class:`~skmm._process_setting.ProcessSetting`)."""
-    if device.type != "cuda":
-        yield
-        return
-    # (matmul TF32, cuDNN enabled, benchmark, deterministic, cuDNN TF32): _read_cuda_math's order
-    with _CUDA_MATH.hold((tf32, True, False, True, tf32)):
-        yield
-
-
-def _ieee_fp32(device: torch.device) -> contextlib.AbstractContextManager:
-    """IEEE fp32 for the call (TF32 off on CUDA, then restored): what the FT gradients and finetuning run in."""
-    return _cuda_math(device, tf32=False)
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -1612,7 +1579,7 @@ def _embed(images: Iterable[Any], spec: ClipSpec, model, preprocess, dev: torch.
                 if bar is not None:
                     bar.update(len(features))
         else:
-            with _torch_threads(num_threads), _cuda_math(dev, spec.precision == "tf32"), torch.inference_mode():
+            with _torch_threads(num_threads), cuda_math(dev, spec.precision == "tf32"), torch.inference_mode():
                 for block in blocks:
                     features = _encode_block(model, block, rows, dev, normalize, spec.precision)
                     if previous is not None:

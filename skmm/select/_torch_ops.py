@@ -136,13 +136,12 @@ def fista_on_device(S: np.ndarray, n: int, V: np.ndarray, rel: np.ndarray, targe
                     scale_j: np.ndarray | None, init: np.ndarray | None, max_iter: int, tol: float, dtype: Any,
                     dev: torch.device) -> tuple[np.ndarray, float, int, np.ndarray]:
     """The numpy solver's P build, Lipschitz estimate and FISTA loop on ``dev``: (best w, its f, steps, strata).
-    Float32 products in IEEE float32 as numpy's, never TF32 (whatever the process set)."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    Float32 products in IEEE float32 as numpy's, never TF32 (whatever the process set), with the flags held as the
+    other CUDA calls hold them (:func:`skmm._cuda_math.ieee_fp32`): a tf32 embedding in another thread waits."""
+    from skmm._cuda_math import ieee_fp32
+
+    with ieee_fp32(dev):
         return _fista(S, n, V, rel, target, scale_j, init, max_iter, tol, dtype, dev)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def _fista(S, n, V, rel, target, scale_j, init, max_iter, tol, dtype, dev):

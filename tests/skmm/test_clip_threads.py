@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
+from skmm._cuda_math import cuda_math as _cuda_math
+from skmm._cuda_math import read_cuda_math as _read_cuda_math
+from skmm._cuda_math import write_cuda_math as _write_cuda_math
 from skmm.models.clip import (
     ClipSpec,
-    _cuda_math,
-    _read_cuda_math,
     _torch_threads,
-    _write_cuda_math,
     clear_model_cache,
     embed_images,
     load_clip,
@@ -79,12 +79,12 @@ def test_concurrent_embeds_equal_serial():
 CUDA = torch.device("cuda")  # the flags are set on any build; no device is used
 
 
-def _math_flags() -> tuple[bool, ...]:
-    """(matmul TF32, cuDNN enabled, benchmark, deterministic, TF32)."""
+def _math_flags() -> tuple:
+    """(matmul precision, cuDNN enabled, benchmark, deterministic, convolution precision)."""
     return _read_cuda_math()
 
 
-IEEE = (False, True, False, True, False)
+IEEE = ("ieee", True, False, True, "ieee")
 
 
 def _overlapping(first, second, look: Callable[[], Any] | None = None) -> dict[str, Any]:
@@ -154,7 +154,7 @@ def test_a_call_wanting_other_math_waits_for_the_holders_to_leave(settings):
     seen = _overlapping(lambda: _cuda_math(CUDA, tf32=False), lambda: _cuda_math(CUDA, tf32=True))
     assert seen["1"][:5] == IEEE
     assert not seen["2 entered before 1 left"]
-    assert seen["2"][:5] == (True, True, False, True, True)
+    assert seen["2"][:5] == ("tf32", True, False, True, "tf32")
     assert _math_flags() == flags
 
 
