@@ -9,7 +9,8 @@ init, seed 0, fp32. Ways to encode, each checked against its own reference (one 
 - ``pad_batch`` (a): every chunk zero-padded to ``batch_size`` rows, pad rows dropped;
 - ``batched_deterministic``, ``batched_onednn_off`` (c): ``batched`` under ``torch.use_deterministic_algorithms``
   or with oneDNN (mkldnn) off;
-- ``block`` (b): ``embed_images`` as it is now: fixed blocks of ``BLOCK_ROWS`` images whatever ``batch_size``.
+- ``block`` (b): ``embed_images`` as it is now: fixed blocks of ``spec.block_rows`` images (the device's
+  ``default_block_rows``, or ``--block-rows``) whatever ``batch_size``.
 
 Checks: 3 and 7 contiguous shards, batch sizes 1 and 7, a random row order, and (``block`` only) 1 thread;
 each gives the rows bitwise equal (out of N) and the max |difference|. Then throughput, decode + preprocess +
@@ -34,6 +35,9 @@ import time
 from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# torch.use_deterministic_algorithms (the ``batched_deterministic`` way) needs cuBLAS's fixed workspace on CUDA, set
+# before CUDA starts: without it the first matmul raises.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -42,6 +46,7 @@ import torch
 from _common import peak_rss_mb, record
 from embed_throughput import digit_pngs
 
+from skmm._cuda_math import ieee_fp32
 from skmm.models import ClipSpec, embed_images, load_clip
 from skmm.models import clip as clip_module
 
@@ -50,7 +55,7 @@ def batched(model, preprocess, images: list[bytes], batch_size: int, device: tor
             pad: bool = False) -> np.ndarray:
     """The former embed_images loop (one forward pass per chunk); ``pad`` zero-pads each chunk to batch_size."""
     rows = []
-    with clip_module._ieee_fp32(device), torch.inference_mode():
+    with ieee_fp32(device), torch.inference_mode():
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             x = torch.stack([clip_module._decode(b, start + i, preprocess) for i, b in enumerate(chunk)])
@@ -104,13 +109,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--block-rows", type=int, default=None,
-                        help="try another fixed block size (sets skmm.models.clip.BLOCK_ROWS for this run)")
+                        help="another fixed block size (ClipSpec.block_rows; default: the device's, "
+                             "default_block_rows)")
     args = parser.parse_args()
 
-    spec = ClipSpec(args.model, init_seed=0)
     device = torch.device(args.device)
-    if args.block_rows is not None:
-        clip_module.BLOCK_ROWS = args.block_rows
+    block_rows = args.block_rows or clip_module.default_block_rows(device)
+    spec = ClipSpec(args.model, init_seed=0, block_rows=block_rows)
     images = digit_pngs(max(args.n, args.n_check), spec.image_size)
     check = images[: args.n_check]
     model, preprocess = load_clip(spec, device)
@@ -159,15 +164,14 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     ips = {k: args.n / min(v) for k, v in times.items()}
-    block_rows = clip_module.BLOCK_ROWS
     suffix = f"_{args.model}" + (f"_{device.type}" if device.type != "cpu" else "")
     suffix += f"_block{args.block_rows}" if args.block_rows is not None else ""
     record(f"embed_batch_invariance{suffix}", {
         "model": args.model, "pretrained": None, "init_seed": 0, "image_size": spec.image_size,
         "device": str(device), "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
         "n_check": args.n_check, "checks": checks,
-        "n_images": args.n, "batch_size": 64, "block_rows": block_rows,
-        "padded_rows_per_call": -args.n % block_rows, "repeats": args.repeats,
+        "n_images": args.n, "batch_size": 64, "block_rows": spec.block_rows,
+        "padded_rows_per_call": -args.n % spec.block_rows, "repeats": args.repeats,
         "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "cpu_seconds": {k: [round(t, 3) for t in v] for k, v in cpu.items()},
         "batched_images_per_s": round(ips["batched"], 1), "block_images_per_s": round(ips["block"], 1),
