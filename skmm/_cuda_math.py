@@ -3,29 +3,44 @@
 Embedding (fp32, tf32, bf16), the FT gradients, finetuning and the device selection each need the flags set for
 their call and put back afterwards, also when calls overlap in threads (:class:`ProcessSetting`).
 
-TF32 is read and written with PyTorch's ``fp32_precision`` API where it exists (torch ≥ 2.9): once anything in
-the process has set that API (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, which PyTorch now
-recommends), reading the legacy ``allow_tf32`` flag raises ("mix of the legacy and new APIs"), so every CUDA call
-failed on entry. A value set with the legacy flags reads back through the new API, and what was there is restored
-as found either way (a process that had never set it gets ``"none"`` back).
+TF32 lives in two of PyTorch's APIs at once: the legacy one (``allow_tf32``, ``set_float32_matmul_precision``)
+and, since torch 2.9, ``fp32_precision`` (per backend and operation, which PyTorch now recommends and which
+recent cuBLAS calls read). A state where the two disagree makes the legacy getters raise ("mix of the legacy and
+new APIs"), and on torch whose cuBLAS calls read the checking getter (seen in older sources), every matmul. So a call's
+flags are written through both, consistently, and what the process had is saved whole and put back in the same
+order; a legacy flag whose getter raised (a state the process left mixed) is not written back, and reads what the
+new API says afterwards. Reading only the legacy flags made every CUDA call fail on
+entry once the process had set ``torch.backends.cuda.matmul.fp32_precision = "tf32"``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from skmm._process_setting import ProcessSetting
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CUDA_MATH", "cuda_math", "ieee_fp32", "read_cuda_math", "write_cuda_math"]
+__all__ = ["CUDA_MATH", "CudaMath", "cuda_math", "held_flags", "ieee_fp32", "read_cuda_math", "write_cuda_math"]
 
-#: (matmul precision, cuDNN enabled, cuDNN benchmark, cuDNN deterministic, cuDNN convolution precision):
-#: the precisions are "ieee" or "tf32" (or "none", PyTorch's "never set", as read from a fresh process).
-CudaMath = tuple[str, bool, bool, bool, str]
+class CudaMath(NamedTuple):
+    """The flags a call holds. ``None``: a legacy getter that raised (a state the process left mixed), not
+    written back; the precisions are fp32_precision's strings ("ieee", "tf32", "none": not set)."""
+
+    matmul_precision: str | None  # torch.get_float32_matmul_precision(): "highest", "high", "medium"
+    cudnn_allow_tf32: bool | None  # torch.backends.cudnn.allow_tf32
+    precisions: tuple[str, ...]  # fp32_precision of: all backends, cuDNN, CUDA matmul, cuDNN conv, cuDNN RNN
+    cudnn_enabled: bool
+    cudnn_benchmark: bool
+    cudnn_deterministic: bool
+
+    @property
+    def tf32(self) -> tuple[str, str]:
+        """(CUDA matmul, cuDNN conv) fp32 precision."""
+        return self.precisions[2], self.precisions[3]
 
 
 def _new_api() -> bool:
@@ -34,32 +49,57 @@ def _new_api() -> bool:
     return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
 
 
+def _precision_fields() -> list[tuple[Any, str]]:
+    import torch
+
+    cudnn = torch.backends.cudnn
+    return [(torch.backends, "fp32_precision"), (cudnn, "fp32_precision"), (torch.backends.cuda.matmul,
+            "fp32_precision"), (cudnn.conv, "fp32_precision"), (cudnn.rnn, "fp32_precision")]
+
+
+def _or_none(read: Callable[[], Any]) -> Any:
+    try:
+        return read()
+    except RuntimeError:  # "mix of the legacy and new APIs"
+        return None
+
+
 def read_cuda_math() -> CudaMath:
-    """The process's flags now (:data:`CudaMath`)."""
+    """The process's flags now."""
     import torch
 
     cudnn = torch.backends.cudnn
     if _new_api():
-        matmul, conv = torch.backends.cuda.matmul.fp32_precision, cudnn.conv.fp32_precision
+        precisions = tuple(getattr(owner, name) for owner, name in _precision_fields())
     else:  # torch < 2.9: the legacy flags only
-        matmul = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-        conv = "tf32" if cudnn.allow_tf32 else "ieee"
-    return (matmul, cudnn.enabled, cudnn.benchmark, cudnn.deterministic, conv)
+        tf32 = ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee", "tf32" if cudnn.allow_tf32 else "ieee")
+        precisions = ("none", "none", tf32[0], tf32[1], tf32[1])
+    return CudaMath(_or_none(torch.get_float32_matmul_precision), _or_none(lambda: cudnn.allow_tf32), precisions,
+                    cudnn.enabled, cudnn.benchmark, cudnn.deterministic)
 
 
 def write_cuda_math(flags: CudaMath) -> None:
-    """Set the process's flags to ``flags`` (as :func:`read_cuda_math` gives them)."""
+    """Set the process's flags to ``flags`` (as :func:`read_cuda_math` gives them): the legacy ones first (writing
+    them also writes the new API's), then the new API's, parents before children."""
     import torch
 
-    matmul, enabled, benchmark, deterministic, conv = flags
     cudnn = torch.backends.cudnn
+    if flags.matmul_precision is not None:
+        torch.set_float32_matmul_precision(flags.matmul_precision)
+    if flags.cudnn_allow_tf32 is not None:
+        cudnn.allow_tf32 = flags.cudnn_allow_tf32
     if _new_api():
-        torch.backends.cuda.matmul.fp32_precision = matmul
-        cudnn.conv.fp32_precision = conv
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = matmul == "tf32"
-        cudnn.allow_tf32 = conv == "tf32"
-    cudnn.enabled, cudnn.benchmark, cudnn.deterministic = enabled, benchmark, deterministic
+        for (owner, name), value in zip(_precision_fields(), flags.precisions, strict=True):
+            setattr(owner, name, value)
+    cudnn.enabled, cudnn.benchmark, cudnn.deterministic = (flags.cudnn_enabled, flags.cudnn_benchmark,
+                                                           flags.cudnn_deterministic)
+
+
+def held_flags(tf32: bool) -> CudaMath:
+    """What a call holds: TF32 on or off for cuBLAS and cuDNN in both APIs, cuDNN deterministic, no benchmark."""
+    precision = "tf32" if tf32 else "ieee"
+    return CudaMath("high" if tf32 else "highest", tf32, ("none", "none", precision, precision, precision),
+                    True, False, True)
 
 
 CUDA_MATH = ProcessSetting("CUDA's math flags", read_cuda_math, write_cuda_math)
@@ -73,8 +113,7 @@ def cuda_math(device: torch.device, tf32: bool) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    precision = "tf32" if tf32 else "ieee"
-    with CUDA_MATH.hold((precision, True, False, True, precision)):
+    with CUDA_MATH.hold(held_flags(tf32)):
         yield
 
 

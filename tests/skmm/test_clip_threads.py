@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from skmm._cuda_math import cuda_math as _cuda_math
+from skmm._cuda_math import held_flags
 from skmm._cuda_math import read_cuda_math as _read_cuda_math
 from skmm._cuda_math import write_cuda_math as _write_cuda_math
 from skmm.models.clip import (
@@ -80,11 +81,11 @@ CUDA = torch.device("cuda")  # the flags are set on any build; no device is used
 
 
 def _math_flags() -> tuple:
-    """(matmul precision, cuDNN enabled, benchmark, deterministic, convolution precision)."""
+    """The TF32 flags of both of PyTorch's APIs and cuDNN's others (:class:`skmm._cuda_math.CudaMath`)."""
     return _read_cuda_math()
 
 
-IEEE = ("ieee", True, False, True, "ieee")
+IEEE = held_flags(tf32=False)
 
 
 def _overlapping(first, second, look: Callable[[], Any] | None = None) -> dict[str, Any]:
@@ -128,7 +129,8 @@ def _overlapping(first, second, look: Callable[[], Any] | None = None) -> dict[s
 
 
 def _state() -> tuple:
-    return (*_math_flags(), torch.get_num_threads())
+    """(the math flags, this thread's torch thread count)."""
+    return _math_flags(), torch.get_num_threads()
 
 
 @pytest.fixture
@@ -144,17 +146,17 @@ def test_an_fp32_call_keeps_ieee_math_after_a_concurrent_one_leaves(settings):
     flags, _threads = settings
     seen = _overlapping(lambda: _cuda_math(CUDA, tf32=False), lambda: _cuda_math(CUDA, tf32=False))
     assert seen["2 entered before 1 left"]  # the same setting: held together
-    assert seen["1"][:5] == seen["2"][:5] == IEEE
-    assert seen["2 after 1 left"][:5] == IEEE  # was the process's flags (TF32 convolutions, not deterministic)
+    assert seen["1"][0] == seen["2"][0] == IEEE
+    assert seen["2 after 1 left"][0] == IEEE  # was the process's flags (TF32 convolutions, not deterministic)
     assert _math_flags() == flags  # the last one out restores what was there
 
 
 def test_a_call_wanting_other_math_waits_for_the_holders_to_leave(settings):
     flags, _threads = settings
     seen = _overlapping(lambda: _cuda_math(CUDA, tf32=False), lambda: _cuda_math(CUDA, tf32=True))
-    assert seen["1"][:5] == IEEE
+    assert seen["1"][0] == IEEE
     assert not seen["2 entered before 1 left"]
-    assert seen["2"][:5] == ("tf32", True, False, True, "tf32")
+    assert seen["2"][0] == held_flags(tf32=True)
     assert _math_flags() == flags
 
 
@@ -174,12 +176,12 @@ def test_concurrent_thread_counts_are_each_threads_own_and_the_default_is_restor
     default, so every thread started afterwards ran on one thread."""
     _flags, threads = settings
     seen = _overlapping(lambda: _torch_threads(1), lambda: _torch_threads(1))
-    assert seen["2 entered before 1 left"] and seen["1"][5] == seen["2"][5] == seen["2 after 1 left"][5] == 1
-    assert seen["1 out"][5] == seen["2 out"][5] == threads  # each thread's own count back
+    assert seen["2 entered before 1 left"] and seen["1"][1] == seen["2"][1] == seen["2 after 1 left"][1] == 1
+    assert seen["1 out"][1] == seen["2 out"][1] == threads  # each thread's own count back
     assert _new_thread_count() == threads and torch.get_num_threads() == threads
     seen = _overlapping(lambda: _torch_threads(1), lambda: _torch_threads(threads + 1))
-    assert not seen["2 entered before 1 left"] and seen["2"][5] == threads + 1
-    assert seen["1 out"][5] == seen["2 out"][5] == threads
+    assert not seen["2 entered before 1 left"] and seen["2"][1] == threads + 1
+    assert seen["1 out"][1] == seen["2 out"][1] == threads
     assert _new_thread_count() == threads and torch.get_num_threads() == threads
 
 

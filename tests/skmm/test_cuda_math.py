@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from skmm._cuda_math import cuda_math, ieee_fp32, read_cuda_math
+from skmm._cuda_math import cuda_math, held_flags, ieee_fp32, read_cuda_math
 from skmm.select import _torch_ops
 
 CUDA = torch.device("cuda")  # no device is used: only the flags
 MATMUL, CONV = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-IEEE = ("ieee", True, False, True, "ieee")
+IEEE = held_flags(tf32=False)
 
 
 def _everything() -> tuple:
@@ -62,18 +62,38 @@ def test_a_process_that_set_tf32_with_pytorchs_new_api_still_runs_ieee_calls():
     assert (MATMUL.fp32_precision, CONV.fp32_precision) == ("tf32", "tf32")
 
 
-@pytest.mark.parametrize("set_by", ["legacy flags", "set_float32_matmul_precision", "never set"])
-def test_what_the_process_set_reads_back_the_same_way_after_a_call(set_by):
-    if set_by == "legacy flags":
+def _set(state: str) -> None:
+    if state == "legacy flags":
         MATMUL.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = False
-    elif set_by == "set_float32_matmul_precision":
-        torch.set_float32_matmul_precision("high")
-    before = (MATMUL.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
-    for tf32 in (False, True):
-        with cuda_math(CUDA, tf32=tf32):
-            assert read_cuda_math()[0] == ("tf32" if tf32 else "ieee")
-        assert (MATMUL.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()) == before
+    elif state == "set_float32_matmul_precision":
+        torch.set_float32_matmul_precision("medium")
+    elif state == "the new API":
+        MATMUL.fp32_precision = "tf32"
+        CONV.fp32_precision = "ieee"
+
+
+STATES = ["never set", "legacy flags", "set_float32_matmul_precision", "the new API"]
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("state", STATES)
+def test_a_call_sets_both_apis_consistently_and_puts_back_exactly_what_was_there(state, tf32):
+    """Inside a call the two APIs agree (where they disagree, the legacy getters raise, and on torch whose
+    cuBLAS calls read that getter, every matmul). After it, the new API's flags and cuDNN's others are as
+    before, and so is every legacy getter that could be read before; one that raised (a state the process left
+    mixed) is not written back and reads what the new API says."""
+    _set(state)
+    before = _everything()
+    with cuda_math(CUDA, tf32=tf32):
+        assert read_cuda_math() == held_flags(tf32)
+        assert (MATMUL.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
+        assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+        assert (MATMUL.fp32_precision, CONV.fp32_precision) == (("tf32",) * 2 if tf32 else ("ieee",) * 2)
+    legacy, *rest = _everything()
+    assert rest == list(before[1:])
+    readable = [i for i, then in enumerate(before[0]) if then is not None]
+    assert [legacy[i] for i in readable] == [before[0][i] for i in readable]
 
 
 def test_nothing_is_touched_off_cuda():
