@@ -38,7 +38,8 @@ Decisions:
   pinned and copied asynchronously. Serial decoding would cap the stage at the CPU's decode rate (~2.6 ms per
   ~56 KB JPEG on one core, bench/README.md §8) whatever the device. On the CPU the default stays serial: the
   gradients keep the cores busy, and a decode worker made the stage slower (measured 0.79–0.88× on 2 cores).
-  The rows are bitwise those of serial decoding at the same batch size. The finetuner
+  The rows are bitwise those of serial decoding at the same batch size, on CUDA too (where the SJLT sketch is
+  a matmul rather than an atomic ``index_add_``: :mod:`skmm.sketch.sjlt`). The finetuner
   (:class:`skmm.finetune.LastLayersFinetuner`) decodes its token passes the same way.
 - fp32 throughout; TF32 off on CUDA during the call (as in embedding), so rows agree across batch sizes,
   orders and devices to ~1e-5.

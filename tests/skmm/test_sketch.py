@@ -130,3 +130,53 @@ def test_cuda_matches_cpu(kind):
     gpu = proj.project(X.cuda())
     assert gpu.is_cuda
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+
+
+SJLT_R = 480  # blocks of 100 coordinates: four whole ones and a short fifth
+
+
+@pytest.mark.parametrize("nnz", [1, 2])
+@pytest.mark.parametrize("lo, hi", [(0, SJLT_R), (100, 300), (400, SJLT_R)])
+def test_sjlt_dense_chunk_is_gamma_exactly(nnz, lo, hi):
+    """The dense Γ that CUDA multiplies by holds exactly the signs the sparse sum adds: the sketch of the identity's
+    rows (each output a single sign plus zeros)."""
+    proj = make_projector("sjlt", SJLT_R, 16, 3, block_rows=100, nnz=nnz)
+    gamma = proj.project(np.eye(SJLT_R, dtype=np.float32))
+    dense = proj.dense_chunk(lo, hi)
+    assert dense.dtype == torch.float32 and dense.shape == (hi - lo, 16)
+    np.testing.assert_array_equal(dense.numpy(), gamma[lo:hi])
+    assert ((dense != 0).sum(dim=1) == nnz).all()
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float64", 1e-12)])
+@pytest.mark.parametrize("chunk_bytes", [16 * 100 * 8, 1 << 30])  # one block per chunk (a short last one); one chunk
+def test_sjlt_dense_projection_equals_the_sparse_sum_to_rounding(monkeypatch, dtype, tol, chunk_bytes):
+    """CUDA's path (matmul per chunk of Γ) run on the CPU: the same sketch as the sparse sum, to the summation
+    order's rounding, whatever the chunking."""
+    from skmm.sketch import sjlt
+
+    monkeypatch.setattr(sjlt, "DENSE_CHUNK_BYTES", chunk_bytes)
+    proj = make_projector("sjlt", SJLT_R, 16, 3, block_rows=100, nnz=2, dtype=dtype)
+    X = torch.from_numpy(np.random.default_rng(0).standard_normal((9, SJLT_R))).to(getattr(torch, dtype))
+    dense = proj._project_dense(X, proj.spec)
+    torch.testing.assert_close(dense, proj._project(X, proj.spec), rtol=tol, atol=tol)
+
+
+def test_sjlt_dense_chunk_bounds_are_checked():
+    proj = make_projector("sjlt", SJLT_R, 16, 3, block_rows=100)
+    for lo, hi in [(50, 100), (0, SJLT_R + 1), (200, 200), (-100, 10)]:
+        with pytest.raises(ValueError, match="block boundary"):
+            proj.dense_chunk(lo, hi)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sjlt_sketch_is_the_same_bits_on_every_run():
+    """CUDA's index_add_ sums with atomics, in another order each run: the sparse sum's last bits changed from run
+    to run. The dense matmul of one shape gives the same bits every time."""
+    proj = make_projector("sjlt", 1 << 20, 512, 3)
+    X = torch.from_numpy(np.random.default_rng(0).standard_normal((64, 1 << 20), dtype=np.float32)).cuda()
+    first = proj.project(X).cpu()
+    for _ in range(3):
+        assert torch.equal(proj.project(X).cpu(), first)
+    torch.testing.assert_close(first, proj.project(X.cpu()), rtol=1e-4, atol=1e-4)
