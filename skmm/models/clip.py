@@ -1476,6 +1476,34 @@ def _encode_block(model, block: torch.Tensor, rows: int, device: torch.device, n
     return features[:n]
 
 
+def _fetch_async(features: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying a block's features to the host: ``(host tensor, CUDA event or None)`` for :func:`_fetched`.
+
+    On CUDA the copy goes into pinned memory without blocking, and an event marks its end. A blocking ``.cpu()``
+    of block k issued after block k+1 was queued waited for block k+1 too (one stream), so the device idled while
+    the host gathered, regrouped and pinned block k+2; waiting on block k's event lets the host do that while the
+    device encodes k+1. Off CUDA the features are already on the host."""
+    import torch
+
+    if features.device.type != "cuda":
+        return features, None
+    host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+    host.copy_(features, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _fetched(pending: tuple[torch.Tensor, Any]) -> np.ndarray:
+    """The features :func:`_fetch_async` started copying, once there: a plain numpy copy, so the pinned buffer
+    goes back to torch's host cache at once (a shard's whole output is never held pinned)."""
+    host, done = pending
+    if done is None:
+        return host.numpy()
+    done.synchronize()  # never read a non-blocking device-to-host copy before its event
+    return host.numpy().copy()
+
+
 def _embed_dim(model, spec: ClipSpec, device: torch.device) -> int:
     import torch
 
@@ -1571,7 +1599,7 @@ def _embed(images: Iterable[Any], spec: ClipSpec, model, preprocess, dev: torch.
                                    pin=dev.type == "cuda", threads=bool(decode_threads),
                                    shared=decode_workers is None) if workers or decode_threads
                   else _serial_blocks(images, rows, batch_size, preprocess, max_pixels))
-    previous: torch.Tensor | None = None  # the last block's features, fetched after the next block is queued
+    pending: tuple[torch.Tensor, Any] | None = None  # the last block's features, read after the next is queued
     try:
         if block_workers:
             for features in blocks:
@@ -1581,14 +1609,14 @@ def _embed(images: Iterable[Any], spec: ClipSpec, model, preprocess, dev: torch.
         else:
             with _torch_threads(num_threads), cuda_math(dev, spec.precision == "tf32"), torch.inference_mode():
                 for block in blocks:
-                    features = _encode_block(model, block, rows, dev, normalize, spec.precision)
-                    if previous is not None:
-                        out.append(previous.cpu().numpy())
-                    previous = features
+                    fetching = _fetch_async(_encode_block(model, block, rows, dev, normalize, spec.precision))
+                    if pending is not None:
+                        out.append(_fetched(pending))
+                    pending = fetching
                     if bar is not None:
                         bar.update(len(block))
-                if previous is not None:
-                    out.append(previous.cpu().numpy())
+                if pending is not None:
+                    out.append(_fetched(pending))
         if not out:
             with torch.inference_mode():
                 return np.zeros((0, _embed_dim(model, spec, dev)), dtype=np.float32)

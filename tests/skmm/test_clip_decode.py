@@ -602,3 +602,18 @@ def test_cuda_features_are_bitwise_batch_and_shard_invariant(pool, precision):
     assert np.array_equal(embed_images([pool[i] for i in order], spec, device="cuda"), reference[order])
     cpu = embed_images(pool, ClipSpec(TINY_MODEL), device="cpu", decode_workers=0)
     np.testing.assert_allclose(reference, cpu, atol={"fp32": 1e-4, "tf32": 1e-2, "bf16": 5e-2}[precision])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_blocks_read_back_while_the_next_one_encodes_arrive_whole_and_in_order(pool):
+    """On CUDA block k's features are copied to the host without blocking and read once its event is done, after
+    block k+1 is queued (clip._fetch_async): ten 16-row blocks here, every row in its place."""
+    from skmm.models.clip import _fetch_async, _fetched
+
+    spec = ClipSpec(TINY_MODEL, block_rows=16)
+    got = embed_images(pool, spec, device="cuda", decode_workers=0)
+    np.testing.assert_allclose(got, embed_images(pool, spec, device="cpu", decode_workers=0), atol=1e-4)
+    features = torch.randn(16, 8, device="cuda")
+    host = _fetched(_fetch_async(features))
+    assert np.array_equal(host, features.cpu().numpy()) and host.flags.owndata  # a copy, not the pinned buffer
