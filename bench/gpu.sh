@@ -30,6 +30,7 @@ BUDGET=${SKMM_GPU_SH_BUDGET_S:-450}
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "SKMM_GPU_SH_BUDGET_S must be whole seconds; got '$BUDGET'" >&2; exit 2; }
 MIN_STEP_S=${SKMM_GPU_SH_MIN_STEP_S:-15}  # a step with less than this left is skipped
 [[ $MIN_STEP_S =~ ^[0-9]+$ ]] || { echo "SKMM_GPU_SH_MIN_STEP_S must be whole seconds; got '$MIN_STEP_S'" >&2; exit 2; }
+SHM_NEED_MIB=${SKMM_GPU_SH_SHM_MIB:-2048}  # decode jobs in flight: up to 2 × cores × ~39 MB at 224 px
 PY=${PYTHON:-python3}
 [[ -z "${PYTHON:-}" && -x .venv/bin/python ]] && PY=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -96,6 +97,21 @@ fi
   "$PY" -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'cuda', \
 torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 } 2>&1 | tee "$SKMM_BENCH_OUT/gpu_sh_machine.log"
+# A small /dev/shm (a container's 64 MB, say) kills the decode workers with SIGBUS, which the stages report as
+# workers "killed from outside": on the device, grow it (commands run as root there) or else decode in the
+# calling thread, and say so. Never on the CPU run (--tiny), which is this machine's own /dev/shm.
+if (( ! TINY )); then
+  read -r shm_total_mib shm_free_mib < <(df -Pk /dev/shm | awk 'NR == 2 {print int($2 / 1024), int($4 / 1024)}')
+  if (( shm_free_mib < SHM_NEED_MIB )); then
+    if (( shm_total_mib < 8192 )) && mount -o remount,size=8G /dev/shm 2>/dev/null; then  # grow, never shrink
+      shm="/dev/shm had ${shm_free_mib} MiB free: remounted at 8G"
+    else
+      export SKMM_DECODE_WORKERS=0
+      shm="/dev/shm has ${shm_free_mib} MiB free (< ${SHM_NEED_MIB}) and cannot grow: SKMM_DECODE_WORKERS=0"
+    fi
+    echo "$shm" | tee -a "$SKMM_BENCH_OUT/gpu_sh_machine.log"
+  fi
+fi
 
 # 1. Every CUDA test (bitwise batch invariance of the embed stage on CUDA at fp32/tf32/bf16, sketches, gradients,
 #    selection, the finetuner); tests/skmm needs neither Prefect nor DuckDB.

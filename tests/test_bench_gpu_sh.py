@@ -17,13 +17,14 @@ TINY_STEPS = ["cuda_tests", "embed_fp32", "embed_bf16", "ft_sketch", "select_dev
               "select_numpy"]
 
 
-def run_gpu_sh(tmp_path: pathlib.Path, budget: str, *args: str, min_step: str = "15") -> subprocess.CompletedProcess:
+def run_gpu_sh(tmp_path: pathlib.Path, budget: str, *args: str, min_step: str = "15", tiny: bool = True,
+               **extra_env: str) -> subprocess.CompletedProcess:
     (tmp_path / "tmp").mkdir(exist_ok=True)  # the steps' temp folder: a step killed at its limit cleans up nothing
     env = {**os.environ, "PYTHON": sys.executable, "SKMM_GPU_SH_BUDGET_S": budget, "SKMM_GPU_SH_MIN_STEP_S": min_step,
            "SKMM_BENCH_OUT": str(tmp_path / "results"), "PREFECT_HOME": str(tmp_path / "prefect"),
-           "TMPDIR": str(tmp_path / "tmp")}
-    return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny", *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+           "TMPDIR": str(tmp_path / "tmp"), **extra_env}
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), *(["--tiny"] if tiny else []), *args], env=env,
+                          capture_output=True, text=True, timeout=120)
 
 
 def steps(tmp_path: pathlib.Path) -> list[dict]:
@@ -70,3 +71,15 @@ def test_a_bad_budget_or_argument_is_refused(tmp_path):
     assert odd.returncode == 2 and "usage" in odd.stderr
     low = run_gpu_sh(tmp_path, "10", min_step="-1")
     assert low.returncode == 2 and "SKMM_GPU_SH_MIN_STEP_S must be whole seconds" in low.stderr
+
+
+def test_a_small_dev_shm_on_the_device_turns_the_decode_workers_off_and_says_so(tmp_path):
+    """Decode workers send images back through /dev/shm; a small one (a container's 64 MB) kills them with SIGBUS.
+    The device run (no --tiny; every step skipped by a zero budget) grows it when it is under 8 GiB, and otherwise,
+    as on this machine with a demand it cannot meet, decodes in the calling thread and says so."""
+    done = run_gpu_sh(tmp_path, "0", tiny=False, SKMM_GPU_SH_SHM_MIB=str(1 << 40))
+    machine = (tmp_path / "results" / "gpu_sh_machine.log").read_text()
+    assert done.returncode == 1 and "cannot grow: SKMM_DECODE_WORKERS=0" in machine, done.stdout + done.stderr
+    enough = run_gpu_sh(tmp_path, "0", tiny=False, SKMM_GPU_SH_SHM_MIB="1")
+    machine = (tmp_path / "results" / "gpu_sh_machine.log").read_text()  # rewritten by each run
+    assert enough.returncode == 1 and "SKMM_DECODE_WORKERS" not in machine and "remounted" not in machine
