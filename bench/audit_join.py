@@ -65,11 +65,9 @@ def generate(store: ArtifactStore, pool: int) -> DatasetRef:
 
 def join(store_dir: str, ref_json: str, wanted: int, seed: int) -> dict:
     """Run in a child process (without torch, which bench/_common imports): the timed join, its peak memory."""
-    from storage.audit import dataset_rows
+    from _proc import peak_rss_mib as peak_rss_mb  # this process image's (getrusage keeps the parent's past exec)
 
-    def peak_rss_mb() -> float:  # this process image's high-water mark (getrusage keeps the parent's past exec)
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024.0
+    from storage.audit import dataset_rows
 
     store, ref = ArtifactStore(store_dir), DatasetRef.from_dict(json.loads(ref_json))
     picks = np.random.default_rng(seed).choice(ref.num_rows, size=wanted, replace=False)

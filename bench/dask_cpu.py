@@ -36,6 +36,7 @@ import time
 import numpy as np
 import scale_pool  # bench/ is the script's folder, so it is on the path
 from _common import record
+from _proc import peak_rss_mib
 from scale import in_child
 
 
@@ -73,13 +74,12 @@ def _children_memory() -> list[dict]:
     out = []
     for child in psutil.Process().children(recursive=True):
         try:
-            status = pathlib.Path(f"/proc/{child.pid}/status").read_text()
+            peak = peak_rss_mib(child.pid)
             uss = child.memory_full_info().uss
             command = " ".join(child.cmdline())
         except (OSError, psutil.Error):  # it ended while being read
             continue
-        kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-        out.append({"peak_rss_mib": round(kib / 1024, 1), "uss_mib": round(uss / 2**20, 1), "command": command[:100]})
+        out.append({"peak_rss_mib": round(peak, 1), "uss_mib": round(uss / 2**20, 1), "command": command[:100]})
     return sorted(out, key=lambda c: c["peak_rss_mib"])
 
 

@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 import scale_pool  # bench/ is the script's folder, so it is on the path
+from _proc import peak_rss_mib as vmhwm_mib
 
 
 def _counting_store(path: str) -> Any:
@@ -124,10 +125,7 @@ def _peak_child(which: str, store_path: str, dataset: dict, chosen: list[str], c
     if which != "baseline":  # baseline: the imports only
         fn = old_selected_images if which == "old" else _selected_images
         fn(_counting_store(store_path), DatasetRef.from_dict(dataset), chosen)
-    # VmHWM, not ru_maxrss: the latter survives exec, so a spawned child would report its parent's peak
-    with open("/proc/self/status") as fh:
-        hwm_kib = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-    conn.send(hwm_kib / 1024)
+    conn.send(vmhwm_mib())  # VmHWM, not ru_maxrss: the latter survives exec
     conn.close()
 
 

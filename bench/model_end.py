@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 import scale_pool  # bench/ is the script's folder, so it is on the path
+from _proc import peak_rss_mib
 
 DIM = 512
 
@@ -81,8 +82,7 @@ def _child(which: str, model: dict, emb: dict, dataset: dict, store: dict, conn:
         start = time.perf_counter()
         out["metrics"] = fn(model, emb, dataset, store)
         out["wall_s"] = round(time.perf_counter() - start, 2)
-    with open("/proc/self/status") as fh:
-        out["peak_rss_mib"] = round(next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024, 1)
+    out["peak_rss_mib"] = round(peak_rss_mib(), 1)
     conn.send(out)
     conn.close()
 
