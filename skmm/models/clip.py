@@ -762,9 +762,19 @@ def _weights_stamp(spec: ClipSpec) -> tuple | None:
         return None
 
 
+def _device_key(device: torch.device) -> str:
+    """``device`` as the model cache keys it: "cuda" is the current CUDA device by its index, so "cuda" and
+    "cuda:0" share one tower (and its decode pool) instead of loading two."""
+    if device.type == "cuda" and device.index is None:
+        import torch
+
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def _cached_model(spec: ClipSpec, device: torch.device):
     spec = replace(spec, precision="fp32", block_rows=BLOCK_ROWS)  # one tower whatever the precision and block
-    key = (spec, str(device), _weights_stamp(spec))
+    key = (spec, _device_key(device), _weights_stamp(spec))
     with _CACHE_LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)

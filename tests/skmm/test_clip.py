@@ -398,3 +398,13 @@ def test_images_above_the_pixel_limit_name_the_sample():
                               "above the limit of 100 pixels"), message
     assert "--max-pixels" in message
     assert clip_module.MAX_PIXELS == Image.MAX_IMAGE_PIXELS == 89_478_485  # the default is Pillow's
+
+
+def test_cuda_and_its_index_share_one_cached_tower(monkeypatch):
+    """The model cache keyed "cuda" and "cuda:0" apart: two towers on one device, and two decode pools (a pool
+    serves the preprocess object it was made for)."""
+    from skmm.models.clip import _device_key
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # no device is touched
+    assert _device_key(torch.device("cuda")) == _device_key(torch.device("cuda:0")) == "cuda:0"
+    assert _device_key(torch.device("cuda:1")) == "cuda:1" and _device_key(torch.device("cpu")) == "cpu"
