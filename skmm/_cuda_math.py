@@ -31,16 +31,15 @@ class CudaMath(NamedTuple):
     written back; the precisions are fp32_precision's strings ("ieee", "tf32", "none": not set)."""
 
     matmul_precision: str | None  # torch.get_float32_matmul_precision(): "highest", "high", "medium"
+    matmul_allow_tf32: bool | None  # torch.backends.cuda.matmul.allow_tf32
     cudnn_allow_tf32: bool | None  # torch.backends.cudnn.allow_tf32
-    precisions: tuple[str, ...]  # fp32_precision of: all backends, cuDNN, CUDA matmul, cuDNN conv, cuDNN RNN
+    precisions: tuple[str, str, str]  # fp32_precision of CUDA matmul, cuDNN conv, cuDNN RNN
+    #: fp32_precision of the fields no call holds but the legacy setters write (:func:`_fields`), restored with the
+    #: rest; None in what a call holds: as those setters leave them, consistent with the legacy flags.
+    bystanders: tuple[str, ...] | None
     cudnn_enabled: bool
     cudnn_benchmark: bool
     cudnn_deterministic: bool
-
-    @property
-    def tf32(self) -> tuple[str, str]:
-        """(CUDA matmul, cuDNN conv) fp32 precision."""
-        return self.precisions[2], self.precisions[3]
 
 
 def _new_api() -> bool:
@@ -49,12 +48,21 @@ def _new_api() -> bool:
     return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
 
 
-def _precision_fields() -> list[tuple[Any, str]]:
+def _fields(names: str) -> list[tuple[Any, str]]:
+    """(owner, "fp32_precision") of ``"cuda"``: the fields a call holds (CUDA matmul, cuDNN conv, cuDNN RNN); or of
+    ``"bystanders"``: the others, which the legacy setters may write too (every backend's default, cuDNN's, and the
+    CPU's oneDNN, which ``set_float32_matmul_precision`` sets): a call leaves them as its legacy writes make them,
+    consistent with the legacy flags (else ``get_float32_matmul_precision`` raises inside it), and puts them back
+    after."""
     import torch
 
-    cudnn = torch.backends.cudnn
-    return [(torch.backends, "fp32_precision"), (cudnn, "fp32_precision"), (torch.backends.cuda.matmul,
-            "fp32_precision"), (cudnn.conv, "fp32_precision"), (cudnn.rnn, "fp32_precision")]
+    cudnn, mkldnn = torch.backends.cudnn, torch.backends.mkldnn
+    if names == "cuda":
+        owners = [torch.backends.cuda.matmul, cudnn.conv, cudnn.rnn]
+    else:  # parents before children
+        owners = [torch.backends, cudnn, *([mkldnn] if hasattr(mkldnn, "fp32_precision") else []),
+                  *(getattr(mkldnn, op) for op in ("matmul", "conv", "rnn") if hasattr(mkldnn, op))]
+    return [(owner, "fp32_precision") for owner in owners]
 
 
 def _or_none(read: Callable[[], Any]) -> Any:
@@ -68,14 +76,16 @@ def read_cuda_math() -> CudaMath:
     """The process's flags now."""
     import torch
 
-    cudnn = torch.backends.cudnn
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     if _new_api():
-        precisions = tuple(getattr(owner, name) for owner, name in _precision_fields())
+        precisions = tuple(getattr(owner, name) for owner, name in _fields("cuda"))
+        bystanders = tuple(getattr(owner, name) for owner, name in _fields("bystanders"))
     else:  # torch < 2.9: the legacy flags only
-        tf32 = ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee", "tf32" if cudnn.allow_tf32 else "ieee")
-        precisions = ("none", "none", tf32[0], tf32[1], tf32[1])
-    return CudaMath(_or_none(torch.get_float32_matmul_precision), _or_none(lambda: cudnn.allow_tf32), precisions,
-                    cudnn.enabled, cudnn.benchmark, cudnn.deterministic)
+        tf32 = ("tf32" if matmul.allow_tf32 else "ieee", "tf32" if cudnn.allow_tf32 else "ieee")
+        precisions, bystanders = (tf32[0], tf32[1], tf32[1]), ()
+    return CudaMath(_or_none(torch.get_float32_matmul_precision), _or_none(lambda: matmul.allow_tf32),
+                    _or_none(lambda: cudnn.allow_tf32), precisions, bystanders, cudnn.enabled, cudnn.benchmark,
+                    cudnn.deterministic)
 
 
 def write_cuda_math(flags: CudaMath) -> None:
@@ -86,10 +96,15 @@ def write_cuda_math(flags: CudaMath) -> None:
     cudnn = torch.backends.cudnn
     if flags.matmul_precision is not None:
         torch.set_float32_matmul_precision(flags.matmul_precision)
+    elif flags.matmul_allow_tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = flags.matmul_allow_tf32
     if flags.cudnn_allow_tf32 is not None:
         cudnn.allow_tf32 = flags.cudnn_allow_tf32
     if _new_api():
-        for (owner, name), value in zip(_precision_fields(), flags.precisions, strict=True):
+        if flags.bystanders is not None:
+            for (owner, name), value in zip(_fields("bystanders"), flags.bystanders, strict=True):
+                setattr(owner, name, value)
+        for (owner, name), value in zip(_fields("cuda"), flags.precisions, strict=True):
             setattr(owner, name, value)
     cudnn.enabled, cudnn.benchmark, cudnn.deterministic = (flags.cudnn_enabled, flags.cudnn_benchmark,
                                                            flags.cudnn_deterministic)
@@ -98,8 +113,7 @@ def write_cuda_math(flags: CudaMath) -> None:
 def held_flags(tf32: bool) -> CudaMath:
     """What a call holds: TF32 on or off for cuBLAS and cuDNN in both APIs, cuDNN deterministic, no benchmark."""
     precision = "tf32" if tf32 else "ieee"
-    return CudaMath("high" if tf32 else "highest", tf32, ("none", "none", precision, precision, precision),
-                    True, False, True)
+    return CudaMath("high" if tf32 else "highest", tf32, tf32, (precision,) * 3, None, True, False, True)
 
 
 CUDA_MATH = ProcessSetting("CUDA's math flags", read_cuda_math, write_cuda_math)
