@@ -1498,9 +1498,9 @@ def _fetch_async(features: torch.Tensor) -> tuple[torch.Tensor, Any]:
     if features.device.type != "cuda":
         return features, None
     host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
-    host.copy_(features, non_blocking=True)
+    host.copy_(features, non_blocking=True)  # queued on the current stream of the features' device
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(features.device))  # that stream: not the current device's ("cuda:1")
     return host, done
 
 
