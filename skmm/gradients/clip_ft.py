@@ -38,8 +38,9 @@ Decisions:
   pinned and copied asynchronously. Serial decoding would cap the stage at the CPU's decode rate (~2.6 ms per
   ~56 KB JPEG on one core, bench/README.md §8) whatever the device. On the CPU the default stays serial: the
   gradients keep the cores busy, and a decode worker made the stage slower (measured 0.79–0.88× on 2 cores).
-  The rows are bitwise those of serial decoding at the same batch size, on CUDA too (where the SJLT sketch is
-  a matmul rather than an atomic ``index_add_``: :mod:`skmm.sketch.sjlt`). The finetuner
+  The rows are bitwise those of serial decoding at the same batch size; on CUDA by design too (the SJLT
+  sketch is a matmul there, not an atomic ``index_add_``: :mod:`skmm.sketch.sjlt`), asserted by a CUDA test not
+  yet run on a device. The finetuner
   (:class:`skmm.finetune.LastLayersFinetuner`) decodes its token passes the same way.
 - fp32 throughout; TF32 off on CUDA during the call (as in embedding), so rows agree across batch sizes,
   orders and devices to ~1e-5.
@@ -498,6 +499,10 @@ def ft_gradient_sketch(
         projector = make_projector(projector_kind, r, sketch_dim, seed, **extra)
     if batch_size is None:
         cache = getattr(projector, "cache_bytes", 0) if projector is not None else 0
+        if projector_kind == "sjlt" and projector is not None and dev.type == "cuda":
+            from skmm.sketch.sjlt import DENSE_CHUNK_BYTES
+
+            cache += DENSE_CHUNK_BYTES  # the chunk of dense Γ the CUDA sketch multiplies by
         batch_size = ft_batch_size(dev, r, sketch_dim if projector is not None else None,
                                    activation_bytes=ft_activation_bytes(model, int(k)), fixed_bytes=cache)
         log.info("FT gradients: batch size %d on %s (r = %d)", batch_size, dev, r)

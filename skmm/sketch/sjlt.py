@@ -5,11 +5,11 @@ instead of O(batch · r · m). With nnz > 1 the m outputs are split into nnz gro
 one bucket per group, so its nonzeros never collide.
 
 On CUDA the sum is a dense matmul per chunk of coordinates (:meth:`SJLTProjector._project_dense`), not
-``index_add_``: CUDA's ``index_add_`` adds with atomics, so coordinates landing in one bucket were summed in a
-different order on every run and the sketch's last bits changed from run to run (two runs of the FT gradients, with
-decode workers and without, differed). A matmul of one shape is deterministic on a device, costs 2·batch·r·m
-flops (about 30 ms for a 256-row batch of ViT-B/32's last block at m = 512 on an H200), and launches a few
-kernels per chunk instead of three per 1 024-coordinate block.
+``index_add_``: CUDA's ``index_add_`` adds with atomics (PyTorch lists it as nondeterministic), so coordinates
+landing in one bucket are summed in whatever order the atomics land, and the sketch's last bits may change from
+run to run. A matmul of one shape is deterministic on a device, costs 2·batch·r·m flops (arithmetic, unmeasured:
+~2 TFLOP for a 256-row batch of ViT-B/32's last block at m = 512), and launches a few kernels per chunk instead
+of three per 1 024-coordinate block.
 """
 
 from __future__ import annotations
