@@ -31,6 +31,7 @@ BUDGET=${SKMM_GPU_SH_BUDGET_S:-450}
 MIN_STEP_S=${SKMM_GPU_SH_MIN_STEP_S:-15}  # a step with less than this left is skipped
 [[ $MIN_STEP_S =~ ^[0-9]+$ ]] || { echo "SKMM_GPU_SH_MIN_STEP_S must be whole seconds; got '$MIN_STEP_S'" >&2; exit 2; }
 SHM_NEED_MIB=${SKMM_GPU_SH_SHM_MIB:-2048}  # decode jobs in flight: up to 2 × cores × ~39 MB at 224 px
+[[ $SHM_NEED_MIB =~ ^[0-9]+$ ]] || { echo "SKMM_GPU_SH_SHM_MIB must be whole MiB; got '$SHM_NEED_MIB'" >&2; exit 2; }
 PY=${PYTHON:-python3}
 [[ -z "${PYTHON:-}" && -x .venv/bin/python ]] && PY=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1

@@ -73,13 +73,33 @@ def test_a_bad_budget_or_argument_is_refused(tmp_path):
     assert low.returncode == 2 and "SKMM_GPU_SH_MIN_STEP_S must be whole seconds" in low.stderr
 
 
-def test_a_small_dev_shm_on_the_device_turns_the_decode_workers_off_and_says_so(tmp_path):
+def _stub(folder: pathlib.Path, name: str, script: str) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text("#!/usr/bin/env bash\n" + script)
+    (folder / name).chmod(0o755)
+
+
+def test_a_small_dev_shm_on_the_device_is_grown_or_else_the_decode_workers_are_turned_off(tmp_path):
     """Decode workers send images back through /dev/shm; a small one (a container's 64 MB) kills them with SIGBUS.
-    The device run (no --tiny; every step skipped by a zero budget) grows it when it is under 8 GiB, and otherwise,
-    as on this machine with a demand it cannot meet, decodes in the calling thread and says so."""
-    done = run_gpu_sh(tmp_path, "0", tiny=False, SKMM_GPU_SH_SHM_MIB=str(1 << 40))
-    machine = (tmp_path / "results" / "gpu_sh_machine.log").read_text()
-    assert done.returncode == 1 and "cannot grow: SKMM_DECODE_WORKERS=0" in machine, done.stdout + done.stderr
-    enough = run_gpu_sh(tmp_path, "0", tiny=False, SKMM_GPU_SH_SHM_MIB="1")
-    machine = (tmp_path / "results" / "gpu_sh_machine.log").read_text()  # rewritten by each run
-    assert enough.returncode == 1 and "SKMM_DECODE_WORKERS" not in machine and "remounted" not in machine
+    The device run (no --tiny; every step skipped by a zero budget) grows it to 8G where it is under 8 GiB, and
+    otherwise decodes in the calling thread and says so. ``mount`` and ``df`` are stubs: the test never touches
+    this machine's /dev/shm."""
+    stubs = tmp_path / "bin"
+    _stub(stubs, "mount", f'echo "$@" >> {tmp_path}/mount.calls; exit "${{MOUNT_EXIT:-0}}"\n')
+    small = "Filesystem 1024-blocks Used Available Capacity Mounted\nshm 65536 0 65536 0% /dev/shm\n"
+    _stub(stubs, "df", f'printf "{small}"\n')
+    path = f"{stubs}:{os.environ['PATH']}"
+
+    def machine_log(**env: str) -> str:
+        done = run_gpu_sh(tmp_path, "0", tiny=False, PATH=path, **env)
+        assert done.returncode == 1, done.stdout + done.stderr  # every step skipped
+        return (tmp_path / "results" / "gpu_sh_machine.log").read_text()  # rewritten by each run
+
+    assert "/dev/shm had 64 MiB free: remounted at 8G" in machine_log()
+    assert (tmp_path / "mount.calls").read_text() == "-o remount,size=8G /dev/shm\n"
+    assert "64 MiB free (< 2048) and cannot grow: SKMM_DECODE_WORKERS=0" in machine_log(MOUNT_EXIT="1")
+    enough = machine_log(SKMM_GPU_SH_SHM_MIB="64")
+    assert "SKMM_DECODE_WORKERS" not in enough and "remounted" not in enough
+    assert (tmp_path / "mount.calls").read_text().count("\n") == 2  # the first two runs only
+    bad = run_gpu_sh(tmp_path, "0", tiny=False, PATH=path, SKMM_GPU_SH_SHM_MIB="2G")
+    assert bad.returncode == 2 and "SKMM_GPU_SH_SHM_MIB must be whole MiB" in bad.stderr
