@@ -8,6 +8,7 @@ order and give the same rows (up to floating-point summation order).
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import Any
@@ -109,7 +110,8 @@ class BlockProjector(Projector):
     """A sketch whose rows are drawn ``block_rows`` at a time from (seed, block index) and never stored whole.
 
     Blocks are regenerated on demand; up to ``cache_bytes`` of them are kept per device (LRU), so small
-    sketches are drawn once and sketches of any size run in bounded memory.
+    sketches are drawn once and sketches of any size run in bounded memory. Threads may share a projector (the
+    cache is locked; a block is drawn outside the lock); a copy or pickle starts with an empty cache.
     """
 
     def __init__(
@@ -123,9 +125,23 @@ class BlockProjector(Projector):
     ) -> None:
         super().__init__(input_dim, output_dim, random_state, dtype, block_rows)
         self.cache_bytes = cache_bytes
+        self._reset_cache()
+
+    def _reset_cache(self) -> None:
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
         self._cache_key: str | None = None
         self._cached = 0
+        self._cache_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in ("_cache", "_cache_key", "_cached", "_cache_lock"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_cache()
 
     @abstractmethod
     def _draw_block(self, rng: np.random.Generator, rows: int, spec: SketchSpec) -> tuple[np.ndarray, ...]:
@@ -136,25 +152,27 @@ class BlockProjector(Projector):
         """Add X_block Γ_block into ``out`` (batch, m) in place."""
 
     def _block(self, j: int, spec: SketchSpec, device: torch.device) -> tuple[torch.Tensor, ...]:
-        if self._cache_key != spec.digest:  # parameters changed since the cache was filled
-            self._cache.clear()
-            self._cached = 0
-            self._cache_key = spec.digest
         key = (j, str(device))
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
+        with self._cache_lock:
+            if self._cache_key != spec.digest:  # parameters changed since the cache was filled
+                self._cache.clear()
+                self._cached = 0
+                self._cache_key = spec.digest
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
         rows = min(spec.block_rows, spec.input_dim - j * spec.block_rows)
         arrays = self._draw_block(_block_rng(spec.seed, j), rows, spec)
         block = tuple(torch.from_numpy(a).to(device) for a in arrays)
         size = sum(b.element_size() * b.numel() for b in block)
-        if size <= self.cache_bytes:
-            self._cache[key] = block
-            self._cached += size
-            while self._cached > self.cache_bytes:
-                _, old = self._cache.popitem(last=False)
-                self._cached -= sum(b.element_size() * b.numel() for b in old)
+        with self._cache_lock:
+            if size <= self.cache_bytes and self._cache_key == spec.digest and key not in self._cache:
+                self._cache[key] = block
+                self._cached += size
+                while self._cached > self.cache_bytes:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached -= sum(b.element_size() * b.numel() for b in old)
         return block
 
     def _project(self, X: torch.Tensor, spec: SketchSpec) -> torch.Tensor:

@@ -149,7 +149,7 @@ def test_sjlt_dense_chunk_is_gamma_exactly(nnz, lo, hi):
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float64", 1e-12)])
-@pytest.mark.parametrize("chunk_bytes", [16 * 100 * 8, 1 << 30])  # one block per chunk (a short last one); one chunk
+@pytest.mark.parametrize("chunk_bytes", [16 * 100 * 8, 1 << 30])  # 1–2 blocks per chunk (a short last one); one chunk
 def test_sjlt_dense_projection_equals_the_sparse_sum_to_rounding(monkeypatch, dtype, tol, chunk_bytes):
     """CUDA's path (matmul per chunk of Γ) run on the CPU: the same sketch as the sparse sum, to the summation
     order's rounding, whatever the chunking."""
@@ -180,3 +180,30 @@ def test_cuda_sjlt_sketch_is_the_same_bits_on_every_run():
     for _ in range(3):
         assert torch.equal(proj.project(X).cpu(), first)
     torch.testing.assert_close(first, proj.project(X.cpu()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "sjlt"])
+def test_threads_sharing_a_projector_get_its_rows_and_copies_start_with_an_empty_cache(kind):
+    """The block cache had no lock: threads sharing a projector with a small cache raised KeyError from its
+    eviction and miscounted its size."""
+    import copy
+    import pickle
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    proj = make_projector(kind, 4000, 32, 5, block_rows=50, cache_bytes=50 * 32 * 8 * 3)  # a few blocks' worth
+    X = np.random.default_rng(1).standard_normal((8, 4000)).astype(np.float32)
+    expected = make_projector(kind, 4000, 32, 5, block_rows=50).project(X)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes: the races show every run
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda _: proj.project(X), range(24)))
+    finally:
+        sys.setswitchinterval(interval)
+    assert all(np.array_equal(r, expected) for r in results)
+    assert proj._cached == sum(b.element_size() * b.numel() for block in proj._cache.values() for b in block)
+    assert proj._cached <= proj.cache_bytes
+    for other in (copy.deepcopy(proj), pickle.loads(pickle.dumps(proj))):
+        assert other._cached == 0 and not other._cache
+        assert np.array_equal(other.project(X), expected)
