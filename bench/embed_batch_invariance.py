@@ -114,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    block_rows = args.block_rows or clip_module.default_block_rows(device)
+    block_rows = args.block_rows if args.block_rows is not None else clip_module.default_block_rows(device)
     spec = ClipSpec(args.model, init_seed=0, block_rows=block_rows)
     images = digit_pngs(max(args.n, args.n_check), spec.image_size)
     check = images[: args.n_check]
@@ -170,6 +170,7 @@ def main() -> None:
         "model": args.model, "pretrained": None, "init_seed": 0, "image_size": spec.image_size,
         "device": str(device), "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
         "n_check": args.n_check, "checks": checks,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),  # every way ran under it
         "n_images": args.n, "batch_size": 64, "block_rows": spec.block_rows,
         "padded_rows_per_call": -args.n % spec.block_rows, "repeats": args.repeats,
         "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},

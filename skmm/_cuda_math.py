@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CUDA_MATH", "CudaMath", "cuda_math", "held_flags", "ieee_fp32", "read_cuda_math", "write_cuda_math"]
 
+
 class CudaMath(NamedTuple):
     """The flags a call holds. ``None``: a legacy getter that raised (a state the process left mixed), not
     written back; the precisions are fp32_precision's strings ("ieee", "tf32", "none": not set)."""

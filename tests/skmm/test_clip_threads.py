@@ -21,10 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from skmm._cuda_math import cuda_math as _cuda_math
-from skmm._cuda_math import held_flags
-from skmm._cuda_math import read_cuda_math as _read_cuda_math
-from skmm._cuda_math import write_cuda_math as _write_cuda_math
+from skmm._cuda_math import cuda_math, held_flags, read_cuda_math, write_cuda_math
 from skmm.models.clip import (
     ClipSpec,
     _torch_threads,
@@ -82,7 +79,7 @@ CUDA = torch.device("cuda")  # the flags are set on any build; no device is used
 
 def _math_flags() -> tuple:
     """The TF32 flags of both of PyTorch's APIs and cuDNN's others (:class:`skmm._cuda_math.CudaMath`)."""
-    return _read_cuda_math()
+    return read_cuda_math()
 
 
 IEEE = held_flags(tf32=False)
@@ -143,13 +140,13 @@ def settings():
     """The process's math flags and thread count, put back after the test whatever happens."""
     flags, threads = _math_flags(), torch.get_num_threads()
     yield flags, threads
-    _write_cuda_math(flags)
+    write_cuda_math(flags)
     torch.set_num_threads(threads)
 
 
 def test_an_fp32_call_keeps_ieee_math_after_a_concurrent_one_leaves(settings):
     flags, _threads = settings
-    seen = _overlapping(lambda: _cuda_math(CUDA, tf32=False), lambda: _cuda_math(CUDA, tf32=False))
+    seen = _overlapping(lambda: cuda_math(CUDA, tf32=False), lambda: cuda_math(CUDA, tf32=False))
     assert seen["2 entered before 1 left"]  # the same setting: held together
     assert seen["1"][0] == seen["2"][0] == IEEE
     assert seen["2 after 1 left"][0] == IEEE  # was the process's flags (TF32 convolutions, not deterministic)
@@ -158,7 +155,7 @@ def test_an_fp32_call_keeps_ieee_math_after_a_concurrent_one_leaves(settings):
 
 def test_a_call_wanting_other_math_waits_for_the_holders_to_leave(settings):
     flags, _threads = settings
-    seen = _overlapping(lambda: _cuda_math(CUDA, tf32=False), lambda: _cuda_math(CUDA, tf32=True))
+    seen = _overlapping(lambda: cuda_math(CUDA, tf32=False), lambda: cuda_math(CUDA, tf32=True))
     assert seen["1"][0] == IEEE
     assert not seen["2 entered before 1 left"]
     assert seen["2"][0] == held_flags(tf32=True)
@@ -192,11 +189,11 @@ def test_concurrent_thread_counts_are_each_threads_own_and_the_default_is_restor
 
 def test_a_nested_call_may_keep_the_setting_but_not_change_it(settings):
     flags, _threads = settings
-    with _cuda_math(CUDA, tf32=False), _cuda_math(CUDA, tf32=False):
+    with cuda_math(CUDA, tf32=False), cuda_math(CUDA, tf32=False):
         assert _held(_math_flags()) == IEEE
     assert _math_flags() == flags
-    with _cuda_math(CUDA, tf32=False), pytest.raises(RuntimeError, match="already holds"):
-        with _cuda_math(CUDA, tf32=True):
+    with cuda_math(CUDA, tf32=False), pytest.raises(RuntimeError, match="already holds"):
+        with cuda_math(CUDA, tf32=True):
             pass
     assert _math_flags() == flags
 
