@@ -269,8 +269,10 @@ def test_writer_killed_mid_write_leaves_no_dangling_lineage(store, tmp_path):
     """Acceptance: SIGKILL in the middle of writing a model → no partial artifact, no lineage row pointing at a
     missing artifact; the next run succeeds and is fully auditable."""
     run_id = str(uuid.uuid4())
+    # The killed writer's staging file (an S3 store stages in <temp>/skmm-staging-<uid>, swept by clean_staging
+    # after a day) goes to the test's own temp folder, not the system's.
     proc = subprocess.Popen([sys.executable, "-c", CRASH_WRITER, store.url, json.dumps(store.storage_options),
-                             run_id], stdout=subprocess.PIPE, text=True, env=_child_env())
+                             run_id], stdout=subprocess.PIPE, text=True, env={**_child_env(), "TMPDIR": str(tmp_path)})
     try:
         assert proc.stdout.readline().strip() == "ready"
     finally:
