@@ -7,6 +7,7 @@
 #   bash bench/gpu_wheels.sh                           # here, first: .gpu-wheels/ (open_clip, ftfy, wcwidth)
 #   SKMM_BENCH_OUT=/tmp/r bash bench/gpu.sh --pack "$OUT"   # there: carry .gpu-wheels; one archive back in $OUT
 #   bash bench/gpu.sh --tiny    # the same commands on the CPU at tiny sizes (the tiny tower): checks the script
+#   bash bench/gpu.sh --preflight   # only the machine checks that act (/dev/shm, below)
 #
 # The steps run in order of what issue 12 asks for first: the CUDA tests, ViT-B-32 embedding at fp32 and bf16, the
 # FT gradients + sketch, selection at N = 10^6 and 10^7; then the extras (tf32, the host CPU's block workers, the
@@ -17,12 +18,13 @@
 # (the device returns at most 8 files: one archive holds every log and JSON, also when the call is cut short).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-TINY=0 PACK=""
+TINY=0 PACK="" PREFLIGHT_ONLY=0
 while (( $# )); do
   case $1 in
     --tiny) TINY=1 ;;
     --pack) PACK=${2:?--pack needs a folder}; shift ;;
-    *) echo "usage: bash bench/gpu.sh [--tiny] [--pack DIR]" >&2; exit 2 ;;
+    --preflight) PREFLIGHT_ONLY=1 ;;
+    *) echo "usage: bash bench/gpu.sh [--tiny] [--pack DIR] [--preflight]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -45,8 +47,27 @@ else
   export SKMM_BENCH_OUT="${SKMM_BENCH_OUT:-$PWD/bench/results}"
 fi
 mkdir -p "$SKMM_BENCH_OUT"
-STEPS="$SKMM_BENCH_OUT/gpu_sh_steps.jsonl"
+STEPS="$SKMM_BENCH_OUT/gpu_sh_steps.jsonl" MACHINE="$SKMM_BENCH_OUT/gpu_sh_machine.log"
 : > "$STEPS"
+: > "$MACHINE"
+
+# A small /dev/shm (a container's 64 MB, say) kills the decode workers with SIGBUS, which the stages report as
+# workers "killed from outside": on the device, grow it (commands run as root there) or else decode in the
+# calling thread, and say so. Never on the CPU run (--tiny), which is this machine's own /dev/shm.
+# --preflight: this check alone, then exit.
+if (( ! TINY )); then
+  read -r shm_total_mib shm_free_mib < <(df -Pk /dev/shm | awk 'NR == 2 {print int($2 / 1024), int($4 / 1024)}')
+  if (( shm_free_mib < SHM_NEED_MIB )); then
+    if (( shm_total_mib < 8192 )) && mount -o remount,size=8G /dev/shm 2>/dev/null; then  # grow, never shrink
+      shm="/dev/shm had ${shm_free_mib} MiB free: remounted at 8G"
+    else
+      export SKMM_DECODE_WORKERS=0
+      shm="/dev/shm has ${shm_free_mib} MiB free (< ${SHM_NEED_MIB}) and cannot grow: SKMM_DECODE_WORKERS=0"
+    fi
+    echo "$shm" | tee -a "$MACHINE"
+  fi
+fi
+(( PREFLIGHT_ONLY )) && exit 0
 failed=() skipped=()
 
 pack() {  # the results folder as one archive in $PACK, replaced whole (a cut-short call keeps the last one)
@@ -98,23 +119,7 @@ fi
   nproc
   "$PY" -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'cuda', \
 torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-} 2>&1 | tee "$SKMM_BENCH_OUT/gpu_sh_machine.log"
-# A small /dev/shm (a container's 64 MB, say) kills the decode workers with SIGBUS, which the stages report as
-# workers "killed from outside": on the device, grow it (commands run as root there) or else decode in the
-# calling thread, and say so. Never on the CPU run (--tiny), which is this machine's own /dev/shm.
-if (( ! TINY )); then
-  read -r shm_total_mib shm_free_mib < <(df -Pk /dev/shm | awk 'NR == 2 {print int($2 / 1024), int($4 / 1024)}')
-  if (( shm_free_mib < SHM_NEED_MIB )); then
-    if (( shm_total_mib < 8192 )) && mount -o remount,size=8G /dev/shm 2>/dev/null; then  # grow, never shrink
-      shm="/dev/shm had ${shm_free_mib} MiB free: remounted at 8G"
-    else
-      export SKMM_DECODE_WORKERS=0
-      shm="/dev/shm has ${shm_free_mib} MiB free (< ${SHM_NEED_MIB}) and cannot grow: SKMM_DECODE_WORKERS=0"
-    fi
-    echo "$shm" | tee -a "$SKMM_BENCH_OUT/gpu_sh_machine.log"
-  fi
-fi
-
+} 2>&1 | tee -a "$MACHINE"
 # 1. Every CUDA test (bitwise batch invariance of the embed stage on CUDA at fp32/tf32/bf16, sketches, gradients,
 #    selection, the finetuner); tests/skmm needs neither Prefect nor DuckDB.
 step 120 cuda_tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/skmm -rA
