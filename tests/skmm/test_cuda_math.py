@@ -117,28 +117,33 @@ def test_the_device_selection_holds_ieee_math_as_the_other_cuda_calls_do(monkeyp
     embedding in another thread ran partly in IEEE mode, and whichever left last set the process's flag. It now
     waits for the tf32 call to leave and holds IEEE math itself."""
     seen: list[tuple] = []
-    monkeypatch.setattr(_torch_ops, "_fista",
-                        lambda *args: seen.append(read_cuda_math()._replace(bystanders=None)) or "result")
-    held, release = threading.Event(), threading.Event()
+    held, release, leaving = threading.Event(), threading.Event(), threading.Event()
+
+    def fista(*args) -> str:  # what FISTA runs under, and whether the tf32 call was still inside then
+        seen.append((read_cuda_math()._replace(bystanders=None), not leaving.is_set()))
+        return "result"
+
+    monkeypatch.setattr(_torch_ops, "_fista", fista)
 
     def tf32_call() -> None:
         with cuda_math(CUDA, tf32=True):
             held.set()
             release.wait(10)
+            leaving.set()  # still holding: nothing waiting for the flags can have run before this
 
     other = threading.Thread(target=tf32_call)
     other.start()
     held.wait(10)
     result: list = []
-    fista = threading.Thread(target=lambda: result.append(_torch_ops.fista_on_device(
+    runner = threading.Thread(target=lambda: result.append(_torch_ops.fista_on_device(
         np.zeros((2, 2)), 1, None, None, None, None, None, 1, 0.0, np.float32, CUDA)))
-    fista.start()
-    fista.join(0.5)
-    assert fista.is_alive() and not seen  # waits while the tf32 call holds the flags
+    runner.start()
+    runner.join(0.5)
+    assert runner.is_alive() and not seen  # waits while the tf32 call holds the flags (however late it started)
     release.set()
     other.join(10)
-    fista.join(10)
-    assert result == ["result"] and seen == [IEEE]
+    runner.join(10)
+    assert result == ["result"] and seen == [(IEEE, False)]  # IEEE, and only once the tf32 call had left
 
 
 def _random_state(rng: random.Random) -> list[str]:
