@@ -120,6 +120,7 @@ fi
   "$PY" -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'cuda', \
 torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 } 2>&1 | tee -a "$MACHINE"
+
 # 1. Every CUDA test (bitwise batch invariance of the embed stage on CUDA at fp32/tf32/bf16, sketches, gradients,
 #    selection, the finetuner); tests/skmm needs neither Prefect nor DuckDB.
 step 120 cuda_tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/skmm -rA

@@ -25,6 +25,11 @@ __all__ = ["BlockProjector", "Projector"]
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def _nbytes(block: tuple[torch.Tensor, ...]) -> int:
+    """The bytes a cached block holds."""
+    return sum(b.element_size() * b.numel() for b in block)
+
+
 def _block_rng(seed: int, block: int) -> np.random.Generator:
     """Generator for one block of Γ: a pure function of (seed, block index), on every machine."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, block])))
@@ -165,14 +170,14 @@ class BlockProjector(Projector):
         rows = min(spec.block_rows, spec.input_dim - j * spec.block_rows)
         arrays = self._draw_block(_block_rng(spec.seed, j), rows, spec)
         block = tuple(torch.from_numpy(a).to(device) for a in arrays)
-        size = sum(b.element_size() * b.numel() for b in block)
+        size = _nbytes(block)
         with self._cache_lock:
             if size <= self.cache_bytes and self._cache_key == spec.digest and key not in self._cache:
                 self._cache[key] = block
                 self._cached += size
                 while self._cached > self.cache_bytes:
                     _, old = self._cache.popitem(last=False)
-                    self._cached -= sum(b.element_size() * b.numel() for b in old)
+                    self._cached -= _nbytes(old)
         return block
 
     def _project(self, X: torch.Tensor, spec: SketchSpec) -> torch.Tensor:
