@@ -49,6 +49,28 @@ def _no_block_workers_between_tests():
     yield
 
 
+def _open_dask_clusters() -> set:
+    """The Dask clusters this process started and has not closed (none before distributed is imported)."""
+    import sys
+
+    spec = sys.modules.get("distributed.deploy.spec")
+    if spec is None:
+        return set()
+    return {c for c in list(spec.SpecCluster._instances) if getattr(getattr(c, "status", None), "name", "") != "closed"}
+
+
+@pytest.fixture(autouse=True)
+def _no_dask_cluster_left_running():
+    """A test closes the Dask clusters it starts. One left open (a cluster built only to read its spec) kept its
+    scheduler and workers running through every later test and logged into closed streams at the session's exit."""
+    before = _open_dask_clusters()
+    yield
+    left = _open_dask_clusters() - before
+    for cluster in left:
+        cluster.close(timeout=30)
+    assert not left, f"the test left Dask clusters running: {sorted(c.name for c in left)}"
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1 (or an endpoint given by SKMM_TEST_S3_ENDPOINT, e.g. from .ci/run)."""

@@ -343,11 +343,11 @@ def test_gpu_cluster_gives_each_worker_one_device():
         seen = client.run(lambda: __import__("os").environ.get("CUDA_VISIBLE_DEVICES"))
         started = client.run(_start_environment)
         names = {w["name"]: w for w in client.scheduler_info()["workers"].values()}
+        decoders = [spec["options"]["env"]["SKMM_DECODE_WORKERS"] for spec in cluster.worker_spec.values()]
     assert sorted(seen.values()) == ["0", "1"]
     assert [env.get("MALLOC_MMAP_THRESHOLD_") for env in started.values()] == [str(32 << 20)] * 2
     assert sorted(names) == ["gpu-0", "gpu-1"]
-    assert gpu_cluster(["0"]).worker_spec["gpu-0"]["options"]["env"]["SKMM_DECODE_WORKERS"] == \
-        worker_env(1)["SKMM_DECODE_WORKERS"]  # the host's cores for decoding, less one
+    assert decoders == [worker_env(2)["SKMM_DECODE_WORKERS"]] * 2  # each worker's share of the host's cores
     with pytest.raises(ValueError, match="at least one device"):
         gpu_cluster([])
 
