@@ -90,6 +90,7 @@ def test_a_small_dev_shm_on_the_device_is_grown_or_else_the_decode_workers_are_t
     _stub(stubs, "mount", f'echo "$@" >> {tmp_path}/mount.calls; exit "${{MOUNT_EXIT:-0}}"\n')
     small = "Filesystem 1024-blocks Used Available Capacity Mounted\nshm 65536 0 65536 0% /dev/shm\n"
     _stub(stubs, "df", f'printf "{small}"\n')
+    _stub(stubs, "nproc", 'echo "${NPROC:-4}"\n')  # the demand grows with the cores: 2 GiB up to 25 of them
     path = f"{stubs}:{os.environ['PATH']}"
 
     def machine_log(**env: str) -> str:
@@ -100,8 +101,9 @@ def test_a_small_dev_shm_on_the_device_is_grown_or_else_the_decode_workers_are_t
     assert "/dev/shm had 64 MiB free: remounted at 8G" in machine_log()
     assert (tmp_path / "mount.calls").read_text() == "-o remount,size=8G /dev/shm\n"
     assert "64 MiB free (< 2048) and cannot grow: SKMM_DECODE_WORKERS=0" in machine_log(MOUNT_EXIT="1")
+    assert "64 MiB free (< 2560) and cannot grow" in machine_log(MOUNT_EXIT="1", NPROC="32")  # 2 × 32 × 40 MiB
     enough = machine_log(SKMM_GPU_SH_SHM_MIB="64")
     assert "SKMM_DECODE_WORKERS" not in enough and "remounted" not in enough
-    assert (tmp_path / "mount.calls").read_text().count("\n") == 2  # the first two runs only
+    assert (tmp_path / "mount.calls").read_text().count("\n") == 3  # the first three runs only
     bad = run_gpu_sh(tmp_path, "0", tiny=False, PATH=path, SKMM_GPU_SH_SHM_MIB="2G")
     assert bad.returncode == 2 and "SKMM_GPU_SH_SHM_MIB must be whole MiB" in bad.stderr
