@@ -178,14 +178,16 @@ def embed_on_plain_dask(dataset: dict, store: str, workers: int) -> dict:
     os.environ.update(env)
     from distributed import Client, LocalCluster
 
+    from flows.runners import HTTP_ADDRESS, LOOPBACK
     from storage.datasets import DatasetRef, load_manifest
     from tasks.embed import run_embed_shard
     from tasks.store import open_store, store_spec
 
     spec = store_spec(store)
     shards = [sh.to_dict() for sh in load_manifest(open_store(spec), DatasetRef.from_dict(dataset)).shards]
-    with LocalCluster(n_workers=workers, processes=True, threads_per_worker=1, dashboard_address=None,
-                      env=env) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=workers, processes=True, threads_per_worker=1, dashboard_address=None, env=env,
+                      host=LOOPBACK, scheduler_kwargs={"dashboard_address": HTTP_ADDRESS}) as cluster, \
+            Client(cluster) as client:
         client.wait_for_workers(workers, timeout=300)
         client.run(_warm_worker)
         start = time.perf_counter()

@@ -200,13 +200,23 @@ def prefect_api_env() -> dict[str, str]:
     return {"PREFECT_API_URL": str(url)} if url else {}
 
 
+#: Where our local clusters listen. A Dask scheduler runs whatever pickled function a client sends it, so none of a
+#: local cluster's servers may be reachable from another host (the GPU cluster's listened on every interface).
+LOOPBACK = "127.0.0.1"
+#: The scheduler's HTTP server (Dask's /health and /metrics; no dashboard, bokeh is not installed): on a free
+#: loopback port, never the fixed 8787 that two clusters on one host fight over.
+HTTP_ADDRESS = f"{LOOPBACK}:0"
+
+
 def local_cluster(n_workers: int, threads_per_worker: int = 1, **options: Any):
-    """A Dask LocalCluster of ``n_workers`` processes for the flow run being executed: each with its share of
-    the cores (:func:`worker_env`), the run's Prefect API (:func:`prefect_api_env`) and glibc's mmap threshold
-    from its start (:func:`spawn_env`)."""
+    """A Dask LocalCluster of ``n_workers`` processes for the flow run being executed, listening on loopback only
+    (:data:`LOOPBACK`): each worker with its share of the cores (:func:`worker_env`), the run's Prefect API
+    (:func:`prefect_api_env`) and glibc's mmap threshold from its start (:func:`spawn_env`)."""
     from distributed import LocalCluster
 
     env = {**worker_env(n_workers, threads_per_worker), **prefect_api_env()}
+    options = {"host": LOOPBACK, **options}
+    options["scheduler_kwargs"] = {"dashboard_address": HTTP_ADDRESS, **(options.get("scheduler_kwargs") or {})}
     return LocalCluster(n_workers=n_workers, processes=True, threads_per_worker=threads_per_worker,
                         dashboard_address=None, env=env, worker_class=_nanny_class(), **options)
 
@@ -214,17 +224,19 @@ def local_cluster(n_workers: int, threads_per_worker: int = 1, **options: Any):
 def gpu_cluster(devices: Sequence[str], threads_per_worker: int = 1, **scheduler_options: Any):
     """A local Dask cluster with one worker process per GPU: worker ``gpu-<d>`` sees only device ``d``
     (``CUDA_VISIBLE_DEVICES=d``, set by its nanny before the worker starts, so CUDA never sees the others), and
-    its share of the host's cores for decoding (:func:`worker_env`)."""
+    its share of the host's cores for decoding (:func:`worker_env`). Scheduler, nannies and workers listen on
+    loopback only (:data:`LOOPBACK`; ``scheduler_options`` may say otherwise)."""
     from distributed import Scheduler, SpecCluster
 
     devices = [str(d).strip() for d in devices if str(d).strip()]
     if not devices:
         raise ValueError("gpu_cluster needs at least one device id (e.g. ['0', '1'])")
     share = {**worker_env(len(devices), threads_per_worker), **prefect_api_env()}
-    workers = {f"gpu-{d}": {"cls": _nanny_class(), "options": {"nthreads": threads_per_worker,
+    workers = {f"gpu-{d}": {"cls": _nanny_class(), "options": {"nthreads": threads_per_worker, "host": LOOPBACK,
                                                       "env": {**share, "CUDA_VISIBLE_DEVICES": d}}}
                for d in devices}
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, **scheduler_options}}
+    scheduler = {"cls": Scheduler, "options": {"host": LOOPBACK, "dashboard": False, "dashboard_address": HTTP_ADDRESS,
+                                               **scheduler_options}}
     return SpecCluster(workers=workers, scheduler=scheduler, name="skmm-gpus")
 
 

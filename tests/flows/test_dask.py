@@ -9,6 +9,8 @@ from flow_helpers import FAST, task_states
 from flows.curate import SourceConfig, curate
 from flows.runners import (
     DAEMON_SETTING,
+    HTTP_ADDRESS,
+    LOOPBACK,
     dask_task_runner,
     gpu_cluster,
     local_cluster,
@@ -42,8 +44,8 @@ def test_curate_on_a_two_worker_dask_cluster_equals_one_process(prefect_server, 
     dask_store = store_spec(f"s3://{name}/dask", options["endpoint_url"])  # its own cache: nothing is a hit
     single = curate(**ARGS, store_url=single_store["url"], endpoint_url=options["endpoint_url"])
 
-    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, host=LOOPBACK,
+                      scheduler_kwargs={"dashboard_address": HTTP_ADDRESS}) as cluster, Client(cluster) as client:
         flow = curate.with_options(task_runner=dask_task_runner(address=cluster.scheduler_address))
         state = flow(**ARGS, store_url=dask_store["url"], endpoint_url=options["endpoint_url"], return_state=True)
         executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
@@ -350,6 +352,41 @@ def test_gpu_cluster_gives_each_worker_one_device():
     assert decoders == [worker_env(2)["SKMM_DECODE_WORKERS"]] * 2  # each worker's share of the host's cores
     with pytest.raises(ValueError, match="at least one device"):
         gpu_cluster([])
+
+
+def _listening(pids: set[int]) -> set[tuple[int, str, int]]:
+    """(pid, ip, port) of every TCP socket these processes listen on."""
+    import psutil
+
+    found = set()
+    for pid in pids:
+        for conn in psutil.Process(pid).net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                found.add((pid, conn.laddr.ip, conn.laddr.port))
+    return found
+
+
+@pytest.mark.parametrize("make", [lambda: local_cluster(1), lambda: gpu_cluster(["0"])], ids=["local", "gpu"])
+def test_a_clusters_scheduler_and_workers_listen_on_loopback_only(make):
+    """A Dask scheduler runs whatever pickled function a client sends it: the GPU cluster's scheduler, nanny and
+    worker listened on every interface (0.0.0.0 and ::), so anyone who could reach the host could run code as the
+    user. Our local clusters listen on 127.0.0.1 alone, the HTTP server (Dask's /health and /metrics) on a free
+    port rather than 8787."""
+    import os
+
+    import psutil
+
+    me = os.getpid()
+    before = _listening({me})
+    with make() as cluster:
+        cluster.wait_for_workers(1, timeout=120)
+        children = {p.pid for p in psutil.Process(me).children(recursive=True)}
+        opened = _listening({me, *children}) - before
+        addresses = [cluster.scheduler_address, *cluster.scheduler_info["workers"]]
+    assert {pid for pid, _, _ in opened} & children and me in {pid for pid, _, _ in opened}
+    assert {ip for _, ip, _ in opened} == {"127.0.0.1"}, sorted(opened)
+    assert 8787 not in {port for _, _, port in opened}  # a free port is never 8787 (below the ephemeral range)
+    assert all(a.startswith("tcp://127.0.0.1:") for a in addresses), addresses
 
 
 def test_cli_runs_the_shard_stages_on_a_local_dask_cluster(prefect_server, tmp_path):
