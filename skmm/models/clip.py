@@ -1128,13 +1128,20 @@ def _process_pool(workers: int, initializer, initargs: tuple):
     ``pymp-*`` temp folder. Made in the worker, that folder is removed only by the worker's own exit handlers, so
     a worker killed (by the out-of-memory killer, say) or terminated with its broken pool left it in the system's
     temp folder. This process's folder is made first instead: the workers inherit it, and it goes when this
-    process exits."""
+    process exits.
+
+    Pillow's format plugins are imported first too, by the thread that forks (at the pool's first ``submit``). A
+    worker forked while another thread was inside the process's first ``Image.open`` inherited that import's
+    module lock, held by a thread the worker does not have, and its own first ``Image.open`` waited forever. Here
+    the import waits for the other thread's to finish, and the workers find every plugin loaded."""
     import multiprocessing
     import multiprocessing.util
     from concurrent.futures import ProcessPoolExecutor
 
     import torch.multiprocessing  # noqa: F401 - registers the reductions that return tensors via shared memory
+    from PIL import Image
 
+    Image.init()
     multiprocessing.util.get_temp_dir()
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=initializer,
                                initargs=initargs)

@@ -532,6 +532,64 @@ def test_workers_that_die_leave_nothing_in_the_temp_folder(tmp_path):
     assert sorted(p.name for p in temp.glob("pymp-*")) == []
 
 
+_FORK_MID_IMPORT = """
+import importlib.machinery, io, pathlib, sys, threading, time
+from PIL import Image
+from skmm.models import TINY_MODEL, ClipSpec, embed_images
+
+assert "PIL.JpegImagePlugin" not in sys.modules, "the test needs Pillow's plugins not yet imported"
+importing = threading.Event()
+
+class SlowJpegPlugin:  # the import of Pillow's JPEG plugin takes 3 s, so the fork falls inside it
+    def find_spec(self, name, path, target=None):
+        if name != "PIL.JpegImagePlugin":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            importing.set()
+            time.sleep(3)
+            run(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+import torch
+from skmm.models import clip
+clip._cached_model(ClipSpec(TINY_MODEL), torch.device("cpu"))  # the tower built first: the fork comes at once
+sys.meta_path.insert(0, SlowJpegPlugin())
+images = [p.read_bytes() for p in sorted(pathlib.Path(sys.argv[1]).glob("*.jpg"))]
+opener = threading.Thread(target=lambda: Image.open(io.BytesIO(images[0])).load())  # this process's first open
+opener.start()
+assert importing.wait(60)
+features = embed_images(images, ClipSpec(TINY_MODEL), device="cpu", **{sys.argv[2]: 2})
+opener.join()
+print(features.shape)
+"""
+
+
+@pytest.mark.parametrize("workers", ["decode_workers", "encode_workers"])
+def test_workers_forked_while_another_thread_imports_pillows_plugins_do_not_hang(tmp_path, pool, workers):
+    """A worker forked while another thread of the parent was inside the process's first ``Image.open`` (Pillow
+    importing its format plugins) inherited that import's module lock, held by a thread it does not have: its own
+    first ``Image.open`` then waited forever, and so did the call (two shard tasks at once, one small enough to
+    decode in its own thread, the other starting the pool). The plugins are now imported before the pool forks."""
+    import signal
+    import subprocess
+    import sys
+
+    for i, data in enumerate(pool[:80]):
+        (tmp_path / f"{i:03d}.jpg").write_bytes(data)
+    run = subprocess.Popen([sys.executable, "-c", _FORK_MID_IMPORT, str(tmp_path), workers], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = run.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)  # the hung workers too
+        run.communicate()
+        pytest.fail(f"embed_images with {workers}=2 hung: a worker forked mid-import waits on its lock")
+    assert run.returncode == 0 and out.strip() == "(80, 32)", err[-3000:]
+
+
 # --------------------------------------------------------------------------------------- precision and blocks
 
 
